@@ -1,0 +1,7 @@
+"""lanner: a fast, readable LLM inference engine."""
+from lanner.config import EngineConfig
+from lanner.engine.llm import LLM
+from lanner.engine.outputs import CompletionOutput, RequestOutput
+from lanner.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]

@@ -1,0 +1,68 @@
+"""Engine and model configuration dataclasses."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """The decoder's shape, read from an HF config dict (GGUF metadata is converted to one)."""
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope_scaling: dict | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        arch = (hf.get("architectures") or ["?"])[0]
+        if arch not in cls.ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {list(cls.ARCHITECTURES)}")
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        return cls(
+            architecture=arch, hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, vocab_size=hf["vocab_size"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=hf.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            rope_scaling=hf.get("rope_scaling"), bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos)
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    dtype: str = "auto"                       # float32 | bfloat16 | auto
+    max_model_len: int | None = None          # default: min(model's context, 4096)
+    block_size: int = 16
+    num_kv_blocks: int | None = None          # default: from kv_cache_memory
+    kv_cache_memory: float = 2.0              # GiB
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"           # reference | cpu | triton | auto
+    device: str = "cpu"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")

@@ -1,0 +1,208 @@
+"""LLMEngine.step(): schedule -> run the model -> sample -> postprocess."""
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lanner.config import EngineConfig, ModelConfig
+from lanner.engine.kv_cache import BlockManager
+from lanner.engine.model_runner import ModelRunner
+from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from lanner.engine.sampler import Sampler, top_logprobs
+from lanner.engine.scheduler import Scheduler
+from lanner.engine.sequence import Sequence, Status
+from lanner.model.loader import load_model_files
+from lanner.sampling_params import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    lora_request: object = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        hf_config, weights, self.tokenizer, self.model_path = load_model_files(cfg.model)
+        self.model_config = ModelConfig.from_hf(hf_config)
+        self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        self.runner = ModelRunner(cfg, self.model_config, weights, self.max_model_len)
+        del weights
+        self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.blocks)
+        self.sampler = Sampler(self.tokenizer.stop_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.request_counter = itertools.count()
+        self.num_generated_tokens = self.num_prompt_tokens_computed = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, lora_request=None) -> str:
+        params = params or SamplingParams()
+        if lora_request is not None:
+            raise ValueError("lora_request given but LoRA is not enabled (LLM(..., enable_lora=True))")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.validate_prompt(token_ids, params)
+        request_id = str(next(self.request_counter)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(request_id, token_ids, params, seed=params.seed)
+        self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,
+                                            token_ids, params, [seq], lora_request)
+        self.scheduler.add(seq)
+        return request_id
+
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        if min(token_ids) < 0 or max(token_ids) >= self.model_config.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
+                             f"(the prompt plus at least one generated token must fit)")
+        total = min(len(token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if -(-total // self.cfg.block_size) > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens = {total} tokens need more KV blocks than the whole pool "
+                             f"({self.blocks.num_blocks} blocks of {self.cfg.block_size}); lower max_tokens "
+                             f"or raise --kv-cache-memory / --num-kv-blocks")
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One packed forward for everything scheduled; returns the requests that changed."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits, row_seqs, row_positions = self.runner.run(scheduled)
+        for seq, num in scheduled:
+            seq.num_computed_tokens += num
+            self.num_prompt_tokens_computed += num
+        sample_rows = self.record_prompt_logprobs(logits, row_seqs, row_positions)
+        touched = self.sample_and_append(logits[sample_rows], [row_seqs[r] for r in sample_rows])
+        for seq, _ in scheduled:
+            if not seq.is_finished:
+                self.blocks.cache_full_blocks(seq)
+        return [self.make_output(self.requests[rid]) for rid in touched if rid in self.requests]
+
+    def record_prompt_logprobs(self, logits, row_seqs, row_positions) -> list[int]:
+        """Store prompt logprobs from prompt rows; return the rows that sample a new token."""
+        sample_rows = []
+        for r, (seq, pos) in enumerate(zip(row_seqs, row_positions)):
+            if pos + 1 < len(seq.token_ids):   # this row predicts a token we already have
+                logprobs = torch.log_softmax(logits[r], dim=-1)
+                nxt = seq.token_ids[pos + 1]
+                seq.prompt_logprobs.append(top_logprobs(logprobs, torch.tensor(nxt), seq.params.prompt_logprobs))
+            else:
+                sample_rows.append(r)
+        return sample_rows
+
+    def sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence]) -> set[str]:
+        logits, seqs = self.fork_children(logits, seqs)
+        tokens = self.sampler(logits, seqs).tolist()
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        now = time.perf_counter()
+        for r, (seq, token) in enumerate(zip(seqs, tokens)):
+            if logprobs is not None and seq.params.logprobs is not None:
+                entry = top_logprobs(logprobs[r], torch.tensor(token), seq.params.logprobs)
+                seq.logprobs.append(entry)
+                seq.cumulative_logprob += entry[token]
+            self.append_token(seq, token, now)
+        return {s.request_id for s in seqs}
+
+    def fork_children(self, logits: torch.Tensor, seqs: list[Sequence]):
+        """n > 1: when the prompt is done, the first sequence forks n - 1 siblings sharing its blocks."""
+        extra_rows, extra_seqs = [], []
+        for r, seq in enumerate(seqs):
+            request = self.requests[seq.request_id]
+            if seq.num_output_tokens == 0 and len(request.seqs) < request.params.n:
+                for i in range(1, request.params.n):
+                    seed = None if request.params.seed is None else hash((request.params.seed, i)) % 2**63
+                    child = seq.fork(i, seed)
+                    self.blocks.share(seq, child)
+                    request.seqs.append(child)
+                    self.scheduler.running.append(child)
+                    extra_rows.append(r)
+                    extra_seqs.append(child)
+        if not extra_rows:
+            return logits, seqs
+        return torch.cat([logits, logits[extra_rows]]), seqs + extra_seqs
+
+    def append_token(self, seq: Sequence, token: int, now: float) -> None:
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.stop_token_ids):
+            return self.finish(seq, "stop", now, stop_reason=token)
+        new_text = seq.detokenize(self.tokenizer)
+        if p.stop and new_text and self.truncate_at_stop_string(seq, len(new_text)):
+            return self.finish(seq, "stop", now)
+        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or \
+                len(seq.token_ids) >= self.max_model_len:
+            return self.finish(seq, "length", now)
+
+    @staticmethod
+    def truncate_at_stop_string(seq: Sequence, num_new_chars: int) -> bool:
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, len(seq.text) - num_new_chars - longest + 1)
+        hits = [(i, s) for s in seq.params.stop if (i := seq.text.find(s, search_from)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        seq.text, seq.stop_reason = seq.text[:index], stop
+        return True
+
+    def finish(self, seq: Sequence, reason: str, now: float, stop_reason=None) -> None:
+        seq.finish_reason, seq.finish_time = reason, now
+        if stop_reason is not None:
+            seq.stop_reason = stop_reason
+        self.blocks.cache_full_blocks(seq)
+        self.scheduler.finish(seq)
+
+    def make_output(self, request: Request) -> RequestOutput:
+        outputs = [CompletionOutput(s.index, s.text, list(s.output_token_ids), s.finish_reason,
+                                    s.cumulative_logprob if s.params.logprobs is not None else None,
+                                    list(s.logprobs) if s.params.logprobs is not None else None,
+                                    s.stop_reason)
+                   for s in sorted(request.seqs, key=lambda s: s.index)]
+        first = request.seqs[0]
+        finish_times = [s.finish_time for s in request.seqs if s.finish_time is not None]
+        metrics = RequestMetrics(first.arrival_time, first.first_token_time,
+                                 max(finish_times) if request.finished else None,
+                                 len(request.prompt_token_ids), sum(len(o.token_ids) for o in outputs),
+                                 first.num_cached_tokens)
+        finished = request.finished
+        if finished:
+            self.requests.pop(request.request_id, None)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, finished,
+                             metrics, first.prompt_logprobs, request.lora_request)
+
+    # ---- stats ----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": self.blocks.num_blocks,
+                "kv_blocks_used": self.blocks.num_blocks - self.blocks.num_free_blocks,
+                "prefix_cache_hit_rate": self.blocks.hit_rate(), "preemptions": self.scheduler.num_preemptions,
+                "generated_tokens": self.num_generated_tokens}

@@ -1,0 +1,62 @@
+"""LLM: the offline, vLLM-shaped API over LLMEngine."""
+from dataclasses import fields
+
+from tqdm import tqdm
+
+from lanner.config import EngineConfig
+from lanner.engine.engine import LLMEngine
+from lanner.engine.outputs import RequestOutput
+from lanner.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """LLM(model=None, dtype="auto", max_model_len=None, ...): None means the default model."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise TypeError(f"unknown LLM option(s) {sorted(unknown)}; known: {sorted(known - {'extra'})}")
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        if len(params) != len(prompts) or len(loras) != len(prompts):
+            raise ValueError("give one SamplingParams / lora_request, or one per prompt")
+        ids = self.add_all(prompts, params, loras)
+        return self.run_to_completion(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
+             lora_request=None) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+
+    def add_all(self, prompts, params, loras) -> list[str]:
+        """Add every request, or none: a bad prompt aborts the ones already added (no leaked blocks)."""
+        ids = []
+        try:
+            for prompt, p, lora in zip(prompts, params, loras):
+                ids.append(self.engine.add_request(prompt, p, lora_request=lora))
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return ids
+
+    def run_to_completion(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2)
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]

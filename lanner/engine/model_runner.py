@@ -1,0 +1,83 @@
+"""Owns the model and its paged KV cache; turns a schedule into one packed forward pass."""
+import torch
+
+from lanner.attention import AttentionMetadata, get_backend
+from lanner.config import EngineConfig, ModelConfig
+from lanner.engine.sequence import Sequence
+from lanner.model.llama import LlamaForCausalLM
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: bf16 matmuls run natively instead of being emulated."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, weights: dict, max_model_len: int):
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.dtype = resolve_dtype(cfg.dtype)
+        self.backend = get_backend(cfg.attention_backend, cfg.device)
+        self.model = LlamaForCausalLM(model_cfg, self.backend, max_model_len)
+        self.model.load_hf_weights(weights)
+        self.model.to(device=cfg.device, dtype=self.dtype).eval()
+        self.model.layers[0].self_attn.rotary.cos_sin = self.model.layers[0].self_attn.rotary.cos_sin.float()
+        self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(cfg.kv_cache_memory)
+        self.kv_cache = torch.zeros(model_cfg.num_layers, 2, self.num_blocks, cfg.block_size,
+                                    model_cfg.num_kv_heads, model_cfg.head_dim, dtype=self.dtype, device=cfg.device)
+        for layer, cache in zip(self.model.layers, self.kv_cache):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
+
+    def blocks_for_memory(self, gib: float) -> int:
+        m = self.model_cfg
+        per_block = 2 * m.num_layers * self.cfg.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        return max(1, int(gib * 2**30 // per_block))
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]):
+        """Packed inputs, attention metadata, and which rows get logits (with their sequences)."""
+        bs = self.cfg.block_size
+        input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
+        logit_rows, logit_seqs = [], []
+        for seq, num in scheduled:
+            start = seq.num_computed_tokens
+            row0 = len(input_ids)
+            input_ids += seq.tokens_to_compute(num)
+            positions += range(start, start + num)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + num)]
+            query_lens.append(num)
+            seq_lens.append(start + num)
+            tables.append(table)
+            for r in self.rows_to_sample(seq, start, num):
+                logit_rows.append(row0 + r)
+                logit_seqs.append(seq)
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
+        return (torch.tensor(input_ids), torch.tensor(positions), meta, torch.tensor(logit_rows, dtype=torch.long),
+                logit_seqs)
+
+    @staticmethod
+    def rows_to_sample(seq: Sequence, start: int, num: int) -> range:
+        """Rows whose logits are needed: prompt rows for prompt_logprobs, the last row (+ draft rows)."""
+        end = start + num
+        first = end - 1 - len(seq.spec_token_ids) if end == seq.num_tokens else end
+        if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
+            first = 0
+        return range(max(0, first - start), num)
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence], list[int]]:
+        """fp32 logits [R, V] for the sampled rows, the sequence of each row, and its position."""
+        input_ids, positions, meta, rows, seqs = self.prepare(scheduled)
+        dev = self.cfg.device
+        hidden = self.model(input_ids.to(dev), positions.to(dev), meta.to(dev))
+        logits = self.model.compute_logits(hidden[rows.to(dev)]).cpu()
+        return logits, seqs, positions[rows].tolist()

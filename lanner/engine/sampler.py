@@ -1,0 +1,96 @@
+"""Batched sampling: penalties, temperature, top-k / top-p / min-p, per-request seeds, logprobs."""
+import torch
+
+from lanner.engine.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition (prompt + output, HF's rule), presence and frequency (output only, OpenAI's rule)."""
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if not p.has_penalties:
+            continue
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            counts = torch.bincount(torch.tensor(seq.output_token_ids, dtype=torch.long),
+                                    minlength=logits.shape[1])[:logits.shape[1]].float()
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def block_min_tokens(logits: torch.Tensor, seqs: list[Sequence], stop_ids: set[int]) -> None:
+    """Until min_tokens are out, no stop token may be sampled."""
+    for row, seq in enumerate(seqs):
+        if seq.num_output_tokens < seq.params.min_tokens:
+            banned = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else stop_ids)
+            logits[row, list(banned)] = float("-inf")
+
+
+def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The distribution each row samples from: temperature, then top-k, top-p and min-p truncation."""
+    temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], dtype=logits.dtype)
+    logits = logits / temps[:, None]
+    top_k = [s.params.top_k for s in seqs]
+    top_p = [s.params.top_p for s in seqs]
+    min_p = [s.params.min_p for s in seqs]
+    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+        logits = truncate_sorted(logits, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    if any(m > 0 for m in min_p):
+        floor = torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = torch.where(probs < floor, 0.0, probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def truncate_sorted(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.tensor([vocab if k <= 0 else min(k, vocab) for k in top_k])
+    cut = torch.arange(vocab)[None, :] >= k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(cut, float("-inf")), dim=-1)
+    before = probs.cumsum(-1) - probs                            # mass strictly above each token
+    cut |= before >= torch.tensor(top_p, dtype=probs.dtype)[:, None]
+    cut[:, 0] = False                                            # always keep the most likely token
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(cut, float("-inf")))
+
+
+def sample_from(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Exponential-race sampling: argmax(p / E), E ~ Exp(1), drawn from the request's own generator."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, seq in enumerate(seqs):
+        if seq.generator is not None:
+            noise[row] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=seq.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num: int) -> dict[int, float]:
+    """{token: logprob} for the chosen token and the num most likely ones."""
+    out = {int(chosen): float(logprobs[chosen])}
+    if num:
+        vals, ids = logprobs.topk(num)
+        out.update(zip(ids.tolist(), vals.tolist()))
+    return out
+
+
+class Sampler:
+    def __init__(self, stop_token_ids: set[int]):
+        self.stop_token_ids = stop_token_ids
+
+    def processed_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        if any(s.params.has_penalties or s.num_output_tokens < s.params.min_tokens for s in seqs):
+            logits = apply_penalties(logits.clone(), seqs)
+            block_min_tokens(logits, seqs, self.stop_token_ids)
+        return logits
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One next token per row of logits [R, V] (row r belongs to seqs[r])."""
+        logits = self.processed_logits(logits, seqs)
+        greedy = torch.tensor([s.params.greedy for s in seqs])
+        tokens = logits.argmax(dim=-1)
+        if not greedy.all():
+            tokens = torch.where(greedy, tokens, sample_from(filtered_probs(logits, seqs), seqs))
+        return tokens

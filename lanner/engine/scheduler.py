@@ -1,0 +1,77 @@
+"""One token budget per step: running requests first, then waiting ones; chunked prefill; preemption."""
+from collections import deque
+
+from lanner.config import EngineConfig
+from lanner.engine.kv_cache import BlockManager
+from lanner.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager):
+        self.cfg, self.blocks = cfg, block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """[(sequence, number of its tokens to compute this step)]: counters catch up within the budget."""
+        budget, scheduled = self.cfg.max_num_batched_tokens, []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new > 0:
+                if not self.reserve(seq, num_new):
+                    break   # seq itself was preempted: nothing behind it is left to run
+                scheduled.append((seq, num_new))
+                budget -= num_new
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            self.blocks.match_prefix(seq)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self.blocks.blocks_needed(seq, num_new) > self.blocks.num_free_blocks:
+                self.blocks.release(seq)   # give back the prefix hits; it waits for memory
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                break
+            self.blocks.allocate(seq, num_new)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return scheduled
+
+    def reserve(self, seq: Sequence, num_new: int) -> bool:
+        """Allocate seq's blocks, preempting the newest running sequences if memory runs out."""
+        while self.blocks.blocks_needed(seq, num_new) > self.blocks.num_free_blocks:
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq, num_new)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free its blocks; it will be recomputed (prompt + output so far) when memory allows."""
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.num_computed_tokens, seq.spec_token_ids = 0, []
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.FINISHED

@@ -1,0 +1,81 @@
+"""Per-sequence state: tokens, the two counters, blocks, and incremental detokenization."""
+import itertools
+import time
+from enum import Enum, auto
+
+import torch
+
+from lanner.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """One generated continuation. num_computed_tokens catches up with num_tokens step by step."""
+    ids = itertools.count()
+
+    def __init__(self, request_id: str, token_ids: list[int], params: SamplingParams, lora_id: int = 0,
+                 index: int = 0, seed: int | None = None):
+        self.seq_id, self.request_id, self.index = next(Sequence.ids), request_id, index
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.params, self.lora_id = params, lora_id
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []    # hashes of the leading full, verified blocks
+        self.spec_token_ids: list[int] = []  # draft tokens to verify this step
+        self.status, self.finish_reason = Status.WAITING, None
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.logprobs: list[dict[int, float]] = []
+        self.prompt_logprobs: list[dict[int, float] | None] = [None] if params.prompt_logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.text, self.prefix_offset, self.read_offset = "", 0, 0
+        self.arrival_time, self.first_token_time, self.finish_time = time.perf_counter(), None, None
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + len(self.spec_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def tokens_to_compute(self, num: int) -> list[int]:
+        start = self.num_computed_tokens
+        return (self.token_ids + self.spec_token_ids)[start:start + num]
+
+    def fork(self, index: int, seed: int | None) -> "Sequence":
+        """A sibling for n > 1 that continues from the same computed prompt (blocks shared by the caller)."""
+        child = Sequence(self.request_id, self.token_ids, self.params, self.lora_id, index, seed)
+        child.num_prompt_tokens, child.num_computed_tokens = self.num_prompt_tokens, self.num_computed_tokens
+        child.num_cached_tokens, child.prompt_logprobs = self.num_cached_tokens, self.prompt_logprobs
+        child.block_hashes, child.status, child.arrival_time = list(self.block_hashes), self.status, self.arrival_time
+        return child
+
+    def detokenize(self, tokenizer) -> str:
+        """Append the newest token's text; hold back bytes that do not yet form a whole character."""
+        out = self.output_token_ids
+        skip = self.params.skip_special_tokens
+        prefix = tokenizer.decode(out[self.prefix_offset:self.read_offset], skip)
+        full = tokenizer.decode(out[self.prefix_offset:], skip)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        new = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(out)
+        self.text += new
+        return new

@@ -1,0 +1,5 @@
+"""Image preprocessing for the vision path: separable resize and ViT position-embedding resampling."""
+from lanner.vision.pos_embed import interpolate_pos_embed
+from lanner.vision.resize import ALIGNS, LAYOUTS, MODES, axis_taps, resize, sample_positions
+
+__all__ = ["resize", "interpolate_pos_embed", "axis_taps", "sample_positions", "MODES", "ALIGNS", "LAYOUTS"]
