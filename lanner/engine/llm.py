@@ -60,3 +60,23 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [done[i] for i in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, lora_request=None):
+        """Yield the text of one request as it is generated (whole characters, never part of a stop string)."""
+        request_id = self.engine.add_request(prompt, sampling_params, lora_request=lora_request)
+        holdback = max((len(s) - 1 for s in (sampling_params.stop if sampling_params else [])), default=0)
+        emitted = 0
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    text = out.outputs[0].text
+                    visible = len(text) if out.finished else len(text) - holdback
+                    if visible > emitted:
+                        yield text[emitted:visible]
+                        emitted = visible
+                    if out.finished:
+                        return
+        finally:
+            self.engine.abort_request(request_id)   # no-op when finished; frees blocks if the caller stops early

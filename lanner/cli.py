@@ -1,0 +1,130 @@
+"""`lanner generate | chat | pull | resize | ...`: the command line."""
+import argparse
+import sys
+
+from lanner.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--model", default=None, help="GGUF file, HF model directory or hub id (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
+                   help="auto = bfloat16 where the CPU has native bf16 matmul (AVX512-BF16/AMX), else float32")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory, help="GiB for the paged KV cache")
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "reference", "cpu", "triton"])
+    p.add_argument("--device", default=d.device)
+
+
+def engine_kwargs(args) -> dict:
+    return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+                kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+                device=args.device)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None)
+
+
+def sampling_params(args):
+    from lanner import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def make_llm(args):
+    from lanner import LLM
+    llm = LLM(args.model, **engine_kwargs(args))
+    print(f"lanner: {llm.engine.model_path} ({llm.engine.model_config.architecture}, "
+          f"{llm.engine.runner.dtype}, attention={llm.engine.runner.backend.__name__.rsplit('.', 1)[-1]})",
+          file=sys.stderr)
+    return llm
+
+
+def cmd_generate(args) -> int:
+    llm = make_llm(args)
+    prompt = args.prompt if args.raw else llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    for text in llm.stream(prompt, sampling_params(args)):
+        print(text, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = make_llm(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("lanner chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if user.strip() in ("/exit", "/quit"):
+            return 0
+        if user.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": user})
+        reply = ""
+        for text in llm.stream(llm.tokenizer.apply_chat_template(messages), sampling_params(args)):
+            reply += text
+            print(text, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_pull(args) -> int:
+    from lanner.model.loader import pull_default_model
+    print(pull_default_model())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lanner", description="A fast, readable LLM inference engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a reply to one prompt, streamed")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    chat.add_argument("--system", default=None, help="system prompt")
+    for p in (gen, chat):
+        add_engine_args(p)
+        add_sampling_args(p)
+    gen.set_defaults(func=cmd_generate)
+    chat.set_defaults(func=cmd_chat)
+    sub.add_parser("pull", help="fetch the default model into the cache").set_defaults(func=cmd_pull)
+    try:
+        from lanner.vision import cli as vision_cli
+        vision_cli.add_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ValueError as e:
+        print(f"lanner: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

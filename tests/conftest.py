@@ -1,0 +1,73 @@
+import os
+
+import pytest
+import torch
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away,",
+    "List three colors:\n1.",
+    "Translate to French: Good morning, my friend.",
+    "The quick brown fox jumps over",
+    "1, 2, 3, 4, 5,",
+    "<|im_start|>user\nWhat is LoRA?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    from lanner.model.loader import pull_default_model
+    return pull_default_model()
+
+
+@pytest.fixture(scope="session")
+def default_files(default_model_path):
+    from lanner.model.loader import load_model_files
+    return load_model_files(default_model_path)
+
+
+def hf_model_from(config: dict, weights: dict):
+    """HF transformers model holding exactly our dequantized weights: the oracle."""
+    import transformers
+    arch = config["architectures"][0]
+    cfg_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
+               "MistralForCausalLM": transformers.MistralConfig}[arch]
+    hf_cfg = cfg_cls(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    model = getattr(transformers, arch)(hf_cfg).float().eval()
+    model.load_state_dict(weights, strict=False)
+    if hf_cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_default(default_files):
+    config, weights, _, _ = default_files
+    return hf_model_from(config, weights)
+
+
+def make_llm(model=None, **kwargs):
+    from lanner import LLM
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("kv_cache_memory", 0.25)
+    kwargs.setdefault("attention_backend", os.environ.get("LANNER_TEST_BACKEND", "auto"))
+    return LLM(model, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def llm(default_model_path):
+    return make_llm(default_model_path)
+
+
+def hf_greedy(model, token_ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([token_ids]), attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(token_ids):].tolist()
+
+
+def assert_all_blocks_free(llm):
+    blocks = llm.engine.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks, f"{blocks.num_blocks - blocks.num_free_blocks} blocks leaked"
+    assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting

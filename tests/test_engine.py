@@ -1,0 +1,106 @@
+"""Scheduling, preemption, chunked prefill, prefix caching and block accounting keep outputs identical."""
+import pytest
+from conftest import PROMPTS, assert_all_blocks_free, make_llm
+
+from lanner import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(llm):
+    return [llm.tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def expected(llm, prompts):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def generate_ids(llm, prompts, params=GREEDY):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_kv_blocks=12, block_size=4),                                  # tiny pool: preemption
+    dict(num_kv_blocks=12, block_size=4, enable_prefix_caching=False),
+    dict(max_num_batched_tokens=7),                                        # chunked prefill
+    dict(block_size=1),
+    dict(block_size=32),
+    dict(max_num_seqs=3),
+], ids=["preempt", "preempt-no-prefix-cache", "chunked-prefill", "block-1", "block-32", "few-seqs"])
+def test_outputs_identical_under_memory_pressure_and_scheduling_limits(default_model_path, prompts, expected, options):
+    llm = make_llm(default_model_path, **options)
+    assert generate_ids(llm, prompts) == expected
+    if options.get("num_kv_blocks"):
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert_all_blocks_free(llm)
+
+
+def test_prefix_hit_computes_only_new_tokens(llm):
+    shared = llm.tokenizer.encode("Here is a long shared system prompt. " * 20)
+    first = llm.generate(shared + llm.tokenizer.encode(" Question one?"), GREEDY, use_tqdm=False)[0]
+    second = llm.generate(shared + llm.tokenizer.encode(" Another question?"), GREEDY, use_tqdm=False)[0]
+    bs = llm.engine.cfg.block_size
+    assert first.metrics.num_cached_tokens == 0 or first.metrics.num_cached_tokens < len(shared)
+    assert second.metrics.num_cached_tokens == (len(shared) // bs) * bs
+    assert second.metrics.num_cached_tokens >= 128
+    assert_all_blocks_free(llm)
+
+
+def test_prefix_cache_keys_include_the_full_prefix(llm):
+    a = llm.tokenizer.encode("Alpha beta gamma delta. " * 8)
+    b = llm.tokenizer.encode("Omega psi chi phi. " * 8) + a
+    llm.generate(a, GREEDY, use_tqdm=False)
+    out = llm.generate(b, GREEDY, use_tqdm=False)[0]
+    assert out.metrics.num_cached_tokens == 0   # same blocks of tokens, different parents: no hit
+
+
+def test_aborted_and_rejected_requests_free_their_blocks(llm, prompts):
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    engine.step()
+    engine.step()
+    for rid in ids[::2]:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([prompts[0], list(range(10, 10 + engine.max_model_len))], GREEDY, use_tqdm=False)
+    assert_all_blocks_free(llm)
+
+
+def test_prompt_longer_than_pool_is_rejected_with_both_sizes(default_model_path, prompts):
+    llm = make_llm(default_model_path, num_kv_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match=r"more KV blocks than the whole pool \(4 blocks of 4\)"):
+        llm.generate(prompts[2], GREEDY, use_tqdm=False)
+    assert_all_blocks_free(llm)
+
+
+def test_finish_reasons_and_metrics(llm, prompts):
+    out = llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 3
+    assert out.metrics.num_prompt_tokens == len(prompts[0]) and out.metrics.ttft > 0
+    chat = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0, max_tokens=200),
+                    use_tqdm=False)[0]
+    assert chat.outputs[0].finish_reason == "stop"
+    assert chat.outputs[0].token_ids[-1] in llm.tokenizer.stop_token_ids
+
+
+def test_stats_report_running_waiting_blocks_and_hit_rate(llm):
+    stats = llm.engine.stats()
+    assert {"running", "waiting", "kv_blocks_used", "prefix_cache_hit_rate"} <= stats.keys()
+    assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
+
+
+def test_incremental_detokenization_never_splits_a_character(llm):
+    text = "Emoji 🙂🚀 and CJK 你好世界 and accents éàü."
+    ids = llm.tokenizer.encode(text)
+    from lanner.engine.sequence import Sequence
+    seq = Sequence("x", [], SamplingParams())
+    pieces = []
+    for t in ids:
+        seq.token_ids.append(t)
+        pieces.append(seq.detokenize(llm.tokenizer))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)

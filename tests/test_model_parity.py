@@ -1,0 +1,112 @@
+"""The model matches HF transformers on the same weights: logits and greedy tokens (fp32, CPU)."""
+import json
+
+import pytest
+import torch
+from conftest import PROMPTS, hf_greedy, hf_model_from, make_llm
+
+from lanner import SamplingParams
+from lanner.attention import AttentionMetadata
+
+LOGIT_TOL = 1e-3   # fp32 on CPU; observed ~1e-4 (different summation orders)
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def our_prompt_logits(llm, token_ids):
+    runner, n = llm.engine.runner, len(token_ids)
+    bs = llm.engine.cfg.block_size
+    meta = AttentionMetadata.build([n], [n], [list(range(-(-n // bs)))], list(range(n)))
+    with torch.no_grad():
+        return runner.model.compute_logits(runner.model(torch.tensor(token_ids), torch.arange(n), meta))
+
+
+def test_gguf_weights_equal_transformers_gguf_loader(default_model_path, default_files):
+    import os
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(default_model_path),
+                                              gguf_file=os.path.basename(default_model_path), dtype=torch.float32)
+    theirs = hf.state_dict()
+    for name, tensor in default_files[1].items():
+        assert torch.equal(theirs[name], tensor), name
+
+
+def test_tokenizer_equals_transformers_gguf_tokenizer(default_model_path, llm):
+    import os
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(default_model_path), gguf_file=os.path.basename(default_model_path))
+    texts = PROMPTS + ["  leading spaces", "ünïcødé 你好 🙂", "x=1234567;\ty\r\n", "<|im_end|> special"]
+    for text in texts:
+        assert llm.tokenizer.encode(text) == hf.encode(text), text
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "?"}]
+    assert llm.tokenizer.apply_chat_template(messages) == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_prompt_logits_match_hf(llm, hf_default):
+    for prompt in PROMPTS[:3]:
+        ids = llm.tokenizer.encode(prompt)
+        with torch.no_grad():
+            ref = hf_default(torch.tensor([ids])).logits[0]
+        assert (our_prompt_logits(llm, ids) - ref).abs().max() < LOGIT_TOL
+
+
+def test_greedy_matches_hf_batched_and_alone(llm, hf_default):
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    expected = [hf_greedy(hf_default, ids, GREEDY.max_tokens) for ids in prompts]
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    alone = [llm.generate(ids, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for ids in prompts]
+    assert batched == expected
+    assert alone == expected
+
+
+def tiny_hf_dir(tmp_path, arch: str, tokenizer, **overrides):
+    import transformers
+    from safetensors.torch import save_file
+    cfg = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, architectures=[arch], **overrides)
+    cfg_cls = transformers.Qwen2Config if arch == "Qwen2ForCausalLM" else transformers.LlamaConfig
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(cfg_cls(**cfg)).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tokenizer.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    return model
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("Qwen2ForCausalLM", {}),                                   # qkv bias
+    ("LlamaForCausalLM", {}),                                   # untied embeddings
+    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+])
+def test_tiny_hf_directory_models_match_hf(tmp_path, llm, arch, overrides):
+    hf = tiny_hf_dir(tmp_path, arch, llm.tokenizer, **overrides)
+    ours = make_llm(str(tmp_path), kv_cache_memory=0.01)
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:4]]
+    for ids in prompts:
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0]
+        assert (our_prompt_logits(ours, ids) - ref).abs().max() < LOGIT_TOL
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in ours.generate(prompts, params, use_tqdm=False)]
+    assert got == [hf_greedy(hf, ids, 12) for ids in prompts]
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path, llm):
+    tiny_hf_dir(tmp_path, "LlamaForCausalLM", llm.tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(ValueError, match="unsupported architecture 'GPTNeoXForCausalLM'"):
+        make_llm(str(tmp_path))
+
+
+def test_corrupt_weights_file_is_a_clear_error(tmp_path, llm):
+    tiny_hf_dir(tmp_path, "LlamaForCausalLM", llm.tokenizer)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read weights file"):
+        make_llm(str(tmp_path))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    with pytest.raises(ValueError, match="cannot read GGUF file"):
+        make_llm(str(bad))

@@ -1,0 +1,102 @@
+"""Sampling parameters behave as documented and invalid ones are refused by name."""
+import pytest
+from conftest import PROMPTS
+
+from lanner import SamplingParams
+
+
+def texts(outs):
+    return [o.outputs[0].text for o in outs]
+
+
+def test_seed_reproduces_across_batch_compositions(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234, ignore_eos=True)
+    alone = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    mixed = llm.generate(PROMPTS[:4], [params, others, others, others], use_tqdm=False)[0].outputs[0].token_ids
+    assert alone == mixed
+
+
+def test_different_seeds_differ(llm):
+    outs = [llm.generate(PROMPTS[2], SamplingParams(temperature=1.0, max_tokens=16, seed=s, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0].token_ids for s in range(4)]
+    assert len({tuple(o) for o in outs}) > 1
+
+
+def test_top_k_1_equals_greedy(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    top1 = SamplingParams(temperature=0.8, top_k=1, max_tokens=12, ignore_eos=True)
+    assert texts(llm.generate(PROMPTS[:3], greedy, use_tqdm=False)) == texts(llm.generate(PROMPTS[:3], top1, use_tqdm=False))
+
+
+def test_stop_string_ends_generation_and_is_excluded(llm):
+    free = llm.generate(PROMPTS[4], SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0].outputs[0].text
+    stop = free.strip().split()[1]
+    out = llm.generate(PROMPTS[4], SamplingParams(temperature=0, max_tokens=30, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert stop not in out.text and free.startswith(out.text)
+
+
+def test_stop_token_ids_end_generation(llm):
+    free = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    token = free.outputs[0].token_ids[3]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[token]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[-1] == token and out.finish_reason == "stop"
+    assert out.token_ids == free.outputs[0].token_ids[:free.outputs[0].token_ids.index(token) + 1]
+
+
+def test_n_children_share_prompt_and_differ(llm):
+    out = llm.generate(PROMPTS[2], SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=7, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert all(len(o.token_ids) == 12 for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    again = llm.generate(PROMPTS[2], SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=7, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
+
+
+def test_greedy_n_children_are_identical(llm):
+    out = llm.generate(PROMPTS[1], SamplingParams(n=3, temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 1
+
+
+def test_penalties_discourage_repeats(llm):
+    prompt = "1, 2, 3, 1, 2, 3, 1, 2, 3,"
+    base = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    for params in (SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.5),
+                   SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=1.5),
+                   SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=1.5)):
+        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids != base.token_ids
+        assert len(set(out.token_ids)) > len(set(base.token_ids))
+
+
+def test_min_tokens_blocks_eos(llm):
+    out = llm.chat([{"role": "user", "content": "Say yes."}], SamplingParams(temperature=0, max_tokens=40, min_tokens=30),
+                   use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= 30
+
+
+def test_logprobs_and_prompt_logprobs(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert len(comp.logprobs) == 4
+    for token, entry in zip(comp.token_ids, comp.logprobs):
+        assert token in entry and len(entry) >= 3
+        assert entry[token] == max(entry.values())   # greedy picks the most likely token
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    assert all(out.prompt_token_ids[i] in out.prompt_logprobs[i] for i in range(1, len(out.prompt_token_ids)))
+    assert comp.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(comp.token_ids, comp.logprobs)))
+
+
+@pytest.mark.parametrize("name,value", [
+    ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -5), ("min_p", 2.0), ("n", 0),
+    ("max_tokens", 0), ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -3.0),
+    ("logprobs", -1), ("stop", [""]), ("stop_token_ids", [-1]),
+])
+def test_invalid_parameters_raise_naming_them(name, value):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{name}"):
+        SamplingParams(**{name: value})
