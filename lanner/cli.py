@@ -19,6 +19,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default=d.device)
+    p.add_argument("--speculative", default=None, metavar="SPEC",
+                   help="speculative decoding: ngram:K (prompt lookup) or draft:PATH:K (a draft model)")
 
 
 def engine_kwargs(args) -> dict:
@@ -26,7 +28,7 @@ def engine_kwargs(args) -> dict:
                 kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
-                device=args.device)
+                device=args.device, speculative=args.speculative)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -45,6 +45,40 @@ class ModelConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """{"method": "ngram" | "draft", "num_speculative_tokens": k, "model": path (draft only)}."""
+    method: str
+    num_speculative_tokens: int = 4
+    model: str | None = None
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    max_batch_size: int = 16      # back off: no drafts when more sequences than this are running
+
+    def __post_init__(self):
+        if self.method not in ("ngram", "draft"):
+            raise ValueError(f"speculative method must be 'ngram' or 'draft', got {self.method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.method == "draft" and not self.model:
+            raise ValueError("speculative method 'draft' needs a draft model path")
+
+    @classmethod
+    def parse(cls, spec) -> "SpeculativeConfig | None":
+        """From a dict, a SpeculativeConfig, or the CLI forms 'ngram:4' and 'draft:PATH:4'."""
+        if spec is None or isinstance(spec, cls):
+            return spec
+        if isinstance(spec, dict):
+            return cls(**spec)
+        method, *rest = str(spec).split(":")
+        if method == "draft":
+            if not rest:
+                raise ValueError("--speculative draft needs a model: draft:PATH[:K]")
+            path, k = (":".join(rest[:-1]), rest[-1]) if len(rest) > 1 and rest[-1].isdigit() else (":".join(rest), "4")
+            return cls("draft", int(k), path)
+        return cls(method, int(rest[0]) if rest else 4)
+
+
+@dataclass
 class EngineConfig:
     model: str | None = None
     dtype: str = "auto"                       # float32 | bfloat16 | auto
@@ -58,11 +92,13 @@ class EngineConfig:
     attention_backend: str = "auto"           # reference | cpu | triton | auto
     device: str = "cpu"
     seed: int = 0
+    speculative: SpeculativeConfig | dict | str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.speculative = SpeculativeConfig.parse(self.speculative)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")

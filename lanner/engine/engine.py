@@ -9,11 +9,13 @@ from lanner.config import EngineConfig, ModelConfig
 from lanner.engine.kv_cache import BlockManager
 from lanner.engine.model_runner import ModelRunner
 from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from lanner.engine.sampler import Sampler, top_logprobs
+from lanner.engine.sampler import HistoryView, Sampler, filtered_probs, top_logprobs
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.sequence import Sequence, Status
 from lanner.model.loader import load_model_files
 from lanner.sampling_params import SamplingParams
+from lanner.spec.proposers import NgramProposer
+from lanner.spec.rejection import verify_greedy, verify_sampled
 
 
 @dataclass
@@ -44,7 +46,10 @@ class LLMEngine:
         self.sampler = Sampler(self.tokenizer.stop_token_ids)
         self.requests: dict[str, Request] = {}
         self.request_counter = itertools.count()
-        self.num_generated_tokens = self.num_prompt_tokens_computed = 0
+        self.num_generated_tokens = self.num_computed_tokens_total = 0
+        self.spec = cfg.speculative
+        self.proposer = self.make_proposer()
+        self.num_drafted_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -90,13 +95,14 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One packed forward for everything scheduled; returns the requests that changed."""
+        self.propose_drafts()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
         logits, row_seqs, row_positions = self.runner.run(scheduled)
         for seq, num in scheduled:
             seq.num_computed_tokens += num
-            self.num_prompt_tokens_computed += num
+            self.num_computed_tokens_total += num
         sample_rows = self.record_prompt_logprobs(logits, row_seqs, row_positions)
         touched = self.sample_and_append(logits[sample_rows], [row_seqs[r] for r in sample_rows])
         for seq, _ in scheduled:
@@ -117,18 +123,95 @@ class LLMEngine:
         return sample_rows
 
     def sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence]) -> set[str]:
+        """Plain rows sample one token each; a speculating sequence's 1 + k rows verify its drafts."""
+        plain = [r for r, s in enumerate(seqs) if not s.spec_token_ids]
+        if plain:
+            self.sample_plain(logits[plain], [seqs[r] for r in plain])
+        r = 0
+        while r < len(seqs):
+            seq = seqs[r]
+            if seq.spec_token_ids:
+                width = 1 + len(seq.spec_token_ids)
+                self.verify(seq, logits[r:r + width])
+                r += width
+            else:
+                r += 1
+        return {s.request_id for s in seqs}
+
+    def sample_plain(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         logits, seqs = self.fork_children(logits, seqs)
         tokens = self.sampler(logits, seqs).tolist()
-        want_logprobs = any(s.params.logprobs is not None for s in seqs)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         now = time.perf_counter()
         for r, (seq, token) in enumerate(zip(seqs, tokens)):
-            if logprobs is not None and seq.params.logprobs is not None:
-                entry = top_logprobs(logprobs[r], torch.tensor(token), seq.params.logprobs)
-                seq.logprobs.append(entry)
-                seq.cumulative_logprob += entry[token]
+            self.record_logprobs(seq, logits[r:r + 1], [token])
             self.append_token(seq, token, now)
-        return {s.request_id for s in seqs}
+
+    def verify(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Accept a prefix of the drafts (lossless), roll num_computed_tokens back past the rest."""
+        drafts, num_before = seq.spec_token_ids, len(seq.token_ids)
+        views = [HistoryView(seq, drafts[:j]) for j in range(len(drafts) + 1)]
+        processed = self.sampler.processed_logits(logits, views)
+        if seq.params.greedy:
+            tokens = verify_greedy(processed.argmax(dim=-1).tolist(), drafts)
+        else:
+            tokens = verify_sampled(filtered_probs(processed, views), drafts, None, seq.generator)
+        seq.spec_token_ids = []
+        seq.num_computed_tokens = num_before + len(tokens) - 1   # KV is valid through the accepted drafts
+        self.blocks.trim(seq)
+        self.num_verify_steps += 1
+        self.num_drafted_tokens += len(drafts)
+        self.num_accepted_tokens += len(tokens) - 1
+        seq.spec_drafted += len(drafts)
+        seq.spec_accepted += len(tokens) - 1
+        seq.spec_k = min(self.spec.num_speculative_tokens, seq.spec_k + 1) if len(tokens) > len(drafts) \
+            else len(tokens) - 1
+        self.record_logprobs(seq, logits[:len(tokens)], tokens)
+        now = time.perf_counter()
+        for token in tokens:
+            self.append_token(seq, token, now)
+            if seq.is_finished:
+                break
+
+    def record_logprobs(self, seq: Sequence, logits: torch.Tensor, tokens: list[int]) -> None:
+        if seq.params.logprobs is None:
+            return
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for row, token in zip(logprobs, tokens):
+            entry = top_logprobs(row, torch.tensor(token), seq.params.logprobs)
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += entry[token]
+
+    # ---- speculation ----------------------------------------------------------------------------
+    def make_proposer(self):
+        if self.spec is None:
+            return None
+        if self.spec.method == "ngram":
+            return NgramProposer(self.spec.num_speculative_tokens, self.spec.prompt_lookup_min,
+                                 self.spec.prompt_lookup_max)
+        from lanner.spec.draft import DraftModelProposer
+        return DraftModelProposer(self.spec, self.cfg, self.model_config)
+
+    def propose_drafts(self) -> None:
+        """Give each decoding sequence up to k draft tokens; none when the batch is already large."""
+        if self.proposer is None or len(self.scheduler.running) > self.spec.max_batch_size:
+            return
+        ready = [s for s in self.scheduler.running if s.num_computed_tokens == len(s.token_ids) - 1]
+        wanted = [self.draft_budget(s) for s in ready]
+        drafts = self.proposer.propose_batch(ready, wanted)
+        for seq, draft in zip(ready, drafts):
+            seq.spec_token_ids = list(draft)
+
+    def draft_budget(self, seq: Sequence) -> int:
+        """Adaptive k, never drafting past max_tokens or max_model_len. k = 0 probes again after a while."""
+        if seq.spec_k == 0:
+            seq.spec_idle_steps += 1
+            if seq.spec_idle_steps < 8:
+                return 0
+            seq.spec_k, seq.spec_idle_steps = 1, 0
+        left = self.max_model_len - len(seq.token_ids) - 1
+        if seq.params.max_tokens is not None:
+            left = min(left, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return max(0, min(seq.spec_k, self.spec.num_speculative_tokens, left))
 
     def fork_children(self, logits: torch.Tensor, seqs: list[Sequence]):
         """n > 1: when the prompt is done, the first sequence forks n - 1 siblings sharing its blocks."""
@@ -205,4 +288,7 @@ class LLMEngine:
                 "kv_blocks_total": self.blocks.num_blocks,
                 "kv_blocks_used": self.blocks.num_blocks - self.blocks.num_free_blocks,
                 "prefix_cache_hit_rate": self.blocks.hit_rate(), "preemptions": self.scheduler.num_preemptions,
-                "generated_tokens": self.num_generated_tokens}
+                "generated_tokens": self.num_generated_tokens, "spec_drafted_tokens": self.num_drafted_tokens,
+                "spec_accepted_tokens": self.num_accepted_tokens,
+                "spec_mean_accepted_length": (self.num_accepted_tokens + self.num_verify_steps)
+                / max(1, self.num_verify_steps)}

@@ -79,6 +79,16 @@ class BlockManager:
         child.block_hashes = child.block_hashes[:full]
         child.num_computed_tokens = full * self.block_size
 
+    def trim(self, seq: Sequence) -> None:
+        """Return blocks that only held rejected drafts."""
+        keep = -(-len(seq.token_ids) // self.block_size) if seq.token_ids else 0
+        keep = max(keep, -(-(seq.num_computed_tokens + 1) // self.block_size))
+        for block_id in seq.block_table[keep:]:
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free[block_id] = None
+        del seq.block_table[keep:]
+
     def release(self, seq: Sequence) -> None:
         # Free the tail first so it is evicted before the (more shareable) head of the sequence.
         for block_id in reversed(seq.block_table):

@@ -94,3 +94,16 @@ class Sampler:
         if not greedy.all():
             tokens = torch.where(greedy, tokens, sample_from(filtered_probs(logits, seqs), seqs))
         return tokens
+
+
+class HistoryView:
+    """A sequence as one verify row sees it: its tokens plus the drafts before that row."""
+
+    def __init__(self, seq: Sequence, drafts: list[int]):
+        self.params, self.generator = seq.params, seq.generator
+        self.token_ids = seq.token_ids + drafts
+        self.num_output_tokens = seq.num_output_tokens + len(drafts)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.token_ids) - self.num_output_tokens:]

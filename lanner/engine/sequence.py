@@ -37,6 +37,8 @@ class Sequence:
         self.text, self.prefix_offset, self.read_offset = "", 0, 0
         self.arrival_time, self.first_token_time, self.finish_time = time.perf_counter(), None, None
         self.num_preemptions = 0
+        self.spec_k, self.spec_idle_steps = 1 << 30, 0   # adaptive draft length (capped by the config)
+        self.spec_drafted = self.spec_accepted = 0
         self.stop_reason: int | str | None = None
 
     @property
