@@ -1,0 +1,172 @@
+"""The fast CPU path: paged attention in plain PyTorch, equal to reference.py within tolerance.
+
+Rows of sequences with few new tokens (decode, spec-verify) are done for all such sequences at once.
+Their K/V rows are gathered head-major, [Hkv * S, n, D], with one index_select per segment of the
+context, so that every (sequence, kv head) is one contiguous matrix for a single batched matmul
+and a segment is still in cache when the matmul reads it. The GQA group rides along as extra query
+rows: q becomes [Hkv * S, q_len * group, D]. Scores of all segments are kept (only Hq / (2 Hkv D) of
+the KV bytes), softmaxed once in fp32 (this is split-KV with the merge done on the scores), then P @ V
+runs segment by segment. Prompt chunks go through torch's fused CPU flash attention, one sequence at
+a time: there are few of them and each is a big matmul.
+"""
+import torch
+
+from lanner.attention.metadata import AttentionMetadata
+from lanner.attention.reference import attention_mask
+
+SHORT_QUERY = 16               # sequences with at most this many new tokens take the batched path
+SEGMENT_BYTES = 2 << 20        # gathered K (or V) per segment: stays in L2/L3 until the matmul reads it
+SCORES_ELEMENTS = 8 << 20      # bound on the kept scores; more sequences than that are done in groups
+_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write new k/v [T, Hkv, D] into the flat slots of [num_blocks, block_size, Hkv, D] caches."""
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+              scale: float | None = None, return_lse: bool = False):
+    """q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] in fp32 when asked). Fully masked rows give 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    q_lens = meta.query_lens
+    for seqs in (q_lens == 1, (q_lens > 1) & (q_lens <= SHORT_QUERY)):  # decode, then verify-sized rows
+        seqs = seqs.nonzero().flatten()
+        for group in _groups(seqs, int(q_lens[seqs].max()) if seqs.numel() else 0, q.shape[1], meta):
+            _batched(q, k_cache, v_cache, meta, group, scale, out, lse)
+    for i in (q_lens > SHORT_QUERY).nonzero().flatten().tolist():
+        _prefill(q, k_cache, v_cache, meta, i, scale, out, lse)
+    return (out, lse) if return_lse else out
+
+
+def _groups(seqs: torch.Tensor, max_q: int, num_heads: int, meta: AttentionMetadata) -> list[torch.Tensor]:
+    """Split seqs so each group's kept scores (S * Hq * q_len * context) stay bounded."""
+    if seqs.numel() == 0:
+        return []
+    per_seq = num_heads * max_q * int(meta.seq_lens[seqs].max())
+    return list(seqs.split(max(1, SCORES_ELEMENTS // per_seq)))
+
+
+def _batched(q, k_cache, v_cache, meta, seqs, scale, out, lse) -> None:
+    """Attention for the sequences seqs (all with few new tokens), all at once."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    group = q.shape[1] // num_kv_heads
+    q_lens, seq_lens = meta.query_lens[seqs].long(), meta.seq_lens[seqs].long()
+    num_seqs, max_q, max_len = seqs.numel(), int(q_lens.max()), int(seq_lens.max())
+    rows = meta.cu_seqlens_q[seqs].long()[:, None] + torch.arange(max_q)
+    row_ok = torch.arange(max_q) < q_lens[:, None]
+    rows = torch.where(row_ok, rows, rows[:, :1])  # padding rows repeat a real one, then are dropped
+
+    # [Hkv * S, q_len * group, D]: a kv head's group of query heads are extra rows against one K matrix
+    qb = (q[rows].float() * scale).view(num_seqs, max_q, num_kv_heads, group, head_dim)
+    qb = qb.permute(2, 0, 1, 3, 4).reshape(num_kv_heads * num_seqs, max_q * group, head_dim)
+    batch = qb.shape[0]
+
+    seg = _segment_len(batch * head_dim * k_cache.element_size(), max_len)
+    idx = _row_index(meta.block_tables[seqs], k_cache.shape[1], num_kv_heads, max_len, seg)
+    scores = torch.empty(idx.shape[0], batch, qb.shape[1], seg)
+    for j, k in enumerate(_segments(k_cache, idx, batch, torch.float32)):
+        torch.bmm(qb, k.transpose(1, 2), out=scores[j])  # fp32 even for bf16 caches: logits need the bits
+
+    _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group)
+    m = scores.amax(dim=3).amax(dim=0)
+    m = m.masked_fill_(m == float("-inf"), 0.0)  # fully masked rows: every p is exp(-inf) = 0
+    p = scores.sub_(m[None, :, :, None]).exp_()
+    denom = p.sum(dim=(0, 3))
+
+    # P @ V in the cache's dtype when that is bf16 (AVX512-BF16 matmuls, probabilities lose little)
+    pv_dtype = torch.bfloat16 if v_cache.dtype == torch.bfloat16 else torch.float32
+    p = p.to(pv_dtype)
+    parts = torch.empty(idx.shape[0], batch, qb.shape[1], head_dim, dtype=pv_dtype)
+    for j, v in enumerate(_segments(v_cache, idx, batch, pv_dtype)):
+        torch.bmm(p[j], v, out=parts[j])
+    o = parts.sum(0, dtype=torch.float32) / denom.clamp_min(1e-30)[..., None]
+    row_lse = m + denom.log()
+
+    o = o.view(num_kv_heads, num_seqs, max_q, group, head_dim).permute(1, 2, 0, 3, 4).flatten(2, 3)
+    row_lse = row_lse.view(num_kv_heads, num_seqs, max_q, group).permute(1, 2, 0, 3).flatten(2, 3)
+    out[rows[row_ok]] = o[row_ok].to(out.dtype)
+    lse[rows[row_ok]] = row_lse[row_ok]
+
+
+def _segments(cache, idx, batch, dtype):
+    """Each segment's gathered keys (or values) as [Hkv * S, seg, D] in dtype, reusing two buffers."""
+    rows = cache.view(-1, cache.shape[-1])
+    buf = torch.empty(idx.shape[1], cache.shape[-1], dtype=cache.dtype)
+    converted = torch.empty(idx.shape[1], cache.shape[-1], dtype=dtype) if dtype != cache.dtype else buf
+    for j in range(idx.shape[0]):
+        torch.index_select(rows, 0, idx[j], out=buf)
+        yield (converted.copy_(buf) if converted is not buf else buf).view(batch, -1, cache.shape[-1])
+
+
+def _segment_len(bytes_per_key: int, max_len: int) -> int:
+    """Keys per segment: a multiple of 16 whose gathered K fits SEGMENT_BYTES, no longer than needed."""
+    seg = max(16, SEGMENT_BYTES // bytes_per_key // 16 * 16)
+    return min(seg, -(-max_len // 16) * 16)
+
+
+def _row_index(block_tables: torch.Tensor, block_size: int, num_kv_heads: int, max_len: int,
+               seg: int) -> torch.Tensor:
+    """[segments, Hkv * S * seg] rows of the cache viewed as [slots * Hkv, D], in head-major order."""
+    num_segments = -(-max_len // seg)
+    pos = torch.arange(num_segments * seg)
+    cols = (pos // block_size).clamp_max(block_tables.shape[1] - 1)  # keys past a table's end are masked
+    slots = block_tables.long()[:, cols] * block_size + pos % block_size                   # [S, n]
+    idx = slots.view(-1, num_segments, seg).transpose(0, 1)[:, None] * num_kv_heads        # [seg#, 1, S, seg]
+    idx = idx + torch.arange(num_kv_heads).view(1, -1, 1, 1)
+    return idx.reshape(num_segments, -1)
+
+
+def _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group) -> None:
+    """-inf where a key is past the causal bound, past the sequence, or outside the tree mask.
+
+    Keys before every sequence's context length are visible to all of its rows, so only the segments
+    from the shortest context on are touched: for a decode batch of equal lengths, the last one.
+    """
+    num_segments, _, _, seg = scores.shape
+    ctx_lens = seq_lens - q_lens
+    first = int((ctx_lens if meta.tree_mask is not None else ctx_lens + 1).min()) // seg
+    if first >= num_segments:
+        return
+    keys = torch.arange(first * seg, num_segments * seg)
+    q_pos = torch.arange(rows.shape[1])
+    visible = keys <= (ctx_lens[:, None] + q_pos)[..., None]                         # [S, Q, n]
+    visible &= keys < seq_lens[:, None, None]
+    if meta.tree_mask is not None:
+        draft = keys - ctx_lens[:, None, None]                                        # [S, 1, n]
+        tree = meta.tree_mask[rows]                                                   # [S, Q, max_q]
+        in_tree = tree.gather(2, draft.clamp(0, tree.shape[2] - 1).expand(-1, rows.shape[1], -1))
+        visible &= (draft < 0) | in_tree
+    num_seqs, max_q = rows.shape
+    hidden = ~visible.view(num_seqs, max_q, num_segments - first, seg).permute(2, 0, 1, 3)
+    tail = scores[first:].view(num_segments - first, num_kv_heads, num_seqs, max_q, group, seg)
+    tail.masked_fill_(hidden[:, None, :, :, None, :], float("-inf"))
+
+
+def _prefill(q, k_cache, v_cache, meta, i, scale, out, lse) -> None:
+    """One sequence with many new tokens: gather its context, run torch's fused CPU flash attention."""
+    start, end = int(meta.cu_seqlens_q[i]), int(meta.cu_seqlens_q[i + 1])
+    seq_len = int(meta.seq_lens[i])
+    blocks = meta.block_tables[i, :-(-seq_len // k_cache.shape[1])].long()
+    k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)[None]               # [1, Hkv, n, D]
+    v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+    qi = q[start:end].transpose(0, 1)[None]                                          # [1, Hq, q_len, D]
+    k, v = k.to(qi.dtype), v.to(qi.dtype)
+    if seq_len == end - start and meta.tree_mask is None:
+        o, row_lse = _sdpa(qi, k, v, is_causal=True, scale=scale)
+    else:
+        visible = attention_mask(meta, i, end - start, seq_len)
+        bias = torch.zeros(visible.shape, dtype=qi.dtype).masked_fill_(~visible, float("-inf"))
+        o, row_lse = _sdpa(qi, k, v, attn_mask=bias, scale=scale)
+        if not bool(visible.any(-1).all()):  # SDPA gives lse 0 there; the contract is out 0, lse -inf
+            row_lse = row_lse.masked_fill(~visible.any(-1), float("-inf"))
+            o = o.masked_fill(~visible.any(-1)[:, None], 0.0)
+    out[start:end] = o[0].transpose(0, 1)
+    lse[start:end] = row_lse[0].transpose(0, 1)

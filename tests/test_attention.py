@@ -1,0 +1,239 @@
+"""Every attention backend computes reference.attention over the paged KV cache, within tolerance.
+
+The Triton kernels run under TRITON_INTERPRET=1 on CPU (small shapes: the interpreter is slow), and
+natively when LANNER_TEST_DEVICE=cuda. The CPU fast path always runs on CPU.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("LANNER_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
+
+from lanner.attention import cpu as cpu_backend, reference  # noqa: E402
+from lanner.attention.metadata import AttentionMetadata  # noqa: E402
+
+try:
+    from lanner.attention import triton as triton_backend
+except ImportError:
+    triton_backend = None
+
+BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(triton_backend is None, reason="no triton"))]
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def backend_and_device(name):
+    return (cpu_backend, "cpu") if name == "cpu" else (triton_backend, DEVICE)
+
+
+def make_batch(q_lens, seq_lens, *, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+               dtype=torch.float32, tree=False, seed=0):
+    """Random paged cache holding each sequence's context in shuffled blocks, plus its new queries."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 3
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [[free.pop() for _ in range(-(-s // block_size))] for s in seq_lens]
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)
+    tree_mask = random_tree_mask(q_lens, gen) if tree else None
+    meta = AttentionMetadata.build(q_lens, seq_lens, tables, [-1] * sum(q_lens), tree_mask)
+    return q, k_cache, v_cache, meta
+
+
+def random_tree_mask(q_lens, gen):
+    """Each draft row sees itself and its ancestors in a random tree over its sequence's new rows."""
+    mask = torch.zeros(sum(q_lens), max(q_lens), dtype=torch.bool)
+    start = 0
+    for q_len in q_lens:
+        for j in range(q_len):
+            mask[start + j, j] = True
+            if j:
+                parent = int(torch.randint(0, j, (1,), generator=gen))
+                mask[start + j, :j] = mask[start + parent, :j]
+        start += q_len
+    return mask
+
+
+def run(name, q, k_cache, v_cache, meta, **kw):
+    backend, device = backend_and_device(name)
+    result = backend.attention(q.to(device), k_cache.to(device), v_cache.to(device), meta.to(device), **kw)
+    return tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
+
+
+def assert_matches_reference(name, batch, dtype=torch.float32, **kw):
+    out, lse = run(name, *batch, return_lse=True, **kw)
+    ref_out, ref_lse = reference.attention(*batch, return_lse=True, **kw)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_rows_across_block_boundaries(backend):
+    assert_matches_reference(backend, make_batch([1] * 6, [1, 15, 16, 17, 33, 64]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_prompt_prefill_is_causal(backend):
+    assert_matches_reference(backend, make_batch([1, 7, 40], [1, 7, 40]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_chunk_sees_its_cached_prefix(backend):
+    assert_matches_reference(backend, make_batch([5, 20, 3], [37, 36, 3]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_prefill_decode_and_verify_rows_in_one_call(backend):
+    assert_matches_reference(backend, make_batch([30, 1, 4, 0, 1, 12], [30, 50, 21, 9, 16, 40]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gqa_query_heads_share_their_kv_head(backend, group, head_dim):
+    batch = make_batch([1, 3, 18], [20, 35, 18], num_heads=2 * group, num_kv_heads=2, head_dim=head_dim)
+    assert_matches_reference(backend, batch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_caches(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; checked on the GPU")
+    batch = make_batch([1, 1, 5, 20], [40, 17, 21, 20], num_heads=6, num_kv_heads=2, dtype=dtype)
+    assert_matches_reference(backend, batch, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size, head_dim", [(8, 64), (32, 80)])
+def test_other_block_sizes_and_head_dims(backend, block_size, head_dim):
+    batch = make_batch([1, 9, 2], [45, 9, 70], block_size=block_size, head_dim=head_dim)
+    assert_matches_reference(backend, batch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_mixed_batches(backend, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q_lens = torch.randint(0, 6, (10,), generator=gen).tolist() + torch.randint(17, 40, (1,), generator=gen).tolist()
+    seq_lens = [max(1, q + int(torch.randint(0, 90, (1,), generator=gen))) for q in q_lens]
+    assert_matches_reference(backend, make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, tree=True, seed=seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_keep_fp32_precision_with_bf16_cache(backend):
+    """Scores rounded to bf16 would be off by ~|logit| / 256: at logits of ~30 that moves the output."""
+    if backend == "triton" and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; checked on the GPU")
+    q, k_cache, v_cache, meta = make_batch([1, 1, 4], [300, 77, 150], num_heads=6, num_kv_heads=2)
+    q, k_cache = (6 * q).bfloat16(), (6 * k_cache).bfloat16()
+    exact = reference.attention(q.float(), k_cache.float(), v_cache, meta)
+    torch.testing.assert_close(run(backend, q, k_cache, v_cache.bfloat16(), meta).float(), exact, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tree_mask_limits_which_draft_rows_each_row_sees(backend):
+    batch = make_batch([5, 1, 7, 20], [25, 9, 7, 33], tree=True, seed=3)
+    assert_matches_reference(backend, batch)
+    plain = run(backend, *make_batch([5, 1, 7, 20], [25, 9, 7, 33], seed=3))
+    assert not torch.allclose(run(backend, *batch), plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_with_no_new_tokens_leaves_its_neighbours_alone(backend):
+    assert_matches_reference(backend, make_batch([0, 2, 0, 1, 0], [12, 18, 5, 33, 1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explicit_scale_is_used(backend):
+    assert_matches_reference(backend, make_batch([1, 6], [30, 6]), scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_that_sees_nothing_gives_zeros_and_minus_inf_lse(backend):
+    q, k_cache, v_cache, meta = make_batch([3, 1], [3, 10])
+    meta.tree_mask = torch.tensor([[0, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    out, lse = run(backend, q, k_cache, v_cache, meta, return_lse=True)
+    assert out[0].eq(0).all() and lse[0].eq(float("-inf")).all()
+    assert_matches_reference(backend, (q, k_cache, v_cache, meta))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_block_table_entry_is_caught(backend):
+    """Negative control: the comparison is sharp enough to see one misplaced block."""
+    q, k_cache, v_cache, meta = make_batch([1, 1], [40, 20])
+    good = run(backend, q, k_cache, v_cache, meta)
+    meta.block_tables[0, 1] = meta.block_tables[1, 0]
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(run(backend, q, k_cache, v_cache, meta), good, atol=TOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_kv_writes_slots_and_skips_minus_one(backend):
+    backend_module, device = backend_and_device(backend)
+    k_cache, v_cache = torch.zeros(2, 2, 4, 3, 16, device=device).unbind(0)
+    k, v = torch.randn(2, 4, 3, 16, device=device).unbind(0)
+    slots = torch.tensor([5, -1, 0, 7], device=device)
+    backend_module.store_kv(k, v, k_cache, v_cache, slots)
+    expect_k, expect_v = torch.zeros(2, 2, 4, 3, 16, device=device).unbind(0)
+    reference.store_kv(k, v, expect_k, expect_v, slots)
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+    assert k_cache.view(-1, 3, 16)[[1, 2, 3, 4, 6]].eq(0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_then_attend_sees_the_new_tokens(backend):
+    backend_module, device = backend_and_device(backend)
+    q, k_cache, v_cache, meta = make_batch([4, 1], [20, 9])
+    pos = [16, 17, 18, 19, 8]
+    seq = [0, 0, 0, 0, 1]
+    meta.slot_mapping = torch.tensor([int(meta.block_tables[s, p // 16]) * 16 + p % 16 for s, p in zip(seq, pos)])
+    k_new, v_new = torch.randn(2, 5, 2, 64).unbind(0)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    reference.store_kv(k_new, v_new, ref_k, ref_v, meta.slot_mapping)
+    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
+    backend_module.store_kv(k_new.to(device), v_new.to(device), k_cache, v_cache, meta.slot_mapping.to(device))
+    torch.testing.assert_close(run(backend, q, k_cache, v_cache, meta), reference.attention(q, ref_k, ref_v, meta))
+
+
+@pytest.mark.skipif(triton_backend is None, reason="no triton")
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+def test_split_kv_segments_merge_by_lse(num_splits):
+    batch = make_batch([1, 1, 1, 1], [1, 40, 130, 200], num_heads=6, num_kv_heads=2)
+    q, k_cache, v_cache, meta = (x.to(DEVICE) for x in batch)
+    out, lse = triton_backend.paged_attention(q, k_cache, v_cache, meta, return_lse=True, num_splits=num_splits)
+    ref_out, ref_lse = reference.attention(*batch, return_lse=True)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(triton_backend is None, reason="no triton")
+def test_split_kv_is_chosen_for_long_decode_only():
+    decode = AttentionMetadata.build([1] * 4, [8192] * 4, [[0]] * 4, [0] * 4)
+    prefill = AttentionMetadata.build([512], [8192], [[0]], [0] * 512)
+    short = AttentionMetadata.build([1] * 4, [64] * 4, [[0]] * 4, [0] * 4)
+    assert triton_backend.choose_num_splits(decode, 2, torch.device("cpu")) > 1
+    assert triton_backend.choose_num_splits(prefill, 2, torch.device("cpu")) == 1
+    assert triton_backend.choose_num_splits(short, 2, torch.device("cpu")) == 1
+
+
+def test_cpu_segments_and_sequence_groups_merge_exactly(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "SEGMENT_BYTES", 1)        # a segment of 16 keys
+    monkeypatch.setattr(cpu_backend, "SCORES_ELEMENTS", 4000)   # a few sequences per group
+    assert_matches_reference("cpu", make_batch([1, 1, 3, 1, 1, 2], [70, 5, 100, 33, 16, 47], tree=True))
+
+
+def test_importing_attention_does_not_need_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "from lanner.attention import get_backend\n"
+            "get_backend('cpu')\n"
+            "try:\n    get_backend('triton')\nexcept ImportError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "pip install triton" in result.stdout
