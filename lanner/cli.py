@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         vision_cli.add_parser(sub)
     except ImportError:
         pass
+    try:
+        from lanner.profiling import cli as profiling_cli
+        profiling_cli.add_parser(sub)
+    except ImportError:
+        pass
     return parser
 
 

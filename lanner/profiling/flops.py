@@ -1,0 +1,95 @@
+"""FLOPs and bytes moved per component of one engine step: pure functions of the config and the shapes.
+
+A step is B sequences at context C in one phase:
+  prefill: each sequence computes its C prompt tokens (T = B * C rows), causal attention over them;
+  decode:  each sequence has C tokens of KV cached and computes 1 new token (T = B rows, C + 1 keys).
+Logits (LM head) and sampling are for one row per sequence in both phases.
+
+Counting rules (a model of the minimum work, not of what a kernel happens to do):
+  - a matmul [T, n] @ [n, m] is 2 T n m FLOPs and moves its weight once plus its input and output;
+  - attention counts the two matmuls (Q K^T and P V) over the causal pairs only (softmax not counted),
+    and moves Q, the K/V context (read once, as a flash kernel does) and the output;
+  - elementwise ops count one FLOP per arithmetic op: fused residual-add + RMSNorm 5 per element
+    (add, square, sum, scale, weight); rotary 3 per element of q and k; silu(gate) * up 5 per element;
+  - every layer's two norms are counted as fused add + norm, and so is the final norm (2 L + 1 norms);
+  - activations and weights move in the model dtype (`dtype_bytes`); the rotary cos/sin table is fp32;
+  - KV write reads the new k, v and writes them into the cache; embedding reads T rows and writes them.
+"""
+from dataclasses import dataclass
+
+from lanner.config import ModelConfig
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float
+    bytes: float
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per byte moved (arithmetic intensity)."""
+        return self.flops / self.bytes if self.bytes else 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+    def __mul__(self, k: float) -> "Cost":
+        return Cost(self.flops * k, self.bytes * k)
+
+
+def num_tokens(phase: str, batch: int, context: int) -> int:
+    """Rows the model computes this step."""
+    check_phase(phase)
+    return batch * context if phase == "prefill" else batch
+
+
+def check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+
+
+def linear(rows: int, n_in: int, n_out: int, b: int) -> Cost:
+    return Cost(2.0 * rows * n_in * n_out, float(b * (n_in * n_out + rows * n_in + rows * n_out)))
+
+
+def attention_core(cfg: ModelConfig, phase: str, batch: int, context: int, b: int) -> Cost:
+    """One layer: QK^T and PV over the causal (query, key) pairs of every sequence."""
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if phase == "prefill":
+        pairs, q_rows, keys = context * (context + 1) // 2, context, context
+    else:
+        pairs, q_rows, keys = context + 1, 1, context + 1
+    flops = 2 * 2 * hq * d * pairs
+    moved = b * (2 * q_rows * hq * d + 2 * keys * hkv * d)   # q in, out; K and V read once
+    return Cost(float(batch * flops), float(batch * moved))
+
+
+def component_costs(cfg: ModelConfig, phase: str, batch: int, context: int, dtype_bytes: int = 2) -> dict[str, Cost]:
+    """{component: Cost} of one step over all layers; names match the profiler's timed components."""
+    t, b, L = num_tokens(phase, batch, context), dtype_bytes, cfg.num_layers
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rotary_elems = t * (hq + hkv) * d
+    return {
+        "embedding": Cost(0.0, float(2 * t * h * b)),
+        "norms": Cost(5.0 * t * h, float(4 * t * h * b)) * (2 * L + 1),
+        "qkv_proj": linear(t, h, (hq + 2 * hkv) * d, b) * L,
+        "rotary": Cost(3.0 * rotary_elems, float(2 * rotary_elems * b + t * d * 4)) * L,
+        "kv_store": Cost(0.0, float(2 * 2 * t * hkv * d * b)) * L,
+        "attention": attention_core(cfg, phase, batch, context, b) * L,
+        "o_proj": linear(t, hq * d, h, b) * L,
+        "gate_up_proj": linear(t, h, 2 * i, b) * L,
+        "mlp_act": Cost(5.0 * t * i, float(3 * t * i * b)) * L,
+        "down_proj": linear(t, i, h, b) * L,
+        "lm_head": linear(batch, h, v, b),
+        "sampling": Cost(0.0, float(4 * batch * v)),
+    }
+
+
+def step_cost(cfg: ModelConfig, phase: str, batch: int, context: int, dtype_bytes: int = 2) -> Cost:
+    total = Cost(0.0, 0.0)
+    for cost in component_costs(cfg, phase, batch, context, dtype_bytes).values():
+        total = total + cost
+    return total

@@ -1,0 +1,142 @@
+"""Timing proxies: time an engine step's components without changing the model code.
+
+`instrument(engine, timer)` swaps timed wrappers in for the forward of the model's modules, the attention
+backend's functions, the sampler, the scheduler and the runner, and puts the originals back on exit.
+Times are exclusive: a wrapped call's time excludes the wrapped calls inside it, so a component named
+for a parent (say `attn_glue`, the Attention module) is only its own Python glue, and the exclusive
+times of one instrumented step add up to that step exactly. What the wrappers themselves cost lands in
+the parents' glue; comparing the sum with a step timed without wrappers shows how much that is.
+"""
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import torch
+
+# component -> what it is; the engine's step is the outermost timed call ("engine_other" = its own code).
+COMPONENTS = {
+    "schedule": "Scheduler.schedule",
+    "prepare_inputs": "ModelRunner.prepare: packed inputs + AttentionMetadata",
+    "embedding": "embed_tokens",
+    "norms": "input / post-attention / final RMSNorm (with the residual add)",
+    "qkv_proj": "fused QKV projection",
+    "rotary": "rotary embedding of q and k",
+    "kv_store": "backend.store_kv: new K/V into the paged cache",
+    "attention": "backend.attention: the attention core over the paged cache",
+    "o_proj": "attention output projection",
+    "gate_up_proj": "fused gate/up projection",
+    "mlp_act": "silu(gate) * up (the MLP's own code)",
+    "down_proj": "MLP down projection",
+    "attn_glue": "Attention.forward's own code (split, views)",
+    "model_glue": "model / decoder-layer forward's own code",
+    "lm_head": "compute_logits: LM head on the sampled rows",
+    "runner_glue": "ModelRunner.run's own code (device moves, row gather, logits to CPU)",
+    "sampling": "Sampler: next tokens from the logits",
+    "engine_other": "LLMEngine.step's own code (counters, append, detokenize, outputs)",
+}
+
+
+def device_sync(device) -> callable:
+    """A function that waits for queued device work (a no-op on CPU)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+class Timer:
+    """Exclusive seconds per component over the timed calls (nested calls subtract from their parent)."""
+
+    def __init__(self, sync=None):
+        self.sync = sync or (lambda: None)
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._stack = [0.0]   # per open call: time spent in its timed children
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+        self._stack[:] = [0.0]   # in place: the wrappers hold this list
+
+    def wrap(self, fn, name: str):
+        stack, seconds, calls, sync, clock = self._stack, self.seconds, self.calls, self.sync, time.perf_counter
+
+        def timed(*args, **kwargs):
+            sync()
+            stack.append(0.0)
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                elapsed = clock() - start
+                seconds[name] += elapsed - stack.pop()
+                stack[-1] += elapsed
+                calls[name] += 1
+        timed.__wrapped__ = fn
+        return timed
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+class _TimedSampler:
+    """The engine's sampler with its __call__ timed; every other attribute passes through."""
+
+    def __init__(self, sampler, timer: Timer):
+        self._sampler, self._call = sampler, timer.wrap(sampler.__call__, "sampling")
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._sampler, name)
+
+
+@contextmanager
+def instrument(engine, timer: Timer):
+    """Within the block, every call of the step's components is timed into timer."""
+    undo = []
+
+    def patch(obj, attr, value):
+        had = attr in vars(obj)
+        old = vars(obj).get(attr)
+        setattr(obj, attr, value)
+        undo.append(lambda: setattr(obj, attr, old) if had else delattr(obj, attr))
+
+    def time_forward(module, name):
+        patch(module, "forward", timer.wrap(module.forward, name))
+
+    runner, model = engine.runner, engine.runner.model
+    patch(engine.scheduler, "schedule", timer.wrap(engine.scheduler.schedule, "schedule"))
+    patch(runner, "prepare", timer.wrap(runner.prepare, "prepare_inputs"))
+    patch(runner, "run", timer.wrap(runner.run, "runner_glue"))
+    patch(engine, "sampler", _TimedSampler(engine.sampler, timer))
+    time_forward(model, "model_glue")
+    time_forward(model.embed_tokens, "embedding")
+    time_forward(model.norm, "norms")
+    patch(model, "compute_logits", timer.wrap(model.compute_logits, "lm_head"))
+    rotaries = {}
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        time_forward(layer, "model_glue")
+        time_forward(layer.input_layernorm, "norms")
+        time_forward(layer.post_attention_layernorm, "norms")
+        time_forward(attn, "attn_glue")
+        time_forward(attn.qkv_proj, "qkv_proj")
+        time_forward(attn.o_proj, "o_proj")
+        if id(attn.rotary) not in rotaries:   # one RotaryEmbedding is shared by all layers
+            rotaries[id(attn.rotary)] = attn.rotary
+            time_forward(attn.rotary, "rotary")
+        backend = attn.backend
+        patch(attn, "backend", SimpleNamespace(
+            store_kv=timer.wrap(backend.store_kv, "kv_store"), attention=timer.wrap(backend.attention, "attention"),
+            __name__=getattr(backend, "__name__", "backend")))
+        time_forward(mlp, "mlp_act")
+        time_forward(mlp.gate_up_proj, "gate_up_proj")
+        time_forward(mlp.down_proj, "down_proj")
+    try:
+        yield timer
+    finally:
+        for fn in reversed(undo):
+            fn()
