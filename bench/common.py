@@ -1,0 +1,183 @@
+"""Shared helpers for the benchmarks: workloads, peers (HF transformers, llama-cpp-python), isolation, output.
+
+Every system runs in its own spawned process (run_isolated), so peak_rss_mb is that system's own peak and
+no system inherits another's warm caches, threads or allocator state.
+"""
+import json
+import multiprocessing
+import os
+import random
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+VOCAB_RANGE = (100, 49000)     # random prompt ids: clear of the special tokens at the start of the 49152 vocab
+
+
+def random_prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randint(*VOCAB_RANGE) for _ in range(length)]
+
+
+def make_workload(num_requests: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
+                  seed: int = 0) -> list[tuple[list[int], int]]:
+    """[(prompt token ids, number of output tokens)], the same for every system given the same seed."""
+    rng = random.Random(seed)
+    work = []
+    for _ in range(num_requests):
+        prompt_len, n_out = rng.randint(*prompt_range), rng.randint(*output_range)
+        work.append((random_prompt(rng, prompt_len), n_out))
+    return work
+
+
+def model_path(model: str | None) -> str:
+    if model:
+        return os.path.expanduser(model)
+    from lanner.model.loader import pull_default_model
+    return pull_default_model()
+
+
+# ---- measurement ------------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
+def memory_fields(device: str) -> dict:
+    out = {"peak_rss_mb": peak_rss_mb(), **machine_fields()}
+    if device.startswith("cuda"):
+        import torch
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / (1 << 20), 1)
+    return out
+
+
+def machine_fields() -> dict:
+    """Load average (1 min) and cores: a run on a busy machine says so in its own lines."""
+    return {"load_avg_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()}
+
+
+def warn_if_busy() -> None:
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores: other work is running, timings are noisy "
+              f"and slow (compare ratios from the same run only)", file=sys.stderr)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def num_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _call_with_stdout_on_stderr(fn, args):
+    os.dup2(2, 1)            # whatever a system prints (even from C) stays out of the JSON lines on stdout
+    sys.stdout = sys.stderr
+    return fn(*args)
+
+
+def run_isolated(fn, *args):
+    """fn(*args) in a fresh spawned process; returns its result (fn must be a module-level function)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_call_with_stdout_on_stderr, fn, args).result()
+
+
+# ---- peers ------------------------------------------------------------------------------------------
+def load_hf(path: str, dtype: str, device: str):
+    """HF transformers model on the same weights: transformers dequantizes the same GGUF file."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+    transformers.utils.logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.to(dtype=getattr(torch, dtype), device=device).eval()
+
+
+def hf_generate(model, batch: list[list[int]], n_out: int, device: str, streamer=None):
+    """Greedy generate of exactly n_out tokens for every row (left-padded with id 0; eos held off)."""
+    import torch
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_out, min_new_tokens=n_out,
+                             do_sample=False, pad_token_id=0, streamer=streamer)
+    sync(device)
+    assert out.shape[1] == width + n_out, f"HF produced {out.shape[1] - width} tokens, asked {n_out}"
+    return out
+
+
+def have_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def load_llama_cpp(path: str, n_ctx: int, device: str):
+    from llama_cpp import Llama
+    return Llama(model_path=path, n_threads=num_threads(), n_ctx=n_ctx, n_batch=512, verbose=False,
+                 n_gpu_layers=-1 if device.startswith("cuda") else 0)
+
+
+def llama_cpp_generate(llm, prompt: list[int], n_out: int) -> list[float]:
+    """Greedy, exactly n_out tokens, eos ignored (Llama.generate never stops by itself). Returns the time of
+    each token, from the call. reset() first: no reuse of the previous request's KV cache."""
+    llm.reset()
+    t0, times = time.perf_counter(), []
+    for _ in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        times.append(time.perf_counter() - t0)
+        if len(times) == n_out:
+            break
+    return times
+
+
+# ---- output -----------------------------------------------------------------------------------------
+def emit(record: dict, out_file: str | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out_file:
+        with open(out_file, "a") as f:
+            f.write(line + "\n")
+
+
+def summary_table(records: list[dict], columns: list[str]) -> None:
+    """A fixed-width table of the records on stderr (missing fields blank)."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 100 else f"{v:.3g}"
+        return "" if v is None else str(v)
+    rows = [[cell(r.get(c)) for c in columns] for r in records if "note" not in r]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
+    print("\n" + "  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=sys.stderr)
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)), file=sys.stderr)
+    for r in records:
+        if "note" in r:
+            print(f"note: {r['system']}: {r['note']}", file=sys.stderr)
+
+
+def apply_threads(threads: int | None) -> None:
+    """Spawned workers inherit the environment: torch and llama.cpp (via num_threads) then use this count."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def common_args(parser) -> None:
+    parser.add_argument("--model", default=None, help="GGUF path (default: the default model)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--systems", default="lanner,hf,llamacpp")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for every system (sets OMP_NUM_THREADS for the workers)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
