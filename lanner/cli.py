@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         profiling_cli.add_parser(sub)
     except ImportError:
         pass
+    try:
+        from lanner.server import cli as server_cli
+        server_cli.add_parser(sub)
+    except ImportError:
+        pass
     return parser
 
 

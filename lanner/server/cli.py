@@ -1,0 +1,72 @@
+"""`lanner serve`: the OpenAI-compatible HTTP server (binds 127.0.0.1 unless --host says otherwise)."""
+import logging
+import os
+import sys
+
+from lanner.server.models import LORA_DISABLED
+
+
+def add_parser(subparsers):
+    from lanner.cli import add_engine_args
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server", description=__doc__)
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LANNER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every request (default: $LANNER_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the base model's name in /v1/models and `model`")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter under NAME (not available yet: the engine has no LoRA support)")
+    p.add_argument("--max-waiting", type=int, default=512,
+                   help="admitted requests without a first token; more are refused with 503 + Retry-After")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="request bodies larger than this get 413")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are ended")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-access-log", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def served_name(model_arg: str | None, model_path: str) -> str:
+    if model_arg:
+        return model_arg
+    return os.path.splitext(os.path.basename(os.path.normpath(model_path)))[0]
+
+
+def parse_loras(specs: list[str]) -> dict[str, str]:
+    loras = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora takes NAME=PATH, got {spec!r}")
+        loras[name] = path
+    return loras
+
+
+def run(args) -> int:
+    import torch
+    import uvicorn
+
+    from lanner.cli import make_llm
+    from lanner.server.app import ServerSettings, build_app
+    from lanner.server.async_engine import AsyncEngine
+    from lanner.server.models import ModelRegistry
+
+    if parse_loras(args.lora):
+        print(f"lanner: error: {LORA_DISABLED}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    engine = make_llm(args).engine
+    registry = ModelRegistry(served_name(args.model, engine.model_path), engine.max_model_len)
+    settings = ServerSettings(api_key=args.api_key, max_waiting=args.max_waiting,
+                              max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    app = build_app(AsyncEngine(engine), registry, settings)
+    print(f"lanner: serving {registry.base_name!r} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
