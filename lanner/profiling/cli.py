@@ -37,14 +37,16 @@ def add_parser(subparsers):
     p.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--batch-sizes", type=int_list, default=[1, 8], help="decode batch sizes (default 1,8)")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 64], help="decode batch sizes (default 1,8,64)")
     p.add_argument("--prefill-batch-sizes", type=int_list, default=[1, 2], help="prefill batch sizes (default 1,2)")
     p.add_argument("--context-lengths", type=int_list, default=[128, 512, 2048], help="default 128,512,2048")
     p.add_argument("--phases", type=phase_list, default=["prefill", "decode"])
     p.add_argument("--repeats", type=int, default=5, help="timed steps of each kind per case (summarized by the mean of the middle half)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps of each kind per case")
-    p.add_argument("--case-budget", type=float, default=20.0,
-                   help="seconds per case after which no further repeats start (at least 3 are done)")
+    p.add_argument("--min-case-time", type=float, default=5.0,
+                   help="keep repeating a case beyond --repeats until it has run this many seconds (default 5)")
+    p.add_argument("--case-budget", type=float, default=30.0,
+                   help="seconds per case after which no further repeats start (at least 3 are done; default 30)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the requests")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="profile", help="output directory (default ./profile)")
@@ -66,6 +68,7 @@ def run(args) -> int:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    warn_if_shared(args.device)
     from lanner.engine.engine import LLMEngine
     from lanner.profiling.machine import measure_machine
     from lanner.profiling.profile import Profiler, cases_for, describe_engine, engine_config_for, resolve_backend
@@ -81,7 +84,7 @@ def run(args) -> int:
     print(f"lanner profile: {meta['model']} ({meta['dtype']}, attention={meta['attention_backend']}, "
           f"{meta['device']}, {meta['threads']} threads); measuring the machine ...", file=sys.stderr)
     machine = measure_machine(engine.runner.dtype, args.device)
-    profiler = Profiler(engine, args.repeats, args.warmup, args.case_budget, args.temperature)
+    profiler = Profiler(engine, args.repeats, args.warmup, args.case_budget, args.min_case_time, args.temperature)
     start = time.perf_counter()
 
     def progress(r):
@@ -91,6 +94,16 @@ def run(args) -> int:
     meta.update(repeats=args.repeats, warmup=args.warmup, temperature=args.temperature,
                 wall_seconds=round(time.perf_counter() - start, 1))
     return finish(results, machine, meta, args)
+
+
+def warn_if_shared(device: str) -> None:
+    """Multi-threaded CPU kernels wait on each other's preempted threads when other jobs share the cores."""
+    import torch
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if str(device) == "cpu" and torch.get_num_threads() > 1 and load > cores:
+        print(f"lanner profile: warning: load average {load:.1f} on {cores} cores; with "
+              f"{torch.get_num_threads()} threads each step waits on preempted threads. "
+              f"--threads 1 gives steadier numbers on a shared machine.", file=sys.stderr)
 
 
 def finish(results, machine, meta, args) -> int:

@@ -17,6 +17,7 @@ The setups, chosen so that a case measures exactly one kind of step:
            decodes at exactly context C.
 Prefix caching is off, so no prompt is served from the cache.
 """
+import itertools
 import random
 import sys
 import time
@@ -29,6 +30,8 @@ from lanner.profiling.flops import PHASES, check_phase, component_costs, num_tok
 from lanner.profiling.timing import Timer, device_sync, instrument
 from lanner.sampling_params import SamplingParams
 
+LONG_STEP_S = 2.0
+MAX_REPEATS = 200
 MODEL_COMPONENTS = ("embedding", "norms", "qkv_proj", "rotary", "kv_store", "attention", "o_proj",
                     "gate_up_proj", "mlp_act", "down_proj", "lm_head")
 
@@ -127,10 +130,13 @@ def resolve_backend(name: str, device: str) -> str:
 
 class Profiler:
     def __init__(self, engine, repeats: int = 5, warmup: int = 1, case_budget_s: float | None = None,
-                 temperature: float = 1.0, seed: int = 0):
+                 min_case_s: float = 0.0, temperature: float = 1.0, seed: int = 0):
+        """repeats pairs of (plain, instrumented) steps per case; more while a case has run under min_case_s
+        (short steps are cheap to repeat and noisier), fewer (but at least 3) once it has run case_budget_s."""
         if repeats < 1 or warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
-        self.engine, self.repeats, self.warmup, self.case_budget_s = engine, repeats, warmup, case_budget_s
+        self.engine, self.repeats, self.warmup = engine, repeats, warmup
+        self.case_budget_s, self.min_case_s = case_budget_s, min_case_s
         self.params = SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True)
         self.rng = random.Random(seed)
         self.sync = device_sync(engine.cfg.device)
@@ -219,11 +225,14 @@ class Profiler:
 
     def measure(self, case: Case) -> CaseResult:
         for _ in range(self.warmup):
-            self.step(case, False)
+            if self.step(case, False)[0] > LONG_STEP_S:
+                break   # a first call's one-off costs (kernel selection, allocation) are lost in a step this long
             self.step(case, True)
         plain, parts, start = [], [], time.perf_counter()
-        for r in range(self.repeats):
-            if self.case_budget_s is not None and r >= 3 and time.perf_counter() - start > self.case_budget_s:
+        for r in itertools.count():
+            elapsed = time.perf_counter() - start
+            over_budget = self.case_budget_s is not None and r >= min(3, self.repeats) and elapsed > self.case_budget_s
+            if over_budget or (r >= self.repeats and (elapsed >= self.min_case_s or r >= MAX_REPEATS)):
                 break
             plain.append(self.step(case, False)[0])
             parts.append(self.step(case, True))

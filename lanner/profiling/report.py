@@ -196,7 +196,7 @@ def plot_roofline(results: list[CaseResult], machine: Machine, path: str, meta: 
             ms = group_ms(r)[g]
             if flops and moved and ms > 0:
                 points.append((r, g, flops / moved, flops / (ms / 1e3) / 1e9))
-    fig, ax = plt.subplots(figsize=(9, 6.2))
+    fig, ax = plt.subplots(figsize=(10.5, 7))
     xs = [p[2] for p in points] + [machine.ridge]
     lo, hi = min(xs) / 3, max(xs) * 3
     grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
