@@ -14,7 +14,7 @@ from conftest import PROMPTS, make_llm
 from lanner import SamplingParams
 from lanner.server.app import ServerSettings, build_app
 from lanner.server.async_engine import AsyncEngine
-from lanner.server.embedded import BackgroundServer
+from lanner.server.runner import BackgroundServer
 from lanner.server.models import ModelRegistry
 
 KEY = "test-key"
@@ -30,8 +30,9 @@ def server(default_model_path):
     engine = make_llm(default_model_path).engine
     async_engine = AsyncEngine(engine)
     settings = ServerSettings(api_key=KEY, max_body_bytes=1 << 20)
-    srv = BackgroundServer(build_app(async_engine, ModelRegistry(MODEL, engine.max_model_len), settings)).start()
-    srv.engine, srv.settings = async_engine, settings
+    app = build_app(async_engine, ModelRegistry(MODEL, engine.max_model_len), settings)
+    srv = BackgroundServer(app, async_engine).start()
+    srv.settings = settings
     yield srv
     srv.stop()
     torch.set_num_threads(threads)

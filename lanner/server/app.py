@@ -210,7 +210,7 @@ class Handlers:
         return max(1, room)
 
     def admit(self, num: int) -> None:
-        if not self.engine.alive:
+        if self.engine.draining or not self.engine.alive:
             raise APIError(503, "the server is shutting down", code="unavailable",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
         if self.engine.num_unstarted + num > self.settings.max_waiting:

@@ -56,10 +56,11 @@ class AsyncEngine:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.draining = False
 
     # ---- lifecycle (event loop) -----------------------------------------------------------------
     def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop, self.draining = asyncio.get_running_loop(), False
         self.thread = threading.Thread(target=self.run_loop, name="lanner-engine", daemon=True)
         self.thread.start()
 
@@ -74,6 +75,16 @@ class AsyncEngine:
             tracked.queue.put_nowait(EngineStopped("the server is shutting down"))
         self.tracked.clear()
         self.unstarted.clear()
+
+    def end_all_after(self, grace_s: float) -> None:
+        """Shutdown has begun: refuse new requests; after grace_s end the ones still running."""
+        self.draining = True
+        self.loop.call_later(grace_s, self.end_all)
+
+    def end_all(self) -> None:
+        for request_id, tracked in list(self.tracked.items()):
+            self.abort(request_id)
+            tracked.queue.put_nowait(EngineStopped("the server is shutting down"))
 
     @property
     def alive(self) -> bool:

@@ -21,7 +21,7 @@ def add_parser(subparsers):
                    help="admitted requests without a first token; more are refused with 503 + Retry-After")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="request bodies larger than this get 413")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are ended")
+                   help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are ended cleanly")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true")
@@ -47,12 +47,12 @@ def parse_loras(specs: list[str]) -> dict[str, str]:
 
 def run(args) -> int:
     import torch
-    import uvicorn
 
     from lanner.cli import make_llm
     from lanner.server.app import ServerSettings, build_app
     from lanner.server.async_engine import AsyncEngine
     from lanner.server.models import ModelRegistry
+    from lanner.server.runner import Server
 
     if parse_loras(args.lora):
         print(f"lanner: error: {LORA_DISABLED}", file=sys.stderr)
@@ -61,12 +61,14 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = make_llm(args).engine
-    registry = ModelRegistry(served_name(args.model, engine.model_path), engine.max_model_len)
+    name = args.served_model_name or served_name(args.model, engine.model_path)
+    registry = ModelRegistry(name, engine.max_model_len)
     settings = ServerSettings(api_key=args.api_key, max_waiting=args.max_waiting,
                               max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    app = build_app(AsyncEngine(engine), registry, settings)
+    async_engine = AsyncEngine(engine)
+    app = build_app(async_engine, registry, settings)
     print(f"lanner: serving {registry.base_name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    Server(app, async_engine, grace_s=args.shutdown_timeout, host=args.host, port=args.port,
+           log_level=args.log_level, access_log=not args.no_access_log).run()
     return 0
