@@ -5,6 +5,24 @@ import torch
 from torch import nn
 
 
+class Linear(nn.Linear):
+    """nn.Linear that, once packed for inference on CPU, multiplies with oneDNN-blocked weights.
+
+    The blocked layout is 2-3x faster than a plain GEMM for the small batches of decoding.
+    """
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        if self.weight.device.type == "cpu" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
+                and torch.backends.mkldnn.is_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or torch.is_grad_enabled():
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -14,8 +32,7 @@ class RMSNorm(nn.Module):
         """Normalize x (after adding residual, returned too: the fused add + norm of every layer)."""
         if residual is not None:
             x = residual = x + residual
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        out = (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        out = nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return out if residual is None else (out, residual)
 
 
@@ -46,10 +63,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(), persistent=False)
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor):
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)   # [T, 1, D/2]
+        cos, sin = self.cos_sin[positions].to(xs[0].dtype).unsqueeze(1).chunk(2, dim=-1)   # [T, 1, D/2]
         return tuple(self.rotate(x, cos, sin) for x in xs)
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        """HF's q * cos + rotate_half(q) * sin, in the activations' dtype as HF does."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
