@@ -19,6 +19,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default=d.device)
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantized linears (int8 per-channel, int4 group-wise)")
     p.add_argument("--speculative", default=None, metavar="SPEC",
                    help="speculative decoding: ngram:K (prompt lookup) or draft:PATH:K (a draft model)")
 
@@ -28,7 +30,8 @@ def engine_kwargs(args) -> dict:
                 kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
-                device=args.device, speculative=args.speculative)
+                device=args.device, speculative=args.speculative,
+                quantization=args.quantization)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -93,6 +93,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     speculative: SpeculativeConfig | dict | str | None = None
+    quantization: str = "none"                # none | int8 | int4 (weight-only)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -100,5 +101,7 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.speculative = SpeculativeConfig.parse(self.speculative)
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")

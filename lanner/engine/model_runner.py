@@ -31,7 +31,7 @@ class ModelRunner:
         self.model.load_hf_weights(weights)
         self.model.to(device=cfg.device, dtype=self.dtype).eval()
         self.model.layers[0].self_attn.rotary.cos_sin = self.model.layers[0].self_attn.rotary.cos_sin.float()
-        self.model.pack_weights()
+        self.model.pack_weights(cfg.quantization)
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(cfg.kv_cache_memory)
         self.kv_cache = torch.zeros(model_cfg.num_layers, 2, self.num_blocks, cfg.block_size,
                                     model_cfg.num_kv_heads, model_cfg.head_dim, dtype=self.dtype, device=cfg.device)

@@ -74,10 +74,11 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, positions, meta)
         return self.norm(x, residual)[0]
 
-    def pack_weights(self) -> None:
-        for module in self.modules():
+    def pack_weights(self, quantization: str = "none") -> None:
+        """Inference layouts for every linear; the LM head stays unquantized (it shares the embedding)."""
+        for name, module in self.named_modules():
             if isinstance(module, Linear):
-                module.pack()
+                module.pack("none" if name == "lm_head" else quantization)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
