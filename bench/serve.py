@@ -126,7 +126,7 @@ def summarize(results: list[dict]) -> dict:
     seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     pct = lambda xs, q: round(float(np.percentile(xs, q)), 4) if xs else None
-    return {"num_requests": len(results), "output_tokens": tokens, "seconds": round(seconds, 3),
+    return {"load_avg_1m": round(os.getloadavg()[0], 2), "num_requests": len(results), "output_tokens": tokens, "seconds": round(seconds, 3),
             "output_tok_per_s": round(tokens / seconds, 2), "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
             "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
             "e2e_p50_s": pct([r["end"] - r["start"] for r in results], 50)}

@@ -85,6 +85,12 @@ def test_completion_equals_offline_generate_with_correct_usage(client, llm):
         (prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
 
 
+def test_echo_prepends_the_prompt(client):
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    echoed = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPTS[0] + plain.choices[0].text
+
+
 def test_chat_uses_the_chat_template_and_max_completion_tokens(client, llm):
     r = client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=8, temperature=0)
     offline = llm.chat(CHAT, greedy(), use_tqdm=False)[0]
@@ -341,3 +347,21 @@ def test_client_disconnect_mid_stream_aborts_and_frees_kv_blocks(server):
     wait_idle(server, timeout=20)
     assert metric(server, "generation_tokens_total") - generated < 200
     assert metric(server, "request_aborted_total") == 1
+
+
+def test_client_giving_up_on_a_non_streaming_request_aborts_it(server):
+    aborted = metric(server, "request_aborted_total")
+    body = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=httpx.Timeout(60, read=1.0))
+    wait_idle(server, timeout=20)
+    assert metric(server, "request_aborted_total") == aborted + 1
+
+
+def test_serve_refuses_lora_adapters_until_the_engine_has_lora(capsys):
+    from lanner.cli import build_parser
+    from lanner.server import cli as server_cli
+    args = build_parser().parse_args(["serve", "--lora", "sql=/tmp/adapter"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert server_cli.run(args) == 2
+    assert "LoRA is not enabled" in capsys.readouterr().err
