@@ -2,6 +2,7 @@
 from lanner.config import EngineConfig
 from lanner.engine.llm import LLM
 from lanner.engine.outputs import CompletionOutput, RequestOutput
+from lanner.lora.adapter import LoRARequest
 from lanner.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput", "EngineConfig"]

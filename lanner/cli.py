@@ -19,6 +19,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default=d.device)
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter under NAME (repeatable); enables LoRA")
+    p.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct adapters in one batch")
+    p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantized linears (int8 per-channel, int4 group-wise)")
     p.add_argument("--speculative", default=None, metavar="SPEC",
@@ -31,7 +35,20 @@ def engine_kwargs(args) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
                 device=args.device, speculative=args.speculative,
-                quantization=args.quantization)
+                quantization=args.quantization, enable_lora=bool(args.lora), max_loras=args.max_loras,
+                max_lora_rank=args.max_lora_rank)
+
+
+def lora_requests(args) -> dict:
+    """{name: LoRARequest} from repeated --lora NAME=PATH, ids 1, 2, ... in order."""
+    from lanner.lora.adapter import LoRARequest
+    requests = {}
+    for i, spec in enumerate(args.lora, start=1):
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora expects NAME=PATH, got {spec!r}")
+        requests[name] = LoRARequest(name, i, path)
+    return requests
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +56,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--adapter", default=None, help="name of a --lora adapter to answer with")
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -61,17 +79,24 @@ def make_llm(args):
     return llm
 
 
+def chosen_adapter(args):
+    loras = lora_requests(args)
+    if args.adapter is not None and args.adapter not in loras:
+        raise ValueError(f"unknown adapter {args.adapter!r}; loaded: {sorted(loras)}")
+    return loras.get(args.adapter)
+
+
 def cmd_generate(args) -> int:
-    llm = make_llm(args)
+    llm, adapter = make_llm(args), chosen_adapter(args)
     prompt = args.prompt if args.raw else llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    for text in llm.stream(prompt, sampling_params(args)):
+    for text in llm.stream(prompt, sampling_params(args), lora_request=adapter):
         print(text, end="", flush=True)
     print()
     return 0
 
 
 def cmd_chat(args) -> int:
-    llm = make_llm(args)
+    llm, adapter = make_llm(args), chosen_adapter(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("lanner chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
@@ -87,7 +112,7 @@ def cmd_chat(args) -> int:
             continue
         messages.append({"role": "user", "content": user})
         reply = ""
-        for text in llm.stream(llm.tokenizer.apply_chat_template(messages), sampling_params(args)):
+        for text in llm.stream(llm.tokenizer.apply_chat_template(messages), sampling_params(args), adapter):
             reply += text
             print(text, end="", flush=True)
         print()

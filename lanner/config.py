@@ -94,6 +94,10 @@ class EngineConfig:
     seed: int = 0
     speculative: SpeculativeConfig | dict | str | None = None
     quantization: str = "none"                # none | int8 | int4 (weight-only)
+    enable_lora: bool = False
+    max_loras: int = 8                        # distinct adapters in one step
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None          # validated adapters kept loaded (LRU), default max_loras
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

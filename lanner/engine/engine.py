@@ -55,18 +55,24 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, lora_request=None) -> str:
         params = params or SamplingParams()
-        if lora_request is not None:
-            raise ValueError("lora_request given but LoRA is not enabled (LLM(..., enable_lora=True))")
+        lora_id = self.register_lora(lora_request) if lora_request is not None else 0
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate_prompt(token_ids, params)
         request_id = str(next(self.request_counter)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        seq = Sequence(request_id, token_ids, params, seed=params.seed)
+        seq = Sequence(request_id, token_ids, params, lora_id=lora_id, seed=params.seed)
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,
                                             token_ids, params, [seq], lora_request)
         self.scheduler.add(seq)
         return request_id
+
+    def register_lora(self, lora_request) -> int:
+        """Load and validate the adapter once (clear ValueError on a bad one); its id tags KV blocks."""
+        if self.runner.lora is None:
+            raise ValueError("lora_request given but LoRA is not enabled (LLM(..., enable_lora=True))")
+        self.runner.lora.add(lora_request)
+        return lora_request.lora_int_id
 
     def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:

@@ -37,6 +37,10 @@ class ModelRunner:
                                     model_cfg.num_kv_heads, model_cfg.head_dim, dtype=self.dtype, device=cfg.device)
         for layer, cache in zip(self.model.layers, self.kv_cache):
             layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
+        self.lora = None
+        if cfg.enable_lora:
+            from lanner.lora.manager import LoRAManager
+            self.lora = LoRAManager(self.model, model_cfg, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras)
 
     def blocks_for_memory(self, gib: float) -> int:
         m = self.model_cfg
@@ -46,7 +50,7 @@ class ModelRunner:
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
         """Packed inputs, attention metadata, and which rows get logits (with their sequences)."""
         bs = self.cfg.block_size
-        input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
+        input_ids, positions, slots, query_lens, seq_lens, tables, loras = [], [], [], [], [], [], []
         logit_rows, logit_seqs = [], []
         for seq, num in scheduled:
             start = seq.num_computed_tokens
@@ -56,12 +60,15 @@ class ModelRunner:
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + num)]
             query_lens.append(num)
+            loras += [seq.lora_id] * num
             seq_lens.append(start + num)
             tables.append(table)
             for r in self.rows_to_sample(seq, start, num):
                 logit_rows.append(row0 + r)
                 logit_seqs.append(seq)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
+        if self.lora is not None:
+            self.lora.set_batch(loras)
         return (torch.tensor(input_ids), torch.tensor(positions), meta, torch.tensor(logit_rows, dtype=torch.long),
                 logit_seqs)
 

@@ -32,8 +32,12 @@ class Scheduler:
                 scheduled.append((seq, num_new))
                 budget -= num_new
             i += 1
+        skipped = []   # waiting sequences whose adapter cannot join this step
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            if not self.adapter_fits(seq):
+                skipped.append(self.waiting.popleft())
+                continue
             self.blocks.match_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self.blocks.blocks_needed(seq, num_new) > self.blocks.num_free_blocks:
@@ -46,7 +50,15 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
         return scheduled
+
+    def adapter_fits(self, seq: Sequence) -> bool:
+        """At most max_loras distinct adapters run at once."""
+        if seq.lora_id == 0:
+            return True
+        active = {s.lora_id for s in self.running} - {0}
+        return seq.lora_id in active or len(active) < self.cfg.max_loras
 
     def reserve(self, seq: Sequence, num_new: int) -> bool:
         """Allocate seq's blocks, preempting the newest running sequences if memory runs out."""

@@ -13,6 +13,7 @@ class Linear(nn.Linear):
     """
     packed: torch.Tensor | None = None
     quantized = None   # callable x -> x @ W^T + b, set by pack() for int8/int4
+    lora = None        # lanner.lora.ops.LoRAWeights when LoRA is enabled
 
     def pack(self, quantization: str = "none") -> None:
         if quantization != "none":
@@ -23,6 +24,12 @@ class Linear(nn.Linear):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        if self.lora is not None and self.lora.manager.batch:
+            y = self.lora.add_delta(x, y)
+        return y
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return super().forward(x)
         if self.quantized is not None:

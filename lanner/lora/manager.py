@@ -1,0 +1,95 @@
+"""Adapter slots: validated adapters in a CPU-side LRU, up to max_loras of them active in a batch."""
+from collections import OrderedDict
+
+import torch
+
+from lanner.config import ModelConfig
+from lanner.lora.adapter import LoRAAdapter, LoRARequest, load_adapter, submodule_sizes
+from lanner.lora.ops import LoRAWeights
+
+FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
+         "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+
+
+class LoRAManager:
+    def __init__(self, model, cfg: ModelConfig, max_loras: int, max_lora_rank: int, max_cpu_loras: int | None):
+        if max_loras < 1 or max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {max_loras}, {max_lora_rank}")
+        self.cfg, self.max_loras, self.max_rank = cfg, max_loras, max_lora_rank
+        self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+        self.requests: dict[int, LoRARequest] = {}
+        self.loaded: OrderedDict[int, LoRAAdapter] = OrderedDict()   # validated adapters, LRU
+        self.slot_of: OrderedDict[int, int] = OrderedDict()          # adapter id -> slot (1-based), LRU
+        self.weights: dict[tuple[int, str], LoRAWeights] = {}
+        self.batch = None                                            # per-step token -> slot segments
+        for i, layer in enumerate(model.layers):
+            for fused, subs in FUSED.items():
+                linear = layer.get_submodule(fused)
+                w = LoRAWeights(self, max_loras, max_lora_rank * len(subs), linear.in_features,
+                                linear.out_features, linear.weight.dtype)
+                linear.lora = self.weights[(i, fused)] = w
+
+    # ---- registry ---------------------------------------------------------------------------------
+    def add(self, request: LoRARequest) -> None:
+        """Load and validate an adapter (raises ValueError naming the problem); no-op if known."""
+        known = self.requests.get(request.lora_int_id)
+        if known is not None and known.lora_path != request.lora_path:
+            raise ValueError(f"lora_int_id {request.lora_int_id} is already used by adapter {known.lora_name!r}")
+        self.get(request)
+        self.requests[request.lora_int_id] = request
+
+    def get(self, request: LoRARequest) -> LoRAAdapter:
+        adapter = self.loaded.get(request.lora_int_id)
+        if adapter is None:
+            adapter = load_adapter(request, self.cfg, self.max_rank)
+            self.loaded[request.lora_int_id] = adapter
+            while len(self.loaded) > self.max_cpu_loras:   # slots keep their own copy; reload on demand
+                self.loaded.popitem(last=False)
+        self.loaded.move_to_end(request.lora_int_id)
+        return adapter
+
+    def remove(self, lora_id: int) -> None:
+        self.requests.pop(lora_id, None)
+        self.loaded.pop(lora_id, None)
+        self.slot_of.pop(lora_id, None)
+
+    # ---- per step ---------------------------------------------------------------------------------
+    def set_batch(self, token_lora_ids: list[int]) -> None:
+        """Activate the step's adapters in slots and group token rows by slot."""
+        ids = sorted(set(token_lora_ids) - {0})
+        if not ids:
+            self.batch = None
+            return
+        slots = {i: self.activate(i, keep=ids) for i in ids}
+        rows = torch.tensor(token_lora_ids)
+        self.batch = [(slots[i], None if len(ids) == 1 and (rows == i).all() else (rows == i).nonzero().squeeze(1))
+                      for i in ids]
+
+    def activate(self, lora_id: int, keep: list[int]) -> int:
+        if lora_id in self.slot_of:
+            self.slot_of.move_to_end(lora_id)
+            return self.slot_of[lora_id]
+        used = set(self.slot_of.values())
+        free = [s for s in range(1, self.max_loras + 1) if s not in used]
+        if free:
+            slot = free[0]
+        else:
+            victim = next(i for i in self.slot_of if i not in keep)
+            slot = self.slot_of.pop(victim)
+        adapter = self.get(self.requests[lora_id])
+        self.write_slot(slot, adapter)
+        self.slot_of[lora_id] = slot
+        return slot
+
+    def write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Lay the adapter's pairs out block-diagonally over each fused linear's output slices."""
+        rank, sizes = adapter.max_rank, submodule_sizes(self.cfg)
+        for (layer, fused), w in self.weights.items():
+            w.clear(slot)
+            offset = 0
+            for i, sub in enumerate(FUSED[fused]):
+                pair = adapter.weights.get((layer, sub))
+                if pair is not None:
+                    w.write(slot, i * rank, *pair, offset)
+                offset += sizes[sub][1]
+            w.ranks[slot] = rank * len(FUSED[fused])
