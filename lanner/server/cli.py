@@ -15,8 +15,6 @@ def add_parser(subparsers):
     p.add_argument("--api-key", default=os.environ.get("LANNER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every request (default: $LANNER_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the base model's name in /v1/models and `model`")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
-                   help="serve a LoRA adapter under NAME (not available yet: the engine has no LoRA support)")
     p.add_argument("--max-waiting", type=int, default=512,
                    help="admitted requests without a first token; more are refused with 503 + Retry-After")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="request bodies larger than this get 413")
@@ -54,9 +52,6 @@ def run(args) -> int:
     from lanner.server.models import ModelRegistry
     from lanner.server.runner import Server
 
-    if parse_loras(args.lora):
-        print(f"lanner: error: {LORA_DISABLED}", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
