@@ -23,8 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="serve a PEFT LoRA adapter under NAME (repeatable); enables LoRA")
     p.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct adapters in one batch")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantized linears (int8 per-channel, int4 group-wise)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4", "nf4"],
+                   help="weight-only quantized linears (int8 per-channel, int4 group-wise, nf4 as in QLoRA)")
     p.add_argument("--speculative", default=None, metavar="SPEC",
                    help="speculative decoding: ngram:K (prompt lookup) or draft:PATH:K (a draft model)")
 

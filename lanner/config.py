@@ -93,7 +93,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     speculative: SpeculativeConfig | dict | str | None = None
-    quantization: str = "none"                # none | int8 | int4 (weight-only)
+    quantization: str = "none"                # none | int8 | int4 | nf4 (weight-only)
     enable_lora: bool = False
     max_loras: int = 8                        # distinct adapters in one step
     max_lora_rank: int = 64
@@ -105,7 +105,7 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.speculative = SpeculativeConfig.parse(self.speculative)
-        if self.quantization not in ("none", "int8", "int4"):
-            raise ValueError(f"quantization must be none, int8 or int4, got {self.quantization!r}")
+        if self.quantization not in ("none", "int8", "int4", "nf4"):
+            raise ValueError(f"quantization must be none, int8, int4 or nf4, got {self.quantization!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
