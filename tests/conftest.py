@@ -15,6 +15,18 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def load_each_model_once():
+    """Tests build many engines over the same files: read and dequantize each model only once."""
+    import functools
+
+    import lanner.engine.engine as engine_module
+    original = engine_module.load_model_files
+    engine_module.load_model_files = functools.lru_cache(maxsize=4)(original)
+    yield
+    engine_module.load_model_files = original
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> str:
     from lanner.model.loader import pull_default_model
