@@ -1,0 +1,31 @@
+"""The command line: generate streams text, pull prints the cached model, bad input exits with a message."""
+from lanner.cli import main
+
+
+def test_generate_streams_a_reply(capsys, default_model_path):
+    assert main(["generate", "The capital of France is", "--raw", "--max-tokens", "6", "--dtype", "float32",
+                 "--kv-cache-memory", "0.1"]) == 0
+    out = capsys.readouterr()
+    assert "Paris" in out.out
+    assert "LlamaForCausalLM" in out.err and "float32" in out.err
+
+
+def test_generate_applies_the_chat_template(capsys, default_model_path):
+    assert main(["generate", "What is the capital of France?", "--max-tokens", "12", "--dtype", "float32",
+                 "--kv-cache-memory", "0.1"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_pull_prints_the_cached_model_path(capsys, default_model_path):
+    assert main(["pull"]) == 0
+    assert capsys.readouterr().out.strip() == default_model_path
+
+
+def test_bad_sampling_parameter_is_reported_by_name(capsys, default_model_path):
+    assert main(["generate", "Hi", "--temperature", "-1", "--kv-cache-memory", "0.1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_unknown_adapter_is_reported(capsys, default_model_path):
+    assert main(["generate", "Hi", "--adapter", "nope", "--kv-cache-memory", "0.1"]) == 2
+    assert "unknown adapter 'nope'" in capsys.readouterr().err
