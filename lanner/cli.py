@@ -39,11 +39,11 @@ def engine_kwargs(args) -> dict:
                 max_lora_rank=args.max_lora_rank)
 
 
-def lora_requests(args) -> dict:
+def lora_requests(specs: list[str]) -> dict:
     """{name: LoRARequest} from repeated --lora NAME=PATH, ids 1, 2, ... in order."""
     from lanner.lora.adapter import LoRARequest
     requests = {}
-    for i, spec in enumerate(args.lora, start=1):
+    for i, spec in enumerate(specs, start=1):
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--lora expects NAME=PATH, got {spec!r}")
@@ -80,7 +80,7 @@ def make_llm(args):
 
 
 def chosen_adapter(args):
-    loras = lora_requests(args)
+    loras = lora_requests(args.lora)
     if args.adapter is not None and args.adapter not in loras:
         raise ValueError(f"unknown adapter {args.adapter!r}; loaded: {sorted(loras)}")
     return loras.get(args.adapter)

@@ -358,10 +358,10 @@ def test_client_giving_up_on_a_non_streaming_request_aborts_it(server):
     assert metric(server, "request_aborted_total") == aborted + 1
 
 
-def test_serve_refuses_lora_adapters_until_the_engine_has_lora(capsys):
-    from lanner.cli import build_parser
-    from lanner.server import cli as server_cli
-    args = build_parser().parse_args(["serve", "--lora", "sql=/tmp/adapter"])
+def test_serve_refuses_a_bad_lora_adapter_at_startup(capsys, tmp_path):
+    from lanner.cli import build_parser, main
+    argv = ["serve", "--lora", f"sql={tmp_path}/missing", "--kv-cache-memory", "0.1"]
+    args = build_parser().parse_args(argv)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
-    assert server_cli.run(args) == 2
-    assert "LoRA is not enabled" in capsys.readouterr().err
+    assert main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -3,8 +3,6 @@ import logging
 import os
 import sys
 
-from lanner.server.models import LORA_DISABLED
-
 
 def add_parser(subparsers):
     from lanner.cli import add_engine_args
@@ -33,14 +31,24 @@ def served_name(model_arg: str | None, model_path: str) -> str:
     return os.path.splitext(os.path.basename(os.path.normpath(model_path)))[0]
 
 
-def parse_loras(specs: list[str]) -> dict[str, str]:
-    loras = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--lora takes NAME=PATH, got {spec!r}")
-        loras[name] = path
-    return loras
+def make_registry(name: str, engine, lora_specs: list[str]):
+    """The served names; --lora adapters are validated at startup so a bad one stops the server early."""
+    from functools import partial
+
+    from lanner.cli import lora_requests
+    from lanner.lora.adapter import load_adapter
+    from lanner.server.errors import APIError
+    from lanner.server.models import ModelRegistry
+    validate = None
+    if engine.runner.lora is not None:
+        validate = partial(load_adapter, cfg=engine.model_config, max_rank=engine.cfg.max_lora_rank)
+    registry = ModelRegistry(name, engine.max_model_len, validate)
+    for adapter, request in lora_requests(lora_specs).items():
+        try:
+            registry.load(adapter, request.lora_path)
+        except APIError as e:
+            raise ValueError(e.message) from e
+    return registry
 
 
 def run(args) -> int:
@@ -49,7 +57,6 @@ def run(args) -> int:
     from lanner.cli import make_llm
     from lanner.server.app import ServerSettings, build_app
     from lanner.server.async_engine import AsyncEngine
-    from lanner.server.models import ModelRegistry
     from lanner.server.runner import Server
 
     if args.threads:
@@ -57,7 +64,7 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = make_llm(args).engine
     name = args.served_model_name or served_name(args.model, engine.model_path)
-    registry = ModelRegistry(name, engine.max_model_len)
+    registry = make_registry(name, engine, args.lora)
     settings = ServerSettings(api_key=args.api_key, max_waiting=args.max_waiting,
                               max_body_bytes=int(args.max_body_mb * (1 << 20)))
     async_engine = AsyncEngine(engine)

@@ -1,17 +1,25 @@
-"""Served model names -> lora_request: the base model (None) and, once the engine has LoRA, its adapters."""
+"""Served model names -> lora_request: the base model (None) and every loaded LoRA adapter."""
+import itertools
 import time
 
 from lanner.server.errors import APIError
 
-LORA_DISABLED = ("LoRA is not enabled: this engine does not serve LoRA adapters yet, so --lora, "
-                 "/v1/load_lora_adapter and /v1/unload_lora_adapter are unavailable")
+LORA_DISABLED = ("LoRA is not enabled: start the server with --lora NAME=PATH (or enable_lora) to serve "
+                 "adapters; /v1/load_lora_adapter and /v1/unload_lora_adapter need it too")
 
 
 class ModelRegistry:
-    def __init__(self, base_name: str, max_model_len: int, lora_enabled: bool = False):
-        self.base_name, self.max_model_len, self.lora_enabled = base_name, max_model_len, lora_enabled
+    """validate(LoRARequest) checks an adapter against the base model (raises ValueError); None: no LoRA."""
+
+    def __init__(self, base_name: str, max_model_len: int, validate=None):
+        self.base_name, self.max_model_len, self.validate = base_name, max_model_len, validate
         self.models: dict[str, object] = {base_name: None}     # name -> lora_request (None: the base model)
         self.created = int(time.time())
+        self.ids = itertools.count(1)
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.validate is not None
 
     def resolve(self, name: str | None):
         """The lora_request for a request's `model` (absent or empty: the base model)."""
@@ -23,9 +31,18 @@ class ModelRegistry:
         return self.models[name]
 
     def load(self, name: str, path: str) -> None:
+        """Validate the adapter now (a bad one is a 400 naming the problem); the engine loads it on first use."""
+        from lanner.lora.adapter import LoRARequest
         if not self.lora_enabled:
             raise APIError(400, LORA_DISABLED, "lora_name", "lora_not_enabled")
-        raise NotImplementedError("adapter loading lands with the engine's LoRA support")
+        if not name or name in self.models:
+            raise APIError(400, f"an adapter or model named {name!r} is already served", "lora_name")
+        request = LoRARequest(name, next(self.ids), path)
+        try:
+            self.validate(request)
+        except ValueError as e:
+            raise APIError(400, str(e), "lora_path") from e
+        self.models[name] = request
 
     def unload(self, name: str) -> None:
         if not self.lora_enabled:
