@@ -159,7 +159,7 @@ def bench_case(batch, context, q_len, shape, dtype, device, backends, bandwidth,
     kv_bytes, flops = work(batch, context, q_len, shape, dtype)
     read_s = kv_bytes / bandwidth
     times = {}
-    for name in backends + baselines(device, q_len):
+    for name in baselines(device, q_len) + backends:  # baselines first: rows then carry vs_sdpa
         row = dict(bench="attention", backend=name, device=device, dtype=str(dtype).removeprefix("torch."),
                    batch=batch, context=context, q_len=q_len, heads=list(shape), block_size=16)
         try:

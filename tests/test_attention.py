@@ -151,6 +151,15 @@ def test_sequence_with_no_new_tokens_leaves_its_neighbours_alone(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_query_may_be_a_strided_view_of_a_fused_qkv_projection(backend):
+    q, k_cache, v_cache, meta = make_batch([20, 1, 3], [40, 30, 10])
+    qkv = torch.cat([q.flatten(1), torch.randn(q.shape[0], 2 * 2 * 64)], dim=1)
+    strided_q = qkv[:, :q[0].numel()].view_as(q)
+    assert not strided_q.is_contiguous()
+    assert_matches_reference(backend, (strided_q, k_cache, v_cache, meta))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_explicit_scale_is_used(backend):
     assert_matches_reference(backend, make_batch([1, 6], [30, 6]), scale=0.3)
 

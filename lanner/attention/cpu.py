@@ -72,8 +72,8 @@ def _batched(q, k_cache, v_cache, meta, seqs, scale, out, lse) -> None:
     seg = _segment_len(batch * head_dim * k_cache.element_size(), max_len)
     idx = _row_index(meta.block_tables[seqs], k_cache.shape[1], num_kv_heads, max_len, seg)
     scores = torch.empty(idx.shape[0], batch, qb.shape[1], seg)
-    for j, k in enumerate(_segments(k_cache, idx, batch, torch.float32)):
-        torch.bmm(qb, k.transpose(1, 2), out=scores[j])  # fp32 even for bf16 caches: logits need the bits
+    for dest, k in zip(scores.unbind(0), _segments(k_cache, idx, batch, torch.float32)):
+        torch.bmm(qb, k.transpose(1, 2), out=dest)  # fp32 even for bf16 caches: logits need the bits
 
     _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group)
     m = scores.amax(dim=3).amax(dim=0)
@@ -85,8 +85,8 @@ def _batched(q, k_cache, v_cache, meta, seqs, scale, out, lse) -> None:
     pv_dtype = torch.bfloat16 if v_cache.dtype == torch.bfloat16 else torch.float32
     p = p.to(pv_dtype)
     parts = torch.empty(idx.shape[0], batch, qb.shape[1], head_dim, dtype=pv_dtype)
-    for j, v in enumerate(_segments(v_cache, idx, batch, pv_dtype)):
-        torch.bmm(p[j], v, out=parts[j])
+    for dest, p_seg, v in zip(parts.unbind(0), p.unbind(0), _segments(v_cache, idx, batch, pv_dtype)):
+        torch.bmm(p_seg, v, out=dest)
     o = parts.sum(0, dtype=torch.float32) / denom.clamp_min(1e-30)[..., None]
     row_lse = m + denom.log()
 
@@ -97,13 +97,16 @@ def _batched(q, k_cache, v_cache, meta, seqs, scale, out, lse) -> None:
 
 
 def _segments(cache, idx, batch, dtype):
-    """Each segment's gathered keys (or values) as [Hkv * S, seg, D] in dtype, reusing two buffers."""
+    """Each segment's gathered keys (or values) as [Hkv * S, seg, D] in dtype, in one reused buffer."""
     rows = cache.view(-1, cache.shape[-1])
     buf = torch.empty(idx.shape[1], cache.shape[-1], dtype=cache.dtype)
-    converted = torch.empty(idx.shape[1], cache.shape[-1], dtype=dtype) if dtype != cache.dtype else buf
-    for j in range(idx.shape[0]):
-        torch.index_select(rows, 0, idx[j], out=buf)
-        yield (converted.copy_(buf) if converted is not buf else buf).view(batch, -1, cache.shape[-1])
+    converted = buf if dtype == cache.dtype else torch.empty(buf.shape, dtype=dtype)
+    segment = converted.view(batch, -1, cache.shape[-1])
+    for seg_idx in idx.unbind(0):
+        torch.index_select(rows, 0, seg_idx, out=buf)
+        if converted is not buf:
+            converted.copy_(buf)
+        yield segment
 
 
 def _segment_len(bytes_per_key: int, max_len: int) -> int:
