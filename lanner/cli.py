@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         server_cli.add_parser(sub)
     except ImportError:
         pass
+    try:
+        from lanner.lora import cli as lora_cli
+        lora_cli.add_parser(sub)
+    except ImportError:
+        pass
     return parser
 
 

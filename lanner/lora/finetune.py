@@ -1,0 +1,346 @@
+"""LoRA / QLoRA fine-tuning that writes a PEFT adapter lanner (and PEFT) can load.
+
+finetune(model_path, data, output_dir, **options) trains A and B of PEFT-style LoRA on the chosen
+linears of the frozen base (fp32/bf16, or NF4 with qlora=True) on chat or prompt/completion examples,
+with the loss on completion tokens only, a validation split and early stopping, and saves
+adapter_config.json + adapter_model.safetensors (the best validation step's weights), loss_curve.png
+and finetune_log.json into output_dir. See docs/finetune.md.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lanner.lora.train_model import ALL_LINEAR, LoRAModel, build_model
+
+
+@dataclass
+class FinetuneOptions:
+    target_modules: str | list[str] = "all-linear"   # "all-linear", "q_proj,v_proj" or a list
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+    lora_dropout: float = 0.05
+    qlora: bool = False                 # freeze an NF4 (block 64) base instead of the fp base
+    dtype: str = "float32"              # float32 | bfloat16: the frozen base and activations
+    optimizer: str = "adamw"            # adamw | sgd
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9               # sgd only
+    warmup_ratio: float = 0.1           # linear warmup over this fraction of the steps, then cosine to 0
+    warmup_steps: int | None = None     # overrides warmup_ratio
+    batch_size: int = 4
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    epochs: int = 3
+    max_steps: int | None = None        # optimizer steps; 0 writes the freshly initialized adapter
+    max_grad_norm: float | None = 1.0
+    val_fraction: float = 0.1           # held out for validation (when no val_data is given)
+    val_data: str | list | None = None
+    eval_every: int | None = None       # optimizer steps between validations (default: once per epoch)
+    patience: int | None = 3            # stop after this many validations without improvement (None: never)
+    max_seq_len: int = 512
+    seed: int = 0
+    threads: int | None = None
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = [(self.lora_r >= 1, "lora_r must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
+                  (self.grad_accum >= 1, "grad_accum must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
+                  (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
+                  (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+                  (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+                  (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
+                  (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+                  (self.lr > 0, "lr must be > 0"), (self.max_seq_len >= 2, "max_seq_len must be >= 2")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.target_modules = parse_targets(self.target_modules)
+
+
+def parse_targets(spec: str | list[str]) -> list[str]:
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all-linear"]:
+        return list(ALL_LINEAR)
+    unknown = [n for n in names if n not in ALL_LINEAR]
+    if unknown or not names:
+        raise ValueError(f"unknown target modules {unknown}; choose from {list(ALL_LINEAR)} or all-linear")
+    return [n for n in ALL_LINEAR if n in names]
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    ids: list[int]
+    prompt_len: int    # tokens before the completion (no loss on them)
+
+
+def read_records(data: str | list) -> list[dict]:
+    if not isinstance(data, str):
+        return list(data)
+    if not os.path.exists(data):
+        raise ValueError(f"training data {data} does not exist")
+    records = []
+    with open(data) as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{data}:{n}: not valid JSON ({e})") from None
+    return records
+
+
+def prompt_and_completion(record: dict, tokenizer) -> tuple[str, str]:
+    """Chat: the template over all but the last message (with the assistant header); the last is the completion."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("a chat example's last message must be the assistant's reply")
+        return tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True), messages[-1]["content"]
+    if "prompt" in record and "completion" in record:
+        return record["prompt"], record["completion"]
+    raise ValueError(f"an example needs 'messages' or 'prompt' and 'completion'; got keys {sorted(record)}")
+
+
+def tokenize(records: list[dict], tokenizer, max_len: int) -> list[Example]:
+    """prompt ids + completion ids + eos; over max_len, the prompt loses its start, then the completion its end."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples = []
+    for record in records:
+        prompt, completion = prompt_and_completion(record, tokenizer)
+        p, c = tokenizer.encode(prompt), tokenizer.tokenizer.encode(completion, add_special_tokens=False).ids + eos
+        c = c[:max_len - 1]
+        p = p[max(0, len(p) - (max_len - len(c))):]
+        if not p:
+            raise ValueError("an example has an empty prompt; the first completion token needs context")
+        examples.append(Example(p + c, len(p)))
+    return examples
+
+
+def split(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples)))) if val_fraction > 0 else 0
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, L] and the mask of completion tokens (the ones with a loss)."""
+    length = max(len(e.ids) for e in examples)
+    ids = torch.zeros(len(examples), length, dtype=torch.long)
+    mask = torch.zeros(len(examples), length, dtype=torch.bool)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.ids)] = torch.tensor(e.ids)
+        mask[row, e.prompt_len:len(e.ids)] = True
+    return ids, mask
+
+
+def batches(examples: list[Example], batch_size: int, generator: torch.Generator | None):
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
+    order = list(order)
+    return [collate([examples[i] for i in order[a:a + batch_size]]) for a in range(0, len(order), batch_size)]
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+def lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: LoRAModel, val_batches) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for ids, mask in val_batches:
+        loss, n = model.loss(ids, mask)
+        total, count = total + loss.item(), count + n
+    model.train()
+    return total / max(1, count)
+
+
+def make_optimizer(params, o: FinetuneOptions):
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def count_base_params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def finetune(model_path: str | None, data: str | list, output_dir: str, **options) -> dict:
+    """Train a LoRA (or QLoRA) adapter on `data` (JSONL path or list of records) and save it in output_dir.
+
+    Returns {"train_losses": [[step, loss]], "val_losses": [[step, loss]], "best_step", "best_val_loss",
+    "trainable_params", "base_params", "steps", "stopped_early", "seconds", "output_dir"}.
+    """
+    try:
+        o = FinetuneOptions(**options)
+    except TypeError as e:
+        raise ValueError(f"finetune: {e}") from None
+    start = time.time()
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    from lanner.model.loader import load_model_files
+    hf_config, weights, tokenizer, resolved = load_model_files(model_path)
+    examples = tokenize(read_records(data), tokenizer, o.max_seq_len)
+    if o.val_data is not None:
+        train, val = examples, tokenize(read_records(o.val_data), tokenizer, o.max_seq_len)
+    else:
+        train, val = split(examples, o.val_fraction, o.seed)
+    if not train:
+        raise ValueError("no training examples")
+
+    torch.manual_seed(o.seed)
+    base = build_model(hf_config, weights, max(len(e.ids) for e in examples + val))
+    del weights
+    base_params = count_base_params(base)
+    model = LoRAModel(base, o.target_modules, o.lora_r, o.lora_alpha, o.use_rslora, o.lora_dropout, nf4=o.qlora)
+    if o.dtype == "bfloat16":   # the frozen base only (NF4 is quantized from fp32 above); A and B stay fp32
+        rotary = base.layers[0].self_attn.rotary
+        base.to(torch.bfloat16)
+        rotary.cos_sin = rotary.cos_sin.float()
+    trainable = model.num_trainable()
+    log(f"trainable params: {trainable:,} || base params: {base_params:,} || "
+        f"trainable%: {100 * trainable / base_params:.4f} (r={o.lora_r} on {','.join(o.target_modules)}"
+        f"{', NF4 base' if o.qlora else ''})")
+
+    micro_per_epoch = math.ceil(len(train) / o.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // o.grad_accum)
+    total = o.epochs * steps_per_epoch if o.max_steps is None else o.max_steps   # max_steps overrides epochs
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_ratio * total)
+    eval_every = o.eval_every or steps_per_epoch
+    optimizer = make_optimizer(model.lora_parameters(), o)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total))
+    val_batches = batches(val, o.batch_size, None)
+    generator = torch.Generator().manual_seed(o.seed)
+
+    result = dict(train_losses=[], val_losses=[], best_step=0, best_val_loss=None, trainable_params=trainable,
+                  base_params=base_params, steps=0, stopped_early=False)
+    best = model.lora_snapshot()
+    if val:
+        result["best_val_loss"] = evaluate(model, val_batches)
+        result["val_losses"].append([0, result["best_val_loss"]])
+    model.train()
+    bar = progress_bar(total, o.progress)
+    stale, step = 0, 0
+    while step < total and not result["stopped_early"]:
+        micro = batches(train, o.batch_size, generator)
+        for a in range(0, steps_per_epoch * o.grad_accum, o.grad_accum):
+            group = micro[a:a + o.grad_accum]
+            loss = train_step(model, optimizer, group, o.max_grad_norm)
+            scheduler.step()
+            step += 1
+            result["train_losses"].append([step, loss])
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+            if val and (step % eval_every == 0 or step == total):
+                val_loss = evaluate(model, val_batches)
+                result["val_losses"].append([step, val_loss])
+                if val_loss < result["best_val_loss"]:
+                    result["best_val_loss"], result["best_step"], best, stale = val_loss, step, model.lora_snapshot(), 0
+                else:
+                    stale += 1
+                postfix["val"] = f"{val_loss:.4f}"
+                if o.patience is not None and stale >= o.patience:
+                    result["stopped_early"] = True
+            bar.set_postfix(postfix)
+            bar.update(1)
+            if step >= total or result["stopped_early"]:
+                break
+    bar.close()
+    if val:
+        model.restore_lora(best)     # the adapter saved is the best validation step's
+    else:
+        result["best_step"] = step
+    result.update(steps=step, seconds=round(time.time() - start, 1), output_dir=output_dir)
+    save_adapter(model, o, resolved, output_dir)
+    with open(os.path.join(output_dir, "finetune_log.json"), "w") as f:
+        json.dump(dict(result, options=jsonable(o)), f, indent=1)
+    if o.plot:
+        plot_losses(result, os.path.join(output_dir, "loss_curve.png"))
+    log(f"saved adapter to {output_dir} (best step {result['best_step']}, val loss {result['best_val_loss']})")
+    return result
+
+
+def train_step(model: LoRAModel, optimizer, group, max_grad_norm) -> float:
+    """One optimizer step over micro-batches: the token-mean loss of all their completion tokens."""
+    tokens = sum(int(mask[:, 1:].sum()) for _, mask in group)
+    total = 0.0
+    for ids, mask in group:
+        loss, _ = model.loss(ids, mask)
+        (loss / max(1, tokens)).backward()
+        total += loss.item()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.lora_parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / max(1, tokens)
+
+
+def progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="finetune", unit="step", disable=not enabled, file=sys.stderr)
+
+
+def log(message: str) -> None:
+    print(f"lanner: {message}", file=sys.stderr)
+
+
+def jsonable(o: FinetuneOptions) -> dict:
+    return {k: v for k, v in dataclasses.asdict(o).items() if k != "val_data" or isinstance(v, (str, type(None)))}
+
+
+# -- outputs -------------------------------------------------------------------------------------------
+
+def adapter_config(o: FinetuneOptions, base_model: str) -> dict:
+    return {"base_model_name_or_path": base_model, "peft_type": "LORA", "task_type": "CAUSAL_LM",
+            "r": o.lora_r, "lora_alpha": int(o.lora_alpha) if float(o.lora_alpha).is_integer() else o.lora_alpha,
+            "use_rslora": o.use_rslora,
+            "target_modules": list(o.target_modules), "lora_dropout": o.lora_dropout, "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": None, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def save_adapter(model: LoRAModel, o: FinetuneOptions, base_model: str, output_dir: str) -> None:
+    from safetensors.torch import save_file
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config(o, base_model), f, indent=2)
+    save_file(model.peft_state_dict(), os.path.join(output_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def plot_losses(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    if result["train_losses"]:
+        steps, losses = zip(*result["train_losses"])
+        ax.plot(steps, losses, label="train", lw=1.2)
+    if result["val_losses"]:
+        steps, losses = zip(*result["val_losses"])
+        ax.plot(steps, losses, "o-", label="validation", lw=1.2, ms=3)
+    if result["best_val_loss"] is not None and result["val_losses"]:
+        ax.axvline(result["best_step"], color="gray", ls=":", lw=1, label=f"best (step {result['best_step']})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_yscale("log")
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
