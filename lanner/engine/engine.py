@@ -160,8 +160,9 @@ class LLMEngine:
         if seq.params.greedy:
             tokens = verify_greedy(processed.argmax(dim=-1).tolist(), drafts)
         else:
-            tokens = verify_sampled(filtered_probs(processed, views), drafts, None, seq.generator)
-        seq.spec_token_ids = []
+            tokens = verify_sampled(filtered_probs(processed, views), drafts, getattr(seq, "spec_draft_probs", None),
+                                    seq.generator)
+        seq.spec_token_ids, seq.spec_draft_probs = [], None
         seq.num_computed_tokens = num_before + len(tokens) - 1   # KV is valid through the accepted drafts
         self.blocks.trim(seq)
         self.num_verify_steps += 1
