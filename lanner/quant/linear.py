@@ -18,6 +18,7 @@ SMALL_M.
 """
 from __future__ import annotations
 
+import abc
 import threading
 
 import torch
@@ -57,7 +58,7 @@ def _round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
-class QuantizedLinear:
+class QuantizedLinear(abc.ABC):
     """x -> x @ W^T + b from quantized weights; subclasses define the format."""
     mode = "none"
 
@@ -94,21 +95,26 @@ class QuantizedLinear:
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     # -- to be defined by the formats ------------------------------------------------------------------
+    @abc.abstractmethod
     def kernel_ok(self, dtype: torch.dtype) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def dequant_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The [out, in] weight the quantized linear multiplies with (a reference for tests)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def nbytes(self) -> int:
-        raise NotImplementedError
+        ...
 
 
 class Int8Linear(QuantizedLinear):
