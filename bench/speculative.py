@@ -2,10 +2,10 @@
 
 Two prompt sets, chat template applied: input-grounded tasks (rewrite, extract or edit a passage or code that is
 in the prompt: the answer copies much of its input, n-gram lookup's best case) and open chat questions (little
-to copy). For each set and batch size, every method runs on its own LLM in the same process, interleaved
-(no speculation, ngram:4, ngram:4 without back-off, a truncated draft model; `ngram@32` sets the back-off), greedy, prefix caching off so no
-method inherits another's cache; best of --repeats runs. Batch 1 runs the prompts one at a time; batch B runs B
-requests (the prompt set cycled) at once.
+to copy). For each set and batch size every method (none, ngram = ngram:4, ngram-nobackoff, draft = a truncated
+draft model; METHOD@N backs off above N running sequences) runs on its own LLM in one process, interleaved per
+unit (a prompt at batch 1, the whole batch of B requests, the prompt set cycled, otherwise), greedy, prefix
+caching off so no method inherits another's cache; each unit keeps its fastest of --repeats runs.
 
     python bench/speculative.py [--quick] [--batch-sizes 1,16,64] [--max-tokens 128] [--threads 1]
                                 [--methods none,ngram,ngram-nobackoff,draft] [--draft-layers 6] [--repeats 1]

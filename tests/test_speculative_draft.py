@@ -1,12 +1,11 @@
 """A draft MODEL speculates losslessly: greedy output is unchanged, sampled output keeps the target's distribution,
 and the draft's own paged KV pool (rolled back by counter) never leaks a block."""
-import itertools
 import json
 
 import pytest
 import torch
 from conftest import assert_all_blocks_free, make_llm
-from test_speculative import GROUNDED, OPEN, PROMPT, STEPS, VOCAB, chi_square_pvalue, exact_distribution, tiny, \
+from test_speculative import GROUNDED, OPEN, PROMPT, STEPS, chi_square_pvalue, exact_distribution, tiny, \
     tiny_logits  # noqa: F401  (fixtures)
 
 from lanner import SamplingParams
