@@ -33,9 +33,10 @@ def emit(**fields):
 
 def timed(fn, device, reps: int) -> float:
     """Seconds per call with cold caches: the minimum over reps on CPU (other processes only add time),
-    the median on GPU. Rewriting a buffer bigger than the last-level cache before each call evicts the
-    KV, and on the GPU also gives the host time to queue the launch, so launch overhead is not timed."""
-    flush = torch.empty(256 << 20 if device == "cuda" else 64 << 20, dtype=torch.uint8, device=device)
+    the median on GPU. Touching a buffer bigger than the last-level cache before each call evicts the KV
+    (on CPU by reading it, so no dirty lines are written back inside the timed call); on the GPU it
+    also gives the host time to queue the launch, so launch overhead is not timed."""
+    flush = torch.ones((256 if device == "cuda" else 64) << 18, device=device)
     fn()
     if device == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -48,7 +49,7 @@ def timed(fn, device, reps: int) -> float:
         return sorted(start.elapsed_time(end) for start, end in events)[reps // 2] / 1e3
     times = []
     for _ in range(reps):
-        flush.zero_()
+        flush.sum()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -60,7 +61,7 @@ def copy_bandwidth(device) -> float:
     n = (1 << 30 if device == "cuda" else 256 << 20) // 4
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), device, 20 if device == "cuda" else 5)
+    t = timed(lambda: dst.copy_(src), device, 20 if device == "cuda" else 10)
     emit(bench="copy_bandwidth", device=device, bytes=4 * n, ms=t * 1e3, read_write_gbps=8 * n / t / 1e9,
          copy_gbps=4 * n / t / 1e9)
     return 8 * n / t
@@ -194,7 +195,7 @@ def main():
     dtypes = [getattr(torch, d) for d in (args.dtypes or ("bfloat16" if cuda else "float32,bfloat16")).split(",")]
     cases = GPU_CASES if cuda else CPU_CASES
     cases = cases[:3] + cases[-2:] if args.quick else cases
-    reps = args.reps or (5 if args.quick else (50 if cuda else 12))
+    reps = args.reps or (5 if args.quick else (50 if cuda else 20))
     emit(bench="machine", device=args.device, threads=torch.get_num_threads(), torch=torch.__version__,
          gpu=torch.cuda.get_device_name() if cuda else None)
     bandwidth = copy_bandwidth(args.device)

@@ -1,13 +1,13 @@
 """The fast CPU path: paged attention in plain PyTorch, equal to reference.py within tolerance.
 
-Rows of sequences with few new tokens (decode, spec-verify) are done for all such sequences at once.
-Their K/V rows are gathered head-major, [Hkv * S, n, D], with one index_select per segment of the
-context, so that every (sequence, kv head) is one contiguous matrix for a single batched matmul
-and a segment is still in cache when the matmul reads it. The GQA group rides along as extra query
-rows: q becomes [Hkv * S, q_len * group, D]. Scores of all segments are kept (only Hq / (2 Hkv D) of
-the KV bytes), softmaxed once in fp32 (this is split-KV with the merge done on the scores), then P @ V
-runs segment by segment. Prompt chunks go through torch's fused CPU flash attention, one sequence at
-a time: there are few of them and each is a big matmul.
+Rows of sequences with few new tokens (decode, spec-verify) are done for all such sequences at once,
+a segment of context at a time: one index_select gathers every sequence's blocks for the segment
+([S, seg, Hkv, D], whole blocks, so the gather runs at memory bandwidth) into a buffer small enough
+to still be in cache when the matmuls read it; per KV head, K is then a strided [S, seg, D] view and
+Q @ K^T is one bmm with the GQA group as extra query rows ([S, q_len * group, D]). Scores of all
+segments are kept (only Hq / (2 Hkv D) of the KV bytes) and softmaxed once in fp32 -- split-KV with
+the merge done on the scores -- then P @ V runs segment by segment. Prompt chunks go through torch's
+fused CPU flash attention, one sequence at a time: there are few of them and each is a big matmul.
 """
 import torch
 
@@ -15,7 +15,7 @@ from lanner.attention.metadata import AttentionMetadata
 from lanner.attention.reference import attention_mask
 
 SHORT_QUERY = 16               # sequences with at most this many new tokens take the batched path
-SEGMENT_BYTES = 2 << 20        # gathered K (or V) per segment: stays in L2/L3 until the matmul reads it
+SEGMENT_BYTES = 4 << 20        # gathered K (or V) per segment: stays in L2/L3 until the matmul reads it
 SCORES_ELEMENTS = 8 << 20      # bound on the kept scores; more sequences than that are done in groups
 _sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -64,29 +64,30 @@ def _batched(q, k_cache, v_cache, meta, seqs, scale, out, lse) -> None:
     row_ok = torch.arange(max_q) < q_lens[:, None]
     rows = torch.where(row_ok, rows, rows[:, :1])  # padding rows repeat a real one, then are dropped
 
-    # [Hkv * S, q_len * group, D]: a kv head's group of query heads are extra rows against one K matrix
+    # [Hkv, S, q_len * group, D]: a kv head's group of query heads are extra rows against one K matrix
     qb = (q[rows].float() * scale).view(num_seqs, max_q, num_kv_heads, group, head_dim)
-    qb = qb.permute(2, 0, 1, 3, 4).reshape(num_kv_heads * num_seqs, max_q * group, head_dim)
-    batch = qb.shape[0]
+    qb = qb.permute(2, 0, 1, 3, 4).reshape(num_kv_heads, num_seqs, max_q * group, head_dim)
 
-    seg = _segment_len(batch * head_dim * k_cache.element_size(), max_len)
-    idx = _row_index(meta.block_tables[seqs], k_cache.shape[1], num_kv_heads, max_len, seg)
-    scores = torch.empty(idx.shape[0], batch, qb.shape[1], seg)
-    for dest, k in zip(scores.unbind(0), _segments(k_cache, idx, batch, torch.float32)):
-        torch.bmm(qb, k.transpose(1, 2), out=dest)  # fp32 even for bf16 caches: logits need the bits
+    block_size = k_cache.shape[1]
+    seg_blocks = _segment_blocks(num_seqs * k_cache[0].numel() * k_cache.element_size(), block_size, max_len)
+    idx = _block_index(meta.block_tables[seqs], seg_blocks, max_len, block_size)
+    scores = torch.empty(idx.shape[0], num_kv_heads, num_seqs, qb.shape[2], seg_blocks * block_size)
+    for dest, k in zip(scores.unbind(0), _segments(k_cache, idx, num_seqs, torch.float32)):
+        for h in range(num_kv_heads):  # K of head h: [S, seg, D] with rows Hkv * D apart, no copy
+            torch.bmm(qb[h], k[:, :, h].transpose(1, 2), out=dest[h])
 
     _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group)
-    m = scores.amax(dim=3).amax(dim=0)
+    m = scores.amax(dim=4).amax(dim=0)
     m = m.masked_fill_(m == float("-inf"), 0.0)  # fully masked rows: every p is exp(-inf) = 0
-    p = scores.sub_(m[None, :, :, None]).exp_()
-    denom = p.sum(dim=(0, 3))
+    p = scores.sub_(m[None, ..., None]).exp_()
+    denom = p.sum(dim=(0, 4))
 
-    # P @ V in the cache's dtype when that is bf16 (AVX512-BF16 matmuls, probabilities lose little)
     pv_dtype = torch.bfloat16 if v_cache.dtype == torch.bfloat16 else torch.float32
     p = p.to(pv_dtype)
-    parts = torch.empty(idx.shape[0], batch, qb.shape[1], head_dim, dtype=pv_dtype)
-    for dest, p_seg, v in zip(parts.unbind(0), p.unbind(0), _segments(v_cache, idx, batch, pv_dtype)):
-        torch.bmm(p_seg, v, out=dest)
+    parts = torch.empty(idx.shape[0], num_kv_heads, num_seqs, qb.shape[2], head_dim, dtype=pv_dtype)
+    for dest, p_seg, v in zip(parts.unbind(0), p.unbind(0), _segments(v_cache, idx, num_seqs, pv_dtype)):
+        for h in range(num_kv_heads):
+            torch.bmm(p_seg[h], v[:, :, h], out=dest[h])
     o = parts.sum(0, dtype=torch.float32) / denom.clamp_min(1e-30)[..., None]
     row_lse = m + denom.log()
 
@@ -96,35 +97,31 @@ def _batched(q, k_cache, v_cache, meta, seqs, scale, out, lse) -> None:
     lse[rows[row_ok]] = row_lse[row_ok]
 
 
-def _segments(cache, idx, batch, dtype):
-    """Each segment's gathered keys (or values) as [Hkv * S, seg, D] in dtype, in one reused buffer."""
-    rows = cache.view(-1, cache.shape[-1])
-    buf = torch.empty(idx.shape[1], cache.shape[-1], dtype=cache.dtype)
+def _segments(cache, idx, num_seqs, dtype):
+    """Each segment's gathered blocks as [S, seg, Hkv, D] in dtype, in one reused buffer."""
+    blocks = cache.view(cache.shape[0], -1)
+    buf = torch.empty(idx.shape[1], blocks.shape[1], dtype=cache.dtype)
     converted = buf if dtype == cache.dtype else torch.empty(buf.shape, dtype=dtype)
-    segment = converted.view(batch, -1, cache.shape[-1])
+    segment = converted.view(num_seqs, -1, *cache.shape[2:])
     for seg_idx in idx.unbind(0):
-        torch.index_select(rows, 0, seg_idx, out=buf)
+        torch.index_select(blocks, 0, seg_idx, out=buf)
         if converted is not buf:
             converted.copy_(buf)
         yield segment
 
 
-def _segment_len(bytes_per_key: int, max_len: int) -> int:
-    """Keys per segment: a multiple of 16 whose gathered K fits SEGMENT_BYTES, no longer than needed."""
-    seg = max(16, SEGMENT_BYTES // bytes_per_key // 16 * 16)
-    return min(seg, -(-max_len // 16) * 16)
+def _segment_blocks(bytes_per_column: int, block_size: int, max_len: int) -> int:
+    """Blocks per sequence in a segment: as many as fit SEGMENT_BYTES, no more than the context needs."""
+    return max(1, min(SEGMENT_BYTES // bytes_per_column, -(-max_len // block_size)))
 
 
-def _row_index(block_tables: torch.Tensor, block_size: int, num_kv_heads: int, max_len: int,
-               seg: int) -> torch.Tensor:
-    """[segments, Hkv * S * seg] rows of the cache viewed as [slots * Hkv, D], in head-major order."""
-    num_segments = -(-max_len // seg)
-    pos = torch.arange(num_segments * seg)
-    cols = (pos // block_size).clamp_max(block_tables.shape[1] - 1)  # keys past a table's end are masked
-    slots = block_tables.long()[:, cols] * block_size + pos % block_size                   # [S, n]
-    idx = slots.view(-1, num_segments, seg).transpose(0, 1)[:, None] * num_kv_heads        # [seg#, 1, S, seg]
-    idx = idx + torch.arange(num_kv_heads).view(1, -1, 1, 1)
-    return idx.reshape(num_segments, -1)
+def _block_index(block_tables: torch.Tensor, seg_blocks: int, max_len: int, block_size: int) -> torch.Tensor:
+    """[segments, S * seg_blocks] block ids, segment-major. Columns past a table's end repeat its last
+    entry: those keys are past the sequence and get masked."""
+    num_segments = -(-max_len // (seg_blocks * block_size))
+    cols = torch.arange(num_segments * seg_blocks).clamp_max(block_tables.shape[1] - 1)
+    blocks = block_tables.long()[:, cols].view(-1, num_segments, seg_blocks)
+    return blocks.transpose(0, 1).reshape(num_segments, -1)
 
 
 def _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group) -> None:
@@ -133,7 +130,7 @@ def _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group) -> Non
     Keys before every sequence's context length are visible to all of its rows, so only the segments
     from the shortest context on are touched: for a decode batch of equal lengths, the last one.
     """
-    num_segments, _, _, seg = scores.shape
+    num_segments, seg = scores.shape[0], scores.shape[-1]
     ctx_lens = seq_lens - q_lens
     first = int((ctx_lens if meta.tree_mask is not None else ctx_lens + 1).min()) // seg
     if first >= num_segments:
