@@ -17,7 +17,6 @@ accuracy  perplexity of the default model on PASSAGE (below) for quantization no
 speed     single-stream decode tok/s and a 64-request batch's output tok/s per quantization (short runs).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,6 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench/common.py
+from common import emit  # noqa: E402
+
 from lanner.quant.linear import quantize_linear  # noqa: E402
 
 SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576)]  # (name, in, out)
@@ -74,12 +75,6 @@ PROMPTS = [
 ]
 
 
-def emit(record: dict, out_file: str | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out_file:
-        with open(out_file, "a") as f:
-            f.write(line + "\n")
 
 
 def machine() -> dict:

@@ -83,3 +83,26 @@ def assert_all_blocks_free(llm):
     blocks = llm.engine.blocks
     assert blocks.num_free_blocks == blocks.num_blocks, f"{blocks.num_blocks - blocks.num_free_blocks} blocks leaked"
     assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+
+
+def hf_logits(model, ids):
+    """Logits of every position from an HF / PEFT model."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def our_logits(llm, ids, lora_request=None):
+    """Logits of every position from lanner's serving path (paged cache, LoRA slots when enabled)."""
+    from lanner.attention import AttentionMetadata
+    engine = llm.engine
+    lora = engine.runner.lora
+    lora_id = engine.register_lora(lora_request) if lora_request else 0
+    runner, n, bs = engine.runner, len(ids), engine.cfg.block_size
+    meta = AttentionMetadata.build([n], [n], [list(range(-(-n // bs)))], list(range(n)))
+    if lora is not None:
+        lora.set_batch([lora_id] * n)
+    with torch.no_grad():
+        out = runner.model.compute_logits(runner.model(torch.tensor(ids), torch.arange(n), meta))
+    if lora is not None:
+        lora.set_batch([])
+    return out

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_llm
+from conftest import hf_logits, make_llm, our_logits
 
 from lanner import LoRARequest, SamplingParams
-from lanner.attention import AttentionMetadata
 from lanner.lora.finetune import finetune, lr_lambda
 from lanner.lora.train_model import ALL_LINEAR, LoRAModel, build_model
 from lanner.quant.nf4 import BLOCK_SIZE, NF4_CODE, NF4Linear, dequantize_nf4, quantize_nf4
@@ -62,22 +61,8 @@ def tiny_lora_model(tiny_dir, targets=ALL_LINEAR, r=8, alpha=16, **kw) -> LoRAMo
     return LoRAModel(build_model(config, weights, 256), list(targets), r, alpha, **kw).eval()
 
 
-def peft_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
 
 
-def our_logits(llm, ids, lora_request=None):
-    """Logits of every position from lanner's serving path (paged cache, LoRA slots)."""
-    engine = llm.engine
-    lora_id = engine.register_lora(lora_request) if lora_request else 0
-    runner, n, bs = engine.runner, len(ids), engine.cfg.block_size
-    meta = AttentionMetadata.build([n], [n], [list(range(-(-n // bs)))], list(range(n)))
-    runner.lora.set_batch([lora_id] * n)
-    with torch.no_grad():
-        out = runner.model.compute_logits(runner.model(torch.tensor(ids), torch.arange(n), meta))
-    runner.lora.set_batch([])
-    return out
 
 
 def tiny_data(n=12, answer="Banana42!"):
@@ -173,9 +158,9 @@ def test_training_forward_equals_peft_for_the_same_adapter(tiny_dir, tmp_path):
     padded = torch.tensor([IDS[0] + [0, 0], IDS[1]])
     with torch.no_grad():
         ours = model(padded)
-    assert (ours[0, :len(IDS[0])] - peft_logits(peft, IDS[0])).abs().max() < TOL
-    assert (ours[1] - peft_logits(peft, IDS[1])).abs().max() < TOL
-    assert (peft_logits(peft, IDS[1]) - peft_logits(hf_base(tiny_dir), IDS[1])).abs().max() > 1e-2
+    assert (ours[0, :len(IDS[0])] - hf_logits(peft, IDS[0])).abs().max() < TOL
+    assert (ours[1] - hf_logits(peft, IDS[1])).abs().max() < TOL
+    assert (hf_logits(peft, IDS[1]) - hf_logits(hf_base(tiny_dir), IDS[1])).abs().max() > 1e-2
 
 
 def test_trained_adapter_is_peft_format_and_logits_match_in_peft_and_lanner(tiny_dir, tmp_path):
@@ -193,7 +178,7 @@ def test_trained_adapter_is_peft_format_and_logits_match_in_peft_and_lanner(tiny
     llm = make_llm(str(tiny_dir), enable_lora=True, kv_cache_memory=0.02)
     request = LoRARequest("tuned", 1, str(out))
     for ids in IDS:
-        assert (our_logits(llm, ids, request) - peft_logits(peft, ids)).abs().max() < TOL
+        assert (our_logits(llm, ids, request) - hf_logits(peft, ids)).abs().max() < TOL
     assert (our_logits(llm, IDS[0], request) - our_logits(llm, IDS[0])).abs().max() > 1e-3
 
 
@@ -211,11 +196,11 @@ def test_qlora_adapter_on_nf4_base_matches_nf4_reference_in_training_and_serving
     trained = tiny_lora_model(tiny_dir, nf4=True)
     trained.load_peft_state_dict(load_file(str(out / "adapter_model.safetensors")))
     for ids in IDS:
-        want = peft_logits(reference, ids)
+        want = hf_logits(reference, ids)
         assert (our_logits(llm, ids, request) - want).abs().max() < TOL
         with torch.no_grad():
             assert (trained(torch.tensor([ids]))[0] - want).abs().max() < TOL
-    fp_base = peft_logits(hf_base(tiny_dir), IDS[0])
+    fp_base = hf_logits(hf_base(tiny_dir), IDS[0])
     assert (our_logits(llm, IDS[0]) - fp_base).abs().max() > 1e-3   # the served base really is NF4
 
 

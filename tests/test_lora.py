@@ -4,10 +4,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_all_blocks_free, make_llm
+from conftest import assert_all_blocks_free, hf_logits, make_llm, our_logits
 
 from lanner import LoRARequest, SamplingParams
-from lanner.attention import AttentionMetadata
 
 TOL = 1e-4   # fp32 on CPU
 PROMPTS = [[5, 17, 300, 42, 9, 1000, 77], [901, 33, 64, 2, 18], [7, 7, 7, 7, 123, 456, 789, 10, 11, 12]]
@@ -42,21 +41,8 @@ def make_adapter(base_dir, out, seed: int, r: int = 8, **config):
     return model.eval()
 
 
-def peft_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
 
 
-def our_logits(llm, ids, lora_request=None):
-    engine = llm.engine
-    lora_id = engine.register_lora(lora_request) if lora_request else 0
-    runner, n, bs = engine.runner, len(ids), engine.cfg.block_size
-    meta = AttentionMetadata.build([n], [n], [list(range(-(-n // bs)))], list(range(n)))
-    runner.lora.set_batch([lora_id] * n)
-    with torch.no_grad():
-        out = runner.model.compute_logits(runner.model(torch.tensor(ids), torch.arange(n), meta))
-    runner.lora.set_batch([])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +67,15 @@ def lora_llm(base_dir):
 def test_logits_equal_peft(lora_llm, adapters, name):
     request, peft_model = adapters[name]
     for ids in PROMPTS:
-        assert (our_logits(lora_llm, ids, request) - peft_logits(peft_model, ids)).abs().max() < TOL
+        assert (our_logits(lora_llm, ids, request) - hf_logits(peft_model, ids)).abs().max() < TOL
 
 
 def test_adapter_changes_the_output_and_base_stays_base(lora_llm, adapters, base_dir):
     import transformers
     base = transformers.LlamaForCausalLM.from_pretrained(str(base_dir)).eval()
     ids = PROMPTS[0]
-    assert (our_logits(lora_llm, ids) - peft_logits(base, ids)).abs().max() < TOL
-    assert (our_logits(lora_llm, ids, adapters["r8"][0]) - peft_logits(base, ids)).abs().max() > 1e-2
+    assert (our_logits(lora_llm, ids) - hf_logits(base, ids)).abs().max() < TOL
+    assert (our_logits(lora_llm, ids, adapters["r8"][0]) - hf_logits(base, ids)).abs().max() > 1e-2
 
 
 def greedy(llm, prompts, loras):

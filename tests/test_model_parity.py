@@ -3,21 +3,14 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy, hf_model_from, make_llm
+from conftest import PROMPTS, hf_greedy, make_llm, our_logits
 
 from lanner import SamplingParams
-from lanner.attention import AttentionMetadata
 
 LOGIT_TOL = 1e-3   # fp32 on CPU; observed ~1e-4 (different summation orders)
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
-def our_prompt_logits(llm, token_ids):
-    runner, n = llm.engine.runner, len(token_ids)
-    bs = llm.engine.cfg.block_size
-    meta = AttentionMetadata.build([n], [n], [list(range(-(-n // bs)))], list(range(n)))
-    with torch.no_grad():
-        return runner.model.compute_logits(runner.model(torch.tensor(token_ids), torch.arange(n), meta))
 
 
 def test_gguf_weights_equal_transformers_gguf_loader(default_model_path, default_files):
@@ -46,7 +39,7 @@ def test_prompt_logits_match_hf(llm, hf_default):
         ids = llm.tokenizer.encode(prompt)
         with torch.no_grad():
             ref = hf_default(torch.tensor([ids])).logits[0]
-        assert (our_prompt_logits(llm, ids) - ref).abs().max() < LOGIT_TOL
+        assert (our_logits(llm, ids) - ref).abs().max() < LOGIT_TOL
 
 
 def test_greedy_matches_hf_batched_and_alone(llm, hf_default):
@@ -87,7 +80,7 @@ def test_tiny_hf_directory_models_match_hf(tmp_path, llm, arch, overrides):
     for ids in prompts:
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0]
-        assert (our_prompt_logits(ours, ids) - ref).abs().max() < LOGIT_TOL
+        assert (our_logits(ours, ids) - ref).abs().max() < LOGIT_TOL
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in ours.generate(prompts, params, use_tqdm=False)]
     assert got == [hf_greedy(hf, ids, 12) for ids in prompts]
