@@ -4,8 +4,11 @@ The Triton kernels run under TRITON_INTERPRET=1 on CPU (small shapes: the interp
 natively when LANNER_TEST_DEVICE=cuda. The CPU fast path always runs on CPU.
 """
 import os
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ DEVICE = os.environ.get("LANNER_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
 
-from lanner.attention import cpu as cpu_backend, reference  # noqa: E402
+from lanner.attention import cpu as cpu_backend, native, reference  # noqa: E402
 from lanner.attention.metadata import AttentionMetadata  # noqa: E402
 
 try:
@@ -22,12 +25,23 @@ try:
 except ImportError:
     triton_backend = None
 
-BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(triton_backend is None, reason="no triton"))]
+BACKENDS = ["cpu", "cpu-torch", pytest.param("triton", marks=pytest.mark.skipif(triton_backend is None, reason="no triton"))]
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
+def without_native(fn):
+    """fn with the compiled kernel switched off: the CPU backend's pure-PyTorch path."""
+    def call(*args, **kw):
+        with mock.patch.object(native, "paged_attention", lambda: None):
+            return fn(*args, **kw)
+    return call
+
+
+CPU_TORCH = SimpleNamespace(attention=without_native(cpu_backend.attention), store_kv=cpu_backend.store_kv)
+
+
 def backend_and_device(name):
-    return (cpu_backend, "cpu") if name == "cpu" else (triton_backend, DEVICE)
+    return {"cpu": (cpu_backend, "cpu"), "cpu-torch": (CPU_TORCH, "cpu")}.get(name, (triton_backend, DEVICE))
 
 
 def make_batch(q_lens, seq_lens, *, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
@@ -235,7 +249,26 @@ def test_split_kv_is_chosen_for_long_decode_only():
 def test_cpu_segments_and_sequence_groups_merge_exactly(monkeypatch):
     monkeypatch.setattr(cpu_backend, "SEGMENT_BYTES", 1)        # a segment of 16 keys
     monkeypatch.setattr(cpu_backend, "SCORES_ELEMENTS", 4000)   # a few sequences per group
-    assert_matches_reference("cpu", make_batch([1, 1, 3, 1, 1, 2], [70, 5, 100, 33, 16, 47], tree=True))
+    assert_matches_reference("cpu-torch", make_batch([1, 1, 3, 1, 1, 2], [70, 5, 100, 33, 16, 47], tree=True))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_native_kernel_is_built_where_a_compiler_exists():
+    assert native.paged_attention() is not None
+
+
+@pytest.mark.parametrize("keys_per_split", [1, 16, 37])
+def test_native_splits_merge_by_lse(monkeypatch, keys_per_split):
+    monkeypatch.setattr(native, "split_keys", lambda *args: keys_per_split)
+    for dtype in (torch.float32, torch.bfloat16):
+        batch = make_batch([1, 1, 3, 1, 2], [70, 5, 100, 33, 47], num_heads=6, num_kv_heads=2, tree=True, dtype=dtype)
+        assert_matches_reference("cpu", batch, dtype=dtype)
+
+
+def test_split_keys_splits_only_when_sequences_are_too_few():
+    assert native.split_keys(items=64, max_len=4096, threads=2) >= 4096     # enough sequences: whole contexts
+    assert native.split_keys(items=1, max_len=4096, threads=2) == 512       # one sequence: 8 pieces
+    assert native.split_keys(items=1, max_len=300, threads=2) == 256        # never pieces under 256 keys
 
 
 def test_importing_attention_does_not_need_triton():

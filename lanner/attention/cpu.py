@@ -11,6 +11,7 @@ fused CPU flash attention, one sequence at a time: there are few of them and eac
 """
 import torch
 
+from lanner.attention import native
 from lanner.attention.metadata import AttentionMetadata
 from lanner.attention.reference import attention_mask
 
@@ -34,16 +35,27 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
               scale: float | None = None, return_lse: bool = False):
     """q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] in fp32 when asked). Fully masked rows give 0."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=torch.float32)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     q_lens = meta.query_lens
-    for seqs in (q_lens == 1, (q_lens > 1) & (q_lens <= SHORT_QUERY)):  # decode, then verify-sized rows
-        seqs = seqs.nonzero().flatten()
-        for group in _groups(seqs, int(q_lens[seqs].max()) if seqs.numel() else 0, q.shape[1], meta):
-            _batched(q, k_cache, v_cache, meta, group, scale, out, lse)
+    short = (q_lens >= 1) & (q_lens <= SHORT_QUERY)
+    if short.any() and _native_ok(q, k_cache):
+        native.run(q, k_cache, v_cache, meta, short.nonzero().flatten(), scale, out, lse)
+    else:
+        for seqs in (q_lens == 1, (q_lens > 1) & (q_lens <= SHORT_QUERY)):  # decode, then verify-sized rows
+            seqs = seqs.nonzero().flatten()
+            for group in _groups(seqs, int(q_lens[seqs].max()) if seqs.numel() else 0, q.shape[1], meta):
+                _batched(q, k_cache, v_cache, meta, group, scale, out, lse)
     for i in (q_lens > SHORT_QUERY).nonzero().flatten().tolist():
         _prefill(q, k_cache, v_cache, meta, i, scale, out, lse)
+    out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _native_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """The compiled kernel takes fp32/bf16 caches and head_dim up to its buffers, when it could be built."""
+    return (k_cache.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] <= native.MAX_HEAD_DIM
+            and native.paged_attention() is not None)
 
 
 def _groups(seqs: torch.Tensor, max_q: int, num_heads: int, meta: AttentionMetadata) -> list[torch.Tensor]:
