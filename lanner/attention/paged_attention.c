@@ -38,10 +38,10 @@ INLINE float exp_nonpositive(float x) {
     float f = (t - (float)whole) * 0.69314718055994531f;
     float poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
                  + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
-    int32_t bits = (whole + 127) << 23;
+    int32_t bits = ((whole + 127) << 23) & -(int32_t)(x >= -87.0f);   /* a mask, not a branch: it vectorizes */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return (float)(x >= -87.0f) * poly * scale;   /* a product, not a branch: the loop stays vectorized */
+    return poly * scale;
 }
 
 /* Element offset of key `key`'s row (all KV heads) in the cache. */
@@ -59,7 +59,7 @@ INLINE void load_chunk(const Problem *p, const void *cache, const int32_t *table
         int64_t at = row_offset(p, table, k0 + c);
         if (k0 + c + CHUNK < key_end) {
             const char *next = (const char *)cache + row_offset(p, table, k0 + c + CHUNK) * (bf16 ? 2 : 4);
-            for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(next + b);
+            for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(next + b, 0, 1);   /* into L2 */
         }
         if (bf16) {
             const uint16_t *restrict src = (const uint16_t *)cache + at;
@@ -131,6 +131,7 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
             if (chunk_max == -INFINITY) continue;
             float new_max = chunk_max > m[r] ? chunk_max : m[r], sum = 0.0f;
             float alpha = exp_nonpositive(m[r] - new_max);  /* m = -inf: 0, and acc, l are 0 anyway */
+            #pragma omp simd reduction(+:sum)
             for (int c = 0; c < CHUNK; c++) {
                 s[c] = exp_nonpositive(s[c] - new_max);
                 sum += s[c];
