@@ -76,7 +76,7 @@ def replace_draft_budget(rule: str) -> None:
     """fixed: k every step; floor1: the engine's adaptive k, but at least 1 (never past max_tokens either way)."""
     from lanner.engine.engine import LLMEngine
 
-    def budget(self, seq):
+    def budget(self, seq, cheap=False):
         left = self.max_model_len - len(seq.token_ids) - 1
         if seq.params.max_tokens is not None:
             left = min(left, seq.params.max_tokens - seq.num_output_tokens - 1)

@@ -46,6 +46,15 @@ def test_greedy_output_identical_with_ngram_speculation(default_model_path, base
     assert_all_blocks_free(llm)
 
 
+def test_drafts_that_do_not_fit_the_token_budget_are_dropped_not_split(default_model_path, baseline):
+    """One sequence (full k every step) with a 3-token budget: its 1 + 4 verify rows never fit a step."""
+    llm = make_llm(default_model_path, speculative=NGRAM, max_num_batched_tokens=3)
+    got = llm.generate(GROUNDED[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert got == baseline[0]
+    assert llm.engine.stats()["spec_accepted_tokens"] > 0
+    assert_all_blocks_free(llm)
+
+
 def test_n_children_speculate_losslessly(default_model_path, llm):
     params = SamplingParams(n=2, temperature=0, max_tokens=24, ignore_eos=True)
     want = [o.token_ids for o in llm.generate(GROUNDED[0], params, use_tqdm=False)[0].outputs]

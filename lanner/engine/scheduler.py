@@ -25,6 +25,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            seq.fit_drafts(budget)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new > 0:
                 if not self.reserve(seq, num_new):

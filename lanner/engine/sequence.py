@@ -29,6 +29,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []    # hashes of the leading full, verified blocks
         self.spec_token_ids: list[int] = []  # draft tokens to verify this step
+        self.spec_draft_probs = None         # [k, V]: what a sampling draft model drew them from
         self.status, self.finish_reason = Status.WAITING, None
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.logprobs: list[dict[int, float]] = []
@@ -56,6 +57,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    def fit_drafts(self, budget: int) -> None:
+        """Drop the drafts that would not fit in a step of budget tokens: a sequence's verify rows are
+        never split across steps. Verifying a shorter prefix of the drafts is just as lossless."""
+        keep = max(0, budget - (len(self.token_ids) - self.num_computed_tokens))
+        if keep < len(self.spec_token_ids):
+            self.spec_token_ids = self.spec_token_ids[:keep]
+            probs = self.spec_draft_probs
+            self.spec_draft_probs = None if probs is None or keep == 0 else probs[:keep]
 
     def tokens_to_compute(self, num: int) -> list[int]:
         start = self.num_computed_tokens
