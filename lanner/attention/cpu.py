@@ -37,25 +37,32 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty(q.shape, dtype=torch.float32)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    q_lens = meta.query_lens
-    short = (q_lens >= 1) & (q_lens <= SHORT_QUERY)
-    if short.any() and _native_ok(q, k_cache):
-        native.run(q, k_cache, v_cache, meta, short.nonzero().flatten(), scale, out, lse)
+    short, prompts, launch = _step_plan(q, k_cache, meta)
+    if launch is not None:
+        launch(q, k_cache, v_cache, scale, out, lse)
     else:
-        for seqs in (q_lens == 1, (q_lens > 1) & (q_lens <= SHORT_QUERY)):  # decode, then verify-sized rows
-            seqs = seqs.nonzero().flatten()
+        q_lens = meta.query_lens
+        for seqs in (short[q_lens[short] == 1], short[q_lens[short] > 1]):  # decode, then verify-sized rows
             for group in _groups(seqs, int(q_lens[seqs].max()) if seqs.numel() else 0, q.shape[1], meta):
                 _batched(q, k_cache, v_cache, meta, group, scale, out, lse)
-    for i in (q_lens > SHORT_QUERY).nonzero().flatten().tolist():
+    for i in prompts:
         _prefill(q, k_cache, v_cache, meta, i, scale, out, lse)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def _native_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The compiled kernel takes fp32/bf16 caches and head_dim up to its buffers, when it could be built."""
-    return (k_cache.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] <= native.MAX_HEAD_DIM
-            and native.paged_attention() is not None)
+def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata):
+    """(sequences with few new tokens, those with many as a list, the compiled kernel's launch or None),
+    worked out by the first layer of a step and kept on its metadata for the others."""
+    plan = meta.derived.get("cpu")
+    if plan is None:
+        q_lens = meta.query_lens
+        short = ((q_lens >= 1) & (q_lens <= SHORT_QUERY)).nonzero().flatten()
+        prompts = (q_lens > SHORT_QUERY).nonzero().flatten().tolist()
+        native_ok = (k_cache.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] <= native.MAX_HEAD_DIM
+                     and native.paged_attention() is not None)   # when a compiler could build it
+        plan = meta.derived["cpu"] = (short, prompts, native.Launch(meta, short) if native_ok and short.numel() else None)
+    return plan
 
 
 def _groups(seqs: torch.Tensor, max_q: int, num_heads: int, meta: AttentionMetadata) -> list[torch.Tensor]:

@@ -1,5 +1,5 @@
 """What one packed, variable-length step tells the attention backends."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,8 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     tree_mask: torch.Tensor | None = None  # optional [T, max_seqlen_q] bool: draft row -> visible draft rows
+    # what a backend derives from the above once per step and reuses in every layer
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

@@ -68,21 +68,29 @@ def _cpu_flags() -> bytes:
         return b""
 
 
-def run(q, k_cache, v_cache, meta, seqs: torch.Tensor, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Attention rows of the sequences seqs into out [T, Hq, D] / lse [T, Hq] (both fp32, contiguous)."""
-    q = q.float().contiguous()
-    tables = meta.block_tables.to(torch.int32).contiguous()
-    seq_lens, cu = meta.seq_lens.to(torch.int32).contiguous(), meta.cu_seqlens_q.to(torch.int32).contiguous()
-    seqs = seqs.to(torch.int64).contiguous()
-    tree = None if meta.tree_mask is None else meta.tree_mask.to(torch.uint8).contiguous()
-    threads = torch.get_num_threads()
-    paged_attention()(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
-        tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), cu.data_ptr(), seqs.data_ptr(), seqs.numel(),
-        None if tree is None else tree.data_ptr(), 0 if tree is None else tree.shape[1],
-        q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], scale,
-        split_keys(seqs.numel(), int(seq_lens[seqs].max()), threads),
-        out.data_ptr(), lse.data_ptr(), threads)
+class Launch:
+    """The kernel's per-step arguments (int32 tables, the sequences, the split), built once per step and
+    reused by every layer: only q, the caches and the outputs change between layers."""
+
+    def __init__(self, meta, seqs: torch.Tensor):
+        self.tables = meta.block_tables.to(torch.int32).contiguous()
+        self.seq_lens = meta.seq_lens.to(torch.int32).contiguous()
+        self.cu = meta.cu_seqlens_q.to(torch.int32).contiguous()
+        self.seqs = seqs.to(torch.int64).contiguous()
+        self.tree = None if meta.tree_mask is None else meta.tree_mask.to(torch.uint8).contiguous()
+        self.threads = torch.get_num_threads()
+        self.split = split_keys(self.seqs.numel(), int(self.seq_lens[self.seqs].max()), self.threads)
+
+    def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """Attention rows of the sequences into out [T, Hq, D] / lse [T, Hq] (both fp32, contiguous)."""
+        q = q.float().contiguous()
+        tree = self.tree
+        paged_attention()(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+            self.tables.data_ptr(), self.tables.shape[1], self.seq_lens.data_ptr(), self.cu.data_ptr(),
+            self.seqs.data_ptr(), self.seqs.numel(), None if tree is None else tree.data_ptr(),
+            0 if tree is None else tree.shape[1], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], scale,
+            self.split, out.data_ptr(), lse.data_ptr(), self.threads)
 
 
 def split_keys(items: int, max_len: int, threads: int, min_keys: int = 256) -> int:

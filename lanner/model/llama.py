@@ -18,10 +18,9 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = None   # [num_blocks, block_size, Hkv, D], set by the runner
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk, = self.rotary(positions, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))  # q, k at once
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         self.backend.store_kv(k, v.view_as(k), self.k_cache, self.v_cache, meta.slot_mapping)
         out = self.backend.attention(q, self.k_cache, self.v_cache, meta)
         return self.o_proj(out.flatten(1))
