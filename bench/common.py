@@ -175,6 +175,7 @@ def common_args(parser) -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--systems", default="lanner,hf,llamacpp")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--quantization", default="none", help="lanner's weight-only linears: none|int8|int4|nf4")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,

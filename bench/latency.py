@@ -52,7 +52,8 @@ def run_lanner(path, dtype, device, options, cases, warmups, n_out):
             m = llm.generate([prompt], params, use_tqdm=False)[0].metrics
             assert m.num_output_tokens == n_out
             samples.append((m.ttft, m.decode_time))
-        records.append(dict(summarize("lanner", dtype, backend, prompt_len, n_out, samples, device), options=options))
+        config = backend if options["quantization"] == "none" else f"{backend},{options['quantization']}"
+        records.append(dict(summarize("lanner", dtype, config, prompt_len, n_out, samples, device), options=options))
     return [dict(r, **common.memory_fields(device)) for r in records]
 
 
@@ -114,7 +115,8 @@ def main():
     cases, warmups = cases_for([int(n) for n in args.prompt_lens.split(",")], reps, args.seed)
     path = common.model_path(args.model)
     systems, dtypes = args.systems.split(","), args.dtypes.split(",")
-    options = {"attention_backend": args.attention_backend, "kv_cache_memory": args.kv_cache_memory}
+    options = {"attention_backend": args.attention_backend, "kv_cache_memory": args.kv_cache_memory,
+               "quantization": args.quantization}
     records = []
 
     def out(rec):

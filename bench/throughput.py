@@ -42,6 +42,8 @@ def run_lanner(path, dtype, device, options: dict, work, subset_note):
     for out, (_, n) in zip(outs, work):
         assert len(out.outputs[0].token_ids) == n, f"lanner produced {len(out.outputs[0].token_ids)} tokens, asked {n}"
     config = f"{backend},seqs={options['max_num_seqs']},tokens={options['max_num_batched_tokens']}"
+    if options["quantization"] != "none":
+        config += f",{options['quantization']}"
     return record("lanner", dtype, config, work, seconds, requests=subset_note, options=options, device=device,
                   threads=common.num_threads(), **common.memory_fields(device))
 
@@ -96,7 +98,8 @@ def main():
     hf_note = f"first {n_hf} of {num_requests}"
     all_note = f"all {num_requests}"
     options = {"attention_backend": args.attention_backend, "max_num_seqs": args.max_num_seqs,
-               "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_memory": args.kv_cache_memory}
+               "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_memory": args.kv_cache_memory,
+               "quantization": args.quantization}
     print(f"workload: {num_requests} requests, prompts {prompt_range}, outputs {output_range}, seed {args.seed}; "
           f"{sum(n for _, n in work)} output tokens; model {path}", file=sys.stderr)
     records = []
