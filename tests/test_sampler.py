@@ -113,3 +113,23 @@ def test_logprobs_and_prompt_logprobs(llm):
 def test_invalid_parameters_raise_naming_them(name, value):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{name}"):
         SamplingParams(**{name: value})
+
+
+def test_sample_from_follows_the_distribution_and_never_picks_a_zero():
+    """Chi-square against the exact probabilities; a token of probability 0 is never drawn, also at row ends."""
+    import torch
+    from scipy.stats import chisquare
+
+    from lanner.engine.sampler import sample_from
+    from lanner.engine.sequence import Sequence
+
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.25, 0.4, 0.25, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
+    seqs = [Sequence("r", [1], SamplingParams(temperature=1.0), seed=7), Sequence("s", [1], SamplingParams())]
+    draws = torch.stack([sample_from(probs, seqs) for _ in range(4000)])       # [4000, 2]
+    for row in range(2):
+        counts = torch.bincount(draws[:, row], minlength=7).float()
+        assert counts[probs[row] == 0].sum() == 0
+        keep = probs[row] > 0
+        assert chisquare(counts[keep], 4000 * probs[row][keep]).pvalue > 1e-3
+    counts = torch.bincount(draws[:, 0], minlength=7).float()[probs[0] > 0]  # negative control: the same
+    assert chisquare(counts, torch.full((4,), 1000.0)).pvalue < 1e-3        # draws are not uniform
