@@ -257,6 +257,18 @@ def test_native_kernel_is_built_where_a_compiler_exists():
     assert native.paged_attention() is not None
 
 
+def test_a_failed_build_falls_back_to_pytorch_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("LANNER_HOME", str(tmp_path))      # no cached library to load
+    monkeypatch.setenv("CC", "false")                      # a "compiler" that always fails
+    native.paged_attention.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="native paged attention unavailable"):
+            assert native.paged_attention() is None
+        assert_matches_reference("cpu", make_batch([1, 2], [40, 9]))   # the PyTorch path answers
+    finally:
+        native.paged_attention.cache_clear()
+
+
 @pytest.mark.parametrize("keys_per_split", [1, 16, 37])
 def test_native_splits_merge_by_lse(monkeypatch, keys_per_split):
     monkeypatch.setattr(native, "split_keys", lambda *args: keys_per_split)

@@ -1,13 +1,15 @@
-"""The fast CPU path: paged attention in plain PyTorch, equal to reference.py within tolerance.
+"""The fast CPU path, equal to reference.py within tolerance.
 
-Rows of sequences with few new tokens (decode, spec-verify) are done for all such sequences at once,
-a segment of context at a time: one index_select gathers every sequence's blocks for the segment
-([S, seg, Hkv, D], whole blocks, so the gather runs at memory bandwidth) into a buffer small enough
-to still be in cache when the matmuls read it; per KV head, K is then a strided [S, seg, D] view and
-Q @ K^T is one bmm with the GQA group as extra query rows ([S, q_len * group, D]). Scores of all
-segments are kept (only Hq / (2 Hkv D) of the KV bytes) and softmaxed once in fp32 -- split-KV with
-the merge done on the scores -- then P @ V runs segment by segment. Prompt chunks go through torch's
-fused CPU flash attention, one sequence at a time: there are few of them and each is a big matmul.
+Rows of sequences with few new tokens (decode, spec-verify) go to the compiled kernel of
+paged_attention.c (native.py builds it at first use). Where it cannot be built, or for fp16 caches, the
+same rows run in plain PyTorch, for all such sequences at once, a segment of context at a time: one
+index_select gathers every sequence's blocks for the segment ([S, seg, Hkv, D], whole blocks, so the
+gather runs at memory bandwidth) into a buffer small enough to still be in cache when the matmuls read
+it; per KV head, K is then a strided [S, seg, D] view and Q @ K^T is one bmm with the GQA group as extra
+query rows ([S, q_len * group, D]). Scores of all segments are kept (only Hq / (2 Hkv D) of the KV bytes)
+and softmaxed once in fp32 -- split-KV with the merge done on the scores -- then P @ V runs segment by
+segment. Prompt chunks go through torch's fused CPU flash attention, one sequence at a time: there are
+few of them and each is a big matmul.
 """
 import torch
 
@@ -59,9 +61,10 @@ def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata):
         q_lens = meta.query_lens
         short = ((q_lens >= 1) & (q_lens <= SHORT_QUERY)).nonzero().flatten()
         prompts = (q_lens > SHORT_QUERY).nonzero().flatten().tolist()
-        native_ok = (k_cache.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] <= native.MAX_HEAD_DIM
+        native_ok = (q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
+                     and q.shape[-1] <= native.MAX_HEAD_DIM and short.numel() > 0
                      and native.paged_attention() is not None)   # when a compiler could build it
-        plan = meta.derived["cpu"] = (short, prompts, native.Launch(meta, short) if native_ok and short.numel() else None)
+        plan = meta.derived["cpu"] = (short, prompts, native.Launch(meta, short) if native_ok else None)
     return plan
 
 

@@ -31,7 +31,8 @@ def paged_attention():
     try:
         lib = ctypes.CDLL(_build())
     except (OSError, subprocess.CalledProcessError) as e:
-        warnings.warn(f"native paged attention unavailable ({e}); using the PyTorch CPU path")
+        detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
+        warnings.warn(f"native paged attention unavailable ({detail}); using the PyTorch CPU path")
         return None
     fn = lib.paged_attention
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
