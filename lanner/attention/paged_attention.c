@@ -29,47 +29,66 @@ typedef struct {
     float scale;
 } Problem;
 
-/* exp(x) for x <= 0 in plain arithmetic, so loops over it vectorize: 2^t = 2^trunc(t) * 2^frac with a
- * degree-7 polynomial for 2^frac, frac in (-1, 0] (relative error ~2e-7). Below -87 (and -inf) it is 0. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* exp(x) for 16 lanes of x <= 0, in vector arithmetic (GCC's vector extensions, so it stays vectorized):
+ * 2^t = 2^trunc(t) * 2^frac with a degree-7 polynomial for 2^frac, frac in (-1, 0] (relative error
+ * ~2e-7). Lanes below -87 (and -inf) give exactly 0. */
+INLINE v16 exp16_nonpositive(v16 x) {
+    v16 t = x * 1.44269504088896341f;
+    v16i low = t < -126.0f;                                          /* all-ones where true */
+    t = (v16)(((v16i)t & ~low) | ((v16i)((v16){0} - 126.0f) & low));
+    v16i whole = __builtin_convertvector(t, v16i);                  /* truncates toward 0 */
+    v16 f = (t - __builtin_convertvector(whole, v16)) * 0.69314718055994531f;
+    v16 poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
+               + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
+    v16i bits = ((whole + 127) << 23) & (x >= -87.0f);
+    return poly * (v16)bits;
+}
+
 INLINE float exp_nonpositive(float x) {
-    float t = x * 1.44269504088896341f;
-    t = t < -126.0f ? -126.0f : t;
-    int32_t whole = (int32_t)t;
-    float f = (t - (float)whole) * 0.69314718055994531f;
-    float poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
-                 + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
-    int32_t bits = ((whole + 127) << 23) & -(int32_t)(x >= -87.0f);   /* a mask, not a branch: it vectorizes */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return poly * scale;
+    v16 v = {x};
+    return exp16_nonpositive(v)[0];
 }
 
-/* Element offset of key `key`'s row (all KV heads) in the cache. */
-INLINE int64_t row_offset(const Problem *p, const int32_t *table, int key) {
-    return ((int64_t)table[key / p->block_size] * p->block_size + key % p->block_size) * p->num_kv_heads
-           * p->head_dim;
-}
-
-/* Keys [k0, k0 + n) of all KV heads as fp32 [n, Hkv * D]. The rows of the chunk after (up to key_end)
- * are prefetched meanwhile: blocks are scattered, so the hardware prefetcher cannot guess them. */
-INLINE void load_chunk(const Problem *p, const void *cache, const int32_t *table, int k0, int n, int key_end,
-                       float *restrict dst, const int D, const int bf16) {
-    const int width = p->num_kv_heads * D, row_bytes = width * (bf16 ? 2 : 4);
+/* Element offsets of the rows (all KV heads) of keys [k0, k0 + n) in the cache: one division per chunk,
+ * then block by block. */
+INLINE void row_offsets(const Problem *p, const int32_t *table, int k0, int n, int64_t *offs) {
+    const int64_t width = (int64_t)p->num_kv_heads * p->head_dim;
+    int block = k0 / p->block_size, pos = k0 % p->block_size;
     for (int c = 0; c < n; c++) {
-        int64_t at = row_offset(p, table, k0 + c);
-        if (k0 + c + CHUNK < key_end) {
-            const char *next = (const char *)cache + row_offset(p, table, k0 + c + CHUNK) * (bf16 ? 2 : 4);
-            for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(next + b, 0, 1);   /* into L2 */
+        offs[c] = ((int64_t)table[block] * p->block_size + pos) * width;
+        if (++pos == p->block_size) { pos = 0; block++; }
+    }
+}
+
+INLINE void load_row(const void *cache, int64_t at, int width, float *restrict dst, const int bf16) {
+    if (bf16) {
+        const uint16_t *restrict src = (const uint16_t *)cache + at;
+        for (int i = 0; i < width; i++) {
+            uint32_t bits = (uint32_t)src[i] << 16;
+            memcpy(dst + i, &bits, sizeof bits);
         }
-        if (bf16) {
-            const uint16_t *restrict src = (const uint16_t *)cache + at;
-            for (int i = 0; i < width; i++) {
-                uint32_t bits = (uint32_t)src[i] << 16;
-                memcpy(dst + c * width + i, &bits, sizeof bits);
+    } else {
+        memcpy(dst, (const float *)cache + at, sizeof(float) * width);
+    }
+}
+
+/* The K and V rows at offs[0..n) as fp32 [n, Hkv * D] each. Meanwhile the rows at next[0..n_next) (the
+ * next chunk) are prefetched into L2, one per row loaded rather than in a burst ahead of the loads:
+ * blocks are scattered, so the hardware prefetcher cannot guess them. */
+INLINE void load_chunk(const Problem *p, const int64_t *offs, int n, const int64_t *next, int n_next,
+                       float *restrict kbuf, float *restrict vbuf, const int D, const int bf16) {
+    const int width = p->num_kv_heads * D, elem = bf16 ? 2 : 4;
+    for (int c = 0; c < n; c++) {
+        if (c < n_next)
+            for (int b = 0; b < width * elem; b += 64) {
+                __builtin_prefetch((const char *)p->k_cache + next[c] * elem + b, 0, 1);
+                __builtin_prefetch((const char *)p->v_cache + next[c] * elem + b, 0, 1);
             }
-        } else {
-            memcpy(dst + c * width, (const float *)cache + at, sizeof(float) * width);
-        }
+        load_row(p->k_cache, offs[c], width, kbuf + c * width, bf16);
+        load_row(p->v_cache, offs[c], width, vbuf + c * width, bf16);
     }
 }
 
@@ -114,12 +133,15 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
     const int ctx_len = p->seq_lens[seq] - q_len, R = q_len * Hq;
     const int32_t *table = p->block_tables + (int64_t)seq * p->table_width;
     float qr[256], s[CHUNK];
+    int64_t offs[CHUNK], next[CHUNK];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
+    row_offsets(p, table, k0, k1 - k0 < CHUNK ? k1 - k0 : CHUNK, next);
     for (int c0 = k0; c0 < k1; c0 += CHUNK) {
-        int n = k1 - c0 < CHUNK ? k1 - c0 : CHUNK;
-        load_chunk(p, p->k_cache, table, c0, n, k1, kbuf, D, bf16);
-        load_chunk(p, p->v_cache, table, c0, n, k1, vbuf, D, bf16);
+        int n = k1 - c0 < CHUNK ? k1 - c0 : CHUNK, n_next = k1 - c0 - CHUNK < CHUNK ? k1 - c0 - CHUNK : CHUNK;
+        memcpy(offs, next, sizeof(int64_t) * n);
+        if (n_next > 0) row_offsets(p, table, c0 + CHUNK, n_next, next);
+        load_chunk(p, offs, n, next, n_next, kbuf, vbuf, D, bf16);
         for (int r = 0; r < R; r++) {
             int t = r / Hq, kv_head = (r % Hq) / group, last = ctx_len + t - c0;  /* causal: keys <= last */
             if (last < 0) continue;
@@ -131,10 +153,12 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
             if (chunk_max == -INFINITY) continue;
             float new_max = chunk_max > m[r] ? chunk_max : m[r], sum = 0.0f;
             float alpha = exp_nonpositive(m[r] - new_max);  /* m = -inf: 0, and acc, l are 0 anyway */
-            #pragma omp simd reduction(+:sum)
-            for (int c = 0; c < CHUNK; c++) {
-                s[c] = exp_nonpositive(s[c] - new_max);
-                sum += s[c];
+            for (int c = 0; c < CHUNK; c += 16) {
+                v16 w;
+                memcpy(&w, s + c, sizeof w);
+                w = exp16_nonpositive(w - new_max);
+                memcpy(s + c, &w, sizeof w);
+                for (int i = 0; i < 16; i++) sum += w[i];
             }
             accumulate(acc + (int64_t)r * D, alpha, s, vbuf + kv_head * D, width, last, D);
             l[r] = l[r] * alpha + sum;
