@@ -37,7 +37,7 @@ def paged_attention():
         return None
     fn = lib.paged_attention
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, p, p, i, p, i, p, p, p, i, p, i, i, i, i, i, f, i, p, p, i]
+    fn.argtypes = [p, p, p, p, i, p, i, p, p, p, i, p, i, i, i, i, i, f, i, p, p, i]
     fn.restype = None
     return fn
 
@@ -85,10 +85,12 @@ class Launch:
 
     def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Attention rows of the sequences into out [T, Hq, D] / lse [T, Hq] (both fp32, contiguous)."""
+        # a bf16 model with a bf16 cache also passes q as is: the kernel takes its dot products in bf16
+        q_bf16 = q.contiguous() if q.dtype == k_cache.dtype == torch.bfloat16 else None
         q = q.float().contiguous()
         tree = self.tree
         paged_attention()(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+            q.data_ptr(), None if q_bf16 is None else q_bf16.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
             self.tables.data_ptr(), self.tables.shape[1], self.seq_lens.data_ptr(), self.cu.data_ptr(),
             self.seqs.data_ptr(), self.seqs.numel(), None if tree is None else tree.data_ptr(),
             0 if tree is None else tree.shape[1], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], scale,

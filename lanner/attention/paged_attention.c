@@ -18,8 +18,24 @@
 #define CHUNK 32
 #define INLINE static inline __attribute__((always_inline))
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_DPBF16 1
+/* q . k of bf16 rows with VDPBF16PS: the products are exact in fp32, the sums fp32. D a multiple of 32. */
+INLINE float dot_bf16(const uint16_t *q, const uint16_t *k, const int D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+    return _mm512_reduce_add_ps(acc);
+}
+#else
+#define HAVE_DPBF16 0
+INLINE float dot_bf16(const uint16_t *q, const uint16_t *k, const int D) { (void)q; (void)k; (void)D; return 0; }
+#endif
+
 typedef struct {
     const float *q;
+    const uint16_t *q_bf16;   /* q as bf16 (bf16 models), or NULL */
     const void *k_cache, *v_cache;
     int kv_bf16;
     const int32_t *block_tables, *seq_lens, *cu_seqlens_q;
@@ -79,7 +95,7 @@ INLINE void load_row(const void *cache, int64_t at, int width, float *restrict d
  * next chunk) are prefetched into L2, one per row loaded rather than in a burst ahead of the loads:
  * blocks are scattered, so the hardware prefetcher cannot guess them. */
 INLINE void load_chunk(const Problem *p, const int64_t *offs, int n, const int64_t *next, int n_next,
-                       float *restrict kbuf, float *restrict vbuf, const int D, const int bf16) {
+                       float *restrict kbuf, float *restrict vbuf, const int D, const int bf16, const int with_k) {
     const int width = p->num_kv_heads * D, elem = bf16 ? 2 : 4;
     for (int c = 0; c < n; c++) {
         if (c < n_next)
@@ -87,7 +103,7 @@ INLINE void load_chunk(const Problem *p, const int64_t *offs, int n, const int64
                 __builtin_prefetch((const char *)p->k_cache + next[c] * elem + b, 0, 1);
                 __builtin_prefetch((const char *)p->v_cache + next[c] * elem + b, 0, 1);
             }
-        load_row(p->k_cache, offs[c], width, kbuf + c * width, bf16);
+        if (with_k) load_row(p->k_cache, offs[c], width, kbuf + c * width, bf16);
         load_row(p->v_cache, offs[c], width, vbuf + c * width, bf16);
     }
 }
@@ -100,6 +116,22 @@ INLINE float row_scores(const float *restrict qr, const float *restrict keys, in
     for (int c = 0; c <= last; c++) {
         float dot = 0.0f;
         for (int d = 0; d < D; d++) dot += qr[d] * keys[c * stride + d];
+        if (tree != NULL && c >= first_draft && !tree[c - first_draft]) dot = -INFINITY;
+        s[c] = dot;
+        best = dot > best ? dot : best;
+    }
+    for (int c = last + 1; c < CHUNK; c++) s[c] = -INFINITY;
+    return best;
+}
+
+/* row_scores for a bf16 model and cache: bf16 q against the cache's bf16 key rows (offs[c] + head) with
+ * dot_bf16, scaled afterwards; no fp32 copy of K is made. */
+INLINE float row_scores_bf16(const uint16_t *qb, const uint16_t *k_cache, const int64_t *offs, int head,
+                             float scale, int last, const uint8_t *tree, int first_draft, float *restrict s,
+                             const int D) {
+    float best = -INFINITY;
+    for (int c = 0; c <= last; c++) {
+        float dot = dot_bf16(qb, k_cache + offs[c] + head, D) * scale;
         if (tree != NULL && c >= first_draft && !tree[c - first_draft]) dot = -INFINITY;
         s[c] = dot;
         best = dot > best ? dot : best;
@@ -134,22 +166,30 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
     const int32_t *table = p->block_tables + (int64_t)seq * p->table_width;
     float qr[256], s[CHUNK];
     int64_t offs[CHUNK], next[CHUNK];
+    /* bf16 model and cache on a CPU with AVX512-BF16: scores straight from the cache's bf16 rows */
+    const int direct = HAVE_DPBF16 && bf16 && p->q_bf16 != NULL && D % 32 == 0;
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
-    row_offsets(p, table, k0, k1 - k0 < CHUNK ? k1 - k0 : CHUNK, next);
     for (int c0 = k0; c0 < k1; c0 += CHUNK) {
-        int n = k1 - c0 < CHUNK ? k1 - c0 : CHUNK, n_next = k1 - c0 - CHUNK < CHUNK ? k1 - c0 - CHUNK : CHUNK;
-        memcpy(offs, next, sizeof(int64_t) * n);
-        if (n_next > 0) row_offsets(p, table, c0 + CHUNK, n_next, next);
-        load_chunk(p, offs, n, next, n_next, kbuf, vbuf, D, bf16);
+        int n = k1 - c0 < CHUNK ? k1 - c0 : CHUNK, ahead = c0 + CHUNK;   /* rows prefetched */
+        int n_ahead = k1 - ahead < CHUNK ? k1 - ahead : CHUNK;
+        row_offsets(p, table, c0, n, offs);
+        if (n_ahead > 0) row_offsets(p, table, ahead, n_ahead, next);
+        load_chunk(p, offs, n, next, n_ahead, kbuf, vbuf, D, bf16, !direct);
         for (int r = 0; r < R; r++) {
             int t = r / Hq, kv_head = (r % Hq) / group, last = ctx_len + t - c0;  /* causal: keys <= last */
             if (last < 0) continue;
             last = last < n - 1 ? last : n - 1;
-            const float *q = p->q + ((int64_t)q0 * Hq + r) * D;
-            for (int d = 0; d < D; d++) qr[d] = q[d] * p->scale;
             const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
-            float chunk_max = row_scores(qr, kbuf + kv_head * D, width, last, tree, ctx_len - c0, s, D);
+            float chunk_max;
+            if (direct) {
+                chunk_max = row_scores_bf16(p->q_bf16 + ((int64_t)q0 * Hq + r) * D, p->k_cache, offs, kv_head * D,
+                                            p->scale, last, tree, ctx_len - c0, s, D);
+            } else {
+                const float *q = p->q + ((int64_t)q0 * Hq + r) * D;
+                for (int d = 0; d < D; d++) qr[d] = q[d] * p->scale;
+                chunk_max = row_scores(qr, kbuf + kv_head * D, width, last, tree, ctx_len - c0, s, D);
+            }
             if (chunk_max == -INFINITY) continue;
             float new_max = chunk_max > m[r] ? chunk_max : m[r], sum = 0.0f;
             float alpha = exp_nonpositive(m[r] - new_max);  /* m = -inf: 0, and acc, l are 0 anyway */
@@ -197,12 +237,12 @@ static void merge_row(const float *acc, const float *m, const float *l, int spli
 }
 
 /* Attention for the sequences seqs[0..num_seqs), each split into pieces of at most split_keys keys. */
-void paged_attention(const float *q, const void *k_cache, const void *v_cache, int kv_bf16,
+void paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_bf16,
                      const int32_t *block_tables, int table_width, const int32_t *seq_lens,
                      const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
                      const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
                      int block_size, float scale, int split_keys, float *out, float *lse, int num_threads) {
-    Problem p = {q, k_cache, v_cache, kv_bf16, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
+    Problem p = {q, q_bf16, k_cache, v_cache, kv_bf16, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
                  tree_width, num_heads, num_kv_heads, head_dim, block_size, scale};
     const int D = head_dim;
     /* sequence i owns work items item_start[i] .. item_start[i+1] (its splits) and partial rows from
