@@ -6,7 +6,8 @@
  * query heads). Splits run in parallel and are merged by their log-sum-exp, so one long sequence still
  * keeps every core busy (Flash-Decoding). Each KV byte is read once per step.
  *
- * Layouts: q [T, Hq, D] fp32; caches [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D] fp32;
+ * Layouts: q [T, Hq, D] fp32 (and the same in bf16 for a bf16 model, or NULL); caches
+ * [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D] fp32;
  * lse [T, Hq] fp32; tree_mask, when given, [T, tree_width] bytes: draft row -> visible draft rows.
  * Row r of a sequence is query token r / Hq, query head r % Hq; it reads KV head (r % Hq) / group.
  */
