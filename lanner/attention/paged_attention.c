@@ -109,35 +109,31 @@ INLINE void load_chunk(const Problem *p, const int64_t *offs, int n, const int64
     }
 }
 
-/* Scores of one query row against keys 0..last of the chunk (rows `stride` apart); -inf for keys the row
- * must not see (past last, or outside its tree). Returns the largest. */
-INLINE float row_scores(const float *restrict qr, const float *restrict keys, int stride, int last,
-                        const uint8_t *tree, int first_draft, float *restrict s, const int D) {
-    float best = -INFINITY;
+/* Scores of one query row against keys 0..last of the chunk (rows `stride` apart). */
+INLINE void row_scores(const float *restrict qr, const float *restrict keys, int stride, int last,
+                       float *restrict s, const int D) {
     for (int c = 0; c <= last; c++) {
         float dot = 0.0f;
         for (int d = 0; d < D; d++) dot += qr[d] * keys[c * stride + d];
-        if (tree != NULL && c >= first_draft && !tree[c - first_draft]) dot = -INFINITY;
         s[c] = dot;
-        best = dot > best ? dot : best;
     }
-    for (int c = last + 1; c < CHUNK; c++) s[c] = -INFINITY;
-    return best;
 }
 
-/* row_scores for a bf16 model and cache: bf16 q against the cache's bf16 key rows (offs[c] + head) with
+/* The same for a bf16 model and cache: bf16 q against the cache's bf16 key rows (offs[c] + head) with
  * dot_bf16, scaled afterwards; no fp32 copy of K is made. */
-INLINE float row_scores_bf16(const uint16_t *qb, const uint16_t *k_cache, const int64_t *offs, int head,
-                             float scale, int last, const uint8_t *tree, int first_draft, float *restrict s,
-                             const int D) {
-    float best = -INFINITY;
-    for (int c = 0; c <= last; c++) {
-        float dot = dot_bf16(qb, k_cache + offs[c] + head, D) * scale;
-        if (tree != NULL && c >= first_draft && !tree[c - first_draft]) dot = -INFINITY;
-        s[c] = dot;
-        best = dot > best ? dot : best;
-    }
+INLINE void row_scores_bf16(const uint16_t *qb, const uint16_t *k_cache, const int64_t *offs, int head,
+                            float scale, int last, float *restrict s, const int D) {
+    for (int c = 0; c <= last; c++) s[c] = dot_bf16(qb, k_cache + offs[c] + head, D) * scale;
+}
+
+/* -inf for the keys the row must not see (past last, or outside its tree); returns the largest score. */
+INLINE float mask_scores(float *restrict s, int last, const uint8_t *tree, int first_draft) {
     for (int c = last + 1; c < CHUNK; c++) s[c] = -INFINITY;
+    if (tree != NULL)
+        for (int c = first_draft > 0 ? first_draft : 0; c <= last; c++)
+            if (!tree[c - first_draft]) s[c] = -INFINITY;
+    float best = -INFINITY;
+    for (int c = 0; c < CHUNK; c++) best = s[c] > best ? s[c] : best;
     return best;
 }
 
@@ -182,15 +178,15 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
             if (last < 0) continue;
             last = last < n - 1 ? last : n - 1;
             const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
-            float chunk_max;
             if (direct) {
-                chunk_max = row_scores_bf16(p->q_bf16 + ((int64_t)q0 * Hq + r) * D, p->k_cache, offs, kv_head * D,
-                                            p->scale, last, tree, ctx_len - c0, s, D);
+                row_scores_bf16(p->q_bf16 + ((int64_t)q0 * Hq + r) * D, p->k_cache, offs, kv_head * D, p->scale,
+                                last, s, D);
             } else {
                 const float *q = p->q + ((int64_t)q0 * Hq + r) * D;
                 for (int d = 0; d < D; d++) qr[d] = q[d] * p->scale;
-                chunk_max = row_scores(qr, kbuf + kv_head * D, width, last, tree, ctx_len - c0, s, D);
+                row_scores(qr, kbuf + kv_head * D, width, last, s, D);
             }
+            float chunk_max = mask_scores(s, last, tree, ctx_len - c0);
             if (chunk_max == -INFINITY) continue;
             float new_max = chunk_max > m[r] ? chunk_max : m[r], sum = 0.0f;
             float alpha = exp_nonpositive(m[r] - new_max);  /* m = -inf: 0, and acc, l are 0 anyway */

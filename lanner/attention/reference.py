@@ -3,7 +3,6 @@
 Slow and obviously right; every other backend is tested against it.
 """
 import torch
-import torch.nn.functional as F
 
 from lanner.attention.metadata import AttentionMetadata
 

@@ -11,15 +11,15 @@ from lanner.engine.model_runner import ModelRunner
 from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lanner.engine.sampler import HistoryView, Sampler, filtered_probs, top_logprobs
 from lanner.engine.scheduler import Scheduler
-from lanner.engine.sequence import Sequence, Status
+from lanner.engine.sequence import Sequence
 from lanner.model.loader import load_model_files
 from lanner.sampling_params import SamplingParams
 from lanner.spec.proposers import NgramProposer
 from lanner.spec.rejection import verify_greedy, verify_sampled
 
 # A decode step of up to this many rows costs about what one row does on CPU (the forward streams the weights
-# either way: bench/speculative.py, batch 1: full k 2.2x vs acceptance-adaptive k 1.6x), so free drafts
-# (n-gram lookup) are always proposed in full there.
+# either way: bench/speculative.py, batch 1: full k 2.2x vs acceptance-adaptive k 1.6x), so a proposer whose
+# drafts are free (n-gram lookup) always proposes the full k there.
 CHEAP_STEP_ROWS = 16
 
 
@@ -201,14 +201,15 @@ class LLMEngine:
             return NgramProposer(self.spec.num_speculative_tokens, self.spec.prompt_lookup_min,
                                  self.spec.prompt_lookup_max)
         from lanner.spec.draft import DraftModelProposer
-        return DraftModelProposer(self.spec, self.cfg, self.model_config)
+        return DraftModelProposer(self.spec, self.cfg, self.model_config, self.max_model_len)
 
     def propose_drafts(self) -> None:
         """Give each decoding sequence up to k draft tokens; none when the batch is already large."""
         if self.proposer is None or len(self.scheduler.running) > self.spec.max_batch_size:
             return
         ready = [s for s in self.scheduler.running if s.num_computed_tokens == len(s.token_ids) - 1]
-        cheap = self.spec.method == "ngram" and len(ready) * (1 + self.spec.num_speculative_tokens) <= CHEAP_STEP_ROWS
+        cheap = (self.proposer.drafts_are_free
+                 and len(ready) * (1 + self.spec.num_speculative_tokens) <= CHEAP_STEP_ROWS)
         wanted = [self.draft_budget(s, cheap) for s in ready]
         drafts = self.proposer.propose_batch(ready, wanted)
         for seq, draft in zip(ready, drafts):

@@ -29,6 +29,11 @@ class LoRARequest:
             raise ValueError(f"LoRARequest.lora_int_id must be a positive integer, got {self.lora_int_id!r}")
 
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's scale of B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def submodule_sizes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each PEFT-named linear."""
     q, kv, h, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
@@ -94,8 +99,7 @@ def load_adapter(request: LoRARequest, cfg: ModelConfig, max_rank: int) -> LoRAA
         name = f"model.layers.{layer}.{'self_attn' if module in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{module}"
         rank = a.shape[0]
         alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        weights[(layer, module)] = (a.float(), b.float() * scaling)
+        weights[(layer, module)] = (a.float(), b.float() * lora_scaling(rank, alpha, config.get("use_rslora", False)))
     if not weights:
         raise ValueError(f"LoRA adapter {request.lora_path} holds no LoRA weights for this model")
     return LoRAAdapter(request.lora_name, request.lora_int_id, weights)

@@ -178,7 +178,7 @@ def make_optimizer(params, o: FinetuneOptions):
 
 
 def count_base_params(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in model.parameters())   # parameters() yields a tied weight once
 
 
 def finetune(model_path: str | None, data: str | list, output_dir: str, **options) -> dict:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lanner.config import ModelConfig
+from lanner.lora.adapter import lora_scaling, submodule_sizes
 from lanner.model.layers import Linear
 from lanner.model.llama import LlamaForCausalLM
 
@@ -22,10 +23,6 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # our fused linear -> the PEFT modules it holds, in output order
 FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
          "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALinear(nn.Module):
@@ -90,15 +87,14 @@ class LoRAModel(nn.Module):
                              f"choose from {list(ALL_LINEAR)} or all-linear")
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
-        self.model, self.cfg, self.targets = model, model.config, set(targets)
-        self.r, self.alpha, self.use_rslora, self.dropout = r, alpha, use_rslora, dropout
+        self.model, self.cfg = model, model.config
         model.requires_grad_(False)
-        sizes = sizes_of(model.config)
+        sizes = submodule_sizes(model.config)
         self.linears = nn.ModuleList()   # [layer][fused linear], in FUSED order
         for layer in model.layers:
             for path, names in FUSED.items():
                 base = layer.get_submodule(path)
-                self.linears.append(LoRALinear(base, names, [sizes[n][1] for n in names], self.targets, r,
+                self.linears.append(LoRALinear(base, names, [sizes[n][1] for n in names], set(targets), r,
                                                lora_scaling(r, alpha, use_rslora), dropout, nf4))
 
     def linear(self, layer: int, path: str) -> LoRALinear:
@@ -110,13 +106,14 @@ class LoRAModel(nn.Module):
         b, length = input_ids.shape
         positions = torch.arange(length, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary.table(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             q, k, v = self.linear(i, "self_attn.qkv_proj")(h).split(
                 [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim], -1)
             q = q.view(b, length, cfg.num_heads, cfg.head_dim)
             k = k.view(b, length, cfg.num_kv_heads, cfg.head_dim)
-            q, k = layer.self_attn.rotary(positions, q, k)
+            q, k = layer.self_attn.rotary(rope, q, k)
             v = v.view(b, length, cfg.num_kv_heads, cfg.head_dim)
             attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=True, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
@@ -176,11 +173,6 @@ class LoRAModel(nn.Module):
     def restore_lora(self, snapshot: list[torch.Tensor]) -> None:
         for p, saved in zip(self.lora_parameters(), snapshot):
             p.data.copy_(saved)
-
-
-def sizes_of(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    from lanner.lora.adapter import submodule_sizes
-    return submodule_sizes(cfg)
 
 
 def build_model(hf_config: dict, weights: dict[str, torch.Tensor], max_positions: int) -> LlamaForCausalLM:

@@ -78,14 +78,12 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), rope_inv_freq(head_dim, theta, scaling))
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(), persistent=False)
 
-    _table_key, _table = None, None
+    def table(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(cos, sin), each [T, 1, D/2], for positions: looked up once per forward, shared by every layer."""
+        return self.cos_sin[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor):
-        # every layer of one forward passes the same positions tensor: look its cos/sin up once
-        if self._table_key is None or self._table_key[0] is not positions or self._table_key[1] != xs[0].dtype:
-            self._table = self.cos_sin[positions].to(xs[0].dtype).unsqueeze(1).chunk(2, dim=-1)   # [T, 1, D/2]
-            self._table_key = (positions, xs[0].dtype)
-        cos, sin = self._table
+    def forward(self, table, *xs: torch.Tensor):
+        cos, sin = table
         return tuple(self.rotate(x, cos, sin) for x in xs)
 
     @staticmethod

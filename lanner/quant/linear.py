@@ -201,7 +201,7 @@ class Int4Linear(QuantizedLinear):
             self.packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).to(torch.uint8).reshape(n, k // 2)
         # for the large-M path: scales and offsets (the value of q = 0), [K/g, N] like W^T
         self._scales_t = scale.t().contiguous()
-        self._offsets_t = (zero.float() - 8 * scale.float()).to(weight.dtype).t().contiguous()
+        self._offsets_t = offset.to(weight.dtype).t().contiguous()
         self.chunk_blocks = max(1, DEQUANT_CHUNK_ELEMENTS // (k * INT4_BLOCK_N))
 
     def kernel_ok(self, dtype):

@@ -62,7 +62,6 @@ class NF4Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int = BLOCK_SIZE):
         self.out_features, self.in_features = weight.shape
-        self.block_size = block_size
         self.packed, self.absmax = quantize_nf4(weight, block_size)
         self.bias = None if bias is None else bias.detach()
 

@@ -59,14 +59,16 @@ class Mirror:
 
 
 class DraftModelProposer:
-    def __init__(self, spec: SpeculativeConfig, engine_config: EngineConfig, target_config: ModelConfig):
-        hf_config, weights, tokenizer, self.model_path = load_model_files(spec.model)
+    drafts_are_free = False   # each draft token costs a forward of the draft model
+
+    def __init__(self, spec: SpeculativeConfig, engine_config: EngineConfig, target_config: ModelConfig,
+                 max_model_len: int):
+        hf_config, weights, tokenizer, _ = load_model_files(spec.model)
         self.model_config = ModelConfig.from_hf(hf_config)
         if self.model_config.vocab_size != target_config.vocab_size:
             raise ValueError(f"draft model {spec.model!r} has a vocabulary of {self.model_config.vocab_size} tokens, "
                              f"the target has {target_config.vocab_size}: a draft must share the target's vocabulary")
         self.cfg = draft_engine_config(engine_config, spec)
-        max_model_len = engine_config.max_model_len or target_config.max_position_embeddings
         self.runner = ModelRunner(self.cfg, self.model_config, weights, max_model_len)
         del weights
         self.blocks = BlockManager(self.runner.num_blocks, self.cfg.block_size, enable_prefix_caching=False)
