@@ -62,7 +62,7 @@ def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata):
         short = ((q_lens >= 1) & (q_lens <= SHORT_QUERY)).nonzero().flatten()
         prompts = (q_lens > SHORT_QUERY).nonzero().flatten().tolist()
         native_ok = (q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
-                     and q.shape[-1] <= native.MAX_HEAD_DIM and short.numel() > 0
+                     and native.fits(q.shape[-1]) and short.numel() > 0
                      and native.paged_attention() is not None)   # when a compiler could build it
         plan = meta.derived["cpu"] = (short, prompts, native.Launch(meta, short) if native_ok else None)
     return plan

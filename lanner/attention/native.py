@@ -21,7 +21,12 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paged_attenti
 # where the CPU has them (GCC's Zen 4 tuning would split loops into 256-bit halves: more instructions)
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
          "-fassociative-math", "-fno-signed-zeros", "-shared", "-fPIC"]
-MAX_HEAD_DIM = 256   # the kernel's per-chunk buffers
+MAX_HEAD_DIM = 256   # the kernel's per-row registers
+
+
+def fits(head_dim: int) -> bool:
+    """Whether the kernel takes this head size: it works in whole 16-lane vectors."""
+    return head_dim <= MAX_HEAD_DIM and head_dim % 16 == 0
 
 
 @functools.lru_cache(maxsize=None)
