@@ -1,10 +1,13 @@
 /* Paged attention for rows with few new tokens (decode, speculative verify), compiled at first use.
  *
- * One work item is (sequence, split of its context): it streams that split's keys and values through
- * the block table a chunk at a time -- whole rows of all KV heads, which lie contiguously in a block --
- * with FlashAttention's online softmax for every query row of the sequence (its new tokens times the
- * query heads). Splits run in parallel and are merged by their log-sum-exp, so one long sequence still
- * keeps every core busy (Flash-Decoding). Each KV byte is read once per step.
+ * One work item is (sequence, split of its context): it walks that split's keys through the block table
+ * CHUNK at a time with FlashAttention's online softmax for every query row of the sequence (its new
+ * tokens times the query heads). A chunk's rows (all KV heads, contiguous in a block) are first read
+ * through in address order while the next chunk is prefetched; then, KV head by KV head, the rows that
+ * read that head (GQA group times new tokens) go ROWS at a time: 16 scores per shuffle-tree reduction,
+ * one online-softmax step per row, and P @ V with the rows' accumulators in registers, so each K and V
+ * row is fetched once for all of them. Splits run in parallel and are merged by their log-sum-exp, so one
+ * long sequence still keeps every core busy (Flash-Decoding).
  *
  * Layouts: q [T, Hq, D] fp32 (and the same in bf16 for a bf16 model, or NULL); caches
  * [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D] fp32;
