@@ -107,6 +107,15 @@ def test_mixed_prefill_decode_and_verify_rows_in_one_call(backend):
     assert_matches_reference(backend, make_batch([30, 1, 4, 0, 1, 12], [30, 50, 21, 9, 16, 40]))
 
 
+def test_cpu_prompt_chunks_past_the_kernels_limit_share_a_step_with_its_rows():
+    """The compiled kernel takes prompt chunks up to KERNEL_QUERY tokens, torch's flash attention the longer
+    ones (one fresh, one after a cached prefix), all in one call."""
+    long = cpu_backend.KERNEL_QUERY + 9
+    q_lens, seq_lens = [long, 1, long, 200, 5], [long, 300, long + 40, 260, 30]
+    for dtype in (torch.float32, torch.bfloat16):
+        assert_matches_reference("cpu", make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, dtype=dtype), dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])

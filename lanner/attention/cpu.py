@@ -1,15 +1,15 @@
 """The fast CPU path, equal to reference.py within tolerance.
 
-Rows of sequences with few new tokens (decode, spec-verify) go to the compiled kernel of
-paged_attention.c (native.py builds it at first use). Where it cannot be built, or for fp16 caches, the
-same rows run in plain PyTorch, for all such sequences at once, a segment of context at a time: one
-index_select gathers every sequence's blocks for the segment ([S, seg, Hkv, D], whole blocks, so the
-gather runs at memory bandwidth) into a buffer small enough to still be in cache when the matmuls read
-it; per KV head, K is then a strided [S, seg, D] view and Q @ K^T is one bmm with the GQA group as extra
-query rows ([S, q_len * group, D]). Scores of all segments are kept (only Hq / (2 Hkv D) of the KV bytes)
-and softmaxed once in fp32 -- split-KV with the merge done on the scores -- then P @ V runs segment by
-segment. Prompt chunks go through torch's fused CPU flash attention, one sequence at a time: there are
-few of them and each is a big matmul.
+Sequences with up to KERNEL_QUERY new tokens (decode, spec-verify, short prompt chunks) go to the
+compiled kernel of paged_attention.c (native.py builds it at first use). Where it cannot be built, or for
+fp16 caches, rows of sequences with few new tokens run in plain PyTorch, for all such sequences at once,
+a segment of context at a time: one index_select gathers every sequence's blocks for the segment
+([S, seg, Hkv, D], whole blocks, so the gather runs at memory bandwidth) into a buffer small enough to
+still be in cache when the matmuls read it; per KV head, K is then a strided [S, seg, D] view and
+Q @ K^T is one bmm with the GQA group as extra query rows ([S, q_len * group, D]). Scores of all
+segments are kept (only Hq / (2 Hkv D) of the KV bytes) and softmaxed once in fp32 -- split-KV with the
+merge done on the scores -- then P @ V runs segment by segment. Longer prompt chunks go through torch's
+fused CPU flash attention, one sequence at a time: there are few of them and each is a big matmul.
 """
 import torch
 
@@ -17,7 +17,10 @@ from lanner.attention import native
 from lanner.attention.metadata import AttentionMetadata
 from lanner.attention.reference import attention_mask
 
-SHORT_QUERY = 16               # sequences with at most this many new tokens take the batched path
+SHORT_QUERY = 16               # without the kernel: sequences with at most this many new tokens take the batched path
+# the kernel's longest query: up to here it beat torch's flash attention on prompt chunks (bf16 1.3-1.9x,
+# fp32 1.0-1.35x at 136-256 tokens, bench/attention.py shapes), beyond it the GEMM-based SDPA wins
+KERNEL_QUERY = 256
 SEGMENT_BYTES = 4 << 20        # gathered K (or V) per segment: stays in L2/L3 until the matmul reads it
 SCORES_ELEMENTS = 8 << 20      # bound on the kept scores; more sequences than that are done in groups
 _sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -58,13 +61,12 @@ def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata):
     worked out by the first layer of a step and kept on its metadata for the others."""
     plan = meta.derived.get("cpu")
     if plan is None:
-        q_lens = meta.query_lens
-        short = ((q_lens >= 1) & (q_lens <= SHORT_QUERY)).nonzero().flatten()
-        prompts = (q_lens > SHORT_QUERY).nonzero().flatten().tolist()
         native_ok = (q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
-                     and native.fits(q.shape[-1]) and short.numel() > 0
-                     and native.paged_attention() is not None)   # when a compiler could build it
-        plan = meta.derived["cpu"] = (short, prompts, native.Launch(meta, short) if native_ok else None)
+                     and native.fits(q.shape[-1]) and native.paged_attention() is not None)   # a compiler built it
+        limit, q_lens = (KERNEL_QUERY if native_ok else SHORT_QUERY), meta.query_lens
+        short = ((q_lens >= 1) & (q_lens <= limit)).nonzero().flatten()
+        prompts = (q_lens > limit).nonzero().flatten().tolist()
+        plan = meta.derived["cpu"] = (short, prompts, native.Launch(meta, short) if native_ok and short.numel() else None)
     return plan
 
 

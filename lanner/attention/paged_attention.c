@@ -1,4 +1,5 @@
-/* Paged attention for rows with few new tokens (decode, speculative verify), compiled at first use.
+/* Paged attention for sequences with up to a few hundred new tokens (decode, speculative verify, short
+ * prompt chunks), compiled at first use.
  *
  * One work item is (sequence, split of its context): it walks that split's keys through the block table
  * CHUNK at a time with FlashAttention's online softmax for every query row of the sequence (its new
@@ -325,7 +326,8 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
             /* each head's pass asks for its share of a later chunk: a burst would fill the miss queue */
             const int lo = n_ahead * head / p->num_kv_heads, hi = n_ahead * (head + 1) / p->num_kv_heads;
             prefetch_rows(p, next + lo, hi - lo, bf16);
-            for (int i0 = 0; i0 < per_head; i0 += ROWS) {
+            /* rows are token-major: those of tokens before c0 - ctx_len cannot see this chunk (prompts) */
+            for (int i0 = c0 - ctx_len > 0 ? (c0 - ctx_len) * group : 0; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;
                 for (int i = 0; i < rows; i++) {
                     const int t = (i0 + i) / group, r = t * Hq + head * group + (i0 + i) % group;
