@@ -43,7 +43,7 @@ def paged_attention():
     fn = lib.paged_attention
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     fn.argtypes = [p, p, p, p, i, p, i, p, p, p, i, p, i, i, i, i, i, f, i, p, p, i]
-    fn.restype = None
+    fn.restype = ctypes.c_int
     return fn
 
 
@@ -94,12 +94,14 @@ class Launch:
         q_bf16 = q.contiguous() if q.dtype == k_cache.dtype == torch.bfloat16 else None
         q = q.float().contiguous()
         tree = self.tree
-        paged_attention()(
+        failed = paged_attention()(
             q.data_ptr(), None if q_bf16 is None else q_bf16.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
             self.tables.data_ptr(), self.tables.shape[1], self.seq_lens.data_ptr(), self.cu.data_ptr(),
             self.seqs.data_ptr(), self.seqs.numel(), None if tree is None else tree.data_ptr(),
             0 if tree is None else tree.shape[1], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], scale,
             self.split, out.data_ptr(), lse.data_ptr(), self.threads)
+        if failed:
+            raise MemoryError("paged attention: out of memory for the splits' partial results")
 
 
 def split_keys(items: int, max_len: int, threads: int, min_keys: int = 256) -> int:

@@ -25,7 +25,16 @@
 #define AHEAD 1     /* chunks between the one being prefetched and the one being read */
 #define ROWS 4     /* query rows of one KV head done together: each K/V row is fetched once for all of them */
 #define INLINE static inline __attribute__((always_inline))
-#define SHUFFLE __builtin_shufflevector
+/* SHUFFLE: lanes of a and b (indices past a's lanes pick b's), into a vector of their type; `mask` names
+ * the integer vector type of the indices. CONCAT: a v16 from two v8. GCC has __builtin_shufflevector
+ * only from version 12; older ones get __builtin_shuffle and a trip through memory. */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, mask, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define CONCAT(lo, hi) __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#else
+#define SHUFFLE(a, b, mask, ...) __builtin_shuffle(a, b, (mask){__VA_ARGS__})
+#define CONCAT(lo, hi) concat(lo, hi)
+#endif
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -82,14 +91,27 @@ INLINE v8 load8(const void *cache, int64_t at, const int bf16) {
     return x;
 }
 
+INLINE v16 concat(v8 lo, v8 hi) {
+    float lanes[16];
+    memcpy(lanes, &lo, sizeof lo);
+    memcpy(lanes + 8, &hi, sizeof hi);
+    v16 x;
+    memcpy(&x, lanes, sizeof x);
+    return x;
+}
+
 /* The same for 16 elements. */
 INLINE v16 load16(const void *cache, int64_t at, const int bf16) {
+    if (!bf16) {
+        v16 x;
+        memcpy(&x, (const float *)cache + at, sizeof x);
+        return x;
+    }
 #if defined(__AVX512F__)   /* one widening load, where GCC splits the generic conversion into halves */
-    if (bf16)
-        return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const uint16_t *)cache + at))), 16);
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const uint16_t *)cache + at))), 16);
+#else
+    return CONCAT(load8(cache, at, 1), load8(cache, at + 8, 1));
 #endif
-    v8 lo = load8(cache, at, bf16), hi = load8(cache, at + 8, bf16);
-    return SHUFFLE(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
 /* Lane c of the result is the sum of the lanes of a[c]: a transpose-and-add tree, 42 in-lane shuffles
@@ -97,12 +119,12 @@ INLINE v16 load16(const void *cache, int64_t at, const int bf16) {
 INLINE v16 sum_each(const v8 *a) {
     v8 b[8], c[4], d[2];
     for (int i = 0; i < 8; i++)   /* lanes: [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67] */
-        b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(a[2 * i], a[2 * i + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+        b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
     for (int i = 0; i < 4; i++)   /* [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | the same of lanes 4-7] */
-        c[i] = SHUFFLE(b[2 * i], b[2 * i + 1], 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(b[2 * i], b[2 * i + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+        c[i] = SHUFFLE(b[2 * i], b[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(b[2 * i], b[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
     for (int i = 0; i < 2; i++)   /* [a0 .. a7] */
-        d[i] = SHUFFLE(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-    return SHUFFLE(d[0], d[1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        d[i] = SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 4, 5, 6, 7, 12, 13, 14, 15);
+    return CONCAT(d[0], d[1]);
 }
 
 /* Lanes of a where mask is set, else of b. */
@@ -112,19 +134,19 @@ INLINE v16 select16(v16i mask, v16 a, v16 b) {
 
 /* Largest and total of the 16 lanes, by halving: a chain of 4 steps rather than 15. */
 INLINE float max16(v16 x) {
-    v16 y = SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v16 y = SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
     x = select16(x > y, x, y);
-    y = SHUFFLE(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    y = SHUFFLE(x, x, v16i, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
     x = select16(x > y, x, y);
-    y = SHUFFLE(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    y = SHUFFLE(x, x, v16i, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
     x = select16(x > y, x, y);
     return x[0] > x[1] ? x[0] : x[1];
 }
 
 INLINE float sum16(v16 x) {
-    x += SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    x += SHUFFLE(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    x += SHUFFLE(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    x += SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x += SHUFFLE(x, x, v16i, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    x += SHUFFLE(x, x, v16i, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
     return x[0] + x[1];
 }
 
@@ -153,15 +175,24 @@ INLINE void prefetch_rows(const Problem *p, const int64_t *offs, int n, const in
  * between lines of each row, which the hardware prefetchers follow poorly; measured, reading each row
  * through once first is faster (fp32 cache by ~20 %, bf16 by ~10 %) than leaving it to prefetches. */
 INLINE void touch_rows(const Problem *p, const int64_t *offs, int n, const int bf16) {
-    const int elem = bf16 ? 2 : 4, bytes = p->num_kv_heads * p->head_dim * elem;
+    const int elem = bf16 ? 2 : 4, bytes = p->num_kv_heads * p->head_dim * elem;   /* a multiple of 32 */
     v16i any = {0};
-    for (int c = 0; c < n; c++)
-        for (int b = 0; b < bytes; b += 64) {
-            v16i k, v;
-            memcpy(&k, (const char *)p->k_cache + offs[c] * elem + b, sizeof k);
-            memcpy(&v, (const char *)p->v_cache + offs[c] * elem + b, sizeof v);
-            any |= k | v;
+    for (int c = 0; c < n; c++) {
+        const char *k = (const char *)p->k_cache + offs[c] * elem, *v = (const char *)p->v_cache + offs[c] * elem;
+        int b = 0;
+        for (; b + 64 <= bytes; b += 64) {   /* whole 64-byte vectors: a word per line came out slower */
+            v16i kb, vb;
+            memcpy(&kb, k + b, sizeof kb);
+            memcpy(&vb, v + b, sizeof vb);
+            any |= kb | vb;
         }
+        if (b < bytes) {   /* the row's last 32 bytes */
+            int32_t kw, vw;
+            memcpy(&kw, k + b, sizeof kw);
+            memcpy(&vw, v + b, sizeof vw);
+            any[0] |= kw | vw;
+        }
+    }
     volatile int32_t keep = any[0];   /* so the loads are not optimized away */
     (void)keep;
 }
@@ -393,8 +424,9 @@ static void merge_row(const float *acc, const float *m, const float *l, int spli
     *lse = big + logf(total);
 }
 
-/* Attention for the sequences seqs[0..num_seqs), each split into pieces of at most split_keys keys. */
-void paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_bf16,
+/* Attention for the sequences seqs[0..num_seqs), each split into pieces of at most split_keys keys.
+ * Returns 0, or 1 when the splits' partial results could not be allocated (nothing written then). */
+int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_bf16,
                      const int32_t *block_tables, int table_width, const int32_t *seq_lens,
                      const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
                      const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
@@ -406,6 +438,10 @@ void paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache
      * row_start[i] (split-major: split sp's rows are contiguous) */
     int64_t *item_start = malloc(sizeof(int64_t) * (num_seqs + 1));
     int64_t *row_start = malloc(sizeof(int64_t) * (num_seqs + 1));
+    if (item_start == NULL || row_start == NULL) {
+        free(item_start); free(row_start);
+        return 1;
+    }
     item_start[0] = row_start[0] = 0;
     for (int i = 0; i < num_seqs; i++) {
         int seq = (int)seqs[i], q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
@@ -417,6 +453,10 @@ void paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache
     float *acc = malloc(sizeof(float) * row_start[num_seqs] * D);
     float *mx = malloc(sizeof(float) * row_start[num_seqs]);
     float *nz = malloc(sizeof(float) * row_start[num_seqs]);
+    if (acc == NULL || mx == NULL || nz == NULL) {
+        free(acc); free(mx); free(nz); free(item_start); free(row_start);
+        return 1;
+    }
 
     #pragma omp parallel num_threads(num_threads)
     {
@@ -442,4 +482,5 @@ void paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache
         }
     }
     free(acc); free(mx); free(nz); free(item_start); free(row_start);
+    return 0;
 }
