@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lanner.attention import get_backend  # noqa: E402
 from lanner.attention.metadata import AttentionMetadata  # noqa: E402
+from lanner.engine.memory import zeros_on_huge_pages  # noqa: E402
 
 MODEL_SHAPE = (9, 3, 64)  # SmolLM2-135M: query heads, kv heads, head dim (one layer)
 CPU_CASES = [(1, 2048, 1), (8, 2048, 1), (32, 2048, 1), (32, 512, 1), (4, 16384, 1), (32, 2048, 5),
@@ -72,8 +73,9 @@ def make_case(batch, context, q_len, shape, dtype, device, block_size=16):
     num_heads, num_kv_heads, head_dim = shape
     blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-    v_cache = torch.randn_like(k_cache)
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    caches = zeros_on_huge_pages(shape, dtype) if device == "cpu" else torch.empty(shape, dtype=dtype, device=device)
+    k_cache, v_cache = caches.normal_()   # on CPU the engine's KV memory: huge pages where granted
     tables = torch.randperm(num_blocks).view(batch, blocks_per_seq)  # scattered, as after churn
     meta = AttentionMetadata.build([q_len] * batch, [context] * batch, tables.tolist(), [-1] * (batch * q_len))
     q = torch.randn(batch * q_len, num_heads, head_dim, dtype=dtype, device=device)

@@ -104,3 +104,19 @@ def test_incremental_detokenization_never_splits_a_character(llm):
         pieces.append(seq.detokenize(llm.tokenizer))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_kv_memory_is_zeroed_aligned_and_outlives_its_first_view():
+    import gc
+
+    import torch
+
+    from lanner.engine.memory import HUGE_PAGE, zeros_on_huge_pages
+    cache = zeros_on_huge_pages((3, 2, 5, 16, 2, 64), torch.bfloat16)
+    assert cache.shape == (3, 2, 5, 16, 2, 64) and cache.dtype == torch.bfloat16
+    assert cache.data_ptr() % HUGE_PAGE == 0 and not cache.any()
+    layer = cache[2]
+    del cache
+    gc.collect()
+    layer.fill_(1.5)   # the mapping lives as long as a view of it
+    assert float(layer.float().sum()) == 1.5 * layer.numel()

@@ -3,6 +3,7 @@ import torch
 
 from lanner.attention import AttentionMetadata, get_backend
 from lanner.config import EngineConfig, ModelConfig
+from lanner.engine.memory import zeros_on_huge_pages
 from lanner.engine.sequence import Sequence
 from lanner.model.llama import LlamaForCausalLM
 
@@ -33,8 +34,9 @@ class ModelRunner:
         self.model.layers[0].self_attn.rotary.cos_sin = self.model.layers[0].self_attn.rotary.cos_sin.float()
         self.model.pack_weights(cfg.quantization)
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(cfg.kv_cache_memory)
-        self.kv_cache = torch.zeros(model_cfg.num_layers, 2, self.num_blocks, cfg.block_size,
-                                    model_cfg.num_kv_heads, model_cfg.head_dim, dtype=self.dtype, device=cfg.device)
+        shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        self.kv_cache = (zeros_on_huge_pages(shape, self.dtype) if cfg.device == "cpu"
+                         else torch.zeros(shape, dtype=self.dtype, device=cfg.device))
         for layer, cache in zip(self.model.layers, self.kv_cache):
             layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
         self.lora = None
