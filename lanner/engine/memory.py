@@ -18,8 +18,10 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
         return torch.zeros(shape, dtype=dtype)
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # shared maps get no THP
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    try:
         memory.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):   # no such advice here, or a kernel without THP: 4 KiB pages then
+        pass
     start = torch.frombuffer(memory, dtype=torch.uint8, count=1).data_ptr()
     offset = -start % HUGE_PAGE
     return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(shape)
