@@ -63,13 +63,17 @@ typedef struct {
     float scale;
 } Problem;
 
+/* Lanes of a where mask is set, else of b. */
+INLINE v16 select16(v16i mask, v16 a, v16 b) {
+    return (v16)(((v16i)a & mask) | ((v16i)b & ~mask));
+}
+
 /* exp(x) for 16 lanes of x <= 0, in vector arithmetic (GCC's vector extensions, so it stays vectorized):
  * 2^t = 2^trunc(t) * 2^frac with a degree-7 polynomial for 2^frac, frac in (-1, 0] (relative error
  * ~2e-7). Lanes below -87 (and -inf) give exactly 0. */
 INLINE v16 exp16_nonpositive(v16 x) {
     v16 t = x * 1.44269504088896341f;
-    v16i low = t < -126.0f;                                          /* all-ones where true */
-    t = (v16)(((v16i)t & ~low) | ((v16i)((v16){0} - 126.0f) & low));
+    t = select16(t < -126.0f, (v16){0} - 126.0f, t);
     v16i whole = __builtin_convertvector(t, v16i);                  /* truncates toward 0 */
     v16 f = (t - __builtin_convertvector(whole, v16)) * 0.69314718055994531f;
     v16 poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
@@ -127,11 +131,6 @@ INLINE v16 sum_each(const v8 *a) {
     return CONCAT(d[0], d[1]);
 }
 
-/* Lanes of a where mask is set, else of b. */
-INLINE v16 select16(v16i mask, v16 a, v16 b) {
-    return (v16)(((v16i)a & mask) | ((v16i)b & ~mask));
-}
-
 /* Largest and total of the 16 lanes, by halving: a chain of 4 steps rather than 15. */
 INLINE float max16(v16 x) {
     v16 y = SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -163,11 +162,11 @@ INLINE void row_offsets(const Problem *p, const int32_t *table, int k0, int n, i
 
 /* Blocks are scattered, so the hardware prefetcher cannot guess the next chunk: ask for its rows. */
 INLINE void prefetch_rows(const Problem *p, const int64_t *offs, int n, const int bf16) {
-    const int bytes = p->num_kv_heads * p->head_dim * (bf16 ? 2 : 4);
+    const int elem = bf16 ? 2 : 4, bytes = p->num_kv_heads * p->head_dim * elem;
     for (int c = 0; c < n; c++)
         for (int b = 0; b < bytes; b += 64) {
-            __builtin_prefetch((const char *)p->k_cache + offs[c] * (bf16 ? 2 : 4) + b, 0, 1);
-            __builtin_prefetch((const char *)p->v_cache + offs[c] * (bf16 ? 2 : 4) + b, 0, 1);
+            __builtin_prefetch((const char *)p->k_cache + offs[c] * elem + b, 0, 1);
+            __builtin_prefetch((const char *)p->v_cache + offs[c] * elem + b, 0, 1);
         }
 }
 
@@ -197,9 +196,9 @@ INLINE void touch_rows(const Problem *p, const int64_t *offs, int n, const int b
     (void)keep;
 }
 
-/* Scores of query row r against 16 of the chunk's keys (rows at offs + head): lane c for key c, unscaled when
- * taken in bf16. A bf16 model with a bf16 cache on a CPU with AVX512-BF16 multiplies the cache's bf16
- * rows directly (VDPBF16PS: exact products, fp32 sums); otherwise in fp32 with q pre-scaled. */
+/* Unscaled scores of a query row against 16 of the chunk's keys (rows at offs + head): lane c for key c.
+ * A bf16 model with a bf16 cache on a CPU with AVX512-BF16 multiplies the bf16 query (q_bf16) with the
+ * cache's bf16 rows directly (VDPBF16PS: exact products, fp32 sums); otherwise the fp32 query q in fp32. */
 INLINE v16 chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf16, const int64_t *offs, int head,
                         const int D, const int bf16, const int direct) {
     v8 dots[16];
@@ -343,7 +342,6 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
     int64_t offs[CHUNK], next[CHUNK];
     float w[ROWS][CHUNK], alpha[ROWS];
     float *acc_rows[ROWS];
-    float q_scaled[256];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
     for (int c0 = k0; c0 < k1; c0 += CHUNK) {
@@ -363,13 +361,10 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
                 for (int i = 0; i < rows; i++) {
                     const int t = (i0 + i) / group, r = t * Hq + head * group + (i0 + i) % group;
                     const int64_t row = (int64_t)q0 * Hq + r;
-                    if (!direct)
-                        for (int d = 0; d < D; d++) q_scaled[d] = p->q[row * D + d] * p->scale;
                     v16 s[VECS];
-                    for (int v = 0; v < VECS; v++) {
-                        s[v] = chunk_scores(p, q_scaled, p->q_bf16 + row * D, offs + 16 * v, head * D, D, bf16, direct);
-                        if (direct) s[v] *= p->scale;
-                    }
+                    for (int v = 0; v < VECS; v++)
+                        s[v] = chunk_scores(p, p->q + row * D, p->q_bf16 + row * D, offs + 16 * v, head * D, D, bf16,
+                                            direct) * p->scale;
                     const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;   /* causal, and the split */
                     const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
                     alpha[i] = softmax_step(s, last - c0, tree, ctx_len - c0, m + r, l + r, w[i]);
@@ -392,19 +387,16 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
 
 /* Copies specialized by cache dtype, bf16 scoring and the common head sizes: constants let the loops
  * unroll. A bf16 model with a bf16 cache on a CPU with AVX512-BF16 scores in bf16 (see chunk_scores). */
+#define HEAD_SIZES(bf16, direct) \
+    if (D == 64) attend_split_d(p, seq, k0, k1, acc, m, l, 64, bf16, direct); \
+    else if (D == 128) attend_split_d(p, seq, k0, k1, acc, m, l, 128, bf16, direct); \
+    else attend_split_d(p, seq, k0, k1, acc, m, l, D, bf16, direct);
+
 static void attend_split(const Problem *p, int seq, int k0, int k1, float *acc, float *m, float *l) {
     const int D = p->head_dim;
-    if (HAVE_DPBF16 && p->kv_bf16 && p->q_bf16 != NULL && D % 32 == 0) {
-        if (D == 64) attend_split_d(p, seq, k0, k1, acc, m, l, 64, 1, 1);
-        else if (D == 128) attend_split_d(p, seq, k0, k1, acc, m, l, 128, 1, 1);
-        else attend_split_d(p, seq, k0, k1, acc, m, l, D, 1, 1);
-    }
-    else if (p->kv_bf16 && D == 64) attend_split_d(p, seq, k0, k1, acc, m, l, 64, 1, 0);
-    else if (p->kv_bf16 && D == 128) attend_split_d(p, seq, k0, k1, acc, m, l, 128, 1, 0);
-    else if (p->kv_bf16) attend_split_d(p, seq, k0, k1, acc, m, l, D, 1, 0);
-    else if (D == 64) attend_split_d(p, seq, k0, k1, acc, m, l, 64, 0, 0);
-    else if (D == 128) attend_split_d(p, seq, k0, k1, acc, m, l, 128, 0, 0);
-    else attend_split_d(p, seq, k0, k1, acc, m, l, D, 0, 0);
+    if (HAVE_DPBF16 && p->kv_bf16 && p->q_bf16 != NULL && D % 32 == 0) { HEAD_SIZES(1, 1) }
+    else if (p->kv_bf16) { HEAD_SIZES(1, 0) }
+    else { HEAD_SIZES(0, 0) }
 }
 
 /* Combine the splits' partial results of row r (S splits, `row_stride` rows apart) into out/lse. */
