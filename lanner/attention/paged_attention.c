@@ -4,11 +4,11 @@
  * One work item is (sequence, split of its context): it walks that split's keys through the block table
  * CHUNK at a time with FlashAttention's online softmax for every query row of the sequence (its new
  * tokens times the query heads). A chunk's rows (all KV heads, contiguous in a block) are first read
- * through in address order while the next chunk is prefetched; then, KV head by KV head, the rows that
- * read that head (GQA group times new tokens) go ROWS at a time: 16 scores per shuffle-tree reduction,
- * one online-softmax step per row, and P @ V with the rows' accumulators in registers, so each K and V
- * row is fetched once for all of them. Splits run in parallel and are merged by their log-sum-exp, so one
- * long sequence still keeps every core busy (Flash-Decoding).
+ * through in address order; then, KV head by KV head, the rows that read that head (GQA group times new
+ * tokens) go ROWS at a time, each row also prefetching a few lines of the next chunk: 16 scores per
+ * shuffle-tree reduction, one online-softmax step per row, and P @ V with the rows' accumulators in
+ * registers, so each K and V row is fetched once for all of them. Splits run in parallel and are merged
+ * by their log-sum-exp, so one long sequence still keeps every core busy (Flash-Decoding).
  *
  * Layouts: q [T, Hq, D] fp32 (and the same in bf16 for a bf16 model, or NULL); caches
  * [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D] fp32;
@@ -160,14 +160,19 @@ INLINE void row_offsets(const Problem *p, const int32_t *table, int k0, int n, i
     }
 }
 
-/* Blocks are scattered, so the hardware prefetcher cannot guess the next chunk: ask for its rows. */
-INLINE void prefetch_rows(const Problem *p, const int64_t *offs, int n, const int bf16) {
-    const int elem = bf16 ? 2 : 4, bytes = p->num_kv_heads * p->head_dim * elem;
-    for (int c = 0; c < n; c++)
-        for (int b = 0; b < bytes; b += 64) {
-            __builtin_prefetch((const char *)p->k_cache + offs[c] * elem + b, 0, 1);
-            __builtin_prefetch((const char *)p->v_cache + offs[c] * elem + b, 0, 1);
-        }
+/* Blocks are scattered, so the hardware prefetcher cannot guess the next chunk: its rows are asked for a
+ * few lines at a time between pieces of the current chunk's work. A burst of them would stall the core
+ * on full miss queues while nothing computes. The cursor walks the rows in address order, K and V. */
+typedef struct { const int64_t *offs; int keys, key, line; } Ahead;
+
+INLINE void prefetch_some(const Problem *p, Ahead *a, int lines, const int bf16) {
+    const int elem = bf16 ? 2 : 4, per_row = (p->num_kv_heads * p->head_dim * elem + 63) / 64;
+    for (; lines > 0 && a->key < a->keys; lines--) {
+        const int64_t at = a->offs[a->key] * elem + 64 * a->line;
+        __builtin_prefetch((const char *)p->k_cache + at, 0, 1);
+        __builtin_prefetch((const char *)p->v_cache + at, 0, 1);
+        if (++a->line == per_row) { a->line = 0; a->key++; }
+    }
 }
 
 /* Loads the chunk's K and V rows (all heads) in address order. The per-head passes that follow hop
@@ -351,12 +356,13 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
         const int n_ahead = ahead >= k1 ? 0 : k1 - ahead < CHUNK ? k1 - ahead : CHUNK;
         if (n_ahead > 0) row_offsets(p, table, ahead, n_ahead, next);
         touch_rows(p, offs, n, bf16);
+        /* rows are token-major: those of tokens before c0 - ctx_len cannot see this chunk (prompts) */
+        const int first_row = c0 - ctx_len > 0 ? (c0 - ctx_len) * group : 0;
+        const int row_bytes = p->num_kv_heads * D * (bf16 ? 2 : 4), slots = p->num_kv_heads * (per_head - first_row);
+        const int quota = (n_ahead * ((row_bytes + 63) / 64) + slots - 1) / slots;
+        Ahead ahead_rows = {next, n_ahead, 0, 0};
         for (int head = 0; head < p->num_kv_heads; head++) {
-            /* each head's pass asks for its share of a later chunk: a burst would fill the miss queue */
-            const int lo = n_ahead * head / p->num_kv_heads, hi = n_ahead * (head + 1) / p->num_kv_heads;
-            prefetch_rows(p, next + lo, hi - lo, bf16);
-            /* rows are token-major: those of tokens before c0 - ctx_len cannot see this chunk (prompts) */
-            for (int i0 = c0 - ctx_len > 0 ? (c0 - ctx_len) * group : 0; i0 < per_head; i0 += ROWS) {
+            for (int i0 = first_row; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;
                 for (int i = 0; i < rows; i++) {
                     const int t = (i0 + i) / group, r = t * Hq + head * group + (i0 + i) % group;
@@ -367,6 +373,7 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
                                             direct) * p->scale;
                     const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;   /* causal, and the split */
                     const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
+                    prefetch_some(p, &ahead_rows, quota, bf16);
                     alpha[i] = softmax_step(s, last - c0, tree, ctx_len - c0, m + r, l + r, w[i]);
                     acc_rows[i] = acc + (int64_t)r * D;
                 }
