@@ -14,6 +14,9 @@ SUBMODULES = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_pro
               "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
               "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
               "down_proj": ("mlp.down_proj", 0)}
+ALL_LINEAR = tuple(SUBMODULES)
+# our fused linear -> the PEFT modules it holds, in output order
+FUSED = {fused: tuple(name for name, (f, _) in SUBMODULES.items() if f == fused) for fused, _ in SUBMODULES.values()}
 KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
 

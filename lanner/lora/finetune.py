@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lanner.lora.train_model import ALL_LINEAR, LoRAModel, build_model
+from lanner.lora.adapter import ALL_LINEAR
+from lanner.lora.train_model import LoRAModel, build_model
 
 
 @dataclass
@@ -145,7 +146,6 @@ def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def batches(examples: list[Example], batch_size: int, generator: torch.Generator | None):
     order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
-    order = list(order)
     return [collate([examples[i] for i in order[a:a + batch_size]]) for a in range(0, len(order), batch_size)]
 
 

@@ -4,11 +4,8 @@ from collections import OrderedDict
 import torch
 
 from lanner.config import ModelConfig
-from lanner.lora.adapter import LoRAAdapter, LoRARequest, load_adapter, submodule_sizes
+from lanner.lora.adapter import FUSED, LoRAAdapter, LoRARequest, load_adapter, submodule_sizes
 from lanner.lora.ops import LoRAWeights
-
-FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
-         "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
 
 
 class LoRAManager:

@@ -15,14 +15,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lanner.config import ModelConfig
-from lanner.lora.adapter import lora_scaling, submodule_sizes
+from lanner.lora.adapter import ALL_LINEAR, FUSED, lora_scaling, submodule_sizes
 from lanner.model.layers import Linear
 from lanner.model.llama import LlamaForCausalLM
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# our fused linear -> the PEFT modules it holds, in output order
-FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
-         "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
 
 
 class LoRALinear(nn.Module):
