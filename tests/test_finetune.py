@@ -9,7 +9,8 @@ from conftest import hf_logits, make_llm, our_logits
 
 from lanner import LoRARequest, SamplingParams
 from lanner.lora.finetune import finetune, lr_lambda
-from lanner.lora.train_model import ALL_LINEAR, LoRAModel, build_model
+from lanner.lora.adapter import ALL_LINEAR
+from lanner.lora.train_model import LoRAModel, build_model
 from lanner.quant.nf4 import BLOCK_SIZE, NF4_CODE, NF4Linear, dequantize_nf4, quantize_nf4
 
 TOL = 1e-4   # fp32 on CPU
