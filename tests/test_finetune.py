@@ -8,8 +8,8 @@ import torch
 from conftest import hf_logits, make_llm, our_logits
 
 from lanner import LoRARequest, SamplingParams
-from lanner.lora.finetune import finetune, lr_lambda
 from lanner.lora.adapter import ALL_LINEAR
+from lanner.lora.finetune import finetune, lr_lambda
 from lanner.lora.train_model import LoRAModel, build_model
 from lanner.quant.nf4 import BLOCK_SIZE, NF4_CODE, NF4Linear, dequantize_nf4, quantize_nf4
 
