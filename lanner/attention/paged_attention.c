@@ -163,15 +163,15 @@ INLINE void row_offsets(const Problem *p, const int32_t *table, int k0, int n, i
 /* Blocks are scattered, so the hardware prefetcher cannot guess the next chunk: its rows are asked for a
  * few lines at a time between pieces of the current chunk's work. A burst of them would stall the core
  * on full miss queues while nothing computes. The cursor walks the rows in address order, K and V. */
-typedef struct { const int64_t *offs; int keys, key, line; } Ahead;
+typedef struct { const int64_t *offs; int keys, row_lines, key, line; } Ahead;
 
 INLINE void prefetch_some(const Problem *p, Ahead *a, int lines, const int bf16) {
-    const int elem = bf16 ? 2 : 4, per_row = (p->num_kv_heads * p->head_dim * elem + 63) / 64;
+    const int elem = bf16 ? 2 : 4;
     for (; lines > 0 && a->key < a->keys; lines--) {
         const int64_t at = a->offs[a->key] * elem + 64 * a->line;
         __builtin_prefetch((const char *)p->k_cache + at, 0, 1);
         __builtin_prefetch((const char *)p->v_cache + at, 0, 1);
-        if (++a->line == per_row) { a->line = 0; a->key++; }
+        if (++a->line == a->row_lines) { a->line = 0; a->key++; }
     }
 }
 
@@ -349,9 +349,9 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
         if (!bf16) touch_rows(p, offs, n);
         /* rows are token-major: those of tokens before c0 - ctx_len cannot see this chunk (prompts) */
         const int first_row = c0 - ctx_len > 0 ? (c0 - ctx_len) * group : 0;
-        const int row_bytes = p->num_kv_heads * D * (bf16 ? 2 : 4), slots = p->num_kv_heads * (per_head - first_row);
-        const int quota = (n_ahead * ((row_bytes + 63) / 64) + slots - 1) / slots;
-        Ahead ahead_rows = {next, n_ahead, 0, 0};
+        Ahead ahead_rows = {next, n_ahead, (p->num_kv_heads * D * (bf16 ? 2 : 4) + 63) / 64, 0, 0};
+        const int slots = p->num_kv_heads * (per_head - first_row);   /* rows of this chunk: one call each */
+        const int quota = (n_ahead * ahead_rows.row_lines + slots - 1) / slots;
         for (int head = 0; head < p->num_kv_heads; head++) {
             for (int i0 = first_row; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;

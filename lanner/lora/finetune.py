@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lanner.lora.adapter import ALL_LINEAR
-from lanner.lora.train_model import LoRAModel, build_model
+from lanner.lora.train_model import LoRAModel, build_model, parse_targets
 
 
 @dataclass
@@ -63,17 +62,6 @@ class FinetuneOptions:
             if not ok:
                 raise ValueError(message)
         self.target_modules = parse_targets(self.target_modules)
-
-
-def parse_targets(spec: str | list[str]) -> list[str]:
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [n.strip() for n in names if n.strip()]
-    if names == ["all-linear"]:
-        return list(ALL_LINEAR)
-    unknown = [n for n in names if n not in ALL_LINEAR]
-    if unknown or not names:
-        raise ValueError(f"unknown target modules {unknown}; choose from {list(ALL_LINEAR)} or all-linear")
-    return [n for n in ALL_LINEAR if n in names]
 
 
 # -- data ------------------------------------------------------------------------------------------------

@@ -20,6 +20,18 @@ from lanner.model.layers import Linear
 from lanner.model.llama import LlamaForCausalLM
 
 
+def parse_targets(spec: str | list[str]) -> list[str]:
+    """PEFT module names from "all-linear", "q_proj,v_proj" or a list, in ALL_LINEAR order."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all-linear"]:
+        return list(ALL_LINEAR)
+    unknown = [n for n in names if n not in ALL_LINEAR]
+    if unknown or not names:
+        raise ValueError(f"unknown target modules {unknown}; choose from {list(ALL_LINEAR)} or all-linear")
+    return [n for n in ALL_LINEAR if n in names]
+
+
 class LoRALinear(nn.Module):
     """A frozen base linear (fp or NF4) plus trainable LoRA on some of the PEFT modules fused in it."""
 
@@ -73,13 +85,10 @@ class LoRALinear(nn.Module):
 class LoRAModel(nn.Module):
     """The decoder (frozen) with LoRALinear wrappers on every decoder linear; only A and B train."""
 
-    def __init__(self, model: LlamaForCausalLM, targets: list[str], r: int, alpha: float,
+    def __init__(self, model: LlamaForCausalLM, targets: str | list[str], r: int, alpha: float,
                  use_rslora: bool = False, dropout: float = 0.0, nf4: bool = False):
         super().__init__()
-        unknown = set(targets) - set(ALL_LINEAR)
-        if unknown or not targets:
-            raise ValueError(f"unknown LoRA target modules {sorted(unknown)}; "
-                             f"choose from {list(ALL_LINEAR)} or all-linear")
+        targets = set(parse_targets(targets))
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
         self.model, self.cfg = model, model.config
@@ -89,7 +98,7 @@ class LoRAModel(nn.Module):
         for layer in model.layers:
             for path, names in FUSED.items():
                 base = layer.get_submodule(path)
-                self.linears.append(LoRALinear(base, names, [sizes[n][1] for n in names], set(targets), r,
+                self.linears.append(LoRALinear(base, names, [sizes[n][1] for n in names], targets, r,
                                                lora_scaling(r, alpha, use_rslora), dropout, nf4))
 
     def linear(self, layer: int, path: str) -> LoRALinear:
