@@ -1,26 +1,16 @@
-"""Builds paged_attention.c with the system C compiler at first use and loads it; None where that fails.
+"""Loads paged_attention.c, built by lanner.native at first use; None where that fails.
 
-The library is cached under the lanner cache directory, keyed by the source, the flags and the CPU's
-feature flags (it is compiled with -march=native). Set LANNER_NATIVE=0 to use the PyTorch path.
+Set LANNER_NATIVE=0 to use the PyTorch path, LANNER_ISA to build it for a lower instruction set.
 """
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-import warnings
 
 import torch
 
-from lanner.model.loader import cache_dir
+from lanner import native
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paged_attention.c")
-# reassociation lets sums vectorize as trees; no finite-math: the kernel relies on -inf. 512-bit vectors
-# where the CPU has them (GCC's Zen 4 tuning would split loops into 256-bit halves: more instructions)
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-         "-fassociative-math", "-fno-signed-zeros", "-shared", "-fPIC"]
 MAX_HEAD_DIM = 256   # the kernel's per-row registers
 
 
@@ -32,47 +22,14 @@ def fits(head_dim: int) -> bool:
 @functools.lru_cache(maxsize=None)
 def paged_attention():
     """The C function, or None when disabled or no compiler could build it (the caller falls back)."""
-    if os.environ.get("LANNER_NATIVE", "1") == "0":
-        return None
-    try:
-        lib = ctypes.CDLL(_build())
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
-        warnings.warn(f"native paged attention unavailable ({detail}); using the PyTorch CPU path")
+    lib = native.library(SOURCE)
+    if lib is None:
         return None
     fn = lib.paged_attention
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     fn.argtypes = [p, p, p, p, i, p, i, p, p, p, i, p, i, i, i, i, i, f, i, p, p, i]
     fn.restype = ctypes.c_int
     return fn
-
-
-def _build() -> str:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler found (install gcc)")
-    source = open(SOURCE, "rb").read()
-    key = hashlib.sha256(source + " ".join([compiler] + FLAGS).encode() + _cpu_flags()).hexdigest()[:16]
-    target = os.path.join(cache_dir(), "kernels", f"paged_attention-{key}.so")
-    if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp, "-lm"], check=True, capture_output=True)
-            os.replace(tmp, target)   # atomic: concurrent builders never load a half-written file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return target
-
-
-def _cpu_flags() -> bytes:
-    try:
-        with open("/proc/cpuinfo", "rb") as f:
-            return next((line for line in f if line.startswith(b"flags")), b"")
-    except OSError:
-        return b""
 
 
 class Launch:

