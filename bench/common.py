@@ -53,8 +53,20 @@ def memory_fields(device: str) -> dict:
 
 
 def machine_fields() -> dict:
-    """Load average (1 min) and cores: a run on a busy machine says so in its own lines."""
-    return {"load_avg_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()}
+    """Load average (1 min), cores, CPU model and kernel ISA: a run says what it ran on in its own lines."""
+    return {"load_avg_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), **cpu_fields()}
+
+
+def cpu_fields() -> dict:
+    from lanner import native
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    simd = sorted(f for f in native.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+    return {"cpu": model, "cpu_flags": " ".join(simd), "kernel_isa": native.isa()}
 
 
 def warn_if_busy() -> None:
@@ -175,7 +187,7 @@ def common_args(parser) -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--systems", default="lanner,hf,llamacpp")
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--quantization", default="none", help="lanner's weight-only linears: none|int8|int4|nf4")
+    parser.add_argument("--quantization", default="none", help="an HF model's linears at load: none|q8_0|q4_0|q4_1|q5_0|q5_1|nf4")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,

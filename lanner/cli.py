@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from lanner.config import EngineConfig
+from lanner.config import QUANTIZATION_ALIASES, QUANTIZATIONS, EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -23,8 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="serve a PEFT LoRA adapter under NAME (repeatable); enables LoRA")
     p.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct adapters in one batch")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4", "nf4"],
-                   help="weight-only quantized linears (int8 per-channel, int4 group-wise, nf4 as in QLoRA)")
+    p.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS) + list(QUANTIZATION_ALIASES),
+                   help="an HF model's linears quantized at load into a GGML block format (int8 = q8_0, "
+                        "int4 = q4_1) or nf4 as in QLoRA; a GGUF model keeps its file's formats")
     p.add_argument("--speculative", default=None, metavar="SPEC",
                    help="speculative decoding: ngram:K (prompt lookup) or draft:PATH:K (a draft model)")
 

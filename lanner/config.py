@@ -78,6 +78,10 @@ class SpeculativeConfig:
         return cls(method, int(rest[0]) if rest else 4)
 
 
+QUANTIZATIONS = ("none", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "nf4")   # weight formats an HF model loads into
+QUANTIZATION_ALIASES = {"int8": "q8_0", "int4": "q4_1"}
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None
@@ -93,7 +97,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     speculative: SpeculativeConfig | dict | str | None = None
-    quantization: str = "none"                # none | int8 | int4 | nf4 (weight-only)
+    quantization: str = "none"                # none | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | nf4 (int8 = q8_0, int4 = q4_1)
     enable_lora: bool = False
     max_loras: int = 8                        # distinct adapters in one step
     max_lora_rank: int = 64
@@ -105,7 +109,9 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.speculative = SpeculativeConfig.parse(self.speculative)
-        if self.quantization not in ("none", "int8", "int4", "nf4"):
-            raise ValueError(f"quantization must be none, int8, int4 or nf4, got {self.quantization!r}")
+        self.quantization = QUANTIZATION_ALIASES.get(self.quantization, self.quantization)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or int8, int4), "
+                             f"got {self.quantization!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")

@@ -77,7 +77,7 @@ def load(source: str, isa_flags: tuple) -> ctypes.CDLL | None:
         return ctypes.CDLL(_build(source, list(isa_flags)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
-        warnings.warn(f"lanner: cannot build {os.path.basename(source)} ({detail}); using the PyTorch path")
+        warnings.warn(f"native kernel {os.path.basename(source)} unavailable ({detail}); using the PyTorch path")
         return None
 
 

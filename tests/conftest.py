@@ -36,7 +36,7 @@ def default_model_path() -> str:
 @pytest.fixture(scope="session")
 def default_files(default_model_path):
     from lanner.model.loader import load_model_files
-    return load_model_files(default_model_path)
+    return load_model_files(default_model_path, dense=True)
 
 
 def hf_model_from(config: dict, weights: dict):

@@ -13,6 +13,8 @@ from unittest import mock
 import pytest
 import torch
 
+import lanner.native
+
 DEVICE = os.environ.get("LANNER_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
@@ -270,12 +272,14 @@ def test_a_failed_build_falls_back_to_pytorch_with_a_warning(monkeypatch, tmp_pa
     monkeypatch.setenv("LANNER_HOME", str(tmp_path))      # no cached library to load
     monkeypatch.setenv("CC", "false")                      # a "compiler" that always fails
     native.paged_attention.cache_clear()
+    lanner.native.load.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="native paged attention unavailable"):
+        with pytest.warns(UserWarning, match="paged_attention.c unavailable"):
             assert native.paged_attention() is None
         assert_matches_reference("cpu", make_batch([1, 2], [40, 9]))   # the PyTorch path answers
     finally:
         native.paged_attention.cache_clear()
+        lanner.native.load.cache_clear()
 
 
 @pytest.mark.parametrize("keys_per_split", [1, 16, 37])

@@ -21,10 +21,9 @@ IDS = [[1, 17, 300, 42, 9, 1000, 77, 5], [1, 901, 33, 64, 2, 18, 7, 7, 123, 456]
 
 @pytest.fixture(scope="module")
 def tokenizer(default_model_path):
-    from gguf import GGUFReader
-
+    from lanner.model.gguf import GGUFFile
     from lanner.model.tokenizer import from_gguf
-    return from_gguf(GGUFReader(default_model_path))
+    return from_gguf(GGUFFile(default_model_path))
 
 
 @pytest.fixture(scope="module")

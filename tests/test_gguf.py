@@ -9,6 +9,7 @@ from gguf.quants import dequantize, quantize
 
 from lanner import SamplingParams
 from lanner.model.gguf import load_gguf, unpermute
+from lanner.quant.ggml import GGMLTensor
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0]
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -83,8 +84,11 @@ def test_every_tensor_type_and_qk_layout_loads_exactly(tiny):
     config, weights, _ = load_gguf(str(path))
     assert config["num_attention_heads"] == HEADS and config["num_key_value_heads"] == KV_HEADS
     assert not config["tie_word_embeddings"]
+    kept = {w.type_name for w in weights.values() if isinstance(w, GGMLTensor)}
+    assert kept == {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"}     # block formats stay as stored; F32 is dense
     for name, tensor in stored.items():
-        assert torch.equal(weights[name], tensor), name
+        weight = weights[name]
+        assert torch.equal(weight.dequantize() if isinstance(weight, GGMLTensor) else weight, tensor), name
 
 
 def test_tiny_gguf_generates_like_hf_on_the_same_weights(tiny):
@@ -110,3 +114,24 @@ def test_unsupported_tensor_type_is_a_clear_error(tmp_path, default_model_path, 
                     raw_override={name: (raw, None, Q.IQ4_NL)})
     with pytest.raises(ValueError, match="unsupported GGUF type IQ4_NL"):
         load_gguf(str(tmp_path / "iq.gguf"))
+
+
+def test_metadata_reads_like_the_gguf_package(default_model_path):
+    """Our reader (no per-element numpy views) gives the gguf package's fields and tensor table."""
+    from lanner.model.gguf import GGUFFile
+    ours, theirs = GGUFFile(default_model_path), GGUFReader(default_model_path)
+    for key, f in ((k, f) for k, f in theirs.fields.items() if not k.startswith("GGUF.")):
+        want = f.contents()
+        assert ours.fields[key] == (want.tolist() if hasattr(want, "tolist") else want), key
+    assert [(t.name, tuple(int(d) for d in t.shape), t.type_id) for t in ours.tensors] == \
+        [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type)) for t in theirs.tensors]
+
+
+def test_a_truncated_file_is_a_clear_error(tmp_path, default_model_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(open(default_model_path, "rb").read()[:50_000_000])
+    with pytest.raises(ValueError, match="truncated"):
+        load_gguf(str(cut))
+    (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_gguf(str(tmp_path / "junk.gguf"))

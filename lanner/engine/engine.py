@@ -41,7 +41,7 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        hf_config, weights, self.tokenizer, self.model_path = load_model_files(cfg.model)
+        hf_config, weights, self.tokenizer, self.model_path = load_model_files(cfg.model, dense=cfg.device != "cpu")
         self.model_config = ModelConfig.from_hf(hf_config)
         self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
         self.runner = ModelRunner(cfg, self.model_config, weights, self.max_model_len)

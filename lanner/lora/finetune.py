@@ -183,7 +183,7 @@ def finetune(model_path: str | None, data: str | list, output_dir: str, **option
     if o.threads:
         torch.set_num_threads(o.threads)
     from lanner.model.loader import load_model_files
-    hf_config, weights, tokenizer, resolved = load_model_files(model_path)
+    hf_config, weights, tokenizer, resolved = load_model_files(model_path, dense=True)
     examples = tokenize(read_records(data), tokenizer, o.max_seq_len)
     if o.val_data is not None:
         train, val = examples, tokenize(read_records(o.val_data), tokenizer, o.max_seq_len)

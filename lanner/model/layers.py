@@ -5,22 +5,36 @@ import torch
 from torch import nn
 
 
+def bf16_matmul_native() -> bool:
+    """oneDNN's bf16 GEMM and weight reorder need AVX512BW at least (on AVX2 the reorder raises)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
 class Linear(nn.Linear):
     """nn.Linear that, once packed for inference, multiplies with a faster weight representation.
 
-    "none": oneDNN-blocked weights on CPU (2-3x faster than a plain GEMM at decode batch sizes);
-    "int8" / "int4": weight-only quantized kernels from lanner.quant.
+    A weight loaded as GGML blocks (`ggml`, from a GGUF file) or quantized at load (q8_0, q4_0, q4_1, q5_0,
+    q5_1 through lanner.quant.ggml; nf4) multiplies in that format, its dense `weight` left a meta-device
+    placeholder; a dense weight goes into oneDNN's blocked layout (2-3x faster than a plain GEMM at decode
+    batch sizes) where oneDNN runs its dtype natively.
     """
     packed: torch.Tensor | None = None
-    quantized = None   # callable x -> x @ W^T + b, set by pack() for int8/int4
+    quantized = None   # callable x -> x @ W^T + b from a quantized weight, set by pack()
+    ggml = None        # lanner.quant.ggml.GGMLTensor, when the checkpoint stored the weight in blocks
     lora = None        # lanner.lora.ops.LoRAWeights when LoRA is enabled
 
     def pack(self, quantization: str = "none") -> None:
-        if quantization != "none":
+        if self.ggml is not None:
+            from lanner.quant.ggml import GGMLLinear
+            self.quantized = GGMLLinear(self.ggml, self.bias)
+        elif quantization != "none":
             from lanner.quant import quantize_linear
             self.quantized = quantize_linear(self.weight.detach(), self.bias, quantization)
+            self.weight = nn.Parameter(self.weight.detach().to("meta"), requires_grad=False)
         elif self.weight.device.type == "cpu" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
-                and torch.backends.mkldnn.is_available():
+                and torch.backends.mkldnn.is_available() \
+                and (self.weight.dtype != torch.bfloat16 or bf16_matmul_native()):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +51,16 @@ class Linear(nn.Linear):
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return super().forward(x)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose table may stay in GGML blocks (`ggml`): looked-up rows are dequantized."""
+    ggml = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ggml is None:
+            return super().forward(ids)
+        return self.ggml.rows(ids, self.weight.dtype)
 
 
 class RMSNorm(nn.Module):

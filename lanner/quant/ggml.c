@@ -254,18 +254,27 @@ INLINE vf loadv(const float *p) {
     return v;
 }
 
-/* y[m * ldy] = w . x[m * ldx] for m < ROWS (a compile-time constant once inlined), K a multiple of 32 */
-INLINE void dot_rows(const float *restrict w, const float *restrict x, int64_t ldx, const int rows,
-                     int64_t K, float *restrict y, int64_t ldy) {
+typedef void (*decoder)(const uint8_t *, float *restrict);
+
+/* y[m * ldy] = W[n] . x[m * ldx] for m < rows (a compile-time constant once inlined), decoding the weight
+ * row block by block into `blk` and dotting each block at once: the decoded values never leave L1 (or the
+ * registers), and every activation row reuses them */
+INLINE void dot_rows(decoder decode, const int qk, const int bytes, const uint8_t *restrict src,
+                     const float *restrict x, int64_t ldx, const int rows, int64_t K, float *restrict y,
+                     int64_t ldy) {
     vf acc[TILE][STEP];
+    float blk[256] __attribute__((aligned(64)));
     for (int m = 0; m < rows; m++)
         for (int s = 0; s < STEP; s++)
             acc[m][s] = (vf){0};
-    for (int64_t k = 0; k < K; k += 32) {
-        for (int s = 0; s < STEP; s++) {
-            vf wv = loadv(w + k + s * VW);
-            for (int m = 0; m < rows; m++)
-                acc[m][s] += wv * loadv(x + m * ldx + k + s * VW);
+    for (int64_t k = 0; k < K; k += qk, src += bytes) {
+        decode(src, blk);
+        for (int j = 0; j < qk; j += 32) {
+            for (int s = 0; s < STEP; s++) {
+                vf wv = loadv(blk + j + s * VW);
+                for (int m = 0; m < rows; m++)
+                    acc[m][s] += wv * loadv(x + m * ldx + k + j + s * VW);
+            }
         }
     }
     for (int m = 0; m < rows; m++) {
@@ -279,16 +288,39 @@ INLINE void dot_rows(const float *restrict w, const float *restrict x, int64_t l
     }
 }
 
-/* every activation row against one decoded weight row, TILE rows at a time */
-static void dot_all(const float *restrict w, const float *restrict x, int64_t ldx, int64_t M, int64_t K,
-                    float *restrict y, int64_t ldy) {
+/* one weight row against every activation row, TILE at a time */
+INLINE void dot_all(decoder decode, const int qk, const int bytes, const uint8_t *restrict src,
+                    const float *restrict x, int64_t ldx, int64_t M, int64_t K, float *restrict y, int64_t ldy) {
     int64_t m = 0;
     for (; m + TILE <= M; m += TILE)
-        dot_rows(w, x + m * ldx, ldx, TILE, K, y + m * ldy, ldy);
+        dot_rows(decode, qk, bytes, src, x + m * ldx, ldx, TILE, K, y + m * ldy, ldy);
     switch (M - m) {
-    case 3: dot_rows(w, x + m * ldx, ldx, 3, K, y + m * ldy, ldy); break;
-    case 2: dot_rows(w, x + m * ldx, ldx, 2, K, y + m * ldy, ldy); break;
-    case 1: dot_rows(w, x + m * ldx, ldx, 1, K, y + m * ldy, ldy); break;
+    case 3: dot_rows(decode, qk, bytes, src, x + m * ldx, ldx, 3, K, y + m * ldy, ldy); break;
+    case 2: dot_rows(decode, qk, bytes, src, x + m * ldx, ldx, 2, K, y + m * ldy, ldy); break;
+    case 1: dot_rows(decode, qk, bytes, src, x + m * ldx, ldx, 1, K, y + m * ldy, ldy); break;
+    }
+}
+
+/* weight rows n0..n1; the switch sits outside the loops so each format's loop inlines its decoder */
+#define ROWS_OF(fn, qk, bytes)                                                                     \
+    for (int64_t n = n0; n < n1; n++)                                                              \
+        dot_all(fn, qk, bytes, w + n * row_bytes, x, ldx, M, K, y + n, ldy);                       \
+    return;
+
+static void matmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
+                        const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy) {
+    switch (type) {
+    case Q4_0: ROWS_OF(decode_q4_0, 32, 18)
+    case Q4_1: ROWS_OF(decode_q4_1, 32, 20)
+    case Q5_0: ROWS_OF(decode_q5_0, 32, 22)
+    case Q5_1: ROWS_OF(decode_q5_1, 32, 24)
+    case Q8_0: ROWS_OF(decode_q8_0, 32, 34)
+    case Q4_K: ROWS_OF(decode_q4_k, 256, 144)
+    case Q5_K: ROWS_OF(decode_q5_k, 256, 176)
+    case Q6_K: ROWS_OF(decode_q6_k, 256, 210)
+    case F16: ROWS_OF(decode_f16, 32, 64)
+    case BF16: ROWS_OF(decode_bf16, 32, 64)
+    case F32: ROWS_OF(decode_f32, 32, 128)
     }
 }
 
@@ -301,29 +333,31 @@ int ggml_block_size(int type) {
 }
 
 /* y[m, n] = sum_k W[n, k] x[m, k] for m < M, n < N; x [M, ldx] and y [M, ldy] fp32.
- * Returns 1 when a thread's buffer cannot be allocated, 2 for a type or K this file cannot take. */
+ * Returns 1 when a thread's row buffer cannot be allocated, 2 for a type or K this file cannot take. */
 int ggml_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x,
                 int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
     if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
         return 2;
-    int failed = 0;
     int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *buf = aligned_alloc(64, ((K * sizeof(float) + 63) / 64) * 64);
-        if (!buf) {
-            failed = 1;
-        } else {
+        /* more rows than a tile: each weight row is decoded once into buf, then read as F32 by every tile */
+        float *buf = M > TILE ? aligned_alloc(64, ((K * sizeof(float) + 63) / 64) * 64) : NULL;
+        failed = M > TILE && !buf;
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < tasks; t++) {
-                int64_t end = (t + 1) * ROWS_PER_TASK < N ? (t + 1) * ROWS_PER_TASK : N;
-                for (int64_t n = t * ROWS_PER_TASK; n < end; n++) {
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+            for (int64_t n = n0; n < n1 && !failed; n++) {
+                if (buf) {
                     decode_row(type, w + n * row_bytes, K, buf);
-                    dot_all(buf, x, ldx, M, K, y + n, ldy);
+                    matmul_rows(F32, (const uint8_t *)buf, 0, 0, 1, K, x, ldx, M, y + n, ldy);
+                } else {
+                    matmul_rows(type, w, row_bytes, n, n + 1, K, x, ldx, M, y, ldy);
                 }
             }
-            free(buf);
         }
+        free(buf);
     }
     return failed;
 }

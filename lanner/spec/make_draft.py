@@ -22,7 +22,7 @@ def make_truncated_draft(target_path: str | None, out_dir: str, num_layers: int 
     from safetensors.torch import save_file
 
     from lanner.model.loader import load_model_files
-    config, weights, tokenizer, _ = load_model_files(target_path)
+    config, weights, tokenizer, _ = load_model_files(target_path, dense=True)
     if not 1 <= num_layers <= config["num_hidden_layers"]:
         raise ValueError(f"num_layers must be in [1, {config['num_hidden_layers']}], got {num_layers}")
     kept = {name: w.to(dtype).contiguous() for name, w in weights.items() if keeps(name, num_layers)}
