@@ -56,7 +56,9 @@ def bench_dense(dtype: torch.dtype, rows: int, reps: int) -> dict:
     from lanner.model.layers import Linear
     linears = []
     for n, k in STEP_SHAPES:
-        lin = Linear(k, n, bias=False).to(dtype)
+        lin = Linear(k, n, bias=False)
+        torch.nn.init.normal_(lin.weight, std=0.02)
+        lin = lin.to(dtype)
         lin.pack()
         linears.append(lin)
     xs = {k: torch.randn(rows, k, dtype=dtype) for k in (576, 1536)}

@@ -41,7 +41,7 @@ class GGUFFile:
     """The metadata (`fields`) and tensor table of a GGUF file, over a memory map of it."""
 
     def __init__(self, path: str):
-        self.map = np.memmap(path, mode="c")   # copy-on-write: views are writable, the file is never written
+        self.map = np.fromfile(path, dtype=np.uint8)   # one sequential read: faster than faulting in a map
         self.pos = 0
         if bytes(self.map[:4]) != b"GGUF":
             raise ValueError("not a GGUF file (bad magic)")

@@ -24,6 +24,10 @@ class Linear(nn.Linear):
     ggml = None        # lanner.quant.ggml.GGMLTensor, when the checkpoint stored the weight in blocks
     lora = None        # lanner.lora.ops.LoRAWeights when LoRA is enabled
 
+    def reset_parameters(self) -> None:
+        """None: every weight comes from a checkpoint (and initializing meta tensors imports torch's compiler
+        stack, seconds of start-up)."""
+
     def pack(self, quantization: str = "none") -> None:
         if self.ggml is not None:
             from lanner.quant.ggml import GGMLLinear
@@ -56,6 +60,9 @@ class Linear(nn.Linear):
 class Embedding(nn.Embedding):
     """nn.Embedding whose table may stay in GGML blocks (`ggml`): looked-up rows are dequantized."""
     ggml = None
+
+    def reset_parameters(self) -> None:
+        """None, as Linear's."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ggml is None:

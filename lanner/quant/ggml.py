@@ -134,10 +134,11 @@ class GGMLLinear:
         self.weight, self.bias = weight, None if bias is None else bias.detach()
         self.out_features, self.in_features = weight.shape
         self.chunk_rows = max(64, DEQUANT_CHUNK_ELEMENTS // self.in_features)
+        self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        lib = kernels()
+        lib = self.lib
         y = self.small(x2, lib) if x2.shape[0] <= SMALL_M and lib is not None else self.large(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -171,7 +172,7 @@ class GGMLLinear:
         if buf is None or buf.dtype != dt or buf.numel() < numel:
             buf = _local.buf = torch.empty(numel, dtype=dt)
         out = buf[:numel].view(b - a, self.in_features)
-        if kernels() is None:
+        if self.lib is None:
             return self.weight._dequantize_numpy(None, b - a, dtype, a)
         w = self.weight._dequantize(None, b - a, dt, out=out, first_row=a)
         return w if w.dtype == dtype else w.to(dtype)
