@@ -5,7 +5,7 @@ shapes: effective weight bandwidth per format, rows M and ISA path. JSON lines, 
 
 One decode step's linears (30 layers of qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536, plus the
 49152x576 LM head) are multiplied in turn, so the weights stream from memory as in a real step (96 MB in
-Q4_1; 536 MB dense fp32, which is what lanner multiplied with before it kept GGUF blocks). `read_gb_s` is a
+Q4_1; 536 MB dense fp32, which is what lanner multiplied with before it kept GGUF blocks). K-quants take widths rounded up to 256. `read_gb_s` is a
 torch.sum over 400 MB in the same run: the machine's read bandwidth, the roof for GEMV.
 """
 import argparse
@@ -43,12 +43,14 @@ def read_bandwidth() -> float:
     return x.numel() * 4 / timed(lambda: x.sum(), 5) / 1e9
 
 
-def bench_format(fmt: str, rows: int, reps: int) -> dict:
-    linears = [ggml.GGMLLinear(random_weight(fmt, n, k, i)) for i, (n, k) in enumerate(STEP_SHAPES)]
-    xs = {k: torch.randn(rows, k) for k in (576, 1536)}
+def bench_format(fmt: str, rows: int, reps: int, path: str = "kernel") -> dict:
+    block = ggml.BLOCKS[fmt][1]   # K-quants' 256-value blocks need widths of 768 where the model has 576
+    linears = [ggml.GGMLLinear(random_weight(fmt, n, -(-k // block) * block, i)) for i, (n, k) in enumerate(STEP_SHAPES)]
+    xs = {lin.in_features: torch.randn(rows, lin.in_features) for lin in linears}
     nbytes = sum(lin.nbytes() for lin in linears)
-    seconds = timed(lambda: [lin(xs[lin.in_features]) for lin in linears], reps)
-    return {"format": fmt, "rows": rows, "ms": round(seconds * 1e3, 2), "weight_mb": round(nbytes / 1e6, 1),
+    call = (lambda lin, x: lin.small(x, lin.lib)) if path == "kernel" else (lambda lin, x: lin.large(x))
+    seconds = timed(lambda: [call(lin, xs[lin.in_features]) for lin in linears], reps)
+    return {"format": fmt, "path": path, "rows": rows, "ms": round(seconds * 1e3, 2), "weight_mb": round(nbytes / 1e6, 1),
             "weight_gb_s": round(nbytes / seconds / 1e9, 2)}
 
 
@@ -65,7 +67,7 @@ def bench_dense(dtype: torch.dtype, rows: int, reps: int) -> dict:
     nbytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
     with torch.inference_mode():
         seconds = timed(lambda: [lin(xs[lin.in_features]) for lin in linears], reps)
-    return {"format": f"dense_{str(dtype).removeprefix('torch.')}", "rows": rows, "ms": round(seconds * 1e3, 2),
+    return {"format": f"dense_{str(dtype).removeprefix('torch.')}", "path": "onednn", "rows": rows, "ms": round(seconds * 1e3, 2),
             "weight_mb": round(nbytes / 1e6, 1), "weight_gb_s": round(nbytes / seconds / 1e9, 2)}
 
 
@@ -75,6 +77,7 @@ def main():
     p.add_argument("--rows", default="1,4,16")
     p.add_argument("--isas", default=",".join(native.supported_isas()[:2]))
     p.add_argument("--dense", default="float32,bfloat16", help="PyTorch dtypes to compare with ('' for none)")
+    p.add_argument("--paths", default="kernel,gemm", help="kernel: ggml_matmul; gemm: dequantize + PyTorch GEMM")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None)
@@ -88,14 +91,15 @@ def main():
         for isa in args.isas.split(","):
             with mock.patch.dict(os.environ, {"LANNER_ISA": isa}):
                 for fmt in args.formats.split(","):
-                    records.append(dict(bench_format(fmt, rows, args.reps), isa=isa))
+                    for path in args.paths.split(","):
+                        records.append(dict(bench_format(fmt, rows, args.reps, path), isa=isa))
         for dtype in filter(None, args.dense.split(",")):
-            records.append(dict(bench_dense(getattr(torch, dtype), rows, args.reps), isa="onednn"))
+            records.append(dict(bench_dense(getattr(torch, dtype), rows, args.reps), isa=native.isa()))
     for r in records:
         r.update(read_gb_s=round(roof, 1), of_read_bw=round(r["weight_gb_s"] / roof, 2),
                  threads=torch.get_num_threads(), **common.machine_fields())
         common.emit(r, args.out)
-    common.summary_table(records, ["format", "isa", "rows", "ms", "weight_mb", "weight_gb_s", "of_read_bw"])
+    common.summary_table(records, ["format", "path", "isa", "rows", "ms", "weight_mb", "weight_gb_s", "of_read_bw"])
 
 
 if __name__ == "__main__":

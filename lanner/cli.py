@@ -23,6 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="serve a PEFT LoRA adapter under NAME (repeatable); enables LoRA")
     p.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct adapters in one batch")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
+    p.add_argument("--no-dense-gemm-weights", dest="dense_gemm_weights", action="store_false",
+                   help="hold a GGUF model's weights only as blocks: prefill and big batches dequantize them "
+                        "per step (less memory, slower) instead of using a dense oneDNN copy")
     p.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS) + list(QUANTIZATION_ALIASES),
                    help="an HF model's linears quantized at load into a GGML block format (int8 = q8_0, "
                         "int4 = q4_1) or nf4 as in QLoRA; a GGUF model keeps its file's formats")
@@ -36,7 +39,7 @@ def engine_kwargs(args) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
                 device=args.device, speculative=args.speculative,
-                quantization=args.quantization, enable_lora=bool(args.lora), max_loras=args.max_loras,
+                quantization=args.quantization, dense_gemm_weights=args.dense_gemm_weights, enable_lora=bool(args.lora), max_loras=args.max_loras,
                 max_lora_rank=args.max_lora_rank)
 
 

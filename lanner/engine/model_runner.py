@@ -33,7 +33,7 @@ class ModelRunner:
         # weights kept in GGML blocks leave meta placeholders, which only change dtype (GGUF loads dense off CPU)
         self.model.to(dtype=self.dtype).eval() if cfg.device == "cpu" else self.model.to(cfg.device, self.dtype).eval()
         self.model.layers[0].self_attn.rotary.cos_sin = self.model.layers[0].self_attn.rotary.cos_sin.float()
-        self.model.pack_weights(cfg.quantization)
+        self.model.pack_weights(cfg.quantization, cfg.dense_gemm_weights)
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(cfg.kv_cache_memory)
         shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_cache = (zeros_on_huge_pages(shape, self.dtype) if cfg.device == "cpu"

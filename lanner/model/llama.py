@@ -76,12 +76,12 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, rope, meta)
         return self.norm(x, residual)[0]
 
-    def pack_weights(self, quantization: str = "none") -> None:
+    def pack_weights(self, quantization: str = "none", dense_gemm: bool = True) -> None:
         """Inference layouts for every linear. An HF model's LM head is not quantized at load (it is the
         most sensitive linear); a GGUF model's keeps the format its file gives it, as llama.cpp's does."""
         for name, module in self.named_modules():
             if isinstance(module, Linear):
-                module.pack("none" if name == "lm_head" else quantization)
+                module.pack("none" if name == "lm_head" else quantization, dense_gemm)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,10 +1,11 @@
 """Weights kept in GGML's block formats, as GGUF files store them, and the linears that multiply with them.
 
 A GGUF model's weights are not dequantized at load: each stays as its rows of blocks (Q4_1 is 0.625 bytes
-a weight, 6.4x fewer than fp32), and ggml.c multiplies with them directly. Rows up to SMALL_M (decode,
-speculative verify) decode each weight row once into L1 and dot it with every activation row, so the
-step streams the quantized bytes once; larger batches (prefill) dequantize chunks of rows into a scratch
-buffer and run PyTorch's GEMM, where the dequantization is paid once for many rows.
+a weight, 6.4x fewer than fp32), and ggml.c multiplies with them directly. Steps of up to SMALL_M rows
+(single-stream decode) decode each weight block in registers and dot it with every activation row, so
+the step streams the quantized bytes once. Larger steps (prefill, big batches) are compute-bound: they
+run oneDNN's GEMM on a dense copy made at load (`dense_gemm_weights`, the default), or, without one,
+dequantize chunks of rows into a scratch buffer per call.
 HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1).
 """
 from __future__ import annotations
@@ -26,7 +27,9 @@ BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": 
           "Q6_K": (14, 256, 210), "BF16": (30, 32, 64)}
 KERNEL_TYPES = {type_id: name for name, (type_id, _, _) in BLOCKS.items()}
 QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model can be quantized into at load
-SMALL_M = 16                  # activation rows up to which the kernel multiplies directly
+# activation rows up to which the kernel multiplies directly: beyond 4 rows oneDNN's GEMM on a dense copy
+# is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16
+SMALL_M, SMALL_M_WITHOUT_DENSE = 4, 16
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 
 _local = threading.local()
@@ -62,6 +65,7 @@ class GGMLTensor:
     def __init__(self, type_name: str, shape: tuple[int, int], data: torch.Tensor):
         self.type_name, self.shape, self.data = type_name, tuple(shape), data
         self.type_id, self.block, self.block_bytes = BLOCKS[type_name]
+        self.data_ptr, self.row_bytes = data.data_ptr(), data.shape[-1]
         if shape[1] % self.block or data.shape != (shape[0], shape[1] // self.block * self.block_bytes):
             raise ValueError(f"{type_name} weight of shape {shape}: rows of {data.shape[-1]} bytes do not hold "
                              f"{shape[1]} values in blocks of {self.block}")
@@ -130,8 +134,9 @@ class GGMLLinear:
     """x[..., in] -> x @ W^T + b for a GGMLTensor W [out, in], in x's dtype (fp32 or bf16)."""
     mode = "ggml"
 
-    def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, None if bias is None else bias.detach()
+    def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None):
+        """dense: the same weight in oneDNN's packed layout, for the large-batch path (else dequantized per call)."""
+        self.weight, self.bias, self.dense = weight, None if bias is None else bias.detach(), dense
         self.out_features, self.in_features = weight.shape
         self.chunk_rows = max(64, DEQUANT_CHUNK_ELEMENTS // self.in_features)
         self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
@@ -139,20 +144,24 @@ class GGMLLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         lib = self.lib
-        y = self.small(x2, lib) if x2.shape[0] <= SMALL_M and lib is not None else self.large(x2)
+        small = SMALL_M if self.dense is not None else SMALL_M_WITHOUT_DENSE
+        y = self.small(x2, lib) if x2.shape[0] <= small and lib is not None else self.large(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
     def small(self, x: torch.Tensor, lib) -> torch.Tensor:
         xf = x.float().contiguous()
-        m, (n, k), w = xf.shape[0], self.weight.shape, self.weight.data
+        m, (n, k), w = xf.shape[0], self.weight.shape, self.weight
         y = torch.empty(m, n, dtype=torch.float32)
-        _check(lib.ggml_matmul(self.weight.type_id, w.data_ptr(), w.shape[1], n, k, xf.data_ptr(), k, m,
-                               y.data_ptr(), n, torch.get_num_threads()), "matmul")
+        _check(lib.ggml_matmul(w.type_id, w.data_ptr, w.row_bytes, n, k, xf.data_ptr(), k, m, y.data_ptr(), n,
+                               torch.get_num_threads()), "matmul")
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype)
 
     def large(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.dtype == self.dense.dtype:
+            from lanner.model.layers import onednn_linear
+            return onednn_linear(x, self.dense, None if self.bias is None else self.bias.to(x.dtype))
         dt, n, step = x.dtype, self.out_features, self.chunk_rows
         bias = None if self.bias is None else self.bias.to(dt)
         if n <= step:
