@@ -1,0 +1,52 @@
+"""Fused decoder steps (lanner/model/fused.c) equal HF's modules; a GGML linear's dense twin equals its blocks."""
+import pytest
+import torch
+from test_ggml import random_weight
+
+from lanner.model import fused
+from lanner.model.layers import onednn_pack
+from lanner.quant.ggml import GGMLLinear
+
+pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_equals_hf(dtype, with_residual):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    hf = LlamaRMSNorm(576, eps=1e-5)
+    hf.weight.data = torch.randn(576)
+    hf = hf.to(dtype)
+    x, residual = torch.randn(3, 576).to(dtype), torch.randn(3, 576).to(dtype)
+    want_sum = x + residual if with_residual else x
+    want = hf(want_sum)
+    res = residual.clone() if with_residual else None
+    with torch.inference_mode():
+        got = fused.rms_norm(x, res, hf.weight.detach(), 1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(got, want, **tol)
+    if with_residual:
+        assert torch.equal(res, want_sum)            # the residual stream now holds the sum
+
+
+def test_rms_norm_declines_what_it_does_not_take():
+    w = torch.ones(8)
+    with torch.inference_mode():
+        assert fused.rms_norm(torch.randn(2, 16)[:, ::2], None, w, 1e-6) is None    # strided rows
+        assert fused.rms_norm(torch.randn(2, 8).half(), None, w.half(), 1e-6) is None
+    x = torch.randn(2, 8, requires_grad=True)
+    assert fused.rms_norm(x, None, w, 1e-6) is None                                   # training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_twin_answers_like_the_blocks(dtype):
+    w = random_weight("Q4_1", 96, 128)
+    dense = onednn_pack(w.dequantize(dtype))
+    if dense is None:
+        pytest.skip("oneDNN does not run this dtype natively here")
+    lin = GGMLLinear(w, None, dense)
+    x = torch.randn(40, 128).to(dtype)
+    with torch.inference_mode():
+        twin, blocks = lin.large(x), torch.cat([lin.small(x[i:i + 4], lin.lib) for i in range(0, 40, 4)])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(twin.float(), blocks.float(), rtol=tol, atol=tol * blocks.abs().max().item())
