@@ -36,12 +36,25 @@ class ModelConfig:
             num_layers=hf["num_hidden_layers"], num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, vocab_size=hf["vocab_size"],
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=hf.get("rope_theta", 10000.0),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta(hf),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=hf.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            rope_scaling=hf.get("rope_scaling"), bos_token_id=hf.get("bos_token_id"),
+            rope_scaling=rope_scaling(hf), bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos)
+
+
+def rope_theta(hf: dict) -> float:
+    """transformers 5 writes `rope_parameters: {rope_theta, rope_type, ...}`; older versions `rope_theta`."""
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def rope_scaling(hf: dict) -> dict | None:
+    """The rope scaling, from either format; None for plain rotary."""
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    return None if kind in (None, "default") else scaling
 
 
 @dataclass

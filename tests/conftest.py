@@ -59,6 +59,18 @@ def hf_default(default_files):
     return hf_model_from(config, weights)
 
 
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, hf_default):
+    """The default model as an HF directory written by the installed transformers (dense fp32 weights)."""
+    from lanner.model.loader import pull_default_model
+    from transformers import AutoTokenizer
+    path = tmp_path_factory.mktemp("smollm2_hf")
+    hf_default.save_pretrained(path)
+    gguf = pull_default_model()
+    AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).save_pretrained(path)
+    return str(path)
+
+
 def make_llm(model=None, **kwargs):
     from lanner import LLM
     kwargs.setdefault("dtype", "float32")

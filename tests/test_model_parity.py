@@ -103,3 +103,25 @@ def test_corrupt_weights_file_is_a_clear_error(tmp_path, llm):
     bad.write_bytes(b"GGUF" + b"\0" * 20)
     with pytest.raises(ValueError, match="cannot read GGUF file"):
         make_llm(str(bad))
+
+
+def test_hf_dir_saved_by_installed_transformers_generates_like_hf(hf_dir, hf_default):
+    """transformers 5 writes rope_parameters (no top-level rope_theta): the rotary base must come from it."""
+    config = json.load(open(f"{hf_dir}/config.json"))
+    ours = make_llm(hf_dir)
+    assert ours.engine.runner.model_cfg.rope_theta == hf_default.config.rope_parameters["rope_theta"] == 100000.0
+    for prompt in ("def add(a, b):", PROMPTS[2]):
+        ids = ours.tokenizer.encode(prompt)
+        got = ours.generate([ids], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        assert got == hf_greedy(hf_default, ids, GREEDY.max_tokens), (prompt, config.get("rope_parameters"))
+
+
+def test_an_unsupported_rope_type_is_refused_by_name(tmp_path, hf_dir):
+    import shutil
+    target = tmp_path / "yarn"
+    shutil.copytree(hf_dir, target)
+    config = json.load(open(target / "config.json"))
+    config["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "yarn", "factor": 4.0}
+    json.dump(config, open(target / "config.json", "w"))
+    with pytest.raises(ValueError, match="yarn"):
+        make_llm(str(target))

@@ -13,18 +13,6 @@ from lanner.quant.ggml import GGMLLinear
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, hf_default):
-    """The default model as an HF directory written by the installed transformers (dense fp32 weights)."""
-    from lanner.model.loader import pull_default_model
-    from transformers import AutoTokenizer
-    path = tmp_path_factory.mktemp("smollm2_hf")
-    hf_default.save_pretrained(path)
-    gguf = pull_default_model()
-    AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)).save_pretrained(path)
-    return str(path)
-
-
 def greedy(llm, n=6):
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:n]]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
