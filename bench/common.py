@@ -151,6 +151,46 @@ def llama_cpp_generate(llm, prompt: list[int], n_out: int) -> list[float]:
     return times
 
 
+def vllm_python() -> str:
+    """The python of the vLLM venv that bench/vllm_venv.sh makes (it may not exist)."""
+    from lanner.cache import cache_dir
+    venv = os.environ.get("LANNER_VLLM_VENV") or os.path.join(cache_dir(), "vllm-venv")
+    return os.path.join(venv, "bin", "python")
+
+
+def hf_dir_for(path: str) -> str:
+    """A GGUF file as a dense HF directory (fp32 safetensors, config, tokenizer) for peers that cannot read GGUF
+    (vLLM): lanner's own dequantized weights put into the transformers model, built once and cached beside the
+    vLLM venv. The peer so runs exactly the weights lanner runs."""
+    from lanner.cache import cache_dir
+    base = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(cache_dir(), "hf-models", f"{base}-{os.path.getsize(path)}")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import shutil
+    import transformers
+    from lanner.model.loader import load_model_files
+    config, weights, _, _ = load_model_files(path, dense=True)
+    arch = config["architectures"][0]
+    cfg_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
+               "MistralForCausalLM": transformers.MistralConfig}[arch]
+    hf_cfg = cfg_cls(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    model = getattr(transformers, arch)(hf_cfg).float().eval()
+    missing, _ = model.load_state_dict(weights, strict=False)
+    if hf_cfg.tie_word_embeddings:
+        model.tie_weights()
+    missing = [k for k in missing if not (k == "lm_head.weight" and hf_cfg.tie_word_embeddings)
+               and "rotary_emb" not in k]
+    assert not missing, f"weights missing from {path}: {missing[:5]}"
+    partial = out + ".part"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)) \
+        .save_pretrained(partial)
+    os.replace(partial, out)      # a half-written directory is never taken for a model
+    return out
+
+
 # ---- output -----------------------------------------------------------------------------------------
 def emit(record: dict, out_file: str | None) -> None:
     line = json.dumps(record)

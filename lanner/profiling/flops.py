@@ -50,8 +50,10 @@ def check_phase(phase: str) -> None:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
 
-def linear(rows: int, n_in: int, n_out: int, b: int) -> Cost:
-    return Cost(2.0 * rows * n_in * n_out, float(b * (n_in * n_out + rows * n_in + rows * n_out)))
+def linear(rows: int, n_in: int, n_out: int, b: int, weight_b: float | None = None) -> Cost:
+    """weight_b: bytes a weight takes (GGML blocks take fewer than the activations' b)."""
+    weight_b = b if weight_b is None else weight_b
+    return Cost(2.0 * rows * n_in * n_out, float(weight_b * n_in * n_out + b * (rows * n_in + rows * n_out)))
 
 
 def attention_core(cfg: ModelConfig, phase: str, batch: int, context: int, b: int) -> Cost:
@@ -66,24 +68,27 @@ def attention_core(cfg: ModelConfig, phase: str, batch: int, context: int, b: in
     return Cost(float(batch * flops), float(batch * moved))
 
 
-def component_costs(cfg: ModelConfig, phase: str, batch: int, context: int, dtype_bytes: int = 2) -> dict[str, Cost]:
-    """{component: Cost} of one step over all layers; names match the profiler's timed components."""
+def component_costs(cfg: ModelConfig, phase: str, batch: int, context: int, dtype_bytes: int = 2,
+                    weight_bytes: dict[str, float] | None = None) -> dict[str, Cost]:
+    """{component: Cost} of one step over all layers; names match the profiler's timed components.
+    weight_bytes: bytes per weight of a linear component where it differs from dtype_bytes."""
     t, b, L = num_tokens(phase, batch, context), dtype_bytes, cfg.num_layers
+    wb = (weight_bytes or {}).get
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     rotary_elems = t * (hq + hkv) * d
     return {
         "embedding": Cost(0.0, float(2 * t * h * b)),
         "norms": Cost(5.0 * t * h, float(4 * t * h * b)) * (2 * L + 1),
-        "qkv_proj": linear(t, h, (hq + 2 * hkv) * d, b) * L,
+        "qkv_proj": linear(t, h, (hq + 2 * hkv) * d, b, wb("qkv_proj")) * L,
         "rotary": Cost(3.0 * rotary_elems, float(2 * rotary_elems * b + t * d * 4)) * L,
         "kv_store": Cost(0.0, float(2 * 2 * t * hkv * d * b)) * L,
         "attention": attention_core(cfg, phase, batch, context, b) * L,
-        "o_proj": linear(t, hq * d, h, b) * L,
-        "gate_up_proj": linear(t, h, 2 * i, b) * L,
+        "o_proj": linear(t, hq * d, h, b, wb("o_proj")) * L,
+        "gate_up_proj": linear(t, h, 2 * i, b, wb("gate_up_proj")) * L,
         "mlp_act": Cost(5.0 * t * i, float(3 * t * i * b)) * L,
-        "down_proj": linear(t, i, h, b) * L,
-        "lm_head": linear(batch, h, v, b),
+        "down_proj": linear(t, i, h, b, wb("down_proj")) * L,
+        "lm_head": linear(batch, h, v, b, wb("lm_head")),
         "sampling": Cost(0.0, float(4 * batch * v)),
     }
 

@@ -240,7 +240,8 @@ class Profiler:
         typical = middle(sorted(parts, key=lambda tp: tp[0]))   # whole runs, so their parts still add up
         mean_ms = lambda xs: 1e3 * sum(xs) / len(xs)
         dtype_bytes = self.engine.runner.dtype.itemsize
-        costs = component_costs(self.engine.model_config, case.phase, case.batch, case.context, dtype_bytes)
+        costs = component_costs(self.engine.model_config, case.phase, case.batch, case.context, dtype_bytes,
+                                weight_bytes(self.engine.runner.model))
         return CaseResult(case.phase, case.batch, case.context, case.tokens, mean_ms(middle(sorted(plain))),
                           mean_ms([t for t, _ in typical]),
                           {n: mean_ms([p.get(n, 0.0) for _, p in typical]) for n in names},
@@ -268,3 +269,15 @@ def describe_engine(engine) -> dict:
 
 __all__ = ["Case", "CaseResult", "Profiler", "PHASES", "cases_for", "engine_config_for", "resolve_backend",
            "describe_engine", "MODEL_COMPONENTS"]
+
+
+def weight_bytes(model) -> dict[str, float]:
+    """Bytes per weight of each linear component (GGML blocks: 0.625 for Q4_1) for the byte counts."""
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    linears = {"qkv_proj": attn.qkv_proj, "o_proj": attn.o_proj, "gate_up_proj": mlp.gate_up_proj,
+               "down_proj": mlp.down_proj, "lm_head": model.lm_head}
+    sizes = {}
+    for name, lin in linears.items():
+        nbytes = getattr(lin.quantized, "nbytes", None)
+        sizes[name] = nbytes() / (lin.in_features * lin.out_features) if nbytes else lin.weight.element_size()
+    return sizes
