@@ -50,3 +50,38 @@ def test_dense_twin_answers_like_the_blocks(dtype):
         twin, blocks = lin.large(x), torch.cat([lin.small(x[i:i + 4], lin.lib) for i in range(0, 40, 4)])
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(twin.float(), blocks.float(), rtol=tol, atol=tol * blocks.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_equals_rotary_then_store_kv(dtype):
+    from lanner.attention import cpu
+    from lanner.model.layers import RotaryEmbedding
+    hq, hkv, d, t = 6, 2, 64, 5
+    rotary = RotaryEmbedding(d, 64, 100000.0, None)
+    positions = torch.tensor([3, 9, 10, 40, 63])
+    table = rotary.table(positions, dtype)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype)
+    slots = torch.tensor([7, -1, 0, 12, 3])
+    caches = [torch.zeros(4, 4, hkv, d, dtype=dtype) for _ in range(4)]
+    # the PyTorch ops the fused call replaces
+    qk, v = qkv.clone().split([(hq + hkv) * d, hkv * d], dim=-1)
+    qk, = rotary(table, qk.reshape(t, hq + hkv, d))
+    q_want, k = qk.split([hq, hkv], dim=1)
+    cpu.store_kv(k, v.reshape(t, hkv, d), caches[0], caches[1], slots)
+    with torch.inference_mode():
+        assert fused.rope_store(qkv, table, caches[2], caches[3], slots, hq, hkv)
+    # bf16: every rounding as HF's ops round; fp32: up to the compiler fusing a multiply-add
+    tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qkv.view(t, -1, d)[:, :hq], q_want, **tol)
+    torch.testing.assert_close(caches[2], caches[0], **tol)
+    assert torch.equal(caches[3], caches[1])                       # v is copied as is
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_equals_torch(dtype):
+    gate_up = (torch.randn(3, 2 * 200) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    with torch.inference_mode():
+        got = fused.silu_mul(gate_up)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, **tol)

@@ -51,3 +51,48 @@ void rms_norm(const void *x, void *residual, const void *weight, void *out, int6
         }
     }
 }
+
+static inline float round_to(float f, int bf16) {   /* f as the activations' dtype holds it */
+    if (!bf16)
+        return f;
+    uint16_t h;
+    store(&h, 0, f, 1);
+    return load(&h, 0, 1);
+}
+
+/* Rotary on the q and k heads of qkv [T, (hq + 2 hkv) * D] in place (HF's half-split layout; cos_sin
+ * [T, D] = cos | sin in the activations' dtype; every product and sum rounded as HF's bf16 ops round),
+ * then k and v of token t written to row slots[t] of the caches [slots, hkv, D] (slot < 0: skipped). */
+void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int D, const int64_t *slots,
+                void *k_cache, void *v_cache, int bf16) {
+    const int half = D / 2, width = (hq + 2 * hkv) * D, es = bf16 ? 2 : 4;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t row = t * width;
+        for (int h = 0; h < hq + hkv; h++) {
+            const int64_t at = row + (int64_t)h * D;
+            for (int i = 0; i < half; i++) {
+                float c = load(cos_sin, t * D + i, bf16), s = load(cos_sin, t * D + half + i, bf16);
+                float x1 = load(qkv, at + i, bf16), x2 = load(qkv, at + half + i, bf16);
+                float r1 = round_to(round_to(x1 * c, bf16) - round_to(x2 * s, bf16), bf16);
+                float r2 = round_to(round_to(x2 * c, bf16) + round_to(x1 * s, bf16), bf16);
+                store(qkv, at + i, r1, bf16);
+                store(qkv, at + half + i, r2, bf16);
+            }
+        }
+        if (slots[t] < 0)
+            continue;
+        const int64_t kv = (int64_t)hkv * D;
+        memcpy((char *)k_cache + slots[t] * kv * es, (char *)qkv + (row + (int64_t)hq * D) * es, kv * es);
+        memcpy((char *)v_cache + slots[t] * kv * es, (char *)qkv + (row + (int64_t)(hq + hkv) * D) * es, kv * es);
+    }
+}
+
+/* out[t, i] = silu(gate[t, i]) * up[t, i] for gate | up = x[t, :2I], rounded as HF's bf16 ops round */
+void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t i = 0; i < I; i++) {
+            float g = load(x, t * 2 * I + i, bf16), u = load(x, t * 2 * I + I + i, bf16);
+            store(out, t * I + i, round_to(g / (1.0f + expf(-g)), bf16) * u, bf16);
+        }
+    }
+}

@@ -1,4 +1,5 @@
-"""fused.c: small decoder steps in one call each (PyTorch would dispatch several ops for each)."""
+"""fused.c: small decoder steps in one call each (PyTorch would dispatch several ops for each):
+RMSNorm with the residual add, rotary with the KV store, silu(gate) * up."""
 import ctypes
 import functools
 import os
@@ -16,7 +17,10 @@ def _lib_for(flags: tuple):
     if lib is not None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.rms_norm.argtypes = [p, p, p, p, i64, i64, ctypes.c_float, ctypes.c_int]
-        lib.rms_norm.restype = None
+        lib.rms_norm.restype = lib.rope_store.restype = lib.silu_mul.restype = None
+        i, i64 = ctypes.c_int, ctypes.c_int64
+        lib.rope_store.argtypes = [p, p, i64, i, i, i, p, p, p, i]
+        lib.silu_mul.argtypes = [p, p, i64, i64, i]
     return lib
 
 
@@ -38,4 +42,33 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     out = torch.empty_like(x)
     lib.rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
                  x.numel() // x.shape[-1], x.shape[-1], eps, int(dtype == torch.bfloat16))
+    return out
+
+
+def _fits(*tensors: torch.Tensor) -> bool:
+    dtype = tensors[0].dtype
+    return not torch.is_grad_enabled() and dtype in (torch.float32, torch.bfloat16) and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
+def rope_store(qkv: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               slots: torch.Tensor, num_heads: int, num_kv_heads: int) -> bool:
+    """Rotary on qkv's q and k heads in place, k and v stored at their slots; False where it does not
+    apply (the caller then runs the PyTorch ops)."""
+    lib = library()
+    if lib is None or not _fits(qkv, cos_sin, k_cache, v_cache) or slots.dtype != torch.int64:
+        return False
+    lib.rope_store(qkv.data_ptr(), cos_sin.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, k_cache.shape[-1],
+                   slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(qkv.dtype == torch.bfloat16))
+    return True
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for gate | up = gate_up [T, 2I]; None where it does not apply."""
+    lib = library()
+    if lib is None or not _fits(gate_up):
+        return None
+    t, i = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(t, i, dtype=gate_up.dtype)
+    lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), t, i, int(gate_up.dtype == torch.bfloat16))
     return out

@@ -127,12 +127,12 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), rope_inv_freq(head_dim, theta, scaling))
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(), persistent=False)
 
-    def table(self, positions: torch.Tensor, dtype: torch.dtype):
-        """(cos, sin), each [T, 1, D/2], for positions: looked up once per forward, shared by every layer."""
-        return self.cos_sin[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """cos | sin [T, D] of positions, in dtype: looked up once per forward, shared by every layer."""
+        return self.cos_sin[positions].to(dtype)
 
-    def forward(self, table, *xs: torch.Tensor):
-        cos, sin = table
+    def forward(self, table: torch.Tensor, *xs: torch.Tensor):
+        cos, sin = table.unsqueeze(-2).chunk(2, dim=-1)
         return tuple(self.rotate(x, cos, sin) for x in xs)
 
     @staticmethod

@@ -4,6 +4,7 @@ from torch import nn
 
 from lanner.attention import AttentionMetadata
 from lanner.config import ModelConfig
+from lanner.model import fused
 from lanner.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from lanner.quant.ggml import GGMLTensor
 
@@ -18,11 +19,15 @@ class Attention(nn.Module):
         self.rotary, self.backend = rotary, backend
         self.k_cache = self.v_cache = None   # [num_blocks, block_size, Hkv, D], set by the runner
 
-    def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk, = self.rotary(rope, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))  # q, k at once
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        self.backend.store_kv(k, v.view_as(k), self.k_cache, self.v_cache, meta.slot_mapping)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        if fused.rope_store(qkv, rope, self.k_cache, self.v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads):
+            q = qkv.view(qkv.shape[0], -1, self.head_dim)[:, :self.num_heads]
+        else:
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            qk, = self.rotary(rope, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))  # q, k at once
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            self.backend.store_kv(k, v.view_as(k), self.k_cache, self.v_cache, meta.slot_mapping)
         out = self.backend.attention(q, self.k_cache, self.v_cache, meta)
         return self.o_proj(out.flatten(1))
 
@@ -34,8 +39,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        act = fused.silu_mul(gate_up)
+        if act is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = nn.functional.silu(gate) * up
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):

@@ -27,7 +27,7 @@ import torch
 
 from lanner.engine.sequence import Status
 from lanner.profiling.flops import PHASES, check_phase, component_costs, num_tokens
-from lanner.profiling.timing import Timer, device_sync, instrument
+from lanner.profiling.timing import COMPONENTS, Timer, device_sync, instrument
 from lanner.sampling_params import SamplingParams
 
 LONG_STEP_S = 2.0
@@ -236,7 +236,7 @@ class Profiler:
                 break
             plain.append(self.step(case, False)[0])
             parts.append(self.step(case, True))
-        names = sorted({n for _, p in parts for n in p})
+        names = sorted(set(COMPONENTS) | {n for _, p in parts for n in p})   # a fused-away component: 0
         typical = middle(sorted(parts, key=lambda tp: tp[0]))   # whole runs, so their parts still add up
         mean_ms = lambda xs: 1e3 * sum(xs) / len(xs)
         dtype_bytes = self.engine.runner.dtype.itemsize

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import torch
 
+from lanner.model import fused
+
 # component -> what it is; the engine's step is the outermost timed call ("engine_other" = its own code).
 COMPONENTS = {
     "schedule": "Scheduler.schedule",
@@ -21,8 +23,8 @@ COMPONENTS = {
     "embedding": "embed_tokens",
     "norms": "input / post-attention / final RMSNorm (with the residual add)",
     "qkv_proj": "fused QKV projection",
-    "rotary": "rotary embedding of q and k",
-    "kv_store": "backend.store_kv: new K/V into the paged cache",
+    "rotary": "rotary embedding of q and k (and the KV store, where fused.rope_store does both)",
+    "kv_store": "backend.store_kv: new K/V into the paged cache (0 where fused.rope_store stores them)",
     "attention": "backend.attention: the attention core over the paged cache",
     "o_proj": "attention output projection",
     "gate_up_proj": "fused gate/up projection",
@@ -116,6 +118,7 @@ def instrument(engine, timer: Timer):
     time_forward(model.embed_tokens, "embedding")
     time_forward(model.norm, "norms")
     patch(model, "compute_logits", timer.wrap(model.compute_logits, "lm_head"))
+    patch(fused, "rope_store", timer.wrap(fused.rope_store, "rotary"))
     rotaries = {}
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
