@@ -1,14 +1,14 @@
 /* Matmul and dequantization for weights kept in GGML's block formats, compiled at first use.
  *
  * A weight is [N, K] rows of blocks, exactly as a GGUF file stores it (row n is row_bytes bytes). The one
- * source builds for AVX-512, AVX2 + FMA + F16C, or plain x86-64 (SSE2), picked by the -m flags the builder
- * passes: the code is written with GCC vector extensions and short fixed-length loops that GCC lowers to
- * whatever vectors the target has, so every path computes the same sums in the same order.
+ * source builds for AVX-512, AVX2 + FMA + F16C, or plain x86-64 (SSE2), picked by the -march level that
+ * lanner.native passes: it is written with GCC vector extensions of the target's width (VW floats) and
+ * one widening load per target, so the paths differ only in vector width (and summation order).
  *
- * Activations stay fp32: a row's blocks are decoded to fp32 in a small per-thread buffer (L1-resident)
- * and dotted with up to TILE activation rows at once, so each weight byte is read from memory once per
- * call however many rows (decode batch, verify rows) multiply with it. Results equal a dequantize-then-
- * matmul in fp32 up to summation order.
+ * Activations stay fp32. Up to TILE activation rows: each block is decoded in registers and dotted with
+ * every row at once, so a weight byte is read once per call (single-stream decode). More rows: each
+ * weight row is decoded once into a per-thread buffer (L1) that every tile of rows then reads. Results
+ * equal a dequantize-then-matmul in fp32 up to summation order.
  */
 #include <stdint.h>
 #include <stdlib.h>
