@@ -89,13 +89,13 @@ class GGUFFile:
         return values.tolist()
 
     def strings(self, count: int) -> list[str]:
-        raw = bytes(self.map[self.pos:self.pos + min(len(self.map) - self.pos, 2**31)])
-        out, at = [], 0
+        raw, unpack = memoryview(self.map), struct.Struct("<Q").unpack_from
+        out, at = [], self.pos
         for _ in range(count):
-            n = int.from_bytes(raw[at:at + 8], "little")
-            out.append(raw[at + 8:at + 8 + n].decode("utf-8", errors="replace"))
+            n, = unpack(raw, at)
             at += 8 + n
-        self.pos += at
+            out.append(str(raw[at - n:at], "utf-8", "replace"))
+        self.pos = at
         return out
 
     def raw(self, t: TensorInfo) -> np.ndarray:
