@@ -34,6 +34,8 @@ def test_rms_norm_declines_what_it_does_not_take():
     with torch.inference_mode():
         assert fused.rms_norm(torch.randn(2, 16)[:, ::2], None, w, 1e-6) is None    # strided rows
         assert fused.rms_norm(torch.randn(2, 8).half(), None, w.half(), 1e-6) is None
+        assert fused.rms_norm(torch.randn(fused.MAX_ROWS + 1, 8), None, w, 1e-6) is None   # prefill sizes
+        assert fused.silu_mul(torch.randn(fused.MAX_ROWS + 1, 8)) is None
     x = torch.randn(2, 8, requires_grad=True)
     assert fused.rms_norm(x, None, w, 1e-6) is None                                   # training
 

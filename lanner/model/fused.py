@@ -9,6 +9,9 @@ import torch
 from lanner import native
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused.c")
+# rows up to which one plain C call beats PyTorch's several vectorized ops: the win is dispatch cost, which
+# only dominates at decode sizes (at 64 rows the scalar silu alone cost more than the ops it replaced)
+MAX_ROWS = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,12 +35,12 @@ def library():
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """(x + residual) normalized and scaled by weight, residual updated in place to the sum; None where
-    the fused kernel does not apply (gradients, other devices or dtypes, strided rows, no compiler)."""
+    the fused kernel does not apply (more than MAX_ROWS rows, gradients, other devices or dtypes, strided
+    rows, no compiler)."""
     lib = library()
     dtype = x.dtype
-    if lib is None or torch.is_grad_enabled() or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) \
-            or weight.dtype != dtype or not x.is_contiguous() or (residual is not None and (
-                residual.dtype != dtype or not residual.is_contiguous() or residual.shape != x.shape)):
+    if lib is None or x.numel() > MAX_ROWS * x.shape[-1] or not _fits(x) or weight.dtype != dtype or (
+            residual is not None and (residual.dtype != dtype or not residual.is_contiguous() or residual.shape != x.shape)):
         return None
     out = torch.empty_like(x)
     lib.rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
@@ -47,8 +50,8 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
 
 def _fits(*tensors: torch.Tensor) -> bool:
     dtype = tensors[0].dtype
-    return not torch.is_grad_enabled() and dtype in (torch.float32, torch.bfloat16) and all(
-        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+    return tensors[0].shape[0] <= MAX_ROWS and not torch.is_grad_enabled() and dtype in (torch.float32, torch.bfloat16) \
+        and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
 
 
 def rope_store(qkv: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
