@@ -31,7 +31,10 @@ class ModelRunner:
         self.model = LlamaForCausalLM(model_cfg, self.backend, max_model_len)
         self.model.load_hf_weights(weights)
         # weights kept in GGML blocks leave meta placeholders, which only change dtype (GGUF loads dense off CPU)
-        self.model.to(dtype=self.dtype).eval() if cfg.device == "cpu" else self.model.to(cfg.device, self.dtype).eval()
+        if cfg.device == "cpu":
+            self.model.to(dtype=self.dtype).eval()
+        else:
+            self.model.to(cfg.device, self.dtype).eval()
         self.model.layers[0].self_attn.rotary.cos_sin = self.model.layers[0].self_attn.rotary.cos_sin.float()
         self.model.pack_weights(cfg.quantization, cfg.dense_gemm_weights)
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(cfg.kv_cache_memory)

@@ -15,22 +15,16 @@ MAX_ROWS = 16
 
 
 @functools.lru_cache(maxsize=None)
-def _lib_for(flags: tuple):
-    lib = native.load(SOURCE, flags)
-    if lib is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.rms_norm.argtypes = [p, p, p, p, i64, i64, ctypes.c_float, ctypes.c_int]
-        lib.rms_norm.restype = lib.rope_store.restype = lib.silu_mul.restype = None
-        i, i64 = ctypes.c_int, ctypes.c_int64
-        lib.rope_store.argtypes = [p, p, i64, i, i, i, p, p, p, i]
-        lib.silu_mul.argtypes = [p, p, i64, i64, i]
-    return lib
-
-
-@functools.lru_cache(maxsize=None)
 def library():
     """Built once per process: these steps are plain C, the same on every ISA level."""
-    return _lib_for(tuple(native.isa_flags())) if native.enabled() else None
+    lib = native.library(SOURCE)
+    if lib is not None:
+        p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        lib.rms_norm.argtypes = [p, p, p, p, i64, i64, ctypes.c_float, i]
+        lib.rope_store.argtypes = [p, p, i64, i, i, i, p, p, p, i]
+        lib.silu_mul.argtypes = [p, p, i64, i64, i]
+        lib.rms_norm.restype = lib.rope_store.restype = lib.silu_mul.restype = None
+    return lib
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -39,8 +33,8 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     rows, no compiler)."""
     lib = library()
     dtype = x.dtype
-    if lib is None or x.numel() > MAX_ROWS * x.shape[-1] or not _fits(x) or weight.dtype != dtype or (
-            residual is not None and (residual.dtype != dtype or not residual.is_contiguous() or residual.shape != x.shape)):
+    others = () if residual is None else (residual,)
+    if lib is None or not _fits(x, weight, *others) or any(r.shape != x.shape for r in others):
         return None
     out = torch.empty_like(x)
     lib.rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
@@ -49,8 +43,9 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
 
 
 def _fits(*tensors: torch.Tensor) -> bool:
-    dtype = tensors[0].dtype
-    return tensors[0].shape[0] <= MAX_ROWS and not torch.is_grad_enabled() and dtype in (torch.float32, torch.bfloat16) \
+    """Decode-sized rows (of the first tensor), inference, fp32/bf16 throughout, contiguous on the CPU."""
+    rows, dtype = tensors[0].numel() // tensors[0].shape[-1], tensors[0].dtype
+    return rows <= MAX_ROWS and not torch.is_grad_enabled() and dtype in (torch.float32, torch.bfloat16) \
         and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
 
 

@@ -25,7 +25,6 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml.c")
 BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
           "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
           "Q6_K": (14, 256, 210), "BF16": (30, 32, 64)}
-KERNEL_TYPES = {type_id: name for name, (type_id, _, _) in BLOCKS.items()}
 QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model can be quantized into at load
 # activation rows up to which the kernel multiplies directly: beyond 4 rows oneDNN's GEMM on a dense copy
 # is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16
@@ -36,10 +35,7 @@ _local = threading.local()
 
 
 @functools.lru_cache(maxsize=None)
-def _lib_for(flags: tuple):
-    lib = native.load(SOURCE, flags)
-    if lib is None:
-        return None
+def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.ggml_matmul.argtypes = [i, p, i64, i64, i64, p, i64, i64, p, i64, i]
     lib.ggml_dequantize.argtypes = [i, p, i64, i64, p, i64, p, i, i]
@@ -49,7 +45,8 @@ def _lib_for(flags: tuple):
 
 def kernels():
     """The compiled ggml.c for the current ISA level, or None (no compiler, or LANNER_NATIVE=0)."""
-    return _lib_for(tuple(native.isa_flags())) if native.enabled() else None
+    lib = native.library(SOURCE)
+    return None if lib is None else _typed(lib)
 
 
 def _check(code: int, what: str) -> None:
