@@ -4,7 +4,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
-    """The decoder's shape, read from an HF config dict (GGUF metadata is converted to one)."""
+    """The decoder's shape and math, read from an HF config dict as the installed transformers writes it
+    (GGUF metadata is converted to one). One decoder covers every architecture: the fields past
+    `eos_token_id` are the ways Qwen3, Gemma 2/3, Phi-3 and Mistral depart from Llama."""
     architecture: str
     hidden_size: int
     intermediate_size: int
@@ -21,8 +23,22 @@ class ModelConfig:
     rope_scaling: dict | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    mlp_bias: bool = False
+    hidden_act: str = "silu"                  # silu | gelu_pytorch_tanh, of gate in act(gate) * up
+    rotary_dim: int | None = None             # partial rotary: the first rotary_dim dims of a head rotate
+    qk_norm: bool = False                     # RMSNorm of each q and k head before rotary (Qwen3, Gemma 3)
+    sandwich_norms: bool = False              # norms after attention and MLP too (Gemma 2/3)
+    norm_offset: float = 0.0                  # RMSNorm scales by offset + weight (Gemma: 1)
+    embedding_scale: float | None = None      # token embeddings times this (Gemma: sqrt(hidden_size))
+    attention_scale: float | None = None      # softmax scale, default head_dim ** -0.5
+    attn_softcap: float | None = None         # attention logits -> c * tanh(logits / c) (Gemma 2)
+    final_softcap: float | None = None        # LM-head logits the same
+    layer_windows: tuple = ()                 # per layer: sliding window in tokens, or None (full attention)
+    local_rope_theta: float | None = None     # rotary base of sliding-window layers, when theirs differs
 
-    ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
+    ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -30,31 +46,91 @@ class ModelConfig:
         if arch not in cls.ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}; supported: {list(cls.ARCHITECTURES)}")
         heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        full, local = rope_parameters(hf, "full_attention"), rope_parameters(hf, "sliding_attention")
+        gemma = arch.startswith("Gemma")
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if act not in cls.ACTIVATIONS:
+            raise ValueError(f"unsupported hidden activation {act!r}; supported: {list(cls.ACTIVATIONS)}")
         eos = hf.get("eos_token_id")
         return cls(
             architecture=arch, hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, vocab_size=hf["vocab_size"],
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta(hf),
+            num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim, vocab_size=hf["vocab_size"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(full.get("rope_theta", 10000.0)),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
             attention_bias=hf.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            rope_scaling=rope_scaling(hf), bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos)
+            rope_scaling=rope_scaling(full), bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos, mlp_bias=hf.get("mlp_bias", False),
+            hidden_act=act, rotary_dim=int(head_dim * full.get("partial_rotary_factor", 1.0)),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"), sandwich_norms=gemma,
+            norm_offset=1.0 if gemma else 0.0, embedding_scale=hf["hidden_size"] ** 0.5 if gemma else None,
+            attention_scale=hf["query_pre_attn_scalar"] ** -0.5 if gemma else None,
+            attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
+            layer_windows=layer_windows(hf, arch),
+            local_rope_theta=local_rope_theta(full, local))
 
 
-def rope_theta(hf: dict) -> float:
-    """transformers 5 writes `rope_parameters: {rope_theta, rope_type, ...}`; older versions `rope_theta`."""
-    params = hf.get("rope_parameters") or {}
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def rope_parameters(hf: dict, layer_type: str) -> dict:
+    """The rope settings of a layer type. transformers 5 writes `rope_parameters` (one dict, or one per layer
+    type as Gemma 3 does); older versions top-level `rope_theta`, `rope_scaling`, `partial_rotary_factor`."""
+    params = hf.get("rope_parameters")
+    if params and layer_type in params:
+        params = params[layer_type]
+    elif params and isinstance(next(iter(params.values()), None), dict):
+        params = next(iter(params.values()))
+    if not params:   # Gemma 3 before transformers 5: sliding layers rotate with rope_local_base_freq, unscaled
+        if layer_type == "sliding_attention" and "rope_local_base_freq" in hf:
+            return {"rope_theta": hf["rope_local_base_freq"]}
+        legacy = {k: hf[k] for k in ("rope_theta", "partial_rotary_factor") if hf.get(k) is not None}
+        params = {**(hf.get("rope_scaling") or {}), **legacy}
+    if "original_max_position_embeddings" in hf:   # Phi-3 keeps it beside the rope settings
+        params = {"original_max_position_embeddings": hf["original_max_position_embeddings"], **params}
+    return params
 
 
-def rope_scaling(hf: dict) -> dict | None:
-    """The rope scaling, from either format; None for plain rotary."""
-    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    return None if kind in (None, "default") else scaling
+def local_rope_theta(full: dict, local: dict) -> float | None:
+    """The rotary base of sliding-window layers where it differs from the others' (Gemma 3)."""
+    if local == full or "rope_theta" not in local:
+        return None
+    if rope_scaling(local) is not None:
+        raise ValueError(f"unsupported rope scaling {local} on sliding-window layers")
+    return float(local["rope_theta"])
+
+
+def rope_scaling(params: dict) -> dict | None:
+    """The scaling part of rope settings: None for plain rotary; an unknown type is refused by name."""
+    kind = params.get("rope_type", params.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+    return params
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+def layer_windows(hf: dict, arch: str) -> tuple:
+    """Each layer's sliding window (None: full attention). transformers 5 writes `layer_types`; Mistral and
+    Phi-3 apply `sliding_window` to every layer; older Qwen2 configs name windowed layers by
+    use_sliding_window / max_window_layers, older Gemma configs by their alternation pattern."""
+    n, window = hf["num_hidden_layers"], hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if types is None:
+        if arch.startswith("Qwen"):
+            first = hf.get("max_window_layers", n) if hf.get("use_sliding_window") else n
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        elif arch.startswith("Gemma"):
+            pattern = 2 if arch.startswith("Gemma2") else hf.get("sliding_window_pattern", 6)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+        else:
+            types = ["sliding_attention"] * n
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"unsupported layer types {sorted(unknown)}; supported: sliding_attention, full_attention")
+    return tuple(window if t == "sliding_attention" and window else None for t in types)
 
 
 @dataclass

@@ -71,6 +71,19 @@ def hf_dir(tmp_path_factory, hf_default):
     return str(path)
 
 
+def save_tiny_model(path, arch: str, config_class: str, tokenizer, seed: int = 0, **config):
+    """A random HF model of arch built and saved by the installed transformers (its own config.json), with
+    the default model's tokenizer."""
+    import transformers
+    config = getattr(transformers, config_class)(**{"vocab_size": tokenizer.vocab_size, **config})
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).float().eval()
+    model.save_pretrained(path)
+    tokenizer.tokenizer.save(os.path.join(path, "tokenizer.json"))
+    return model
+
+
 def make_llm(model=None, **kwargs):
     from lanner import LLM
     kwargs.setdefault("dtype", "float32")

@@ -27,8 +27,11 @@ try:
 except ImportError:
     triton_backend = None
 
-BACKENDS = ["cpu", "cpu-torch", pytest.param("triton", marks=pytest.mark.skipif(triton_backend is None, reason="no triton"))]
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(triton_backend is None, reason="no triton"))
+BACKENDS = ["cpu", "cpu-torch", TRITON]
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+WINDOWS = [None, 1, 5, 37]   # 1: a row sees only itself; 5: cuts inside a 16-key block; 37: across blocks
+SOFTCAPS = [None, 30.0]
 
 
 def without_native(fn):
@@ -87,6 +90,12 @@ def assert_matches_reference(name, batch, dtype=torch.float32, **kw):
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), ref_out.float(), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(lse, ref_lse, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def capped_batch(batch, softcap):
+    """With a softcap, queries scaled up so that scores reach it and the capping matters."""
+    q, k_cache, v_cache, meta = batch
+    return (q * 12 if softcap else q), k_cache, v_cache, meta
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -238,11 +247,13 @@ def test_store_then_attend_sees_the_new_tokens(backend):
 
 @pytest.mark.skipif(triton_backend is None, reason="no triton")
 @pytest.mark.parametrize("num_splits", [2, 3, 7])
-def test_split_kv_segments_merge_by_lse(num_splits):
-    batch = make_batch([1, 1, 1, 1], [1, 40, 130, 200], num_heads=6, num_kv_heads=2)
+@pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (100, 30.0)])
+def test_split_kv_segments_merge_by_lse(num_splits, window, softcap):
+    batch = capped_batch(make_batch([1, 1, 1, 1], [1, 40, 130, 200], num_heads=6, num_kv_heads=2), softcap)
     q, k_cache, v_cache, meta = (x.to(DEVICE) for x in batch)
-    out, lse = triton_backend.paged_attention(q, k_cache, v_cache, meta, return_lse=True, num_splits=num_splits)
-    ref_out, ref_lse = reference.attention(*batch, return_lse=True)
+    out, lse = triton_backend.paged_attention(q, k_cache, v_cache, meta, return_lse=True, num_splits=num_splits,
+                                              window=window, softcap=softcap)
+    ref_out, ref_lse = reference.attention(*batch, return_lse=True, window=window, softcap=softcap)
     torch.testing.assert_close(out.cpu(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=2e-5)
 
@@ -261,6 +272,119 @@ def test_cpu_segments_and_sequence_groups_merge_exactly(monkeypatch):
     monkeypatch.setattr(cpu_backend, "SEGMENT_BYTES", 1)        # a segment of 16 keys
     monkeypatch.setattr(cpu_backend, "SCORES_ELEMENTS", 4000)   # a few sequences per group
     assert_matches_reference("cpu-torch", make_batch([1, 1, 3, 1, 1, 2], [70, 5, 100, 33, 16, 47], tree=True))
+
+
+def test_reference_window_and_softcap_are_hf_gemma2_eager_attention():
+    """The oracle's window and softcap are HF transformers' sliding-window mask and Gemma 2's eager
+    attention (softcap after scaling, before the mask), on one sequence with a cached prefix."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+    window, softcap, group = 5, 30.0, 2
+    q, k_cache, v_cache, meta = capped_batch(make_batch([6], [40], num_heads=4, num_kv_heads=2), softcap)
+    out = reference.attention(q, k_cache, v_cache, meta, window=window, softcap=softcap)
+    k, v = (reference.gather_kv(c, meta.block_tables[0], 40).transpose(0, 1)[None] for c in (k_cache, v_cache))
+    visible = sliding_window_causal_mask_function(window)(0, 0, torch.arange(34, 40)[:, None], torch.arange(40)[None])
+    bias = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    module = SimpleNamespace(num_key_value_groups=group, head_dim=64, training=False)
+    hf, _ = eager_attention_forward(module, q.transpose(0, 1)[None], k, v, bias, scaling=64 ** -0.5, softcap=softcap)
+    torch.testing.assert_close(out, hf[0], atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(out, reference.attention(q, k_cache, v_cache, meta, window=window), atol=1e-3)
+    assert not torch.allclose(out, reference.attention(q, k_cache, v_cache, meta, softcap=softcap), atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("softcap", SOFTCAPS)
+@pytest.mark.parametrize("q_lens, seq_lens", [
+    ([1] * 6, [1, 15, 16, 17, 50, 130]),             # decode over several blocks, windows ending mid-block
+    ([1, 7, 60], [1, 7, 60]),                        # whole prompts, one longer than every window
+    ([5, 20, 3], [90, 76, 3]),                       # prompt chunks after a context longer than the window
+    ([30, 1, 4, 0, 1, 12], [30, 50, 21, 9, 16, 40]),  # all kinds of rows in one call
+], ids=["decode", "prompts", "chunks-after-context", "mixed"])
+def test_sliding_window_and_softcap(backend, window, softcap, q_lens, seq_lens):
+    batch = capped_batch(make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2), softcap)
+    assert_matches_reference(backend, batch, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("window, softcap", [(5, None), (37, 30.0)])
+def test_sliding_window_and_softcap_with_gqa_and_tree_mask(backend, group, window, softcap):
+    batch = make_batch([1, 4, 6, 18], [60, 41, 6, 90], num_heads=2 * group, num_kv_heads=2, tree=True, seed=4)
+    assert_matches_reference(backend, capped_batch(batch, softcap), window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window, softcap", [(5, 30.0), (37, None), (None, 30.0)])
+def test_sliding_window_and_softcap_with_half_precision_caches(backend, dtype, window, softcap):
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; checked on the GPU")
+    batch = make_batch([1, 1, 5, 20], [70, 17, 41, 20], num_heads=6, num_kv_heads=2, dtype=dtype)
+    assert_matches_reference(backend, capped_batch(batch, softcap), dtype, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu-torch"])
+@pytest.mark.parametrize("window, softcap", [(5, None), (37, 30.0), (None, 30.0), (300, 30.0)])
+def test_cpu_sliding_window_and_softcap_past_the_kernels_limit(backend, window, softcap):
+    """Prompt chunks longer than KERNEL_QUERY (torch's flash attention, or plain matmuls when capped), fresh
+    and after a context, next to the kernel's rows, with fp32 and bf16 caches."""
+    long = cpu_backend.KERNEL_QUERY + 9
+    q_lens, seq_lens = [long, 1, long, 200, 5], [long, 300, long + 40, 260, 30]
+    for dtype in (torch.float32, torch.bfloat16):
+        batch = make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, dtype=dtype)
+        assert_matches_reference(backend, capped_batch(batch, softcap), dtype, window=window, softcap=softcap)
+
+
+def test_cpu_capped_prompt_goes_in_query_chunks(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "SCORES_ELEMENTS", 5000)   # a few query rows per chunk
+    batch = capped_batch(make_batch([40, 70], [40, 100], tree=True, seed=5), 30.0)
+    assert_matches_reference("cpu-torch", batch, window=37, softcap=30.0)
+
+
+@pytest.fixture(params=lanner.native.supported_isas())
+def isa(request):
+    """The kernel built for one instruction-set level this CPU runs (LANNER_ISA), in place of the best."""
+    native.paged_attention.cache_clear()
+    try:
+        with mock.patch.dict(os.environ, {"LANNER_ISA": request.param}):
+            yield request.param
+    finally:
+        native.paged_attention.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_window_and_softcap_on_every_isa(isa, dtype):
+    q_lens, seq_lens = [1, 1, 1, 5, 20, 3, 12], [1, 17, 130, 90, 76, 3, 40]
+    for window in WINDOWS:
+        for softcap in SOFTCAPS:
+            batch = make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, tree=True, dtype=dtype)
+            assert_matches_reference("cpu", capped_batch(batch, softcap), dtype, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("backend", ["cpu", TRITON])
+def test_only_the_window_is_read(backend):
+    """NaN in every block wholly before a sequence's first window leaves the answer alone: the CPU kernel
+    (and its prompt path past KERNEL_QUERY) and the Triton kernel (blocks of whole tiles) never read them."""
+    window, long = 37, cpu_backend.KERNEL_QUERY + 9
+    q_lens, seq_lens = [1, 1, 6, long], [1000, 200, 300, long + 150]
+    q, k_cache, v_cache, meta = make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, block_size=64)
+    clean = run(backend, q, k_cache, v_cache, meta, return_lse=True, window=window, softcap=30.0)
+    for i, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens)):
+        unseen = meta.block_tables[i, :(seq_len - q_len - window + 1) // 64].long()
+        k_cache[unseen], v_cache[unseen] = float("nan"), float("nan")
+    assert k_cache.isnan().any()
+    poisoned = run(backend, q, k_cache, v_cache, meta, return_lse=True, window=window, softcap=30.0)
+    assert torch.equal(poisoned[0], clean[0]) and torch.equal(poisoned[1], clean[1])
+
+
+def test_native_splits_are_sized_by_the_window():
+    """A decode step over 10k keys with a 4k window splits (and reads) only the window."""
+    meta = AttentionMetadata.build([1], [10_000], [list(range(625))], [0])
+    seqs = torch.tensor([0])
+    threads = torch.get_num_threads()
+    assert native.Launch(meta, seqs, 4096).split == native.split_keys(1, 4096, threads)
+    assert native.Launch(meta, seqs).split == native.split_keys(1, 10_000, threads)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
@@ -283,11 +407,12 @@ def test_a_failed_build_falls_back_to_pytorch_with_a_warning(monkeypatch, tmp_pa
 
 
 @pytest.mark.parametrize("keys_per_split", [1, 16, 37])
-def test_native_splits_merge_by_lse(monkeypatch, keys_per_split):
+@pytest.mark.parametrize("window, softcap", [(None, None), (5, 30.0), (40, None)])
+def test_native_splits_merge_by_lse(monkeypatch, keys_per_split, window, softcap):
     monkeypatch.setattr(native, "split_keys", lambda *args: keys_per_split)
     for dtype in (torch.float32, torch.bfloat16):
         batch = make_batch([1, 1, 3, 1, 2], [70, 5, 100, 33, 47], num_heads=6, num_kv_heads=2, tree=True, dtype=dtype)
-        assert_matches_reference("cpu", batch, dtype=dtype)
+        assert_matches_reference("cpu", capped_batch(batch, softcap), dtype=dtype, window=window, softcap=softcap)
 
 
 def test_split_keys_splits_only_when_sequences_are_too_few():

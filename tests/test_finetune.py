@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import hf_logits, make_llm, our_logits
+from conftest import hf_logits, make_llm, our_logits, save_tiny_model
 
 from lanner import LoRARequest, SamplingParams
 from lanner.lora.adapter import ALL_LINEAR
@@ -28,17 +28,10 @@ def tokenizer(default_model_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
-    import transformers
-    from safetensors.torch import save_file
     path = tmp_path_factory.mktemp("tiny-base")
-    cfg = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-               architectures=["LlamaForCausalLM"], eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(cfg))
-    tokenizer.tokenizer.save(str(path / "tokenizer.json"))
+    save_tiny_model(path, "LlamaForCausalLM", "LlamaConfig", tokenizer, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    eos_token_id=tokenizer.eos_token_id)
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": tokenizer.chat_template, "eos_token": tokenizer.id_to_token(tokenizer.eos_token_id)}))
     return path

@@ -1,98 +1,178 @@
-"""GGUF files load to the right weights (types, shapes, q/k permutation) and bad files fail clearly."""
+"""GGUF files as llama.cpp's converter writes them load to what the HF checkpoint holds (config keys as the
+installed transformers writes them, HF-named weights in HF conventions) for every supported architecture;
+every tensor type loads exactly; bad files fail clearly."""
+import json
+import struct
+
 import numpy as np
 import pytest
 import torch
-from conftest import hf_model_from, make_llm
+from conftest import hf_model_from, make_llm, our_logits
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
+from gguf_export import write_gguf
 
 from lanner import SamplingParams
-from lanner.model.gguf import load_gguf, unpermute
-from lanner.quant.ggml import GGMLTensor
+from lanner.model.gguf import GGUFFile, hf_name, load_gguf
+from lanner.quant.ggml import GGMLTensor, kernels
 
-TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0]
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-HEADS, KV_HEADS = 4, 2
+SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)   # the default model's tokenizer's
+SHAPE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, **SPECIAL_TOKENS)
+# name: (HF architecture, config class, config). The name becomes general.name: "mistral" in it marks a llama
+# file as Mistral (as transformers reads it); "phi3" would make llama.cpp look for Phi-3's own tokens.
+TINY = {
+    "llama3.2": ("LlamaForCausalLM", "LlamaConfig", dict(
+        num_hidden_layers=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(num_hidden_layers=2, head_dim=16, sliding_window=8)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(num_hidden_layers=2)),
+    "qwen2-yarn": ("Qwen2ForCausalLM", "Qwen2Config", dict(
+        num_hidden_layers=2, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                              "original_max_position_embeddings": 16})),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(num_hidden_layers=2, head_dim=32)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(
+        num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(   # llama.cpp's default pattern: 5 sliding, 1 full
+        num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})),
+    "gemma3-layer-types": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+    "phi-mini": ("Phi3ForCausalLM", "Phi3Config", dict(
+        num_hidden_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.5})),
+    "phi-mini-longrope": ("Phi3ForCausalLM", "Phi3Config", dict(
+        num_hidden_layers=2, max_position_embeddings=1024, original_max_position_embeddings=256,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.3, 1.7, 2.9], "long_factor": [1.0, 2.0, 4.0, 8.0]})),
+}
+NOT_IN_GGUF = {"dtype", "transformers_version", "initializer_range", "attention_dropout", "embd_pdrop",
+               "resid_pdrop", "use_cache", "pretraining_tp", "max_window_layers", "use_bidirectional_attention",
+               "_sliding_window_pattern"}   # training and serialization settings; llama.cpp's Gemma is causal
+DROPPED_BY_THE_CONVERTER = {"mistral": {"sliding_window": None}}   # written as llama, which has no window
+PAST_THE_WINDOWS = [5, 300, 42, 9, 1000, 17, 2500, 77, 8, 640, 123, 4567, 33, 901, 12, 3000, 45, 6, 789, 21]
+GEMMA_NORM_ROUNDING = 2 ** -23   # the converter stores 1 + w in float32: w loses its bits below 1's ulp
 
 
-def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter layout for q/k rows."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def save_tiny(spec: tuple, path):
+    """A random HF model of a TINY spec, saved by transformers; weights large enough for sharp attention."""
+    import transformers
+    arch, config_class, overrides = spec
+    config = getattr(transformers, config_class)(**{**SHAPE, **overrides})
+    config.architectures = [arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return model
 
 
-def gguf_name(hf: str) -> str:
-    if hf.startswith("model.layers."):
-        _, _, i, rest = hf.split(".", 3)
-        module, kind = rest.rsplit(".", 1)
-        return f"blk.{i}.{GGUF_NAMES[module]}.{kind}"
-    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight"}[hf]
+@pytest.fixture(scope="module", params=list(TINY))
+def exported(request, tmp_path_factory, default_model_path):
+    """(name, HF model, its directory, its F32 GGUF) of one architecture."""
+    path = tmp_path_factory.mktemp(request.param)
+    model = save_tiny(TINY[request.param], path)
+    write_gguf(path, path / "model.gguf", default_model_path)
+    return request.param, model, path, path / "model.gguf"
 
 
-def write_tiny_gguf(path, tokenizer_reader, weights: dict, types, raw_override=None):
-    """A 2-layer Llama GGUF, 2-D tensors cycling through `types`; returns the weights as stored (dequantized)."""
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(2); w.add_context_length(256); w.add_embedding_length(64); w.add_feed_forward_length(128)
-    w.add_head_count(HEADS); w.add_head_count_kv(KV_HEADS); w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6); w.add_vocab_size(weights["model.embed_tokens.weight"].shape[0])
-    field = lambda k: tokenizer_reader.fields[k].contents()
-    w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("smollm")
-    w.add_token_list(field("tokenizer.ggml.tokens")); w.add_token_merges(field("tokenizer.ggml.merges"))
-    w.add_token_types(field("tokenizer.ggml.token_type")); w.add_eos_token_id(2); w.add_bos_token_id(1)
-    stored = {}
-    for i, (name, tensor) in enumerate(weights.items()):
-        data = tensor.numpy().astype(np.float32)
-        if name.endswith("q_proj.weight"):
-            data = permute(data, HEADS)
-        elif name.endswith("k_proj.weight"):
-            data = permute(data, KV_HEADS)
-        qtype = types[i % len(types)] if data.ndim == 2 else Q.F32
-        if raw_override and name in raw_override:
-            w.add_tensor(gguf_name(name), *raw_override[name])
+def test_config_has_the_keys_and_values_transformers_saved(exported):
+    name, _, path, gguf_path = exported
+    saved = json.loads((path / "config.json").read_text())
+    config = load_gguf(str(gguf_path), dense=True)[0]
+    want = {**saved, **DROPPED_BY_THE_CONVERTER.get(name, {})}
+    wrong = {key: (value, want.get(key, "absent")) for key, value in config.items() if want.get(key, "absent") != value}
+    assert wrong == {}   # key: (ours, transformers')
+    assert set(saved) - set(config) <= NOT_IN_GGUF
+
+
+def test_weights_equal_the_hf_state_dict(exported):
+    name, model, _, gguf_path = exported
+    weights = load_gguf(str(gguf_path), dense=True)[1]
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        del expected["lm_head.weight"]
+    assert sorted(weights) == sorted(expected)
+    for key, tensor in expected.items():
+        gemma_norm = name.startswith("gemma") and key.endswith("norm.weight")
+        torch.testing.assert_close(weights[key], tensor, rtol=0, atol=GEMMA_NORM_ROUNDING if gemma_norm else 0,
+                                   msg=key)
+
+
+def test_lanner_runs_each_gguf_like_hf(exported):
+    name, model, _, gguf_path = exported
+    if name in DROPPED_BY_THE_CONVERTER:
+        model.config.update(DROPPED_BY_THE_CONVERTER[name])   # run as llama.cpp runs the file
+    with torch.no_grad():
+        want = model(torch.tensor([PAST_THE_WINDOWS])).logits[0]
+    ours = our_logits(make_llm(str(gguf_path), kv_cache_memory=0.01), PAST_THE_WINDOWS)
+    assert (ours - want).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(kernels() is None, reason="no ggml kernels: matrices load dense")
+def test_a_q8_0_export_keeps_its_matrices_as_blocks(tmp_path, default_model_path):
+    model = save_tiny(TINY["llama3.2"], tmp_path)
+    write_gguf(tmp_path, tmp_path / "q8.gguf", default_model_path, dtype="Q8_0")
+    weights = load_gguf(str(tmp_path / "q8.gguf"))[1]
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
             continue
-        packed = data if qtype == Q.F32 else quantize(data, qtype)
-        w.add_tensor(gguf_name(name), packed, raw_shape=packed.shape if qtype == Q.F32 else None,
-                     raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
-        back = dequantize(packed, qtype).reshape(data.shape) if qtype != Q.F32 else data
-        if name.endswith("q_proj.weight"):
-            back = unpermute(back, HEADS)
-        elif name.endswith("k_proj.weight"):
-            back = unpermute(back, KV_HEADS)
-        stored[name] = torch.from_numpy(np.array(back, dtype=np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    return stored
+        weight = weights[key]
+        if tensor.dim() == 2:
+            assert isinstance(weight, GGMLTensor) and weight.type_name == "Q8_0", key
+            want = dequantize(quantize(tensor.numpy(), Q.Q8_0), Q.Q8_0).reshape(tensor.shape)
+            assert torch.equal(weight.dequantize(), torch.from_numpy(want)), key
+        else:
+            assert torch.equal(weight, tensor), key
+
+
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, default_model_path, llm):
+def mixed_types(tmp_path_factory, default_model_path):
+    """A 2-layer Llama GGUF whose matrices cycle through TYPES; (its path, the weights as stored, dequantized)."""
     import transformers
-    cfg = transformers.LlamaConfig(vocab_size=llm.tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                                   max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(**SHAPE, num_hidden_layers=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    weights = {k: v for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    model = transformers.LlamaForCausalLM(cfg)
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    stored = write_tiny_gguf(path, GGUFReader(default_model_path), weights, TYPES)
-    return path, stored
+    write_gguf(model, path, default_model_path, dtype=TYPES)
+    types = {hf_name(t.name, "llama"): t.type_name for t in GGUFFile(str(path)).tensors}
+    assert set(types.values()) == set(TYPES)
+    return path, {key: as_stored(tensor, types[key]) for key, tensor in model.state_dict().items()}
 
 
-def test_every_tensor_type_and_qk_layout_loads_exactly(tiny):
-    path, stored = tiny
+def as_stored(tensor: torch.Tensor, type_name: str) -> torch.Tensor:
+    """The values a matrix keeps through quantization (q/k row permutation does not change any row)."""
+    qtype = Q[type_name]
+    data = tensor.numpy()
+    back = data if qtype == Q.F32 else dequantize(quantize(data, qtype), qtype).reshape(data.shape)
+    return torch.from_numpy(np.array(back, dtype=np.float32))
+
+
+def test_every_tensor_type_and_qk_layout_loads_exactly(mixed_types):
+    path, stored = mixed_types
     config, weights, _ = load_gguf(str(path))
-    assert config["num_attention_heads"] == HEADS and config["num_key_value_heads"] == KV_HEADS
+    assert config["num_attention_heads"] == 4 and config["num_key_value_heads"] == 2
     assert not config["tie_word_embeddings"]
     kept = {w.type_name for w in weights.values() if isinstance(w, GGMLTensor)}
-    assert kept == {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"}     # block formats stay as stored; F32 is dense
+    if kernels() is not None:
+        assert kept == {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"}   # block formats stay as stored; F32 is dense
     for name, tensor in stored.items():
         weight = weights[name]
         assert torch.equal(weight.dequantize() if isinstance(weight, GGMLTensor) else weight, tensor), name
 
 
-def test_tiny_gguf_generates_like_hf_on_the_same_weights(tiny):
-    path, stored = tiny
+def test_tiny_gguf_generates_like_hf_on_the_same_weights(mixed_types):
+    path, stored = mixed_types
     config, _, _ = load_gguf(str(path))
     hf = hf_model_from(config, stored)
     ours = make_llm(str(path), kv_cache_memory=0.01)
@@ -103,22 +183,45 @@ def test_tiny_gguf_generates_like_hf_on_the_same_weights(tiny):
     assert out.outputs[0].token_ids == want[0, len(ids):].tolist()
 
 
-def test_unsupported_tensor_type_is_a_clear_error(tmp_path, default_model_path, tiny):
-    import transformers
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=False)
-    weights = dict(transformers.LlamaForCausalLM(cfg).state_dict())
-    name = "model.layers.0.mlp.up_proj.weight"   # [128, 64]: two 18-byte IQ4_NL blocks per row
-    raw = np.zeros((128, 36), dtype=np.uint8)
-    write_tiny_gguf(tmp_path / "iq.gguf", GGUFReader(default_model_path), weights, [Q.F32],
-                    raw_override={name: (raw, None, Q.IQ4_NL)})
+def test_unsupported_tensor_type_is_a_clear_error(tmp_path, mixed_types):
+    path = tmp_path / "iq.gguf"
+    path.write_bytes(mixed_types[0].read_bytes())
+    set_tensor_type(path, "blk.0.ffn_up.weight", Q.IQ4_NL)   # IQ4_NL blocks are smaller: the data stays in bounds
     with pytest.raises(ValueError, match="unsupported GGUF type IQ4_NL"):
-        load_gguf(str(tmp_path / "iq.gguf"))
+        load_gguf(str(path))
+
+
+def set_tensor_type(path, name: str, type_id: int) -> None:
+    """Rewrite one tensor's type id in place. Its info (name, dims, type) follows the metadata, so it is the
+    last match of the length-prefixed name."""
+    data = bytearray(path.read_bytes())
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.rfind(key) + len(key)
+    n_dims, = struct.unpack_from("<I", data, at)
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, type_id)
+    path.write_bytes(data)
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    writer = GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'bert'"):
+        load_gguf(str(tmp_path / "bert.gguf"))
+
+
+def test_llama3_rope_factors_other_than_the_converters_assumptions_are_refused(tmp_path, default_model_path):
+    arch, config_class, config = TINY["llama3.2"]
+    rope = {**config["rope_parameters"], "low_freq_factor": 2.0}
+    save_tiny((arch, config_class, {**config, "rope_parameters": rope}), tmp_path)
+    write_gguf(tmp_path, tmp_path / "odd.gguf", default_model_path)
+    with pytest.raises(ValueError, match="rope_freqs.weight is not llama3 rope scaling"):
+        load_gguf(str(tmp_path / "odd.gguf"))
 
 
 def test_metadata_reads_like_the_gguf_package(default_model_path):
     """Our reader (no per-element numpy views) gives the gguf package's fields and tensor table."""
-    from lanner.model.gguf import GGUFFile
     ours, theirs = GGUFFile(default_model_path), GGUFReader(default_model_path)
     for key, f in ((k, f) for k, f in theirs.fields.items() if not k.startswith("GGUF.")):
         want = f.contents()

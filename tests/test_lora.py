@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_all_blocks_free, hf_logits, make_llm, our_logits
+from conftest import assert_all_blocks_free, hf_logits, make_llm, our_logits, save_tiny_model
 
 from lanner import LoRARequest, SamplingParams
 
@@ -15,17 +15,9 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, llm):
-    import transformers
-    from safetensors.torch import save_file
     path = tmp_path_factory.mktemp("tiny-base")
-    cfg = dict(vocab_size=llm.tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-               architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(cfg))
-    llm.tokenizer.tokenizer.save(str(path / "tokenizer.json"))
+    save_tiny_model(path, "LlamaForCausalLM", "LlamaConfig", llm.tokenizer, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     return path
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy, make_llm, our_logits
+from conftest import PROMPTS, hf_greedy, make_llm, our_logits, save_tiny_model
 
 from lanner import SamplingParams
 
@@ -51,43 +51,13 @@ def test_greedy_matches_hf_batched_and_alone(llm, hf_default):
     assert alone == expected
 
 
-def tiny_hf_dir(tmp_path, arch: str, tokenizer, **overrides):
-    import transformers
-    from safetensors.torch import save_file
-    cfg = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
-               rms_norm_eps=1e-6, tie_word_embeddings=False, architectures=[arch], **overrides)
-    cfg_cls = transformers.Qwen2Config if arch == "Qwen2ForCausalLM" else transformers.LlamaConfig
-    torch.manual_seed(0)
-    model = getattr(transformers, arch)(cfg_cls(**cfg)).eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    tokenizer.tokenizer.save(str(tmp_path / "tokenizer.json"))
-    return model
-
-
-@pytest.mark.parametrize("arch,overrides", [
-    ("Qwen2ForCausalLM", {}),                                   # qkv bias
-    ("LlamaForCausalLM", {}),                                   # untied embeddings
-    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
-    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
-])
-def test_tiny_hf_directory_models_match_hf(tmp_path, llm, arch, overrides):
-    hf = tiny_hf_dir(tmp_path, arch, llm.tokenizer, **overrides)
-    ours = make_llm(str(tmp_path), kv_cache_memory=0.01)
-    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:4]]
-    for ids in prompts:
-        with torch.no_grad():
-            ref = hf(torch.tensor([ids])).logits[0]
-        assert (our_logits(ours, ids) - ref).abs().max() < LOGIT_TOL
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    got = [o.outputs[0].token_ids for o in ours.generate(prompts, params, use_tqdm=False)]
-    assert got == [hf_greedy(hf, ids, 12) for ids in prompts]
+def tiny_hf_dir(path, tokenizer):
+    return save_tiny_model(path, "LlamaForCausalLM", "LlamaConfig", tokenizer, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path, llm):
-    tiny_hf_dir(tmp_path, "LlamaForCausalLM", llm.tokenizer)
+    tiny_hf_dir(tmp_path, llm.tokenizer)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPTNeoXForCausalLM"]}))
     with pytest.raises(ValueError, match="unsupported architecture 'GPTNeoXForCausalLM'"):
@@ -95,7 +65,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path, llm):
 
 
 def test_corrupt_weights_file_is_a_clear_error(tmp_path, llm):
-    tiny_hf_dir(tmp_path, "LlamaForCausalLM", llm.tokenizer)
+    tiny_hf_dir(tmp_path, llm.tokenizer)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="cannot read weights file"):
         make_llm(str(tmp_path))
@@ -118,10 +88,10 @@ def test_hf_dir_saved_by_installed_transformers_generates_like_hf(hf_dir, hf_def
 
 def test_an_unsupported_rope_type_is_refused_by_name(tmp_path, hf_dir):
     import shutil
-    target = tmp_path / "yarn"
+    target = tmp_path / "proportional"
     shutil.copytree(hf_dir, target)
     config = json.load(open(target / "config.json"))
-    config["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "yarn", "factor": 4.0}
+    config["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "proportional", "factor": 4.0}
     json.dump(config, open(target / "config.json", "w"))
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="unsupported rope type 'proportional'"):
         make_llm(str(target))

@@ -1,10 +1,9 @@
 """Speculative decoding is lossless: greedy output is unchanged, sampled output keeps the target's distribution."""
 import itertools
-import json
 
 import pytest
 import torch
-from conftest import assert_all_blocks_free, make_llm
+from conftest import assert_all_blocks_free, make_llm, save_tiny_model
 
 from lanner import SamplingParams
 from lanner.engine.kv_cache import block_hash
@@ -89,16 +88,10 @@ VOCAB, PROMPT, STEPS = 6, [1, 2, 3, 1, 2, 3, 1, 2], 3
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, llm):
     """A tiny random Llama with a 6-token vocabulary (weights scaled up so its distributions are peaky)."""
-    import transformers
-    from safetensors.torch import save_file
     path = tmp_path_factory.mktemp("tiny-spec")
-    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(3)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(cfg))
-    llm.tokenizer.tokenizer.save(str(path / "tokenizer.json"))
+    model = save_tiny_model(path, "LlamaForCausalLM", "LlamaConfig", llm.tokenizer, vocab_size=VOCAB, hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64, initializer_range=0.3, seed=3)
     return str(path), model
 
 

@@ -10,6 +10,10 @@ Q @ K^T is one bmm with the GQA group as extra query rows ([S, q_len * group, D]
 segments are kept (only Hq / (2 Hkv D) of the KV bytes) and softmaxed once in fp32 -- split-KV with the
 merge done on the scores -- then P @ V runs segment by segment. Longer prompt chunks go through torch's
 fused CPU flash attention, one sequence at a time: there are few of them and each is a big matmul.
+
+A sliding window is a mask on every path; the kernel and the prompt path also skip the keys before a
+sequence's first window, the batched path reads them. Soft-capped scores (which torch's flash attention
+cannot do) take plain matmuls on the prompt path, in query chunks of bounded scores.
 """
 import torch
 
@@ -37,36 +41,39 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-              scale: float | None = None, return_lse: bool = False):
-    """q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] in fp32 when asked). Fully masked rows give 0."""
+              scale: float | None = None, return_lse: bool = False, window: int | None = None,
+              softcap: float | None = None):
+    """q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] in fp32 when asked). Fully masked rows give 0.
+    window (sliding-window attention) and softcap (score soft-capping) as in reference.attention."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty(q.shape, dtype=torch.float32)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    short, prompts, launch = _step_plan(q, k_cache, meta)
+    short, prompts, launch = _step_plan(q, k_cache, meta, window)
     if launch is not None:
-        launch(q, k_cache, v_cache, scale, out, lse)
+        launch(q, k_cache, v_cache, scale, out, lse, softcap)
     else:
         q_lens = meta.query_lens
         for seqs in (short[q_lens[short] == 1], short[q_lens[short] > 1]):  # decode, then verify-sized rows
             for group in _groups(seqs, int(q_lens[seqs].max()) if seqs.numel() else 0, q.shape[1], meta):
-                _batched(q, k_cache, v_cache, meta, group, scale, out, lse)
+                _batched(q, k_cache, v_cache, meta, group, scale, out, lse, window, softcap)
     for i in prompts:
-        _prefill(q, k_cache, v_cache, meta, i, scale, out, lse)
+        _prefill(q, k_cache, v_cache, meta, i, scale, out, lse, window, softcap)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata):
+def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata, window: int | None):
     """(sequences with few new tokens, those with many as a list, the compiled kernel's launch or None),
-    worked out by the first layer of a step and kept on its metadata for the others."""
-    plan = meta.derived.get("cpu")
+    worked out by the first layer of a step with this window and kept on its metadata for the others."""
+    plan = meta.derived.get(("cpu", window))
     if plan is None:
         native_ok = (q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
                      and native.fits(q.shape[-1]) and native.paged_attention() is not None)   # a compiler built it
         limit, q_lens = (KERNEL_QUERY if native_ok else SHORT_QUERY), meta.query_lens
         short = ((q_lens >= 1) & (q_lens <= limit)).nonzero().flatten()
         prompts = (q_lens > limit).nonzero().flatten().tolist()
-        plan = meta.derived["cpu"] = (short, prompts, native.Launch(meta, short) if native_ok and short.numel() else None)
+        launch = native.Launch(meta, short, window) if native_ok and short.numel() else None
+        plan = meta.derived[("cpu", window)] = (short, prompts, launch)
     return plan
 
 
@@ -78,7 +85,7 @@ def _groups(seqs: torch.Tensor, max_q: int, num_heads: int, meta: AttentionMetad
     return list(seqs.split(max(1, SCORES_ELEMENTS // per_seq)))
 
 
-def _batched(q, k_cache, v_cache, meta, seqs, scale, out, lse) -> None:
+def _batched(q, k_cache, v_cache, meta, seqs, scale, out, lse, window, softcap) -> None:
     """Attention for the sequences seqs (all with few new tokens), all at once."""
     num_kv_heads, head_dim = k_cache.shape[2:]
     group = q.shape[1] // num_kv_heads
@@ -100,7 +107,8 @@ def _batched(q, k_cache, v_cache, meta, seqs, scale, out, lse) -> None:
         for h in range(num_kv_heads):  # K of head h: [S, seg, D] with rows Hkv * D apart, no copy
             torch.bmm(qb[h], k[:, :, h].transpose(1, 2), out=dest[h])
 
-    _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group)
+    _soft_cap_(scores, softcap)
+    _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group, window)
     m = scores.amax(dim=4).amax(dim=0)
     m = m.masked_fill_(m == float("-inf"), 0.0)  # fully masked rows: every p is exp(-inf) = 0
     p = scores.sub_(m[None, ..., None]).exp_()
@@ -148,20 +156,34 @@ def _block_index(block_tables: torch.Tensor, seg_blocks: int, max_len: int, bloc
     return blocks.transpose(0, 1).reshape(num_segments, -1)
 
 
-def _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group) -> None:
-    """-inf where a key is past the causal bound, past the sequence, or outside the tree mask.
+def _soft_cap_(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's soft-capping in place, softcap * tanh(scores / softcap); nothing without a softcap."""
+    if softcap is not None:
+        scores.div_(softcap).tanh_().mul_(softcap)
+    return scores
 
-    Keys before every sequence's context length are visible to all of its rows, so only the segments
-    from the shortest context on are touched: for a decode batch of equal lengths, the last one.
+
+def _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group, window) -> None:
+    """-inf where a key is past the causal bound, before the window, past the sequence, or outside the
+    tree mask.
+
+    Keys before every sequence's context length are visible to all of its rows unless a window cuts them
+    off, so without one only the segments from the shortest context on are touched: for a decode batch
+    of equal lengths, the last one.
     """
     num_segments, seg = scores.shape[0], scores.shape[-1]
     ctx_lens = seq_lens - q_lens
-    first = int((ctx_lens if meta.tree_mask is not None else ctx_lens + 1).min()) // seg
+    seen_by_all = ctx_lens if meta.tree_mask is not None else ctx_lens + 1   # keys [0, this) every row sees
+    if window is not None:
+        seen_by_all = seen_by_all.masked_fill(seq_lens > window, 0)
+    first = int(seen_by_all.min()) // seg
     if first >= num_segments:
         return
     keys = torch.arange(first * seg, num_segments * seg)
-    q_pos = torch.arange(rows.shape[1])
-    visible = keys <= (ctx_lens[:, None] + q_pos)[..., None]                         # [S, Q, n]
+    q_pos = (ctx_lens[:, None] + torch.arange(rows.shape[1]))[..., None]             # [S, Q, 1]
+    visible = keys <= q_pos                                                          # [S, Q, n]
+    if window is not None:
+        visible &= keys > q_pos - window
     visible &= keys < seq_lens[:, None, None]
     if meta.tree_mask is not None:
         draft = keys - ctx_lens[:, None, None]                                        # [S, 1, n]
@@ -174,23 +196,57 @@ def _mask_tail(scores, meta, q_lens, seq_lens, rows, num_kv_heads, group) -> Non
     tail.masked_fill_(hidden[:, None, :, :, None, :], float("-inf"))
 
 
-def _prefill(q, k_cache, v_cache, meta, i, scale, out, lse) -> None:
-    """One sequence with many new tokens: gather its context, run torch's fused CPU flash attention."""
+def _prefill(q, k_cache, v_cache, meta, i, scale, out, lse, window, softcap) -> None:
+    """One sequence with many new tokens: gather its context from the first key a row's window reaches,
+    run torch's fused CPU flash attention (plain matmuls for soft-capped scores, which it cannot do)."""
     start, end = int(meta.cu_seqlens_q[i]), int(meta.cu_seqlens_q[i + 1])
-    seq_len = int(meta.seq_lens[i])
-    blocks = meta.block_tables[i, :-(-seq_len // k_cache.shape[1])].long()
-    k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)[None]               # [1, Hkv, n, D]
-    v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+    q_len, seq_len = end - start, int(meta.seq_lens[i])
+    first = 0 if window is None else max(0, seq_len - q_len - window + 1)
+    k = _context(k_cache, meta.block_tables[i], first, seq_len)                     # [1, Hkv, n, D]
+    v = _context(v_cache, meta.block_tables[i], first, seq_len)
     qi = q[start:end].transpose(0, 1)[None]                                          # [1, Hq, q_len, D]
     k, v = k.to(qi.dtype), v.to(qi.dtype)
-    if seq_len == end - start and meta.tree_mask is None:
+    just_causal = seq_len == q_len and meta.tree_mask is None and (window is None or window >= seq_len)
+    if just_causal and softcap is None:
         o, row_lse = _sdpa(qi, k, v, is_causal=True, scale=scale)
     else:
-        visible = attention_mask(meta, i, end - start, seq_len)
-        bias = torch.zeros(visible.shape, dtype=qi.dtype).masked_fill_(~visible, float("-inf"))
-        o, row_lse = _sdpa(qi, k, v, attn_mask=bias, scale=scale)
+        visible = attention_mask(meta, i, q_len, seq_len, window=window)[:, first:]
+        if softcap is None:
+            bias = torch.zeros(visible.shape, dtype=qi.dtype).masked_fill_(~visible, float("-inf"))
+            o, row_lse = _sdpa(qi, k, v, attn_mask=bias, scale=scale)
+        else:
+            o, row_lse = _capped_attention(qi, k, v, visible, scale, softcap)
         if not bool(visible.any(-1).all()):  # SDPA gives lse 0 there; the contract is out 0, lse -inf
             row_lse = row_lse.masked_fill(~visible.any(-1), float("-inf"))
             o = o.masked_fill(~visible.any(-1)[:, None], 0.0)
     out[start:end] = o[0].transpose(0, 1)
     lse[start:end] = row_lse[0].transpose(0, 1)
+
+
+def _context(cache: torch.Tensor, block_table: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """Keys [first, end) of a sequence as [1, Hkv, n, D], read from only the blocks that hold them."""
+    block_size = cache.shape[1]
+    blocks = block_table[first // block_size:-(-end // block_size)].long()
+    skip = first % block_size
+    return cache[blocks].flatten(0, 1)[skip:skip + end - first].transpose(0, 1)[None]
+
+
+def _capped_attention(qi, k, v, visible, scale, softcap):
+    """qi [1, Hq, q_len, D] over k, v [1, Hkv, n, D] with soft-capped scores, in fp32 matmuls: the
+    query rows go in chunks whose scores stay within SCORES_ELEMENTS. Returns (out [1, Hq, q_len, D],
+    lse [1, Hq, q_len]); rows that see nothing give 0 and -inf."""
+    num_kv_heads, q_len = k.shape[1], qi.shape[2]
+    q = qi[0].float().unflatten(0, (num_kv_heads, -1)) * scale                      # [Hkv, group, q_len, D]
+    k, v = k[0].float(), v[0].float()                                                # [Hkv, n, D]
+    out = torch.empty(q.shape)
+    lse = torch.empty(q.shape[:3])
+    chunk = max(1, SCORES_ELEMENTS // (qi.shape[1] * k.shape[1]))
+    for r in range(0, q_len, chunk):
+        qc = q[:, :, r:r + chunk]
+        scores = torch.bmm(qc.flatten(1, 2), k.transpose(1, 2)).view(*qc.shape[:3], -1)   # [Hkv, group, c, n]
+        scores = _soft_cap_(scores, softcap).masked_fill_(~visible[r:r + chunk], float("-inf"))
+        chunk_lse = torch.logsumexp(scores, dim=-1)
+        p = scores.sub_(chunk_lse[..., None]).exp_().nan_to_num_(0.0)               # fully masked rows -> 0
+        out[:, :, r:r + chunk] = torch.bmm(p.flatten(1, 2), v).view(qc.shape)
+        lse[:, :, r:r + chunk] = chunk_lse
+    return out.flatten(0, 1)[None], lse.flatten(0, 1)[None]

@@ -27,25 +27,30 @@ def paged_attention():
         return None
     fn = lib.paged_attention
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, p, p, p, i, p, i, p, p, p, i, p, i, i, i, i, i, f, i, p, p, i]
+    fn.argtypes = [p, p, p, p, i, p, i, p, p, p, i, p, i, i, i, i, i, f, i, f, i, p, p, i]
     fn.restype = ctypes.c_int
     return fn
 
 
 class Launch:
-    """The kernel's per-step arguments (int32 tables, the sequences, the split), built once per step and
-    reused by every layer: only q, the caches and the outputs change between layers."""
+    """The kernel's per-step arguments (int32 tables, the sequences, the window, the split), built once per
+    step and window and reused by every layer with that window: only q, the caches and the outputs change."""
 
-    def __init__(self, meta, seqs: torch.Tensor):
+    def __init__(self, meta, seqs: torch.Tensor, window: int | None = None):
         self.tables = meta.block_tables.to(torch.int32).contiguous()
         self.seq_lens = meta.seq_lens.to(torch.int32).contiguous()
         self.cu = meta.cu_seqlens_q.to(torch.int32).contiguous()
         self.seqs = seqs.to(torch.int64).contiguous()
         self.tree = None if meta.tree_mask is None else meta.tree_mask.to(torch.uint8).contiguous()
+        self.window = window or 0
         self.threads = torch.get_num_threads()
-        self.split = split_keys(self.seqs.numel(), int(self.seq_lens[self.seqs].max()), self.threads)
+        keys = self.seq_lens[self.seqs]   # the kernel walks a sequence's keys from its first row's window on
+        if window:
+            keys = keys.clamp_max(meta.query_lens[self.seqs] + window - 1)
+        self.split = split_keys(self.seqs.numel(), int(keys.max()), self.threads)
 
-    def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor,
+                 softcap: float | None = None) -> None:
         """Attention rows of the sequences into out [T, Hq, D] / lse [T, Hq] (both fp32, contiguous)."""
         # a bf16 model with a bf16 cache also passes q as is: the kernel takes its dot products in bf16
         q_bf16 = q.contiguous() if q.dtype == k_cache.dtype == torch.bfloat16 else None
@@ -56,7 +61,7 @@ class Launch:
             self.tables.data_ptr(), self.tables.shape[1], self.seq_lens.data_ptr(), self.cu.data_ptr(),
             self.seqs.data_ptr(), self.seqs.numel(), None if tree is None else tree.data_ptr(),
             0 if tree is None else tree.shape[1], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], scale,
-            self.split, out.data_ptr(), lse.data_ptr(), self.threads)
+            self.window, softcap or 0.0, self.split, out.data_ptr(), lse.data_ptr(), self.threads)
         if failed:
             raise MemoryError("paged attention: out of memory for the splits' partial results")
 

@@ -14,6 +14,9 @@
  * [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D] fp32;
  * lse [T, Hq] fp32; tree_mask, when given, [T, tree_width] bytes: draft row -> visible draft rows.
  * Row r of a sequence is query token r / Hq, query head r % Hq; it reads KV head (r % Hq) / group.
+ * With a sliding window (window > 0) the query at position t sees keys (t - window, t] only, and a
+ * sequence's splits start at its first row's window: keys before it are never read. With softcap > 0 the
+ * scaled scores are soft-capped, softcap * tanh(s / softcap), before masking (Gemma 2).
  */
 #include <math.h>
 #include <stdint.h>
@@ -61,6 +64,8 @@ typedef struct {
     const uint8_t *tree_mask;
     int tree_width, num_heads, num_kv_heads, head_dim, block_size;
     float scale;
+    int window;     /* 0: none */
+    float softcap;  /* 0: none */
 } Problem;
 
 /* Lanes of a where mask is set, else of b. */
@@ -80,6 +85,16 @@ INLINE v16 exp16_nonpositive(v16 x) {
                + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
     v16i bits = ((whole + 127) << 23) & (x >= -87.0f);
     return poly * (v16)bits;
+}
+
+/* cap * tanh(x / cap) for 16 lanes: tanh|y| = (1 - e) / (1 + e) with e = exp(-2|y|) <= 1, the sign put
+ * back. Absolute error ~1e-6 of cap (exp16_nonpositive's polynomial). */
+INLINE v16 softcap16(v16 x, float cap) {
+    const v16i sign_bit = (v16i){0} + INT32_MIN;
+    v16 y = x / cap;
+    v16 e = exp16_nonpositive((v16)((v16i)y & ~sign_bit) * -2.0f);
+    v16 t = (1.0f - e) / (1.0f + e) * cap;
+    return (v16)((v16i)t | ((v16i)y & sign_bit));
 }
 
 /* Elements [at, at + 8) of a cache as fp32 (bf16 widens exactly: its bits are fp32's top half). */
@@ -221,14 +236,15 @@ INLINE v16 chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf16
     return sum_each(dots);
 }
 
-/* One row's online-softmax step over a chunk: the keys' weights exp(s - m) (0 where masked) into w, the
- * running max m and normalizer l updated; returns the factor the row's accumulator must be scaled by. */
-INLINE float softmax_step(v16 *s, int limit, const uint8_t *tree, int first_draft, float *m, float *l,
+/* One row's online-softmax step over a chunk: the keys' weights exp(s - m) into w (0 where masked: lanes
+ * outside [start, limit], the row's window, and draft keys outside its tree branch), the running max m
+ * and normalizer l updated; returns the factor the row's accumulator must be scaled by. */
+INLINE float softmax_step(v16 *s, int start, int limit, const uint8_t *tree, int first_draft, float *m, float *l,
                           float *restrict w) {
     const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     v16 best = (v16){0} - INFINITY;
     for (int v = 0; v < VECS; v++) {
-        s[v] = select16(lane + 16 * v <= limit, s[v], (v16){0} - INFINITY);
+        s[v] = select16((lane + 16 * v >= start) & (lane + 16 * v <= limit), s[v], (v16){0} - INFINITY);
         if (tree != NULL)   /* draft keys the row's tree branch does not include */
             for (int c = first_draft > 16 * v ? first_draft : 16 * v; c <= limit && c < 16 * (v + 1); c++)
                 if (!tree[c - first_draft]) s[v][c - 16 * v] = -INFINITY;
@@ -359,13 +375,16 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
                     const int t = (i0 + i) / group, r = t * Hq + head * group + (i0 + i) % group;
                     const int64_t row = (int64_t)q0 * Hq + r;
                     v16 s[VECS];
-                    for (int v = 0; v < VECS; v++)
+                    for (int v = 0; v < VECS; v++) {
                         s[v] = chunk_scores(p, p->q + row * D, p->q_bf16 + row * D, offs + 16 * v, head * D, D, bf16,
                                             direct) * p->scale;
+                        if (p->softcap > 0.0f) s[v] = softcap16(s[v], p->softcap);
+                    }
                     const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;   /* causal, and the split */
+                    const int window_start = p->window > 0 ? ctx_len + t - p->window + 1 : c0;
                     const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
                     prefetch_some(p, &ahead_rows, quota, bf16);
-                    alpha[i] = softmax_step(s, last - c0, tree, ctx_len - c0, m + r, l + r, w[i]);
+                    alpha[i] = softmax_step(s, window_start - c0, last - c0, tree, ctx_len - c0, m + r, l + r, w[i]);
                     acc_rows[i] = acc + (int64_t)r * D;
                 }
                 switch (rows) {
@@ -422,15 +441,23 @@ static int64_t padded_rows(int R) {
     return (R + 15) & ~15;
 }
 
-/* Attention for the sequences seqs[0..num_seqs), each split into pieces of at most split_keys keys.
+/* The first key any row of a sequence sees: the start of its first row's window. */
+static int first_key(int seq_len, int q_len, int window) {
+    const int start = seq_len - q_len - window + 1;
+    return window > 0 && start > 0 ? start : 0;
+}
+
+/* Attention for the sequences seqs[0..num_seqs), the keys from first_key on each split into pieces of at
+ * most split_keys keys.
  * Returns 0, or 1 when the splits' partial results could not be allocated (nothing written then). */
 int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_bf16,
                      const int32_t *block_tables, int table_width, const int32_t *seq_lens,
                      const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
                      const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
-                     int block_size, float scale, int split_keys, float *out, float *lse, int num_threads) {
+                     int block_size, float scale, int window, float softcap, int split_keys, float *out, float *lse,
+                     int num_threads) {
     Problem p = {q, q_bf16, k_cache, v_cache, kv_bf16, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
-                 tree_width, num_heads, num_kv_heads, head_dim, block_size, scale};
+                 tree_width, num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap};
     const int D = head_dim;
     /* sequence i owns work items item_start[i] .. item_start[i+1] (its splits) and partial rows from
      * row_start[i] (split-major: split sp's rows are contiguous, padded_rows apart) */
@@ -443,7 +470,7 @@ int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache,
     item_start[0] = row_start[0] = 0;
     for (int i = 0; i < num_seqs; i++) {
         int seq = (int)seqs[i], q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
-        int splits = (seq_lens[seq] + split_keys - 1) / split_keys;
+        int splits = (seq_lens[seq] - first_key(seq_lens[seq], q_len, window) + split_keys - 1) / split_keys;
         splits = splits < 1 ? 1 : splits;
         item_start[i + 1] = item_start[i] + splits;
         row_start[i + 1] = row_start[i] + splits * padded_rows(q_len * num_heads);
@@ -463,8 +490,9 @@ int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache,
             int i = 0;
             while (item_start[i + 1] <= item) i++;
             int seq = (int)seqs[i], split = (int)(item - item_start[i]);
-            int R = (cu_seqlens_q[seq + 1] - cu_seqlens_q[seq]) * num_heads;
-            int k0 = split * split_keys, k1 = k0 + split_keys < seq_lens[seq] ? k0 + split_keys : seq_lens[seq];
+            int q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq], R = q_len * num_heads;
+            int k0 = first_key(seq_lens[seq], q_len, window) + split * split_keys;
+            int k1 = k0 + split_keys < seq_lens[seq] ? k0 + split_keys : seq_lens[seq];
             int64_t r0 = row_start[i] + split * padded_rows(R);
             attend_split(&p, seq, k0, k1, acc + r0 * D, mx + r0, nz + r0);
         }

@@ -23,15 +23,21 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
 
 
-def causal_mask(q_len: int, seq_len: int, device=None) -> torch.Tensor:
-    """[q_len, seq_len] bool: query j (at position seq_len - q_len + j) sees keys <= its position."""
+def causal_mask(q_len: int, seq_len: int, device=None, window: int | None = None) -> torch.Tensor:
+    """[q_len, seq_len] bool: query j (at position p = seq_len - q_len + j) sees keys k <= p, and with a
+    sliding window only those with p - window < k."""
     q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
-    return torch.arange(seq_len, device=device)[None, :] <= q_pos
+    keys = torch.arange(seq_len, device=device)[None, :]
+    mask = keys <= q_pos
+    if window is not None:
+        mask &= keys > q_pos - window
+    return mask
 
 
-def attention_mask(meta: AttentionMetadata, i: int, q_len: int, seq_len: int, device=None) -> torch.Tensor:
-    """Causal mask of sequence i, narrowed by the tree mask over its last q_len keys when given."""
-    mask = causal_mask(q_len, seq_len, device)
+def attention_mask(meta: AttentionMetadata, i: int, q_len: int, seq_len: int, device=None,
+                   window: int | None = None) -> torch.Tensor:
+    """Causal (windowed) mask of sequence i, narrowed by the tree mask over its last q_len keys when given."""
+    mask = causal_mask(q_len, seq_len, device, window)
     if meta.tree_mask is not None:
         start = int(meta.cu_seqlens_q[i])
         mask[:, seq_len - q_len:] &= meta.tree_mask[start:start + q_len, :q_len].to(device)
@@ -39,8 +45,13 @@ def attention_mask(meta: AttentionMetadata, i: int, q_len: int, seq_len: int, de
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-              scale: float | None = None, return_lse: bool = False):
-    """q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] in fp32 when asked). Fully masked rows give 0."""
+              scale: float | None = None, return_lse: bool = False, window: int | None = None,
+              softcap: float | None = None):
+    """q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] in fp32 when asked). Fully masked rows give 0.
+
+    window: each query sees only the last `window` positions up to its own (sliding-window attention).
+    softcap: scores become softcap * tanh(scores / softcap) before masking (Gemma 2's soft-capping).
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
@@ -52,8 +63,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
             continue
         k = gather_kv(k_cache, meta.block_tables[i], seq_len).repeat_interleave(group, dim=1)
         v = gather_kv(v_cache, meta.block_tables[i], seq_len).repeat_interleave(group, dim=1)
-        mask = attention_mask(meta, i, end - start, seq_len, q.device)
+        mask = attention_mask(meta, i, end - start, seq_len, q.device, window)
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k.float()) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~mask, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)                       # [H, q]
         probs = torch.exp(scores - row_lse[..., None]).nan_to_num(0.0)  # fully masked rows -> 0

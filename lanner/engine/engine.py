@@ -47,6 +47,9 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.model_config, weights, self.max_model_len)
         del weights
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        windows = self.model_config.layer_windows
+        # when every layer slides (Mistral), KV older than the widest window is never read again
+        self.kv_window = max(windows) if windows and None not in windows else None
         self.scheduler = Scheduler(cfg, self.blocks)
         self.sampler = Sampler(self.tokenizer.stop_token_ids)
         self.requests: dict[str, Request] = {}
@@ -88,6 +91,8 @@ class LLMEngine:
             raise ValueError(f"prompt is {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
                              f"(the prompt plus at least one generated token must fit)")
         total = min(len(token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if self.kv_window:   # held at once: the window, one step's tokens, a partly filled block at each end
+            total = min(total, self.kv_window + self.cfg.max_num_batched_tokens + self.cfg.block_size)
         if -(-total // self.cfg.block_size) > self.blocks.num_blocks:
             raise ValueError(f"prompt + max_tokens = {total} tokens need more KV blocks than the whole pool "
                              f"({self.blocks.num_blocks} blocks of {self.cfg.block_size}); lower max_tokens "
@@ -119,6 +124,8 @@ class LLMEngine:
         for seq, _ in scheduled:
             if not seq.is_finished:
                 self.blocks.cache_full_blocks(seq)
+                if self.kv_window:
+                    self.blocks.release_out_of_window(seq, self.kv_window)
         return [self.make_output(self.requests[rid]) for rid in touched if rid in self.requests]
 
     def record_prompt_logprobs(self, logits, row_seqs, row_positions) -> list[int]:

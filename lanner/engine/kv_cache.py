@@ -73,29 +73,40 @@ class BlockManager:
     def share(self, parent: Sequence, child: Sequence) -> None:
         """Give child the parent's full blocks (ref counted); it recomputes the partial tail itself."""
         full = min(parent.num_computed_tokens, parent.num_prompt_tokens) // self.block_size
-        for block_id in parent.block_table[:full]:
+        released = min(parent.num_released_blocks, full)   # out of the window: the child needs them no more
+        for block_id in parent.block_table[released:full]:
             self.take(block_id)
-        child.block_table = list(parent.block_table[:full])
+        child.block_table, child.num_released_blocks = list(parent.block_table[:full]), released
         child.block_hashes = child.block_hashes[:full]
         child.num_computed_tokens = full * self.block_size
+
+    def unref(self, block_id: int) -> None:
+        self.ref_counts[block_id] -= 1
+        if self.ref_counts[block_id] == 0:
+            self.free[block_id] = None
 
     def trim(self, seq: Sequence) -> None:
         """Return blocks that only held rejected drafts."""
         keep = -(-len(seq.token_ids) // self.block_size) if seq.token_ids else 0
         keep = max(keep, -(-(seq.num_computed_tokens + 1) // self.block_size))
         for block_id in seq.block_table[keep:]:
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free[block_id] = None
+            self.unref(block_id)
         del seq.block_table[keep:]
+
+    def release_out_of_window(self, seq: Sequence, window: int) -> None:
+        """Give back the blocks whose keys no later query of seq can see, when every layer attends only to
+        the last `window` positions. Their ids stay in the block table so positions keep their blocks; the
+        attention backends never read them (they start at the window)."""
+        unseen = max(0, seq.num_computed_tokens - window + 1) // self.block_size
+        for block_id in seq.block_table[seq.num_released_blocks:unseen]:
+            self.unref(block_id)
+        seq.num_released_blocks = max(seq.num_released_blocks, unseen)
 
     def release(self, seq: Sequence) -> None:
         # Free the tail first so it is evicted before the (more shareable) head of the sequence.
-        for block_id in reversed(seq.block_table):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free[block_id] = None
-        seq.block_table, seq.block_hashes = [], []
+        for block_id in reversed(seq.block_table[seq.num_released_blocks:]):
+            self.unref(block_id)
+        seq.block_table, seq.block_hashes, seq.num_released_blocks = [], [], 0
 
     def hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0

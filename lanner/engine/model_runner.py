@@ -35,7 +35,8 @@ class ModelRunner:
             self.model.to(dtype=self.dtype).eval()
         else:
             self.model.to(cfg.device, self.dtype).eval()
-        self.model.layers[0].self_attn.rotary.cos_sin = self.model.layers[0].self_attn.rotary.cos_sin.float()
+        for rotary in (self.model.rotary, self.model.local_rotary):   # tables stay fp32, rounded per lookup as HF
+            rotary.cos_sin = rotary.cos_sin.float()
         self.model.pack_weights(cfg.quantization, cfg.dense_gemm_weights)
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(cfg.kv_cache_memory)
         shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)

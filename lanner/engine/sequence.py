@@ -27,6 +27,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.block_table: list[int] = []
+        self.num_released_blocks = 0         # leading blocks given back as out of every layer's window
         self.block_hashes: list[int] = []    # hashes of the leading full, verified blocks
         self.spec_token_ids: list[int] = []  # draft tokens to verify this step
         self.spec_draft_probs = None         # [k, V]: what a sampling draft model drew them from

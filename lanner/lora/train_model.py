@@ -179,9 +179,24 @@ class LoRAModel(nn.Module):
             p.data.copy_(saved)
 
 
+# ModelConfig fields whose values the training forward (Llama's math) handles: name -> the plain value
+TRAINABLE_AS_LLAMA = {
+    "hidden_act": lambda c: "silu", "rotary_dim": lambda c: c.head_dim, "qk_norm": lambda c: False,
+    "sandwich_norms": lambda c: False, "embedding_scale": lambda c: None, "attention_scale": lambda c: None,
+    "attn_softcap": lambda c: None, "final_softcap": lambda c: None, "mlp_bias": lambda c: False,
+    "local_rope_theta": lambda c: None,
+}
+
+
 def build_model(hf_config: dict, weights: dict[str, torch.Tensor], max_positions: int) -> LlamaForCausalLM:
     """Our decoder with HF-named weights loaded, fp32, for training (no KV cache, no attention backend)."""
     cfg = ModelConfig.from_hf(hf_config)
+    departures = [name for name, plain in TRAINABLE_AS_LLAMA.items() if getattr(cfg, name) != plain(cfg)]
+    if any(w is not None and w < max_positions for w in cfg.layer_windows):   # longer examples than the window
+        departures.append("layer_windows")
+    if departures:
+        raise ValueError(f"fine-tuning {cfg.architecture} is not supported: the training forward is Llama's "
+                         f"and this model differs in {', '.join(departures)}")
     model = LlamaForCausalLM(cfg, backend=None, max_positions=max_positions)
     model.load_hf_weights(weights)
     return model.float()

@@ -4,7 +4,13 @@ The file is memory-mapped and read by our own parser: numeric arrays come out of
 call, and string arrays (the vocabulary and merges, ~100k strings) in a tight loop over a bytes object
 (the gguf package builds a numpy view per element, seconds for one vocabulary). Weights in a block
 format ggml.c multiplies with stay as they are in the file (GGMLTensor); the rest are dequantized.
+
+Files are read as llama.cpp's convert_hf_to_gguf.py writes them, and turned back into what the HF
+checkpoint holds: the config keys the installed transformers writes in config.json for that architecture,
+and the weights in HF's names and conventions (q/k rows un-permuted for the llama architecture only,
+Gemma norms minus the 1 the converter adds, Phi-3's fused qkv and gate+up kept fused).
 """
+import math
 import struct
 
 import numpy as np
@@ -12,14 +18,27 @@ import torch
 
 from lanner.quant.ggml import BLOCKS, GGMLTensor, kernels
 
-SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {   # GGUF general.architecture -> (HF architecture, HF model_type)
+    "llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "phi3": ("Phi3ForCausalLM", "phi3"),
+}
+MISTRAL = ("MistralForCausalLM", "mistral")   # the converter writes Mistral as llama; its name tells them apart
 DEQUANTIZED_AT_LOAD = ("Q2_K", "Q3_K")   # formats read through the gguf package's dequantize
 LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+GEMMA_LAYER_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                     "post_ffw_norm": "post_feedforward_layernorm"}
+ARCH_LAYER_NAMES = {"gemma2": GEMMA_LAYER_NAMES, "gemma3": GEMMA_LAYER_NAMES,
+                    "phi3": {"ffn_up": "mlp.gate_up_proj"}}   # Phi-3's ffn_up holds the gate rows, then up's
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")   # config, not weights
+GEMMA3_SWA_PERIOD = 6   # llama.cpp's Gemma 3 default: every 6th layer full attention
+LLAMA3_ASSUMED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
 
@@ -115,11 +134,21 @@ def field(reader: GGUFFile, key: str, default=None):
     return reader.fields.get(key, default)
 
 
-def hf_name(gguf_name: str) -> str:
+def f32(value) -> float:
+    """A float32 metadata value as the shortest decimal that reads back as it (1e-06, not 9.99999997e-07):
+    what the HF config held, the same number in float32 math."""
+    return float(str(np.float32(value)))
+
+
+def hf_name(gguf_name: str, arch: str) -> str:
     parts = gguf_name.split(".")
     if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return f"{TOP_NAMES[parts[0]]}.{parts[1]}"
+        names, kind, prefix = {**LAYER_NAMES, **ARCH_LAYER_NAMES.get(arch, {})}, parts[2], f"model.layers.{parts[1]}."
+    else:
+        names, kind, prefix = TOP_NAMES, parts[0], ""
+    if kind not in names:
+        raise ValueError(f"unsupported tensor {gguf_name!r} in a {arch} GGUF")
+    return f"{prefix}{names[kind]}.{parts[-1]}"
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -127,48 +156,226 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def tensor_values(reader: GGUFFile, name: str) -> np.ndarray | None:
+    """A small tensor's values (None when the file has none of that name)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    t = next((t for t in reader.tensors if t.name == name), None)
+    return None if t is None else dequantize(reader.raw(t), GGMLQuantizationType(t.type_id)).reshape(-1)
+
+
 def read_config(reader: GGUFFile) -> dict:
     arch = field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHS)}")
-    get = lambda key, default=None: field(reader, f"{arch}.{key}", default)
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
+    meta = lambda key, default=None: field(reader, f"{arch}.{key}", default)
+    refuse_what_we_cannot_represent(meta, arch)
+    mistral = arch == "llama" and "mistral" in str(field(reader, "general.name", "")).lower()
+    hf_arch, model_type = MISTRAL if mistral else ARCHITECTURES[arch]
+    heads, hidden = int(meta("attention.head_count")), int(meta("embedding_length"))
+    head_dim = int(meta("attention.key_length", hidden // heads))
     names = {t.name for t in reader.tensors}
     config = {
-        "architectures": [SUPPORTED_ARCHS[arch]], "model_type": arch,
-        "hidden_size": hidden, "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")), "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(get("rope.freq_base", 10000.0)), "vocab_size": int(vocab),
-        "max_position_embeddings": int(get("context_length", 4096)),
+        "architectures": [hf_arch], "model_type": model_type, "vocab_size": vocab_size(reader),
+        "hidden_size": hidden, "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
+        "max_position_embeddings": int(meta("context_length", 4096)),
+        "rms_norm_eps": f32(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_parameters": rope_parameters(reader, meta, arch, head_dim, int(meta("context_length", 4096))),
         "tie_word_embeddings": "output.weight" not in names,
-        "attention_bias": "blk.0.attn_q.bias" in names,
         "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
     }
-    if get("rope.scaling.type") == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    return config
+    return {**config, **ARCH_KEYS[model_type](meta, config, head_dim, names)}
 
 
-def row_order(t: TensorInfo, config: dict) -> np.ndarray | None:
-    """The HF row order of an attn_q / attn_k weight (None for every other tensor)."""
+def vocab_size(reader: GGUFFile) -> int:
+    """The embedding's rows: what the weights hold (the Gemma 3 converter drops padding rows)."""
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ValueError("the GGUF has no token_embd.weight")
+    return int(embedding.shape[1])
+
+
+def refuse_what_we_cannot_represent(meta, arch: str) -> None:
+    if meta("expert_count"):
+        raise ValueError(f"mixture-of-experts GGUF ({arch}.expert_count = {meta('expert_count')}) is not supported")
+    if meta("attention.causal") is False:
+        raise ValueError(f"non-causal attention ({arch}.attention.causal = false) is not supported")
+    if meta("attention.value_length", meta("attention.key_length")) != meta("attention.key_length"):
+        raise ValueError(f"{arch}.attention.value_length {meta('attention.value_length')} differs from "
+                         f"key_length {meta('attention.key_length')}: not supported")
+
+
+def rope_parameters(reader: GGUFFile, meta, arch: str, head_dim: int, context: int) -> dict:
+    """transformers' rope_parameters: one dict, or for Gemma 3 one per layer type."""
+    params = {"rope_theta": f32(meta("rope.freq_base", 10000.0)), "rope_type": "default"}
+    params.update(rope_scaling(reader, meta, params["rope_theta"], head_dim, context))
+    rotary = int(meta("rope.dimension_count", head_dim))
+    if arch == "phi3":
+        params["partial_rotary_factor"] = rotary / head_dim
+    elif rotary != head_dim:
+        raise ValueError(f"partial rotary ({arch}.rope.dimension_count {rotary} < head_dim {head_dim}) "
+                         f"is not supported for {arch}")
+    if arch == "gemma3":
+        local = {"rope_theta": f32(meta("rope.freq_base_swa", 10000.0)), "rope_type": "default"}
+        return {"full_attention": params, "sliding_attention": local}
+    return params
+
+
+def rope_scaling(reader: GGUFFile, meta, theta: float, head_dim: int, context: int) -> dict:
+    """The scaling keys of rope_parameters, from the scaling metadata or the rope factor tensors."""
+    freqs, long = tensor_values(reader, "rope_freqs.weight"), tensor_values(reader, "rope_factors_long.weight")
+    if freqs is not None:
+        return llama3_scaling(freqs, theta, head_dim)
+    if long is not None:
+        return longrope_scaling(meta, long, tensor_values(reader, "rope_factors_short.weight"), context)
+    kind = meta("rope.scaling.type", "none")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": f32(meta("rope.scaling.factor"))}
+    if kind == "yarn":
+        return yarn_scaling(meta)
+    if kind != "none":
+        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: none, linear, yarn, llama3 "
+                         f"(rope_freqs), longrope (rope_factors_long/short)")
+    return {}
+
+
+def llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int) -> dict:
+    """llama.cpp keeps Llama 3 rope scaling as per-frequency divisors only. They fix the factor (the largest)
+    but not low_freq_factor, high_freq_factor and original_max_position_embeddings apart: take the values the
+    converter assumes (Llama 3.1 to 3.3's) and check that they give these divisors."""
+    params = {"rope_type": "llama3", "factor": f32(freqs.max()), **LLAMA3_ASSUMED}
+    if not np.allclose(llama3_divisors(params, theta, head_dim), freqs, rtol=1e-5, atol=0):
+        raise ValueError(f"rope_freqs.weight is not llama3 rope scaling with {LLAMA3_ASSUMED}: not supported")
+    return params
+
+
+def llama3_divisors(params: dict, theta: float, head_dim: int) -> np.ndarray:
+    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    original, factor = params["original_max_position_embeddings"], params["factor"]
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    smooth = (original / wavelen - low) / (high - low)
+    return np.where(wavelen < original / high, 1.0,
+                    np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+
+
+def longrope_scaling(meta, long: np.ndarray, short: np.ndarray, context: int) -> dict:
+    original = int(meta("rope.scaling.original_context_length", context))
+    params = {"rope_type": "longrope", "original_max_position_embeddings": original,
+              "long_factor": [f32(x) for x in long], "short_factor": [f32(x) for x in short]}
+    attention_factor = meta("rope.scaling.attn_factor", longrope_attention_factor(context, original))
+    if not math.isclose(attention_factor, longrope_attention_factor(context, original), rel_tol=1e-6):
+        params["attention_factor"] = f32(attention_factor)
+    return params
+
+
+def longrope_attention_factor(context: int, original: int) -> float:
+    """transformers' default (and the converter's): sqrt(1 + ln(scale) / ln(original)), 1 unscaled."""
+    scale = context / original
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+
+
+def yarn_scaling(meta) -> dict:
+    params = {"rope_type": "yarn", "factor": f32(meta("rope.scaling.factor")),
+              "original_max_position_embeddings": int(meta("rope.scaling.original_context_length"))}
+    for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                      ("yarn_attn_factor", "attention_factor")):
+        if meta(f"rope.scaling.{key}") is not None:
+            params[name] = f32(meta(f"rope.scaling.{key}"))
+    return params
+
+
+def sliding_window(meta) -> int | None:
+    return int(meta("attention.sliding_window", 0)) or None
+
+
+def llama_keys(meta, config: dict, head_dim: int, names: set) -> dict:
+    return {"head_dim": head_dim, "hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in names,
+            "mlp_bias": "blk.0.ffn_up.bias" in names}
+
+
+def mistral_keys(meta, config: dict, head_dim: int, names: set) -> dict:
+    return {"head_dim": head_dim, "hidden_act": "silu", "sliding_window": sliding_window(meta)}
+
+
+def qwen2_keys(meta, config: dict, head_dim: int, names: set) -> dict:
+    """llama.cpp runs Qwen 2/3 with full attention in every layer (the converter writes no window)."""
+    return {"hidden_act": "silu", "layer_types": ["full_attention"] * config["num_hidden_layers"],
+            "sliding_window": None, "use_sliding_window": False}
+
+
+def qwen3_keys(meta, config: dict, head_dim: int, names: set) -> dict:
+    return {**qwen2_keys(meta, config, head_dim, names), "head_dim": head_dim,
+            "attention_bias": "blk.0.attn_q.bias" in names}
+
+
+def gemma2_keys(meta, config: dict, head_dim: int, names: set) -> dict:
+    """llama.cpp's Gemma 2: a window on even layers (4096 unless given), softcaps 50 / 30 unless given."""
+    sliding = [i % 2 == 0 for i in range(config["num_hidden_layers"])]
+    return {**gemma_keys(config, head_dim, "gemma2", sliding),
+            "sliding_window": int(meta("attention.sliding_window", 4096)),
+            "attn_logit_softcapping": f32(meta("attn_logit_softcapping", 50.0)),
+            "final_logit_softcapping": f32(meta("final_logit_softcapping", 30.0))}
+
+
+def gemma3_keys(meta, config: dict, head_dim: int, names: set) -> dict:
+    window, softcap = sliding_window(meta), meta("final_logit_softcapping")
+    sliding = gemma3_sliding_layers(meta, config["num_hidden_layers"], window)
+    return {**gemma_keys(config, head_dim, "gemma3", sliding), "sliding_window": window, "attn_logit_softcapping": None,
+            "final_logit_softcapping": f32(softcap) if softcap else None}
+
+
+def gemma3_sliding_layers(meta, n_layers: int, window: int | None) -> list[bool]:
+    """The file's per-layer pattern, or period, else llama.cpp's: every 6th layer full; none without a window."""
+    if window is None:
+        return [False] * n_layers
+    pattern = meta("attention.sliding_window_pattern", GEMMA3_SWA_PERIOD)
+    if isinstance(pattern, list):
+        return [bool(x) for x in pattern[:n_layers]]
+    return [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
+
+
+def gemma_keys(config: dict, head_dim: int, arch: str, sliding: list[bool]) -> dict:
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    return {"head_dim": head_dim, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+            "query_pre_attn_scalar": llama_cpp_query_pre_attn_scalar(arch, config["num_hidden_layers"], hidden,
+                                                                     heads, head_dim),
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding]}
+
+
+def llama_cpp_query_pre_attn_scalar(arch: str, n_layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The file has no attention scale: llama.cpp divides by sqrt(head_dim), by sqrt(hidden / heads) for the
+    27B models (the ones whose HF configs say so), which it knows by their layer count."""
+    return hidden // heads if n_layers == {"gemma2": 46, "gemma3": 62}[arch] else head_dim
+
+
+def phi3_keys(meta, config: dict, head_dim: int, names: set) -> dict:
+    original = int(meta("rope.scaling.original_context_length", config["max_position_embeddings"]))
+    return {"hidden_act": "silu", "original_max_position_embeddings": original,
+            "sliding_window": sliding_window(meta)}
+
+
+ARCH_KEYS = {"llama": llama_keys, "mistral": mistral_keys, "qwen2": qwen2_keys, "qwen3": qwen3_keys,
+             "gemma2": gemma2_keys, "gemma3_text": gemma3_keys, "phi3": phi3_keys}
+
+
+def row_order(t: TensorInfo, arch: str, config: dict) -> np.ndarray | None:
+    """The HF row order of a llama-architecture attn_q / attn_k tensor (None for every other tensor)."""
     kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
     heads = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}.get(kind)
-    return None if heads is None else unpermute(np.arange(t.shape[-1]), config[heads])
+    return None if heads is None or arch != "llama" else unpermute(np.arange(t.shape[-1]), config[heads])
 
 
-def load_tensor(reader: GGUFFile, t: TensorInfo, config: dict, dense: bool):
+def load_tensor(reader: GGUFFile, t: TensorInfo, arch: str, config: dict, dense: bool):
     """A GGMLTensor for a matrix ggml.c multiplies with (unless dense), else an fp32 torch tensor."""
     name = t.type_name
     if name not in BLOCKS and name not in DEQUANTIZED_AT_LOAD:
         raise ValueError(f"tensor {t.name!r} has unsupported GGUF type {name}; "
                          f"supported: {sorted(set(BLOCKS) | set(DEQUANTIZED_AT_LOAD))}")
-    raw, order = reader.raw(t), row_order(t, config)
+    raw, order = reader.raw(t), row_order(t, arch, config)
     shape = tuple(int(d) for d in reversed(t.shape))      # GGUF lists the fastest dim first
     if len(shape) == 2 and name in BLOCKS and name != "F32" and shape[1] % 32 == 0 and not dense:
         weight = GGMLTensor.from_numpy(name, shape, raw)
@@ -178,6 +385,8 @@ def load_tensor(reader: GGUFFile, t: TensorInfo, config: dict, dense: bool):
     data = dequantize(raw, GGMLQuantizationType[name]).reshape(shape)
     if order is not None:
         data = data[order]
+    if arch.startswith("gemma") and t.name.endswith("norm.weight"):
+        data = data - 1   # the converter stores Gemma's 1 + w (llama.cpp scales by the weight itself)
     return torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
 
 
@@ -189,7 +398,8 @@ def load_gguf(path: str, dense: bool = False) -> tuple[dict, dict, GGUFFile]:
     except (ValueError, struct.error, UnicodeDecodeError, KeyError) as e:
         raise ValueError(f"cannot read GGUF file {path}: {e}") from e
     config = read_config(reader)
+    arch = reader.fields["general.architecture"]
     dense = dense or kernels() is None
-    weights = {hf_name(t.name): load_tensor(reader, t, config, dense) for t in reader.tensors
-               if not t.name.startswith("rope_")}
+    weights = {hf_name(t.name, arch): load_tensor(reader, t, arch, config, dense) for t in reader.tensors
+               if t.name not in ROPE_TENSORS}
     return config, weights, reader

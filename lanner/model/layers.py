@@ -101,42 +101,100 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None, max_position_embeddings: int,
+                  long: bool = False) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [dim / 2], cos/sin factor) of a rope type, in fp32 as transformers computes them,
+    so the tables equal HF's bit for bit. `long`: longrope's factors for positions past the original length."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
     if kind in (None, "default"):
-        return inv_freq
+        return inv_freq, 1.0
+    factor, original = scaling.get("factor"), scaling.get("original_max_position_embeddings", max_position_embeddings)
     if kind == "linear":
-        return inv_freq / scaling["factor"]
+        return inv_freq / factor, 1.0
+    if kind == "dynamic":   # HF's base for a sequence of max_position_embeddings: its frequencies up to there
+        return inv_freq, 1.0
     if kind == "llama3":
-        factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = ((old_len / wavelen) - low) / (high - low)
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
-        return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
-    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+        return llama3_inv_freq(inv_freq, factor, scaling.get("low_freq_factor", 1.0),
+                               scaling.get("high_freq_factor", 4.0), original), 1.0
+    factor = factor or max_position_embeddings / original
+    if kind == "yarn":
+        return yarn_inv_freq(dim, theta, factor, scaling, original)
+    if kind == "longrope":
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        attention = scaling.get("attention_factor") or (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
+        return inv_freq / ext, attention
+    raise ValueError(f"unsupported rope type {kind!r}")
+
+
+def llama3_inv_freq(inv_freq, factor: float, low: float, high: float, original: int) -> torch.Tensor:
+    """Llama 3.1's: long wavelengths slowed by factor, short ones kept, the band between blended."""
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return torch.where(mid, blended, scaled)
+
+
+def yarn_inv_freq(dim: int, theta: float, factor: float, scaling: dict, original: int) -> tuple[torch.Tensor, float]:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original context are interpolated
+    (divided by factor), those turning more than beta_fast times kept, a linear ramp between; cos/sin
+    scaled by 0.1 ln(factor) + 1 (or the mscale ratio DeepSeek configs give)."""
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    def turns_dim(turns):
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    low, high = turns_dim(scaling.get("beta_fast") or 32), turns_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    base = theta ** (torch.arange(0, dim, 2).float() / dim)
+    keep = 1 - ramp
+    return 1.0 / (factor * base) * (1 - keep) + 1.0 / base * keep, float(attention)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the HF (half-split) layout, with a precomputed cos/sin table."""
+    """Rotary position embedding in the HF (half-split) layout over the first `dim` dims of a head, with a
+    precomputed cos/sin table (times the rope type's attention factor)."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
+    def __init__(self, dim: int, max_positions: int, theta: float, scaling: dict | None,
+                 max_position_embeddings: int | None = None):
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), rope_inv_freq(head_dim, theta, scaling))
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1).float(), persistent=False)
+        self.dim = dim
+        context = max_position_embeddings or max_positions
+        inv_freq, factor = rope_inv_freq(dim, theta, scaling, context)
+        positions = torch.arange(max_positions, dtype=torch.float32)[:, None]
+        freqs = positions * inv_freq
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+        if kind == "longrope":   # vLLM's choice: positions past the original context take the long factors
+            original = scaling.get("original_max_position_embeddings", context)
+            long_freqs = positions * rope_inv_freq(dim, theta, scaling, context, long=True)[0]
+            freqs = torch.where(positions >= original, long_freqs, freqs)
+        if kind == "dynamic" and max_positions > context:   # HF's frequencies at the longest sequence we allow
+            base = theta * ((scaling["factor"] * max_positions / context) - (scaling["factor"] - 1)) ** (dim / (dim - 2))
+            freqs = positions * rope_inv_freq(dim, base, None, context)[0]
+        self.register_buffer("cos_sin", torch.cat([freqs.cos() * factor, freqs.sin() * factor], -1), persistent=False)
 
     def table(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """cos | sin [T, D] of positions, in dtype: looked up once per forward, shared by every layer."""
+        """cos | sin [T, dim] of positions, in dtype: looked up once per forward, shared by every layer."""
         return self.cos_sin[positions].to(dtype)
 
     def forward(self, table: torch.Tensor, *xs: torch.Tensor):
         cos, sin = table.unsqueeze(-2).chunk(2, dim=-1)
         return tuple(self.rotate(x, cos, sin) for x in xs)
 
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """HF's q * cos + rotate_half(q) * sin, in the activations' dtype as HF does."""
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """HF's q * cos + rotate_half(q) * sin on the rotary dims, in the activations' dtype as HF does."""
+        if self.dim < x.shape[-1]:
+            return torch.cat([self.rotate(x[..., :self.dim], cos, sin), x[..., self.dim:]], dim=-1)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

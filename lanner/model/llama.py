@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) running on the paged KV cache."""
+"""The decoder of the Llama family and its relatives (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, SmolLM) on the
+paged KV cache."""
 import torch
 from torch import nn
 
@@ -10,50 +11,74 @@ from lanner.quant.ggml import GGMLTensor
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend, window: int | None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias, device="meta")
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, device="meta")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.rotary, self.backend = rotary, backend
+        self.fused_rope = rotary.dim == cfg.head_dim   # fused.rope_store rotates whole heads
+        # what departs from plain causal attention, passed to the backend only when set
+        options = dict(scale=cfg.attention_scale, window=window, softcap=cfg.attn_softcap)
+        self.options = {k: v for k, v in options.items() if v is not None}
         self.k_cache = self.v_cache = None   # [num_blocks, block_size, Hkv, D], set by the runner
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if fused.rope_store(qkv, rope, self.k_cache, self.v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads):
+        if hasattr(self, "q_norm"):
+            self.norm_heads(qkv)
+        if self.fused_rope and fused.rope_store(qkv, rope, self.k_cache, self.v_cache, meta.slot_mapping,
+                                                self.num_heads, self.num_kv_heads):
             q = qkv.view(qkv.shape[0], -1, self.head_dim)[:, :self.num_heads]
         else:
             qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
             qk, = self.rotary(rope, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))  # q, k at once
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             self.backend.store_kv(k, v.view_as(k), self.k_cache, self.v_cache, meta.slot_mapping)
-        out = self.backend.attention(q, self.k_cache, self.v_cache, meta)
+        out = self.backend.attention(q, self.k_cache, self.v_cache, meta, **self.options)
         return self.o_proj(out.flatten(1))
+
+    def norm_heads(self, qkv: torch.Tensor) -> None:
+        """RMSNorm of every q and k head, in place in qkv (Qwen3, Gemma 3: before rotary)."""
+        for norm, cols in ((self.q_norm, slice(0, self.q_size)), (self.k_norm, slice(self.q_size, self.q_size + self.kv_size))):
+            heads = qkv[:, cols].reshape(-1, self.head_dim)
+            qkv[:, cols] = norm(heads).view(qkv.shape[0], -1)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, device="meta")
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device="meta")
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, device="meta")
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, device="meta")
+        self.silu = cfg.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        act = fused.silu_mul(gate_up)
+        act = fused.silu_mul(gate_up) if self.silu else None
         if act is None:
             gate, up = gate_up.chunk(2, dim=-1)
-            act = nn.functional.silu(gate) * up
+            act = (nn.functional.silu(gate) if self.silu else nn.functional.gelu(gate, approximate="tanh")) * up
         return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend):
+    """Pre-norm attention and MLP blocks. With sandwich norms (Gemma 2/3) the blocks' outputs are normed
+    too: HF names that one post_attention_layernorm and the MLP's input norm pre_feedforward_layernorm,
+    where Llama's post_attention_layernorm is the MLP's input norm."""
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend, window: int | None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, backend)
+        self.self_attn = Attention(cfg, rotary, backend, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, residual, rope, meta):
         if residual is None:
@@ -61,28 +86,40 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, rope, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        sandwich = hasattr(self, "pre_feedforward_layernorm")
+        if sandwich:
+            x = self.post_attention_layernorm(x)
+        x, residual = (self.pre_feedforward_layernorm if sandwich else self.post_attention_layernorm)(x, residual)
+        x = self.mlp(x)
+        return (self.post_feedforward_layernorm(x) if sandwich else x), residual
 
 
 class LlamaForCausalLM(nn.Module):
+    """The decoder of every supported architecture (ModelConfig says how each departs from Llama)."""
+
     def __init__(self, cfg: ModelConfig, backend, max_positions: int):
         super().__init__()
         self.config = cfg
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        rotary = RotaryEmbedding(cfg.rotary_dim or cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling,
+                                 cfg.max_position_embeddings)
+        local = rotary if cfg.local_rope_theta is None else RotaryEmbedding(
+            cfg.rotary_dim or cfg.head_dim, max_positions, cfg.local_rope_theta, None, cfg.max_position_embeddings)
         # linears and the embedding start on the meta device: load_hf_weights puts the checkpoint's tensors
         # (or GGML blocks) in their place, so no dense copy is allocated or initialized for nothing
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
-        self.rotary = rotary   # one table, shared by every layer's attention
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers))
+        self.rotary, self.local_rotary = rotary, local   # tables shared by every layer's attention
+        windows = cfg.layer_windows or (None,) * cfg.num_layers
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary if w is None else local, backend, w) for w in windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary.table(positions, x.dtype)
+        if self.config.embedding_scale is not None:   # as HF: the factor rounded to the activations' dtype
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        tables = {rotary: rotary.table(positions, x.dtype) for rotary in {self.rotary, self.local_rotary}}
         for layer in self.layers:
-            x, residual = layer(x, residual, rope, meta)
+            x, residual = layer(x, residual, tables[layer.self_attn.rotary], meta)
         return self.norm(x, residual)[0]
 
     def pack_weights(self, quantization: str = "none", dense_gemm: bool = True) -> None:
@@ -93,7 +130,9 @@ class LlamaForCausalLM(nn.Module):
                 module.pack("none" if name == "lm_head" else quantization, dense_gemm)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def load_hf_weights(self, weights: dict) -> None:
         """Put HF-named weights (tensors or GGMLTensors) in, fusing q/k/v and gate/up; refuse missing or
@@ -108,6 +147,8 @@ class LlamaForCausalLM(nn.Module):
             if params[name].shape != tensor.shape:
                 raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(params.pop(name).shape)}")
+            if name.endswith("norm.weight") and self.config.norm_offset:   # Gemma scales by 1 + weight
+                tensor = tensor + self.config.norm_offset
             module_name, attr = name.rsplit(".", 1)
             place(modules[module_name], attr, tensor)
             params.pop(name)

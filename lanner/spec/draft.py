@@ -33,6 +33,7 @@ class Mirror:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
+        self.num_released_blocks = 0          # the draft keeps all its blocks (see BlockManager.release)
         self.spec_token_ids: list[int] = []   # always empty: every mirror row is an ordinary token
         self.prompt_logprobs = None
         self.lora_id = 0                      # the draft serves no adapters; a target adapter only changes p

@@ -5,6 +5,8 @@ A program owns BLOCK_Q query tokens of one sequence times the GROUP query heads 
 sequence's keys TILE_N at a time through its block table with FlashAttention's online softmax.
 With NUM_SPLITS > 1 (Flash-Decoding) the key range is cut into segments run by separate programs; each
 writes a normalized partial output and its log-sum-exp, and merge_splits combines them.
+With a sliding window (WINDOW > 0) a program's keys start at the window of its first row; soft-capped
+scores (SOFTCAP > 0) go through tanh before masking.
 """
 import torch
 import triton
@@ -30,6 +32,13 @@ def _find_seq(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp(-2|x|) <= 1, which cannot overflow; the sign put back."""
+    t = 2.0 / (1.0 + tl.exp(-2.0 * tl.abs(x))) - 1.0
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _attention_kernel(
     out_ptr, lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     cu_seqlens_q_ptr, seq_lens_ptr, block_tables_ptr, tree_mask_ptr,
@@ -39,7 +48,10 @@ def _attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_TREE: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
+    """WINDOW: query at position p sees keys (p - WINDOW, p], 0 = all. SOFTCAP: the soft-capping bound in
+    the kernel's log2 units of the scores (softcap * log2(e)), 0 = none."""
     q_block, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq = _find_seq(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
@@ -61,12 +73,16 @@ def _attention_kernel(
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    # Keys up to the causal bound of this block's last row; a split takes an equal share of those tiles.
+    # Keys from the window of this block's first row up to the causal bound of its last row; a split takes
+    # an equal share of those tiles.
     kv_end = tl.minimum(seq_len, ctx_len + (q_block_local + 1) * BLOCK_Q)
-    num_tiles = tl.cdiv(kv_end, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    first_tile = 0
+    if WINDOW > 0:
+        first_tile = tl.maximum(ctx_len + q_block_local * BLOCK_Q - WINDOW + 1, 0) // TILE_N
+    last_tile = tl.cdiv(kv_end, TILE_N)
+    tiles_per_split = tl.cdiv(last_tile - first_tile, NUM_SPLITS)
+    tile_lo = first_tile + split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, last_tile)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -79,8 +95,12 @@ def _attention_kernel(
         k = tl.load(k_cache_ptr + (block * stride_kb + in_block * stride_ks + kv_head * stride_kh)[None, :]
                     + offs_d[:, None], mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
+        if SOFTCAP > 0:
+            s = SOFTCAP * _tanh(s / SOFTCAP)
 
         visible = kv_ok[None, :] & (kv_pos[None, :] <= ctx_len + q_pos[:, None])
+        if WINDOW > 0:
+            visible = visible & (kv_pos[None, :] > ctx_len + q_pos[:, None] - WINDOW)
         if HAS_TREE:
             draft = kv_pos[None, :] - ctx_len
             in_tree = tl.load(tree_mask_ptr + rows[:, None] * stride_tm + draft,
@@ -142,13 +162,15 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def choose_num_splits(meta: AttentionMetadata, num_kv_heads: int, device, tile_n: int = 64) -> int:
+def choose_num_splits(meta: AttentionMetadata, num_kv_heads: int, device, tile_n: int = 64,
+                      window: int | None = None) -> int:
     """Split-KV only for decode-only batches whose (sequence, kv head) programs would leave SMs idle."""
     if meta.max_seqlen_q != 1:
         return 1
     programs = max(1, meta.num_seqs * num_kv_heads)
     want = triton.cdiv(4 * _num_sms(device), programs)        # about four waves of programs
-    by_length = triton.cdiv(meta.max_seqlen_k, tile_n) // 4    # at least four tiles per segment
+    keys = meta.max_seqlen_k if window is None else min(meta.max_seqlen_k, window)   # what a decode row reads
+    by_length = triton.cdiv(keys, tile_n) // 4                 # at least four tiles per segment
     return max(1, min(want, by_length, 64))
 
 
@@ -160,8 +182,10 @@ def _launch_config(meta: AttentionMetadata, group: int, head_dim_pad: int) -> di
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float | None = None, return_lse: bool = False, num_splits: int | None = None):
-    """q [T, Hq, D] over the paged cache -> out [T, Hq, D] (and lse [T, Hq] fp32). num_splits=None chooses."""
+                    scale: float | None = None, return_lse: bool = False, num_splits: int | None = None,
+                    window: int | None = None, softcap: float | None = None):
+    """q [T, Hq, D] over the paged cache -> out [T, Hq, D] (and lse [T, Hq] fp32). num_splits=None chooses;
+    window and softcap as in reference.attention."""
     T, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -171,7 +195,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     head_dim_pad = _pow2(head_dim)
     cfg = _launch_config(meta, group, head_dim_pad)
     if num_splits is None:
-        num_splits = choose_num_splits(meta, num_kv_heads, q.device, cfg["TILE_N"])
+        num_splits = choose_num_splits(meta, num_kv_heads, q.device, cfg["TILE_N"], window)
 
     out = torch.empty_like(q)
     lse = torch.empty(T, num_heads, dtype=torch.float32, device=q.device) if return_lse else None
@@ -199,7 +223,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], TILE_N=cfg["TILE_N"], NUM_SPLITS=num_splits,
         HAS_TREE=tree is not None, WRITE_LSE=dest_lse is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WINDOW=window or 0, SOFTCAP=softcap * LOG2E if softcap else 0.0, num_warps=cfg["num_warps"],
     )
     if num_splits > 1:
         merge_splits(part_out, part_lse, out, lse)
@@ -220,6 +245,7 @@ def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tens
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-              scale: float | None = None, return_lse: bool = False):
+              scale: float | None = None, return_lse: bool = False, window: int | None = None,
+              softcap: float | None = None):
     """The backend entry point: unified kernel, split-KV for decode batches that would underfill the GPU."""
-    return paged_attention(q, k_cache, v_cache, meta, scale, return_lse)
+    return paged_attention(q, k_cache, v_cache, meta, scale, return_lse, window=window, softcap=softcap)

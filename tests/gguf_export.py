@@ -1,0 +1,219 @@
+"""A test helper: an HF checkpoint -> the GGUF file llama.cpp's convert_hf_to_gguf.py would write for it.
+
+The conventions follow the converter (llama.cpp conversion/base.py, llama.py, qwen.py, gemma.py, phi.py):
+tensor names through the gguf package's tensor map (as the converter maps them); q/k rows permuted only
+for the llama architecture (its rotary pairs adjacent dims, the others' pair halves); Mistral written as
+llama; Gemma norm weights stored as 1 + w; Phi-3's fused attn_qkv and gate+up ffn_up kept fused; Llama 3
+rope scaling as a rope_freqs tensor and Phi-3 longrope as rope_factors_long/short. The tokenizer is copied
+from another GGUF, so a tiny model's vocab_size must equal that tokenizer's.
+"""
+import json
+import math
+import os
+import tempfile
+from itertools import cycle
+from pathlib import Path
+
+import numpy as np
+from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType, get_tensor_name_map
+from gguf.quants import quantize
+
+from lanner.model.gguf import (GEMMA3_SWA_PERIOD, GGUFFile, llama_cpp_query_pre_attn_scalar,
+                               longrope_attention_factor)
+
+GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+              "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
+              "Phi3ForCausalLM": "phi3"}
+
+
+def write_gguf(model, path, tokenizer_source_gguf: str, dtype: str | list[str] = "F32") -> None:
+    """Write `model` (a save_pretrained directory, or a transformers model) as a GGUF at `path`. `dtype`: the
+    type of every matrix, or a list of types the matrices cycle through; vectors stay F32 as the converter
+    keeps them. general.name is the directory's name, as the converter derives it."""
+    if not isinstance(model, (str, os.PathLike)):
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp) / (Path(model.name_or_path).name or type(model).__name__)
+            model.save_pretrained(directory)
+            return write_gguf(directory, path, tokenizer_source_gguf, dtype)
+    config, weights = read_checkpoint(Path(model))
+    arch = GGUF_ARCHS[config["architectures"][0]]
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name(Path(model).name)
+    add_hparams(writer, arch, config)
+    copy_tokenizer(writer, tokenizer_source_gguf)
+    matrix_types = cycle([dtype] if isinstance(dtype, str) else dtype)
+    for name, data in gguf_tensors(arch, config, weights):
+        add_tensor(writer, name, data, next(matrix_types) if data.ndim == 2 else "F32")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+    config = json.loads((path / "config.json").read_text())
+    weights = {}
+    for file in sorted(path.glob("*.safetensors")):
+        weights.update({name: data.astype(np.float32) for name, data in load_file(file).items()})
+    return config, weights
+
+
+def rope_settings(config: dict) -> dict:
+    """The full-attention rope parameters (Gemma 3 keeps one dict per layer type)."""
+    params = config["rope_parameters"]
+    return params.get("full_attention", params)
+
+
+def add_hparams(writer: GGUFWriter, arch: str, config: dict) -> None:
+    heads = config["num_attention_heads"]
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(rope_settings(config)["rope_theta"])
+    if config.get("head_dim") and arch != "phi3":
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    if arch != "phi3":   # the Phi-3 converter writes its own rope keys, not the generic ones
+        add_rope_scaling(writer, rope_settings(config))
+    ARCH_HPARAMS.get(arch, lambda writer, config: None)(writer, config)
+
+
+def add_rope_scaling(writer: GGUFWriter, rope: dict) -> None:
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor)):
+            if rope.get(key) is not None:
+                add(rope[key])
+    elif kind not in ("default", "llama3"):   # llama3 travels as the rope_freqs tensor
+        raise ValueError(f"the converter does not write rope type {kind!r}")
+
+
+def llama_hparams(writer: GGUFWriter, config: dict) -> None:
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(head_dim(config))
+
+
+def gemma2_hparams(writer: GGUFWriter, config: dict) -> None:
+    check_attention_scale(config, "gemma2")
+    writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    writer.add_sliding_window(config["sliding_window"])
+
+
+def gemma3_hparams(writer: GGUFWriter, config: dict) -> None:
+    check_attention_scale(config, "gemma3")
+    writer.add_rope_freq_base_swa(config["rope_parameters"]["sliding_attention"]["rope_theta"])
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    writer.add_sliding_window(config["sliding_window"])
+    sliding = [kind == "sliding_attention" for kind in config["layer_types"]]
+    if sliding != [i % GEMMA3_SWA_PERIOD < GEMMA3_SWA_PERIOD - 1 for i in range(len(sliding))]:
+        # the converter writes no pattern (llama.cpp assumes every 6th layer full); llama.cpp reads this key
+        writer.add_sliding_window_pattern(sliding)
+
+
+def check_attention_scale(config: dict, arch: str) -> None:
+    """llama.cpp derives Gemma's attention scale from the shape; a file cannot carry another one."""
+    want = llama_cpp_query_pre_attn_scalar(arch, config["num_hidden_layers"], config["hidden_size"],
+                                           config["num_attention_heads"], config["head_dim"])
+    if config["query_pre_attn_scalar"] != want:
+        raise ValueError(f"query_pre_attn_scalar {config['query_pre_attn_scalar']}: llama.cpp uses {want} here")
+
+
+def phi3_hparams(writer: GGUFWriter, config: dict) -> None:
+    rope = config["rope_parameters"]
+    writer.add_rope_dimension_count(rotary_dim(config))
+    writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+    writer.add_sliding_window(config.get("sliding_window") or 0)
+    if rope.get("rope_type") == "longrope":
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(config["max_position_embeddings"],
+                                                                       config["original_max_position_embeddings"]))
+
+
+ARCH_HPARAMS = {"llama": llama_hparams, "gemma2": gemma2_hparams, "gemma3": gemma3_hparams, "phi3": phi3_hparams}
+
+
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def rotary_dim(config: dict) -> int:
+    return int(config["rope_parameters"].get("partial_rotary_factor", 1.0) * head_dim(config))
+
+
+def copy_tokenizer(writer: GGUFWriter, source: str) -> None:
+    for key, value in GGUFFile(source).fields.items():
+        if key.startswith("tokenizer."):
+            writer.add_key_value(key, value, value_type(value))
+
+
+def value_type(value) -> GGUFValueType:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return GGUFValueType.UINT32   # token ids: llama.cpp checks the stored type
+    return GGUFValueType.get_type(value)
+
+
+def gguf_tensors(arch: str, config: dict, weights: dict[str, np.ndarray]):
+    """(GGUF name, data in the converter's layout) of every tensor, rope factor tensors included."""
+    names = get_tensor_name_map(MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    for name, data in weights.items():
+        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        if arch == "llama" and ".q_proj." in name:
+            data = permute(data, heads)
+        elif arch == "llama" and ".k_proj." in name:
+            data = permute(data, kv_heads)
+        elif arch.startswith("gemma") and name.endswith("norm.weight"):
+            data = data + 1   # Gemma's RMSNorm scales by 1 + w; llama.cpp's by w
+        yield names.get_name(name, try_suffixes=(".weight", ".bias")), data
+    yield from rope_tensors(config)
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order for the llama architecture: each head's two halves interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rope_tensors(config: dict):
+    rope = rope_settings(config)
+    if rope.get("rope_type") == "llama3":
+        # the converter reads a top-level original_max_position_embeddings only (Llama 3 configs have none)
+        original = config.get("original_max_position_embeddings", 8192)
+        yield "rope_freqs.weight", llama3_factors(rope, head_dim(config), original)
+    elif rope.get("rope_type") == "longrope":
+        yield "rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32)
+        yield "rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32)
+
+
+def llama3_factors(rope: dict, dim: int, original: int) -> np.ndarray:
+    """The per-frequency divisors the converter writes for Llama 3 rope scaling."""
+    inv_freq = 1.0 / rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    wavelen = 2 * math.pi / inv_freq
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    smooth = (original / wavelen - low) / (high - low)
+    return np.where(wavelen < original / high, 1.0,
+                    np.where(wavelen > original / low, factor,
+                             1 / ((1 - smooth) / factor + smooth))).astype(np.float32)
+
+
+def add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, type_name: str) -> None:
+    qtype = GGMLQuantizationType[type_name]
+    if qtype == GGMLQuantizationType.F32:
+        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+        return
+    packed = quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    writer.add_tensor(name, packed, raw_dtype=None if qtype == GGMLQuantizationType.F16 else qtype)
