@@ -24,6 +24,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     mlp_bias: bool = False
+    o_proj_bias: bool = False                 # attention_bias covers o_proj too, except in Qwen2
     hidden_act: str = "silu"                  # silu | gelu_pytorch_tanh, of gate in act(gate) * up
     rotary_dim: int | None = None             # partial rotary: the first rotary_dim dims of a head rotate
     qk_norm: bool = False                     # RMSNorm of each q and k head before rotary (Qwen3, Gemma 3)
@@ -63,6 +64,7 @@ class ModelConfig:
             attention_bias=hf.get("attention_bias", arch == "Qwen2ForCausalLM"),
             rope_scaling=rope_scaling(full), bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos, mlp_bias=hf.get("mlp_bias", False),
+            o_proj_bias=hf.get("attention_bias", False) and arch != "Qwen2ForCausalLM",
             hidden_act=act, rotary_dim=int(head_dim * full.get("partial_rotary_factor", 1.0)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"), sandwich_norms=gemma,
             norm_offset=1.0 if gemma else 0.0, embedding_scale=hf["hidden_size"] ** 0.5 if gemma else None,

@@ -71,16 +71,23 @@ def hf_dir(tmp_path_factory, hf_default):
     return str(path)
 
 
-def save_tiny_model(path, arch: str, config_class: str, tokenizer, seed: int = 0, **config):
+def save_tiny_model(path, arch: str, config_class: str, tokenizer=None, seed: int = 0, weight_std: float | None = None,
+                    **config):
     """A random HF model of arch built and saved by the installed transformers (its own config.json), with
-    the default model's tokenizer."""
+    the default model's tokenizer when given; weight_std redraws every parameter (norms too) from N(0, std)."""
     import transformers
-    config = getattr(transformers, config_class)(**{"vocab_size": tokenizer.vocab_size, **config})
+    vocab = {"vocab_size": tokenizer.vocab_size} if tokenizer is not None else {}
+    config = getattr(transformers, config_class)(**{**vocab, **config})
     config.architectures = [arch]
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).float().eval()
+    if weight_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, weight_std)
     model.save_pretrained(path)
-    tokenizer.tokenizer.save(os.path.join(path, "tokenizer.json"))
+    if tokenizer is not None:
+        tokenizer.tokenizer.save(os.path.join(path, "tokenizer.json"))
     return model
 
 

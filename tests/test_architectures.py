@@ -19,6 +19,7 @@ ARCHITECTURES = {
         num_hidden_layers=2, head_dim=16, tie_word_embeddings=True,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama-biases": ("LlamaForCausalLM", "LlamaConfig", dict(num_hidden_layers=2, attention_bias=True, mlp_bias=True)),
     "mistral": ("MistralForCausalLM", "MistralConfig", dict(num_hidden_layers=2, head_dim=16, sliding_window=5)),
     "qwen2-yarn": ("Qwen2ForCausalLM", "Qwen2Config", dict(
         num_hidden_layers=2, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import hf_model_from, make_llm, our_logits
+from conftest import hf_greedy, hf_model_from, make_llm, our_logits, save_tiny_model
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
@@ -59,21 +59,6 @@ PAST_THE_WINDOWS = [5, 300, 42, 9, 1000, 17, 2500, 77, 8, 640, 123, 4567, 33, 90
 GEMMA_NORM_ROUNDING = 2 ** -23   # the converter stores 1 + w in float32: w loses its bits below 1's ulp
 
 
-def save_tiny(spec: tuple, path):
-    """A random HF model of a TINY spec, saved by transformers; weights large enough for sharp attention."""
-    import transformers
-    arch, config_class, overrides = spec
-    config = getattr(transformers, config_class)(**{**SHAPE, **overrides})
-    config.architectures = [arch]
-    torch.manual_seed(0)
-    model = getattr(transformers, arch)(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    model.save_pretrained(path)
-    return model
-
-
 @pytest.fixture(scope="module", params=list(TINY))
 def exported(request, tmp_path_factory, default_model_path):
     """(name, HF model, its directory, its F32 GGUF) of one architecture."""
@@ -81,6 +66,11 @@ def exported(request, tmp_path_factory, default_model_path):
     model = save_tiny(TINY[request.param], path)
     write_gguf(path, path / "model.gguf", default_model_path)
     return request.param, model, path, path / "model.gguf"
+
+
+def save_tiny(spec: tuple, path):
+    arch, config_class, overrides = spec
+    return save_tiny_model(path, arch, config_class, weight_std=0.2, **{**SHAPE, **overrides})
 
 
 def test_config_has_the_keys_and_values_transformers_saved(exported):
@@ -106,14 +96,17 @@ def test_weights_equal_the_hf_state_dict(exported):
                                    msg=key)
 
 
-def test_lanner_runs_each_gguf_like_hf(exported):
+def test_lanner_runs_each_gguf_like_hf_logits_and_greedy(exported):
     name, model, _, gguf_path = exported
     if name in DROPPED_BY_THE_CONVERTER:
         model.config.update(DROPPED_BY_THE_CONVERTER[name])   # run as llama.cpp runs the file
     with torch.no_grad():
         want = model(torch.tensor([PAST_THE_WINDOWS])).logits[0]
-    ours = our_logits(make_llm(str(gguf_path), kv_cache_memory=0.01), PAST_THE_WINDOWS)
-    assert (ours - want).abs().max() < 1e-4
+    llm = make_llm(str(gguf_path), kv_cache_memory=0.01, max_num_batched_tokens=7)   # prefill in 7-token chunks
+    assert (our_logits(llm, PAST_THE_WINDOWS) - want).abs().max() < 1e-4
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert llm.generate([PAST_THE_WINDOWS], params, use_tqdm=False)[0].outputs[0].token_ids == \
+        hf_greedy(model, PAST_THE_WINDOWS, 12)
 
 
 @pytest.mark.skipif(kernels() is None, reason="no ggml kernels: matrices load dense")

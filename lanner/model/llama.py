@@ -16,7 +16,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias, device="meta")
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, device="meta")
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias, device="meta")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -143,7 +143,9 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             if name not in params:
-                continue   # e.g. rotary inv_freq buffers some checkpoints carry
+                if "rotary_emb." in name:   # inv_freq buffers some checkpoints carry
+                    continue
+                raise ValueError(f"checkpoint weight {name!r} has no place in a {self.config.architecture}")
             if params[name].shape != tensor.shape:
                 raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(params.pop(name).shape)}")
@@ -187,7 +189,8 @@ def fuse_hf_weights(weights: dict[str, torch.Tensor], num_layers: int) -> dict[s
             parts = [weights.get(f"{attn}.{p}_proj.{kind}") for p in "qkv"]
             if all(p is not None for p in parts):
                 fused[f"{attn}.qkv_proj.{kind}"] = concat(parts)
-        gate, up = weights.get(f"{mlp}.gate_proj.weight"), weights.get(f"{mlp}.up_proj.weight")
-        if gate is not None and up is not None:
-            fused[f"{mlp}.gate_up_proj.weight"] = concat([gate, up])
+        for kind in ("weight", "bias"):
+            gate, up = weights.get(f"{mlp}.gate_proj.{kind}"), weights.get(f"{mlp}.up_proj.{kind}")
+            if gate is not None and up is not None:
+                fused[f"{mlp}.gate_up_proj.{kind}"] = concat([gate, up])
     return fused
