@@ -1,6 +1,8 @@
 """SamplingParams: what a request asks of generation (vLLM's names and defaults)."""
 from dataclasses import dataclass, field
 
+from lanner.structured import StructuredOutputs
+
 
 @dataclass
 class SamplingParams:
@@ -21,9 +23,11 @@ class SamplingParams:
     logprobs: int | None = None           # top-N logprobs per output token
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | dict | None = None   # JSON schema, regex, choice or grammar
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.structured_outputs = StructuredOutputs.parse(self.structured_outputs)
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.top_k = -1 if self.top_k in (0, None) else self.top_k

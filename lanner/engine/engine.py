@@ -1,4 +1,5 @@
 """LLMEngine.step(): schedule -> run the model -> sample -> postprocess."""
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from lanner.model.loader import load_model_files
 from lanner.sampling_params import SamplingParams
 from lanner.spec.proposers import NgramProposer
 from lanner.spec.rejection import verify_greedy, verify_sampled
+from lanner.structured import GrammarCompiler, StructuredOutputs
 
 # A decode step of up to this many rows costs about what one row does on CPU (the forward streams the weights
 # either way: bench/speculative.py, batch 1: full k 2.2x vs acceptance-adaptive k 1.6x), so a proposer whose
@@ -70,10 +72,21 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = Sequence(request_id, token_ids, params, lora_id=lora_id, seed=params.seed)
+        if params.structured_outputs is not None:
+            seq.grammar = self.grammars.matcher(params.structured_outputs)
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,
                                             token_ids, params, [seq], lora_request)
         self.scheduler.add(seq)
         return request_id
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        return GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+
+    def compile_constraint(self, constraint: StructuredOutputs) -> None:
+        """Compile (and cache) a constraint's grammar; ValueError when it is bad. Thread-safe: a server calls
+        it off the engine thread, so add_request then finds it compiled and no step waits on a compile."""
+        self.grammars.compiled(constraint.grammar_text())
 
     def register_lora(self, lora_request) -> int:
         """Load and validate the adapter once (clear ValueError on a bad one); its id tags KV blocks."""
@@ -158,6 +171,9 @@ class LLMEngine:
 
     def sample_plain(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         logits, seqs = self.fork_children(logits, seqs)
+        for r, seq in enumerate(seqs):
+            if seq.grammar is not None:
+                logits[r].masked_fill_(~seq.grammar.allowed(), float("-inf"))
         tokens = self.sampler(logits, seqs).tolist()
         now = time.perf_counter()
         for r, (seq, token) in enumerate(zip(seqs, tokens)):
@@ -168,6 +184,8 @@ class LLMEngine:
         """Accept a prefix of the drafts (lossless), roll num_computed_tokens back past the rest."""
         drafts, num_before = seq.spec_token_ids, len(seq.token_ids)
         views = [HistoryView(seq, drafts[:j]) for j in range(len(drafts) + 1)]
+        if seq.grammar is not None:   # row j: what the grammar allows after the first j drafts
+            logits = logits.masked_fill(~seq.grammar.allowed_along(drafts), float("-inf"))
         processed = self.sampler.processed_logits(logits, views)
         if seq.params.greedy:
             tokens = verify_greedy(processed.argmax(dim=-1).tolist(), drafts)
@@ -220,6 +238,8 @@ class LLMEngine:
         wanted = [self.draft_budget(s, cheap) for s in ready]
         drafts = self.proposer.propose_batch(ready, wanted)
         for seq, draft in zip(ready, drafts):
+            if seq.grammar is not None:   # a draft token the grammar forbids ends the draft
+                draft = draft[:seq.grammar.valid_prefix(list(draft))]
             seq.spec_token_ids = list(draft)
 
     def draft_budget(self, seq: Sequence, cheap: bool = False) -> int:
@@ -264,12 +284,16 @@ class LLMEngine:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.stop_token_ids):
             return self.finish(seq, "stop", now, stop_reason=token)
+        if seq.grammar is not None:
+            seq.grammar.consume(token)
         new_text = seq.detokenize(self.tokenizer)
         if p.stop and new_text and self.truncate_at_stop_string(seq, len(new_text)):
             return self.finish(seq, "stop", now)
         if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or \
                 len(seq.token_ids) >= self.max_model_len:
             return self.finish(seq, "length", now)
+        if seq.grammar is not None and seq.grammar.done:   # complete: nothing but a stop token could follow
+            return self.finish(seq, "stop", now)
 
     @staticmethod
     def truncate_at_stop_string(seq: Sequence, num_new_chars: int) -> bool:

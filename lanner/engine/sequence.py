@@ -28,6 +28,7 @@ class Sequence:
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.block_table: list[int] = []
         self.num_released_blocks = 0         # leading blocks given back as out of every layer's window
+        self.grammar = None                  # lanner.structured.Matcher when the output is constrained
         self.block_hashes: list[int] = []    # hashes of the leading full, verified blocks
         self.spec_token_ids: list[int] = []  # draft tokens to verify this step
         self.spec_draft_probs = None         # [k, V]: what a sampling draft model drew them from
@@ -78,6 +79,7 @@ class Sequence:
         child.num_prompt_tokens, child.num_computed_tokens = self.num_prompt_tokens, self.num_computed_tokens
         child.num_cached_tokens, child.prompt_logprobs = self.num_cached_tokens, self.prompt_logprobs
         child.block_hashes, child.status, child.arrival_time = list(self.block_hashes), self.status, self.arrival_time
+        child.grammar = None if self.grammar is None else self.grammar.copy()
         return child
 
     def detokenize(self, tokenizer) -> str:
