@@ -70,15 +70,17 @@ class StructuredOutputs:
 
 
 class GrammarCompiler:
-    """Compiles constraints for one tokenizer; compiled grammars are cached by their text."""
+    """Compiles constraints for one tokenizer (compiled grammars cached by their text) and computes the token
+    masks of many matchers at once."""
 
     def __init__(self, tokenizer, vocab_size: int):
-        from llguidance import LLTokenizer
+        from llguidance import LLExecutor, LLTokenizer
         stop = sorted(tokenizer.stop_token_ids) or None
         # llguidance wants the tokenizer's whole vocabulary; masks are cut to the model's (rows it can sample)
         n_vocab = max(vocab_size, tokenizer.tokenizer.get_vocab_size(with_added_tokens=True))
         self.tokenizer = LLTokenizer(tokenizer.tokenizer.to_str(), n_vocab=n_vocab, eos_token=stop)
-        self.vocab_size, self.stop_ids = vocab_size, stop or []
+        self.vocab_size, self.mask_words, self.stop_ids = vocab_size, (n_vocab + 31) // 32, stop or []
+        self.executor = LLExecutor()
         self.compiled = functools.lru_cache(maxsize=64)(self.compile_text)
 
     def compile_text(self, grammar: str):
@@ -90,34 +92,37 @@ class GrammarCompiler:
         return matcher
 
     def matcher(self, constraint: StructuredOutputs) -> "Matcher":
-        return Matcher(self.compiled(constraint.grammar_text()).deep_copy(), self.vocab_size, self.stop_ids)
+        return Matcher(self.compiled(constraint.grammar_text()).deep_copy())
+
+    def masks(self, rows: list[tuple["Matcher", list[int]]]) -> torch.Tensor:
+        """[sum of 1 + len(drafts), V] bool: for each (matcher, drafts), the tokens it allows next and after each
+        prefix of its drafts (which it must accept). One call for all of them: llguidance spreads it over its
+        threads without the GIL, so it can run beside the forward pass."""
+        total = sum(1 + len(drafts) for _, drafts in rows)
+        bits = torch.zeros(total, self.mask_words, dtype=torch.int32)
+        starts = np.cumsum([0] + [1 + len(drafts) for _, drafts in rows])
+        plain = [(m.matcher, int(at)) for (m, drafts), at in zip(rows, starts) if not drafts]
+        drafted = [(m.matcher, int(at), list(drafts)) for (m, drafts), at in zip(rows, starts) if drafts]
+        if plain:
+            self.executor.unsafe_compute_mask_ptr(plain, bits.data_ptr(), self.mask_words * 4, total)
+        if drafted:
+            self.executor.unsafe_compute_mask_ptr_with_draft_token(drafted, bits.data_ptr(), self.mask_words * 4, total)
+        unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :self.vocab_size]
+        allowed = torch.from_numpy(unpacked.view(np.bool_))
+        stuck = ~allowed.any(dim=1)   # a matcher in its error state allows nothing: let the sequence end
+        if bool(stuck.any()):
+            allowed[stuck.nonzero()[:, :1], torch.tensor(self.stop_ids)] = True
+        return allowed
 
 
 class Matcher:
     """One sequence's position in its grammar."""
 
-    def __init__(self, matcher, vocab_size: int, stop_ids: list[int]):
-        self.matcher, self.vocab_size, self.stop_ids = matcher, vocab_size, stop_ids
+    def __init__(self, matcher):
+        self.matcher = matcher
 
     def copy(self) -> "Matcher":
-        return Matcher(self.matcher.deep_copy(), self.vocab_size, self.stop_ids)
-
-    def allowed(self) -> torch.Tensor:
-        """[V] bool: the tokens the grammar allows next (the stop tokens once it is complete)."""
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = torch.from_numpy(np.unpackbits(bits, bitorder="little")[:self.vocab_size].view(np.bool_))
-        if not allowed.any():   # a matcher in its error state allows nothing: let the sequence end
-            allowed[self.stop_ids] = True
-        return allowed
-
-    def allowed_along(self, drafts: list[int]) -> torch.Tensor:
-        """[1 + len(drafts), V]: what is allowed after each prefix of drafts (the verify rows' masks)."""
-        masks = [self.allowed()]
-        for token in drafts:
-            self.matcher.consume_token(token)
-            masks.append(self.allowed())
-        self.matcher.rollback(len(drafts))
-        return torch.stack(masks)
+        return Matcher(self.matcher.deep_copy())
 
     def valid_prefix(self, drafts: list[int]) -> int:
         """How many leading drafts the grammar accepts."""

@@ -2,6 +2,7 @@
 import functools
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,30 @@ class LLMEngine:
     def grammars(self) -> GrammarCompiler:
         return GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
 
+    @functools.cached_property
+    def mask_thread(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(1, thread_name_prefix="lanner-grammar-masks")
+
+    def start_grammar_masks(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """The masks of the constrained sequences that sample this step (1 + drafts rows each), computed while
+        the forward pass runs: their matchers are where the last step left them."""
+        sampling = [seq for seq, num in scheduled
+                    if seq.grammar is not None and seq.num_computed_tokens + num == seq.num_tokens]
+        if not sampling:
+            return
+        future = self.mask_thread.submit(self.grammars.masks, [(s.grammar, s.spec_token_ids) for s in sampling])
+        at = 0
+        for seq in sampling:
+            seq.pending_mask = (future, at, 1 + len(seq.spec_token_ids))
+            at += 1 + len(seq.spec_token_ids)
+
+    @staticmethod
+    def grammar_mask(seq: Sequence) -> torch.Tensor:
+        """[1 + drafts, V] bool: what seq's grammar allows at each of its rows this step."""
+        future, at, count = seq.pending_mask
+        seq.pending_mask = None
+        return future.result()[at:at + count]
+
     def compile_constraint(self, constraint: StructuredOutputs) -> None:
         """Compile (and cache) a constraint's grammar; ValueError when it is bad. Thread-safe: a server calls
         it off the engine thread, so add_request then finds it compiled and no step waits on a compile."""
@@ -128,6 +153,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        self.start_grammar_masks(scheduled)
         logits, row_seqs, row_positions = self.runner.run(scheduled)
         for seq, num in scheduled:
             seq.num_computed_tokens += num
@@ -170,10 +196,10 @@ class LLMEngine:
         return {s.request_id for s in seqs}
 
     def sample_plain(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        logits, seqs = self.fork_children(logits, seqs)
         for r, seq in enumerate(seqs):
             if seq.grammar is not None:
-                logits[r].masked_fill_(~seq.grammar.allowed(), float("-inf"))
+                logits[r].masked_fill_(~self.grammar_mask(seq)[0], float("-inf"))
+        logits, seqs = self.fork_children(logits, seqs)
         tokens = self.sampler(logits, seqs).tolist()
         now = time.perf_counter()
         for r, (seq, token) in enumerate(zip(seqs, tokens)):
@@ -185,7 +211,7 @@ class LLMEngine:
         drafts, num_before = seq.spec_token_ids, len(seq.token_ids)
         views = [HistoryView(seq, drafts[:j]) for j in range(len(drafts) + 1)]
         if seq.grammar is not None:   # row j: what the grammar allows after the first j drafts
-            logits = logits.masked_fill(~seq.grammar.allowed_along(drafts), float("-inf"))
+            logits = logits.masked_fill(~self.grammar_mask(seq), float("-inf"))
         processed = self.sampler.processed_logits(logits, views)
         if seq.params.greedy:
             tokens = verify_greedy(processed.argmax(dim=-1).tolist(), drafts)

@@ -29,6 +29,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_released_blocks = 0         # leading blocks given back as out of every layer's window
         self.grammar = None                  # lanner.structured.Matcher when the output is constrained
+        self.pending_mask = None             # (future, first row, rows) of this step's grammar masks
         self.block_hashes: list[int] = []    # hashes of the leading full, verified blocks
         self.spec_token_ids: list[int] = []  # draft tokens to verify this step
         self.spec_draft_probs = None         # [k, V]: what a sampling draft model drew them from
