@@ -1,8 +1,10 @@
 """Tokenizer + chat template: built from GGUF metadata or loaded from an HF model directory."""
+import functools
 import json
 import os
 
 import jinja2
+import jinja2.meta
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -52,15 +54,72 @@ class ChatTokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self.tokenizer.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """messages (and tools, in OpenAI's shape) through the template, as HF's apply_chat_template: tool calls'
+        arguments as dicts. A template that does not render tools gets them, tool calls and tool results written
+        into the messages instead."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; pass a raw prompt instead")
+        template, renders_tools = self.compiled_template
+        if not renders_tools:
+            messages, tools = tools_as_messages(messages, tools), None
+        token = lambda i: self.id_to_token(i) if i is not None else ""
+        return template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                               bos_token=token(self.bos_token_id), eos_token=token(self.eos_token_id))
+
+    @functools.cached_property
+    def compiled_template(self) -> tuple[jinja2.Template, bool]:
+        """The chat template compiled, and whether it renders tools itself."""
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
-        token = lambda i: self.id_to_token(i) if i is not None else ""
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=token(self.bos_token_id), eos_token=token(self.eos_token_id))
+        env.filters["tojson"] = tojson      # HF's: templates print tool schemas with it, unescaped
+        parsed = env.parse(self.chat_template)
+        return env.from_string(parsed), "tools" in jinja2.meta.find_undeclared_variables(parsed)
+
+
+def tojson(value, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=False)
+
+
+TOOLS_PROMPT = """You can call these functions:
+<tools>{tools}</tools>
+
+To call functions, answer with only this, and no other text:
+<tool_call>[{{"name": "function_name", "arguments": {{"argument": "value"}}}}]</tool_call>
+The list holds one object per call. If no function fits, answer in plain text."""
+
+
+def tools_as_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """For a template that knows nothing of tools: the tools in the system message, an assistant's tool calls
+    as the text the model would write, tool results as user turns (consecutive ones merged, so templates
+    that insist on alternating roles still render)."""
+    written, previous_role = [], None
+    for message in messages:
+        if message["role"] == "tool":
+            result = f"<tool_response>\n{message.get('content') or ''}\n</tool_response>"
+            if previous_role == "tool":
+                written[-1] = {**written[-1], "content": f"{written[-1]['content']}\n{result}"}
+            else:
+                written.append({"role": "user", "content": result})
+        elif message.get("tool_calls"):
+            written.append({"role": message["role"], "content": with_tool_calls(message)})
+        else:
+            written.append(message)
+        previous_role = message["role"]
+    if tools:
+        prompt = TOOLS_PROMPT.format(tools=json.dumps(tools, ensure_ascii=False))
+        if written and written[0]["role"] == "system":
+            written[0] = {**written[0], "content": f"{written[0]['content']}\n\n{prompt}"}
+        else:
+            written.insert(0, {"role": "system", "content": prompt})
+    return written
+
+
+def with_tool_calls(message: dict) -> str:
+    calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in message["tool_calls"]]
+    text = f"<tool_call>{json.dumps(calls, ensure_ascii=False)}</tool_call>"
+    return f"{message['content']}\n{text}" if message.get("content") else text
 
 
 def from_gguf(reader) -> ChatTokenizer:

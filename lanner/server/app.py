@@ -10,12 +10,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from lanner.engine.outputs import RequestOutput
 from lanner.sampling_params import SamplingParams
-from lanner.server import errors, protocol
+from lanner.server import errors, protocol, tools
 from lanner.server.async_engine import AsyncEngine, EngineStopped, RequestFailed
 from lanner.server.errors import APIError, error_response
 from lanner.server.models import ModelRegistry
-from lanner.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRARequest,
-                                    TokenizeRequest, UnloadLoRARequest)
+from lanner.server.protocol import (ChatCompletionRequest, CompletionRequest, Constraint, DetokenizeRequest,
+                                    LoadLoRARequest, TokenizeRequest, UnloadLoRARequest)
+from lanner.structured import StructuredOutputs
 
 
 @dataclass
@@ -146,7 +147,8 @@ class Handlers:
         lora = self.registry.resolve(req.model)
         prompts = [self.encode(p, "prompt") if isinstance(p, str) else self.check_ids(p, "prompt")
                    for p in req.prompts()]
-        params = req.sampling_params(self.default_max_tokens(req.max_tokens, prompts), req.logprobs)
+        structured = await self.compile(req.constraint())
+        params = req.sampling_params(self.default_max_tokens(req.max_tokens, prompts), req.logprobs, structured)
         echoes = [(p if isinstance(p, str) else self.tokenizer.decode(p)) if req.echo else ""
                   for p in req.prompts()]
         job = Job(self, protocol.new_id("cmpl"), req.model or self.registry.base_name, prompts, params, lora,
@@ -166,16 +168,21 @@ class Handlers:
     async def chat_completions(self, req: ChatCompletionRequest, request: Request):
         req.check_unsupported()
         lora = self.registry.resolve(req.model)
-        ids = self.encode_chat(req.template_messages(), req.add_generation_prompt)
-        params = req.sampling_params(self.default_max_tokens(req.requested_max_tokens, [ids]), req.num_logprobs)
+        offered_tools = req.offered_tools
+        ids = self.encode_chat(req.template_messages(), req.add_generation_prompt, offered_tools)
+        structured = await self.compile(req.constraint())
+        params = req.sampling_params(self.default_max_tokens(req.requested_max_tokens, [ids]), req.num_logprobs,
+                                     structured)
         job = Job(self, protocol.new_id("chatcmpl"), req.model or self.registry.base_name, [ids], params, lora,
                   "messages")
+        parse_tools = offered_tools is not None
         if req.stream:
-            return job.sse(job.chat_chunks(req.num_logprobs, req.include_usage))
+            return job.sse(job.chat_chunks(req.num_logprobs, req.include_usage, parse_tools))
         results = await job.collect(request)
         k = req.num_logprobs
         choices = [protocol.chat_choice(c.index, c, None if k is None else
-                                        protocol.chat_logprobs(self.token_text, c.token_ids, c.logprobs, k))
+                                        protocol.chat_logprobs(self.token_text, c.token_ids, c.logprobs, k),
+                                        parse_tools)
                    for c in results[0].outputs]
         return JSONResponse({"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
                              "choices": choices, "usage": protocol.usage(results)})
@@ -187,12 +194,25 @@ class Handlers:
             raise APIError(400, f"{param} is empty", param)
         return ids
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tools=tools)
         except Exception as e:          # ValueError from the template's raise_exception, jinja errors
             raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
         return self.encode(text, "messages")
+
+    async def compile(self, constraint: Constraint | None) -> StructuredOutputs | None:
+        """Compiled off the engine thread, so a big schema never stalls the streams; a bad one is a 400."""
+        if constraint is None:
+            return None
+        param, structured = constraint
+        try:
+            await asyncio.to_thread(self.engine.compile_constraint, structured)
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+        return structured
 
     def check_ids(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -345,19 +365,27 @@ class Job:
 
         return self.stream(emit, include_usage, "text_completion")
 
-    def chat_chunks(self, num_logprobs: int | None, include_usage: bool):
+    def chat_chunks(self, num_logprobs: int | None, include_usage: bool, parse_tools: bool):
+        """With tools, text from a (possible) tool call tag on is held back; when the choice ends it is parsed
+        and its calls go out whole in one delta."""
         tt = self.api.token_text
+        hold_from = tools.tag_start if parse_tools else None
 
         def emit(index, state, c, holdback):
-            delta = state.advance(c, holdback)
+            delta = state.advance(c, holdback, hold_from)
             if delta is None:
                 return None
             text, token_ids, lps = delta
-            message = {"content": text}
+            message, finish_reason = {"content": text}, c.finish_reason
+            if parse_tools and c.finished:
+                content, calls = tools.parse_tool_calls(text)
+                if calls:
+                    message = {"content": content, "tool_calls": protocol.tool_call_deltas(calls)}
+                    finish_reason = "tool_calls"
             if state.first:
-                message, state.first = {"role": "assistant", "content": text}, False
+                message, state.first = {"role": "assistant", **message}, False
             lp = None if num_logprobs is None else protocol.chat_logprobs(tt, token_ids, lps, num_logprobs)
-            return {"index": index, "delta": message, "logprobs": lp, "finish_reason": c.finish_reason}
+            return {"index": index, "delta": message, "logprobs": lp, "finish_reason": finish_reason}
 
         return self.stream(emit, include_usage, "chat.completion.chunk")
 
@@ -371,11 +399,14 @@ class ChoiceStream:
         self.chars = self.tokens = self.offset = 0
         self.done, self.first = False, True
 
-    def advance(self, c, holdback: int):
-        """(new text, new token ids, their logprobs), or None when there is nothing to send."""
+    def advance(self, c, holdback: int, hold_from=None):
+        """(new text, new token ids, their logprobs), or None when there is nothing to send. hold_from(text), when
+        given, is where text starts being held back too."""
         if self.done:
             return None
         visible = len(c.text) if c.finished else max(self.chars, len(c.text) - holdback)
+        if hold_from is not None and not c.finished:
+            visible = max(self.chars, min(visible, hold_from(c.text)))
         text = c.text[self.chars:visible]
         token_ids = c.token_ids[self.tokens:]
         lps = c.logprobs[self.tokens:] if c.logprobs is not None else None

@@ -50,6 +50,7 @@ class AsyncEngine:
         self.vocab_size = engine.model_config.vocab_size
         self.kv_capacity_tokens = engine.blocks.num_blocks * engine.cfg.block_size
         self.validate_prompt = engine.validate_prompt          # reads only those constants
+        self.compile_constraint = engine.compile_constraint    # thread-safe: handlers call it off the loop
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.tracked: dict[str, Tracked] = {}                  # event-loop side only
         self.unstarted: set[str] = set()                       # admitted, no token yet (the "waiting queue")

@@ -1,16 +1,56 @@
 """OpenAI request bodies (pydantic), their SamplingParams, and the response / stream-chunk dicts."""
+import functools
+import json
 import time
 import uuid
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from lanner.engine.outputs import CompletionOutput, RequestOutput
 from lanner.sampling_params import SamplingParams
 from lanner.server.errors import APIError, bad_param
+from lanner.server.tools import Tool, parse_tool_calls, tool_call_grammar
+from lanner.structured import StructuredOutputs
+
+Constraint = tuple[str, StructuredOutputs]      # the request field that asked for it, the constraint
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def structured_outputs(self) -> StructuredOutputs | None:
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema", "response_format")
+            return StructuredOutputs(json=self.json_schema.schema_)
+        return None
+
+
+CONSTRAINT_FIELDS = {       # request field -> its StructuredOutputs (vLLM's structured_outputs and guided_*)
+    "response_format": ResponseFormat.structured_outputs,
+    "structured_outputs": StructuredOutputs.parse,
+    "guided_json": lambda value: StructuredOutputs(json=value),
+    "guided_regex": lambda value: StructuredOutputs(regex=value),
+    "guided_choice": lambda value: StructuredOutputs(choice=value),
+    "guided_grammar": lambda value: StructuredOutputs(grammar=value),
+}
 
 
 class SamplingFields(BaseModel):
@@ -35,12 +75,36 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def check_unsupported(self) -> None:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def constraint(self) -> Constraint | None:
+        """The one structured-output constraint asked for, if any."""
+        found = []
+        for param, build in CONSTRAINT_FIELDS.items():
+            value = getattr(self, param)
+            if value is None:
+                continue
+            try:
+                constraint = build(value)
+            except ValueError as e:
+                raise APIError(400, f"{param}: {e}", param) from None
+            if constraint is not None:
+                found.append((param, constraint))
+        if len(found) > 1:
+            raise APIError(400, f"give at most one of {', '.join(p for p, _ in found)}", found[1][0])
+        return found[0] if found else None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        structured: StructuredOutputs | None = None) -> SamplingParams:
         if self.seed is not None and not 0 <= self.seed < 2 ** 63:
             raise APIError(400, f"seed must be in [0, 2**63), got {self.seed}", "seed")
         try:
@@ -51,7 +115,7 @@ class SamplingFields(BaseModel):
                 presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                 seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
-                skip_special_tokens=self.skip_special_tokens)
+                skip_special_tokens=self.skip_special_tokens, structured_outputs=structured)
         except ValueError as e:
             raise bad_param(e) from None
 
@@ -91,11 +155,37 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str | dict           # OpenAI sends a JSON string
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def as_template_input(self, param: str) -> dict:
+        """OpenAI's shape with the arguments as a dict: what chat templates index into (as vLLM passes them)."""
+        arguments = self.function.arguments
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise APIError(400, f"{param}.function.arguments is not valid JSON: {e}",
+                               f"{param}.function.arguments") from None
+        return {"id": self.id, "type": self.type, "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def as_template_input(self, index: int) -> dict:
         content = self.content
@@ -106,7 +196,24 @@ class ChatMessage(BaseModel):
         message = {"role": self.role, "content": content or ""}
         if self.name:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.as_template_input(f"messages.{index}.tool_calls.{i}")
+                                     for i, call in enumerate(self.tool_calls)]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+TOOL_LIST = TypeAdapter(list[Tool])
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -116,17 +223,58 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
-    response_format: dict | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tools:
-            raise APIError(400, "tools are not supported", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+    @functools.cached_property
+    def function_tools(self) -> list[Tool]:
+        try:
+            return TOOL_LIST.validate_python(self.tools or [])
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(map(str, ("tools", *err["loc"])))
+            raise APIError(400, f"{where}: {err['msg']}", "tools") from None
+
+    @property
+    def offered_tools(self) -> list[dict] | None:
+        """The tools the chat template shows the model: none when tool_choice is "none"."""
+        if not self.function_tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.function_tools]
+
+    @property
+    def forced_tools(self) -> list[Tool] | None:
+        """The tools one of which must be called ("required": any, a named function: that one), else None."""
+        choice = self.tool_choice
+        if choice in (None, "none", "auto"):
+            return None
+        tools = self.function_tools
+        if choice == "required":
+            if not tools:
+                raise APIError(400, "tool_choice \"required\" needs at least one tool in tools", "tool_choice")
+            return tools
+        named = [tool for tool in tools if tool.function.name == choice.function.name]
+        if not named:
+            offered = ", ".join(tool.function.name for tool in tools) or "none"
+            raise APIError(400, f"tool_choice names function {choice.function.name!r}, which is not in tools "
+                                f"(offered: {offered})", "tool_choice")
+        return named
+
+    def constraint(self) -> Constraint | None:
+        """response_format (or vLLM's fields), or the grammar of a forced tool call; not both."""
+        asked, forced = super().constraint(), self.forced_tools
+        if forced is None:
+            return asked
+        if asked is not None:
+            raise APIError(400, f"tool_choice forces a tool call, which cannot also follow {asked[0]}", "tool_choice")
+        parallel = self.parallel_tool_calls and self.tool_choice == "required"
+        return "tools", StructuredOutputs(grammar=tool_call_grammar(forced, parallel))
 
     def template_messages(self) -> list[dict]:
         return [m.as_template_input(i) for i, m in enumerate(self.messages)]
@@ -245,6 +393,15 @@ def completion_choice(index: int, c: CompletionOutput, text: str, logprobs: dict
             "stop_reason": c.stop_reason}
 
 
-def chat_choice(index: int, c: CompletionOutput, logprobs: dict | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
-            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+def chat_choice(index: int, c: CompletionOutput, logprobs: dict | None, parse_tools: bool) -> dict:
+    message, finish_reason = {"role": "assistant", "content": c.text}, c.finish_reason
+    if parse_tools:
+        content, calls = parse_tool_calls(c.text)
+        if calls:
+            message, finish_reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": c.stop_reason}
+
+
+def tool_call_deltas(calls: list[dict]) -> list[dict]:
+    return [{"index": i, **call} for i, call in enumerate(calls)]
