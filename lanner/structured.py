@@ -95,24 +95,24 @@ class GrammarCompiler:
         return Matcher(self.compiled(constraint.grammar_text()).deep_copy())
 
     def masks(self, rows: list[tuple["Matcher", list[int]]]) -> torch.Tensor:
-        """[sum of 1 + len(drafts), V] bool: for each (matcher, drafts), the tokens it allows next and after each
-        prefix of its drafts (which it must accept). One call for all of them: llguidance spreads it over its
-        threads without the GIL, so it can run beside the forward pass."""
+        """[sum of 1 + len(drafts), W] int32 bitmasks (token t allowed: bit t % 32 of word t / 32): for each
+        (matcher, drafts), the tokens it allows next and after each prefix of its drafts (which it must
+        accept). One call for all of them: llguidance spreads it over its threads without the GIL, so it can
+        run beside the forward pass."""
+        # numpy, not torch: this runs beside the forward pass, whose thread pool torch ops here would fight
         total = sum(1 + len(drafts) for _, drafts in rows)
-        bits = torch.zeros(total, self.mask_words, dtype=torch.int32)
+        bits = np.zeros((total, self.mask_words), dtype=np.uint32)
         starts = np.cumsum([0] + [1 + len(drafts) for _, drafts in rows])
         plain = [(m.matcher, int(at)) for (m, drafts), at in zip(rows, starts) if not drafts]
         drafted = [(m.matcher, int(at), list(drafts)) for (m, drafts), at in zip(rows, starts) if drafts]
         if plain:
-            self.executor.unsafe_compute_mask_ptr(plain, bits.data_ptr(), self.mask_words * 4, total)
+            self.executor.unsafe_compute_mask_ptr(plain, bits.ctypes.data, self.mask_words * 4, total)
         if drafted:
-            self.executor.unsafe_compute_mask_ptr_with_draft_token(drafted, bits.data_ptr(), self.mask_words * 4, total)
-        unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :self.vocab_size]
-        allowed = torch.from_numpy(unpacked.view(np.bool_))
-        stuck = ~allowed.any(dim=1)   # a matcher in its error state allows nothing: let the sequence end
-        if bool(stuck.any()):
-            allowed[stuck.nonzero()[:, :1], torch.tensor(self.stop_ids)] = True
-        return allowed
+            self.executor.unsafe_compute_mask_ptr_with_draft_token(drafted, bits.ctypes.data, self.mask_words * 4, total)
+        stuck = ~bits.any(axis=1)   # a matcher in its error state allows nothing: let the sequence end
+        for token in self.stop_ids if stuck.any() else ():
+            bits[stuck, token // 32] |= np.uint32(1 << token % 32)
+        return torch.from_numpy(bits.view(np.int32))
 
 
 class Matcher:

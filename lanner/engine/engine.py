@@ -14,6 +14,7 @@ from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from lanner.engine.sampler import HistoryView, Sampler, filtered_probs, top_logprobs
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.sequence import Sequence
+from lanner.model import fused
 from lanner.model.loader import load_model_files
 from lanner.sampling_params import SamplingParams
 from lanner.spec.proposers import NgramProposer
@@ -103,7 +104,7 @@ class LLMEngine:
 
     @staticmethod
     def grammar_mask(seq: Sequence) -> torch.Tensor:
-        """[1 + drafts, V] bool: what seq's grammar allows at each of its rows this step."""
+        """[1 + drafts, W] int32 bitmasks: what seq's grammar allows at each of its rows this step."""
         future, at, count = seq.pending_mask
         seq.pending_mask = None
         return future.result()[at:at + count]
@@ -198,7 +199,7 @@ class LLMEngine:
     def sample_plain(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for r, seq in enumerate(seqs):
             if seq.grammar is not None:
-                logits[r].masked_fill_(~self.grammar_mask(seq)[0], float("-inf"))
+                fused.mask_logits(logits[r:r + 1], self.grammar_mask(seq))
         logits, seqs = self.fork_children(logits, seqs)
         tokens = self.sampler(logits, seqs).tolist()
         now = time.perf_counter()
@@ -211,7 +212,7 @@ class LLMEngine:
         drafts, num_before = seq.spec_token_ids, len(seq.token_ids)
         views = [HistoryView(seq, drafts[:j]) for j in range(len(drafts) + 1)]
         if seq.grammar is not None:   # row j: what the grammar allows after the first j drafts
-            logits = logits.masked_fill(~self.grammar_mask(seq), float("-inf"))
+            fused.mask_logits(logits, self.grammar_mask(seq))
         processed = self.sampler.processed_logits(logits, views)
         if seq.params.greedy:
             tokens = verify_greedy(processed.argmax(dim=-1).tolist(), drafts)

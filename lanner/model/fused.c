@@ -96,3 +96,20 @@ void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
         }
     }
 }
+
+/* Grammar masks: the logits [R, V] (rows `stride` floats apart) of tokens whose bit is clear in bits [R, W]
+ * (token t is bit t % 32 of word t / 32) become -inf. Reading the bits directly beats unpacking them into
+ * a boolean row for a masked_fill; most words of a mask are all ones or all zeros. */
+void mask_logits(float *logits, int64_t stride, const uint32_t *bits, int64_t R, int64_t W, int64_t V) {
+    for (int64_t r = 0; r < R; r++) {
+        float *row = logits + r * stride;
+        for (int64_t w = 0; w < W && 32 * w < V; w++) {
+            uint32_t word = bits[r * W + w];
+            if (word == 0xffffffffu)
+                continue;
+            int64_t end = 32 * w + 32 < V ? 32 * w + 32 : V;
+            for (int64_t t = 32 * w; t < end; t++)
+                if (!((word >> (t - 32 * w)) & 1u)) row[t] = -INFINITY;
+        }
+    }
+}

@@ -1,9 +1,10 @@
-"""fused.c: small decoder steps in one call each (PyTorch would dispatch several ops for each):
-RMSNorm with the residual add, rotary with the KV store, silu(gate) * up."""
+"""fused.c: small steps in one call each (PyTorch would dispatch several ops for each): RMSNorm with the
+residual add, rotary with the KV store, silu(gate) * up, and grammar bitmasks applied to logits."""
 import ctypes
 import functools
 import os
 
+import numpy as np
 import torch
 
 from lanner import native
@@ -23,7 +24,8 @@ def library():
         lib.rms_norm.argtypes = [p, p, p, p, i64, i64, ctypes.c_float, i]
         lib.rope_store.argtypes = [p, p, i64, i, i, i, p, p, p, i]
         lib.silu_mul.argtypes = [p, p, i64, i64, i]
-        lib.rms_norm.restype = lib.rope_store.restype = lib.silu_mul.restype = None
+        lib.mask_logits.argtypes = [p, i64, p, i64, i64, i64]
+        lib.rms_norm.restype = lib.rope_store.restype = lib.silu_mul.restype = lib.mask_logits.restype = None
     return lib
 
 
@@ -70,3 +72,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(t, i, dtype=gate_up.dtype)
     lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), t, i, int(gate_up.dtype == torch.bfloat16))
     return out
+
+
+def mask_logits(logits: torch.Tensor, bits: torch.Tensor) -> None:
+    """logits [R, V] fp32 -> -inf where the grammar bitmask bits [R, W] int32 (token t: bit t % 32 of word
+    t / 32) is clear, in place."""
+    lib = library()
+    if lib is not None and logits.dtype == torch.float32 and logits.stride(-1) == 1 and bits.is_contiguous():
+        lib.mask_logits(logits.data_ptr(), logits.stride(0), bits.data_ptr(), logits.shape[0], bits.shape[1],
+                        logits.shape[1])
+        return
+    unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[1]]
+    logits.masked_fill_(torch.from_numpy(np.ascontiguousarray(unpacked) == 0), float("-inf"))
