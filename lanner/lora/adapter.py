@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters: load, validate against the base model, map onto our fused linears."""
+"""PEFT adapters (LoRA; IA3 in lanner.lora.ia3): load, validate against the base model, map onto our fused linears."""
 import json
 import math
 import os
@@ -17,6 +17,7 @@ SUBMODULES = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_pro
 ALL_LINEAR = tuple(SUBMODULES)
 # our fused linear -> the PEFT modules it holds, in output order
 FUSED = {fused: tuple(name for name, (f, _) in SUBMODULES.items() if f == fused) for fused, _ in SUBMODULES.values()}
+PEFT_TYPES = ("LORA", "IA3")
 KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
@@ -42,6 +43,17 @@ def submodule_sizes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     q, kv, h, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+
+def output_slices(cfg: ModelConfig) -> dict[str, slice]:
+    """Each PEFT module's columns in its fused linear's output."""
+    sizes, slices = submodule_sizes(cfg), {}
+    for subs in FUSED.values():
+        start = 0
+        for sub in subs:
+            slices[sub] = slice(start, start + sizes[sub][1])
+            start = slices[sub].stop
+    return slices
 
 
 @dataclass
@@ -71,8 +83,9 @@ def read_config(path: str) -> dict:
     for key, bad, why in refuse:
         if bad(config.get(key)):
             raise ValueError(f"LoRA adapter {path}: {why} ({key}={config.get(key)!r})")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"LoRA adapter {path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("peft_type", "LORA") not in PEFT_TYPES:
+        raise ValueError(f"LoRA adapter {path}: peft_type {config.get('peft_type')!r} is not supported "
+                         f"(supported: {', '.join(PEFT_TYPES)})")
     return config
 
 
@@ -84,24 +97,42 @@ def pattern_value(patterns: dict, module_name: str, default):
     return default
 
 
-def load_adapter(request: LoRARequest, cfg: ModelConfig, max_rank: int) -> LoRAAdapter:
-    config = read_config(request.lora_path)
-    file = os.path.join(request.lora_path, "adapter_model.safetensors")
+def module_name(layer: int, module: str) -> str:
+    """The module's name in the HF model, as PEFT's patterns (alpha_pattern, feedforward_modules) see it."""
+    block = "mlp" if SUBMODULES[module][0].startswith("mlp.") else "self_attn"
+    return f"model.layers.{layer}.{block}.{module}"
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    file = os.path.join(path, "adapter_model.safetensors")
     if not os.path.exists(file):
-        raise ValueError(f"LoRA adapter {request.lora_path} has no adapter_model.safetensors (pickled .bin is refused)")
+        raise ValueError(f"LoRA adapter {path} has no adapter_model.safetensors (pickled .bin is refused)")
     from safetensors.torch import load_file
     try:
-        tensors = load_file(file)
+        return load_file(file)
     except Exception as e:
         raise ValueError(f"cannot read LoRA weights {file}: {e}") from e
+
+
+def load_adapter(request: LoRARequest, cfg: ModelConfig, max_rank: int):
+    """A validated LoRAAdapter or IA3Adapter: adapter_config.json's peft_type says which."""
+    config = read_config(request.lora_path)
+    tensors = read_tensors(request.lora_path)
+    if config.get("peft_type") == "IA3":
+        from lanner.lora.ia3 import load_ia3
+        return load_ia3(request, config, tensors, cfg)
+    return load_lora(request, config, tensors, cfg, max_rank)
+
+
+def load_lora(request: LoRARequest, config: dict, tensors: dict, cfg: ModelConfig, max_rank: int) -> LoRAAdapter:
+    file = os.path.join(request.lora_path, "adapter_model.safetensors")
     pairs = group_pairs(tensors, file)
     sizes = submodule_sizes(cfg)
     weights = {}
     for (layer, module), (a, b) in pairs.items():
         check_pair(layer, module, a, b, sizes, cfg, max_rank, request.lora_path)
-        name = f"model.layers.{layer}.{'self_attn' if module in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{module}"
         rank = a.shape[0]
-        alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module_name(layer, module), config.get("lora_alpha", 8))
         weights[(layer, module)] = (a.float(), b.float() * lora_scaling(rank, alpha, config.get("use_rslora", False)))
     if not weights:
         raise ValueError(f"LoRA adapter {request.lora_path} holds no LoRA weights for this model")

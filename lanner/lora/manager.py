@@ -1,10 +1,11 @@
-"""Adapter slots: validated adapters in a CPU-side LRU, up to max_loras of them active in a batch."""
+"""Adapter slots: validated adapters (LoRA or IA3) in a CPU-side LRU, up to max_loras of them active in a batch."""
 from collections import OrderedDict
 
 import torch
 
 from lanner.config import ModelConfig
-from lanner.lora.adapter import FUSED, LoRAAdapter, LoRARequest, load_adapter, submodule_sizes
+from lanner.lora.adapter import FUSED, SUBMODULES, LoRAAdapter, LoRARequest, load_adapter, output_slices
+from lanner.lora.ia3 import IA3Adapter
 from lanner.lora.ops import LoRAWeights
 
 
@@ -15,7 +16,7 @@ class LoRAManager:
         self.cfg, self.max_loras, self.max_rank = cfg, max_loras, max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.requests: dict[int, LoRARequest] = {}
-        self.loaded: OrderedDict[int, LoRAAdapter] = OrderedDict()   # validated adapters, LRU
+        self.loaded: OrderedDict[int, LoRAAdapter | IA3Adapter] = OrderedDict()   # validated adapters, LRU
         self.slot_of: OrderedDict[int, int] = OrderedDict()          # adapter id -> slot (1-based), LRU
         self.weights: dict[tuple[int, str], LoRAWeights] = {}
         self.batch = None                                            # per-step token -> slot segments
@@ -35,7 +36,7 @@ class LoRAManager:
         self.get(request)
         self.requests[request.lora_int_id] = request
 
-    def get(self, request: LoRARequest) -> LoRAAdapter:
+    def get(self, request: LoRARequest) -> LoRAAdapter | IA3Adapter:
         adapter = self.loaded.get(request.lora_int_id)
         if adapter is None:
             adapter = load_adapter(request, self.cfg, self.max_rank)
@@ -78,15 +79,30 @@ class LoRAManager:
         self.slot_of[lora_id] = slot
         return slot
 
-    def write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Lay the adapter's pairs out block-diagonally over each fused linear's output slices."""
-        rank, sizes = adapter.max_rank, submodule_sizes(self.cfg)
-        for (layer, fused), w in self.weights.items():
+    def write_slot(self, slot: int, adapter: LoRAAdapter | IA3Adapter) -> None:
+        for w in self.weights.values():
             w.clear(slot)
-            offset = 0
+        if isinstance(adapter, IA3Adapter):
+            self.write_ia3(slot, adapter)
+        else:
+            self.write_lora(slot, adapter)
+
+    def write_lora(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Lay the adapter's pairs out block-diagonally over each fused linear's output slices."""
+        rank, slices = adapter.max_rank, output_slices(self.cfg)
+        for (layer, fused), w in self.weights.items():
             for i, sub in enumerate(FUSED[fused]):
                 pair = adapter.weights.get((layer, sub))
                 if pair is not None:
-                    w.write(slot, i * rank, *pair, offset)
-                offset += sizes[sub][1]
+                    w.write(slot, i * rank, *pair, slices[sub].start)
             w.ranks[slot] = rank * len(FUSED[fused])
+
+    def write_ia3(self, slot: int, adapter: IA3Adapter) -> None:
+        """Each vector on its fused linear: over the module's output slice, or over the whole input."""
+        slices = output_slices(self.cfg)
+        for (layer, module), (vector, scales_input) in adapter.vectors.items():
+            w = self.weights[(layer, SUBMODULES[module][0])]
+            if scales_input:
+                w.write_input_scale(slot, vector)
+            else:
+                w.write_output_scale(slot, vector, slices[module])

@@ -37,7 +37,7 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
     quantized = None   # callable x -> x @ W^T + b from a quantized weight, set by pack()
     ggml = None        # lanner.quant.ggml.GGMLTensor, when the checkpoint stored the weight in blocks
-    lora = None        # lanner.lora.ops.LoRAWeights when LoRA is enabled
+    lora = None        # lanner.lora.ops.LoRAWeights (LoRA and IA3 slots) when LoRA is enabled
 
     def reset_parameters(self) -> None:
         """None: every weight comes from a checkpoint (and initializing meta tensors imports torch's compiler
@@ -57,10 +57,9 @@ class Linear(nn.Linear):
             self.packed = onednn_pack(self.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_forward(x)
-        if self.lora is not None and self.lora.manager.batch:
-            y = self.lora.add_delta(x, y)
-        return y
+        if self.lora is None or not self.lora.manager.batch:
+            return self.base_forward(x)
+        return self.lora.adapt_output(x, self.base_forward(self.lora.adapt_input(x)))
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
