@@ -65,13 +65,37 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None)
+    held = p.add_mutually_exclusive_group()   # structured output, as llama.cpp's --json-schema / --grammar
+    held.add_argument("--json-schema", default=None, metavar="SCHEMA", help="JSON schema (text or @file) the output follows")
+    held.add_argument("--json", action="store_true", help="the output is a JSON object")
+    held.add_argument("--regex", default=None, help="regex the output matches")
+    held.add_argument("--choice", action="append", default=None, help="one of these strings (repeat the flag)")
+    held.add_argument("--grammar", default=None, metavar="GRAMMAR", help="Lark or GBNF grammar (text or @file)")
 
 
 def sampling_params(args):
     from lanner import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=args.stop)
+                          seed=args.seed, stop=args.stop, structured_outputs=structured_outputs(args))
+
+
+def structured_outputs(args) -> dict | None:
+    """--json-schema / --json / --regex / --choice / --grammar as SamplingParams.structured_outputs."""
+    given = {"json": text_or_file(args.json_schema), "json_object": args.json or None, "regex": args.regex,
+             "choice": args.choice, "grammar": text_or_file(args.grammar)}
+    return {k: v for k, v in given.items() if v is not None} or None
+
+
+def text_or_file(value: str | None) -> str | None:
+    """The argument's text, or the contents of the file it names as @path."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:]) as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {value[1:]}: {e.strerror}") from None
 
 
 def make_llm(args):

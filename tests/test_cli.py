@@ -29,3 +29,23 @@ def test_bad_sampling_parameter_is_reported_by_name(capsys, default_model_path):
 def test_unknown_adapter_is_reported(capsys, default_model_path):
     assert main(["generate", "Hi", "--adapter", "nope", "--kv-cache-memory", "0.1"]) == 2
     assert "unknown adapter 'nope'" in capsys.readouterr().err
+
+
+def test_generate_follows_a_json_schema_file_and_a_choice(capsys, tmp_path, default_model_path):
+    import json
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    assert main(["generate", "Name a city in JSON.", "--json-schema", f"@{tmp_path / 'schema.json'}",
+                 "--max-tokens", "40", "--kv-cache-memory", "0.1"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"city"}
+    assert main(["generate", "The capital of France is", "--raw", "--choice", "Paris", "--choice", "Rome",
+                 "--kv-cache-memory", "0.1"]) == 0
+    assert capsys.readouterr().out.strip() in ("Paris", "Rome")
+
+
+def test_a_bad_grammar_or_missing_schema_file_is_reported(capsys, default_model_path):
+    assert main(["generate", "Hi", "--regex", "(unclosed", "--kv-cache-memory", "0.1"]) == 2
+    assert "cannot be compiled" in capsys.readouterr().err
+    assert main(["generate", "Hi", "--json-schema", "@/nonexistent/schema.json", "--kv-cache-memory", "0.1"]) == 2
+    assert "cannot read /nonexistent/schema.json" in capsys.readouterr().err
