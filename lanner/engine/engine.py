@@ -14,6 +14,7 @@ from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from lanner.engine.sampler import HistoryView, Sampler, filtered_probs, top_logprobs
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.sequence import Sequence
+from lanner.lora.prefix import PrefixPool
 from lanner.model import fused
 from lanner.model.loader import load_model_files
 from lanner.sampling_params import SamplingParams
@@ -51,6 +52,8 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.model_config, weights, self.max_model_len)
         del weights
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        if self.runner.lora is not None:
+            self.runner.lora.prefix_pool = PrefixPool(self.blocks, self.runner.kv_cache)
         windows = self.model_config.layer_windows
         # when every layer slides (Mistral), KV older than the widest window is never read again
         self.kv_window = max(windows) if windows and None not in windows else None
@@ -68,12 +71,14 @@ class LLMEngine:
                     request_id: str | None = None, lora_request=None) -> str:
         params = params or SamplingParams()
         lora_id = self.register_lora(lora_request) if lora_request is not None else 0
+        prefix = self.runner.lora.pinned_prefix(lora_id) if lora_id else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.validate_prompt(token_ids, params)
+        self.validate_prompt(token_ids, params, prefix.num_tokens if prefix else 0)
         request_id = str(next(self.request_counter)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = Sequence(request_id, token_ids, params, lora_id=lora_id, seed=params.seed)
+        seq.prefix = prefix
         if params.structured_outputs is not None:
             seq.grammar = self.grammars.matcher(params.structured_outputs)
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,
@@ -121,15 +126,24 @@ class LLMEngine:
         self.runner.lora.add(lora_request)
         return lora_request.lora_int_id
 
-    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def remove_lora(self, lora_id: int) -> None:
+        """Forget an adapter (a prefix adapter's pinned blocks go back to the pool once its requests end)."""
+        if any(s.lora_id == lora_id for s in [*self.scheduler.running, *self.scheduler.waiting]):
+            raise ValueError(f"adapter {lora_id} still has unfinished requests")
+        self.runner.lora.remove(lora_id)
+
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams, num_virtual_tokens: int = 0) -> None:
+        """num_virtual_tokens (a prefix adapter's) take positions and KV slots before the prompt's."""
         if not token_ids:
             raise ValueError("prompt is empty")
         if min(token_ids) < 0 or max(token_ids) >= self.model_config.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(token_ids)} tokens, but max_model_len is {self.max_model_len} "
+        length = num_virtual_tokens + len(token_ids)
+        if length >= self.max_model_len:
+            raise ValueError(f"prompt is {length} tokens (with {num_virtual_tokens} virtual tokens of the adapter), "
+                             f"but max_model_len is {self.max_model_len} "
                              f"(the prompt plus at least one generated token must fit)")
-        total = min(len(token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        total = min(length + (params.max_tokens or self.max_model_len), self.max_model_len)
         if self.kv_window:   # held at once: the window, one step's tokens, a partly filled block at each end
             total = min(total, self.kv_window + self.cfg.max_num_batched_tokens + self.cfg.block_size)
         if -(-total // self.cfg.block_size) > self.blocks.num_blocks:
@@ -155,11 +169,12 @@ class LLMEngine:
         if not scheduled:
             return []
         self.start_grammar_masks(scheduled)
-        logits, row_seqs, row_positions = self.runner.run(scheduled)
+        self.runner.copy_blocks(self.blocks.pop_copies())
+        logits, row_seqs, row_tokens = self.runner.run(scheduled)
         for seq, num in scheduled:
             seq.num_computed_tokens += num
             self.num_computed_tokens_total += num
-        sample_rows = self.record_prompt_logprobs(logits, row_seqs, row_positions)
+        sample_rows = self.record_prompt_logprobs(logits, row_seqs, row_tokens)
         touched = self.sample_and_append(logits[sample_rows], [row_seqs[r] for r in sample_rows])
         for seq, _ in scheduled:
             if not seq.is_finished:
@@ -168,13 +183,14 @@ class LLMEngine:
                     self.blocks.release_out_of_window(seq, self.kv_window)
         return [self.make_output(self.requests[rid]) for rid in touched if rid in self.requests]
 
-    def record_prompt_logprobs(self, logits, row_seqs, row_positions) -> list[int]:
-        """Store prompt logprobs from prompt rows; return the rows that sample a new token."""
+    def record_prompt_logprobs(self, logits, row_seqs, row_tokens) -> list[int]:
+        """Store prompt logprobs from prompt rows (row_tokens: the index in token_ids of the token each row reads);
+        return the rows that sample a new token."""
         sample_rows = []
-        for r, (seq, pos) in enumerate(zip(row_seqs, row_positions)):
-            if pos + 1 < len(seq.token_ids):   # this row predicts a token we already have
+        for r, (seq, i) in enumerate(zip(row_seqs, row_tokens)):
+            if i + 1 < len(seq.token_ids):   # this row predicts a token we already have
                 logprobs = torch.log_softmax(logits[r], dim=-1)
-                nxt = seq.token_ids[pos + 1]
+                nxt = seq.token_ids[i + 1]
                 seq.prompt_logprobs.append(top_logprobs(logprobs, torch.tensor(nxt), seq.params.prompt_logprobs))
             else:
                 sample_rows.append(r)
@@ -209,7 +225,7 @@ class LLMEngine:
 
     def verify(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Accept a prefix of the drafts (lossless), roll num_computed_tokens back past the rest."""
-        drafts, num_before = seq.spec_token_ids, len(seq.token_ids)
+        drafts, num_before = seq.spec_token_ids, seq.num_verified_tokens
         views = [HistoryView(seq, drafts[:j]) for j in range(len(drafts) + 1)]
         if seq.grammar is not None:   # row j: what the grammar allows after the first j drafts
             fused.mask_logits(logits, self.grammar_mask(seq))
@@ -259,7 +275,7 @@ class LLMEngine:
         """Give each decoding sequence up to k draft tokens; none when the batch is already large."""
         if self.proposer is None or len(self.scheduler.running) > self.spec.max_batch_size:
             return
-        ready = [s for s in self.scheduler.running if s.num_computed_tokens == len(s.token_ids) - 1]
+        ready = [s for s in self.scheduler.running if s.num_computed_tokens == s.num_verified_tokens - 1]
         cheap = (self.proposer.drafts_are_free
                  and len(ready) * (1 + self.spec.num_speculative_tokens) <= CHEAP_STEP_ROWS)
         wanted = [self.draft_budget(s, cheap) for s in ready]
@@ -273,7 +289,7 @@ class LLMEngine:
         """Drafts for seq, never past max_tokens or max_model_len. In a cheap step (few rows: the forward is
         bound by streaming the weights, so rejected drafts cost almost nothing) always the full k; otherwise
         k adapts to recent acceptance, and k = 0 probes again after a while."""
-        left = self.max_model_len - len(seq.token_ids) - 1
+        left = self.max_model_len - seq.num_verified_tokens - 1
         if seq.params.max_tokens is not None:
             left = min(left, seq.params.max_tokens - seq.num_output_tokens - 1)
         if cheap:
@@ -317,7 +333,7 @@ class LLMEngine:
         if p.stop and new_text and self.truncate_at_stop_string(seq, len(new_text)):
             return self.finish(seq, "stop", now)
         if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or \
-                len(seq.token_ids) >= self.max_model_len:
+                seq.num_verified_tokens >= self.max_model_len:
             return self.finish(seq, "length", now)
         if seq.grammar is not None and seq.grammar.done:   # complete: nothing but a stop token could follow
             return self.finish(seq, "stop", now)

@@ -55,10 +55,11 @@ class ModelRunner:
         return max(1, int(gib * 2**30 // per_block))
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
-        """Packed inputs, attention metadata, and which rows get logits (with their sequences)."""
+        """Packed inputs, attention metadata, and which rows get logits (with their sequences and the index in
+        token_ids of the token each reads). Positions are KV positions: after a prefix adapter's virtual tokens."""
         bs = self.cfg.block_size
         input_ids, positions, slots, query_lens, seq_lens, tables, loras = [], [], [], [], [], [], []
-        logit_rows, logit_seqs = [], []
+        logit_rows, logit_seqs, logit_tokens = [], [], []
         for seq, num in scheduled:
             start = seq.num_computed_tokens
             row0 = len(input_ids)
@@ -67,17 +68,18 @@ class ModelRunner:
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + num)]
             query_lens.append(num)
-            loras += [seq.lora_id] * num
+            loras += [seq.slot_lora_id] * num
             seq_lens.append(start + num)
             tables.append(table)
             for r in self.rows_to_sample(seq, start, num):
                 logit_rows.append(row0 + r)
                 logit_seqs.append(seq)
+                logit_tokens.append(start + r - seq.num_virtual_tokens)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
         if self.lora is not None:
             self.lora.set_batch(loras)
         return (torch.tensor(input_ids), torch.tensor(positions), meta, torch.tensor(logit_rows, dtype=torch.long),
-                logit_seqs)
+                logit_seqs, logit_tokens)
 
     @staticmethod
     def rows_to_sample(seq: Sequence, start: int, num: int) -> range:
@@ -85,14 +87,21 @@ class ModelRunner:
         end = start + num
         first = end - 1 - len(seq.spec_token_ids) if end == seq.num_tokens else end
         if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
-            first = 0
+            first = seq.num_virtual_tokens
         return range(max(0, first - start), num)
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence], list[int]]:
-        """fp32 logits [R, V] for the sampled rows, the sequence of each row, and its position."""
-        input_ids, positions, meta, rows, seqs = self.prepare(scheduled)
+        """fp32 logits [R, V] for the sampled rows, the sequence of each row, and the index in its token_ids of
+        the token the row reads."""
+        input_ids, positions, meta, rows, seqs, token_indices = self.prepare(scheduled)
         dev = self.cfg.device
         hidden = self.model(input_ids.to(dev), positions.to(dev), meta.to(dev))
         logits = self.model.compute_logits(hidden[rows.to(dev)]).cpu()
-        return logits, seqs, positions[rows].tolist()
+        return logits, seqs, token_indices
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: every layer's K and V of each (source, destination) block."""
+        if pairs:
+            source, destination = torch.tensor(pairs, device=self.kv_cache.device).T
+            self.kv_cache[:, :, destination] = self.kv_cache[:, :, source]

@@ -14,6 +14,8 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        if seq.prefix is not None:
+            self.blocks.hold_prefix(seq.prefix)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -39,7 +41,7 @@ class Scheduler:
             if not self.adapter_fits(seq):
                 skipped.append(self.waiting.popleft())
                 continue
-            self.blocks.match_prefix(seq)
+            self.blocks.begin(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self.blocks.blocks_needed(seq, num_new) > self.blocks.num_free_blocks:
                 self.blocks.release(seq)   # give back the prefix hits; it waits for memory
@@ -55,11 +57,11 @@ class Scheduler:
         return scheduled
 
     def adapter_fits(self, seq: Sequence) -> bool:
-        """At most max_loras distinct adapters run at once."""
-        if seq.lora_id == 0:
+        """At most max_loras distinct adapters in LoRA slots run at once."""
+        if seq.slot_lora_id == 0:
             return True
-        active = {s.lora_id for s in self.running} - {0}
-        return seq.lora_id in active or len(active) < self.cfg.max_loras
+        active = {s.slot_lora_id for s in self.running} - {0}
+        return seq.slot_lora_id in active or len(active) < self.cfg.max_loras
 
     def reserve(self, seq: Sequence, num_new: int) -> bool:
         """Allocate seq's blocks, preempting the newest running sequences if memory runs out."""
@@ -87,4 +89,6 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq)
+        if seq.prefix is not None:
+            self.blocks.drop_prefix(seq.prefix)
         seq.status = Status.FINISHED

@@ -15,7 +15,9 @@ class Status(Enum):
 
 
 class Sequence:
-    """One generated continuation. num_computed_tokens catches up with num_tokens step by step."""
+    """One generated continuation. num_computed_tokens catches up with num_tokens step by step. Both count KV
+    positions: a prefix-tuned adapter's virtual tokens come first (computed from the start, never in token_ids),
+    so token i of token_ids sits at position num_virtual_tokens + i, as in PEFT."""
     ids = itertools.count()
 
     def __init__(self, request_id: str, token_ids: list[int], params: SamplingParams, lora_id: int = 0,
@@ -24,6 +26,7 @@ class Sequence:
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.params, self.lora_id = params, lora_id
+        self.prefix = None                   # kv_cache.PinnedPrefix of a prefix-tuned adapter
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.block_table: list[int] = []
@@ -46,8 +49,23 @@ class Sequence:
         self.stop_reason: int | str | None = None
 
     @property
+    def num_virtual_tokens(self) -> int:
+        return 0 if self.prefix is None else self.prefix.num_tokens
+
+    @property
+    def num_verified_tokens(self) -> int:
+        """KV positions of every token but the drafts."""
+        return self.num_virtual_tokens + len(self.token_ids)
+
+    @property
     def num_tokens(self) -> int:
-        return len(self.token_ids) + len(self.spec_token_ids)
+        """KV positions it wants computed: virtual, prompt, output and draft tokens."""
+        return self.num_verified_tokens + len(self.spec_token_ids)
+
+    @property
+    def slot_lora_id(self) -> int:
+        """The adapter whose weights its rows need in a LoRA slot: none for a prefix adapter (it lives in KV)."""
+        return 0 if self.prefix is not None else self.lora_id
 
     @property
     def num_output_tokens(self) -> int:
@@ -64,19 +82,25 @@ class Sequence:
     def fit_drafts(self, budget: int) -> None:
         """Drop the drafts that would not fit in a step of budget tokens: a sequence's verify rows are
         never split across steps. Verifying a shorter prefix of the drafts is just as lossless."""
-        keep = max(0, budget - (len(self.token_ids) - self.num_computed_tokens))
+        keep = max(0, budget - (self.num_verified_tokens - self.num_computed_tokens))
         if keep < len(self.spec_token_ids):
             self.spec_token_ids = self.spec_token_ids[:keep]
             probs = self.spec_draft_probs
             self.spec_draft_probs = None if probs is None or keep == 0 else probs[:keep]
 
     def tokens_to_compute(self, num: int) -> list[int]:
-        start = self.num_computed_tokens
+        start = self.num_computed_tokens - self.num_virtual_tokens
         return (self.token_ids + self.spec_token_ids)[start:start + num]
+
+    def block_token_ids(self, i: int, block_size: int) -> tuple[int, ...]:
+        """The tokens whose KV block i holds (after the virtual tokens, when they share it)."""
+        start, end = i * block_size - self.num_virtual_tokens, (i + 1) * block_size - self.num_virtual_tokens
+        return tuple(self.token_ids[max(0, start):end])
 
     def fork(self, index: int, seed: int | None) -> "Sequence":
         """A sibling for n > 1 that continues from the same computed prompt (blocks shared by the caller)."""
         child = Sequence(self.request_id, self.token_ids, self.params, self.lora_id, index, seed)
+        child.prefix = self.prefix
         child.num_prompt_tokens, child.num_computed_tokens = self.num_prompt_tokens, self.num_computed_tokens
         child.num_cached_tokens, child.prompt_logprobs = self.num_cached_tokens, self.prompt_logprobs
         child.block_hashes, child.status, child.arrival_time = list(self.block_hashes), self.status, self.arrival_time

@@ -1,4 +1,5 @@
-"""Adapter slots: validated adapters (LoRA or IA3) in a CPU-side LRU, up to max_loras of them active in a batch."""
+"""Adapter slots: validated adapters (LoRA or IA3) in a CPU-side LRU, up to max_loras of them active in a batch.
+Prefix-tuned adapters take no slot: their virtual tokens are pinned in the KV pool while they are loaded."""
 from collections import OrderedDict
 
 import torch
@@ -7,6 +8,7 @@ from lanner.config import ModelConfig
 from lanner.lora.adapter import FUSED, SUBMODULES, LoRAAdapter, LoRARequest, load_adapter, output_slices
 from lanner.lora.ia3 import IA3Adapter
 from lanner.lora.ops import LoRAWeights
+from lanner.lora.prefix import PrefixAdapter, PrefixPool
 
 
 class LoRAManager:
@@ -16,10 +18,11 @@ class LoRAManager:
         self.cfg, self.max_loras, self.max_rank = cfg, max_loras, max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.requests: dict[int, LoRARequest] = {}
-        self.loaded: OrderedDict[int, LoRAAdapter | IA3Adapter] = OrderedDict()   # validated adapters, LRU
+        self.loaded: OrderedDict[int, LoRAAdapter | IA3Adapter | PrefixAdapter] = OrderedDict()   # validated, LRU
         self.slot_of: OrderedDict[int, int] = OrderedDict()          # adapter id -> slot (1-based), LRU
         self.weights: dict[tuple[int, str], LoRAWeights] = {}
         self.batch = None                                            # per-step token -> slot segments
+        self.prefix_pool: PrefixPool | None = None                   # set by the engine once the KV pool exists
         for i, layer in enumerate(model.layers):
             for fused, subs in FUSED.items():
                 linear = layer.get_submodule(fused)
@@ -36,20 +39,33 @@ class LoRAManager:
         self.get(request)
         self.requests[request.lora_int_id] = request
 
-    def get(self, request: LoRARequest) -> LoRAAdapter | IA3Adapter:
+    def get(self, request: LoRARequest) -> LoRAAdapter | IA3Adapter | PrefixAdapter:
         adapter = self.loaded.get(request.lora_int_id)
         if adapter is None:
             adapter = load_adapter(request, self.cfg, self.max_rank)
+            if isinstance(adapter, PrefixAdapter):
+                self.prefix_pool.pin(adapter)
             self.loaded[request.lora_int_id] = adapter
             while len(self.loaded) > self.max_cpu_loras:   # slots keep their own copy; reload on demand
-                self.loaded.popitem(last=False)
+                self.unload(self.loaded.popitem(last=False)[1])
         self.loaded.move_to_end(request.lora_int_id)
         return adapter
 
+    def pinned_prefix(self, lora_id: int):
+        """A loaded prefix adapter's blocks in the KV pool (kv_cache.PinnedPrefix); None for other kinds."""
+        adapter = self.loaded.get(lora_id)
+        return adapter.pinned if isinstance(adapter, PrefixAdapter) else None
+
     def remove(self, lora_id: int) -> None:
         self.requests.pop(lora_id, None)
-        self.loaded.pop(lora_id, None)
         self.slot_of.pop(lora_id, None)
+        if lora_id in self.loaded:
+            self.unload(self.loaded.pop(lora_id))
+
+    def unload(self, adapter) -> None:
+        """Requests of an unloaded prefix adapter keep its blocks until they end (they hold them too)."""
+        if isinstance(adapter, PrefixAdapter):
+            self.prefix_pool.unpin(adapter)
 
     # ---- per step ---------------------------------------------------------------------------------
     def set_batch(self, token_lora_ids: list[int]) -> None:
