@@ -72,13 +72,15 @@ class LLMEngine:
         params = params or SamplingParams()
         lora_id = self.register_lora(lora_request) if lora_request is not None else 0
         prefix = self.runner.lora.pinned_prefix(lora_id) if lora_id else None
+        prompt_adapter = self.runner.lora.prompt_adapter(lora_id) if lora_id else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.validate_prompt(token_ids, params, prefix.num_tokens if prefix else 0)
+        num_virtual_tokens = prefix.num_tokens if prefix else prompt_adapter.num_virtual_tokens if prompt_adapter else 0
+        self.validate_prompt(token_ids, params, num_virtual_tokens)
         request_id = str(next(self.request_counter)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = Sequence(request_id, token_ids, params, lora_id=lora_id, seed=params.seed)
-        seq.prefix = prefix
+        seq.prefix, seq.prompt = prefix, prompt_adapter
         if params.structured_outputs is not None:
             seq.grammar = self.grammars.matcher(params.structured_outputs)
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,
@@ -133,7 +135,7 @@ class LLMEngine:
         self.runner.lora.remove(lora_id)
 
     def validate_prompt(self, token_ids: list[int], params: SamplingParams, num_virtual_tokens: int = 0) -> None:
-        """num_virtual_tokens (a prefix adapter's) take positions and KV slots before the prompt's."""
+        """num_virtual_tokens (a prefix or prompt adapter's) take positions and KV slots before the prompt's."""
         if not token_ids:
             raise ValueError("prompt is empty")
         if min(token_ids) < 0 or max(token_ids) >= self.model_config.vocab_size:

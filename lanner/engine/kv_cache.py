@@ -48,14 +48,14 @@ class BlockManager:
         self.ref_counts[block_id] += 1
 
     def begin(self, seq: Sequence) -> None:
-        """A waiting sequence's first blocks: its adapter's prefix blocks (the virtual tokens count as computed),
-        then cached blocks for the longest known prefix of its tokens."""
+        """A waiting sequence's first blocks: its adapter's prefix blocks (pinned virtual tokens count as computed),
+        then cached blocks for the longest known prefix of its positions (a prompt adapter's virtual ones too)."""
         if seq.prefix is not None:
             for block_id in seq.prefix.full_blocks:
                 self.take(block_id)
             seq.block_table = list(seq.prefix.full_blocks)
             seq.block_hashes = [None] * len(seq.block_table)   # never looked up: the adapter id keys what follows
-        seq.num_computed_tokens = seq.num_virtual_tokens
+        seq.num_computed_tokens = seq.num_pinned_tokens
         if self.enable_prefix_caching and seq.prompt_logprobs is None:   # prompt logprobs need every row computed
             self.match_prefix(seq)
 
@@ -71,8 +71,8 @@ class BlockManager:
             self.take(self.block_of[h])
             seq.block_table.append(self.block_of[h])
             seq.block_hashes.append(h)
-        seq.num_computed_tokens = max(len(seq.block_table) * self.block_size, seq.num_virtual_tokens)
-        seq.num_cached_tokens = seq.num_computed_tokens - seq.num_virtual_tokens
+        seq.num_computed_tokens = max(len(seq.block_table) * self.block_size, seq.num_pinned_tokens)
+        seq.num_cached_tokens = max(0, seq.num_computed_tokens - seq.num_virtual_tokens)
         self.prefix_hits += seq.num_cached_tokens
 
     def pop_free(self) -> int:
@@ -137,7 +137,7 @@ class BlockManager:
             self.take(block_id)
         child.block_table, child.num_released_blocks = list(parent.block_table[:full]), released
         child.block_hashes = child.block_hashes[:full]
-        child.num_computed_tokens = max(full * self.block_size, child.num_virtual_tokens)
+        child.num_computed_tokens = max(full * self.block_size, child.num_pinned_tokens)
         if child.prefix is not None:
             self.hold_prefix(child.prefix)
 

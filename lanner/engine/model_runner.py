@@ -56,14 +56,21 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
         """Packed inputs, attention metadata, and which rows get logits (with their sequences and the index in
-        token_ids of the token each reads). Positions are KV positions: after a prefix adapter's virtual tokens."""
+        token_ids of the token each reads). Positions are KV positions: after an adapter's virtual tokens. Rows at a
+        prompt adapter's virtual positions get its embeddings instead of token embeddings: embeds is (rows, values)
+        or None."""
         bs = self.cfg.block_size
         input_ids, positions, slots, query_lens, seq_lens, tables, loras = [], [], [], [], [], [], []
+        embed_rows, embed_values = [], []
         logit_rows, logit_seqs, logit_tokens = [], [], []
         for seq, num in scheduled:
             start = seq.num_computed_tokens
             row0 = len(input_ids)
             input_ids += seq.tokens_to_compute(num)
+            if seq.prompt is not None and start < seq.num_virtual_tokens:
+                end = min(start + num, seq.num_virtual_tokens)
+                embed_rows += range(row0, row0 + end - start)
+                embed_values.append(seq.prompt.embeddings[start:end])
             positions += range(start, start + num)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + num)]
@@ -78,8 +85,9 @@ class ModelRunner:
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
         if self.lora is not None:
             self.lora.set_batch(loras)
-        return (torch.tensor(input_ids), torch.tensor(positions), meta, torch.tensor(logit_rows, dtype=torch.long),
-                logit_seqs, logit_tokens)
+        embeds = (torch.tensor(embed_rows), torch.cat(embed_values)) if embed_rows else None
+        return (torch.tensor(input_ids), torch.tensor(positions), meta, embeds,
+                torch.tensor(logit_rows, dtype=torch.long), logit_seqs, logit_tokens)
 
     @staticmethod
     def rows_to_sample(seq: Sequence, start: int, num: int) -> range:
@@ -94,9 +102,11 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence], list[int]]:
         """fp32 logits [R, V] for the sampled rows, the sequence of each row, and the index in its token_ids of
         the token the row reads."""
-        input_ids, positions, meta, rows, seqs, token_indices = self.prepare(scheduled)
+        input_ids, positions, meta, embeds, rows, seqs, token_indices = self.prepare(scheduled)
         dev = self.cfg.device
-        hidden = self.model(input_ids.to(dev), positions.to(dev), meta.to(dev))
+        if embeds is not None:
+            embeds = tuple(t.to(dev) for t in embeds)
+        hidden = self.model(input_ids.to(dev), positions.to(dev), meta.to(dev), embeds)
         logits = self.model.compute_logits(hidden[rows.to(dev)]).cpu()
         return logits, seqs, token_indices
 

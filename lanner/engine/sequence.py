@@ -16,8 +16,9 @@ class Status(Enum):
 
 class Sequence:
     """One generated continuation. num_computed_tokens catches up with num_tokens step by step. Both count KV
-    positions: a prefix-tuned adapter's virtual tokens come first (computed from the start, never in token_ids),
-    so token i of token_ids sits at position num_virtual_tokens + i, as in PEFT."""
+    positions: an adapter's virtual tokens come first (never in token_ids), so token i of token_ids sits at position
+    num_virtual_tokens + i, as in PEFT. A prefix-tuned adapter's are computed from the start (their KV is pinned);
+    a prompt-tuned adapter's are computed like prompt tokens, from its embeddings instead of token embeddings."""
     ids = itertools.count()
 
     def __init__(self, request_id: str, token_ids: list[int], params: SamplingParams, lora_id: int = 0,
@@ -27,6 +28,7 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.params, self.lora_id = params, lora_id
         self.prefix = None                   # kv_cache.PinnedPrefix of a prefix-tuned adapter
+        self.prompt = None                   # lora.prompt.PromptAdapter of a prompt-tuned adapter
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.block_table: list[int] = []
@@ -50,6 +52,13 @@ class Sequence:
 
     @property
     def num_virtual_tokens(self) -> int:
+        if self.prefix is not None:
+            return self.prefix.num_tokens
+        return 0 if self.prompt is None else self.prompt.num_virtual_tokens
+
+    @property
+    def num_pinned_tokens(self) -> int:
+        """The virtual tokens whose KV is given (a prefix adapter's): computed before any step."""
         return 0 if self.prefix is None else self.prefix.num_tokens
 
     @property
@@ -64,8 +73,9 @@ class Sequence:
 
     @property
     def slot_lora_id(self) -> int:
-        """The adapter whose weights its rows need in a LoRA slot: none for a prefix adapter (it lives in KV)."""
-        return 0 if self.prefix is not None else self.lora_id
+        """The adapter whose weights its rows need in a LoRA slot: none for a prefix adapter (it lives in KV) or a
+        prompt adapter (its embeddings go with the sequence)."""
+        return 0 if self.prefix is not None or self.prompt is not None else self.lora_id
 
     @property
     def num_output_tokens(self) -> int:
@@ -89,18 +99,24 @@ class Sequence:
             self.spec_draft_probs = None if probs is None or keep == 0 else probs[:keep]
 
     def tokens_to_compute(self, num: int) -> list[int]:
+        """The next num tokens to feed; 0 stands in for a virtual token (the runner feeds its embedding)."""
         start = self.num_computed_tokens - self.num_virtual_tokens
-        return (self.token_ids + self.spec_token_ids)[start:start + num]
+        virtual = min(num, max(0, -start))
+        return [0] * virtual + (self.token_ids + self.spec_token_ids)[start + virtual:start + num]
 
-    def block_token_ids(self, i: int, block_size: int) -> tuple[int, ...]:
-        """The tokens whose KV block i holds (after the virtual tokens, when they share it)."""
+    def block_token_ids(self, i: int, block_size: int) -> tuple:
+        """What KV block i holds, as the prefix cache keys it: its virtual tokens (a prompt adapter's as the digest of
+        its embeddings and their index, so no two adapters share them) and then its tokens."""
         start, end = i * block_size - self.num_virtual_tokens, (i + 1) * block_size - self.num_virtual_tokens
-        return tuple(self.token_ids[max(0, start):end])
+        tokens = tuple(self.token_ids[max(0, start):max(0, end)])
+        if start >= 0 or self.prompt is None:
+            return tokens
+        return tuple((self.prompt.digest, j) for j in range(start, min(end, 0))) + tokens
 
     def fork(self, index: int, seed: int | None) -> "Sequence":
         """A sibling for n > 1 that continues from the same computed prompt (blocks shared by the caller)."""
         child = Sequence(self.request_id, self.token_ids, self.params, self.lora_id, index, seed)
-        child.prefix = self.prefix
+        child.prefix, child.prompt = self.prefix, self.prompt
         child.num_prompt_tokens, child.num_computed_tokens = self.num_prompt_tokens, self.num_computed_tokens
         child.num_cached_tokens, child.prompt_logprobs = self.num_cached_tokens, self.prompt_logprobs
         child.block_hashes, child.status, child.arrival_time = list(self.block_hashes), self.status, self.arrival_time

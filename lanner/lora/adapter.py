@@ -1,5 +1,5 @@
-"""PEFT adapters (LoRA; IA3 in lanner.lora.ia3, prefix tuning in lanner.lora.prefix): load, validate against the
-base model, map onto our fused linears."""
+"""PEFT adapters (LoRA; IA3 in lanner.lora.ia3, prefix tuning in lanner.lora.prefix, prompt tuning and P-tuning in
+lanner.lora.prompt): load, validate against the base model, map onto our fused linears."""
 import json
 import math
 import os
@@ -18,7 +18,7 @@ SUBMODULES = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_pro
 ALL_LINEAR = tuple(SUBMODULES)
 # our fused linear -> the PEFT modules it holds, in output order
 FUSED = {fused: tuple(name for name, (f, _) in SUBMODULES.items() if f == fused) for fused, _ in SUBMODULES.values()}
-PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING")
+PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
 KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
@@ -116,7 +116,8 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(request: LoRARequest, cfg: ModelConfig, max_rank: int):
-    """A validated LoRAAdapter, IA3Adapter or PrefixAdapter: adapter_config.json's peft_type says which."""
+    """A validated LoRAAdapter, IA3Adapter, PrefixAdapter or PromptAdapter: adapter_config.json's peft_type says
+    which."""
     config = read_config(request.lora_path)
     tensors = read_tensors(request.lora_path)
     if config.get("peft_type") == "IA3":
@@ -125,6 +126,9 @@ def load_adapter(request: LoRARequest, cfg: ModelConfig, max_rank: int):
     if config.get("peft_type") == "PREFIX_TUNING":
         from lanner.lora.prefix import load_prefix
         return load_prefix(request, config, tensors, cfg)
+    if config.get("peft_type") in ("PROMPT_TUNING", "P_TUNING"):
+        from lanner.lora.prompt import load_prompt
+        return load_prompt(request, config, tensors, cfg)
     return load_lora(request, config, tensors, cfg, max_rank)
 
 

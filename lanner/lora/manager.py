@@ -1,5 +1,6 @@
 """Adapter slots: validated adapters (LoRA or IA3) in a CPU-side LRU, up to max_loras of them active in a batch.
-Prefix-tuned adapters take no slot: their virtual tokens are pinned in the KV pool while they are loaded."""
+Prefix-tuned adapters take no slot: their virtual tokens are pinned in the KV pool while they are loaded; nor do
+prompt-tuned ones: their virtual tokens' embeddings go with each of their requests."""
 from collections import OrderedDict
 
 import torch
@@ -9,6 +10,7 @@ from lanner.lora.adapter import FUSED, SUBMODULES, LoRAAdapter, LoRARequest, loa
 from lanner.lora.ia3 import IA3Adapter
 from lanner.lora.ops import LoRAWeights
 from lanner.lora.prefix import PrefixAdapter, PrefixPool
+from lanner.lora.prompt import PromptAdapter
 
 
 class LoRAManager:
@@ -18,7 +20,8 @@ class LoRAManager:
         self.cfg, self.max_loras, self.max_rank = cfg, max_loras, max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.requests: dict[int, LoRARequest] = {}
-        self.loaded: OrderedDict[int, LoRAAdapter | IA3Adapter | PrefixAdapter] = OrderedDict()   # validated, LRU
+        # validated adapters, LRU
+        self.loaded: OrderedDict[int, LoRAAdapter | IA3Adapter | PrefixAdapter | PromptAdapter] = OrderedDict()
         self.slot_of: OrderedDict[int, int] = OrderedDict()          # adapter id -> slot (1-based), LRU
         self.weights: dict[tuple[int, str], LoRAWeights] = {}
         self.batch = None                                            # per-step token -> slot segments
@@ -39,7 +42,7 @@ class LoRAManager:
         self.get(request)
         self.requests[request.lora_int_id] = request
 
-    def get(self, request: LoRARequest) -> LoRAAdapter | IA3Adapter | PrefixAdapter:
+    def get(self, request: LoRARequest) -> LoRAAdapter | IA3Adapter | PrefixAdapter | PromptAdapter:
         adapter = self.loaded.get(request.lora_int_id)
         if adapter is None:
             adapter = load_adapter(request, self.cfg, self.max_rank)
@@ -55,6 +58,12 @@ class LoRAManager:
         """A loaded prefix adapter's blocks in the KV pool (kv_cache.PinnedPrefix); None for other kinds."""
         adapter = self.loaded.get(lora_id)
         return adapter.pinned if isinstance(adapter, PrefixAdapter) else None
+
+    def prompt_adapter(self, lora_id: int) -> PromptAdapter | None:
+        """A loaded prompt-tuned (or P-tuned) adapter, whose virtual tokens' embeddings a request carries; None
+        for other kinds."""
+        adapter = self.loaded.get(lora_id)
+        return adapter if isinstance(adapter, PromptAdapter) else None
 
     def remove(self, lora_id: int) -> None:
         self.requests.pop(lora_id, None)

@@ -113,8 +113,13 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """embeds: (rows, values) that replace those rows' token embeddings (a prompt adapter's virtual tokens; the
+        embedding scale applies to them too, as HF applies it to inputs_embeds)."""
         x, residual = self.embed_tokens(input_ids), None
+        if embeds is not None:
+            x = x.index_copy(0, embeds[0], embeds[1].to(x.dtype))
         if self.config.embedding_scale is not None:   # as HF: the factor rounded to the activations' dtype
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         tables = {rotary: rotary.table(positions, x.dtype) for rotary in {self.rotary, self.local_rotary}}

@@ -37,7 +37,8 @@ class Mirror:
         self.spec_token_ids: list[int] = []   # always empty: every mirror row is an ordinary token
         self.prompt_logprobs = None
         self.lora_id = self.slot_lora_id = 0  # the draft serves no adapters; a target adapter only changes p
-        self.prefix, self.num_virtual_tokens = None, 0   # nor a prefix adapter's virtual tokens
+        self.prefix = self.prompt = None       # nor a prefix or prompt adapter's virtual tokens
+        self.num_virtual_tokens = 0
         self.generator = None if seq.generator is None else \
             torch.Generator().manual_seed((seq.generator.initial_seed() + DRAFT_SEED_SALT) % 2**63)
 
