@@ -16,13 +16,19 @@ SPECS = {"p5": dict(num_virtual_tokens=5), "p5-projection": dict(num_virtual_tok
                                                                      encoder_hidden_size=48)}
 
 
-def make_prefix(base_model, out, seed: int, **config):
-    """A PEFT prefix-tuning adapter with random prefixes (PEFT's default init), saved as PEFT does."""
-    from peft import PrefixTuningConfig, get_peft_model
+def save_peft(base_model, out, seed: int, config):
+    """A PEFT model of config over base_model (PEFT's random init), saved as PEFT does; returned for eval."""
+    from peft import get_peft_model
     torch.manual_seed(seed)
-    model = get_peft_model(base_model, PrefixTuningConfig(task_type="CAUSAL_LM", **config))
+    model = get_peft_model(base_model, config)
     model.save_pretrained(str(out))
     return model.eval()
+
+
+def make_prefix(base_model, out, seed: int, **config):
+    """A PEFT prefix-tuning adapter with random prefixes."""
+    from peft import PrefixTuningConfig
+    return save_peft(base_model, out, seed, PrefixTuningConfig(task_type="CAUSAL_LM", **config))
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +39,19 @@ def prefixes(base_dir, tmp_path_factory):
             for i, (name, spec) in enumerate(SPECS.items())}
 
 
-def prefix_llm(base_dir, block_size: int = 4, **kwargs):
+def adapter_llm(base_dir, block_size: int = 4, **kwargs):
     kwargs = {"enable_lora": True, "max_loras": 4, "max_lora_rank": 8, "kv_cache_memory": 0.02, **kwargs}
     return make_llm(str(base_dir), block_size=block_size, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def llm4(base_dir):
-    return prefix_llm(base_dir, block_size=4)
+    return adapter_llm(base_dir, block_size=4)
 
 
 @pytest.fixture(scope="module")
 def llm16(base_dir):
-    return prefix_llm(base_dir, block_size=16)
+    return adapter_llm(base_dir, block_size=16)
 
 
 def peft_greedy(peft_model, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -103,7 +109,7 @@ def test_prefix_changes_the_output(llm4, prefixes, base_dir):
 @pytest.mark.parametrize("name", ["p5", "p16-projection"])
 def test_greedy_equals_peft_generate_with_chunked_prefill(base_dir, prefixes, name):
     request, peft_model = prefixes[name]
-    llm = prefix_llm(base_dir, block_size=4, max_num_batched_tokens=3)
+    llm = adapter_llm(base_dir, block_size=4, max_num_batched_tokens=3)
     ours = greedy(llm, PROMPTS, [request] * len(PROMPTS))
     assert ours == [peft_greedy(peft_model, ids, 10) for ids in PROMPTS]
     assert_only_pinned_blocks_in_use(llm)
@@ -126,7 +132,7 @@ def test_mixed_batch_of_base_lora_ia3_and_prefixes_equals_each_alone(llm4, prefi
 def test_concurrent_requests_share_the_prefix_blocks(base_dir, prefixes):
     """8 requests of a 16-token prefix (4 full blocks of 4): the prefix is held once, each request owns only the
     blocks of its own 7 tokens."""
-    llm = prefix_llm(base_dir, block_size=4)
+    llm = adapter_llm(base_dir, block_size=4)
     request = prefixes["p16"][0]
     torch.manual_seed(0)
     prompts = torch.randint(0, 1000, (8, 7)).tolist()
@@ -172,12 +178,12 @@ def test_prefix_cache_of_the_prompt_is_per_adapter(llm4, prefixes):
 def test_preemption_n_and_speculation_keep_outputs_and_free_blocks(base_dir, prefixes):
     request = prefixes["p5"][0]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(6)]
-    expected = greedy(prefix_llm(base_dir), prompts, [request] * 6)
-    tight = prefix_llm(base_dir, num_kv_blocks=20)   # 2 pinned + about 3 requests' worth
+    expected = greedy(adapter_llm(base_dir), prompts, [request] * 6)
+    tight = adapter_llm(base_dir, num_kv_blocks=20)   # 2 pinned + about 3 requests' worth
     assert greedy(tight, prompts, [request] * 6) == expected
     assert tight.engine.scheduler.num_preemptions > 0
     assert_only_pinned_blocks_in_use(tight)
-    spec = prefix_llm(base_dir, speculative={"method": "ngram", "num_speculative_tokens": 3})
+    spec = adapter_llm(base_dir, speculative={"method": "ngram", "num_speculative_tokens": 3})
     assert greedy(spec, prompts, [request] * 6) == expected
     assert spec.engine.stats()["spec_drafted_tokens"] > 0
     both = spec.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=3),
@@ -187,7 +193,7 @@ def test_preemption_n_and_speculation_keep_outputs_and_free_blocks(base_dir, pre
 
 
 def test_abort_and_unload_give_every_block_back(base_dir, prefixes):
-    llm = prefix_llm(base_dir)
+    llm = adapter_llm(base_dir)
     request = prefixes["p16-projection"][0]
     rid = llm.engine.add_request(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True), lora_request=request)
     llm.engine.step()
@@ -208,8 +214,8 @@ def test_abort_and_unload_give_every_block_back(base_dir, prefixes):
 
 def test_lru_eviction_unpins_and_running_requests_finish(base_dir, prefixes):
     a, b = prefixes["p5"][0], prefixes["p16"][0]
-    expected = greedy(prefix_llm(base_dir), [PROMPTS[0]], [a])
-    llm = prefix_llm(base_dir, max_loras=1, max_cpu_loras=1)
+    expected = greedy(adapter_llm(base_dir), [PROMPTS[0]], [a])
+    llm = adapter_llm(base_dir, max_loras=1, max_cpu_loras=1)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     rid = llm.engine.add_request(PROMPTS[0], params, lora_request=a)
     llm.engine.step()
@@ -270,7 +276,7 @@ def test_bad_adapters_are_refused_and_engine_keeps_serving(llm4, prefixes, tmp_p
 
 
 def test_prefix_counts_against_max_model_len(base_dir, prefixes):
-    llm = prefix_llm(base_dir, max_model_len=20)
+    llm = adapter_llm(base_dir, max_model_len=20)
     with pytest.raises(ValueError, match="with 16 virtual tokens"):
         llm.generate(list(range(1, 5)), SamplingParams(max_tokens=1), use_tqdm=False,
                      lora_request=prefixes["p16"][0])
@@ -280,13 +286,13 @@ def test_prefix_counts_against_max_model_len(base_dir, prefixes):
 
 
 def test_a_prefix_the_pool_cannot_hold_is_refused(base_dir, prefixes):
-    llm = prefix_llm(base_dir, num_kv_blocks=3)
+    llm = adapter_llm(base_dir, num_kv_blocks=3)
     with pytest.raises(ValueError, match="needs 4 KV blocks, only 3 are free"):
         llm.generate(PROMPTS[0], SamplingParams(max_tokens=1), use_tqdm=False, lora_request=prefixes["p16"][0])
     assert blocks_in_use(llm) == 0 and not llm.engine.runner.lora.loaded
 
 
 def test_bf16_cache_holds_the_prefix_rounded(base_dir, prefixes):
-    llm = prefix_llm(base_dir, dtype="bfloat16")
+    llm = adapter_llm(base_dir, dtype="bfloat16")
     request, peft_model = prefixes["p5-projection"]
     assert (served_logits(llm, PROMPTS[0], request).float() - hf_logits(peft_model, PROMPTS[0])).abs().max() < 0.02

@@ -9,8 +9,8 @@ import torch
 from conftest import hf_logits, make_llm
 from test_ia3 import tiny_base
 from test_lora import PROMPTS, TOL, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
-from test_prefix_tuning import (assert_only_pinned_blocks_in_use, blocks_in_use, make_prefix, peft_greedy,
-                                served_logits)
+from test_prefix_tuning import (adapter_llm, assert_only_pinned_blocks_in_use, blocks_in_use, make_prefix,
+                                peft_greedy, save_peft, served_logits)
 
 from lanner import LoRARequest, SamplingParams
 
@@ -22,13 +22,10 @@ SPECS = {"p5": dict(kind="PROMPT_TUNING", num_virtual_tokens=5),
 
 
 def make_prompt(base_model, out, seed: int, kind: str, **config):
-    """A PEFT prompt-tuning (random init) or P-tuning adapter, saved as PEFT does; the PEFT model is returned."""
-    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
-    torch.manual_seed(seed)
+    """A PEFT prompt-tuning (random init) or P-tuning adapter."""
+    from peft import PromptEncoderConfig, PromptTuningConfig
     config_class = PromptTuningConfig if kind == "PROMPT_TUNING" else PromptEncoderConfig
-    model = get_peft_model(base_model, config_class(task_type="CAUSAL_LM", **config))
-    model.save_pretrained(str(out))
-    return model.eval()
+    return save_peft(base_model, out, seed, config_class(task_type="CAUSAL_LM", **config))
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +36,9 @@ def prompts(base_dir, tmp_path_factory):
             for i, (name, spec) in enumerate(SPECS.items())}
 
 
-def prompt_llm(base_dir, block_size: int = 4, **kwargs):
-    kwargs = {"enable_lora": True, "max_loras": 4, "max_lora_rank": 8, "kv_cache_memory": 0.02, **kwargs}
-    return make_llm(str(base_dir), block_size=block_size, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def llm4(base_dir):
-    return prompt_llm(base_dir, block_size=4)
+    return adapter_llm(base_dir, block_size=4)
 
 
 def peft_logits(peft_model, ids) -> torch.Tensor:
@@ -72,7 +64,7 @@ def test_prompt_changes_the_output(llm4, prompts, base_dir):
 def test_greedy_equals_peft_with_chunked_prefill(base_dir, prompts, name):
     """Chunks of 3 cut inside the virtual positions (and across them into the prompt)."""
     request, peft_model = prompts[name]
-    llm = prompt_llm(base_dir, block_size=4, max_num_batched_tokens=3)
+    llm = adapter_llm(base_dir, block_size=4, max_num_batched_tokens=3)
     assert greedy(llm, PROMPTS, [request] * len(PROMPTS)) == [peft_greedy(peft_model, ids, 10) for ids in PROMPTS]
     assert_only_pinned_blocks_in_use(llm)
 
@@ -120,7 +112,7 @@ def test_requests_of_an_adapter_share_its_virtual_blocks(llm4, prompts):
 def test_two_adapters_with_equal_ids_after_reload_never_share_virtual_blocks(base_dir, prompts):
     """The virtual positions are keyed by the embeddings' digest: an id reused for another adapter after
     remove_lora misses the cache."""
-    llm = prompt_llm(base_dir)
+    llm = adapter_llm(base_dir)
     prompt = list(range(700, 710))
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     a, b = prompts["p5"][0], prompts["ptuning-mlp"][0]
@@ -129,18 +121,18 @@ def test_two_adapters_with_equal_ids_after_reload_never_share_virtual_blocks(bas
     reused = LoRARequest("b-as-a", a.lora_int_id, b.lora_path)
     out = llm.generate(prompt, params, use_tqdm=False, lora_request=reused)[0]
     assert out.metrics.num_cached_tokens == 0
-    assert out.outputs[0].token_ids == greedy(prompt_llm(base_dir), [prompt], [b])[0][:4]
+    assert out.outputs[0].token_ids == greedy(adapter_llm(base_dir), [prompt], [b])[0][:4]
 
 
 def test_preemption_n_and_speculation_keep_outputs_and_free_blocks(base_dir, prompts):
     request = prompts["p5"][0]
     inputs = [PROMPTS[i % len(PROMPTS)] for i in range(6)]
-    expected = greedy(prompt_llm(base_dir), inputs, [request] * 6)
-    tight = prompt_llm(base_dir, num_kv_blocks=14)
+    expected = greedy(adapter_llm(base_dir), inputs, [request] * 6)
+    tight = adapter_llm(base_dir, num_kv_blocks=14)
     assert greedy(tight, inputs, [request] * 6) == expected
     assert tight.engine.scheduler.num_preemptions > 0
     assert_only_pinned_blocks_in_use(tight)
-    spec = prompt_llm(base_dir, speculative={"method": "ngram", "num_speculative_tokens": 3})
+    spec = adapter_llm(base_dir, speculative={"method": "ngram", "num_speculative_tokens": 3})
 
     def propose(token_ids, k):   # drafts the right continuation but for a wrong last token: accepts and rejects
         i = next(i for i, ids in enumerate(inputs) if token_ids[:len(ids)] == ids)
@@ -158,8 +150,8 @@ def test_preemption_n_and_speculation_keep_outputs_and_free_blocks(base_dir, pro
 
 def test_unload_mid_request_and_lru_eviction_let_requests_finish(base_dir, prompts):
     a, b = prompts["p5"][0], prompts["p16"][0]
-    expected = greedy(prompt_llm(base_dir), [PROMPTS[0]], [a])
-    llm = prompt_llm(base_dir, max_loras=1, max_cpu_loras=1, max_num_batched_tokens=3)
+    expected = greedy(adapter_llm(base_dir), [PROMPTS[0]], [a])
+    llm = adapter_llm(base_dir, max_loras=1, max_cpu_loras=1, max_num_batched_tokens=3)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     rid = llm.engine.add_request(PROMPTS[0], params, lora_request=a)
     llm.engine.step()                                              # inside a's virtual positions
@@ -173,7 +165,7 @@ def test_unload_mid_request_and_lru_eviction_let_requests_finish(base_dir, promp
 
 
 def test_prompt_counts_against_max_model_len(base_dir, prompts):
-    llm = prompt_llm(base_dir, max_model_len=20)
+    llm = adapter_llm(base_dir, max_model_len=20)
     with pytest.raises(ValueError, match="with 16 virtual tokens"):
         llm.generate(list(range(1, 5)), SamplingParams(max_tokens=1), use_tqdm=False, lora_request=prompts["p16"][0])
     out = llm.generate(list(range(1, 4)), SamplingParams(max_tokens=10, ignore_eos=True), use_tqdm=False,
@@ -232,6 +224,6 @@ def test_bad_adapters_are_refused_and_engine_keeps_serving(llm4, prompts, tmp_pa
 
 
 def test_bf16_serving_stays_near_peft(base_dir, prompts):
-    llm = prompt_llm(base_dir, dtype="bfloat16")
+    llm = adapter_llm(base_dir, dtype="bfloat16")
     request, peft_model = prompts["p5"]
     assert (served_logits(llm, PROMPTS[0], request).float() - peft_logits(peft_model, PROMPTS[0])).abs().max() < 0.02
