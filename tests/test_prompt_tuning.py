@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import hf_logits, make_llm
+from conftest import hf_logits
 from test_ia3 import tiny_base
 from test_lora import PROMPTS, TOL, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
 from test_prefix_tuning import (adapter_llm, assert_only_pinned_blocks_in_use, blocks_in_use, make_prefix,
