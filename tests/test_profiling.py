@@ -72,7 +72,7 @@ def profiled(default_model_path):
         cases = [Case(*c) for c in CASES]
         engine = LLMEngine(engine_config_for(cases, model=default_model_path, dtype="auto",
                                              attention_backend=resolve_backend("auto", "cpu")))
-        results = Profiler(engine, repeats=7, warmup=1).run(cases)
+        results = Profiler(engine, repeats=15, warmup=1).run(cases)   # shared boxes: more runs, steadier middle half
         machine = measure_machine(engine.runner.dtype, "cpu", matmul_n=512, copy_mib=32, repeats=3)
         yield engine, results, machine, describe_engine(engine)
     finally:
