@@ -262,17 +262,21 @@ def break_adapter(adapter_dir, breakage: str) -> None:
     ("encoder-decoder", "only decoder-only models"),
 ])
 def test_bad_adapters_are_refused_and_engine_keeps_serving(llm4, prefixes, tmp_path, breakage, message):
-    good = prefixes["p5"][0]
+    assert_broken_copy_refused(llm4, prefixes["p5"][0], tmp_path, lambda bad: break_adapter(bad, breakage), message)
+
+
+def assert_broken_copy_refused(llm, good, tmp_path, breaks, message):
+    """A copy of the good adapter broken by breaks(dir) is refused with message; nothing held, still serving."""
     bad = tmp_path / "bad"
     shutil.copytree(good.lora_path, bad)
-    break_adapter(bad, breakage)
-    before = blocks_in_use(llm4)
+    breaks(bad)
+    before = blocks_in_use(llm)
     with pytest.raises(ValueError, match=message):
-        llm4.generate(PROMPTS[0], SamplingParams(max_tokens=2), use_tqdm=False,
-                      lora_request=LoRARequest("bad", 99, str(bad)))
-    assert blocks_in_use(llm4) == before
-    assert greedy(llm4, [PROMPTS[0]], [good])   # still serving
-    assert_only_pinned_blocks_in_use(llm4)
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=2), use_tqdm=False,
+                     lora_request=LoRARequest("bad", 99, str(bad)))
+    assert blocks_in_use(llm) == before
+    assert greedy(llm, [PROMPTS[0]], [good])   # still serving
+    assert_only_pinned_blocks_in_use(llm)
 
 
 def test_prefix_counts_against_max_model_len(base_dir, prefixes):

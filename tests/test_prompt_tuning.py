@@ -2,15 +2,14 @@
 0..P-1 before the prompt; logits and greedy tokens match PEFT, mixed batches equal each request alone, the prefix
 cache keys the virtual positions per adapter, and no block leaks."""
 import json
-import shutil
 
 import pytest
 import torch
 from conftest import hf_logits
 from test_ia3 import tiny_base
 from test_lora import PROMPTS, TOL, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
-from test_prefix_tuning import (adapter_llm, assert_only_pinned_blocks_in_use, blocks_in_use, make_prefix,
-                                peft_greedy, save_peft, served_logits)
+from test_prefix_tuning import (adapter_llm, assert_broken_copy_refused, assert_only_pinned_blocks_in_use,
+                                blocks_in_use, make_prefix, peft_greedy, save_peft, served_logits)
 
 from lanner import LoRARequest, SamplingParams
 
@@ -210,17 +209,7 @@ def break_adapter(adapter_dir, breakage: str) -> None:
     ("nan", "NaN or infinite"),
 ])
 def test_bad_adapters_are_refused_and_engine_keeps_serving(llm4, prompts, tmp_path, breakage, message):
-    good = prompts["p5"][0]
-    bad = tmp_path / "bad"
-    shutil.copytree(good.lora_path, bad)
-    break_adapter(bad, breakage)
-    before = blocks_in_use(llm4)
-    with pytest.raises(ValueError, match=message):
-        llm4.generate(PROMPTS[0], SamplingParams(max_tokens=2), use_tqdm=False,
-                      lora_request=LoRARequest("bad", 99, str(bad)))
-    assert blocks_in_use(llm4) == before
-    assert greedy(llm4, [PROMPTS[0]], [good])   # still serving
-    assert_only_pinned_blocks_in_use(llm4)
+    assert_broken_copy_refused(llm4, prompts["p5"][0], tmp_path, lambda bad: break_adapter(bad, breakage), message)
 
 
 def test_bf16_serving_stays_near_peft(base_dir, prompts):
