@@ -52,7 +52,7 @@ def time_llguidance(llm, schema: dict, tokens: list[int]) -> dict:
     from lanner.structured import StructuredOutputs
     grammars = llm.engine.grammars
     start = time.perf_counter()
-    grammars.compile_text(StructuredOutputs(json=schema).grammar_text())   # uncached, as a new schema pays
+    grammars.compile_text(StructuredOutputs(json=schema).grammar_text)   # uncached, as a new schema pays
     compile_ms = (time.perf_counter() - start) * 1e3
     matcher = grammars.matcher(StructuredOutputs(json=schema))
     bits_only, with_unpack = [], []   # llguidance's bitmask alone (as xgrammar's is timed), then through lanner

@@ -44,8 +44,10 @@ class StructuredOutputs:
             return cls(**value)
         raise ValueError(f"structured_outputs must be a dict or StructuredOutputs, got {type(value).__name__}")
 
+    @functools.cached_property
     def grammar_text(self) -> str:
-        """The constraint as llguidance's grammar (JSON text)."""
+        """The constraint as llguidance's grammar (JSON text); built once (a server's compile_constraint, off the
+        engine thread, then add_request)."""
         from llguidance import LLMatcher
         if self.json is not None or self.json_object:
             schema = {"type": "object"} if self.json_object else self.json
@@ -76,10 +78,10 @@ class GrammarCompiler:
     def __init__(self, tokenizer, vocab_size: int):
         from llguidance import LLExecutor, LLTokenizer
         stop = sorted(tokenizer.stop_token_ids) or None
-        # llguidance wants the tokenizer's whole vocabulary; masks are cut to the model's (rows it can sample)
+        # llguidance wants the tokenizer's whole vocabulary; fused.mask_logits reads only the model's V
         n_vocab = max(vocab_size, tokenizer.tokenizer.get_vocab_size(with_added_tokens=True))
         self.tokenizer = LLTokenizer(tokenizer.tokenizer.to_str(), n_vocab=n_vocab, eos_token=stop)
-        self.vocab_size, self.mask_words, self.stop_ids = vocab_size, (n_vocab + 31) // 32, stop or []
+        self.mask_words, self.stop_ids = (n_vocab + 31) // 32, stop or []
         self.executor = LLExecutor()
         self.compiled = functools.lru_cache(maxsize=64)(self.compile_text)
 
@@ -92,7 +94,7 @@ class GrammarCompiler:
         return matcher
 
     def matcher(self, constraint: StructuredOutputs) -> "Matcher":
-        return Matcher(self.compiled(constraint.grammar_text()).deep_copy())
+        return Matcher(self.compiled(constraint.grammar_text).deep_copy())
 
     def masks(self, rows: list[tuple["Matcher", list[int]]]) -> torch.Tensor:
         """[sum of 1 + len(drafts), W] int32 bitmasks (token t allowed: bit t % 32 of word t / 32): for each

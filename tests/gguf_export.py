@@ -18,8 +18,8 @@ import numpy as np
 from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType, get_tensor_name_map
 from gguf.quants import quantize
 
-from lanner.model.gguf import (GEMMA3_SWA_PERIOD, GGUFFile, llama_cpp_query_pre_attn_scalar,
-                               longrope_attention_factor)
+from lanner.model.gguf import GEMMA3_SWA_PERIOD, GGUFFile, llama_cpp_query_pre_attn_scalar
+from lanner.model.layers import longrope_attention_factor
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
               "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
@@ -139,8 +139,9 @@ def phi3_hparams(writer: GGUFWriter, config: dict) -> None:
     writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
     writer.add_sliding_window(config.get("sliding_window") or 0)
     if rope.get("rope_type") == "longrope":
-        writer.add_rope_scaling_attn_factors(longrope_attention_factor(config["max_position_embeddings"],
-                                                                       config["original_max_position_embeddings"]))
+        original = config["original_max_position_embeddings"]
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(config["max_position_embeddings"] / original,
+                                                                       original))
 
 
 ARCH_HPARAMS = {"llama": llama_hparams, "gemma2": gemma2_hparams, "gemma3": gemma3_hparams, "phi3": phi3_hparams}

@@ -74,7 +74,8 @@ class LLMEngine:
         prefix = self.runner.lora.pinned_prefix(lora_id) if lora_id else None
         prompt_adapter = self.runner.lora.prompt_adapter(lora_id) if lora_id else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        num_virtual_tokens = prefix.num_tokens if prefix else prompt_adapter.num_virtual_tokens if prompt_adapter else 0
+        adapter = prefix or prompt_adapter
+        num_virtual_tokens = adapter.num_virtual_tokens if adapter else 0
         self.validate_prompt(token_ids, params, num_virtual_tokens)
         request_id = str(next(self.request_counter)) if request_id is None else request_id
         if request_id in self.requests:
@@ -119,7 +120,7 @@ class LLMEngine:
     def compile_constraint(self, constraint: StructuredOutputs) -> None:
         """Compile (and cache) a constraint's grammar; ValueError when it is bad. Thread-safe: a server calls
         it off the engine thread, so add_request then finds it compiled and no step waits on a compile."""
-        self.grammars.compiled(constraint.grammar_text())
+        self.grammars.compiled(constraint.grammar_text)
 
     def register_lora(self, lora_request) -> int:
         """Load and validate the adapter once (clear ValueError on a bad one); its id tags KV blocks."""

@@ -12,10 +12,10 @@ def block_hash(parent: int | None, token_ids: tuple[int, ...], extra_key) -> int
 
 @dataclass
 class PinnedPrefix:
-    """A prefix-tuned adapter's virtual tokens in the pool, KV positions 0..num_tokens-1 of each of its sequences:
+    """A prefix-tuned adapter's virtual tokens in the pool, KV positions 0..num_virtual_tokens-1 of each sequence:
     the full blocks are shared by reference, the partial last one (tail) is copied into each sequence's own block,
     since the sequence's first tokens go after it in that block."""
-    num_tokens: int
+    num_virtual_tokens: int
     full_blocks: list[int]
     tail_block: int | None
 

@@ -52,14 +52,13 @@ class Sequence:
 
     @property
     def num_virtual_tokens(self) -> int:
-        if self.prefix is not None:
-            return self.prefix.num_tokens
-        return 0 if self.prompt is None else self.prompt.num_virtual_tokens
+        adapter = self.prefix or self.prompt
+        return adapter.num_virtual_tokens if adapter else 0
 
     @property
     def num_pinned_tokens(self) -> int:
         """The virtual tokens whose KV is given (a prefix adapter's): computed before any step."""
-        return 0 if self.prefix is None else self.prefix.num_tokens
+        return 0 if self.prefix is None else self.prefix.num_virtual_tokens
 
     @property
     def num_verified_tokens(self) -> int:

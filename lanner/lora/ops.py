@@ -35,6 +35,8 @@ class LoRAWeights:
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         """x, or a copy with the rows of IA3 slots that scale this linear's input scaled."""
+        if not self.input_scales:
+            return x
         scaled = [(rows, self.input_scales[slot]) for slot, rows in self.manager.batch if slot in self.input_scales]
         if not scaled:
             return x

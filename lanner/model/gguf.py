@@ -16,6 +16,7 @@ import struct
 import numpy as np
 import torch
 
+from lanner.model.layers import longrope_attention_factor
 from lanner.quant.ggml import BLOCKS, GGMLTensor, kernels
 
 ARCHITECTURES = {   # GGUF general.architecture -> (HF architecture, HF model_type)
@@ -266,16 +267,11 @@ def longrope_scaling(meta, long: np.ndarray, short: np.ndarray, context: int) ->
     original = int(meta("rope.scaling.original_context_length", context))
     params = {"rope_type": "longrope", "original_max_position_embeddings": original,
               "long_factor": [f32(x) for x in long], "short_factor": [f32(x) for x in short]}
-    attention_factor = meta("rope.scaling.attn_factor", longrope_attention_factor(context, original))
-    if not math.isclose(attention_factor, longrope_attention_factor(context, original), rel_tol=1e-6):
+    default = longrope_attention_factor(context / original, original)   # what transformers assumes unset
+    attention_factor = meta("rope.scaling.attn_factor", default)
+    if not math.isclose(attention_factor, default, rel_tol=1e-6):
         params["attention_factor"] = f32(attention_factor)
     return params
-
-
-def longrope_attention_factor(context: int, original: int) -> float:
-    """transformers' default (and the converter's): sqrt(1 + ln(scale) / ln(original)), 1 unscaled."""
-    scale = context / original
-    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
 
 
 def yarn_scaling(meta) -> dict:

@@ -121,10 +121,13 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None, max_position_emb
         return yarn_inv_freq(dim, theta, factor, scaling, original)
     if kind == "longrope":
         ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
-        attention = scaling.get("attention_factor") or (
-            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
-        return inv_freq / ext, attention
+        return inv_freq / ext, scaling.get("attention_factor") or longrope_attention_factor(factor, original)
     raise ValueError(f"unsupported rope type {kind!r}")
+
+
+def longrope_attention_factor(factor: float, original: int) -> float:
+    """LongRoPE's default cos/sin factor for a context factor times the original: sqrt(1 + ln f / ln original)."""
+    return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
 
 
 def llama3_inv_freq(inv_freq, factor: float, low: float, high: float, original: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias, device="meta")
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias, device="meta")
+        self.qk_norm = cfg.qk_norm   # a flag, not hasattr: a missing module attribute raises, every layer every step
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -29,7 +30,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             self.norm_heads(qkv)
         if self.fused_rope and fused.rope_store(qkv, rope, self.k_cache, self.v_cache, meta.slot_mapping,
                                                 self.num_heads, self.num_kv_heads):
@@ -76,6 +77,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, rotary, backend, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norms
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -86,7 +88,7 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, rope, meta)
-        sandwich = hasattr(self, "pre_feedforward_layernorm")
+        sandwich = self.sandwich
         if sandwich:
             x = self.post_attention_layernorm(x)
         x, residual = (self.pre_feedforward_layernorm if sandwich else self.post_attention_layernorm)(x, residual)
