@@ -82,6 +82,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = Sequence(request_id, token_ids, params, lora_id=lora_id, seed=params.seed)
         seq.prefix, seq.prompt = prefix, prompt_adapter
+        seq.adapter_digest = self.runner.lora.digests[lora_id] if lora_id else None
         if params.structured_outputs is not None:
             seq.grammar = self.grammars.matcher(params.structured_outputs)
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,

@@ -6,7 +6,7 @@ from lanner.engine.sequence import Sequence
 
 
 def block_hash(parent: int | None, token_ids: tuple[int, ...], extra_key) -> int:
-    """A full block's identity: everything before it (parent), its tokens, and e.g. its LoRA adapter."""
+    """A full block's identity: everything before it (parent), its tokens, and e.g. its adapter's digest."""
     return hash((parent, token_ids, extra_key))
 
 
@@ -54,7 +54,7 @@ class BlockManager:
             for block_id in seq.prefix.full_blocks:
                 self.take(block_id)
             seq.block_table = list(seq.prefix.full_blocks)
-            seq.block_hashes = [None] * len(seq.block_table)   # never looked up: the adapter id keys what follows
+            seq.block_hashes = [None] * len(seq.block_table)   # never looked up: the adapter's digest keys what follows
         seq.num_computed_tokens = seq.num_pinned_tokens
         if self.enable_prefix_caching and seq.prompt_logprobs is None:   # prompt logprobs need every row computed
             self.match_prefix(seq)
@@ -65,7 +65,7 @@ class BlockManager:
         self.prefix_queries += len(seq.token_ids)
         for i in range(len(seq.block_table), num_full):
             h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None,
-                           seq.block_token_ids(i, self.block_size), seq.lora_id)
+                           seq.block_token_ids(i, self.block_size), seq.adapter_digest)
             if h not in self.block_of:
                 break
             self.take(self.block_of[h])
@@ -122,7 +122,7 @@ class BlockManager:
         verified = min(seq.num_computed_tokens, seq.num_verified_tokens)
         for i in range(len(seq.block_hashes), verified // self.block_size):
             h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None,
-                           seq.block_token_ids(i, self.block_size), seq.lora_id)
+                           seq.block_token_ids(i, self.block_size), seq.adapter_digest)
             seq.block_hashes.append(h)
             block_id = seq.block_table[i]
             if h not in self.block_of and block_id not in self.hash_of:

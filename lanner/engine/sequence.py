@@ -29,6 +29,7 @@ class Sequence:
         self.params, self.lora_id = params, lora_id
         self.prefix = None                   # kv_cache.PinnedPrefix of a prefix-tuned adapter
         self.prompt = None                   # lora.prompt.PromptAdapter of a prompt-tuned adapter
+        self.adapter_digest = None           # its adapter's files hashed: keys its blocks in the prefix cache
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.block_table: list[int] = []
@@ -115,7 +116,7 @@ class Sequence:
     def fork(self, index: int, seed: int | None) -> "Sequence":
         """A sibling for n > 1 that continues from the same computed prompt (blocks shared by the caller)."""
         child = Sequence(self.request_id, self.token_ids, self.params, self.lora_id, index, seed)
-        child.prefix, child.prompt = self.prefix, self.prompt
+        child.prefix, child.prompt, child.adapter_digest = self.prefix, self.prompt, self.adapter_digest
         child.num_prompt_tokens, child.num_computed_tokens = self.num_prompt_tokens, self.num_computed_tokens
         child.num_cached_tokens, child.prompt_logprobs = self.num_cached_tokens, self.prompt_logprobs
         child.block_hashes, child.status, child.arrival_time = list(self.block_hashes), self.status, self.arrival_time

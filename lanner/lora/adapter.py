@@ -1,5 +1,6 @@
 """PEFT adapters (LoRA; IA3 in lanner.lora.ia3, prefix tuning in lanner.lora.prefix, prompt tuning and P-tuning in
-lanner.lora.prompt): load, validate against the base model, map onto our fused linears."""
+lanner.lora.prompt, LLaMA-Adapter in lanner.lora.adaption): load, validate against the base model, map onto our fused linears."""
+import hashlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ SUBMODULES = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_pro
 ALL_LINEAR = tuple(SUBMODULES)
 # our fused linear -> the PEFT modules it holds, in output order
 FUSED = {fused: tuple(name for name, (f, _) in SUBMODULES.items() if f == fused) for fused, _ in SUBMODULES.values()}
-PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "ADAPTION_PROMPT")
 KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
@@ -115,9 +116,19 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read LoRA weights {file}: {e}") from e
 
 
+def adapter_digest(path: str) -> str:
+    """What an adapter's files hold, hashed: it keys the prefix cache's blocks of its requests, so an id reused for
+    another adapter (or files changed under a removed one) never hits blocks computed with the old weights."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with open(os.path.join(path, name), "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
 def load_adapter(request: LoRARequest, cfg: ModelConfig, max_rank: int):
-    """A validated LoRAAdapter, IA3Adapter, PrefixAdapter or PromptAdapter: adapter_config.json's peft_type says
-    which."""
+    """A validated LoRAAdapter, IA3Adapter, PrefixAdapter, PromptAdapter or AdaptionPromptAdapter:
+    adapter_config.json's peft_type says which."""
     config = read_config(request.lora_path)
     tensors = read_tensors(request.lora_path)
     if config.get("peft_type") == "IA3":
@@ -126,6 +137,9 @@ def load_adapter(request: LoRARequest, cfg: ModelConfig, max_rank: int):
     if config.get("peft_type") == "PREFIX_TUNING":
         from lanner.lora.prefix import load_prefix
         return load_prefix(request, config, tensors, cfg)
+    if config.get("peft_type") == "ADAPTION_PROMPT":
+        from lanner.lora.adaption import load_adaption_prompt
+        return load_adaption_prompt(request, config, tensors, cfg)
     if config.get("peft_type") in ("PROMPT_TUNING", "P_TUNING"):
         from lanner.lora.prompt import load_prompt
         return load_prompt(request, config, tensors, cfg)

@@ -1,4 +1,5 @@
-"""Adapter slots: validated adapters (LoRA or IA3) in a CPU-side LRU, up to max_loras of them active in a batch.
+"""Adapter slots: validated adapters (LoRA, IA3 or LLaMA-Adapter) in a CPU-side LRU, up to max_loras of them active
+in a batch.
 Prefix-tuned adapters take no slot: their virtual tokens are pinned in the KV pool while they are loaded; nor do
 prompt-tuned ones: their virtual tokens' embeddings go with each of their requests."""
 from collections import OrderedDict
@@ -6,7 +7,9 @@ from collections import OrderedDict
 import torch
 
 from lanner.config import ModelConfig
-from lanner.lora.adapter import FUSED, SUBMODULES, LoRAAdapter, LoRARequest, load_adapter, output_slices
+from lanner.lora.adaption import AdaptionPromptAdapter, AdaptionSlots
+from lanner.lora.adapter import (FUSED, SUBMODULES, LoRAAdapter, LoRARequest, adapter_digest, load_adapter,
+                                 output_slices)
 from lanner.lora.ia3 import IA3Adapter
 from lanner.lora.ops import LoRAWeights
 from lanner.lora.prefix import PrefixAdapter, PrefixPool
@@ -21,7 +24,9 @@ class LoRAManager:
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.requests: dict[int, LoRARequest] = {}
         # validated adapters, LRU
-        self.loaded: OrderedDict[int, LoRAAdapter | IA3Adapter | PrefixAdapter | PromptAdapter] = OrderedDict()
+        self.loaded: OrderedDict[int, LoRAAdapter | IA3Adapter | PrefixAdapter | PromptAdapter
+                                 | AdaptionPromptAdapter] = OrderedDict()
+        self.digests: dict[int, str] = {}                            # adapter id -> adapter_digest of its files
         self.slot_of: OrderedDict[int, int] = OrderedDict()          # adapter id -> slot (1-based), LRU
         self.weights: dict[tuple[int, str], LoRAWeights] = {}
         self.batch = None                                            # per-step token -> slot segments
@@ -32,6 +37,9 @@ class LoRAManager:
                 w = LoRAWeights(self, max_loras, max_lora_rank * len(subs), linear.in_features,
                                 linear.out_features, linear.weight.dtype)
                 linear.lora = self.weights[(i, fused)] = w
+        self.adaptions = [AdaptionSlots(self, layer.self_attn) for layer in model.layers]
+        for layer, slots in zip(model.layers, self.adaptions):
+            layer.self_attn.adaption = slots
 
     # ---- registry ---------------------------------------------------------------------------------
     def add(self, request: LoRARequest) -> None:
@@ -40,9 +48,11 @@ class LoRAManager:
         if known is not None and known.lora_path != request.lora_path:
             raise ValueError(f"lora_int_id {request.lora_int_id} is already used by adapter {known.lora_name!r}")
         self.get(request)
+        if known is None:
+            self.digests[request.lora_int_id] = adapter_digest(request.lora_path)
         self.requests[request.lora_int_id] = request
 
-    def get(self, request: LoRARequest) -> LoRAAdapter | IA3Adapter | PrefixAdapter | PromptAdapter:
+    def get(self, request: LoRARequest) -> LoRAAdapter | IA3Adapter | PrefixAdapter | PromptAdapter | AdaptionPromptAdapter:
         adapter = self.loaded.get(request.lora_int_id)
         if adapter is None:
             adapter = load_adapter(request, self.cfg, self.max_rank)
@@ -67,6 +77,7 @@ class LoRAManager:
 
     def remove(self, lora_id: int) -> None:
         self.requests.pop(lora_id, None)
+        self.digests.pop(lora_id, None)
         self.slot_of.pop(lora_id, None)
         if lora_id in self.loaded:
             self.unload(self.loaded.pop(lora_id))
@@ -104,11 +115,16 @@ class LoRAManager:
         self.slot_of[lora_id] = slot
         return slot
 
-    def write_slot(self, slot: int, adapter: LoRAAdapter | IA3Adapter) -> None:
+    def write_slot(self, slot: int, adapter: LoRAAdapter | IA3Adapter | AdaptionPromptAdapter) -> None:
         for w in self.weights.values():
             w.clear(slot)
+        for slots in self.adaptions:
+            slots.slots.pop(slot, None)
         if isinstance(adapter, IA3Adapter):
             self.write_ia3(slot, adapter)
+        elif isinstance(adapter, AdaptionPromptAdapter):
+            for layer, (prompt, gate) in adapter.prompts.items():
+                self.adaptions[layer].write(slot, prompt, gate)
         else:
             self.write_lora(slot, adapter)
 

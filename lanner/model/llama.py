@@ -27,6 +27,7 @@ class Attention(nn.Module):
         options = dict(scale=cfg.attention_scale, window=window, softcap=cfg.attn_softcap)
         self.options = {k: v for k, v in options.items() if v is not None}
         self.k_cache = self.v_cache = None   # [num_blocks, block_size, Hkv, D], set by the runner
+        self.adaption = None                 # lanner.lora.adaption.AdaptionSlots when adapters are enabled
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -40,8 +41,10 @@ class Attention(nn.Module):
             qk, = self.rotary(rope, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))  # q, k at once
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             self.backend.store_kv(k, v.view_as(k), self.k_cache, self.v_cache, meta.slot_mapping)
-        out = self.backend.attention(q, self.k_cache, self.v_cache, meta, **self.options)
-        return self.o_proj(out.flatten(1))
+        out = self.backend.attention(q, self.k_cache, self.v_cache, meta, **self.options).flatten(1)
+        if self.adaption is not None and self.adaption.slots:
+            out = self.adaption.add(q, out)
+        return self.o_proj(out)
 
     def norm_heads(self, qkv: torch.Tensor) -> None:
         """RMSNorm of every q and k head, in place in qkv (Qwen3, Gemma 3: before rotary)."""

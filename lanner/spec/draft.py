@@ -38,6 +38,7 @@ class Mirror:
         self.prompt_logprobs = None
         self.lora_id = self.slot_lora_id = 0  # the draft serves no adapters; a target adapter only changes p
         self.prefix = self.prompt = None       # nor a prefix or prompt adapter's virtual tokens
+        self.adapter_digest = None
         self.num_virtual_tokens = 0
         self.generator = None if seq.generator is None else \
             torch.Generator().manual_seed((seq.generator.initial_seed() + DRAFT_SEED_SALT) % 2**63)
