@@ -10,7 +10,7 @@ from conftest import hf_logits, make_llm, our_logits, save_tiny_model
 from lanner import LoRARequest, SamplingParams
 from lanner.lora.adapter import ALL_LINEAR
 from lanner.lora.finetune import finetune, lr_lambda
-from lanner.lora.train_model import LoRAModel, build_model
+from lanner.lora.train_model import LoRA, TrainModel, build_model
 from lanner.quant.nf4 import BLOCK_SIZE, NF4_CODE, NF4Linear, dequantize_nf4, quantize_nf4
 
 TOL = 1e-4   # fp32 on CPU
@@ -48,10 +48,10 @@ def hf_base(tiny_dir, nf4: bool = False):
     return model
 
 
-def tiny_lora_model(tiny_dir, targets=ALL_LINEAR, r=8, alpha=16, **kw) -> LoRAModel:
+def tiny_lora_model(tiny_dir, targets=ALL_LINEAR, r=8, alpha=16, nf4=False, **kw) -> TrainModel:
     from lanner.model.loader import load_model_files
     config, weights, _, _ = load_model_files(str(tiny_dir))
-    return LoRAModel(build_model(config, weights, 256), list(targets), r, alpha, **kw).eval()
+    return TrainModel(build_model(config, weights, 256), LoRA(list(targets), r, alpha, **kw), nf4=nf4).eval()
 
 
 
@@ -106,7 +106,7 @@ def test_adapter_starts_exactly_at_the_base_model(tiny_dir, tmp_path):
     """PEFT's init: A ~ Kaiming-uniform(a=sqrt(5)) (|A| <= 1/sqrt(d_in)), B = 0, so the output is the base's."""
     torch.manual_seed(0)
     model = tiny_lora_model(tiny_dir)
-    for lin in model.linears:
+    for lin in model.method.wrapped:
         for name, a in lin.lora_A.items():
             assert a.abs().max() <= 1 / math.sqrt(a.shape[1]) and a.std() > 0.5 / math.sqrt(3 * a.shape[1])
             assert not lin.lora_B[name].any()
@@ -140,13 +140,13 @@ def test_training_forward_equals_peft_for_the_same_adapter(tiny_dir, tmp_path):
     """Our causal training forward (padded batch, fused linears) == PEFT on HF with the saved adapter."""
     from peft import PeftModel
 
-    from lanner.lora.finetune import FinetuneOptions, save_adapter
+    from lanner.lora.finetune import save_adapter
     torch.manual_seed(1)
     model = tiny_lora_model(tiny_dir, use_rslora=True, r=4, alpha=8)
-    for lin in model.linears:
+    for lin in model.method.wrapped:
         for b in lin.lora_B.values():
             b.data.normal_(0, 0.5)
-    save_adapter(model, FinetuneOptions(lora_r=4, lora_alpha=8, use_rslora=True), str(tiny_dir), str(tmp_path))
+    save_adapter(model, str(tiny_dir), str(tmp_path))
     peft = PeftModel.from_pretrained(hf_base(tiny_dir), str(tmp_path)).eval()
     padded = torch.tensor([IDS[0] + [0, 0], IDS[1]])
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_qlora_adapter_on_nf4_base_matches_nf4_reference_in_training_and_serving
     llm = make_llm(str(tiny_dir), enable_lora=True, quantization="nf4", kv_cache_memory=0.02)
     request = LoRARequest("qlora", 1, str(out))
     trained = tiny_lora_model(tiny_dir, nf4=True)
-    trained.load_peft_state_dict(load_file(str(out / "adapter_model.safetensors")))
+    trained.method.load_peft_state_dict(load_file(str(out / "adapter_model.safetensors")))
     for ids in IDS:
         want = hf_logits(reference, ids)
         assert (our_logits(llm, ids, request) - want).abs().max() < TOL
@@ -212,7 +212,7 @@ def test_early_stopping_keeps_the_best_validation_step(tiny_dir, tmp_path):
     assert result["stopped_early"] and result["steps"] == result["best_step"] + 2 < 40
     assert losses[result["best_step"]] == result["best_val_loss"] == min(losses.values())
     model = tiny_lora_model(tiny_dir)
-    model.load_peft_state_dict(load_file(str(tmp_path / "es" / "adapter_model.safetensors")))
+    model.method.load_peft_state_dict(load_file(str(tmp_path / "es" / "adapter_model.safetensors")))
     from lanner.model.loader import load_model_files
     examples = tokenize(val, load_model_files(str(tiny_dir))[2], 512)
     assert evaluate(model, [collate(examples)]) == pytest.approx(result["best_val_loss"], rel=1e-5)

@@ -1,30 +1,46 @@
-"""`lanner finetune`: train a LoRA / QLoRA adapter on chat or prompt/completion JSONL; writes a PEFT adapter."""
+"""`lanner finetune`: train a PEFT adapter (LoRA / QLoRA, prefix tuning, prompt tuning, P-tuning, IA3, LLaMA-Adapter)
+on chat or prompt/completion JSONL; writes it in PEFT's format."""
 import argparse
 
-from lanner.lora.finetune import FinetuneOptions
+from lanner.lora.finetune import METHOD_OPTIONS, FinetuneOptions
 
 EPILOG = """\
 Data: one JSON object per line, either {"messages": [..., {"role": "assistant", "content": ...}]} (the model's
 chat template is applied to all but the last message; the last one + eos is the completion) or
 {"prompt": ..., "completion": ...}. The loss is on completion tokens only. Output: adapter_config.json and
 adapter_model.safetensors (PEFT format, the best validation step's weights), loss_curve.png, finetune_log.json.
-Serve it with: lanner generate "..." --lora NAME=OUTPUT --adapter NAME (add --quantization nf4 after --qlora)."""
+A method's options (PEFT's names) are refused with another method. Serve the adapter with:
+lanner generate "..." --lora NAME=OUTPUT --adapter NAME (add --quantization nf4 after --qlora)."""
 
 
 def add_parser(subparsers):
     d = FinetuneOptions()
-    p = subparsers.add_parser("finetune", help="train a LoRA / QLoRA adapter (PEFT format) on JSONL data",
+    p = subparsers.add_parser("finetune", help="train a PEFT adapter (LoRA, prefix, prompt, P-tuning, IA3, LLaMA-Adapter)",
                               description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="training JSONL (chat `messages` or `prompt`/`completion`)")
     p.add_argument("--output", required=True, help="adapter directory to write, e.g. adapters/NAME")
     p.add_argument("--model", default=None, help="GGUF file, HF model directory or hub id (default: the default model)")
-    p.add_argument("--qlora", action="store_true", help="freeze an NF4 (block 64) base: QLoRA")
-    p.add_argument("--target-modules", default="all-linear",
-                   help="comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear (default)")
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    p.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--method", default="lora", choices=list(METHOD_OPTIONS), help="the PEFT method (default lora)")
+    p.add_argument("--qlora", action="store_true", help="freeze an NF4 (block 64) base (QLoRA; any method)")
+    m = p.add_argument_group("method options (PEFT's names; default: PEFT's, or the value shown)")
+    m.add_argument("--target-modules", help="lora: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or "
+                                            "all-linear (default)")
+    m.add_argument("--lora-r", type=int, help=f"lora: rank (default {d.lora_r})")
+    m.add_argument("--lora-alpha", type=float, help=f"lora: scale alpha / r (default {d.lora_alpha:g})")
+    m.add_argument("--use-rslora", action="store_true", default=None, help="lora: scale by alpha/sqrt(r)")
+    m.add_argument("--lora-dropout", type=float, help=f"lora (default {d.lora_dropout})")
+    m.add_argument("--num-virtual-tokens", type=int, help=f"prefix, prompt, ptuning (default {d.num_virtual_tokens})")
+    m.add_argument("--prefix-projection", action="store_true", default=None,
+                   help="prefix: make the prefix with an MLP from a smaller embedding")
+    m.add_argument("--encoder-hidden-size", type=int, help="prefix (with projection), ptuning: encoder width")
+    m.add_argument("--encoder-reparameterization-type", choices=["MLP", "LSTM"], help="ptuning (default MLP)")
+    m.add_argument("--prompt-init", choices=["random", "text"], help="prompt (default random)")
+    m.add_argument("--prompt-init-text", help="prompt: start from this text's token embeddings (with --prompt-init text)")
+    m.add_argument("--ia3-target-modules", help=f"ia3 (default {d.ia3_target_modules})")
+    m.add_argument("--feedforward-modules", help="ia3: targets whose input is scaled (o_proj, down_proj; default "
+                                                 f"{d.feedforward_modules})")
+    m.add_argument("--adapter-len", type=int, help=f"adaption-prompt: prompt length (default {d.adapter_len})")
+    m.add_argument("--adapter-layers", type=int, help=f"adaption-prompt: top layers adapted (default {d.adapter_layers})")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"], help="frozen base and activations")
     p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
@@ -51,14 +67,16 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from lanner.lora.finetune import finetune
-    result = finetune(args.model, args.data, args.output, qlora=args.qlora, target_modules=args.target_modules,
-                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, use_rslora=args.use_rslora,
-                      lora_dropout=args.lora_dropout, dtype=args.dtype, optimizer=args.optimizer, lr=args.lr,
-                      weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps,
-                      batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
-                      max_steps=args.max_steps, max_grad_norm=args.max_grad_norm or None, val_data=args.val_data,
+    given = {name: getattr(args, name) for names in METHOD_OPTIONS.values() for name in names
+             if getattr(args, name) is not None}   # a method's options: only those given (another's is an error)
+    result = finetune(args.model, args.data, args.output, method=args.method, qlora=args.qlora, dtype=args.dtype,
+                      optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
+                      max_grad_norm=args.max_grad_norm or None, val_data=args.val_data,
                       val_fraction=args.val_fraction, eval_every=args.eval_every, patience=args.patience or None,
-                      max_seq_len=args.max_seq_len, seed=args.seed, threads=args.threads, plot=not args.no_plot)
+                      max_seq_len=args.max_seq_len, seed=args.seed, threads=args.threads, plot=not args.no_plot,
+                      **given)
     val = result["best_val_loss"]
     print(f"adapter: {args.output}  steps: {result['steps']}  best step: {result['best_step']}  "
           f"final train loss: {result['train_losses'][-1][1] if result['train_losses'] else float('nan'):.4f}  "

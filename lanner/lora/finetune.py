@@ -1,10 +1,11 @@
-"""LoRA / QLoRA fine-tuning that writes a PEFT adapter lanner (and PEFT) can load.
+"""Fine-tuning of a PEFT adapter (LoRA, QLoRA, prefix tuning, prompt tuning, P-tuning, IA3, LLaMA-Adapter) that
+lanner and PEFT load and run alike.
 
-finetune(model_path, data, output_dir, **options) trains A and B of PEFT-style LoRA on the chosen
-linears of the frozen base (fp32/bf16, or NF4 with qlora=True) on chat or prompt/completion examples,
-with the loss on completion tokens only, a validation split and early stopping, and saves
-adapter_config.json + adapter_model.safetensors (the best validation step's weights), loss_curve.png
-and finetune_log.json into output_dir. See docs/finetune.md.
+finetune(model_path, data, output_dir, method=..., **options) trains the method's parameters only (lanner.lora.
+train_model: one Method class per PEFT method, PEFT's initialization) on the frozen base (fp32/bf16, or NF4 with
+qlora=True) on chat or prompt/completion examples, with the loss on completion tokens only, a validation split and
+early stopping, and saves adapter_config.json + adapter_model.safetensors as PEFT's save_pretrained does (the best
+validation step's weights), loss_curve.png and finetune_log.json into output_dir. See docs/finetune.md.
 """
 import dataclasses
 import json
@@ -16,16 +17,40 @@ from dataclasses import dataclass
 
 import torch
 
-from lanner.lora.train_model import LoRAModel, build_model, parse_targets
+from lanner.lora.train_model import (IA3, LoRA, AdaptionPrompt, Method, PrefixTuning, PromptTuning, PTuning,
+                                     TrainModel, build_model, parse_targets)
+
+PEFT_VERSION = "0.21.2"   # the PEFT release whose adapter format (config fields, tensor keys) these files follow
+
+# each method's own options (PEFT's names); the rest are the training loop's and apply to every method
+METHOD_OPTIONS = {
+    "lora": ("target_modules", "lora_r", "lora_alpha", "use_rslora", "lora_dropout"),
+    "prefix": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
+    "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
+    "ptuning": ("num_virtual_tokens", "encoder_hidden_size", "encoder_reparameterization_type"),
+    "ia3": ("ia3_target_modules", "feedforward_modules"),
+    "adaption-prompt": ("adapter_len", "adapter_layers"),
+}
 
 
 @dataclass
 class FinetuneOptions:
-    target_modules: str | list[str] = "all-linear"   # "all-linear", "q_proj,v_proj" or a list
+    method: str = "lora"                # lora | prefix | prompt | ptuning | ia3 | adaption-prompt
+    target_modules: str | list[str] = "all-linear"   # LoRA: "all-linear", "q_proj,v_proj" or a list
     lora_r: int = 8
     lora_alpha: float = 16.0
     use_rslora: bool = False
     lora_dropout: float = 0.05
+    num_virtual_tokens: int = 20        # prefix, prompt, ptuning
+    prefix_projection: bool = False     # prefix: an MLP makes the prefix from a smaller embedding
+    encoder_hidden_size: int | None = None   # prefix projection / P-tuning encoder width (PEFT: token_dim)
+    encoder_reparameterization_type: str = "MLP"   # ptuning: MLP | LSTM
+    prompt_init: str = "random"         # prompt: random (N(0, 1)) | text (the embeddings of prompt_init_text)
+    prompt_init_text: str | None = None
+    ia3_target_modules: str | list[str] = "k_proj,v_proj,down_proj"   # PEFT's defaults for Llama
+    feedforward_modules: str | list[str] = "down_proj"                # IA3: these scale their input
+    adapter_len: int = 10               # adaption-prompt: prompt length per adapted layer
+    adapter_layers: int = 8             # adaption-prompt: the top layers adapted
     qlora: bool = False                 # freeze an NF4 (block 64) base instead of the fp base
     dtype: str = "float32"              # float32 | bfloat16: the frozen base and activations
     optimizer: str = "adamw"            # adamw | sgd
@@ -50,11 +75,21 @@ class FinetuneOptions:
     progress: bool = True
 
     def __post_init__(self):
-        checks = [(self.lora_r >= 1, "lora_r must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
+        checks = [(self.method in METHOD_OPTIONS, f"method must be one of {', '.join(METHOD_OPTIONS)}, "
+                                                  f"got {self.method!r}"),
+                  (self.lora_r >= 1, "lora_r must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
                   (self.grad_accum >= 1, "grad_accum must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
                   (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
                   (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
                   (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+                  (self.num_virtual_tokens >= 1, "num_virtual_tokens must be >= 1"),
+                  (self.encoder_hidden_size is None or self.encoder_hidden_size >= 1, "encoder_hidden_size must be >= 1"),
+                  (self.encoder_reparameterization_type in ("MLP", "LSTM"),
+                   "encoder_reparameterization_type must be MLP or LSTM"),
+                  (self.prompt_init in ("random", "text"), "prompt_init must be random or text"),
+                  ((self.prompt_init == "text") == (self.prompt_init_text is not None),
+                   "prompt_init text needs prompt_init_text, and prompt_init_text needs prompt_init text"),
+                  (self.adapter_len >= 1 and self.adapter_layers >= 1, "adapter_len and adapter_layers must be >= 1"),
                   (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
                   (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
                   (self.lr > 0, "lr must be > 0"), (self.max_seq_len >= 2, "max_seq_len must be >= 2")]
@@ -62,6 +97,38 @@ class FinetuneOptions:
             if not ok:
                 raise ValueError(message)
         self.target_modules = parse_targets(self.target_modules)
+        self.ia3_target_modules = parse_targets(self.ia3_target_modules)
+        ff = self.feedforward_modules
+        self.feedforward_modules = parse_targets(ff) if (ff.strip() if isinstance(ff, str) else ff) else []
+
+
+def make_options(method: str, options: dict) -> FinetuneOptions:
+    """FinetuneOptions, refusing another method's options (e.g. lora_r for prefix tuning) by name."""
+    foreign = sorted(k for k in options if k not in METHOD_OPTIONS.get(method, ())
+                     and any(k in names for names in METHOD_OPTIONS.values()))
+    if foreign and method in METHOD_OPTIONS:
+        raise ValueError(f"finetune: {', '.join(foreign)} do not apply to method {method!r} (its options: "
+                         f"{', '.join(METHOD_OPTIONS[method])})")
+    try:
+        return FinetuneOptions(method=method, **options)
+    except TypeError as e:
+        raise ValueError(f"finetune: {e}") from None
+
+
+def make_method(o: FinetuneOptions, cfg, word_embeddings: torch.Tensor, tokenizer) -> Method:
+    """The method's trainable part, initialized as PEFT initializes it."""
+    if o.method == "lora":
+        return LoRA(o.target_modules, o.lora_r, o.lora_alpha, o.use_rslora, o.lora_dropout)
+    if o.method == "ia3":
+        return IA3(o.ia3_target_modules, o.feedforward_modules)
+    if o.method == "prefix":
+        return PrefixTuning(cfg, o.num_virtual_tokens, o.prefix_projection, o.encoder_hidden_size)
+    if o.method == "prompt":
+        ids = tokenizer.tokenizer.encode(o.prompt_init_text).ids if o.prompt_init_text is not None else None
+        return PromptTuning(cfg, o.num_virtual_tokens, o.prompt_init_text, ids, word_embeddings)
+    if o.method == "ptuning":
+        return PTuning(cfg, o.num_virtual_tokens, o.encoder_hidden_size, o.encoder_reparameterization_type)
+    return AdaptionPrompt(cfg, o.adapter_len, o.adapter_layers)
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -149,7 +216,7 @@ def lr_lambda(warmup: int, total: int):
 
 
 @torch.no_grad()
-def evaluate(model: LoRAModel, val_batches) -> float:
+def evaluate(model: TrainModel, val_batches) -> float:
     model.eval()
     total, count = 0.0, 0
     for ids, mask in val_batches:
@@ -169,16 +236,14 @@ def count_base_params(model) -> int:
     return sum(p.numel() for p in model.parameters())   # parameters() yields a tied weight once
 
 
-def finetune(model_path: str | None, data: str | list, output_dir: str, **options) -> dict:
-    """Train a LoRA (or QLoRA) adapter on `data` (JSONL path or list of records) and save it in output_dir.
+def finetune(model_path: str | None, data: str | list, output_dir: str, method: str = "lora", **options) -> dict:
+    """Train a PEFT adapter of `method` (lora, prefix, prompt, ptuning, ia3, adaption-prompt; qlora=True: on an
+    NF4 base) on `data` (JSONL path or list of records) and save it in output_dir.
 
     Returns {"train_losses": [[step, loss]], "val_losses": [[step, loss]], "best_step", "best_val_loss",
     "trainable_params", "base_params", "steps", "stopped_early", "seconds", "output_dir"}.
     """
-    try:
-        o = FinetuneOptions(**options)
-    except TypeError as e:
-        raise ValueError(f"finetune: {e}") from None
+    o = make_options(method, options)
     start = time.time()
     if o.threads:
         torch.set_num_threads(o.threads)
@@ -193,32 +258,44 @@ def finetune(model_path: str | None, data: str | list, output_dir: str, **option
         raise ValueError("no training examples")
 
     torch.manual_seed(o.seed)
-    base = build_model(hf_config, weights, max(len(e.ids) for e in examples + val))
+    base = build_model(hf_config, weights, max(len(e.ids) for e in examples + val) + o.num_virtual_tokens)
     del weights
     base_params = count_base_params(base)
-    model = LoRAModel(base, o.target_modules, o.lora_r, o.lora_alpha, o.use_rslora, o.lora_dropout, nf4=o.qlora)
-    if o.dtype == "bfloat16":   # the frozen base only (NF4 is quantized from fp32 above); A and B stay fp32
+    model = TrainModel(base, make_method(o, base.config, base.embed_tokens.weight, tokenizer), nf4=o.qlora)
+    if o.dtype == "bfloat16":   # the frozen base only (NF4 is quantized from fp32 above); the method's stays fp32
         rotary = base.layers[0].self_attn.rotary
         base.to(torch.bfloat16)
         rotary.cos_sin = rotary.cos_sin.float()
     trainable = model.num_trainable()
     log(f"trainable params: {trainable:,} || base params: {base_params:,} || "
-        f"trainable%: {100 * trainable / base_params:.4f} (r={o.lora_r} on {','.join(o.target_modules)}"
-        f"{', NF4 base' if o.qlora else ''})")
+        f"trainable%: {100 * trainable / base_params:.4f} ({model.method.describe()}{', NF4 base' if o.qlora else ''})")
+    result = train_loop(model, train, val, o)
+    result.update(trainable_params=trainable, base_params=base_params, seconds=round(time.time() - start, 1),
+                  output_dir=output_dir)
+    save_adapter(model, resolved, output_dir)
+    with open(os.path.join(output_dir, "finetune_log.json"), "w") as f:
+        json.dump(dict(result, options=jsonable(o)), f, indent=1)
+    if o.plot:
+        plot_losses(result, os.path.join(output_dir, "loss_curve.png"))
+    log(f"saved adapter to {output_dir} (best step {result['best_step']}, val loss {result['best_val_loss']})")
+    return result
 
+
+def train_loop(model: TrainModel, train: list[Example], val: list[Example], o: FinetuneOptions) -> dict:
+    """The training loop, the same for every method: AdamW/SGD on the method's parameters, warmup + cosine,
+    validation every eval_every steps, early stopping; the model ends with the best validation step's weights."""
     micro_per_epoch = math.ceil(len(train) / o.batch_size)
     steps_per_epoch = max(1, micro_per_epoch // o.grad_accum)
     total = o.epochs * steps_per_epoch if o.max_steps is None else o.max_steps   # max_steps overrides epochs
     warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_ratio * total)
     eval_every = o.eval_every or steps_per_epoch
-    optimizer = make_optimizer(model.lora_parameters(), o)
+    optimizer = make_optimizer(model.trainable_parameters(), o)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total))
     val_batches = batches(val, o.batch_size, None)
     generator = torch.Generator().manual_seed(o.seed)
 
-    result = dict(train_losses=[], val_losses=[], best_step=0, best_val_loss=None, trainable_params=trainable,
-                  base_params=base_params, steps=0, stopped_early=False)
-    best = model.lora_snapshot()
+    result = dict(train_losses=[], val_losses=[], best_step=0, best_val_loss=None, steps=0, stopped_early=False)
+    best = model.snapshot()
     if val:
         result["best_val_loss"] = evaluate(model, val_batches)
         result["val_losses"].append([0, result["best_val_loss"]])
@@ -228,8 +305,7 @@ def finetune(model_path: str | None, data: str | list, output_dir: str, **option
     while step < total and not result["stopped_early"]:
         micro = batches(train, o.batch_size, generator)
         for a in range(0, steps_per_epoch * o.grad_accum, o.grad_accum):
-            group = micro[a:a + o.grad_accum]
-            loss = train_step(model, optimizer, group, o.max_grad_norm)
+            loss = train_step(model, optimizer, micro[a:a + o.grad_accum], o.max_grad_norm)
             scheduler.step()
             step += 1
             result["train_losses"].append([step, loss])
@@ -238,32 +314,26 @@ def finetune(model_path: str | None, data: str | list, output_dir: str, **option
                 val_loss = evaluate(model, val_batches)
                 result["val_losses"].append([step, val_loss])
                 if val_loss < result["best_val_loss"]:
-                    result["best_val_loss"], result["best_step"], best, stale = val_loss, step, model.lora_snapshot(), 0
+                    result["best_val_loss"], result["best_step"], best, stale = val_loss, step, model.snapshot(), 0
                 else:
                     stale += 1
                 postfix["val"] = f"{val_loss:.4f}"
-                if o.patience is not None and stale >= o.patience:
-                    result["stopped_early"] = True
+                result["stopped_early"] = o.patience is not None and stale >= o.patience
             bar.set_postfix(postfix)
             bar.update(1)
             if step >= total or result["stopped_early"]:
                 break
     bar.close()
+    model.eval()
     if val:
-        model.restore_lora(best)     # the adapter saved is the best validation step's
+        model.restore(best)     # the adapter saved is the best validation step's
     else:
         result["best_step"] = step
-    result.update(steps=step, seconds=round(time.time() - start, 1), output_dir=output_dir)
-    save_adapter(model, o, resolved, output_dir)
-    with open(os.path.join(output_dir, "finetune_log.json"), "w") as f:
-        json.dump(dict(result, options=jsonable(o)), f, indent=1)
-    if o.plot:
-        plot_losses(result, os.path.join(output_dir, "loss_curve.png"))
-    log(f"saved adapter to {output_dir} (best step {result['best_step']}, val loss {result['best_val_loss']})")
+    result["steps"] = step
     return result
 
 
-def train_step(model: LoRAModel, optimizer, group, max_grad_norm) -> float:
+def train_step(model: TrainModel, optimizer, group, max_grad_norm) -> float:
     """One optimizer step over micro-batches: the token-mean loss of all their completion tokens."""
     tokens = sum(int(mask[:, 1:].sum()) for _, mask in group)
     total = 0.0
@@ -272,7 +342,7 @@ def train_step(model: LoRAModel, optimizer, group, max_grad_norm) -> float:
         (loss / max(1, tokens)).backward()
         total += loss.item()
     if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.lora_parameters(), max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / max(1, tokens)
@@ -293,22 +363,22 @@ def jsonable(o: FinetuneOptions) -> dict:
 
 # -- outputs -------------------------------------------------------------------------------------------
 
-def adapter_config(o: FinetuneOptions, base_model: str) -> dict:
-    return {"base_model_name_or_path": base_model, "peft_type": "LORA", "task_type": "CAUSAL_LM",
-            "r": o.lora_r, "lora_alpha": int(o.lora_alpha) if float(o.lora_alpha).is_integer() else o.lora_alpha,
-            "use_rslora": o.use_rslora,
-            "target_modules": list(o.target_modules), "lora_dropout": o.lora_dropout, "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "modules_to_save": None, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
+def adapter_config(method: Method, base_model: str) -> dict:
+    """adapter_config.json as PEFT writes it: the fields of every PEFT config, then the method's."""
+    config = {"auto_mapping": None, "base_model_name_or_path": base_model, "inference_mode": True,
+              "peft_type": method.peft_type, "peft_version": PEFT_VERSION, "revision": None, "task_type": "CAUSAL_LM",
+              **method.peft_config(base_model)}
+    return dict(sorted(config.items()))
 
 
-def save_adapter(model: LoRAModel, o: FinetuneOptions, base_model: str, output_dir: str) -> None:
+def save_adapter(model: TrainModel, base_model: str, output_dir: str) -> None:
     from safetensors.torch import save_file
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config(o, base_model), f, indent=2)
-    save_file(model.peft_state_dict(), os.path.join(output_dir, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+        json.dump(adapter_config(model.method, base_model), f, indent=2)
+    with torch.no_grad():
+        tensors = model.method.peft_state_dict()
+    save_file(tensors, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def plot_losses(result: dict, path: str) -> None:
