@@ -6,6 +6,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float load(const void *p, int64_t i, int bf16) {
@@ -112,4 +113,119 @@ void mask_logits(float *logits, int64_t stride, const uint32_t *bits, int64_t R,
                 if (!((word >> (t - 32 * w)) & 1u)) row[t] = -INFINITY;
         }
     }
+}
+
+/* ---- a few-row step through every decoder layer in one call ------------------------------------------ *
+ * What the PyTorch path does for a layer of GGML linears, in the same order and with the same roundings, so
+ * the results are bitwise equal: per op, PyTorch's dispatch and the Python around it cost more than the op
+ * at decode sizes. The matmul (ggml.c) and attention (paged_attention.c) come as function pointers: each
+ * library keeps its own ISA build. Activations are fp32 or bf16 (bf16 1); linears and attention run in fp32,
+ * their outputs rounded back to the activations' dtype as the PyTorch path rounds them. */
+typedef int (*matmul_fn)(int, const uint8_t *, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, float *,
+                         int64_t, int, int);
+typedef int (*attention_fn)(const float *, const uint16_t *, const void *, const void *, int, const int32_t *, int,
+                            const int32_t *, const int32_t *, const int64_t *, int, const uint8_t *, int, int, int,
+                            int, int, float, int, float, int, float *, float *, int);
+
+typedef struct {
+    int type, int8;
+    const uint8_t *w;
+    int64_t row_bytes, n, k;
+    const float *bias;   /* fp32 or NULL */
+} GGMLLinear;
+
+typedef struct {
+    const void *input_norm, *post_norm;   /* RMSNorm weights, activations' dtype */
+    GGMLLinear qkv, o, gate_up, down;
+    void *k_cache, *v_cache;              /* [blocks, block_size, hkv, D], activations' dtype */
+    int window, split;                    /* the attention kernel's sliding window and keys per work item */
+} DecoderLayer;
+
+typedef struct {
+    matmul_fn matmul;
+    attention_fn attention;
+    int threads, bf16, hq, hkv, D, H, I, block_size;
+    float eps, scale, softcap;
+    int64_t T;
+    const int64_t *slots;
+    const void *cos_sin;
+    const int32_t *tables, *seq_lens, *cu;
+    int table_width, num_seqs, tree_width;
+    const int64_t *seqs;
+    const uint8_t *tree;
+} DecodeStep;
+
+static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to_bf16) {
+    for (int64_t i = 0; i < n; i++)
+        store(dst, i, load(src, i, from_bf16), to_bf16);
+}
+
+/* y = x W^T (+ b) for T rows in the activations' dtype, through fp32 as GGMLLinear.small */
+static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, float *xf, float *yf) {
+    const float *in = x;
+    float *out = s->bf16 ? yf : y;
+    if (s->bf16) {
+        convert(x, xf, s->T * l->k, 1, 0);
+        in = xf;
+    }
+    int failed = s->matmul(l->type, l->w, l->row_bytes, l->n, l->k, in, l->k, s->T, out, l->n, s->threads, l->int8);
+    if (l->bias)
+        for (int64_t t = 0; t < s->T; t++)
+            for (int64_t i = 0; i < l->n; i++)
+                out[t * l->n + i] += l->bias[i];
+    if (s->bf16)
+        convert(yf, y, s->T * l->n, 0, 1);
+    return failed;
+}
+
+static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, void *out, float *qf, uint16_t *qb,
+                  float *of, float *lse) {
+    const int64_t width = (int64_t)(s->hq + 2 * s->hkv) * s->D, qn = (int64_t)s->hq * s->D;
+    for (int64_t t = 0; t < s->T; t++) {
+        convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qf + t * qn, qn, s->bf16, 0);
+        if (s->bf16)
+            memcpy(qb + t * qn, (const uint16_t *)qkv + t * width, qn * 2);
+    }
+    int failed = s->attention(qf, s->bf16 ? qb : NULL, l->k_cache, l->v_cache, s->bf16, s->tables, s->table_width,
+                              s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq, s->hkv, s->D,
+                              s->block_size, s->scale, l->window, s->softcap, l->split, of, lse, s->threads);
+    convert(of, out, s->T * qn, 0, s->bf16);
+    return failed;
+}
+
+/* x [T, H]: the embeddings in, the last layer's output out; residual [T, H]: its running sum (the caller's
+ * final norm adds the two). Returns nonzero when a kernel failed (out of memory). */
+int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layers, void *x, void *residual) {
+    const int64_t T = s->T, es = s->bf16 ? 2 : 4, qn = (int64_t)s->hq * s->D;
+    const int64_t width = qn + 2 * (int64_t)s->hkv * s->D;
+    int64_t widest = width > 2 * s->I ? width : 2 * s->I;
+    widest = widest > s->H ? widest : s->H;
+    /* act: normed input | qkv | attention out | gate_up | silu * up; fp32: xf, yf, q, attention out, lse */
+    const int64_t act_n = T * (s->H + width + qn + 2 * s->I + s->I), f_n = T * (2 * widest + 2 * qn + s->hq);
+    char *act = malloc(act_n * es);
+    float *f = malloc(f_n * 4);
+    uint16_t *qb = malloc(T * qn * 2);
+    if (!act || !f || !qb) {
+        free(act), free(f), free(qb);
+        return 1;
+    }
+    void *h = act, *qkv = act + T * s->H * es, *attn = (char *)qkv + T * width * es;
+    void *gu = (char *)attn + T * qn * es, *a = (char *)gu + T * 2 * s->I * es;
+    float *xf = f, *yf = xf + T * widest, *qf = yf + T * widest, *of = qf + T * qn, *lse = of + T * qn;
+    int failed = 0;
+    memcpy(residual, x, T * s->H * es);
+    for (int i = 0; i < num_layers && !failed; i++) {
+        const DecoderLayer *l = &layers[i];
+        rms_norm(x, i ? residual : NULL, l->input_norm, h, T, s->H, s->eps, s->bf16);
+        failed |= linear(s, &l->qkv, h, qkv, xf, yf);
+        rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache, s->bf16);
+        failed |= attend(s, l, qkv, attn, qf, qb, of, lse);
+        failed |= linear(s, &l->o, attn, x, xf, yf);
+        rms_norm(x, residual, l->post_norm, h, T, s->H, s->eps, s->bf16);
+        failed |= linear(s, &l->gate_up, h, gu, xf, yf);
+        silu_mul(gu, a, T, s->I, s->bf16);
+        failed |= linear(s, &l->down, a, x, xf, yf);
+    }
+    free(act), free(f), free(qb);
+    return failed;
 }

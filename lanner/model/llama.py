@@ -6,6 +6,7 @@ from torch import nn
 from lanner.attention import AttentionMetadata
 from lanner.config import ModelConfig
 from lanner.model import fused
+from lanner.model.decode_step import DecodeStep
 from lanner.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from lanner.quant.ggml import GGMLTensor
 
@@ -117,6 +118,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary if w is None else local, backend, w) for w in windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        self.decode_step = None   # every layer of a few-row step in one C call, where the model qualifies
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -128,8 +130,11 @@ class LlamaForCausalLM(nn.Module):
         if self.config.embedding_scale is not None:   # as HF: the factor rounded to the activations' dtype
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         tables = {rotary: rotary.table(positions, x.dtype) for rotary in {self.rotary, self.local_rotary}}
-        for layer in self.layers:
-            x, residual = layer(x, residual, tables[layer.self_attn.rotary], meta)
+        if self.decode_step is not None and self.decode_step.fits(x, meta):
+            x, residual = self.decode_step(x, tables[self.rotary], meta)
+        else:
+            for layer in self.layers:
+                x, residual = layer(x, residual, tables[layer.self_attn.rotary], meta)
         return self.norm(x, residual)[0]
 
     def pack_weights(self, quantization: str = "none", dense_gemm: bool = True) -> None:
@@ -138,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, Linear):
                 module.pack("none" if name == "lm_head" else quantization, dense_gemm)
+        self.decode_step = DecodeStep.build(self)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

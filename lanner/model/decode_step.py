@@ -1,0 +1,126 @@
+"""Every decoder layer of a few-row step (single-stream decode, small batches) in one C call: fused.c's
+decode_layers runs what the PyTorch path runs for a layer of GGML linears -- norm, qkv, rotary + KV store,
+paged attention, o, norm, gate_up, silu * up, down -- with the same kernels and roundings, so the hidden
+states are bitwise equal. At these sizes the ~10 module calls and ~30 dispatches of a layer cost more than
+its kernels; here a step pays for one call.
+
+Taken only where everything is plain: GGML weights on the kernels' small-row path, the compiled attention,
+no adapter rows in the step, and an architecture without q/k norms, sandwich norms, partial rotary or GeGLU.
+Anything else takes the PyTorch path, which stays the reference (tests compare the two)."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from lanner.attention import native as attention_native
+from lanner.model import fused
+from lanner.quant import ggml
+
+c_int, c_int64, c_float, c_void_p = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("type", c_int), ("int8", c_int), ("w", c_void_p), ("row_bytes", c_int64), ("n", c_int64),
+                ("k", c_int64), ("bias", c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("qkv", Linear), ("o", Linear),
+                ("gate_up", Linear), ("down", Linear), ("k_cache", c_void_p), ("v_cache", c_void_p),
+                ("window", c_int), ("split", c_int)]
+
+
+class Step(ctypes.Structure):
+    _fields_ = [("matmul", c_void_p), ("attention", c_void_p), ("threads", c_int), ("bf16", c_int), ("hq", c_int),
+                ("hkv", c_int), ("D", c_int), ("H", c_int), ("I", c_int), ("block_size", c_int), ("eps", c_float),
+                ("scale", c_float), ("softcap", c_float), ("T", c_int64), ("slots", c_void_p), ("cos_sin", c_void_p),
+                ("tables", c_void_p), ("seq_lens", c_void_p), ("cu", c_void_p), ("table_width", c_int),
+                ("num_seqs", c_int), ("tree_width", c_int), ("seqs", c_void_p), ("tree", c_void_p)]
+
+
+class DecodeStep:
+    """decode_layers bound to a model; build() returns None where the model does not qualify."""
+
+    def __init__(self, model, lib, linears: list[list]):
+        self.model, self.lib, self.linears = model, lib, linears
+        cfg = model.config
+        self.matmul = ctypes.cast(ggml.kernels().ggml_matmul, c_void_p).value
+        self.attention = ctypes.cast(attention_native.paged_attention(), c_void_p).value
+        self.windows = [layer.self_attn.options.get("window") for layer in model.layers]
+        self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
+        self.max_rows = min([fused.MAX_ROWS] + [ggml.SMALL_M if q.dense is not None else ggml.SMALL_M_WITHOUT_DENSE
+                                                for qs in linears for q in qs])
+        self.biases = {id(q): q.bias.float().contiguous() for qs in linears for q in qs if q.bias is not None}
+        self.layers, self.cache_ptr = None, None
+        first = model.layers[0].self_attn.qkv_proj.lora
+        self.lora = None if first is None else first.manager
+
+    @classmethod
+    def build(cls, model) -> DecodeStep | None:
+        cfg, lib = model.config, fused.library()
+        attn = model.layers[0].self_attn
+        plain = (not cfg.qk_norm and not cfg.sandwich_norms and cfg.hidden_act == "silu" and attn.fused_rope
+                 and model.local_rotary is model.rotary and attention_native.fits(cfg.head_dim)
+                 and getattr(attn.backend, "__name__", "") == "lanner.attention.cpu")
+        if not plain or lib is None or ggml.kernels() is None or attention_native.paged_attention() is None:
+            return None
+        linears = [[m.quantized for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                          layer.mlp.down_proj)] for layer in model.layers]
+        if not all(isinstance(q, ggml.GGMLLinear) for qs in linears for q in qs):
+            return None
+        lib.decode_layers.argtypes = [c_void_p, c_void_p, c_int, c_void_p, c_void_p]
+        lib.decode_layers.restype = c_int
+        return cls(model, lib, linears)
+
+    def fits(self, x: torch.Tensor, meta) -> bool:
+        """A step this call runs exactly as the PyTorch path would."""
+        attn = self.model.layers[0].self_attn
+        return (x.shape[0] <= self.max_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16) and attn.k_cache.dtype == x.dtype
+                and self.model.norm.weight.dtype == x.dtype and not (self.lora is not None and self.lora.batch))
+
+    def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's output and the residual stream for embeddings x [T, H] (both [T, H], x's dtype)."""
+        layers = self.layer_structs()
+        launches = {w: self.launch(meta, w) for w in set(self.windows)}
+        for layer, window in zip(layers, self.windows):
+            layer.split = launches[window].split
+        first = launches[self.windows[0]]
+        cfg, attn = self.model.config, self.model.layers[0].self_attn
+        x, cos_sin, slots = x.contiguous(), cos_sin.contiguous(), meta.slot_mapping.to(torch.int64).contiguous()
+        tree = first.tree
+        step = Step(self.matmul, self.attention, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
+                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size,
+                    attn.k_cache.shape[1], cfg.rms_norm_eps, self.scale, cfg.attn_softcap or 0.0, x.shape[0],
+                    slots.data_ptr(), cos_sin.data_ptr(), first.tables.data_ptr(), first.seq_lens.data_ptr(),
+                    first.cu.data_ptr(), first.tables.shape[1], first.seqs.numel(),
+                    0 if tree is None else tree.shape[1], first.seqs.data_ptr(), None if tree is None else tree.data_ptr())
+        residual = torch.empty_like(x)
+        if self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr()):
+            raise MemoryError("decode step: out of memory for its buffers or a kernel's")
+        return x, residual
+
+    @staticmethod
+    def launch(meta, window: int | None) -> attention_native.Launch:
+        """The attention kernel's per-step arrays for every sequence of the step (all have few rows)."""
+        key = ("decode", window)
+        if key not in meta.derived:
+            meta.derived[key] = attention_native.Launch(meta, torch.arange(meta.query_lens.numel()), window)
+        return meta.derived[key]
+
+    def layer_structs(self) -> ctypes.Array:
+        """Per-layer pointers, built once the runner has set the KV caches (again if it replaced them)."""
+        layers = self.model.layers
+        if self.layers is None or self.cache_ptr != layers[0].self_attn.k_cache.data_ptr():
+            self.layers = (Layer * len(layers))(*[self.layer(layer, qs) for layer, qs in zip(layers, self.linears)])
+            self.cache_ptr = layers[0].self_attn.k_cache.data_ptr()
+        return self.layers
+
+    def layer(self, layer, linears) -> Layer:
+        attn = layer.self_attn
+        parts = [Linear(q.weight.type_id, int(getattr(q, "int8", False)), q.weight.data_ptr, q.weight.row_bytes,
+                        q.out_features, q.in_features, None if q.bias is None else self.biases[id(q)].data_ptr())
+                 for q in linears]
+        return Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                     *parts, attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), attn.options.get("window") or 0, 0)

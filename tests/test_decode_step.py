@@ -1,0 +1,57 @@
+"""The one-call decode step (lanner.model.decode_step) gives bitwise the PyTorch path's results; models and steps it
+does not take run the PyTorch path."""
+import pytest
+from conftest import make_llm, save_tiny_model
+
+from lanner import SamplingParams
+
+PROMPTS = ["The capital of France is", "Write a haiku about rain.", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"]
+
+
+def both_paths(llm, prompts, **params):
+    """Greedy outputs (token ids and top-3 logprobs) with the decode step, then without it (the engines run without
+    prefix caching: a cached prompt's last rows would be computed as a decode-sized step the second time)."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, **params)
+    model = llm.engine.runner.model
+    step = model.decode_step
+    assert step is not None
+    outs = []
+    for model.decode_step in (step, None):
+        outs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs)
+                     for o in llm.generate(prompts, params, use_tqdm=False)])
+    model.decode_step = step
+    return outs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_model_equals_the_pytorch_path(default_model_path, dtype):
+    llm = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False)
+    lean, torch_path = both_paths(llm, PROMPTS[:1])
+    assert lean == torch_path
+    lean, torch_path = both_paths(llm, PROMPTS)   # three rows a step
+    assert lean == torch_path
+    spec = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False,
+                    speculative={"method": "ngram", "num_speculative_tokens": 3})
+    lean, torch_path = both_paths(spec, PROMPTS[2:])   # verify steps of 4 rows
+    assert lean == torch_path
+    assert spec.engine.stats()["spec_drafted_tokens"] > 0
+
+
+@pytest.mark.parametrize("arch, config_class, config", [
+    ("Qwen2ForCausalLM", "Qwen2Config", {}),                                               # q/k/v biases
+    ("MistralForCausalLM", "MistralConfig", dict(sliding_window=8, head_dim=16)),         # a window in the kernel
+])
+def test_biases_and_windows_equal_the_pytorch_path(tmp_path, llm, arch, config_class, config):
+    save_tiny_model(tmp_path, arch, config_class, llm.tokenizer, weight_std=0.2, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **config)
+    tiny = make_llm(str(tmp_path), quantization="q8_0", kv_cache_memory=0.02, block_size=4, enable_prefix_caching=False)
+    lean, torch_path = both_paths(tiny, PROMPTS)
+    assert lean == torch_path
+    assert len({tuple(ids) for ids, _ in lean}) > 1
+
+
+def test_models_it_cannot_run_keep_the_pytorch_path(tmp_path, llm):
+    save_tiny_model(tmp_path, "Qwen3ForCausalLM", "Qwen3Config", llm.tokenizer, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    assert make_llm(str(tmp_path), quantization="q8_0", kv_cache_memory=0.02).engine.runner.model.decode_step is None
+    assert make_llm(str(tmp_path), kv_cache_memory=0.02).engine.runner.model.decode_step is None   # dense weights
