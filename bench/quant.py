@@ -1,12 +1,21 @@
 """GGML block-format kernels (lanner/quant/ggml.c) against PyTorch's dense linear on the default model's
 shapes: effective weight bandwidth per format, rows M and ISA path. JSON lines, then a table.
 
-    python bench/quant.py [--formats Q4_1,Q8_0,Q4_K,Q6_K] [--rows 1,4,16] [--isas avx512,avx2] [--threads 2]
+    python bench/quant.py [--formats Q4_1,Q8_0,Q4_K,Q6_K] [--rows 1,4,16] [--isas native,avx512,avx2] [--threads 2]
 
 One decode step's linears (30 layers of qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536, plus the
 49152x576 LM head) are multiplied in turn, so the weights stream from memory as in a real step (96 MB in
 Q4_1; 536 MB dense fp32, which is what lanner multiplied with before it kept GGUF blocks). K-quants take widths rounded up to 256. `read_gb_s` is a
-torch.sum over 400 MB in the same run: the machine's read bandwidth, the roof for GEMV.
+torch.sum over 400 MB in the same run: the machine's read bandwidth, the roof for GEMV. Paths: `int8`, the
+kernel on int8 activations (the default of up to 4 rows); `kernel`, the exact one on fp32 activations;
+`gemm`, dequantize + PyTorch GEMM. The isa `native` is the -march=native build (AVX512-VNNI where the CPU
+has it; the forced avx512 level has none).
+
+    python bench/quant.py --logits
+
+instead runs the default model over a text sample one token a step (decode steps: the small-M path) on
+the int8 and the exact path, and HF in one forward on the dequantized weights: perplexity of each, and
+the int8 path's logit error against the exact one.
 """
 import argparse
 import os
@@ -48,7 +57,9 @@ def bench_format(fmt: str, rows: int, reps: int, path: str = "kernel") -> dict:
     linears = [ggml.GGMLLinear(random_weight(fmt, n, -(-k // block) * block, i)) for i, (n, k) in enumerate(STEP_SHAPES)]
     xs = {lin.in_features: torch.randn(rows, lin.in_features) for lin in linears}
     nbytes = sum(lin.nbytes() for lin in linears)
-    call = (lambda lin, x: lin.small(x, lin.lib)) if path == "kernel" else (lambda lin, x: lin.large(x))
+    calls = {"int8": lambda lin, x: lin.small(x, lin.lib, int8=True), "kernel": lambda lin, x: lin.small(x, lin.lib),
+             "gemm": lambda lin, x: lin.large(x)}
+    call = calls[path]
     seconds = timed(lambda: [call(lin, xs[lin.in_features]) for lin in linears], reps)
     return {"format": fmt, "path": path, "rows": rows, "ms": round(seconds * 1e3, 2), "weight_mb": round(nbytes / 1e6, 1),
             "weight_gb_s": round(nbytes / seconds / 1e9, 2)}
@@ -71,25 +82,65 @@ def bench_dense(dtype: torch.dtype, rows: int, reps: int) -> dict:
             "weight_mb": round(nbytes / 1e6, 1), "weight_gb_s": round(nbytes / seconds / 1e9, 2)}
 
 
+SAMPLE = ("The history of the bicycle begins in the early nineteenth century, when inventors in Europe built "
+          "two-wheeled machines that riders pushed along with their feet. Pedals came decades later, first on the "
+          "front wheel, which grew larger and larger until the high-wheeler made riding both fast and dangerous. "
+          "The safety bicycle of the 1880s, with two wheels of equal size and a chain driving the rear one, settled "
+          "the shape that most bicycles still have. Pneumatic tyres followed soon after, and cycling became a "
+          "craze: clubs formed, roads were paved, and women found in the bicycle a new kind of freedom. Today "
+          "there are more bicycles in the world than cars, and cities from Copenhagen to Bogota build lanes for "
+          "them, because a bicycle moves a person further on the energy of a meal than any other machine.")
+
+
+def logit_error() -> dict:
+    from conftest import hf_model_from, make_llm
+    from test_quant import stepwise_logits
+    from lanner.model.loader import load_model_files, pull_default_model
+    path = pull_default_model()
+    logits = {}
+    for name, exact in (("exact", "1"), ("int8", "0")):
+        with mock.patch.dict(os.environ, {"LANNER_EXACT_LINEARS": exact}):
+            llm = make_llm(path)
+            ids = llm.tokenizer.encode(SAMPLE)
+            logits[name] = stepwise_logits(llm, ids)
+            del llm
+    config, weights, _, _ = load_model_files(path, dense=True)
+    with torch.no_grad():
+        logits["hf"] = hf_model_from(config, weights)(torch.tensor([ids])).logits[0].float()
+    target = torch.tensor(ids[1:])
+    ppl = {k: torch.nn.functional.cross_entropy(v[:-1], target).exp().item() for k, v in logits.items()}
+    diff = (logits["int8"] - logits["exact"]).abs()
+    return {"tokens": len(ids), **{f"ppl_{k}": round(v, 4) for k, v in ppl.items()},
+            "int8_vs_exact_mean_abs": round(diff.mean().item(), 4), "int8_vs_exact_max_abs": round(diff.max().item(), 3),
+            "logit_std": round(logits["exact"].std().item(), 3),
+            "top1_agree": round((logits["int8"].argmax(-1) == logits["exact"].argmax(-1)).float().mean().item(), 4),
+            "exact_vs_hf_max_abs": round((logits["exact"] - logits["hf"]).abs().max().item(), 5)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--formats", default="Q4_0,Q4_1,Q8_0,Q4_K,Q5_K,Q6_K")
     p.add_argument("--rows", default="1,4,16")
-    p.add_argument("--isas", default=",".join(native.supported_isas()[:2]))
+    p.add_argument("--isas", default=",".join(["native"] + native.supported_isas()[:2]))
     p.add_argument("--dense", default="float32,bfloat16", help="PyTorch dtypes to compare with ('' for none)")
-    p.add_argument("--paths", default="kernel,gemm", help="kernel: ggml_matmul; gemm: dequantize + PyTorch GEMM")
+    p.add_argument("--paths", default="int8,kernel,gemm",
+                   help="int8 / kernel: ggml_matmul on int8 / fp32 activations; gemm: dequantize + PyTorch GEMM")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--logits", action="store_true", help="the int8 path's perplexity and logit error instead")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.logits:
+        common.emit(logit_error(), args.out)
+        return
     common.warn_if_busy()
     roof = read_bandwidth()
     records = []
     for rows in [int(r) for r in args.rows.split(",")]:
         for isa in args.isas.split(","):
-            with mock.patch.dict(os.environ, {"LANNER_ISA": isa}):
+            with mock.patch.dict(os.environ, {"LANNER_ISA": "" if isa == "native" else isa}):
                 for fmt in args.formats.split(","):
                     for path in args.paths.split(","):
                         records.append(dict(bench_format(fmt, rows, args.reps, path), isa=isa))

@@ -1,4 +1,5 @@
-"""GGML block-format kernels equal dequantize-then-matmul, for every format and every ISA path this CPU runs."""
+"""GGML block-format kernels equal dequantize-then-matmul (exact path) or the same on activations quantized
+to int8 blocks (int8 path), for every format and every ISA path this CPU runs."""
 import os
 from unittest import mock
 
@@ -13,6 +14,7 @@ from lanner.quant import ggml
 from lanner.quant.ggml import BLOCKS, GGMLLinear, GGMLTensor
 
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
+INT8_FORMATS = FORMATS[:8]   # the rest multiply fp32 activations on either path
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
                  "Q5_K": [0, 2], "Q6_K": [208]}   # where a block keeps its f16 scales
 
@@ -20,6 +22,13 @@ SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0
 @pytest.fixture(params=native.supported_isas())
 def isa(request):
     with mock.patch.dict(os.environ, {"LANNER_ISA": request.param}):
+        yield request.param
+
+
+@pytest.fixture(params=["native"] + native.supported_isas())
+def level(request):
+    """Every build this CPU runs: -march=native too (the forced avx512 level has no VNNI)."""
+    with mock.patch.dict(os.environ, {"LANNER_ISA": "" if request.param == "native" else request.param}):
         yield request.param
 
 
@@ -62,9 +71,35 @@ def test_matmul_equals_dequantize_then_matmul_on_every_isa(isa, type_name, m):
     w = random_weight(type_name, 45, cols, seed=m)
     x = torch.randn(m, cols)
     want = x.double() @ reference(w).double().T
-    got = GGMLLinear(w)(x)
+    with mock.patch.dict(os.environ, {"LANNER_EXACT_LINEARS": "1"}):
+        got = GGMLLinear(w)(x)
     assert got.dtype == torch.float32 and got.shape == (m, 45)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x's values as the kernel's int8 activations hold them: blocks of 32, scale amax / 127, rounded half
+    away from zero (the rounding itself in float64: float32's x + 0.5 can round up)."""
+    xb = x.numpy().reshape(x.shape[0], -1, 32)
+    d = np.abs(xb).max(-1, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    v = (xb * inv).astype(np.float64)
+    return torch.from_numpy((np.sign(v) * np.floor(np.abs(v) + 0.5) * d).reshape(x.shape))
+
+
+@pytest.mark.parametrize("type_name", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_int8_activations_equal_their_reference_on_every_level(level, type_name, m):
+    cols = 512 if BLOCKS[type_name][1] == 256 else 192
+    w = random_weight(type_name, 45, cols, seed=m)
+    x = torch.randn(m, cols) * torch.linspace(0.1, 3, cols)   # blocks of different scales
+    lin = GGMLLinear(w)
+    assert lin.int8
+    got = lin(x).double()
+    exact = x.double() @ reference(w).double().T
+    want = int8_blocks(x) @ reference(w).double().T if type_name in INT8_FORMATS else exact
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert (got - exact).norm() < 0.02 * exact.norm()   # int8 rounding: 0.4-0.8 % measured
 
 
 def test_bf16_activations_and_bias():

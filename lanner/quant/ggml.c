@@ -5,14 +5,17 @@
  * lanner.native passes: it is written with GCC vector extensions of the target's width (VW floats) and
  * one widening load per target, so the paths differ only in vector width (and summation order).
  *
- * Activations stay fp32. Up to TILE activation rows: each block is decoded in registers and dotted with
- * every row at once, so a weight byte is read once per call (single-stream decode). More rows: each
- * weight row is decoded once into a per-thread buffer (L1) that every tile of rows then reads. Results
- * equal a dequantize-then-matmul in fp32 up to summation order.
+ * Up to TILE activation rows (single-stream decode), by default: the rows are quantized to int8 blocks
+ * once per call and each weight group is dotted with every row in integer dot products, so a weight byte
+ * is read once per call. The exact path keeps activations fp32: up to TILE rows, each block is decoded in
+ * registers and dotted with every row at once; more rows, each weight row is decoded once into a
+ * per-thread buffer (L1) that every tile of rows then reads. Its results equal a dequantize-then-matmul in
+ * fp32 up to summation order.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #define TILE 4   /* activation rows dotted with one decoded weight row together */
 #define ROWS_PER_TASK 16   /* weight rows a thread takes at a time */
@@ -324,6 +327,344 @@ static void matmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n
     }
 }
 
+/* ---- int8 activations (up to TILE rows) --------------------------------------------------------------- */
+/* Each activation row is quantized once per call into blocks of 32 int8 values with an fp32 scale (ggml's
+ * Q8_0 / Q8_1, the block sum kept too), and the weights' integer values are multiplied with them in integer
+ * dot products of 4 byte pairs per int32 lane (vpdpbusd, or vpmaddubsw + vpmaddwd): about half the
+ * instructions per weight of the fp32 path. Weight values are unsigned bytes: a format's zero point (8 for
+ * Q4_0, 128 for Q8_0 under VNNI, ...) comes back as -zero * (sum of the lane's 4 activations), the lane's
+ * starting value; a format's min as min * scale * block sum. A group is the 32 * GB weights of one vector
+ * of bytes: two blocks on AVX-512BW, one elsewhere. Per-lane arrays of the activations (scale, block sum,
+ * zero-point term) are indexed by k / 4, whatever the vector width. */
+#if defined(__AVX512BW__)
+#define GB 2
+#else
+#define GB 1
+#endif
+#define LANES (8 * GB)
+typedef uint8_t b16 __attribute__((vector_size(16)));
+typedef uint8_t b32 __attribute__((vector_size(32)));
+typedef uint8_t lb __attribute__((vector_size(LANES * 4)));
+typedef int8_t sb __attribute__((vector_size(LANES * 4)));
+typedef int32_t li __attribute__((vector_size(LANES * 4)));
+typedef float lf __attribute__((vector_size(LANES * 4)));
+
+#if defined(__AVX512VNNI__) && GB == 2
+#define VNNI 1
+INLINE li dot(li acc, lb w, lb x) { return (li)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, (__m512i)x); }
+#elif GB == 2
+#define VNNI 0
+INLINE li dot(li acc, lb w, lb x) {
+    return acc + (li)_mm512_madd_epi16(_mm512_maddubs_epi16((__m512i)w, (__m512i)x), _mm512_set1_epi16(1));
+}
+#elif defined(__AVXVNNI__)
+#define VNNI 1
+INLINE li dot(li acc, lb w, lb x) { return (li)_mm256_dpbusd_avx_epi32((__m256i)acc, (__m256i)w, (__m256i)x); }
+#elif defined(__AVX2__)
+#define VNNI 0
+INLINE li dot(li acc, lb w, lb x) {
+    return acc + (li)_mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)w, (__m256i)x), _mm256_set1_epi16(1));
+}
+#else
+#define VNNI 0
+INLINE li dot(li acc, lb w, lb x) {
+    for (int i = 0; i < LANES * 4; i++)
+        acc[i / 4] += w[i] * (int8_t)x[i];
+    return acc;
+}
+#endif
+/* vpmaddubsw saturates at 16 bits: Q8_0's bytes go in as |w| against the activations signed by w */
+#define Q8_ZERO (VNNI ? 128 : 0)
+
+INLINE lb loadlb(const void *p) { lb v; memcpy(&v, p, sizeof v); return v; }
+INLINE li loadli(const void *p) { li v; memcpy(&v, p, sizeof v); return v; }
+INLINE lf loadlf(const void *p) { lf v; memcpy(&v, p, sizeof v); return v; }
+INLINE b16 load16(const uint8_t *p) { b16 v; memcpy(&v, p, 16); return v; }
+INLINE b32 load32(const uint8_t *p) { b32 v; memcpy(&v, p, 32); return v; }
+
+/* Per target, for the GB blocks of a group, stride bytes apart: their values from 16 bytes of nibble pairs
+ * each (low nibbles first), the 0x10 bits of Q5_0 / Q5_1's fifth bits, their 32 bytes (Q8_0), their fp16
+ * scale (and min after it) as per-lane floats; per-lane values from one per `per` (32 or 16) weights (the
+ * K-quants' sub-blocks). Generic vector code for these went through the stack. */
+#if GB == 2
+INLINE lb nibble_group(const uint8_t *qs, int stride) {
+    __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)qs)),
+                                        _mm_loadu_si128((const __m128i *)(qs + stride)), 1);
+    __m512i twice = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(q));
+    const int64_t four = 0x0004000400040004;
+    __m512i shifted = _mm512_srlv_epi16(twice, _mm512_setr_epi64(0, 0, four, four, 0, 0, four, four));
+    return (lb)_mm512_and_si512(shifted, _mm512_set1_epi8(15));
+}
+INLINE lb fifth_group(const uint8_t *qh, int stride) {
+    uint32_t a, b;
+    memcpy(&a, qh, 4);
+    memcpy(&b, qh + stride, 4);
+    return (lb)_mm512_maskz_mov_epi8(a | (uint64_t)b << 32, _mm512_set1_epi8(16));
+}
+INLINE lb byte_group(const uint8_t *p, int stride) {
+    return (lb)_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
+                                  _mm256_loadu_si256((const __m256i *)(p + stride)), 1);
+}
+INLINE void scale_lanes(const uint8_t *p, int stride, lf *d, lf *m) {
+    uint32_t a, b;
+    memcpy(&a, p, 4);
+    memcpy(&b, p + stride, 4);
+    __m512 f = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_setr_epi32((int)a, (int)b, 0, 0)));   /* d0 m0 d1 m1 */
+    *d = (lf)_mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), f);
+    *m = (lf)_mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3), f);
+}
+INLINE lb join(const b32 *v) { return (lb)_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)v[0]), (__m256i)v[1], 1); }
+INLINE lf lanes_of(const float *s, const int per) {
+    if (per == 32)
+        return (lf)_mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
+    __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return (lf)_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_setr_ps(s[0], s[1], s[2], s[3])));
+}
+#else
+#if defined(__AVX2__)
+INLINE b32 nibbles(b16 q) { return (b32)_mm256_set_m128i((__m128i)(q >> 4), (__m128i)(q & 15)); }
+INLINE b32 fifth_bits(uint32_t qh) {   /* byte j gets byte j / 8 of qh, then all ones where its bit j % 8 is */
+    __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+                                         _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                           0x0101010101010101, 0));
+    __m256i ones = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                                     _mm256_set1_epi64x(-1));
+    return (b32)_mm256_and_si256(ones, _mm256_set1_epi8(16));
+}
+INLINE lf lanes_of(const float *s, const int per) {
+    return per == 32 ? (lf)_mm256_set1_ps(s[0]) : (lf)_mm256_set_m128(_mm_set1_ps(s[1]), _mm_set1_ps(s[0]));
+}
+#else
+INLINE b32 nibbles(b16 q) {
+    b32 v;
+    for (int j = 0; j < 16; j++)
+        v[j] = q[j] & 15, v[j + 16] = q[j] >> 4;
+    return v;
+}
+INLINE b32 fifth_bits(uint32_t qh) {
+    b32 v;
+    for (int j = 0; j < 32; j++)
+        v[j] = (qh >> j & 1) << 4;
+    return v;
+}
+INLINE lf lanes_of(const float *s, const int per) {
+    lf v;
+    for (int l = 0; l < LANES; l++)
+        v[l] = s[4 * l / per];
+    return v;
+}
+#endif
+INLINE lb nibble_group(const uint8_t *qs, int stride) { (void)stride; return nibbles(load16(qs)); }
+INLINE lb fifth_group(const uint8_t *qh, int stride) {
+    uint32_t bits;
+    (void)stride;
+    memcpy(&bits, qh, 4);
+    return fifth_bits(bits);
+}
+INLINE lb byte_group(const uint8_t *p, int stride) { (void)stride; return load32(p); }
+INLINE void scale_lanes(const uint8_t *p, int stride, lf *d, lf *m) {
+    (void)stride;
+    *d = (lf){0} + h2f(p);
+    *m = (lf){0} + h2f(p + 2);
+}
+INLINE lb join(const b32 *v) { return v[0]; }
+#endif
+
+/* a group of weights: unsigned bytes q, per-lane scales d and mins m; sign: Q8_0's bytes as stored */
+typedef struct { lb q, sign; lf d, m; } wgroup;
+typedef wgroup (*grouper)(const uint8_t *, int64_t);
+
+INLINE wgroup group_q4(const uint8_t *row, int64_t g, const int bytes) {
+    const uint8_t *b = row + g * GB * bytes;
+    wgroup w = {.q = nibble_group(b + bytes - 16, bytes)};
+    scale_lanes(b, bytes, &w.d, &w.m);
+    return w;
+}
+
+INLINE wgroup group_q4_0(const uint8_t *row, int64_t g) { return group_q4(row, g, 18); }
+
+INLINE wgroup group_q4_1(const uint8_t *row, int64_t g) { return group_q4(row, g, 20); }
+
+INLINE wgroup group_q5(const uint8_t *row, int64_t g, const int bytes) {
+    const uint8_t *b = row + g * GB * bytes;
+    wgroup w = {.q = nibble_group(b + bytes - 16, bytes) | fifth_group(b + bytes - 20, bytes)};
+    scale_lanes(b, bytes, &w.d, &w.m);
+    return w;
+}
+
+INLINE wgroup group_q5_0(const uint8_t *row, int64_t g) { return group_q5(row, g, 22); }
+
+INLINE wgroup group_q5_1(const uint8_t *row, int64_t g) { return group_q5(row, g, 24); }
+
+INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
+    const uint8_t *b = row + g * GB * 34;
+    wgroup w = {.sign = byte_group(b + 2, 34)};
+    sb neg = (sb)w.sign < 0;
+    w.q = VNNI ? w.sign ^ 0x80 : (lb)(((sb)w.sign ^ neg) - neg);
+    scale_lanes(b, 34, &w.d, &w.m);
+    return w;
+}
+
+/* Q4_K / Q5_K: sub-block j of a super-block is the low (j even) or high nibbles of bytes 32 * (j / 2) on,
+ * (Q5_K) bit j of qh its fifth bit; its weight is d * scale * q - dmin * min */
+INLINE wgroup group_k4(const uint8_t *row, int64_t g, const int bytes, const int five) {
+    wgroup w;
+    b32 blk[GB];
+    float d[GB], m[GB];
+    const uint8_t *b = row + g * GB / 8 * bytes, *qs = b + (five ? 48 : 16);
+    for (int i = 0; i < GB; i++) {
+        int j = (int)(g * GB % 8) + i;
+        b32 v = load32(qs + 32 * (j / 2));
+        v = j & 1 ? v >> 4 : v & 15;
+        if (five)
+            v |= ((load32(b + 16) >> j) & 1) << 4;
+        blk[i] = v;
+        scale_min_k4(j, b + 4, h2f(b), h2f(b + 2), &d[i], &m[i]);
+        m[i] = -m[i];
+    }
+    w.q = join(blk);
+    w.d = lanes_of(d, 32);
+    w.m = lanes_of(m, 32);
+    return w;
+}
+
+INLINE wgroup group_q4_k(const uint8_t *row, int64_t g) { return group_k4(row, g, 144, 0); }
+
+INLINE wgroup group_q5_k(const uint8_t *row, int64_t g) { return group_k4(row, g, 176, 1); }
+
+/* Q6_K: 32 values j of a half h are nibble j / 2 of ql + 32 * (j % 2) with bits 2j, 2j + 1 of qh, two
+ * int8 scales of 16 values each; zero point 32 */
+INLINE wgroup group_q6_k(const uint8_t *row, int64_t g) {
+    wgroup w;
+    b32 blk[GB];
+    float d[2 * GB];
+    const uint8_t *b = row + g * GB / 8 * 210;
+    for (int i = 0; i < GB; i++) {
+        int h = (int)(g * GB % 8 + i) / 4, j = (int)(g * GB % 8 + i) % 4;
+        b32 v = load32(b + 64 * h + 32 * (j % 2));
+        v = j / 2 ? v >> 4 : v & 15;
+        blk[i] = v | ((load32(b + 128 + 32 * h) >> (2 * j)) & 3) << 4;
+        for (int s = 0; s < 2; s++)
+            d[2 * i + s] = h2f(b + 208) * (int8_t)b[192 + 8 * h + 2 * j + s];
+    }
+    w.q = join(blk);
+    w.d = lanes_of(d, 16);
+    return w;
+}
+
+/* the activations quantized: q [rows, K] int8; per lane (4 values, [rows, K / 4]) the block's scale d,
+ * its share s = d * block sum / 8 of the min term, and -zero * the lane's sum */
+typedef struct { int8_t *q; float *d, *s; int32_t *z; } qacts;
+
+static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int zero, qacts a) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < K / 32; b++) {
+            const float *xb = x + m * ldx + 32 * b;
+            int8_t *q = a.q + m * K + 32 * b;
+            float amax = 0;
+            for (int j = 0; j < 32; j++)
+                amax = xb[j] > amax ? xb[j] : -xb[j] > amax ? -xb[j] : amax;
+            float d = amax / 127, id = d ? 1 / d : 0;
+            int sum = 0;
+            for (int j = 0; j < 32; j++)
+                sum += q[j] = (int8_t)roundf(xb[j] * id);
+            for (int l = 0; l < 8; l++) {
+                int64_t o = m * (K / 4) + 8 * b + l;
+                a.d[o] = d;
+                a.s[o] = d * sum / 8;
+                a.z[o] = -zero * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+            }
+        }
+    }
+}
+
+/* y[m * ldy] = W[n] . x[m] for m < rows (a compile-time constant once inlined) on the int8 activations */
+INLINE void qdot_rows(grouper group, const int has_zero, const int has_min, const int sign, const uint8_t *row,
+                      qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy) {
+    lf acc[TILE], accm[TILE];   /* the min terms apart: two FMAs a row, no adds */
+    for (int m = 0; m < rows; m++)
+        acc[m] = accm[m] = (lf){0};
+    for (int64_t g = 0; g < K / (32 * GB); g++) {
+        wgroup w = group(row, g);
+        for (int m = 0; m < rows; m++) {
+            int64_t o = m * (K / 4) + g * LANES;
+            lb x = loadlb(a.q + m * K + g * 32 * GB);
+            if (sign) {
+                sb neg = (sb)w.sign < 0;
+                x = (lb)(((sb)x ^ neg) - neg);
+            }
+            li d = dot(has_zero ? loadli(a.z + o) : (li){0}, w.q, x);
+            acc[m] += __builtin_convertvector(d, lf) * (loadlf(a.d + o) * w.d);
+            if (has_min)
+                accm[m] += w.m * loadlf(a.s + o);
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        lf t = acc[m] + accm[m];
+        float sum = 0;
+        for (int l = 0; l < LANES; l++)
+            sum += t[l];
+        y[m * ldy] = sum;
+    }
+}
+
+#define QROWS_OF(fn, has_zero, has_min, sign)                                                                 \
+    for (int64_t n = n0; n < n1; n++) {                                                                    \
+        const uint8_t *row = w + n * row_bytes;                                                             \
+        switch (M) {                                                                                        \
+        case 4: qdot_rows(fn, has_zero, has_min, sign, row, a, 4, K, y + n, ldy); break;                   \
+        case 3: qdot_rows(fn, has_zero, has_min, sign, row, a, 3, K, y + n, ldy); break;                   \
+        case 2: qdot_rows(fn, has_zero, has_min, sign, row, a, 2, K, y + n, ldy); break;                   \
+        default: qdot_rows(fn, has_zero, has_min, sign, row, a, 1, K, y + n, ldy);                          \
+        }                                                                                                   \
+    }                                                                                                       \
+    return;
+
+static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
+                         qacts a, int64_t M, float *y, int64_t ldy) {
+    switch (type) {
+    case Q4_0: QROWS_OF(group_q4_0, 1, 0, 0)
+    case Q4_1: QROWS_OF(group_q4_1, 0, 1, 0)
+    case Q5_0: QROWS_OF(group_q5_0, 1, 0, 0)
+    case Q5_1: QROWS_OF(group_q5_1, 0, 1, 0)
+    case Q8_0: QROWS_OF(group_q8_0, VNNI, 0, !VNNI)
+    case Q4_K: QROWS_OF(group_q4_k, 0, 1, 0)
+    case Q5_K: QROWS_OF(group_q5_k, 0, 1, 0)
+    case Q6_K: QROWS_OF(group_q6_k, 1, 0, 0)
+    }
+}
+
+/* the zero point a format's weight bytes carry, or -1 for a format without an int8 path */
+static int int8_zero(int type) {
+    switch (type) {
+    case Q4_0: return 8;
+    case Q5_0: return 16;
+    case Q8_0: return Q8_ZERO;
+    case Q6_K: return 32;
+    case Q4_1: case Q5_1: case Q4_K: case Q5_K: return 0;
+    default: return -1;
+    }
+}
+
+/* y = W x on int8 activations (M <= TILE); 1: out of memory */
+static int qmatmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x,
+                   int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
+    int64_t lanes = M * K / 4;
+    char *buf = malloc(M * K + lanes * (2 * sizeof(float) + sizeof(int32_t)));
+    if (!buf)
+        return 1;
+    qacts a = {(int8_t *)(buf + lanes * 12), (float *)buf, (float *)buf + lanes, (int32_t *)buf + 2 * lanes};
+    quantize_rows(x, ldx, M, K, int8_zero(type), a);
+    int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+        qmatmul_rows(type, w, row_bytes, n0, n1, K, a, M, y, ldy);
+    }
+    free(buf);
+    return 0;
+}
+
 /* ---- exported ---------------------------------------------------------------------------------------- */
 
 /* Elements per block of a type (0: not a type this file handles). */
@@ -332,12 +673,16 @@ int ggml_block_size(int type) {
     return block_shape(type, &bytes);
 }
 
-/* y[m, n] = sum_k W[n, k] x[m, k] for m < M, n < N; x [M, ldx] and y [M, ldy] fp32.
+/* y[m, n] = sum_k W[n, k] x[m, k] for m < M, n < N; x [M, ldx] and y [M, ldy] fp32. int8: up to TILE rows
+ * of a format with an int8 path (and K a whole number of groups) run on int8 activations; else (or
+ * without int8) the result equals dequantize-then-matmul up to summation order.
  * Returns 1 when a thread's row buffer cannot be allocated, 2 for a type or K this file cannot take. */
 int ggml_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x,
-                int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
+                int64_t ldx, int64_t M, float *y, int64_t ldy, int threads, int int8) {
     if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
         return 2;
+    if (int8 && M <= TILE && int8_zero(type) >= 0 && K % (32 * GB) == 0)
+        return qmatmul(type, w, row_bytes, N, K, x, ldx, M, y, ldy, threads);
     int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)

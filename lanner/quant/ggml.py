@@ -34,10 +34,15 @@ DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-
 _local = threading.local()
 
 
+def int8_activations() -> bool:
+    """Whether small steps run on int8 activations: LANNER_EXACT_LINEARS=1 keeps them fp32 (exact)."""
+    return os.environ.get("LANNER_EXACT_LINEARS", "0") == "0"
+
+
 @functools.lru_cache(maxsize=None)
 def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.ggml_matmul.argtypes = [i, p, i64, i64, i64, p, i64, i64, p, i64, i]
+    lib.ggml_matmul.argtypes = [i, p, i64, i64, i64, p, i64, i64, p, i64, i, i]
     lib.ggml_dequantize.argtypes = [i, p, i64, i64, p, i64, p, i, i]
     lib.ggml_matmul.restype = lib.ggml_dequantize.restype = ctypes.c_int
     return lib
@@ -137,20 +142,22 @@ class GGMLLinear:
         self.out_features, self.in_features = weight.shape
         self.chunk_rows = max(64, DEQUANT_CHUNK_ELEMENTS // self.in_features)
         self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
+        self.int8 = int8_activations()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         lib = self.lib
         small = SMALL_M if self.dense is not None else SMALL_M_WITHOUT_DENSE
-        y = self.small(x2, lib) if x2.shape[0] <= small and lib is not None else self.large(x2)
+        y = self.small(x2, lib, self.int8) if x2.shape[0] <= small and lib is not None else self.large(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def small(self, x: torch.Tensor, lib) -> torch.Tensor:
+    def small(self, x: torch.Tensor, lib, int8: bool = False) -> torch.Tensor:
+        """The kernel path; int8: on int8 activations (else exact: dequantize-then-matmul up to order)."""
         xf = x.float().contiguous()
         m, (n, k), w = xf.shape[0], self.weight.shape, self.weight
         y = torch.empty(m, n, dtype=torch.float32)
         _check(lib.ggml_matmul(w.type_id, w.data_ptr, w.row_bytes, n, k, xf.data_ptr(), k, m, y.data_ptr(), n,
-                               torch.get_num_threads()), "matmul")
+                               torch.get_num_threads(), int(int8)), "matmul")
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype)
