@@ -6,7 +6,8 @@
         and CPU seconds)
     python bench/adapters.py serve --dir adapters/ --out serve.jsonl
         serving cost on the default model: TTFT of one request per method (median of --repeats), and output tokens/s
-        of 16 requests, all base, half base and half one method's adapter, and every method mixed
+        of 16 requests, all base, half base and half one method's adapter, and every method mixed (medians of
+        interleaved rounds)
     python bench/adapters.py plot train.jsonl serve.jsonl --png docs/img/peft_methods.png
 """
 import argparse
@@ -30,7 +31,7 @@ HYPER = {   # per method: its options and the training loop's, found by a small 
                    prompt_init_text="Whatever the question, answer only with the code word."),
     "ptuning": dict(lr=1e-2, epochs=4, num_virtual_tokens=20, encoder_hidden_size=576),
     "ia3": dict(lr=3e-2, epochs=4),
-    "adaption-prompt": dict(lr=1e-2, epochs=4, adapter_len=10, adapter_layers=8),
+    "adaption-prompt": dict(lr=5e-2, epochs=6, adapter_len=10, adapter_layers=8),
 }
 
 
@@ -74,16 +75,13 @@ def ttft(llm, prompt: list[int], request, repeats: int) -> float:
     return statistics.median(times[1:])   # the first run warms the adapter's slot up
 
 
-def throughput(llm, work, requests, repeats: int) -> float:
-    """Output tokens per second of the whole batch (median of repeats)."""
+def throughput(llm, work, requests) -> float:
+    """Output tokens per second of the whole batch."""
     from lanner import SamplingParams
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outs = llm.generate([p for p, _ in work], params, use_tqdm=False, lora_request=requests)
-        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start))
-    return statistics.median(rates)
+    start = time.perf_counter()
+    outs = llm.generate([p for p, _ in work], params, use_tqdm=False, lora_request=requests)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
 
 
 def serve(args) -> None:
@@ -96,16 +94,20 @@ def serve(args) -> None:
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": HELD_OUT[0]}], add_generation_prompt=True)
     prompt = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     work = make_workload(args.num_requests, (16, 64), (args.output_tokens, args.output_tokens), seed=0)
-    throughput(llm, work[:4], [requests[m] for m in methods[:4]], 1)   # warm up: every kind of adapter loaded
-    base = throughput(llm, work, [None] * len(work), args.repeats)
-    batches = {m: [None if i % 2 == 0 else requests[m] for i in range(len(work))] for m in requests if m}
+    batches = {None: [None] * len(work)}   # all base; half base and half one method's adapter; every method mixed
+    batches.update({m: [None if i % 2 == 0 else requests[m] for i in range(len(work))] for m in methods})
     batches["all-mixed"] = [list(requests.values())[i % len(requests)] for i in range(len(work))]
-    for name in [None, *batches]:
+    throughput(llm, work[:len(methods)], [requests[m] for m in methods])   # warm up: every adapter loaded
+    rates = {name: [] for name in batches}
+    for _ in range(args.repeats):   # interleaved rounds: a busy machine's drift hits every setting alike
+        for name, batch in batches.items():
+            rates[name].append(throughput(llm, work, batch))
+    for name in batches:
         record = {"bench": "adapters-serve", "method": name or "base", "dtype": args.dtype,
                   "prompt_tokens": len(prompt), "num_requests": len(work), "output_tokens": args.output_tokens}
         if name != "all-mixed":
             record["ttft_ms"] = round(1000 * ttft(llm, prompt, requests[name], args.repeats), 2)
-        rate = base if name is None else throughput(llm, work, batches[name], args.repeats)
+        rate, base = statistics.median(rates[name]), statistics.median(rates[None])
         record.update(output_tok_per_s=round(rate, 1), ratio_vs_base=round(rate / base, 3),
                       threads=torch.get_num_threads(), **machine_fields())
         emit(record, args.out)
@@ -153,7 +155,7 @@ def main() -> None:
         p.add_argument("--out", default=None, help="also append the JSON lines to this file")
         p.add_argument("--threads", type=int, default=None)
     serve_parser = sub.choices["serve"]
-    serve_parser.add_argument("--dtype", default="float32")
+    serve_parser.add_argument("--dtype", default="bfloat16")
     serve_parser.add_argument("--repeats", type=int, default=5)
     serve_parser.add_argument("--num-requests", type=int, default=16)
     serve_parser.add_argument("--output-tokens", type=int, default=32)
