@@ -23,8 +23,10 @@ def both_paths(llm, prompts, **params):
     return outs
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_default_model_equals_the_pytorch_path(default_model_path, dtype):
+@pytest.mark.parametrize("dtype, exact", [("float32", "1"), ("float32", "0"), ("bfloat16", "0")],
+                         ids=["fp32-exact", "fp32-int8", "bf16-int8"])
+def test_default_model_equals_the_pytorch_path(default_model_path, dtype, exact, monkeypatch):
+    monkeypatch.setenv("LANNER_EXACT_LINEARS", exact)   # "0": int8 activations, the default
     llm = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False)
     lean, torch_path = both_paths(llm, PROMPTS[:1])
     assert lean == torch_path
