@@ -73,7 +73,7 @@ def test_prefix_cache_never_holds_a_rejected_token(default_model_path):
             for i, h in enumerate(seq.block_hashes):   # hashed blocks hold verified tokens only
                 tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
                 assert len(tokens) == bs
-                parent = block_hash(parent, tokens, seq.lora_id)
+                parent = block_hash(parent, tokens, seq.adapter_digest)
                 assert h == parent
     assert engine.stats()["spec_drafted_tokens"] > engine.stats()["spec_accepted_tokens"] > 0
     assert not any(rid in engine.requests for rid in ids)
