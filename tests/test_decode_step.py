@@ -2,13 +2,14 @@
 does not take run the PyTorch path."""
 import pytest
 from conftest import make_llm, save_tiny_model
+from test_lora import base_dir, make_adapter  # noqa: F401 (fixture)
 
-from lanner import SamplingParams
+from lanner import LoRARequest, SamplingParams
 
 PROMPTS = ["The capital of France is", "Write a haiku about rain.", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"]
 
 
-def both_paths(llm, prompts, **params):
+def both_paths(llm, prompts, lora_request=None, **params):
     """Greedy outputs (token ids and top-3 logprobs) with the decode step, then without it (the engines run without
     prefix caching: a cached prompt's last rows would be computed as a decode-sized step the second time)."""
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3, **params)
@@ -18,7 +19,7 @@ def both_paths(llm, prompts, **params):
     outs = []
     for model.decode_step in (step, None):
         outs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs)
-                     for o in llm.generate(prompts, params, use_tqdm=False)])
+                     for o in llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)])
     model.decode_step = step
     return outs
 
@@ -57,3 +58,14 @@ def test_models_it_cannot_run_keep_the_pytorch_path(tmp_path, llm):
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     assert make_llm(str(tmp_path), quantization="q8_0", kv_cache_memory=0.02).engine.runner.model.decode_step is None
     assert make_llm(str(tmp_path), kv_cache_memory=0.02).engine.runner.model.decode_step is None   # dense weights
+
+
+def test_steps_with_adapter_rows_keep_the_adapter(base_dir, tmp_path):
+    """Adapter rows take the PyTorch path (the LoRA manager comes after the decode step is built)."""
+    request = LoRARequest("lora", 1, str(tmp_path / "lora"))
+    make_adapter(base_dir, request.lora_path, seed=3)
+    llm = make_llm(str(base_dir), quantization="q8_0", enable_lora=True, max_lora_rank=8, kv_cache_memory=0.02,
+                   enable_prefix_caching=False)
+    lean, torch_path = both_paths(llm, PROMPTS, lora_request=request)
+    assert lean == torch_path
+    assert lean != both_paths(llm, PROMPTS)[0]

@@ -124,7 +124,8 @@ class LLMEngine:
         self.grammars.compiled(constraint.grammar_text)
 
     def register_lora(self, lora_request) -> int:
-        """Load and validate the adapter once (clear ValueError on a bad one); its id tags KV blocks."""
+        """Load and validate the adapter once (clear ValueError on a bad one); the digest of its files keys its
+        KV blocks."""
         if self.runner.lora is None:
             raise ValueError("lora_request given but LoRA is not enabled (LLM(..., enable_lora=True))")
         self.runner.lora.add(lora_request)

@@ -122,7 +122,8 @@ def adapter_digest(path: str) -> str:
     digest = hashlib.sha256()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         with open(os.path.join(path, name), "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

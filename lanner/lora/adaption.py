@@ -45,15 +45,15 @@ def load_adaption_prompt(request: LoRARequest, config: dict, tensors: dict[str, 
             raise ValueError(f"{where}: tensor {key!r} is not an adaption prompt or gate")
         parts[(int(match.group(1)), match.group(2))] = tensor
     top = range(cfg.num_layers - num_layers, cfg.num_layers)   # PEFT adapts the top adapter_layers layers
-    prompts = {layer: (check(parts, layer, "prompt", (1, length, cfg.hidden_size), where)[0],
-                       check(parts, layer, "gate", (1,), where)) for layer in top}
+    prompts = {layer: (validated_part(parts, layer, "prompt", (1, length, cfg.hidden_size), where)[0],
+                       validated_part(parts, layer, "gate", (1,), where)) for layer in top}
     if len(parts) != 2 * num_layers:
         extra = sorted({layer for layer, _ in parts} - set(top))
         raise ValueError(f"{where}: tensors for layers {extra}, outside the top {num_layers} it adapts")
     return AdaptionPromptAdapter(request.lora_name, request.lora_int_id, prompts)
 
 
-def check(parts: dict, layer: int, kind: str, shape: tuple, where: str) -> torch.Tensor:
+def validated_part(parts: dict, layer: int, kind: str, shape: tuple, where: str) -> torch.Tensor:
     tensor = parts.get((layer, kind))
     if tensor is None:
         raise ValueError(f"{where}: no adaption_{kind} for layer {layer}")
@@ -78,7 +78,7 @@ class AdaptionSlots:
 
     def __init__(self, manager, attention):
         self.manager, self.attention = manager, attention
-        self.slots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.by_slot: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def write(self, slot: int, prompt: torch.Tensor, gate: torch.Tensor) -> None:
         """The prompt projected by this layer's k/v weights (base weights: no adapter is active on them)."""
@@ -87,14 +87,14 @@ class AdaptionSlots:
             qkv = attn.qkv_proj.base_forward(prompt.to(attn.qkv_proj.weight.dtype))
         k, v = qkv[:, attn.q_size:].view(prompt.shape[0], 2, attn.num_kv_heads, attn.head_dim).unbind(1)
         group = attn.num_heads // attn.num_kv_heads
-        self.slots[slot] = tuple(t.repeat_interleave(group, dim=1).transpose(0, 1).contiguous() for t in (k, v)) + (gate,)
+        self.by_slot[slot] = tuple(t.repeat_interleave(group, dim=1).transpose(0, 1).contiguous() for t in (k, v)) + (gate,)
 
-    def add(self, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def with_adaption(self, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out [T, H * D], the attention output, plus each adapted slot's share for its rows."""
         for slot, rows in self.manager.batch or ():
-            if slot in self.slots:
+            if slot in self.by_slot:
                 if rows is None:
-                    out = out + adaption_attention(q, *self.slots[slot])
+                    out = out + adaption_attention(q, *self.by_slot[slot])
                 else:
-                    out = out.index_add(0, rows, adaption_attention(q[rows], *self.slots[slot]))
+                    out = out.index_add(0, rows, adaption_attention(q[rows], *self.by_slot[slot]))
         return out

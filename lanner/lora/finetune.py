@@ -258,7 +258,8 @@ def finetune(model_path: str | None, data: str | list, output_dir: str, method: 
         raise ValueError("no training examples")
 
     torch.manual_seed(o.seed)
-    base = build_model(hf_config, weights, max(len(e.ids) for e in examples + val) + o.num_virtual_tokens)
+    virtual = o.num_virtual_tokens if o.method in ("prefix", "prompt", "ptuning") else 0
+    base = build_model(hf_config, weights, max(len(e.ids) for e in examples + val) + virtual)
     del weights
     base_params = count_base_params(base)
     model = TrainModel(base, make_method(o, base.config, base.embed_tokens.weight, tokenizer), nf4=o.qlora)

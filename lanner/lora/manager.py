@@ -48,14 +48,14 @@ class LoRAManager:
         if known is not None and known.lora_path != request.lora_path:
             raise ValueError(f"lora_int_id {request.lora_int_id} is already used by adapter {known.lora_name!r}")
         self.get(request)
-        if known is None:
-            self.digests[request.lora_int_id] = adapter_digest(request.lora_path)
         self.requests[request.lora_int_id] = request
 
-    def get(self, request: LoRARequest) -> LoRAAdapter | IA3Adapter | PrefixAdapter | PromptAdapter | AdaptionPromptAdapter:
+    def get(self, request: LoRARequest) -> LoRAAdapter | IA3Adapter | PrefixAdapter | PromptAdapter \
+            | AdaptionPromptAdapter:
         adapter = self.loaded.get(request.lora_int_id)
-        if adapter is None:
+        if adapter is None:   # (re)loaded from its files: their digest is what its KV blocks are cached under
             adapter = load_adapter(request, self.cfg, self.max_rank)
+            self.digests[request.lora_int_id] = adapter_digest(request.lora_path)
             if isinstance(adapter, PrefixAdapter):
                 self.prefix_pool.pin(adapter)
             self.loaded[request.lora_int_id] = adapter
@@ -119,7 +119,7 @@ class LoRAManager:
         for w in self.weights.values():
             w.clear(slot)
         for slots in self.adaptions:
-            slots.slots.pop(slot, None)
+            slots.by_slot.pop(slot, None)
         if isinstance(adapter, IA3Adapter):
             self.write_ia3(slot, adapter)
         elif isinstance(adapter, AdaptionPromptAdapter):

@@ -20,18 +20,18 @@ from lanner.quant import ggml
 c_int, c_int64, c_float, c_void_p = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
-class Linear(ctypes.Structure):
+class LinearArgs(ctypes.Structure):
     _fields_ = [("type", c_int), ("int8", c_int), ("w", c_void_p), ("row_bytes", c_int64), ("n", c_int64),
                 ("k", c_int64), ("bias", c_void_p)]
 
 
-class Layer(ctypes.Structure):
-    _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("qkv", Linear), ("o", Linear),
-                ("gate_up", Linear), ("down", Linear), ("k_cache", c_void_p), ("v_cache", c_void_p),
+class LayerArgs(ctypes.Structure):
+    _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("qkv", LinearArgs), ("o", LinearArgs),
+                ("gate_up", LinearArgs), ("down", LinearArgs), ("k_cache", c_void_p), ("v_cache", c_void_p),
                 ("window", c_int), ("split", c_int)]
 
 
-class Step(ctypes.Structure):
+class StepArgs(ctypes.Structure):
     _fields_ = [("matmul", c_void_p), ("attention", c_void_p), ("threads", c_int), ("bf16", c_int), ("hq", c_int),
                 ("hkv", c_int), ("D", c_int), ("H", c_int), ("I", c_int), ("block_size", c_int), ("eps", c_float),
                 ("scale", c_float), ("softcap", c_float), ("T", c_int64), ("slots", c_void_p), ("cos_sin", c_void_p),
@@ -53,8 +53,6 @@ class DecodeStep:
                                                 for qs in linears for q in qs])
         self.biases = {id(q): q.bias.float().contiguous() for qs in linears for q in qs if q.bias is not None}
         self.layers, self.cache_ptr = None, None
-        first = model.layers[0].self_attn.qkv_proj.lora
-        self.lora = None if first is None else first.manager
 
     @classmethod
     def build(cls, model) -> DecodeStep | None:
@@ -76,9 +74,10 @@ class DecodeStep:
     def fits(self, x: torch.Tensor, meta) -> bool:
         """A step this call runs exactly as the PyTorch path would."""
         attn = self.model.layers[0].self_attn
-        return (x.shape[0] <= self.max_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
+        lora = attn.qkv_proj.lora   # set by the LoRA manager, which is built after the weights are packed
+        return (1 <= x.shape[0] <= self.max_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.bfloat16) and attn.k_cache.dtype == x.dtype
-                and self.model.norm.weight.dtype == x.dtype and not (self.lora is not None and self.lora.batch))
+                and self.model.norm.weight.dtype == x.dtype and not (lora is not None and lora.manager.batch))
 
     def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's output and the residual stream for embeddings x [T, H] (both [T, H], x's dtype)."""
@@ -86,41 +85,44 @@ class DecodeStep:
         launches = {w: self.launch(meta, w) for w in set(self.windows)}
         for layer, window in zip(layers, self.windows):
             layer.split = launches[window].split
-        first = launches[self.windows[0]]
+        launch = launches[self.windows[0]]   # the per-step arrays every window's launch shares
         cfg, attn = self.model.config, self.model.layers[0].self_attn
         x, cos_sin, slots = x.contiguous(), cos_sin.contiguous(), meta.slot_mapping.to(torch.int64).contiguous()
-        tree = first.tree
-        step = Step(self.matmul, self.attention, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
+        tree = launch.tree
+        step = StepArgs(self.matmul, self.attention, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size,
                     attn.k_cache.shape[1], cfg.rms_norm_eps, self.scale, cfg.attn_softcap or 0.0, x.shape[0],
-                    slots.data_ptr(), cos_sin.data_ptr(), first.tables.data_ptr(), first.seq_lens.data_ptr(),
-                    first.cu.data_ptr(), first.tables.shape[1], first.seqs.numel(),
-                    0 if tree is None else tree.shape[1], first.seqs.data_ptr(), None if tree is None else tree.data_ptr())
+                    slots.data_ptr(), cos_sin.data_ptr(), launch.tables.data_ptr(), launch.seq_lens.data_ptr(),
+                       launch.cu.data_ptr(), launch.tables.shape[1], launch.seqs.numel(),
+                       0 if tree is None else tree.shape[1], launch.seqs.data_ptr(),
+                       None if tree is None else tree.data_ptr())
         residual = torch.empty_like(x)
-        if self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr()):
-            raise MemoryError("decode step: out of memory for its buffers or a kernel's")
+        ggml._check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr()),
+                    "decode step")
         return x, residual
 
     @staticmethod
     def launch(meta, window: int | None) -> attention_native.Launch:
-        """The attention kernel's per-step arrays for every sequence of the step (all have few rows)."""
+        """The attention kernel's per-step arguments for the sequences with new rows, as the CPU backend builds
+        them (the same split, so the same summation order)."""
         key = ("decode", window)
         if key not in meta.derived:
-            meta.derived[key] = attention_native.Launch(meta, torch.arange(meta.query_lens.numel()), window)
+            meta.derived[key] = attention_native.Launch(meta, (meta.query_lens >= 1).nonzero().flatten(), window)
         return meta.derived[key]
 
     def layer_structs(self) -> ctypes.Array:
-        """Per-layer pointers, built once the runner has set the KV caches (again if it replaced them)."""
+        """Per-layer pointers, built once the runner has set the KV caches (again if it replaced them); weights and
+        flags are fixed once pack_weights has built this step."""
         layers = self.model.layers
         if self.layers is None or self.cache_ptr != layers[0].self_attn.k_cache.data_ptr():
-            self.layers = (Layer * len(layers))(*[self.layer(layer, qs) for layer, qs in zip(layers, self.linears)])
+            self.layers = (LayerArgs * len(layers))(*[self.layer(layer, qs) for layer, qs in zip(layers, self.linears)])
             self.cache_ptr = layers[0].self_attn.k_cache.data_ptr()
         return self.layers
 
-    def layer(self, layer, linears) -> Layer:
+    def layer(self, layer, linears) -> LayerArgs:
         attn = layer.self_attn
-        parts = [Linear(q.weight.type_id, int(getattr(q, "int8", False)), q.weight.data_ptr, q.weight.row_bytes,
+        parts = [LinearArgs(q.weight.type_id, int(getattr(q, "int8", False)), q.weight.data_ptr, q.weight.row_bytes,
                         q.out_features, q.in_features, None if q.bias is None else self.biases[id(q)].data_ptr())
                  for q in linears]
-        return Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+        return LayerArgs(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                      *parts, attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), attn.options.get("window") or 0, 0)

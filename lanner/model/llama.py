@@ -43,8 +43,8 @@ class Attention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             self.backend.store_kv(k, v.view_as(k), self.k_cache, self.v_cache, meta.slot_mapping)
         out = self.backend.attention(q, self.k_cache, self.v_cache, meta, **self.options).flatten(1)
-        if self.adaption is not None and self.adaption.slots:
-            out = self.adaption.add(q, out)
+        if self.adaption is not None and self.adaption.by_slot:
+            out = self.adaption.with_adaption(q, out)
         return self.o_proj(out)
 
     def norm_heads(self, qkv: torch.Tensor) -> None:

@@ -503,10 +503,13 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int
         for (int64_t b = 0; b < K / 32; b++) {
             const float *xb = x + m * ldx + 32 * b;
             int8_t *q = a.q + m * K + 32 * b;
-            float amax = 0;
-            for (int j = 0; j < 32; j++)
+            float amax = 0, probe = 0;   /* probe: NaN when a value is NaN or infinite */
+            for (int j = 0; j < 32; j++) {
                 amax = xb[j] > amax ? xb[j] : -xb[j] > amax ? -xb[j] : amax;
-            float d = amax / 127, id = d ? 1 / d : 0;
+                probe += xb[j] * 0.0f;
+            }
+            /* a non-finite block gives NaN (d), as the exact path would, not rounded garbage */
+            float d = probe == 0 ? amax / 127 : NAN, id = probe == 0 && d ? 1 / d : 0;
             int sum = 0;
             for (int j = 0; j < 32; j++)
                 sum += q[j] = (int8_t)roundf(xb[j] * id);
