@@ -9,7 +9,9 @@ import torch
 from conftest import assert_all_blocks_free, hf_logits, our_logits, save_tiny_model
 from test_ia3 import SPECS as IA3_SPECS, make_ia3, tiny_base
 from test_lora import PROMPTS, TOL, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
-from test_prefix_tuning import adapter_llm, assert_broken_copy_refused, peft_greedy, save_peft
+from test_prefix_tuning import (adapter_llm, assert_broken_copy_refused, assert_only_pinned_blocks_in_use, make_prefix,
+                                peft_greedy, save_peft)
+from test_prompt_tuning import make_prompt
 
 from lanner import LoRARequest, SamplingParams
 
@@ -56,16 +58,25 @@ def test_greedy_equals_peft_with_chunked_prefill(base_dir, adaptions):
     assert_all_blocks_free(llm)
 
 
-def test_mixed_batch_of_every_adapter_kind_equals_each_alone(llm4, adaptions, base_dir, tmp_path):
-    lora = LoRARequest("lora", 710, str(tmp_path / "lora"))
-    make_adapter(base_dir, lora.lora_path, seed=7)
-    ia3 = LoRARequest("ia3", 711, str(tmp_path / "ia3"))
-    make_ia3(tiny_base(base_dir), ia3.lora_path, 1, **IA3_SPECS["kv-down"])
-    requests = [None, lora, adaptions["top1-len5"][0], ia3, adaptions["all2-len3"][0], adaptions["top1-len5"][0]]
+def test_twelve_requests_over_base_and_two_adapters_of_each_kind_equal_each_alone(adaptions, base_dir, tmp_path):
+    """Issue 18's bar: base, LoRA, IA3, prefix, prompt (a prompt-tuned and a P-tuned) and LLaMA-Adapter requests,
+    two of each, in one batch (six slot adapters, six slots)."""
+    paths = {name: str(tmp_path / name) for name in ("lora0", "lora1", "ia30", "ia31", "prefix0", "prefix1",
+                                                      "prompt", "ptuning")}
+    for i in range(2):
+        make_adapter(base_dir, paths[f"lora{i}"], seed=7 + i)
+        make_ia3(tiny_base(base_dir), paths[f"ia3{i}"], i, **IA3_SPECS["kv-down"])
+        make_prefix(tiny_base(base_dir), paths[f"prefix{i}"], 3 + i, num_virtual_tokens=5)
+    make_prompt(tiny_base(base_dir), paths["prompt"], 5, "PROMPT_TUNING", num_virtual_tokens=5)
+    make_prompt(tiny_base(base_dir), paths["ptuning"], 6, "P_TUNING", num_virtual_tokens=3, encoder_hidden_size=32)
+    requests = [None, None, *[LoRARequest(name, 720 + i, path) for i, (name, path) in enumerate(paths.items())],
+                adaptions["top1-len5"][0], adaptions["all2-len3"][0]]
+    llm = adapter_llm(base_dir, max_loras=6)
     inputs = [PROMPTS[i % len(PROMPTS)] for i in range(len(requests))]
-    alone = [greedy(llm4, [p], [r])[0] for p, r in zip(inputs, requests)]
-    assert greedy(llm4, inputs, requests) == alone
-    assert len({tuple(a) for a in alone}) > 3
+    alone = [greedy(llm, [p], [r])[0] for p, r in zip(inputs, requests)]
+    assert greedy(llm, inputs, requests) == alone
+    assert len({tuple(a) for a in alone}) > 6
+    assert_only_pinned_blocks_in_use(llm)
 
 
 def test_speculation_and_preemption_keep_outputs(base_dir, adaptions):
