@@ -4,6 +4,7 @@ Adapters are random rank-16 PEFT-format adapters on all linear layers of the def
 every delta is really computed). One JSON line per setting, with the ratio to the base-only run.
 
     python bench/lora.py [--quick] [--threads 1] [--adapters 0,1,4,8]
+    python bench/lora.py --adapters 0,8 --adapter-dirs DIR,DIR,...   # given PEFT adapters of any kind instead
 """
 import argparse
 import json
@@ -53,6 +54,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="16 requests, short outputs")
+    ap.add_argument("--adapter-dirs", default="",
+                    help="comma-separated PEFT adapter directories (LoRA, IA3, prefix, prompt, LLaMA-Adapter, ...) "
+                         "used instead of random LoRAs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,8 +67,12 @@ def main() -> None:
               enable_prefix_caching=False)
     with tempfile.TemporaryDirectory() as tmp:
         counts = [int(c) for c in args.adapters.split(",")]
-        requests = [LoRARequest(f"a{i}", i + 1, os.path.join(tmp, f"a{i}")) for i in range(max(counts))]
-        for i, r in enumerate(requests):
+        given = [d for d in args.adapter_dirs.split(",") if d]
+        if given and max(counts) > len(given):
+            raise SystemExit(f"--adapters asks for {max(counts)} distinct adapters, --adapter-dirs gives {len(given)}")
+        requests = [LoRARequest(f"a{i}", i + 1, given[i] if given else os.path.join(tmp, f"a{i}"))
+                    for i in range(max(counts))]
+        for i, r in enumerate(requests[:0 if given else None]):
             write_adapter(r.lora_path, llm.engine.model_config, args.rank, seed=i)
         run(llm, work[:2], [requests[0] if requests else None, None])   # warm up
         base = None
@@ -73,7 +81,9 @@ def main() -> None:
             seconds, tokens = run(llm, work, loras)
             rate = tokens / seconds
             base = base or (rate if count == 0 else None)
-            print(json.dumps({"bench": "lora", "distinct_adapters": count, "rank": args.rank, "dtype": args.dtype,
+            print(json.dumps({"bench": "lora", "distinct_adapters": count,
+                              "adapters": [r.lora_path for r in requests[:count]] if given else f"random LoRA r{args.rank}",
+                              "dtype": args.dtype,
                               "num_requests": n, "output_tokens": tokens, "seconds": round(seconds, 3),
                               "output_tok_per_s": round(rate, 2),
                               "ratio_vs_base": round(rate / base, 3) if base else None,
