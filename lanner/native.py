@@ -21,10 +21,13 @@ from lanner.cache import cache_dir
 # reassociation lets sums vectorize as trees; no finite-math: kernels rely on -inf
 COMMON_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
                 "-fno-signed-zeros", "-shared", "-fPIC"]
-ISA_LEVELS = {   # best first: level -> (CPU flags it needs, -march for a forced build)
-    "avx512": ({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "f16c"}, "x86-64-v4"),
-    "avx2": ({"avx2", "fma", "f16c", "bmi2", "movbe"}, "x86-64-v3"),
-    "scalar": (set(), "x86-64"),
+AVX2 = {"avx2", "fma", "f16c", "bmi2", "movbe"}
+ISA_LEVELS = {   # best first: level -> (CPU flags it needs, compiler flags for a forced build)
+    "avx512": ({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "f16c"},
+               ["-march=x86-64-v4"]),
+    "avx2-vnni": (AVX2 | {"avx_vnni"}, ["-march=x86-64-v3", "-mavxvnni"]),   # Alder Lake and later, no AVX-512
+    "avx2": (AVX2, ["-march=x86-64-v3"]),
+    "scalar": (set(), ["-march=x86-64"]),
 }
 
 
@@ -63,7 +66,7 @@ def isa_flags() -> list[str]:
         return []
     if not os.environ.get("LANNER_ISA"):
         return ["-march=native", "-mprefer-vector-width=512"]   # GCC's Zen 4 tuning would split 512-bit loops
-    return [f"-march={ISA_LEVELS[isa()][1]}", "-mtune=generic", "-mprefer-vector-width=512"]
+    return [*ISA_LEVELS[isa()][1], "-mtune=generic", "-mprefer-vector-width=512"]
 
 
 def enabled() -> bool:
