@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import assert_all_blocks_free, hf_logits, our_logits, save_tiny_model
 from test_ia3 import SPECS as IA3_SPECS, make_ia3, tiny_base
-from test_lora import PROMPTS, TOL, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
+from test_lora import PROMPTS, TOL, alone_and_batched, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
 from test_prefix_tuning import (adapter_llm, assert_broken_copy_refused, assert_only_pinned_blocks_in_use, make_prefix,
                                 peft_greedy, save_peft)
 from test_prompt_tuning import make_prompt
@@ -72,9 +72,8 @@ def test_twelve_requests_over_base_and_two_adapters_of_each_kind_equal_each_alon
     requests = [None, None, *[LoRARequest(name, 720 + i, path) for i, (name, path) in enumerate(paths.items())],
                 adaptions["top1-len5"][0], adaptions["all2-len3"][0]]
     llm = adapter_llm(base_dir, max_loras=6)
-    inputs = [PROMPTS[i % len(PROMPTS)] for i in range(len(requests))]
-    alone = [greedy(llm, [p], [r])[0] for p, r in zip(inputs, requests)]
-    assert greedy(llm, inputs, requests) == alone
+    alone, batched = alone_and_batched(llm, requests)
+    assert batched == alone
     assert len({tuple(a) for a in alone}) > 6
     assert_only_pinned_blocks_in_use(llm)
 

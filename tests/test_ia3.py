@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 from conftest import assert_all_blocks_free, hf_logits, make_llm, our_logits
-from test_lora import PROMPTS, TOL, base_dir, greedy, lora_llm, make_adapter  # noqa: F401 (fixtures)
+from test_lora import (PROMPTS, TOL, alone_and_batched, base_dir, greedy, lora_llm,  # noqa: F401 (fixtures)
+                       make_adapter)
 
 from lanner import LoRARequest, SamplingParams
 
@@ -66,9 +67,8 @@ def test_mixed_batch_of_base_lora_and_ia3_equals_each_alone(lora_llm, ia3_adapte
     for i, request in enumerate(loras):
         make_adapter(base_dir, request.lora_path, seed=10 + i)
     requests = [None, *loras, ia3_adapters["kv-down"][0], ia3_adapters["no-feedforward"][0]]
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(requests))]
-    alone = [greedy(lora_llm, [p], [r])[0] for p, r in zip(prompts, requests)]
-    assert greedy(lora_llm, prompts, requests) == alone
+    alone, batched = alone_and_batched(lora_llm, requests)
+    assert batched == alone
     assert len({tuple(a) for a in alone}) > 1
     assert_all_blocks_free(lora_llm)
 

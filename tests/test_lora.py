@@ -75,12 +75,16 @@ def greedy(llm, prompts, loras):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False, lora_request=loras)]
 
 
+def alone_and_batched(llm, loras):
+    """Greedy tokens of PROMPTS cycled over the requests' adapters: each request alone, then all in one batch."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(loras))]
+    return [greedy(llm, [p], [lora])[0] for p, lora in zip(prompts, loras)], greedy(llm, prompts, loras)
+
+
 def test_mixed_batch_of_adapters_equals_each_alone(lora_llm, adapters):
     names = ["r8", "r16-rslora", "r64", None]    # three adapters of ranks 8, 16, 64 and the base
-    loras = [adapters[n][0] if n else None for n in names]
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
-    alone = [greedy(lora_llm, [p], [l])[0] for p, l in zip(prompts, loras)]
-    assert greedy(lora_llm, prompts, loras) == alone
+    alone, batched = alone_and_batched(lora_llm, [adapters[n][0] if n else None for n in names])
+    assert batched == alone
     assert len({tuple(a) for a in alone}) > 1
     assert_all_blocks_free(lora_llm)
 

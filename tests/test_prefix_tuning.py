@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import hf_logits, make_llm
 from test_ia3 import make_ia3, tiny_base
-from test_lora import PROMPTS, TOL, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
+from test_lora import PROMPTS, TOL, alone_and_batched, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
 
 from lanner import LoRARequest, SamplingParams
 
@@ -122,9 +122,8 @@ def test_mixed_batch_of_base_lora_ia3_and_prefixes_equals_each_alone(llm4, prefi
     make_ia3(tiny_base(base_dir), ia3.lora_path, 8, target_modules=["k_proj", "v_proj", "down_proj"],
              feedforward_modules=["down_proj"])
     requests = [None, lora, ia3, prefixes["p5"][0], prefixes["p16-projection"][0], prefixes["p5"][0]]
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(requests))]
-    alone = [greedy(llm4, [p], [r])[0] for p, r in zip(prompts, requests)]
-    assert greedy(llm4, prompts, requests) == alone
+    alone, batched = alone_and_batched(llm4, requests)
+    assert batched == alone
     assert len({tuple(a) for a in alone}) > 2
     assert_only_pinned_blocks_in_use(llm4)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import hf_logits
 from test_ia3 import tiny_base
-from test_lora import PROMPTS, TOL, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
+from test_lora import PROMPTS, TOL, alone_and_batched, base_dir, greedy, make_adapter  # noqa: F401 (fixtures)
 from test_prefix_tuning import (adapter_llm, assert_broken_copy_refused, assert_only_pinned_blocks_in_use,
                                 blocks_in_use, make_prefix, peft_greedy, save_peft, served_logits)
 
@@ -75,9 +75,8 @@ def test_mixed_batch_of_base_lora_prefix_and_prompts_equals_each_alone(llm4, pro
     make_prefix(tiny_base(base_dir), prefix.lora_path, 3, num_virtual_tokens=5)
     requests = [None, lora, prefix, prompts["p5"][0], prompts["ptuning-lstm"][0], prompts["p16"][0],
                 prompts["p5"][0]]
-    inputs = [PROMPTS[i % len(PROMPTS)] for i in range(len(requests))]
-    alone = [greedy(llm4, [p], [r])[0] for p, r in zip(inputs, requests)]
-    assert greedy(llm4, inputs, requests) == alone
+    alone, batched = alone_and_batched(llm4, requests)
+    assert batched == alone
     assert len({tuple(a) for a in alone}) > 3
     assert_only_pinned_blocks_in_use(llm4)
 

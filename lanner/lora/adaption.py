@@ -65,6 +65,14 @@ def validated_part(parts: dict, layer: int, kind: str, shape: tuple, where: str)
     return tensor.float()
 
 
+def prompt_keys_values(qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values [heads, L, D] of a prompt from its fused projection qkv [L, (Hq + 2 Hkv) * D] (no rotary;
+    the key/value heads repeated over their query groups, as PEFT's repeat_interleave)."""
+    k, v = qkv[:, num_heads * head_dim:].view(qkv.shape[0], 2, num_kv_heads, head_dim).unbind(1)
+    return tuple(t.repeat_interleave(num_heads // num_kv_heads, dim=1).transpose(0, 1) for t in (k, v))
+
+
 def adaption_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Queries q [T, H, D] (after rotary) over a prompt's keys and values [H, L, D]: gate * softmax(q k^T / sqrt(D))
     (the softmax in fp32, as PEFT) times v, as [T, H * D] in q's dtype."""
@@ -85,9 +93,8 @@ class AdaptionSlots:
         attn = self.attention
         with torch.no_grad():
             qkv = attn.qkv_proj.base_forward(prompt.to(attn.qkv_proj.weight.dtype))
-        k, v = qkv[:, attn.q_size:].view(prompt.shape[0], 2, attn.num_kv_heads, attn.head_dim).unbind(1)
-        group = attn.num_heads // attn.num_kv_heads
-        self.by_slot[slot] = tuple(t.repeat_interleave(group, dim=1).transpose(0, 1).contiguous() for t in (k, v)) + (gate,)
+        k, v = prompt_keys_values(qkv, attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        self.by_slot[slot] = (k.contiguous(), v.contiguous(), gate)
 
     def with_adaption(self, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out [T, H * D], the attention output, plus each adapted slot's share for its rows."""

@@ -377,12 +377,11 @@ class AdaptionPrompt(Method):
         self.gates = nn.ParameterList([nn.Parameter(torch.zeros(1)) for _ in range(adapter_layers)])
 
     def adapt_attention(self, layer, q, qkv):
-        from lanner.lora.adaption import adaption_attention
+        from lanner.lora.adaption import adaption_attention, prompt_keys_values
         if layer < self.first:
             return None
         c, prompt = self.cfg, self.prompts[layer - self.first][0]
-        kv = qkv(prompt.to(q.dtype))[:, c.num_heads * c.head_dim:].view(self.adapter_len, 2, c.num_kv_heads, c.head_dim)
-        k, v = (t.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1).transpose(0, 1) for t in kv.unbind(1))
+        k, v = prompt_keys_values(qkv(prompt.to(q.dtype)), c.num_heads, c.num_kv_heads, c.head_dim)
         b, length = q.shape[:2]
         return adaption_attention(q.flatten(0, 1), k, v, self.gates[layer - self.first]).view(b, length, -1)
 

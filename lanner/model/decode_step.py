@@ -67,8 +67,6 @@ class DecodeStep:
                                           layer.mlp.down_proj)] for layer in model.layers]
         if not all(isinstance(q, ggml.GGMLLinear) for qs in linears for q in qs):
             return None
-        lib.decode_layers.argtypes = [c_void_p, c_void_p, c_int, c_void_p, c_void_p]
-        lib.decode_layers.restype = c_int
         return cls(model, lib, linears)
 
     def fits(self, x: torch.Tensor, meta) -> bool:
@@ -97,7 +95,7 @@ class DecodeStep:
                        0 if tree is None else tree.shape[1], launch.seqs.data_ptr(),
                        None if tree is None else tree.data_ptr())
         residual = torch.empty_like(x)
-        ggml._check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr()),
+        ggml.check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr()),
                     "decode step")
         return x, residual
 
@@ -121,7 +119,7 @@ class DecodeStep:
 
     def layer(self, layer, linears) -> LayerArgs:
         attn = layer.self_attn
-        parts = [LinearArgs(q.weight.type_id, int(getattr(q, "int8", False)), q.weight.data_ptr, q.weight.row_bytes,
+        parts = [LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.weight.row_bytes,
                         q.out_features, q.in_features, None if q.bias is None else self.biases[id(q)].data_ptr())
                  for q in linears]
         return LayerArgs(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),

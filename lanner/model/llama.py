@@ -142,11 +142,10 @@ class LlamaForCausalLM(nn.Module):
         most sensitive linear); a GGUF model's keeps the format its file gives it, as llama.cpp's does."""
         for name, module in self.named_modules():
             if isinstance(module, Linear):
-                module.pack("none" if name == "lm_head" else quantization, dense_gemm)
-        if self.lm_head.quantized is not None and hasattr(self.lm_head.quantized, "int8"):
-            # int8 activations' error flips near ties of the logits themselves ("The" vs "L'" for France's
-            # capital): the head, a quarter of the default model's bytes, multiplies exactly
-            self.lm_head.quantized.int8 = False
+                # int8 activations' error flips near ties of the logits themselves ("The" vs "L'" for France's
+                # capital): the head, a quarter of the default model's bytes, multiplies exactly
+                head = name == "lm_head"
+                module.pack("none" if head else quantization, dense_gemm, int8=not head)
         self.decode_step = DecodeStep.build(self)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

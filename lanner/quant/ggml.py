@@ -57,7 +57,8 @@ def kernels():
     return None if lib is None else _typed(lib)
 
 
-def _check(code: int, what: str) -> None:
+def check(code: int, what: str) -> None:
+    """A kernel's return code as the error it stands for (0: none)."""
     if code == 1:
         raise MemoryError(f"{what}: out of memory for a thread's row buffer")
     if code:
@@ -118,7 +119,7 @@ class GGMLTensor:
         bf16 = dtype == torch.bfloat16
         out = torch.empty(rows, self.shape[1], dtype=torch.bfloat16 if bf16 else torch.float32) if out is None else out
         base = self.data.data_ptr() + first_row * self.data.shape[1]
-        _check(lib.ggml_dequantize(self.type_id, base, self.data.shape[1], self.shape[1], ids_ptr, rows,
+        check(lib.ggml_dequantize(self.type_id, base, self.data.shape[1], self.shape[1], ids_ptr, rows,
                                    out.data_ptr(), int(bf16), torch.get_num_threads()), "dequantize")
         return out if bf16 or dtype == torch.float32 else out.to(dtype)
 
@@ -139,13 +140,15 @@ class GGMLLinear:
     """x[..., in] -> x @ W^T + b for a GGMLTensor W [out, in], in x's dtype (fp32 or bf16)."""
     mode = "ggml"
 
-    def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None):
-        """dense: the same weight in oneDNN's packed layout, for the large-batch path (else dequantized per call)."""
+    def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None,
+                 int8: bool = True):
+        """dense: the same weight in oneDNN's packed layout, for the large-batch path (else dequantized per call);
+        int8: whether small steps may run on int8 activations (never with LANNER_EXACT_LINEARS=1)."""
         self.weight, self.bias, self.dense = weight, None if bias is None else bias.detach(), dense
         self.out_features, self.in_features = weight.shape
         self.chunk_rows = max(64, DEQUANT_CHUNK_ELEMENTS // self.in_features)
         self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
-        self.int8 = int8_activations()
+        self.int8 = int8 and int8_activations()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -159,7 +162,7 @@ class GGMLLinear:
         xf = x.float().contiguous()
         m, (n, k), w = xf.shape[0], self.weight.shape, self.weight
         y = torch.empty(m, n, dtype=torch.float32)
-        _check(lib.ggml_matmul(w.type_id, w.data_ptr, w.row_bytes, n, k, xf.data_ptr(), k, m, y.data_ptr(), n,
+        check(lib.ggml_matmul(w.type_id, w.data_ptr, w.row_bytes, n, k, xf.data_ptr(), k, m, y.data_ptr(), n,
                                torch.get_num_threads(), int(int8)), "matmul")
         if self.bias is not None:
             y += self.bias
