@@ -29,6 +29,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS) + list(QUANTIZATION_ALIASES),
                    help="an HF model's linears quantized at load into a GGML block format (int8 = q8_0, "
                         "int4 = q4_1) or nf4 as in QLoRA; a GGUF model keeps its file's formats")
+    p.add_argument("--limit-images-per-prompt", type=int, default=d.limit_mm_per_prompt["image"],
+                   help="images one prompt may carry (vision-language models)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="let file:// image URLs read images from inside DIR (refused otherwise)")
     p.add_argument("--speculative", default=None, metavar="SPEC",
                    help="speculative decoding: ngram:K (prompt lookup) or draft:PATH:K (a draft model)")
 
@@ -40,7 +44,8 @@ def engine_kwargs(args) -> dict:
                 enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
                 device=args.device, speculative=args.speculative,
                 quantization=args.quantization, dense_gemm_weights=args.dense_gemm_weights, enable_lora=bool(args.lora), max_loras=args.max_loras,
-                max_lora_rank=args.max_lora_rank)
+                max_lora_rank=args.max_lora_rank, limit_mm_per_prompt={"image": args.limit_images_per_prompt},
+                allowed_local_media_path=args.allowed_local_media_path)
 
 
 def lora_requests(specs: list[str]) -> dict:
@@ -116,7 +121,11 @@ def chosen_adapter(args):
 
 def cmd_generate(args) -> int:
     llm, adapter = make_llm(args), chosen_adapter(args)
-    prompt = args.prompt if args.raw else llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    images = [{"type": "image_url", "image_url": {"url": path}} for path in args.image]
+    if args.raw:
+        prompt = {"prompt": args.prompt, "multi_modal_data": {"image": args.image}} if args.image else args.prompt
+    else:
+        prompt = llm.chat_prompt([{"role": "user", "content": [*images, {"type": "text", "text": args.prompt}]}])
     for text in llm.stream(prompt, sampling_params(args), lora_request=adapter):
         print(text, end="", flush=True)
     print()
@@ -126,7 +135,9 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     llm, adapter = make_llm(args), chosen_adapter(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("lanner chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    print("lanner chat: type a message; /image PATH attaches an image to the next one; /reset clears the history, "
+          "/exit or Ctrl-D quits.", file=sys.stderr)
+    images = []
     while True:
         try:
             user = input("> ")
@@ -136,13 +147,22 @@ def cmd_chat(args) -> int:
         if user.strip() in ("/exit", "/quit"):
             return 0
         if user.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+            messages, images = (messages[:1] if args.system else []), []
             continue
-        messages.append({"role": "user", "content": user})
-        reply = ""
-        for text in llm.stream(llm.tokenizer.apply_chat_template(messages), sampling_params(args), adapter):
-            reply += text
-            print(text, end="", flush=True)
+        if user.startswith("/image "):
+            images.append({"type": "image_url", "image_url": {"url": user[len("/image "):].strip()}})
+            continue
+        messages.append({"role": "user", "content": [*images, {"type": "text", "text": user}] if images else user})
+        images, reply = [], ""
+        try:
+            stream = llm.stream(llm.chat_prompt(messages), sampling_params(args), adapter)
+            for text in stream:
+                reply += text
+                print(text, end="", flush=True)
+        except ValueError as e:   # a bad image or a prompt too long: say so, forget the message, keep chatting
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
         print()
         messages.append({"role": "assistant", "content": reply})
 
@@ -159,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a reply to one prompt, streamed")
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image for a vision-language model (repeat for more; with --raw, the prompt places "
+                          "each with the model's image placeholder)")
     chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
     chat.add_argument("--system", default=None, help="system prompt")
     for p in (gen, chat):

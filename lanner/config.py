@@ -194,6 +194,8 @@ class EngineConfig:
     max_loras: int = 8                        # distinct adapters in one step
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None          # validated adapters kept loaded (LRU), default max_loras
+    limit_mm_per_prompt: dict = field(default_factory=lambda: {"image": 4})   # images one prompt may carry
+    allowed_local_media_path: str | None = None   # file:// image URLs are read only from inside this directory
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

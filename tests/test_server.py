@@ -284,7 +284,7 @@ def test_malformed_json_is_a_400(server, body):
     ("/v1/chat/completions", {"model": MODEL, "messages": "Hi"}, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "Hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "messages.0.content"),
+     "messages.0.content.0"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 3}, "top_logprobs"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 50, "logprobs": True},
      "top_logprobs"),

@@ -10,6 +10,7 @@ import torch
 from lanner.config import EngineConfig, ModelConfig
 from lanner.engine.kv_cache import BlockManager
 from lanner.engine.model_runner import ModelRunner
+from lanner.engine.multimodal import VisionPath, is_vision_model, split_prompt
 from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lanner.engine.sampler import HistoryView, Sampler, filtered_probs, top_logprobs
 from lanner.engine.scheduler import Scheduler
@@ -42,15 +43,28 @@ class Request:
         return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
 
 
+@dataclass
+class TokenizedPrompt:
+    text: str | None
+    token_ids: list[int]
+    images: object = None   # engine.multimodal.ImagePrompt
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         hf_config, weights, self.tokenizer, self.model_path = load_model_files(cfg.model, dense=cfg.device != "cpu")
+        vision_files = (hf_config, weights) if is_vision_model(hf_config) else None
+        if vision_files:
+            hf_config, weights = VisionPath.split(hf_config, weights)
         self.model_config = ModelConfig.from_hf(hf_config)
         self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
         self.runner = ModelRunner(cfg, self.model_config, weights, self.max_model_len)
-        del weights
+        if vision_files:
+            self.runner.vision = VisionPath(self.model_path, *vision_files, self.tokenizer, self.runner.dtype,
+                                            cfg.limit_mm_per_prompt.get("image", 1))
+        del weights, vision_files
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         if self.runner.lora is not None:
             self.runner.lora.prefix_pool = PrefixPool(self.blocks, self.runner.kv_cache)
@@ -67,13 +81,15 @@ class LLMEngine:
         self.num_drafted_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
 
     # ---- requests -------------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: "str | list[int] | dict | TokenizedPrompt", params: SamplingParams | None = None,
                     request_id: str | None = None, lora_request=None) -> str:
+        """prompt: text, token ids, or vLLM's {"prompt": text, "multi_modal_data": {"image": ...}}."""
         params = params or SamplingParams()
+        prompt = self.tokenize(prompt)
+        token_ids, image_prompt = prompt.token_ids, prompt.images
         lora_id = self.register_lora(lora_request) if lora_request is not None else 0
         prefix = self.runner.lora.pinned_prefix(lora_id) if lora_id else None
         prompt_adapter = self.runner.lora.prompt_adapter(lora_id) if lora_id else None
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         adapter = prefix or prompt_adapter
         num_virtual_tokens = adapter.num_virtual_tokens if adapter else 0
         self.validate_prompt(token_ids, params, num_virtual_tokens)
@@ -81,14 +97,27 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = Sequence(request_id, token_ids, params, lora_id=lora_id, seed=params.seed)
-        seq.prefix, seq.prompt = prefix, prompt_adapter
+        seq.prefix, seq.prompt, seq.images = prefix, prompt_adapter, image_prompt
         seq.adapter_digest = self.runner.lora.digests[lora_id] if lora_id else None
         if params.structured_outputs is not None:
             seq.grammar = self.grammars.matcher(params.structured_outputs)
-        self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,
-                                            token_ids, params, [seq], lora_request)
+        self.requests[request_id] = Request(request_id, prompt.text, token_ids, params, [seq], lora_request)
         self.scheduler.add(seq)
         return request_id
+
+    def tokenize(self, prompt: "str | list[int] | dict | TokenizedPrompt") -> TokenizedPrompt:
+        """Token ids, and the images processed (ValueError on a bad one). Thread-safe: a server runs it off the
+        engine thread, since decoding and resizing images takes a while."""
+        if isinstance(prompt, TokenizedPrompt):
+            return prompt
+        prompt, images = split_prompt(prompt)
+        text = prompt if isinstance(prompt, str) else None
+        if not images:
+            return TokenizedPrompt(text, self.tokenizer.encode(prompt) if text is not None else list(prompt))
+        if self.runner.vision is None:
+            raise ValueError(f"the model {self.model_path} takes no images (a text-only "
+                             f"{self.model_config.architecture})")
+        return TokenizedPrompt(text, *self.runner.vision.prompt(prompt, images, self.cfg.allowed_local_media_path))
 
     @functools.cached_property
     def grammars(self) -> GrammarCompiler:

@@ -5,10 +5,11 @@ from tqdm import tqdm
 
 from lanner.config import EngineConfig
 from lanner.engine.engine import LLMEngine
+from lanner.engine.multimodal import chat_parts, template_takes_parts
 from lanner.engine.outputs import RequestOutput
 from lanner.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict   # dict: {"prompt": text, "multi_modal_data": {"image": ...}}, as vLLM's
 
 
 class LLM:
@@ -24,7 +25,8 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
-        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        single = isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int))
+        prompts = [prompts] if single else prompts
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
         if len(params) != len(prompts) or len(loras) != len(prompts):
@@ -34,9 +36,16 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = True,
              lora_request=None) -> list[RequestOutput]:
+        """messages in OpenAI's shape; content may be a list of text and image_url / image parts."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+        return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, use_tqdm, lora_request)
+
+    def chat_prompt(self, messages: list[dict]) -> str | dict:
+        vision = self.engine.runner.vision
+        takes_parts = template_takes_parts(self.tokenizer.chat_template)
+        messages, images = chat_parts(messages, takes_parts, vision.processor.image_token if vision else "<image>")
+        text = self.tokenizer.apply_chat_template(messages)
+        return {"prompt": text, "multi_modal_data": {"image": images}} if images else text
 
     def add_all(self, prompts, params, loras) -> list[str]:
         """Add every request, or none: a bad prompt aborts the ones already added (no leaked blocks)."""

@@ -44,6 +44,7 @@ class ModelRunner:
                          else torch.zeros(shape, dtype=self.dtype, device=cfg.device))
         for layer, cache in zip(self.model.layers, self.kv_cache):
             layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
+        self.vision = None   # engine.multimodal.VisionPath of a vision-language model
         self.lora = None
         if cfg.enable_lora:
             from lanner.lora.manager import LoRAManager
@@ -57,11 +58,11 @@ class ModelRunner:
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
         """Packed inputs, attention metadata, and which rows get logits (with their sequences and the index in
         token_ids of the token each reads). Positions are KV positions: after an adapter's virtual tokens. Rows at a
-        prompt adapter's virtual positions get its embeddings instead of token embeddings: embeds is (rows, values)
-        or None."""
+        prompt adapter's virtual positions get its embeddings, and rows at image tokens their image's features,
+        instead of token embeddings: embeds is (rows, values) or None."""
         bs = self.cfg.block_size
         input_ids, positions, slots, query_lens, seq_lens, tables, loras = [], [], [], [], [], [], []
-        embed_rows, embed_values = [], []
+        embed_rows, embed_values, image_chunks = [], [], []
         logit_rows, logit_seqs, logit_tokens = [], [], []
         for seq, num in scheduled:
             start = seq.num_computed_tokens
@@ -71,6 +72,9 @@ class ModelRunner:
                 end = min(start + num, seq.num_virtual_tokens)
                 embed_rows += range(row0, row0 + end - start)
                 embed_values.append(seq.prompt.embeddings[start:end])
+            if seq.images is not None:   # (image prompt, first row, first token index, tokens) past virtual ones
+                skip = max(0, seq.num_virtual_tokens - start)
+                image_chunks.append((seq.images, row0 + skip, start + skip - seq.num_virtual_tokens, num - skip))
             positions += range(start, start + num)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + num)]
@@ -85,7 +89,11 @@ class ModelRunner:
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
         if self.lora is not None:
             self.lora.set_batch(loras)
-        embeds = (torch.tensor(embed_rows), torch.cat(embed_values)) if embed_rows else None
+        if image_chunks:
+            rows, values = self.vision.embeds(image_chunks)
+            embed_rows += rows
+            embed_values += [v.to(self.dtype) for v in values]
+        embeds = (torch.tensor(embed_rows), torch.cat([v.to(self.dtype) for v in embed_values])) if embed_rows else None
         return (torch.tensor(input_ids), torch.tensor(positions), meta, embeds,
                 torch.tensor(logit_rows, dtype=torch.long), logit_seqs, logit_tokens)
 

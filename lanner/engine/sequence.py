@@ -30,6 +30,7 @@ class Sequence:
         self.prefix = None                   # kv_cache.PinnedPrefix of a prefix-tuned adapter
         self.prompt = None                   # lora.prompt.PromptAdapter of a prompt-tuned adapter
         self.adapter_digest = None           # its adapter's files hashed: keys its blocks in the prefix cache
+        self.images = None                   # engine.multimodal.ImagePrompt: its images and their token rows
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.block_table: list[int] = []
@@ -106,9 +107,11 @@ class Sequence:
 
     def block_token_ids(self, i: int, block_size: int) -> tuple:
         """What KV block i holds, as the prefix cache keys it: its virtual tokens (a prompt adapter's as the digest of
-        its embeddings and their index, so no two adapters share them) and then its tokens."""
+        its embeddings and their index, so no two adapters share them) and then its tokens (an image's as its digest
+        and row)."""
         start, end = i * block_size - self.num_virtual_tokens, (i + 1) * block_size - self.num_virtual_tokens
-        tokens = tuple(self.token_ids[max(0, start):max(0, end)])
+        tokens = (tuple(self.token_ids[max(0, start):max(0, end)]) if self.images is None
+                  else self.images.keys(max(0, start), max(0, end), self.token_ids))
         if start >= 0 or self.prompt is None:
             return tokens
         return tuple((self.prompt.digest, j) for j in range(start, min(end, 0))) + tokens
@@ -117,6 +120,7 @@ class Sequence:
         """A sibling for n > 1 that continues from the same computed prompt (blocks shared by the caller)."""
         child = Sequence(self.request_id, self.token_ids, self.params, self.lora_id, index, seed)
         child.prefix, child.prompt, child.adapter_digest = self.prefix, self.prompt, self.adapter_digest
+        child.images = self.images
         child.num_prompt_tokens, child.num_computed_tokens = self.num_prompt_tokens, self.num_computed_tokens
         child.num_cached_tokens, child.prompt_logprobs = self.num_cached_tokens, self.prompt_logprobs
         child.block_hashes, child.status, child.arrival_time = list(self.block_hashes), self.status, self.arrival_time

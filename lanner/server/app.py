@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from lanner.engine.engine import TokenizedPrompt
+from lanner.engine.multimodal import chat_parts, template_takes_parts
 from lanner.engine.outputs import RequestOutput
 from lanner.sampling_params import SamplingParams
 from lanner.server import errors, protocol, tools
@@ -122,8 +124,8 @@ class Handlers:
         self.registry.resolve(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
-        ids = self.encode(req.prompt, "prompt") if req.messages is None else \
-            self.encode_chat([m.as_template_input(i) for i, m in enumerate(req.messages)], req.add_generation_prompt)
+        ids = self.encode(req.prompt, "prompt") if req.messages is None else (await self.encode_chat(
+            [m.as_template_input(i) for i, m in enumerate(req.messages)], req.add_generation_prompt)).token_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len}
 
     async def detokenize(self, req: DetokenizeRequest):
@@ -169,11 +171,11 @@ class Handlers:
         req.check_unsupported()
         lora = self.registry.resolve(req.model)
         offered_tools = req.offered_tools
-        ids = self.encode_chat(req.template_messages(), req.add_generation_prompt, offered_tools)
+        prompt = await self.encode_chat(req.template_messages(), req.add_generation_prompt, offered_tools)
         structured = await self.compile(req.constraint())
-        params = req.sampling_params(self.default_max_tokens(req.requested_max_tokens, [ids]), req.num_logprobs,
-                                     structured)
-        job = Job(self, protocol.new_id("chatcmpl"), req.model or self.registry.base_name, [ids], params, lora,
+        params = req.sampling_params(self.default_max_tokens(req.requested_max_tokens, [prompt.token_ids]),
+                                     req.num_logprobs, structured)
+        job = Job(self, protocol.new_id("chatcmpl"), req.model or self.registry.base_name, [prompt], params, lora,
                   "messages")
         parse_tools = offered_tools is not None
         if req.stream:
@@ -194,14 +196,23 @@ class Handlers:
             raise APIError(400, f"{param} is empty", param)
         return ids
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          tools: list[dict] | None = None) -> TokenizedPrompt:
+        """The chat's token ids, its images decoded and processed off the engine thread (a bad one is a 400)."""
+        vision = self.engine.vision
         try:
+            messages, images = chat_parts(messages, vision is not None and template_takes_parts(
+                self.tokenizer.chat_template), vision.processor.image_token if vision else "<image>")
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                       tools=tools)
         except Exception as e:          # ValueError from the template's raise_exception, jinja errors
             raise APIError(400, f"the chat template rejected the messages: {e}", "messages") from None
-        return self.encode(text, "messages")
+        if not images:
+            return TokenizedPrompt(text, self.encode(text, "messages"))
+        try:
+            return await asyncio.to_thread(self.engine.tokenize, {"prompt": text, "multi_modal_data": {"image": images}})
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
 
     async def compile(self, constraint: Constraint | None) -> StructuredOutputs | None:
         """Compiled off the engine thread, so a big schema never stalls the streams; a bad one is a 400."""
@@ -260,12 +271,12 @@ def as_api_error(e: BaseException, param: str) -> APIError:
 class Job:
     """One HTTP generation request: its engine requests (one per prompt), collected or streamed."""
 
-    def __init__(self, api: Handlers, job_id: str, model: str, prompts: list[list[int]], params: SamplingParams,
-                 lora, param: str):
+    def __init__(self, api: Handlers, job_id: str, model: str, prompts: list[list[int] | TokenizedPrompt],
+                 params: SamplingParams, lora, param: str):
         self.api, self.id, self.model, self.params, self.lora, self.param = api, job_id, model, params, lora, param
         self.created = protocol.now()
-        for ids in prompts:
-            self.validate(ids)
+        for prompt in prompts:
+            self.validate(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)
         api.admit(len(prompts))
         self.prompts = [(f"{job_id}-{i}", ids) for i, ids in enumerate(prompts)]
         self.order = {rid: i for i, (rid, _) in enumerate(self.prompts)}

@@ -51,6 +51,8 @@ class AsyncEngine:
         self.kv_capacity_tokens = engine.blocks.num_blocks * engine.cfg.block_size
         self.validate_prompt = engine.validate_prompt          # reads only those constants
         self.compile_constraint = engine.compile_constraint    # thread-safe: handlers call it off the loop
+        self.tokenize = engine.tokenize                        # thread-safe too (images are processed there)
+        self.vision = engine.runner.vision                     # its processor: the image placeholder
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.tracked: dict[str, Tracked] = {}                  # event-loop side only
         self.unstarted: set[str] = set()                       # admitted, no token yet (the "waiting queue")
@@ -96,13 +98,13 @@ class AsyncEngine:
         return len(self.unstarted)
 
     # ---- requests (event loop) ------------------------------------------------------------------
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lora_request,
+    def add(self, request_id: str, prompt_ids: "list[int] | TokenizedPrompt", params: SamplingParams, lora_request,
             out: asyncio.Queue, arrival: float) -> None:
         if not self.alive:
             raise EngineStopped("the engine loop is not running")
         self.tracked[request_id] = Tracked(out, arrival)
         self.unstarted.add(request_id)
-        self.metrics.prompt_tokens += len(prompt_ids)
+        self.metrics.prompt_tokens += len(getattr(prompt_ids, "token_ids", prompt_ids))
         self.commands.put(("add", request_id, prompt_ids, params, lora_request))
 
     def abort(self, request_id: str) -> None:

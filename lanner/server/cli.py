@@ -42,7 +42,8 @@ def make_registry(name: str, engine, lora_specs: list[str]):
     validate = None
     if engine.runner.lora is not None:
         validate = partial(load_adapter, cfg=engine.model_config, max_rank=engine.cfg.max_lora_rank)
-    registry = ModelRegistry(name, engine.max_model_len, validate)
+    modalities = ("text", "image") if engine.runner.vision is not None else ("text",)
+    registry = ModelRegistry(name, engine.max_model_len, validate, modalities)
     for adapter, request in lora_requests(lora_specs).items():
         try:
             registry.load(adapter, request.lora_path)

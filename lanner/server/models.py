@@ -11,8 +11,9 @@ LORA_DISABLED = ("LoRA is not enabled: start the server with --lora NAME=PATH (o
 class ModelRegistry:
     """validate(LoRARequest) checks an adapter against the base model (raises ValueError); None: no LoRA."""
 
-    def __init__(self, base_name: str, max_model_len: int, validate=None):
+    def __init__(self, base_name: str, max_model_len: int, validate=None, input_modalities=("text",)):
         self.base_name, self.max_model_len, self.validate = base_name, max_model_len, validate
+        self.input_modalities = list(input_modalities)   # in /v1/models: ["text", "image"] for a VLM
         self.models: dict[str, object] = {base_name: None}     # name -> lora_request (None: the base model)
         self.created = int(time.time())
         self.ids = itertools.count(1)
@@ -56,5 +57,6 @@ class ModelRegistry:
     def cards(self) -> list[dict]:
         return [{"id": name, "object": "model", "created": self.created, "owned_by": "lanner",
                  "root": name if lora is None else getattr(lora, "lora_path", name),
-                 "parent": None if lora is None else self.base_name, "max_model_len": self.max_model_len}
+                 "parent": None if lora is None else self.base_name, "max_model_len": self.max_model_len,
+                 "input_modalities": self.input_modalities}
                 for name, lora in self.models.items()]

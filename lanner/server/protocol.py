@@ -149,10 +149,30 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = None
+
+    def as_template_input(self, param: str) -> dict:
+        """A text part, or an image_url part whose URL is data: (inline) or file:// (read only from the server's
+        --allowed-local-media-path, checked when the image is loaded); the server fetches nothing remote."""
+        if self.type == "text" and self.text is not None:
+            return {"type": "text", "text": self.text}
+        if self.type == "image_url" and self.image_url is not None:
+            url = self.image_url if isinstance(self.image_url, str) else self.image_url.url
+            if not url.startswith(("data:", "file://")):
+                raise APIError(400, f"image URLs must be data: URLs (base64) or file:// paths; this server does not "
+                                    f"fetch remote images ({url[:40]!r})", f"{param}.image_url")
+            return {"type": "image_url", "image_url": {"url": url}}
+        raise APIError(400, f"unsupported content part: type {self.type!r} (text and image_url are supported)", param)
 
 
 class FunctionCall(BaseModel):
@@ -190,9 +210,7 @@ class ChatMessage(BaseModel):
     def as_template_input(self, index: int) -> dict:
         content = self.content
         if isinstance(content, list):
-            if any(part.type != "text" or part.text is None for part in content):
-                raise APIError(400, "only text content parts are supported", f"messages.{index}.content")
-            content = "".join(part.text for part in content)
+            content = [part.as_template_input(f"messages.{index}.content.{i}") for i, part in enumerate(content)]
         message = {"role": self.role, "content": content or ""}
         if self.name:
             message["name"] = self.name
