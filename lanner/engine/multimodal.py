@@ -9,11 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-VISION_ARCHITECTURES = ("LlavaForConditionalGeneration", "Idefics3ForConditionalGeneration",
-                        "Idefics2ForConditionalGeneration")
-
-
 def is_vision_model(config: dict) -> bool:
+    from lanner.vision.encoder import VISION_ARCHITECTURES
     return (config.get("architectures") or [None])[0] in VISION_ARCHITECTURES
 
 
@@ -71,14 +68,11 @@ class VisionPath:
 
     def __init__(self, model_dir: str, config: dict, weights: dict, tokenizer, dtype: torch.dtype,
                  max_images_per_prompt: int, cache_bytes: int = 512 << 20):
-        from lanner.vision.encoder import load_vision_encoder
+        from lanner.vision.encoder import image_token_id, load_vision_encoder
         from lanner.vision.processors import load_image_processor
         self.processor = load_image_processor(model_dir, config)
         self.encoder = load_vision_encoder(config, weights, dtype).eval()
-        token = self.processor.image_token
-        self.image_token_id = config.get("image_token_id", config.get("image_token_index"))
-        if self.image_token_id is None:
-            self.image_token_id = tokenizer.tokenizer.token_to_id(token)
+        self.image_token_id = image_token_id(config)
         self.tokenizer, self.max_images = tokenizer, max_images_per_prompt
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.cache_bytes, self.cached_bytes = cache_bytes, 0

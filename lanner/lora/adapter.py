@@ -20,6 +20,7 @@ ALL_LINEAR = tuple(SUBMODULES)
 # our fused linear -> the PEFT modules it holds, in output order
 FUSED = {fused: tuple(name for name, (f, _) in SUBMODULES.items() if f == fused) for fused, _ in SUBMODULES.values()}
 PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "ADAPTION_PROMPT")
+VISION_KEY = re.compile(r"vision_(?:tower|model)\.|multi_modal_projector\.|connector\.")
 KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
@@ -165,7 +166,7 @@ def load_lora(request: LoRARequest, config: dict, tensors: dict, cfg: ModelConfi
 def group_pairs(tensors: dict[str, torch.Tensor], file: str) -> dict[tuple[int, str], tuple]:
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = KEY.match(key)
+        match = None if VISION_KEY.search(key) else KEY.match(key)   # a VLM's adapter: its text layers only
         if not match or match.group(2) not in SUBMODULES:
             raise ValueError(f"LoRA tensor {key!r} in {file} targets a module this model does not have")
         found.setdefault((int(match.group(1)), match.group(2)), {})[match.group(3)] = tensor
