@@ -1,5 +1,6 @@
 """`lanner generate | chat | pull | resize | ...`: the command line."""
 import argparse
+import os
 import sys
 
 from lanner.config import QUANTIZATION_ALIASES, QUANTIZATIONS, EngineConfig
@@ -119,11 +120,21 @@ def chosen_adapter(args):
     return loras.get(args.adapter)
 
 
+def image_file(path: str) -> bytes:
+    """An image file the user named on the command line (trusted, unlike a server request's file:// URL)."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read image file {path}: {e.strerror}") from None
+
+
 def cmd_generate(args) -> int:
     llm, adapter = make_llm(args), chosen_adapter(args)
-    images = [{"type": "image_url", "image_url": {"url": path}} for path in args.image]
+    images = [{"type": "image", "image": image_file(path)} for path in args.image]
     if args.raw:
-        prompt = {"prompt": args.prompt, "multi_modal_data": {"image": args.image}} if args.image else args.prompt
+        prompt = ({"prompt": args.prompt, "multi_modal_data": {"image": [i["image"] for i in images]}} if images
+                  else args.prompt)
     else:
         prompt = llm.chat_prompt([{"role": "user", "content": [*images, {"type": "text", "text": args.prompt}]}])
     for text in llm.stream(prompt, sampling_params(args), lora_request=adapter):
@@ -150,7 +161,10 @@ def cmd_chat(args) -> int:
             messages, images = (messages[:1] if args.system else []), []
             continue
         if user.startswith("/image "):
-            images.append({"type": "image_url", "image_url": {"url": user[len("/image "):].strip()}})
+            try:
+                images.append({"type": "image", "image": image_file(user[len("/image "):].strip())})
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": [*images, {"type": "text", "text": user}] if images else user})
         images, reply = [], ""

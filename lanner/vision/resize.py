@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-from lanner.vision.taps import ALIGNS, MODES, axis_taps
+from lanner.vision.taps import ALIGNS, MODES, axis_taps, fixed_point
 
 LAYOUTS = ("HW", "HWC", "CHW", "NHWC", "NCHW")
 
@@ -23,44 +23,51 @@ def resize(image, size=None, scale=None, mode="bilinear", align="half_pixel", an
 
     size: int or (height, width). scale: float or (scale_y, scale_x); the output is
     floor(n * scale) and, as with torch's scale_factor, the scale itself maps coordinates.
-    mode: "bilinear" or "nearest". align: "half_pixel", "corners" or "asymmetric" (see taps.py).
-    antialias: when downscaling, widen the bilinear tent to the footprint of an output pixel.
+    mode: "bilinear", "bicubic" (a = -0.5), "lanczos" (a = 3) or "nearest"; align: "half_pixel",
+    "corners" or "asymmetric" (see taps.py).
+    antialias: when downscaling, stretch the filter over the footprint of an output pixel.
+    With antialias, bilinear / bicubic / lanczos are PIL's BILINEAR / BICUBIC / LANCZOS.
     layout: one of LAYOUTS; by default 2-D is HW, 4-D is NCHW, and 3-D is HWC for numpy but
     CHW for torch (each library's usual image layout).
-    Integer images are resampled in float, then rounded half up, as OpenCV and PIL do.
+    Integer images are resampled in float, then clipped to the dtype's range and rounded half
+    up, as OpenCV does; with antialias, they are resampled as PIL does, bit for bit: its
+    fixed-point weights, and rounding after each of the two passes (see _resize_rows_pil).
     """
     _check_choice("mode", mode, MODES)
     _check_choice("align", align, ALIGNS)
-    if antialias and mode != "bilinear":
-        raise ValueError("antialias applies to mode='bilinear' only")
+    if antialias and mode == "nearest":
+        raise ValueError("antialias does not apply to mode='nearest'")
     tensor, from_numpy = _as_tensor(image)
     layout = _resolve_layout(layout, tensor.ndim, from_numpy)
-    if mode == "bilinear" and (tensor.dtype == torch.bool or tensor.is_complex()):
-        raise TypeError(f"bilinear needs a real-valued image, got {tensor.dtype}; use mode='nearest'")
+    if mode != "nearest" and (tensor.dtype == torch.bool or tensor.is_complex()):
+        raise TypeError(f"{mode} needs a real-valued image, got {tensor.dtype}; use mode='nearest'")
     x = _to_bhwc(tensor, layout)
     if x.numel() == 0:
         raise ValueError(f"image must not be empty, got shape {tuple(tensor.shape)}")
     (out_h, out_w), (scale_y, scale_x) = _output_size(x.shape[1:3], size, scale)
     taps_h = axis_taps(x.shape[1], out_h, scale_y, mode, align, antialias)
     taps_w = axis_taps(x.shape[2], out_w, scale_x, mode, align, antialias)
-    out = _from_bhwc(_resize_bhwc(x, taps_h, taps_w), layout)
+    pil = antialias and not x.dtype.is_floating_point
+    out = _from_bhwc(_resize_bhwc(x, taps_h, taps_w, pil), layout)
     return out.numpy() if from_numpy else out
 
 
-def _resize_bhwc(x, taps_h, taps_w):
+def _resize_bhwc(x, taps_h, taps_w, pil):
     """Resize a logical [B, H, W, C] tensor in whichever memory order it already has."""
     b, h, w, c = x.shape
     out_h, out_w = len(taps_h.index), len(taps_w.index)
     if x.is_contiguous():  # channels-last memory: rows of W*C values, a W tap covers C of them
-        out = _resize_rows(x.reshape(b, h, w * c), taps_h, taps_w, c)
+        out = _resize_rows(x.reshape(b, h, w * c), taps_h, taps_w, c, pil)
         return out.view(b, out_h, out_w, c)
     planes = x.permute(0, 3, 1, 2).contiguous()
-    out = _resize_rows(planes.view(b * c, h, w), taps_h, taps_w, 1)
+    out = _resize_rows(planes.view(b * c, h, w), taps_h, taps_w, 1, pil)
     return out.view(b, c, out_h, out_w).permute(0, 2, 3, 1)
 
 
-def _resize_rows(x, taps_h, taps_w, channels):
+def _resize_rows(x, taps_h, taps_w, channels, pil):
     """Resize contiguous [B, H, W*channels]: both passes, cheaper one first, then cast back."""
+    if pil:
+        return _resize_rows_pil(x, taps_h, taps_w, channels)
     dtype, compute = x.dtype, _compute_dtype(x.dtype)
     nearest = taps_h.index.shape[1] == taps_w.index.shape[1] == 1
     scratch = _scratch_for(x)
@@ -75,6 +82,42 @@ def _resize_rows(x, taps_h, taps_w, channels):
         slot = f"pass{i}" if i == 0 or final_in_scratch else None
         x = apply(x, taps, ch, scratch, slot)
     return _cast_back(x, dtype, scratch)
+
+
+def _resize_rows_pil(x, taps_h, taps_w, channels):
+    """PIL's fixed-point resampler, bit for bit: weights on its 2^-22 grid, summed in float64 (so
+    exactly), the image between the passes rounded and clipped to the integer dtype, the passes in
+    Pillow's order. The W pass is an H pass (one embedding_bag) of the image transposed while still
+    integer: on 1080p -> 224 that is 7 + 5 ms against 53 ms for K float64 gathers."""
+    dtype, scratch = x.dtype, _scratch_for(x)
+    taps_h, taps_w = fixed_point(taps_h), fixed_point(taps_w)
+    h_first = _pil_h_first(x.shape, taps_h, taps_w, channels)
+    for i, axis in enumerate("hw" if h_first else "wh"):
+        if axis == "w":
+            x = _swap_hw(x, channels, scratch, "swap_in")
+        x = _pass_h(_convert(x, torch.float64, scratch("input", x.shape, torch.float64)),
+                    taps_h if axis == "h" else taps_w, 1, scratch, None)
+        if axis == "w":
+            x = _swap_hw(x, channels, scratch, "swap_out")
+        if i == 0:
+            x = _round_half_up(x, dtype)
+    return _cast_back(x, dtype, scratch)
+
+
+def _swap_hw(x, channels, scratch, slot):
+    """[B, H, W*channels] -> [B, W, H*channels]: the image transposed, each pixel's channels kept together."""
+    b, h, wc = x.shape
+    swapped = x.view(b, h, wc // channels, channels).transpose(1, 2)
+    out = scratch(slot, swapped.shape, x.dtype)
+    out = swapped.contiguous() if out is None else out.copy_(swapped)
+    return out.view(b, -1, h * channels)
+
+
+def _pil_h_first(shape, taps_h, taps_w, channels):
+    """Pillow's order (13): H first when H loses more than twice as many pixels as W does."""
+    _, h, wc = shape
+    shrink_h, shrink_w = h - len(taps_h.index), wc // channels - len(taps_w.index)
+    return shrink_h > max(0, 2 * shrink_w)
 
 
 def _h_first(shape, taps_h, taps_w, channels):
@@ -192,14 +235,20 @@ def _cast_back(y, dtype, scratch):
         return y
     if dtype.is_floating_point:
         return y.to(dtype)
-    # Tent weights are >= 0 and sum to 1, so y stays inside the input's range: no clipping,
-    # and for unsigned types the float->int truncation already is the floor.
-    y = y.add_(0.5) if torch.iinfo(dtype).min == 0 else y.add_(0.5).floor_()
+    # For unsigned types the float->int truncation already is the floor.
+    y = _round_half_up(y, dtype, floor=torch.iinfo(dtype).min < 0)
     # float -> 8/16-bit has no fast kernel; going through a wider int is ~4x faster.
     wide = {1: torch.int16, 2: torch.int32}.get(dtype.itemsize)
     if wide is not None:
         y = _convert(y, wide, scratch("wide", y.shape, wide))
     return y.to(dtype)
+
+
+def _round_half_up(y, dtype, floor=True):
+    """In place: clip to the integer dtype's range (bicubic and lanczos overshoot it), add 0.5, floor."""
+    info = torch.iinfo(dtype)
+    y = y.clamp_(info.min, info.max).add_(0.5)
+    return y.floor_() if floor else y
 
 
 def _as_tensor(image):
