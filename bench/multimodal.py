@@ -9,9 +9,14 @@ systems start from PIL images, so preprocessing is timed on both sides. HF runs 
 its best is the peer. Then time to first token of a request: a new image, the same image + prompt again (encoder
 and prefix cache hits), and a different image with the same text.
 
+With --costs it measures instead what one 512x512 image costs in each connector style at a real model's
+shapes (random weights; the text side on the default model, SmolLM2-135M): its image tokens, the encoder's time,
+and the time to prefill those tokens.
+
 One JSON line per result on stdout (and --out), a summary on stderr, a plot with --plot.
 
     python bench/multimodal.py [--num-requests 32] [--dtypes float32,bfloat16] [--systems lanner,hf] [--plot PNG]
+    python bench/multimodal.py --costs [--out FILE]
 """
 import argparse
 import os
@@ -146,13 +151,82 @@ def run_hf(path, dtype, n, n_out, batch_size):
                   threads=common.num_threads(), **common.memory_fields("cpu"))
 
 
+# Real models' vision shapes (config.json and the image processor's config), for --costs.
+CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu")
+SIGLIP_SO400M = dict(model_type="idefics2_vision", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                     num_attention_heads=16, image_size=980, patch_size=14)
+STYLES = {
+    "LLaVA-1.5 (MLP projector)": (
+        dict(architectures=["LlavaForConditionalGeneration"], vision_config=CLIP_L_336, vision_feature_layer=-2,
+             vision_feature_select_strategy="default", text_config=dict(model_type="llama", hidden_size=4096)),
+        dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": 336},
+             crop_size={"height": 336, "width": 336}), dict(patch_size=14)),
+    "SmolVLM-256M (pixel shuffle), one 512 tile": (
+        dict(architectures=["Idefics3ForConditionalGeneration"], vision_config=dict(SMOLVLM_VISION), scale_factor=4,
+             text_config=dict(SMOLLM2_TEXT)),
+        dict(image_processor_type="Idefics3ImageProcessor", size={"longest_edge": 512},
+             max_image_size={"longest_edge": 512}), dict(image_seq_len=64)),
+    "SmolVLM-256M (pixel shuffle), its 2048 px split": (
+        dict(architectures=["Idefics3ForConditionalGeneration"], vision_config=dict(SMOLVLM_VISION), scale_factor=4,
+             text_config=dict(SMOLLM2_TEXT)),
+        dict(image_processor_type="Idefics3ImageProcessor", size={"longest_edge": 2048},
+             max_image_size={"longest_edge": 512}), dict(image_seq_len=64)),
+    "Idefics2-8B (perceiver resampler)": (
+        dict(architectures=["Idefics2ForConditionalGeneration"], vision_config=SIGLIP_SO400M,
+             perceiver_config=dict(hidden_size=4096, resampler_n_latents=64, resampler_depth=3, resampler_n_heads=16,
+                                   resampler_head_dim=96, num_key_value_heads=4),
+             text_config=dict(model_type="mistral", hidden_size=4096)),
+        dict(image_processor_type="Idefics2ImageProcessor", size={"shortest_edge": 378, "longest_edge": 980}),
+        dict(image_seq_len=64)),
+}
+
+
+def run_costs(dtype: str) -> list[dict]:
+    """Per connector style: image tokens of a 512x512 picture, encoder seconds, prefill seconds of those tokens."""
+    import torch
+
+    from lanner import LLM, SamplingParams
+    from lanner.vision.encoder import ENCODERS
+    from lanner.vision.processors import _family
+    llm = LLM(dtype=dtype)
+    image, records = picture(7, 512), []
+    for style, (config, image_config, processor_config) in STYLES.items():
+        processor = _family(image_config, config)(image_config, processor_config, config)
+        processed = processor(image)
+        with torch.device("meta"):
+            encoder = ENCODERS[config["architectures"][0]](config)
+        encoder = encoder.to_empty(device="cpu").to(getattr(torch, dtype)).eval()
+        for p in encoder.parameters():
+            torch.nn.init.normal_(p, 0, 0.02)
+        params = sum(p.numel() for p in encoder.parameters())
+        encode = lambda: encoder.encode(processed.pixel_values.to(getattr(torch, dtype)), processed.pixel_attention_mask)
+        encode()   # warm-up
+        t0 = time.perf_counter()
+        rows = encode()
+        encoder_s = time.perf_counter() - t0
+        prompt = [100 + i % 1000 for i in range(processed.num_tokens + 16)]
+        llm.generate([prompt[::-1]], SamplingParams(max_tokens=1), use_tqdm=False)   # warm-up, no cache hit
+        t0 = time.perf_counter()
+        llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
+        prefill_s = time.perf_counter() - t0
+        records.append({"system": "lanner", "dtype": dtype, "config": style, "image": "512x512",
+                        "tiles": int(processed.pixel_values.shape[0]), "image_tokens": processed.num_tokens,
+                        "encoder_params_m": round(params / 1e6, 1), "encoder_s": round(encoder_s, 3),
+                        "encoder_rows": int(rows.shape[0]), "prefill_s_smollm2": round(prefill_s, 3),
+                        **common.machine_fields()})
+        del encoder
+    return records
+
+
 def plot(records: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = [r for r in records if "output_tok_per_s" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['system']}\n{r['dtype']}\n{r['config']}" for r in runs]
+    labels = [f"{r['system']}\n{r['dtype']}\n{r['config'].replace('generate, ', '').replace(' batching', '')}"
+              for r in runs]
     left.bar(range(len(runs)), [r["output_tok_per_s"] for r in runs],
              color=["tab:blue" if r["system"] == "lanner" else "tab:gray" for r in runs])
     left.set_xticks(range(len(runs)), labels, fontsize=7)
@@ -172,6 +246,30 @@ def plot(records: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_costs(records: list[dict], path: str) -> None:
+    """Per connector style: image tokens (left) and seconds for the encoder and for prefilling its tokens."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [r for r in records if r["dtype"] == records[0]["dtype"]]
+    names = [r["config"].replace(" (", "\n(").replace("), ", ")\n") for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    left.barh(names, [r["image_tokens"] for r in records], color="tab:purple")
+    left.set_xlabel("image tokens in the prompt (one 512x512 image)")
+    left.invert_yaxis()
+    enc, pre = [r["encoder_s"] for r in records], [r["prefill_s_smollm2"] for r in records]
+    right.barh(names, enc, color="tab:orange", label="vision encoder + connector")
+    right.barh(names, pre, left=enc, color="tab:blue", label="prefill of its tokens (SmolLM2-135M)")
+    right.set_xlabel(f"seconds ({records[0]['dtype']}, {records[0]['cpu_count']} cores)")
+    right.set_yticks([])
+    right.invert_yaxis()
+    right.legend(fontsize=8)
+    fig.suptitle(f"What an image costs, by connector style (random weights at real shapes) on {records[0]['cpu']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-requests", type=int, default=32)
@@ -183,9 +281,21 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, metavar="PNG")
+    ap.add_argument("--costs", action="store_true", help="what one image costs in each connector style")
     args = ap.parse_args()
     common.apply_threads(args.threads)
     common.warn_if_busy()
+    if args.costs:
+        records = []
+        for dtype in args.dtypes.split(","):
+            records += common.run_isolated(run_costs, dtype)
+        for rec in records:
+            common.emit(rec, args.out)
+        common.summary_table(records, ["config", "dtype", "tiles", "image_tokens", "encoder_params_m", "encoder_s",
+                                       "prefill_s_smollm2"])
+        if args.plot:
+            plot_costs(records, args.plot)
+        return
     path = smolvlm_like_dir(args.longest_edge)
     n, n_out, systems = args.num_requests, args.output_tokens, args.systems.split(",")
     records = []

@@ -203,6 +203,9 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.speculative = SpeculativeConfig.parse(self.speculative)
+        if set(self.limit_mm_per_prompt) - {"image"} or any(
+                not isinstance(n, int) or n < 0 for n in self.limit_mm_per_prompt.values()):
+            raise ValueError(f"limit_mm_per_prompt takes {{'image': N}} with N >= 0, got {self.limit_mm_per_prompt!r}")
         self.quantization = QUANTIZATION_ALIASES.get(self.quantization, self.quantization)
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or int8, int4), "

@@ -424,3 +424,11 @@ def test_python_dash_m_lanner_vision_runs(image_file, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (60, 40)
+
+
+def test_scratch_buffers_made_in_inference_mode_serve_calls_outside_it():
+    """The vision encoder resizes position embeddings under inference_mode; preprocessing runs outside it."""
+    image = torch.rand(3, 20, 24)
+    with torch.inference_mode():
+        inside = resize(image, size=(13, 9), antialias=True)
+    torch.testing.assert_close(resize(image, size=(13, 9), antialias=True), inside)

@@ -34,8 +34,12 @@ def split_prompt(prompt) -> tuple[str | list[int], list]:
 
 @dataclass
 class ImageInput:
+    """One image of a request: its pixels until encoded, then its encoder output (a few MB of pixels become
+    num_tokens rows, kept for a recompute after preemption even when the shared cache has dropped them)."""
     digest: str
-    image: "lanner.vision.processors.ProcessedImage"
+    num_tokens: int
+    pixels: "lanner.vision.processors.ProcessedImage | None"
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -48,7 +52,7 @@ class ImagePrompt:
     @property
     def offsets(self) -> torch.Tensor:
         """The first feature row of each image."""
-        counts = torch.tensor([0] + [i.image.num_tokens for i in self.images])
+        counts = torch.tensor([0] + [i.num_tokens for i in self.images])
         return counts.cumsum(0)[:-1]
 
     def keys(self, start: int, end: int, token_ids: list[int]) -> tuple:
@@ -94,11 +98,12 @@ class VisionPath:
             raise ValueError(f"{len(images)} images in one prompt, but the limit is {self.max_images} "
                              f"(limit_mm_per_prompt)")
         loaded = [load_image(image, allowed_local_media_path) for image in images]
-        inputs = [ImageInput(image_digest(image), self.processor(image)) for image in loaded]
-        expanded = self.processor.expand(text, [i.image for i in inputs])
+        processed = [self.processor(image) for image in loaded]
+        inputs = [ImageInput(image_digest(image), p.num_tokens, p) for image, p in zip(loaded, processed)]
+        expanded = self.processor.expand(text, processed)
         token_ids = self.tokenizer.encode(expanded)
         is_image = torch.tensor(token_ids) == self.image_token_id
-        expected = sum(i.image.num_tokens for i in inputs)
+        expected = sum(i.num_tokens for i in inputs)
         if int(is_image.sum()) != expected:
             raise ValueError(f"the prompt holds {int(is_image.sum())} image tokens after expansion, but its "
                              f"{len(inputs)} image(s) fill {expected}: write image tokens only as placeholders")
@@ -106,26 +111,25 @@ class VisionPath:
         feature_row[is_image] = torch.arange(expected)
         return token_ids, ImagePrompt(inputs, feature_row)
 
-    def features(self, images: list[ImageInput]) -> list[torch.Tensor]:
-        """Each image's encoder output: cached ones from the cache, the others encoded together."""
-        missing = {i.digest: i.image for i in images if i.digest not in self.cache}
+    def features(self, images: list[ImageInput]) -> None:
+        """Give each image its encoder output: from the cache, or encoded (all misses in one batch)."""
+        for image in images:
+            if image.features is None and image.digest in self.cache:
+                image.features = self.cache[image.digest]
+                self.cache.move_to_end(image.digest)
+        missing = list({i.digest: i for i in images if i.features is None}.values())
         if missing:
             with torch.inference_mode():
-                outs = self.encoder.encode_batch([(p.pixel_values, p.pixel_attention_mask) for p in missing.values()])
+                outs = self.encoder.encode_batch([(i.pixels.pixel_values, i.pixels.pixel_attention_mask)
+                                                  for i in missing])
             self.num_encoded += len(missing)
-            found = dict(zip(missing, outs))
-        else:
-            found = {}
-        result = []
+            for image, features in zip(missing, outs):
+                self.remember(image.digest, features)
+            found = dict(zip((i.digest for i in missing), outs))
+            for image in images:
+                image.features = found.get(image.digest, image.features)
         for image in images:
-            features = found.get(image.digest)
-            if features is None:
-                features = self.cache[image.digest]
-                self.cache.move_to_end(image.digest)
-            result.append(features)
-        for digest, features in found.items():
-            self.remember(digest, features)
-        return result
+            image.pixels = None
 
     def remember(self, digest: str, features: torch.Tensor) -> None:
         size = features.numel() * features.element_size()
@@ -154,10 +158,9 @@ class VisionPath:
                 needed.append((taken[mine] + row0, prompt.images[k], feature_row[taken[mine]] - offsets[k]))
         if not needed:
             return [], []
-        images = list({image.digest: image for _, image, _ in needed}.values())
-        by_digest = dict(zip((i.digest for i in images), self.features(images)))
+        self.features([image for _, image, _ in needed])
         rows = [r for r, _, _ in needed]
-        values = [by_digest[image.digest][local] for _, image, local in needed]
+        values = [image.features[local] for _, image, local in needed]
         return torch.cat(rows).tolist(), values
 
 

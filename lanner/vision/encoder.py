@@ -75,16 +75,13 @@ def image_token_id(config: dict) -> int:
 
 
 class VisionEncoder(nn.Module):
-    """Tower + connector. Parameter names are the checkpoint's, as `canonical_name` spells them."""
+    """Tower + connector. Parameter names are the checkpoint's, as `canonical_name` spells them. Each architecture's
+    forward(pixel_values [T, 3, H, W], pixel_mask [T, H, W] or None) -> [T, rows per tile, text_hidden_size]."""
     pads = False   # whether tiles of different sizes may share a tower pass, padded and masked
 
     def __init__(self, text_hidden_size: int):
         super().__init__()
         self.text_hidden_size = text_hidden_size
-
-    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
-        """Tiles [T, 3, H, W] (+ mask [T, H, W]) -> [T, rows per tile, text_hidden_size]."""
-        raise NotImplementedError
 
     def real_tiles(self, pixel_values, pixel_mask):
         return pixel_values, pixel_mask

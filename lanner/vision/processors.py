@@ -46,7 +46,8 @@ def load_image_processor(model_dir: str, config: dict) -> ImageProcessor:
 
 
 class ImageProcessor:
-    """HF's steps common to every family: RGB, uint8 resizes, rescale, normalize; `defaults` are HF's."""
+    """HF's steps common to every family: RGB, uint8 resizes, rescale, normalize; `defaults` are HF's. Each
+    family's __call__(PIL image) -> ProcessedImage."""
 
     image_token = "<image>"
     defaults: dict = {}
@@ -59,9 +60,6 @@ class ImageProcessor:
         self.mode = RESAMPLE[self.cfg["resample"]]
         self.mean = torch.tensor(self.cfg["image_mean"], dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(self.cfg["image_std"], dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, image: Image.Image) -> ProcessedImage:
-        raise NotImplementedError
 
     def expand(self, text: str, images: list[ProcessedImage]) -> str:
         """Replace each image placeholder in text, in order, with that image's placeholder text."""

@@ -203,7 +203,8 @@ class _Workspace(threading.local):
             return None
         buf = self.buffers.get((slot, dtype))
         if buf is None or buf.numel() < numel:
-            buf = self.buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+            with torch.inference_mode(False):   # an inference tensor could not be written outside inference mode
+                buf = self.buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
         return buf[:numel].view(shape)
 
 
