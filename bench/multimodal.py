@@ -9,6 +9,11 @@ systems start from PIL images, so preprocessing is timed on both sides. HF runs 
 its best is the peer. Then time to first token of a request: a new image, the same image + prompt again (encoder
 and prefix cache hits), and a different image with the same text.
 
+With --workload chat it runs multi-turn conversations instead: --num-requests conversations, each about its own
+512x512 picture, --turns turns; every turn is a new request with the whole history (as an OpenAI client
+sends it), the earlier answers fixed strings so both systems see the same prompts. HF re-encodes every image
+and re-prefills every history; lanner's encoder cache and prefix cache keep what the last turn computed.
+
 With --costs it measures instead what one 512x512 image costs in each connector style at a real model's
 shapes (random weights; the text side on the default model, SmolLM2-135M): its image tokens, the encoder's time,
 and the time to prefill those tokens.
@@ -81,6 +86,21 @@ def text_for(question: str) -> str:
     return f"<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:"
 
 
+def chat_prompts(n: int, turns: int) -> list[list[tuple]]:
+    """[turn][conversation] -> (image, prompt text): the history so far, its answers fixed strings."""
+    pictures = [picture(500 + c, 512) for c in range(n)]
+    out, histories = [], ["<|im_start|>"] * n
+    for t in range(turns):
+        row = []
+        for c in range(n):
+            question = QUESTIONS[(c + t) % len(QUESTIONS)]
+            histories[c] += f"User:{'<image>' if t == 0 else ' '}{question}<end_of_utterance>\nAssistant:"
+            row.append((pictures[c], histories[c]))
+            histories[c] += f" This is answer {t} to conversation {c}.<end_of_utterance>\n"
+        out.append(row)
+    return out
+
+
 def record(system, dtype, config, n, seconds, n_out, **extra):
     return {"system": system, "dtype": dtype, "config": config, "num_requests": n, "output_tokens": n_out,
             "seconds": round(seconds, 2), "output_tok_per_s": round(n_out / seconds, 2),
@@ -105,6 +125,23 @@ def run_lanner(path, dtype, n, n_out):
     return rec, ttft(llm, params)
 
 
+def run_lanner_chat(path, dtype, n, n_out, turns):
+    from lanner import LLM, SamplingParams
+    llm = LLM(path, dtype=dtype)
+    params = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
+    llm.generate([{"prompt": text_for("hi"), "multi_modal_data": {"image": picture(9999, 64)}}],
+                 SamplingParams(max_tokens=2), use_tqdm=False)
+    t0 = time.perf_counter()
+    for row in chat_prompts(n, turns):
+        llm.generate([{"prompt": text, "multi_modal_data": {"image": image}} for image, text in row], params,
+                     use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    return record("lanner", dtype, f"chat, {turns} turns", n * turns, seconds, n * turns * n_out,
+                  images_encoded=llm.engine.runner.vision.num_encoded - 1,
+                  prefix_cache_hit_rate=round(llm.engine.blocks.hit_rate(), 3), threads=common.num_threads(),
+                  **common.memory_fields("cpu"))
+
+
 def ttft(llm, params) -> dict:
     """Seconds to the first token: a new image, the same image + text again, another image with the same text."""
     from lanner import SamplingParams
@@ -123,7 +160,8 @@ def ttft(llm, params) -> dict:
             "repeat_cached_tokens": cached, "different_image_cached_tokens": cached_other}
 
 
-def run_hf(path, dtype, n, n_out, batch_size):
+def run_hf(path, dtype, n, n_out, batch_size, turns=0):
+    """HF generate over padded batches; turns > 0: the chat workload, each turn's batch in order."""
     import torch
     import transformers
     transformers.utils.logging.disable_progress_bar()
@@ -131,10 +169,10 @@ def run_hf(path, dtype, n, n_out, batch_size):
     model = transformers.Idefics3ForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
-    work = workload(n)
+    work = [(image, text_for(q)) for image, q in workload(n)]
 
     def generate(batch, max_new):
-        inputs = processor(text=[text_for(q) for _, q in batch], images=[[im] for im, _ in batch],
+        inputs = processor(text=[text for _, text in batch], images=[[im] for im, _ in batch],
                            return_tensors="pt", padding=True)
         inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, dtype))
         with torch.inference_mode():
@@ -144,11 +182,18 @@ def run_hf(path, dtype, n, n_out, batch_size):
 
     generate(work[:1], 2)   # warm-up
     t0 = time.perf_counter()
-    for i in range(0, n, batch_size):
-        generate(work[i:i + batch_size], n_out)
+    if turns:
+        for row in chat_prompts(n, turns):
+            for i in range(0, n, batch_size):
+                generate(row[i:i + batch_size], n_out)
+        n *= turns
+    else:
+        for i in range(0, n, batch_size):
+            generate(work[i:i + batch_size], n_out)
     seconds = time.perf_counter() - t0
-    return record("hf", dtype, f"generate, batch {batch_size}", n, seconds, n * n_out,
-                  threads=common.num_threads(), **common.memory_fields("cpu"))
+    config = f"chat, {turns} turns, batch {batch_size}" if turns else f"generate, batch {batch_size}"
+    return record("hf", dtype, config, n, seconds, n * n_out, threads=common.num_threads(),
+                  **common.memory_fields("cpu"))
 
 
 # Real models' vision shapes (config.json and the image processor's config), for --costs.
@@ -282,6 +327,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, metavar="PNG")
     ap.add_argument("--costs", action="store_true", help="what one image costs in each connector style")
+    ap.add_argument("--workload", default="images", choices=["images", "chat"])
+    ap.add_argument("--turns", type=int, default=4, help="turns per conversation (--workload chat)")
     args = ap.parse_args()
     common.apply_threads(args.threads)
     common.warn_if_busy()
@@ -298,18 +345,22 @@ def main():
         return
     path = smolvlm_like_dir(args.longest_edge)
     n, n_out, systems = args.num_requests, args.output_tokens, args.systems.split(",")
+    turns = args.turns if args.workload == "chat" else 0
     records = []
     for dtype in args.dtypes.split(","):
         hf = []
         if "hf" in systems:
             for bs in map(int, args.hf_batch_sizes.split(",")):
-                rec = common.run_isolated(run_hf, path, dtype, n, n_out, min(bs, n))
+                rec = common.run_isolated(run_hf, path, dtype, n, n_out, min(bs, n), turns)
                 hf.append(rec["output_tok_per_s"])
                 records.append(rec)
                 common.emit(rec, args.out)
-        if "lanner" in systems:
+        if "lanner" in systems and turns:
+            rec = common.run_isolated(run_lanner_chat, path, dtype, n, n_out, turns)
+        elif "lanner" in systems:
             rec, ttfts = common.run_isolated(run_lanner, path, dtype, n, n_out)
             rec.update(ttfts)
+        if "lanner" in systems:
             if hf:
                 rec["speedup_vs_best_hf"] = round(rec["output_tok_per_s"] / max(hf), 2)
             records.append(rec)

@@ -40,6 +40,7 @@ class Mirror:
         self.prefix = self.prompt = None       # nor a prefix or prompt adapter's virtual tokens
         self.adapter_digest = None
         self.num_virtual_tokens = 0
+        self.images = None                     # a text draft: a VLM target's image tokens are plain tokens to it
         self.generator = None if seq.generator is None else \
             torch.Generator().manual_seed((seq.generator.initial_seed() + DRAFT_SEED_SALT) % 2**63)
 
