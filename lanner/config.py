@@ -36,16 +36,22 @@ class ModelConfig:
     final_softcap: float | None = None        # LM-head logits the same
     layer_windows: tuple = ()                 # per layer: sliding window in tokens, or None (full attention)
     local_rope_theta: float | None = None     # rotary base of sliding-window layers, when theirs differs
+    ssm: dict | None = None                   # a state-space model's (Mamba's) config.json: no attention, no KV
 
     ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                      "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
     ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
+    SSM_ARCHITECTURES = ("MambaForCausalLM", "Mamba2ForCausalLM")
+
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         arch = (hf.get("architectures") or ["?"])[0]
+        if arch in cls.SSM_ARCHITECTURES:
+            return cls.for_ssm(hf, arch)
         if arch not in cls.ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {arch!r}; supported: {list(cls.ARCHITECTURES)}")
+            raise ValueError(f"unsupported architecture {arch!r}; supported: "
+                             f"{list(cls.ARCHITECTURES + cls.SSM_ARCHITECTURES)}")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         full, local = rope_parameters(hf, "full_attention"), rope_parameters(hf, "sliding_attention")
@@ -72,6 +78,18 @@ class ModelConfig:
             attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
             layer_windows=layer_windows(hf, arch),
             local_rope_theta=local_rope_theta(full, local))
+
+
+    @classmethod
+    def for_ssm(cls, hf: dict, arch: str) -> "ModelConfig":
+        """A Mamba model: no attention heads; the context length is unbounded by the model (16k by default)."""
+        eos = hf.get("eos_token_id")
+        return cls(architecture=arch, hidden_size=hf["hidden_size"], intermediate_size=hf.get("intermediate_size", 0),
+                   num_layers=hf["num_hidden_layers"], num_heads=0, num_kv_heads=0, head_dim=0,
+                   vocab_size=hf["vocab_size"], rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5), rope_theta=0.0,
+                   max_position_embeddings=hf.get("max_position_embeddings") or 16384,
+                   tie_word_embeddings=hf.get("tie_word_embeddings", True), attention_bias=False,
+                   bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos, ssm=hf)
 
 
 def rope_parameters(hf: dict, layer_type: str) -> dict:

@@ -119,6 +119,10 @@ def hf_greedy(model, token_ids: list[int], max_new_tokens: int) -> list[int]:
 def assert_all_blocks_free(llm):
     blocks = llm.engine.blocks
     assert blocks.num_free_blocks == blocks.num_blocks, f"{blocks.num_blocks - blocks.num_free_blocks} blocks leaked"
+    states = llm.engine.runner.states
+    if states is not None:
+        assert len(states.free_running) == states.num_running, "state slots leaked"
+        assert not states.pending and not states.scratch
     assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
 
 

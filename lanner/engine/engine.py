@@ -14,7 +14,7 @@ from lanner.engine.multimodal import VisionPath, is_vision_model, split_prompt
 from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lanner.engine.sampler import HistoryView, Sampler, filtered_probs, top_logprobs
 from lanner.engine.scheduler import Scheduler
-from lanner.engine.sequence import Sequence
+from lanner.engine.sequence import Sequence, Status
 from lanner.lora.prefix import PrefixPool
 from lanner.model import fused
 from lanner.model.loader import load_model_files
@@ -71,7 +71,7 @@ class LLMEngine:
         windows = self.model_config.layer_windows
         # when every layer slides (Mistral), KV older than the widest window is never read again
         self.kv_window = max(windows) if windows and None not in windows else None
-        self.scheduler = Scheduler(cfg, self.blocks)
+        self.scheduler = Scheduler(cfg, self.blocks, self.runner.states)
         self.sampler = Sampler(self.tokenizer.stop_token_ids)
         self.requests: dict[str, Request] = {}
         self.request_counter = itertools.count()
@@ -212,7 +212,7 @@ class LLMEngine:
         touched = self.sample_and_append(logits[sample_rows], [row_seqs[r] for r in sample_rows])
         for seq, _ in scheduled:
             if not seq.is_finished:
-                self.blocks.cache_full_blocks(seq)
+                self.cache_blocks(seq)
                 if self.kv_window:
                     self.blocks.release_out_of_window(seq, self.kv_window)
         return [self.make_output(self.requests[rid]) for rid in touched if rid in self.requests]
@@ -271,6 +271,8 @@ class LLMEngine:
                                     seq.generator)
         seq.spec_token_ids, seq.spec_draft_probs = [], None
         seq.num_computed_tokens = num_before + len(tokens) - 1   # KV is valid through the accepted drafts
+        if self.runner.states is not None:   # and an SSM layer's state is the one after the last accepted row
+            self.runner.states.roll_back(seq, len(tokens) - 1)
         self.blocks.trim(seq)
         self.num_verify_steps += 1
         self.num_drafted_tokens += len(drafts)
@@ -344,14 +346,30 @@ class LLMEngine:
                 for i in range(1, request.params.n):
                     seed = None if request.params.seed is None else hash((request.params.seed, i)) % 2**63
                     child = seq.fork(i, seed)
-                    self.blocks.share(seq, child)
                     request.seqs.append(child)
-                    self.scheduler.running.append(child)
+                    if self.runner.states is None:
+                        self.blocks.share(seq, child)
+                        self.scheduler.running.append(child)
+                    else:   # a state-space model's child continues from a copy of the state, or recomputes
+                        self.fork_state(seq, child)
                     extra_rows.append(r)
                     extra_seqs.append(child)
         if not extra_rows:
             return logits, seqs
         return torch.cat([logits, logits[extra_rows]]), seqs + extra_seqs
+
+    def fork_state(self, parent: Sequence, child: Sequence) -> None:
+        states = self.runner.states
+        if states.acquire(child):
+            states.copy(parent.state_slot, child.state_slot)
+            self.blocks.share(parent, child)
+            self.blocks.allocate(child, 0)
+            child.num_computed_tokens = parent.num_computed_tokens
+            self.scheduler.running.append(child)
+        else:
+            child.num_computed_tokens, child.block_table, child.block_hashes = 0, [], []
+            child.status = Status.WAITING
+            self.scheduler.waiting.appendleft(child)
 
     def append_token(self, seq: Sequence, token: int, now: float) -> None:
         seq.token_ids.append(token)
@@ -387,8 +405,15 @@ class LLMEngine:
         seq.finish_reason, seq.finish_time = reason, now
         if stop_reason is not None:
             seq.stop_reason = stop_reason
-        self.blocks.cache_full_blocks(seq)
+        self.cache_blocks(seq)
         self.scheduler.finish(seq)
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Hash seq's full verified blocks into the prefix cache (and file a state-space model's checkpoints
+        of them)."""
+        self.blocks.cache_full_blocks(seq)
+        if self.runner.states is not None:
+            self.runner.states.commit(seq)
 
     def make_output(self, request: Request) -> RequestOutput:
         outputs = [CompletionOutput(s.index, s.text, list(s.output_token_ids), s.finish_reason,

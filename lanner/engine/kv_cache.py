@@ -75,6 +75,17 @@ class BlockManager:
         seq.num_cached_tokens = max(0, seq.num_computed_tokens - seq.num_virtual_tokens)
         self.prefix_hits += seq.num_cached_tokens
 
+    def keep_leading(self, seq: Sequence, num_blocks: int) -> None:
+        """Keep only seq's first num_blocks prefix-cache hits (a state-space model resumes where it has a state)."""
+        if num_blocks >= len(seq.block_table):
+            return
+        for block_id in reversed(seq.block_table[num_blocks:]):
+            self.unref(block_id)
+        del seq.block_table[num_blocks:], seq.block_hashes[num_blocks:]
+        self.prefix_hits -= seq.num_cached_tokens
+        seq.num_computed_tokens = seq.num_cached_tokens = num_blocks * self.block_size
+        self.prefix_hits += seq.num_cached_tokens
+
     def pop_free(self) -> int:
         """The least recently freed block, dropped from the prefix cache, with one reference."""
         block_id, _ = self.free.popitem(last=False)

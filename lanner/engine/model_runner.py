@@ -5,7 +5,9 @@ from lanner.attention import AttentionMetadata, get_backend
 from lanner.config import EngineConfig, ModelConfig
 from lanner.engine.memory import zeros_on_huge_pages
 from lanner.engine.sequence import Sequence
+from lanner.engine.state_cache import StateCache
 from lanner.model.llama import LlamaForCausalLM
+from lanner.model.mamba import MambaForCausalLM, state_shapes
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -25,32 +27,52 @@ def cpu_has_native_bf16() -> bool:
 
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, weights: dict, max_model_len: int):
-        self.cfg, self.model_cfg = cfg, model_cfg
+        self.cfg, self.model_cfg, self.max_model_len = cfg, model_cfg, max_model_len
         self.dtype = resolve_dtype(cfg.dtype)
         self.backend = get_backend(cfg.attention_backend, cfg.device)
-        self.model = LlamaForCausalLM(model_cfg, self.backend, max_model_len)
+        self.model = (MambaForCausalLM(model_cfg) if model_cfg.ssm else
+                      LlamaForCausalLM(model_cfg, self.backend, max_model_len))
         self.model.load_hf_weights(weights)
         # weights kept in GGML blocks leave meta placeholders, which only change dtype (GGUF loads dense off CPU)
         if cfg.device == "cpu":
             self.model.to(dtype=self.dtype).eval()
         else:
             self.model.to(cfg.device, self.dtype).eval()
-        for rotary in (self.model.rotary, self.model.local_rotary):   # tables stay fp32, rounded per lookup as HF
-            rotary.cos_sin = rotary.cos_sin.float()
+        for rotary in {getattr(self.model, "rotary", None), getattr(self.model, "local_rotary", None)} - {None}:
+            rotary.cos_sin = rotary.cos_sin.float()   # tables stay fp32, rounded per lookup as HF
         self.model.pack_weights(cfg.quantization, cfg.dense_gemm_weights)
+        self.states = self.make_state_cache() if model_cfg.ssm else None
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(cfg.kv_cache_memory)
-        shape = (model_cfg.num_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.kv_cache = (zeros_on_huge_pages(shape, self.dtype) if cfg.device == "cpu"
+        attention_layers = 0 if model_cfg.ssm else model_cfg.num_layers
+        shape = (attention_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        self.kv_cache = (zeros_on_huge_pages(shape, self.dtype) if cfg.device == "cpu" and attention_layers
                          else torch.zeros(shape, dtype=self.dtype, device=cfg.device))
         for layer, cache in zip(self.model.layers, self.kv_cache):
             layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
         self.vision = None   # engine.multimodal.VisionPath of a vision-language model
         self.lora = None
+        if cfg.enable_lora and model_cfg.ssm:
+            raise ValueError(f"LoRA adapters are served on transformer models; a {model_cfg.architecture} takes none")
         if cfg.enable_lora:
             from lanner.lora.manager import LoRAManager
             self.lora = LoRAManager(self.model, model_cfg, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras)
 
+    def make_state_cache(self) -> StateCache:
+        """Slots for min(max_num_seqs, what half of kv_cache_memory holds) running sequences, the other half for
+        prefix checkpoints, and scratch for speculative rollback."""
+        cfg, shapes = self.cfg, state_shapes(self.model_cfg)
+        per_slot = StateCache.slot_bytes(shapes, self.dtype, self.model_cfg.num_layers)
+        half = max(1, int(cfg.kv_cache_memory * 2**30 / 2 // per_slot))
+        spec = cfg.speculative
+        scratch = spec.num_speculative_tokens * min(spec.max_batch_size, cfg.max_num_seqs) if spec else 0
+        return StateCache(self.model.mixers, shapes, self.dtype, min(cfg.max_num_seqs, half), min(half, 256),
+                          scratch, cfg.block_size)
+
     def blocks_for_memory(self, gib: float) -> int:
+        """KV blocks that fit in gib; a model without attention gets block ids only (they hold no memory), enough
+        for every running sequence at max_model_len."""
+        if self.model_cfg.ssm:
+            return min(1 << 20, self.cfg.max_num_seqs * -(-self.max_model_len // self.cfg.block_size))
         m = self.model_cfg
         per_block = 2 * m.num_layers * self.cfg.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
         return max(1, int(gib * 2**30 // per_block))
@@ -87,6 +109,8 @@ class ModelRunner:
                 logit_seqs.append(seq)
                 logit_tokens.append(start + r - seq.num_virtual_tokens)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
+        if self.states is not None:
+            meta.ssm = self.ssm_batch(scheduled)
         if self.lora is not None:
             self.lora.set_batch(loras)
         if image_chunks:
@@ -96,6 +120,20 @@ class ModelRunner:
         embeds = (torch.tensor(embed_rows), torch.cat([v.to(self.dtype) for v in embed_values])) if embed_rows else None
         return (torch.tensor(input_ids), torch.tensor(positions), meta, embeds,
                 torch.tensor(logit_rows, dtype=torch.long), logit_seqs, logit_tokens)
+
+    def ssm_batch(self, scheduled: list[tuple[Sequence, int]]):
+        """Each sequence's state slot, whether it starts fresh, and the rows whose state is kept as well: prefix
+        checkpoints at block boundaries of prompts, and every verify row but the last for speculative rollback."""
+        from lanner.model.ssm import SSMBatch
+        row, cu, snapshots = 0, [0], []
+        for seq, num in scheduled:
+            snapshots += [(row + r, slot) for r, slot in self.states.plan_checkpoints(seq, seq.num_computed_tokens, num)]
+            if seq.spec_token_ids:
+                snapshots += self.states.plan_drafts(seq, row + num - 1 - len(seq.spec_token_ids))
+            row += num
+            cu.append(row)
+        return SSMBatch(torch.tensor(cu), torch.tensor([s.state_slot for s, _ in scheduled]),
+                        torch.tensor([s.num_computed_tokens == 0 for s, _ in scheduled]), snapshots)
 
     @staticmethod
     def rows_to_sample(seq: Sequence, start: int, num: int) -> range:

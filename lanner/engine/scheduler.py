@@ -7,8 +7,8 @@ from lanner.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, block_manager: BlockManager):
-        self.cfg, self.blocks = cfg, block_manager
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager, states=None):
+        self.cfg, self.blocks, self.states = cfg, block_manager, states   # states: a state-space model's slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -42,8 +42,11 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             self.blocks.begin(seq)
+            if self.states is not None and not self.begin_state(seq):
+                break   # no free state slot: it waits for a running sequence to end
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self.blocks.blocks_needed(seq, num_new) > self.blocks.num_free_blocks:
+                self.release_state(seq)
                 self.blocks.release(seq)   # give back the prefix hits; it waits for memory
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
@@ -55,6 +58,21 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return scheduled
+
+    def begin_state(self, seq: Sequence) -> bool:
+        """A state slot for seq, resumed from the latest prompt checkpoint among its prefix-cache hits (the hits
+        past it are given back: an SSM layer needs the state at the point it continues from)."""
+        if not self.states.acquire(seq):
+            self.blocks.release(seq)
+            seq.num_computed_tokens = seq.num_cached_tokens = 0
+            return False
+        kept = self.states.resume(seq)
+        self.blocks.keep_leading(seq, kept)
+        return True
+
+    def release_state(self, seq: Sequence) -> None:
+        if self.states is not None:
+            self.states.release(seq)
 
     def adapter_fits(self, seq: Sequence) -> bool:
         """At most max_loras distinct adapters in LoRA slots run at once."""
@@ -77,6 +95,7 @@ class Scheduler:
         """Free its blocks; it will be recomputed (prompt + output so far) when memory allows."""
         self.running.remove(seq)
         self.blocks.release(seq)
+        self.release_state(seq)
         seq.num_computed_tokens, seq.spec_token_ids = 0, []
         seq.status = Status.WAITING
         seq.num_preemptions += 1
@@ -89,6 +108,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq)
+        self.release_state(seq)
         if seq.prefix is not None:
             self.blocks.drop_prefix(seq.prefix)
         seq.status = Status.FINISHED

@@ -31,6 +31,7 @@ class Sequence:
         self.prompt = None                   # lora.prompt.PromptAdapter of a prompt-tuned adapter
         self.adapter_digest = None           # its adapter's files hashed: keys its blocks in the prefix cache
         self.images = None                   # engine.multimodal.ImagePrompt: its images and their token rows
+        self.state_slot = None               # a state-space model's state slot (engine.state_cache), while running
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.block_table: list[int] = []
