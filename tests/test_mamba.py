@@ -137,3 +137,22 @@ def test_lora_on_a_state_space_model_is_refused(tiny):
     _, path = tiny
     with pytest.raises(ValueError, match="takes none"):
         make_llm(path, enable_lora=True)
+
+
+def test_profile_breaks_an_ssm_step_into_projections_conv_and_scan(tiny):
+    from lanner.engine.engine import LLMEngine
+    from lanner.profiling.profile import Case, Profiler, engine_config_for
+    from lanner.profiling.report import group_ms
+    from lanner.profiling.timing import COMPONENTS
+    _, path = tiny
+    cases = [Case("prefill", 2, 40), Case("decode", 3, 64)]
+    engine = LLMEngine(engine_config_for(cases, model=path, dtype="float32"))
+    for r in Profiler(engine, repeats=3, warmup=1).run(cases):
+        assert set(r.components_ms) == set(COMPONENTS)
+        assert r.measured_ms == pytest.approx(r.instrumented_ms)   # exclusive times cover the step exactly
+        for part in ("ssm_in_proj", "ssm_conv", "ssm_scan", "ssm_out_proj", "norms"):
+            assert r.components_ms[part] > 0, part
+        assert r.components_ms["attention"] == r.components_ms["qkv_proj"] == 0
+        assert group_ms(r)["ssm"] > 0 and r.costs["ssm_scan"]["flops"] > 0
+    assert not engine.has_unfinished_requests()
+    assert len(engine.runner.states.free_running) == engine.runner.states.num_running

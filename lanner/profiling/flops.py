@@ -17,6 +17,8 @@ Counting rules (a model of the minimum work, not of what a kernel happens to do)
 """
 from dataclasses import dataclass
 
+import torch
+
 from lanner.config import ModelConfig
 
 PHASES = ("prefill", "decode")
@@ -72,6 +74,8 @@ def component_costs(cfg: ModelConfig, phase: str, batch: int, context: int, dtyp
                     weight_bytes: dict[str, float] | None = None) -> dict[str, Cost]:
     """{component: Cost} of one step over all layers; names match the profiler's timed components.
     weight_bytes: bytes per weight of a linear component where it differs from dtype_bytes."""
+    if cfg.ssm:
+        return ssm_component_costs(cfg, phase, batch, context, dtype_bytes, weight_bytes)
     t, b, L = num_tokens(phase, batch, context), dtype_bytes, cfg.num_layers
     wb = (weight_bytes or {}).get
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
@@ -91,6 +95,36 @@ def component_costs(cfg: ModelConfig, phase: str, batch: int, context: int, dtyp
         "lm_head": linear(batch, h, v, b, wb("lm_head")),
         "sampling": Cost(0.0, float(4 * batch * v)),
     }
+
+
+def ssm_component_costs(cfg: ModelConfig, phase: str, batch: int, context: int, dtype_bytes: int = 2,
+                        weight_bytes: dict[str, float] | None = None) -> dict[str, Cost]:
+    """A Mamba / Mamba-2 step: the projections stream their weights, the conv and scan read and write each
+    sequence's state once (fp32) and touch every new token's channels; nothing depends on the context."""
+    from lanner.model.mamba import state_shapes
+    t, b, L, h, v = num_tokens(phase, batch, context), dtype_bytes, cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    wb = (weight_bytes or {}).get
+    (conv_ch, k1), ssm_shape = state_shapes(cfg)
+    n, state = cfg.ssm.get("state_size", 16), torch.Size(ssm_shape).numel()
+    mamba1 = cfg.architecture == "MambaForCausalLM"
+    inner = ssm_shape[0] if mamba1 else ssm_shape[0] * ssm_shape[1]
+    rank = cfg.ssm.get("time_step_rank", "auto")
+    rank = -(-h // 16) if rank == "auto" else int(rank)
+    in_out = 2 * inner if mamba1 else inner + conv_ch + ssm_shape[0]
+    state_io = float(2 * batch * state * 4)
+    costs = {
+        "embedding": Cost(0.0, float(2 * t * h * b)),
+        "norms": Cost(5.0 * t * h, float(4 * t * h * b)) * (L + 1),
+        "ssm_in_proj": linear(t, h, in_out, b, wb("ssm_in_proj")) * L,
+        "ssm_conv": Cost(2.0 * t * conv_ch * (k1 + 1), float(2 * t * conv_ch * b + 2 * batch * conv_ch * k1 * 4)) * L,
+        "ssm_scan": Cost(6.0 * t * state, state_io + float(4 * t * inner * 4)) * L,
+        "ssm_out_proj": linear(t, inner, h, b, wb("ssm_out_proj")) * L,
+        "lm_head": linear(batch, h, v, b, wb("lm_head")),
+        "sampling": Cost(0.0, float(4 * batch * v)),
+    }
+    if mamba1:
+        costs["ssm_dt_bc_proj"] = (linear(t, inner, rank + 2 * n, b) + linear(t, rank, inner, b)) * L
+    return costs
 
 
 def step_cost(cfg: ModelConfig, phase: str, batch: int, context: int, dtype_bytes: int = 2) -> Cost:

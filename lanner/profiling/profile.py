@@ -33,7 +33,8 @@ from lanner.sampling_params import SamplingParams
 LONG_STEP_S = 2.0
 MAX_REPEATS = 200
 MODEL_COMPONENTS = ("embedding", "norms", "qkv_proj", "rotary", "kv_store", "attention", "o_proj",
-                    "gate_up_proj", "mlp_act", "down_proj", "lm_head")
+                    "gate_up_proj", "mlp_act", "down_proj", "lm_head", "ssm_in_proj", "ssm_conv", "ssm_dt_bc_proj",
+                    "ssm_scan", "ssm_out_proj")
 
 
 @dataclass
@@ -156,14 +157,19 @@ class Profiler:
     def decode_batch(self, batch: int, context: int) -> list:
         """batch running sequences with `context` tokens of KV in the cache and one token to decode."""
         engine = self.engine
-        if not self.kv_filled:
+        if not self.kv_filled:   # attention's (and a scan's) cost depends only on shapes: random KV and states
             engine.runner.kv_cache.normal_()
+            for mixer in getattr(engine.runner.model, "mixers", []):
+                mixer.conv_state.normal_()
+                mixer.ssm_state.normal_(0, 0.1)
             self.kv_filled = True
         seqs = []
         for _ in range(batch):
             seq = self.add(context)
             engine.scheduler.waiting.remove(seq)
             engine.blocks.allocate(seq, context + 1)
+            if engine.runner.states is not None and not engine.runner.states.acquire(seq):
+                raise RuntimeError(f"no state slot for decode batch {batch}: raise --kv-cache-memory")
             seq.status = Status.RUNNING
             engine.scheduler.running.append(seq)
             seq.token_ids += self.random_tokens(1)
@@ -273,11 +279,18 @@ __all__ = ["Case", "CaseResult", "Profiler", "PHASES", "cases_for", "engine_conf
 
 def weight_bytes(model) -> dict[str, float]:
     """Bytes per weight of each linear component (GGML blocks: 0.625 for Q4_1) for the byte counts."""
+    if hasattr(model, "mixers"):
+        mixer = model.mixers[0]
+        linears = {"ssm_in_proj": mixer.in_proj, "ssm_out_proj": mixer.out_proj}
+        return {name: bytes_per_weight(lin) for name, lin in linears.items()} | {
+            "lm_head": model.lm_head.weight.element_size()}
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     linears = {"qkv_proj": attn.qkv_proj, "o_proj": attn.o_proj, "gate_up_proj": mlp.gate_up_proj,
                "down_proj": mlp.down_proj, "lm_head": model.lm_head}
-    sizes = {}
-    for name, lin in linears.items():
-        nbytes = getattr(lin.quantized, "nbytes", None)
-        sizes[name] = nbytes() / (lin.in_features * lin.out_features) if nbytes else lin.weight.element_size()
-    return sizes
+    return {name: bytes_per_weight(lin) for name, lin in linears.items()}
+
+
+def bytes_per_weight(lin) -> float:
+    nbytes = getattr(lin.quantized, "nbytes", None)
+    return nbytes() / (lin.in_features * lin.out_features) if nbytes else lin.weight.element_size()
+

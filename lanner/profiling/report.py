@@ -12,14 +12,16 @@ GROUPS = {
     "attention": ("attention core + KV write", ("attention", "kv_store")),
     "qkv_o": ("QKV + O projections", ("qkv_proj", "o_proj")),
     "mlp": ("MLP (gate/up, act, down)", ("gate_up_proj", "mlp_act", "down_proj")),
+    "ssm": ("SSM mixer (projections, conv, scan)", ("ssm_in_proj", "ssm_conv", "ssm_dt_bc_proj", "ssm_scan",
+                                                    "ssm_out_proj")),
     "norm_rotary": ("norms + rotary + embedding", ("norms", "rotary", "embedding")),
     "lm_head": ("LM head", ("lm_head",)),
     "sampling": ("sampling", ("sampling",)),
     "overhead": ("engine overhead (schedule, metadata, Python)", ()),
 }
-COLORS = {"attention": "#d62728", "qkv_o": "#ff7f0e", "mlp": "#1f77b4", "norm_rotary": "#9467bd",
+COLORS = {"attention": "#d62728", "qkv_o": "#ff7f0e", "mlp": "#1f77b4", "ssm": "#17becf", "norm_rotary": "#9467bd",
           "lm_head": "#2ca02c", "sampling": "#8c564b", "overhead": "#7f7f7f"}
-ROOFLINE_GROUPS = ("attention", "qkv_o", "mlp", "lm_head")   # the matmul-shaped work
+ROOFLINE_GROUPS = ("attention", "qkv_o", "mlp", "ssm", "lm_head")   # the matmul-shaped work
 
 
 def group_of(component: str) -> str:
@@ -88,7 +90,7 @@ def case_rows(results: list[CaseResult]) -> list[dict]:
 
 # ---- terminal -----------------------------------------------------------------------------------------
 def table(results: list[CaseResult], machine: Machine) -> str:
-    short = {"attention": "attn", "qkv_o": "qkv+o", "mlp": "mlp", "norm_rotary": "norm+rope", "lm_head": "lm_head",
+    short = {"attention": "attn", "qkv_o": "qkv+o", "mlp": "mlp", "ssm": "ssm", "norm_rotary": "norm+rope", "lm_head": "lm_head",
              "sampling": "sample", "overhead": "overhead"}
     head = f"{'phase':<8}{'B':>4}{'C':>6}{'tokens':>8}{'step ms':>10}" + "".join(f"{s:>10}" for s in short.values())
     lines = [head + f"{'measured/step':>15}  bottleneck (bound, % of roof)", "-" * (len(head) + 48)]

@@ -31,6 +31,12 @@ COMPONENTS = {
     "mlp_act": "silu(gate) * up (the MLP's own code)",
     "down_proj": "MLP down projection",
     "attn_glue": "Attention.forward's own code (split, views)",
+    "ssm_in_proj": "SSM mixer input projection (Mamba-2: x, z, B, C and dt in one)",
+    "ssm_conv": "SSM causal conv1d, continuing each sequence's conv state",
+    "ssm_dt_bc_proj": "Mamba-1's input-dependent dt, B, C (x_proj, dt_proj)",
+    "ssm_scan": "selective scan (Mamba-1) / SSD (Mamba-2) from each sequence's state slot, D skip, gate",
+    "ssm_out_proj": "SSM mixer output projection",
+    "ssm_glue": "the SSM mixer's own code (splits, casts)",
     "model_glue": "model / decoder-layer forward's own code",
     "lm_head": "compute_logits: LM head on the sampled rows",
     "runner_glue": "ModelRunner.run's own code (device moves, row gather, logits to CPU)",
@@ -115,9 +121,21 @@ def instrument(engine, timer: Timer):
     patch(runner, "run", timer.wrap(runner.run, "runner_glue"))
     patch(engine, "sampler", _TimedSampler(engine.sampler, timer))
     time_forward(model, "model_glue")
+    patch(model, "compute_logits", timer.wrap(model.compute_logits, "lm_head"))
+    if engine.model_config.ssm:
+        instrument_ssm(model, timer, patch, time_forward)
+    else:
+        instrument_transformer(model, timer, patch, time_forward)
+    try:
+        yield timer
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+def instrument_transformer(model, timer: Timer, patch, time_forward) -> None:
     time_forward(model.embed_tokens, "embedding")
     time_forward(model.norm, "norms")
-    patch(model, "compute_logits", timer.wrap(model.compute_logits, "lm_head"))
     patch(fused, "rope_store", timer.wrap(fused.rope_store, "rotary"))
     rotaries = {}
     for layer in model.layers:
@@ -138,8 +156,23 @@ def instrument(engine, timer: Timer):
         time_forward(mlp, "mlp_act")
         time_forward(mlp.gate_up_proj, "gate_up_proj")
         time_forward(mlp.down_proj, "down_proj")
-    try:
-        yield timer
-    finally:
-        for fn in reversed(undo):
-            fn()
+
+
+def instrument_ssm(model, timer: Timer, patch, time_forward) -> None:
+    """A Mamba model: its block norms and conv are module-level functions, timed where the code looks them up."""
+    from lanner.model import mamba, ssm
+    time_forward(model.embeddings, "embedding")
+    patch(mamba, "rms_norm", timer.wrap(mamba.rms_norm, "norms"))
+    patch(ssm, "causal_conv", timer.wrap(ssm.causal_conv, "ssm_conv"))
+    for layer in model.layers:
+        mixer = layer.mixer
+        time_forward(layer, "model_glue")
+        time_forward(mixer, "ssm_glue")
+        time_forward(mixer.in_proj, "ssm_in_proj")
+        time_forward(mixer.out_proj, "ssm_out_proj")
+        patch(mixer, "scan", timer.wrap(mixer.scan, "ssm_scan"))
+        for name in ("x_proj", "dt_proj"):
+            if hasattr(mixer, name):
+                time_forward(getattr(mixer, name), "ssm_dt_bc_proj")
+        if hasattr(mixer, "norm"):
+            time_forward(mixer.norm, "norms")
