@@ -52,7 +52,7 @@ class MambaForCausalLM(nn.Module):
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(MambaBlock(hf, mixer(hf)) for _ in range(cfg.num_layers))
         self.norm_f = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
         self.decode_step = None
 
     @property
@@ -94,7 +94,7 @@ class MambaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
     def pack_weights(self, quantization: str = "none", dense_gemm: bool = True) -> None:
-        """The mixers' linears in their inference layout (or quantized at load); the tied head stays exact."""
-        for module in self.modules():
+        """Every linear in its inference layout (the mixers' quantized at load if asked; the head stays exact)."""
+        for name, module in self.named_modules():
             if isinstance(module, Linear):
-                module.pack(quantization, dense_gemm)
+                module.pack("none" if name == "lm_head" else quantization, dense_gemm, int8=name != "lm_head")

@@ -281,9 +281,8 @@ def weight_bytes(model) -> dict[str, float]:
     """Bytes per weight of each linear component (GGML blocks: 0.625 for Q4_1) for the byte counts."""
     if hasattr(model, "mixers"):
         mixer = model.mixers[0]
-        linears = {"ssm_in_proj": mixer.in_proj, "ssm_out_proj": mixer.out_proj}
-        return {name: bytes_per_weight(lin) for name, lin in linears.items()} | {
-            "lm_head": model.lm_head.weight.element_size()}
+        linears = {"ssm_in_proj": mixer.in_proj, "ssm_out_proj": mixer.out_proj, "lm_head": model.lm_head}
+        return {name: bytes_per_weight(lin) for name, lin in linears.items()}
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     linears = {"qkv_proj": attn.qkv_proj, "o_proj": attn.o_proj, "gate_up_proj": mlp.gate_up_proj,
                "down_proj": mlp.down_proj, "lm_head": model.lm_head}
