@@ -30,7 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS) + list(QUANTIZATION_ALIASES),
                    help="an HF model's linears quantized at load into a GGML block format (int8 = q8_0, "
                         "int4 = q4_1) or nf4 as in QLoRA; a GGUF model keeps its file's formats")
-    p.add_argument("--limit-images-per-prompt", type=int, default=d.limit_mm_per_prompt["image"],
+    p.add_argument("--limit-images-per-prompt", type=int, default=4,
                    help="images one prompt may carry (vision-language models)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="let file:// image URLs read images from inside DIR (refused otherwise)")

@@ -212,7 +212,7 @@ class EngineConfig:
     max_loras: int = 8                        # distinct adapters in one step
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None          # validated adapters kept loaded (LRU), default max_loras
-    limit_mm_per_prompt: dict = field(default_factory=lambda: {"image": 4})   # images one prompt may carry
+    limit_mm_per_prompt: dict = field(default_factory=dict)   # {"image": N}: images one prompt may carry (4)
     allowed_local_media_path: str | None = None   # file:// image URLs are read only from inside this directory
     extra: dict = field(default_factory=dict)
 
@@ -221,6 +221,7 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.speculative = SpeculativeConfig.parse(self.speculative)
+        self.limit_mm_per_prompt = {"image": 4, **self.limit_mm_per_prompt}
         if set(self.limit_mm_per_prompt) - {"image"} or any(
                 not isinstance(n, int) or n < 0 for n in self.limit_mm_per_prompt.values()):
             raise ValueError(f"limit_mm_per_prompt takes {{'image': N}} with N >= 0, got {self.limit_mm_per_prompt!r}")

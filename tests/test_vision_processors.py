@@ -332,8 +332,15 @@ def test_decompression_bombs_are_refused_from_the_header_before_decoding():
         load_image(encoded(IMAGES["large"]), max_pixels=10000)
     with pytest.raises(ValueError, match="too large"):
         load_image(IMAGES["large"], max_pixels=10000)
-    with pytest.raises(TypeError, match="PIL image, bytes, a path or a URL"):
+    with pytest.raises(ValueError, match="PIL image, bytes, a path or a URL"):
         load_image(np.zeros((4, 4, 3), np.uint8))
+
+
+@pytest.mark.parametrize("size", [(1, 600), (2000, 5), (1, 1)])
+def test_slivers_are_refused_before_a_processor_scales_them_up(size):
+    """A 1 x 65536 image is small, but a shortest-edge resize to 336 would make it 22 gigapixels."""
+    with pytest.raises(ValueError, match="too thin"):
+        load_image(Image.new("RGB", size))
 
 
 def test_image_digest_is_a_content_hash():

@@ -63,7 +63,7 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.model_config, weights, self.max_model_len)
         if vision_files:
             self.runner.vision = VisionPath(self.model_path, *vision_files, self.tokenizer, self.runner.dtype,
-                                            cfg.limit_mm_per_prompt.get("image", 1))
+                                            cfg.limit_mm_per_prompt["image"])
         del weights, vision_files
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         if self.runner.lora is not None:
@@ -363,8 +363,8 @@ class LLMEngine:
         if states.acquire(child):
             states.copy(parent.state_slot, child.state_slot)
             self.blocks.share(parent, child)
-            self.blocks.allocate(child, 0)
             child.num_computed_tokens = parent.num_computed_tokens
+            self.blocks.allocate(child, 0)   # the partial block after the shared full ones
             self.scheduler.running.append(child)
         else:
             child.num_computed_tokens, child.block_table, child.block_hashes = 0, [], []

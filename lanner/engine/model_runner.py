@@ -51,6 +51,9 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
         self.vision = None   # engine.multimodal.VisionPath of a vision-language model
         self.lora = None
+        if model_cfg.ssm and cfg.device != "cpu":
+            raise ValueError(f"a {model_cfg.architecture} runs on the CPU (its state slots and scan kernel are CPU "
+                             f"code), not on {cfg.device}")
         if cfg.enable_lora and model_cfg.ssm:
             raise ValueError(f"LoRA adapters are served on transformer models; a {model_cfg.architecture} takes none")
         if cfg.enable_lora:
@@ -65,7 +68,8 @@ class ModelRunner:
         half = max(1, int(cfg.kv_cache_memory * 2**30 / 2 // per_slot))
         spec = cfg.speculative
         scratch = spec.num_speculative_tokens * min(spec.max_batch_size, cfg.max_num_seqs) if spec else 0
-        return StateCache(self.model.mixers, shapes, self.dtype, min(cfg.max_num_seqs, half), min(half, 256),
+        checkpoints = min(half, 256) if cfg.enable_prefix_caching else 0
+        return StateCache(self.model.mixers, shapes, self.dtype, min(cfg.max_num_seqs, half), checkpoints,
                           scratch, cfg.block_size)
 
     def blocks_for_memory(self, gib: float) -> int:
@@ -94,8 +98,8 @@ class ModelRunner:
                 end = min(start + num, seq.num_virtual_tokens)
                 embed_rows += range(row0, row0 + end - start)
                 embed_values.append(seq.prompt.embeddings[start:end])
-            if seq.images is not None:   # (image prompt, first row, first token index, tokens) past virtual ones
-                skip = max(0, seq.num_virtual_tokens - start)
+            skip = max(0, seq.num_virtual_tokens - start)
+            if seq.images is not None and num > skip:   # (image prompt, first row, first token index, tokens)
                 image_chunks.append((seq.images, row0 + skip, start + skip - seq.num_virtual_tokens, num - skip))
             positions += range(start, start + num)
             table = seq.block_table
@@ -116,7 +120,7 @@ class ModelRunner:
         if image_chunks:
             rows, values = self.vision.embeds(image_chunks)
             embed_rows += rows
-            embed_values += [v.to(self.dtype) for v in values]
+            embed_values += values
         embeds = (torch.tensor(embed_rows), torch.cat([v.to(self.dtype) for v in embed_values])) if embed_rows else None
         return (torch.tensor(input_ids), torch.tensor(positions), meta, embeds,
                 torch.tensor(logit_rows, dtype=torch.long), logit_seqs, logit_tokens)

@@ -49,11 +49,11 @@ class ImagePrompt:
     images: list[ImageInput]
     feature_row: torch.Tensor
 
-    @property
-    def offsets(self) -> torch.Tensor:
-        """The first feature row of each image."""
-        counts = torch.tensor([0] + [i.num_tokens for i in self.images])
-        return counts.cumsum(0)[:-1]
+    def locate(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature rows -> (the image each belongs to, the row within that image)."""
+        offsets = torch.tensor([0] + [i.num_tokens for i in self.images]).cumsum(0)[:-1]
+        image_of = torch.searchsorted(offsets, rows, right=True) - 1
+        return image_of, rows - offsets[image_of]
 
     def keys(self, start: int, end: int, token_ids: list[int]) -> tuple:
         """Tokens start..end-1 as the prefix cache keys them: an image token as (its image's digest, its row)."""
@@ -61,10 +61,9 @@ class ImagePrompt:
         if max(rows, default=-1) < 0:
             return tuple(tokens)
         rows += [-1] * (len(tokens) - len(rows))   # output tokens are text
-        image_of = torch.searchsorted(self.offsets, torch.tensor(rows), right=True).sub(1).tolist()
-        offsets = self.offsets.tolist()
-        return tuple(t if r < 0 else (self.images[k].digest, r - offsets[k])
-                     for t, r, k in zip(tokens, rows, image_of))
+        image_of, local = (t.tolist() for t in self.locate(torch.tensor(rows).clamp(min=0)))
+        return tuple(t if r < 0 else (self.images[k].digest, j)
+                     for t, r, k, j in zip(tokens, rows, image_of, local))
 
 
 class VisionPath:
@@ -122,6 +121,7 @@ class VisionPath:
             with torch.inference_mode():
                 outs = self.encoder.encode_batch([(i.pixels.pixel_values, i.pixels.pixel_attention_mask)
                                                   for i in missing])
+            outs = [o.clone() for o in outs]   # views of the batch's output would keep all of it alive
             self.num_encoded += len(missing)
             for image, features in zip(missing, outs):
                 self.remember(image.digest, features)
@@ -151,11 +151,10 @@ class VisionPath:
             taken = (feature_row >= 0).nonzero().flatten()
             if len(taken) == 0:
                 continue
-            offsets = prompt.offsets
-            image_of = torch.searchsorted(offsets, feature_row[taken], right=True) - 1
+            image_of, local = prompt.locate(feature_row[taken])
             for k in image_of.unique().tolist():
                 mine = image_of == k
-                needed.append((taken[mine] + row0, prompt.images[k], feature_row[taken[mine]] - offsets[k]))
+                needed.append((taken[mine] + row0, prompt.images[k], local[mine]))
         if not needed:
             return [], []
         self.features([image for _, image, _ in needed])
@@ -167,7 +166,8 @@ class VisionPath:
 def template_takes_parts(template: str | None) -> bool:
     """Whether a chat template reads a message's content as a list of typed parts (as VLMs' templates do) rather
     than as one string."""
-    return bool(template) and re.search(r"""\[\s*['"]type['"]\s*\]|\.type\b|['"]type['"]""", template) is not None
+    pattern = r"""\[\s*['"]type['"]\s*\]|\.type\b|selectattr\(\s*['"]type['"]"""
+    return bool(template) and re.search(pattern, template) is not None
 
 
 def chat_parts(messages: list[dict], takes_parts: bool, placeholder: str = "<image>") -> tuple[list[dict], list]:

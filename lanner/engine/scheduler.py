@@ -41,9 +41,11 @@ class Scheduler:
             if not self.adapter_fits(seq):
                 skipped.append(self.waiting.popleft())
                 continue
-            self.blocks.begin(seq)
-            if self.states is not None and not self.begin_state(seq):
+            if self.states is not None and not self.states.free_running:
                 break   # no free state slot: it waits for a running sequence to end
+            self.blocks.begin(seq)
+            if self.states is not None:
+                self.begin_state(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self.blocks.blocks_needed(seq, num_new) > self.blocks.num_free_blocks:
                 self.release_state(seq)
@@ -59,16 +61,11 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return scheduled
 
-    def begin_state(self, seq: Sequence) -> bool:
-        """A state slot for seq, resumed from the latest prompt checkpoint among its prefix-cache hits (the hits
-        past it are given back: an SSM layer needs the state at the point it continues from)."""
-        if not self.states.acquire(seq):
-            self.blocks.release(seq)
-            seq.num_computed_tokens = seq.num_cached_tokens = 0
-            return False
-        kept = self.states.resume(seq)
-        self.blocks.keep_leading(seq, kept)
-        return True
+    def begin_state(self, seq: Sequence) -> None:
+        """A state slot for seq (one is free), resumed from the latest prompt checkpoint among its prefix-cache
+        hits (the hits past it are given back: an SSM layer needs the state at the point it continues from)."""
+        self.states.acquire(seq)
+        self.blocks.keep_leading(seq, self.states.resume(seq))
 
     def release_state(self, seq: Sequence) -> None:
         if self.states is not None:

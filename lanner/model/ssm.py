@@ -79,6 +79,14 @@ class SSMBatch:
         return args, keep
 
 
+MAX_STATE_SIZE = 256   # ssm.c keeps a state_size x vector-width block of the state on the stack
+
+
+def check_state_size(n: int) -> None:
+    if not 1 <= n <= MAX_STATE_SIZE:
+        raise ValueError(f"SSM state_size {n} is outside 1..{MAX_STATE_SIZE}")
+
+
 def json_float(value) -> float:
     """A float from config.json, where transformers 5 writes infinities as {"__float__": "Infinity"}."""
     return float(value["__float__"] if isinstance(value, dict) else value)
@@ -162,6 +170,7 @@ class MambaMixer(nn.Module):
         if self.act not in ACT:
             raise ValueError(f"Mamba: hidden_act {self.act!r} is not one of {sorted(ACT)}")
         bias, conv_bias = c.get("use_bias", False), c.get("use_conv_bias", True)
+        check_state_size(self.state_size)
         I, N = self.intermediate, self.state_size
         self.in_proj = Linear(hidden, 2 * I, bias=bias, device="meta")
         self.conv1d = nn.Conv1d(I, I, self.kernel, groups=I, padding=self.kernel - 1, bias=conv_bias)
@@ -240,6 +249,10 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"Mamba-2: hidden_act {self.act!r} is not one of {sorted(ACT)}")
         self.dt_limit = tuple(json_float(v) for v in c.get("time_step_limit", (0.0, float("inf"))))
         I, H, GN = self.intermediate, self.num_heads, self.n_groups * self.state_size
+        check_state_size(self.state_size)
+        if H * self.head_dim != I or H % self.n_groups or I % self.n_groups:   # ssm.c indexes by these
+            raise ValueError(f"Mamba-2 config: num_heads * head_dim ({H} * {self.head_dim}) must equal expand * "
+                             f"hidden_size ({I}), and n_groups ({self.n_groups}) divide num_heads")
         self.conv_dim = I + 2 * GN
         bias = c.get("use_bias", False)
         self.in_proj = Linear(hidden, I + self.conv_dim + H, bias=bias, device="meta")

@@ -70,6 +70,9 @@ class DraftModelProposer:
                  max_model_len: int):
         hf_config, weights, tokenizer, _ = load_model_files(spec.model)
         self.model_config = ModelConfig.from_hf(hf_config)
+        if self.model_config.ssm:   # its mirrors roll back by counter, which an SSM state cannot
+            raise ValueError(f"draft model {spec.model!r} is a {self.model_config.architecture}: a draft model must "
+                             f"be a transformer")
         if self.model_config.vocab_size != target_config.vocab_size:
             raise ValueError(f"draft model {spec.model!r} has a vocabulary of {self.model_config.vocab_size} tokens, "
                              f"the target has {target_config.vocab_size}: a draft must share the target's vocabulary")

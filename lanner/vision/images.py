@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, ImageOps
 
 MAX_PIXELS = 64 * 1024 * 1024  # well above any VLM's input, far below what exhausts memory
+MAX_ASPECT = 200
 
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<payload>.*)", re.DOTALL)
 
@@ -31,7 +32,7 @@ def load_image(source, allowed_local_media_path: str | None = None, max_pixels: 
     elif isinstance(source, (str, os.PathLike)):
         image = _decode(_read(os.fspath(source), allowed_local_media_path), max_pixels)
     else:
-        raise TypeError(f"image source must be a PIL image, bytes, a path or a URL, got {type(source).__name__}")
+        raise ValueError(f"image source must be a PIL image, bytes, a path or a URL, got {type(source).__name__}")
     return to_rgb(ImageOps.exif_transpose(image))
 
 
@@ -134,3 +135,7 @@ def _check_pixels(size, max_pixels):
     width, height = size
     if width * height > max_pixels:
         raise ValueError(f"image is too large: {width}x{height} is over the limit of {max_pixels} pixels")
+    if min(width, height) < 2 or max(width, height) > MAX_ASPECT * min(width, height):
+        # processors scale the short side up to a fixed size: a sliver would become gigapixels
+        raise ValueError(f"image of {width}x{height} pixels is too thin: sides of at least 2 pixels and an aspect "
+                         f"ratio up to {MAX_ASPECT}:1 are accepted")
