@@ -267,3 +267,28 @@ def test_cli_chat_attaches_an_image_with_the_image_command(llava, tmp_path, caps
     out = capsys.readouterr()
     assert out.out.strip() == expected.strip()
     assert "cannot read image file" in out.err
+
+
+PARTS_TEMPLATE = ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+                  "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+                  "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+                  "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                  "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def test_a_template_that_reads_content_parts_gets_them_as_hf_processors_do(tiny_vlms, tmp_path):
+    """VLM chat templates (SmolVLM's, LLaVA's) iterate typed content parts: the prompt equals what the HF
+    processor's apply_chat_template + processor make of the same messages; a plain string turns into a text part."""
+    import shutil
+    kind, path, _, processor, _ = tiny_vlms("idefics3")
+    shutil.copytree(path, tmp_path / "vlm")
+    (tmp_path / "vlm" / "chat_template.jinja").write_text(PARTS_TEMPLATE)
+    llm = make_llm(str(tmp_path / "vlm"))
+    ours = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}},
+                                         {"type": "text", "text": QUESTION}]}]
+    hf_messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                   {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(hf_messages, chat_template=PARTS_TEMPLATE, add_generation_prompt=True)
+    expected = processor(text=text, images=[IMAGES[0]], return_tensors="pt")["input_ids"][0].tolist()
+    assert llm.chat(ours, GREEDY, use_tqdm=False)[0].prompt_token_ids == expected

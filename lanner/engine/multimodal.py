@@ -173,13 +173,16 @@ def template_takes_parts(template: str | None) -> bool:
 def chat_parts(messages: list[dict], takes_parts: bool, placeholder: str = "<image>") -> tuple[list[dict], list]:
     """OpenAI-style messages -> (messages for the chat template, the images in order). Content parts of type
     text, image_url ({"url": ...} or the URL), image or image_pil; for a template that reads content as a string,
-    the parts are joined in order with the model's image placeholder where each image is."""
+    the parts are joined in order with the model's image placeholder where each image is; for one that reads
+    parts, string content becomes one text part."""
     images, out = [], []
     for i, message in enumerate(messages):
         content = message.get("content")
         if isinstance(content, list):
             parts = [chat_part(part, images, f"messages[{i}].content[{j}]") for j, part in enumerate(content)]
             content = parts if takes_parts else "".join(p.get("text", placeholder) for p in parts)
+        elif isinstance(content, str) and takes_parts:   # such a template iterates the content: never a string
+            content = [{"type": "text", "text": content}]
         out.append({**message, "content": content})
     return out, images
 
