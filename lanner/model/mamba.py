@@ -50,7 +50,6 @@ class MambaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(MambaBlock(hf, mixer(hf)) for _ in range(cfg.num_layers))
         self.norm_f = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
-        self.decode_step = None
 
     @property
     def mixers(self) -> list[nn.Module]:
