@@ -3,12 +3,12 @@
 Two prompt sets, chat template applied: input-grounded tasks (rewrite, extract or edit a passage or code that is
 in the prompt: the answer copies much of its input, n-gram lookup's best case) and open chat questions (little
 to copy). For each set and batch size every method (none, ngram = ngram:4, ngram-nobackoff, draft = a truncated
-draft model; METHOD@N backs off above N running sequences) runs on its own LLM in one process, interleaved per
+draft model, eagle = the draft head shipped for the model; METHOD@N backs off above N running sequences) runs on its own LLM in one process, interleaved per
 unit (a prompt at batch 1, the whole batch of B requests, the prompt set cycled, otherwise), greedy, prefix
 caching off so no method inherits another's cache; each unit keeps its fastest of --repeats runs.
 
     python bench/speculative.py [--quick] [--batch-sizes 1,16,64] [--max-tokens 128] [--threads 1]
-                                [--methods none,ngram,ngram-nobackoff,draft] [--draft-layers 6] [--repeats 1]
+                                [--methods none,ngram,eagle,draft,ngram-nobackoff] [--eagle DIR] [--draft-layers 6] [--repeats 1]
 
 One JSON line per (prompts, batch, method): tokens/s, speedup over no speculation from the same run, mean
 accepted length (tokens emitted per verify step of the requests that speculated), greedy_identical.
@@ -54,20 +54,29 @@ OPEN = [
     "Write a short poem about the sea.",
     "Give me three ideas for a child's birthday party.",
     "What is the difference between a virus and a bacterium?",
+    # fresh ones, in no training set (lanner.spec.chat_prompts is templates x topics)
+    "Plan a relaxed three-day trip to Lisbon for two friends.",
+    "How do I make a good first impression at a job interview?",
+    "Describe the taste of a mango to someone who has never had one.",
+    "What should I think about before adopting a cat?",
+    "Write a limerick about a forgetful robot.",
+    "Why do leaves change color in autumn?",
 ]
 NO_BACKOFF = 10**6
 
 
-def method_options(method: str, k: int, draft_path: str | None, max_batch_size: int | None) -> dict | None:
-    """none | ngram | ngram-nobackoff | draft, optionally @N: back off above N running sequences."""
+def method_options(method: str, k: int, draft_path: str | None, max_batch_size: int | None,
+                   eagle_path: str | None = None) -> dict | None:
+    """none | ngram | ngram-nobackoff | draft | eagle, optionally @N: back off above N running sequences."""
     name, _, at = method.partition("@")
     if name == "none":
         return None
     if name == "ngram-nobackoff":
         name, at = "ngram", str(NO_BACKOFF)
-    if name not in ("ngram", "draft"):
+    if name not in ("ngram", "draft", "eagle"):
         raise ValueError(f"unknown method {method!r}")
-    spec = {"method": name, "num_speculative_tokens": k} | ({"model": draft_path} if name == "draft" else {})
+    path = {"draft": draft_path, "eagle": eagle_path}.get(name)
+    spec = {"method": name, "num_speculative_tokens": k} | ({"model": path} if path else {})
     limit = int(at) if at else max_batch_size
     return spec | ({"max_batch_size": limit} if limit is not None else {})
 
@@ -90,24 +99,35 @@ def chat_prompts(tokenizer, texts: list[str]) -> list[str]:
 
 
 def count_forwards(llm) -> None:
-    """llm.target_forwards: packed target forwards so far (every engine step that ran the model is one)."""
-    runner, llm.target_forwards = llm.engine.runner, 0
-    run = runner.run
+    """llm.target_forwards / target_seconds: packed target forwards so far (every engine step that ran the model
+    is one) and their time; llm.draft_seconds: time spent proposing drafts (a draft model's or head's forwards)."""
+    runner, engine = llm.engine.runner, llm.engine
+    llm.target_forwards, llm.target_seconds, llm.draft_seconds = 0, 0.0, 0.0
+    run, propose = runner.run, engine.propose_drafts
 
     def counted(scheduled):
+        start = time.perf_counter()
+        out = run(scheduled)
         llm.target_forwards += 1
-        return run(scheduled)
-    runner.run = counted
+        llm.target_seconds += time.perf_counter() - start
+        return out
+
+    def timed():
+        start = time.perf_counter()
+        propose()
+        llm.draft_seconds += time.perf_counter() - start
+    runner.run, engine.propose_drafts = counted, timed
 
 
-def counters(llm) -> list[int]:
+def counters(llm) -> list:
     e = llm.engine
     return [e.num_drafted_tokens, e.num_accepted_tokens, e.num_verify_steps, llm.target_forwards,
-            getattr(e.proposer, "num_forwards", 0)]
+            getattr(e.proposer, "num_forwards", 0), llm.target_seconds, llm.draft_seconds]
 
 
 def run_unit(llm, prompts: list[str], params):
-    """(output token ids, seconds, [drafted, accepted, verify steps, target forwards, draft forwards] of this run)."""
+    """(output token ids, seconds, [drafted, accepted, verify steps, target forwards, draft forwards, target
+    seconds, drafting seconds] of this run)."""
     before = counters(llm)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -135,7 +155,7 @@ def bench_workload(llms: dict, name: str, prompts: list[str], batch: int, args, 
     base_ids, base_s, _ = totals["none"]
     base_rate = sum(map(len, base_ids)) / base_s
     records = []
-    for method, (ids, seconds, (drafted, accepted, steps, forwards, draft_forwards)) in totals.items():
+    for method, (ids, seconds, (drafted, accepted, steps, forwards, draft_forwards, target_s, draft_s)) in totals.items():
         spec, tokens = llms[method].engine.spec, sum(map(len, ids))
         records.append({
             "bench": "speculative", "prompts": name, "batch": batch, "method": method,
@@ -146,6 +166,8 @@ def bench_workload(llms: dict, name: str, prompts: list[str], batch: int, args, 
             "mean_accepted_length": round((accepted + steps) / steps, 3) if steps else None,
             "drafted": drafted, "accepted": accepted, "verify_steps": steps, "target_forwards": forwards,
             "draft_forwards": draft_forwards, "greedy_identical": ids == base_ids,
+            "ms_per_target_forward": round(1000 * target_s / max(1, forwards), 3),
+            "ms_drafting_per_verify_step": round(1000 * draft_s / steps, 3) if steps else None,
             "max_tokens": args.max_tokens, "dtype": args.dtype, "draft_budget": args.draft_budget,
             "repeats": args.repeats, "threads": common.num_threads(), **common.machine_fields()})
     return records
@@ -156,8 +178,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="GGUF or HF directory (default: the default model)")
     ap.add_argument("--quick", action="store_true", help="batch 1 and 16, 3 prompts per set, 48 tokens")
     ap.add_argument("--batch-sizes", default=None, help="default 1,16,64 (quick: 1,16)")
-    ap.add_argument("--methods", default="none,ngram,ngram-nobackoff,draft",
-                    help="none, ngram, ngram-nobackoff, draft; METHOD@N backs off above N running sequences")
+    ap.add_argument("--methods", default="none,ngram,eagle",
+                    help="none, ngram, ngram-nobackoff, draft, eagle; METHOD@N backs off above N running sequences")
+    ap.add_argument("--eagle", default=None, help="EAGLE head dir (default: the head shipped for the model)")
     ap.add_argument("--prompt-sets", default="grounded,open")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-batch-size", type=int, default=None, help="back-off threshold for 'ngram' and 'draft'")
@@ -189,7 +212,7 @@ def main(argv=None) -> None:
         draft_path = default_draft_path(args.draft_layers)
     llms = {}
     for m in methods:
-        spec = method_options(m, args.k, draft_path, args.max_batch_size)
+        spec = method_options(m, args.k, draft_path, args.max_batch_size, args.eagle)
         llms[m] = LLM(args.model, dtype=args.dtype, kv_cache_memory=1.0, enable_prefix_caching=False, speculative=spec)
         count_forwards(llms[m])
     tokenizer = llms["none"].tokenizer

@@ -35,7 +35,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="let file:// image URLs read images from inside DIR (refused otherwise)")
     p.add_argument("--speculative", default=None, metavar="SPEC",
-                   help="speculative decoding: ngram:K (prompt lookup) or draft:PATH:K (a draft model)")
+                   help="speculative decoding: ngram:K (prompt lookup), draft:PATH:K (a draft model) or "
+                        "eagle[:PATH]:K (a trained draft head; default: the one shipped for the model)")
 
 
 def engine_kwargs(args) -> dict:
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+    from lanner.spec import cli as spec_cli
+    spec_cli.add_parser(sub)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -155,7 +155,8 @@ def layer_windows(hf: dict, arch: str) -> tuple:
 
 @dataclass
 class SpeculativeConfig:
-    """{"method": "ngram" | "draft", "num_speculative_tokens": k, "model": path (draft only)}."""
+    """{"method": "ngram" | "draft" | "eagle", "num_speculative_tokens": k, "model": path (a draft model; an
+    EAGLE head's directory, default: the head shipped for the target)}."""
     method: str
     num_speculative_tokens: int = 4
     model: str | None = None
@@ -164,8 +165,8 @@ class SpeculativeConfig:
     max_batch_size: int = 16      # back off: no drafts when more sequences than this are running
 
     def __post_init__(self):
-        if self.method not in ("ngram", "draft"):
-            raise ValueError(f"speculative method must be 'ngram' or 'draft', got {self.method!r}")
+        if self.method not in ("ngram", "draft", "eagle"):
+            raise ValueError(f"speculative method must be 'ngram', 'draft' or 'eagle', got {self.method!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.method == "draft" and not self.model:
@@ -173,18 +174,20 @@ class SpeculativeConfig:
 
     @classmethod
     def parse(cls, spec) -> "SpeculativeConfig | None":
-        """From a dict, a SpeculativeConfig, or the CLI forms 'ngram:4' and 'draft:PATH:4'."""
+        """From a dict, a SpeculativeConfig, or the CLI forms 'ngram:4', 'draft:PATH:4', 'eagle:4' and
+        'eagle:PATH:4'."""
         if spec is None or isinstance(spec, cls):
             return spec
         if isinstance(spec, dict):
             return cls(**spec)
         method, *rest = str(spec).split(":")
-        if method == "draft":
-            if not rest:
-                raise ValueError("--speculative draft needs a model: draft:PATH[:K]")
-            path, k = (":".join(rest[:-1]), rest[-1]) if len(rest) > 1 and rest[-1].isdigit() else (":".join(rest), "4")
-            return cls("draft", int(k), path)
-        return cls(method, int(rest[0]) if rest else 4)
+        k = rest.pop() if rest and rest[-1].isdigit() else "4"
+        path = ":".join(rest) or None
+        if method == "draft" and not path:
+            raise ValueError("--speculative draft needs a model: draft:PATH[:K]")
+        if path and method == "ngram":
+            raise ValueError(f"--speculative ngram takes no path, got {spec!r}: ngram[:K]")
+        return cls(method, int(k), path)
 
 
 QUANTIZATIONS = ("none", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "nf4")   # weight formats an HF model loads into

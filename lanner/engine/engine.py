@@ -205,12 +205,15 @@ class LLMEngine:
         self.start_grammar_masks(scheduled)
         self.runner.copy_blocks(self.blocks.pop_copies())
         logits, row_seqs, row_tokens = self.runner.run(scheduled)
+        starts = [seq.num_computed_tokens for seq, _ in scheduled]
         for seq, num in scheduled:
             seq.num_computed_tokens += num
             self.num_computed_tokens_total += num
         sample_rows = self.record_prompt_logprobs(logits, row_seqs, row_tokens)
         touched = self.sample_and_append(logits[sample_rows], [row_seqs[r] for r in sample_rows])
         for seq, _ in scheduled:
+        if self.proposer is not None and self.proposer.reads_hidden_states:
+            self.proposer.observe(scheduled, starts, self.runner.last_hidden)
             if not seq.is_finished:
                 self.cache_blocks(seq)
                 if self.kv_window:
@@ -305,6 +308,12 @@ class LLMEngine:
             return NgramProposer(self.spec.num_speculative_tokens, self.spec.prompt_lookup_min,
                                  self.spec.prompt_lookup_max)
         from lanner.spec.draft import DraftModelProposer
+        if self.spec.method == "eagle":
+            from lanner.spec.eagle import EagleProposer
+            if self.model_config.ssm:
+                raise ValueError(f"an EAGLE head keeps attention KV beside the target's: a "
+                                 f"{self.model_config.architecture} has none; use ngram")
+            return EagleProposer(self.spec, self.runner, self.blocks, self.sampler, self.model_path)
         return DraftModelProposer(self.spec, self.cfg, self.model_config, self.max_model_len)
 
     def propose_drafts(self) -> None:

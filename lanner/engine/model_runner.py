@@ -43,12 +43,13 @@ class ModelRunner:
         self.model.pack_weights(cfg.quantization, cfg.dense_gemm_weights)
         self.states = self.make_state_cache() if model_cfg.ssm else None
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(cfg.kv_cache_memory)
-        attention_layers = 0 if model_cfg.ssm else model_cfg.num_layers
+        attention_layers = self.cache_layers()
         shape = (attention_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_cache = (zeros_on_huge_pages(shape, self.dtype) if cfg.device == "cpu" and attention_layers
                          else torch.zeros(shape, dtype=self.dtype, device=cfg.device))
         for layer, cache in zip(self.model.layers, self.kv_cache):
             layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
+        self.last_hidden = None
         self.vision = None   # engine.multimodal.VisionPath of a vision-language model
         self.lora = None
         if model_cfg.ssm and cfg.device != "cpu":
@@ -72,13 +73,20 @@ class ModelRunner:
         return StateCache(self.model.mixers, shapes, self.dtype, min(cfg.max_num_seqs, half), checkpoints,
                           scratch, cfg.block_size)
 
+    def cache_layers(self) -> int:
+        """KV layers in the pool: the model's, and one for an EAGLE draft head (its KV shares the blocks)."""
+        if self.model_cfg.ssm:
+            return 0
+        spec = self.cfg.speculative
+        return self.model_cfg.num_layers + (spec is not None and spec.method == "eagle")
+
     def blocks_for_memory(self, gib: float) -> int:
         """KV blocks that fit in gib; a model without attention gets block ids only (they hold no memory), enough
         for every running sequence at max_model_len."""
         if self.model_cfg.ssm:
             return min(1 << 20, self.cfg.max_num_seqs * -(-self.max_model_len // self.cfg.block_size))
         m = self.model_cfg
-        per_block = 2 * m.num_layers * self.cfg.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        per_block = 2 * self.cache_layers() * self.cfg.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
         return max(1, int(gib * 2**30 // per_block))
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):
@@ -157,6 +165,7 @@ class ModelRunner:
         if embeds is not None:
             embeds = tuple(t.to(dev) for t in embeds)
         hidden = self.model(input_ids.to(dev), positions.to(dev), meta.to(dev), embeds)
+        self.last_hidden = hidden   # every row's final hidden state: what an EAGLE head reads
         logits = self.model.compute_logits(hidden[rows.to(dev)]).cpu()
         return logits, seqs, token_indices
 

@@ -65,6 +65,7 @@ class Mirror:
 
 class DraftModelProposer:
     drafts_are_free = False   # each draft token costs a forward of the draft model
+    reads_hidden_states = False
 
     def __init__(self, spec: SpeculativeConfig, engine_config: EngineConfig, target_config: ModelConfig,
                  max_model_len: int):
@@ -158,18 +159,23 @@ class DraftModelProposer:
         return torch.stack([last[id(m)] for m in mirrors])
 
     def sample(self, logits: torch.Tensor, mirrors: list[Mirror], drafts: list[list[int]]):
-        """One draft token per row, and the distribution q it was drawn from (None for greedy requests)."""
-        views = [HistoryView(m.seq, d) for m, d in zip(mirrors, drafts)]
-        logits = self.sampler.processed_logits(logits, views)
-        tokens = logits.argmax(dim=-1).tolist()
-        rows = [None] * len(mirrors)
-        sampled = [i for i, v in enumerate(views) if not v.params.greedy]
-        if sampled:
-            q = filtered_probs(logits[sampled], [views[i] for i in sampled])
-            for row, i in enumerate(sampled):
-                tokens[i] = int(torch.multinomial(q[row], 1, generator=mirrors[i].generator))
-                rows[i] = q[row]
-        return tokens, rows
+        return sample_drafts(self.sampler, logits, [m.seq for m in mirrors], [m.generator for m in mirrors], drafts)
+
+
+def sample_drafts(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], generators: list, drafts: list[list[int]]):
+    """One draft token per row, and the distribution q it was drawn from (None for greedy requests): the
+    target's processing of each sequence (penalties, temperature, top-k/p) on the draft's logits."""
+    views = [HistoryView(seq, d) for seq, d in zip(seqs, drafts)]
+    logits = sampler.processed_logits(logits, views)
+    tokens = logits.argmax(dim=-1).tolist()
+    rows = [None] * len(seqs)
+    sampled = [i for i, v in enumerate(views) if not v.params.greedy]
+    if sampled:
+        q = filtered_probs(logits[sampled], [views[i] for i in sampled])
+        for row, i in enumerate(sampled):
+            tokens[i] = int(torch.multinomial(q[row], 1, generator=generators[i]))
+            rows[i] = q[row]
+    return tokens, rows
 
 
 def draft_engine_config(cfg: EngineConfig, spec: SpeculativeConfig) -> EngineConfig:

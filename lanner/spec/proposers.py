@@ -5,6 +5,7 @@ class NgramProposer:
     """Prompt lookup: find the latest earlier occurrence of the last n tokens, propose what followed."""
 
     drafts_are_free = True   # a lookup in the request's own tokens: no forward pass
+    reads_hidden_states = False
 
     def __init__(self, num_tokens: int, min_n: int = 1, max_n: int = 4):
         self.num_tokens, self.min_n, self.max_n = num_tokens, min_n, max_n

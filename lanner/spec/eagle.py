@@ -1,0 +1,347 @@
+"""An EAGLE-style draft head: one decoder layer that autoregresses on the target's own hidden states.
+
+The head's row at position p reads [embedding of token x_p, the target's final (normed) hidden state h_{p-1}]
+(zeros at p = 0), projects it to the model width (fc), runs one Llama decoder layer over its own KV, and
+predicts h_p; the target's LM head, restricted to the most frequent tokens, turns that into a guess of
+x_{p+1}. Drafting continues on the head's own outputs: row p + 1 reads [x_{p+1} drafted, the head's h_p].
+
+Serving keeps the head's KV as one more layer of the target's paged cache, addressed by the target's block
+tables, so a sequence's head KV lives, is shared, copied and freed with its blocks (EagleProposer). The
+features come from the target pass that verified the last drafts, with the request's adapter applied:
+an adapter's hidden states are what the head reads.
+
+Training (lanner.spec.train_draft) runs DraftHead.unroll: step 1 on the target's features at every
+position, steps 2..k on the head's own outputs, each unrolled row attending to the real context before its
+origin and its own earlier unrolled rows, which is exactly what a chain draft sees when served.
+"""
+import dataclasses
+import json
+import os
+
+import torch
+from torch import nn
+
+from lanner.config import ModelConfig
+
+HEAD_WEIGHTS, HEAD_CONFIG = "model.safetensors", "config.json"
+DEFAULT_HEADS = os.path.join(os.path.dirname(__file__), "heads")
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    target_vocab_size: int
+    target: str = ""          # the target model file or directory name the head was trained for
+    training: dict = dataclasses.field(default_factory=dict)   # how it was made (command, data, measurements)
+
+    @classmethod
+    def for_target(cls, cfg: ModelConfig, target: str) -> "HeadConfig":
+        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                   cfg.rms_norm_eps, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, cfg.vocab_size,
+                   target)
+
+    def layer_config(self) -> ModelConfig:
+        """The head's decoder layer is a plain Llama layer of the target's width."""
+        return ModelConfig("LlamaForCausalLM", self.hidden_size, self.intermediate_size, 1, self.num_heads,
+                           self.num_kv_heads, self.head_dim, self.target_vocab_size, self.rms_norm_eps,
+                           self.rope_theta, self.max_position_embeddings, False, False, self.rope_scaling)
+
+    def check_target(self, cfg: ModelConfig, path: str) -> None:
+        want = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.target_vocab_size)
+        have = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+        if want != have:
+            raise ValueError(f"draft head {path} was trained for a model of (hidden, heads, kv heads, head dim, "
+                             f"vocab) = {want}, the target has {have}")
+
+
+def save_head(path: str, config: HeadConfig, state: dict[str, torch.Tensor], vocab_ids: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in state.items()}
+    tensors["vocab_ids"] = vocab_ids.to(torch.int64)
+    save_file(tensors, os.path.join(path, HEAD_WEIGHTS))
+    with open(os.path.join(path, HEAD_CONFIG), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+
+
+def load_head(path: str) -> tuple[HeadConfig, dict[str, torch.Tensor], torch.Tensor]:
+    """(config, fp32 weights, the token ids its LM head scores); ValueError on a missing or bad file."""
+    from safetensors.torch import load_file
+    files = [os.path.join(path, HEAD_CONFIG), os.path.join(path, HEAD_WEIGHTS)]
+    if not all(os.path.exists(f) for f in files):
+        raise ValueError(f"draft head {path!r} not found: a head directory holds {HEAD_CONFIG} and {HEAD_WEIGHTS} "
+                         f"(made by `lanner train-draft`)")
+    try:
+        with open(files[0]) as f:
+            config = HeadConfig(**json.load(f))
+        tensors = load_file(files[1])
+    except Exception as e:
+        raise ValueError(f"cannot read draft head {path!r}: {e}") from e
+    vocab_ids = tensors.pop("vocab_ids", None)
+    missing = sorted(set(DraftHead(config, 1).state_dict()) - set(tensors))
+    if vocab_ids is None or missing:
+        raise ValueError(f"draft head {path!r} is missing tensors: {(['vocab_ids'] if vocab_ids is None else []) + missing}")
+    return config, {k: v.float() for k, v in tensors.items()}, vocab_ids
+
+
+def default_head_path(model_path: str) -> str:
+    """The head shipped for a target model, by its file or directory name."""
+    name = os.path.splitext(os.path.basename(os.path.normpath(model_path)))[0].lower()
+    path = os.path.join(DEFAULT_HEADS, name)
+    if not os.path.isdir(path):
+        shipped = sorted(os.listdir(DEFAULT_HEADS)) if os.path.isdir(DEFAULT_HEADS) else []
+        raise ValueError(f"no draft head ships for {name!r} (heads ship for {shipped}); train one with "
+                         f"`lanner train-draft --model {model_path} --output DIR` and pass eagle:DIR")
+    return path
+
+
+# ---- the head as a dense module: training and offline acceptance -----------------------------------------
+class DraftHead(nn.Module):
+    """Parameter names follow the EAGLE checkpoints' (fc, layers.0.*), with HF's unfused projections."""
+
+    def __init__(self, cfg: HeadConfig, num_vocab: int):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.cfg = cfg
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        layer = nn.Module()
+        layer.self_attn = nn.ModuleDict({"q_proj": nn.Linear(h, cfg.num_heads * cfg.head_dim, bias=False),
+                                         "k_proj": nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=False),
+                                         "v_proj": nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=False),
+                                         "o_proj": nn.Linear(cfg.num_heads * cfg.head_dim, h, bias=False)})
+        layer.mlp = nn.ModuleDict({"gate_proj": nn.Linear(h, i, bias=False), "up_proj": nn.Linear(h, i, bias=False),
+                                   "down_proj": nn.Linear(i, h, bias=False)})
+        layer.input_layernorm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
+        layer.post_attention_layernorm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
+        self.layers = nn.ModuleList([layer])
+        self.num_vocab = num_vocab
+        from lanner.model.layers import RotaryEmbedding
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+                                      cfg.max_position_embeddings)
+
+    def unroll(self, embeds: torch.Tensor, features: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """embeds [B, T, H]: embedding of x_p; features [B, T, H]: h_{p-1} (zeros at p = 0). Returns, for
+        j = 1..steps, the head's outputs [B, T, H] at row p = origin: step j predicts h_{p+j-1} (and so
+        x_{p+j}) from the real context through p and the head's own outputs after it, with teacher-forced
+        tokens x_{p+1..p+j-1} (a chain draft only goes on while its tokens are right)."""
+        a, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        norm1, norm2 = self.layers[0].input_layernorm, self.layers[0].post_attention_layernorm
+        B, T, _ = embeds.shape
+        heads, kv_heads, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        causal = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
+        outputs, own_keys, own_values = [], [], []
+        feats, tokens = features, embeds
+        for j in range(steps):
+            x = self.fc(torch.cat([tokens, feats], dim=-1))
+            y = norm1(x)
+            positions = torch.arange(j, T + j, device=embeds.device).clamp_max(self.rotary.cos_sin.shape[0] - 1)
+            table = self.rotary.table(positions, y.dtype)
+            q = a["q_proj"](y).view(B, T, heads, d)
+            k = a["k_proj"](y).view(B, T, kv_heads, d)
+            v = a["v_proj"](y).view(B, T, kv_heads, d)
+            q, k = self.rotary(table, q, k)
+            k, v = (t.repeat_interleave(heads // kv_heads, dim=2) for t in (k, v))
+            scale = d ** -0.5
+            if j == 0:
+                context_k, context_v = k, v
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, context_k) * scale
+            scores = scores.masked_fill(~causal, float("-inf"))
+            own_k, own_v = own_keys + ([k] if j else []), own_values + ([v] if j else [])
+            own = [torch.einsum("bqhd,bqhd->bhq", q, kk)[..., None] * scale for kk in own_k]
+            probs = torch.softmax(torch.cat([scores, *own], dim=-1), dim=-1)
+            out = torch.einsum("bhqk,bkhd->bqhd", probs[..., :T], context_v)
+            for i, vv in enumerate(own_v):
+                out = out + probs[..., T + i].transpose(1, 2)[..., None] * vv
+            if j:
+                own_keys, own_values = own_k, own_v
+            h = x + a["o_proj"](out.reshape(B, T, heads * d))
+            y = norm2(h)
+            h = h + mlp["down_proj"](nn.functional.silu(mlp["gate_proj"](y)) * mlp["up_proj"](y))
+            outputs.append(h)
+            feats = h
+            tokens = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)   # x_{p+j} at row p
+        return outputs
+
+
+# ---- serving ------------------------------------------------------------------------------------------------
+class HeadState:
+    """One sequence's head: positions < computed hold head KV made from real features; pending[i] is the
+    feature of position computed + i (h_{computed+i-1}, zeros where the target's is unknown)."""
+
+    def __init__(self, seq):
+        self.seq = seq
+        self.computed = 0
+        self.pending: list[torch.Tensor] = []
+        self.num_pending = 0
+
+    def add(self, start: int, rows: torch.Tensor) -> None:
+        """The target's valid hidden states of positions start.. (the rows it computed and kept)."""
+        if start != self.computed - 1 + self.num_pending:   # new, preempted, or a prefix-cache hit: no h_{start-1}
+            self.computed, self.pending, self.num_pending = start, [rows.new_zeros(1, rows.shape[1])], 1
+        self.pending.append(rows)
+        self.num_pending += rows.shape[0]
+
+    def take(self) -> torch.Tensor:
+        features = torch.cat(self.pending)
+        self.computed += self.num_pending
+        self.pending, self.num_pending = [], 0
+        return features
+
+
+class EagleProposer:
+    drafts_are_free = True     # the head costs a small fraction of the target's step (docs/speculative.md)
+    reads_hidden_states = True
+
+    def __init__(self, spec, runner, blocks, sampler, model_path: str):
+        from lanner.model.layers import Linear
+        from lanner.model.llama import DecoderLayer, fuse_hf_weights, place
+        path = spec.model or default_head_path(model_path)
+        self.config, weights, vocab_ids = load_head(path)
+        self.config.check_target(runner.model_cfg, path)
+        self.runner, self.blocks, self.sampler = runner, blocks, sampler
+        self.num_tokens = spec.num_speculative_tokens
+        model, dtype, dev = runner.model, runner.dtype, runner.kv_cache.device
+        self.layer = DecoderLayer(self.config.layer_config(), model.rotary, runner.backend, None)
+        self.fc = Linear(2 * self.config.hidden_size, self.config.hidden_size, bias=False, device="meta")
+        modules = {"fc": self.fc} | {f"layers.0.{n}": m for n, m in self.layer.named_modules() if n}
+        for name, tensor in fuse_hf_weights({f"model.{k}": v for k, v in weights.items()}, 1).items():
+            module, attr = name.removeprefix("model.").rsplit(".", 1)
+            place(modules[module], attr, tensor)
+        for module in (self.layer, self.fc):
+            module.to(dev, dtype)
+        for linear in (m for m in [self.fc, *self.layer.modules()] if isinstance(m, Linear)):
+            linear.pack("none", runner.cfg.dense_gemm_weights)
+        self.layer.self_attn.k_cache, self.layer.self_attn.v_cache = runner.kv_cache[-1]
+        self.embed = model.embed_tokens
+        self.vocab_ids = vocab_ids.to(dev)
+        self.lm_head = lm_head_rows(model, vocab_ids).to(dev, dtype)   # [V', H]
+        self.states: dict[int, HeadState] = {}
+        self.num_forwards = 0
+
+    # ---- features from the target's step ---------------------------------------------------------------
+    def observe(self, scheduled, starts: list[int], hidden: torch.Tensor) -> None:
+        """After a target step: keep each sequence's valid hidden rows (the accepted ones of a verify)."""
+        row = 0
+        for (seq, num), start in zip(scheduled, starts):
+            valid = seq.num_computed_tokens - start
+            if seq.is_finished or seq.num_virtual_tokens:
+                self.states.pop(seq.seq_id, None)
+            elif valid > 0:
+                self.states.setdefault(seq.seq_id, HeadState(seq)).add(start, hidden[row:row + valid])
+            row += num
+
+    # ---- drafting ----------------------------------------------------------------------------------------
+    def propose_batch(self, seqs, wanted: list[int]) -> list[list[int]]:
+        self.drop_stale(seqs)
+        batch, budgets = [], []
+        for seq, k in zip(seqs, wanted):
+            seq.spec_draft_probs = None
+            state = self.states.get(seq.seq_id)
+            k = self.reserve(seq, min(k, self.num_tokens)) if state is not None and state.num_pending else 0
+            if k > 0:
+                batch.append(seq)
+                budgets.append(k)
+        drafts = self.draft(batch, budgets) if batch else {}
+        return [drafts.get(seq.seq_id, []) for seq in seqs]
+
+    def drop_stale(self, seqs) -> None:
+        """Forget the heads of sequences that ended (aborted ones are never observed again)."""
+        for seq_id in [i for i, state in self.states.items() if state.seq.is_finished]:
+            del self.states[seq_id]
+
+    def reserve(self, seq, k: int) -> int:
+        """Blocks for the head's rows through the last draft's input (position N + k - 2, where N tokens are
+        verified): the target needs them this step anyway. Fewer drafts when the pool is short."""
+        while k > 0 and self.blocks.blocks_needed(seq, k) > self.blocks.num_free_blocks:
+            k -= 1
+        if k > 0:
+            self.blocks.allocate(seq, k)
+        return k
+
+    @torch.inference_mode()
+    def draft(self, seqs, budgets: list[int]) -> dict[int, list[int]]:
+        """Catch every head up with its pending features (the last row drafts the first token), then one
+        row per sequence per further draft, fed the head's own output."""
+        catch_up = [(seq, self.states[seq.seq_id]) for seq in seqs]
+        rows = [(seq, state.computed, state.take()) for seq, state in catch_up]
+        out = self.forward([(seq, first, seq.token_ids[first:first + len(f)], f) for seq, first, f in rows])
+        last = torch.stack([o[-1] for o in out])
+        drafts = {seq.seq_id: [] for seq in seqs}
+        probs = {seq.seq_id: [] for seq in seqs}
+        active = list(range(len(seqs)))
+        while True:
+            tokens, dists = self.sample(self.logits(last), [seqs[i] for i in active],
+                                        [drafts[seqs[i].seq_id] for i in active])
+            for i, token, dist in zip(active, tokens, dists):
+                drafts[seqs[i].seq_id].append(token)
+                if dist is not None:
+                    probs[seqs[i].seq_id].append(dist)
+            keep = [n for n, i in enumerate(active) if len(drafts[seqs[i].seq_id]) < budgets[i]]
+            if not keep:
+                break
+            active = [active[n] for n in keep]
+            feed = [(seqs[i], seqs[i].num_verified_tokens + len(drafts[seqs[i].seq_id]) - 1,
+                     [drafts[seqs[i].seq_id][-1]], last[n:n + 1]) for n, i in zip(keep, active)]
+            last = torch.cat([o[-1:] for o in self.forward(feed)])
+        for seq in seqs:
+            if probs[seq.seq_id]:
+                seq.spec_draft_probs = torch.stack(probs[seq.seq_id])
+        return drafts
+
+    def forward(self, rows) -> list[torch.Tensor]:
+        """rows: (seq, first position, tokens, features [n, H]) -> the head's outputs [n, H] per sequence, its
+        KV written at those positions in the sequence's blocks."""
+        from lanner.attention import AttentionMetadata
+        bs, dev = self.blocks.block_size, self.vocab_ids.device
+        positions, slots, query_lens, seq_lens, tables, token_ids = [], [], [], [], [], []
+        for seq, first, tokens, _ in rows:
+            span = range(first, first + len(tokens))
+            positions += span
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in span]
+            query_lens.append(len(tokens))
+            seq_lens.append(span.stop)
+            tables.append(seq.block_table)
+            token_ids += tokens
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots).to(dev)
+        features = torch.cat([f for *_, f in rows]).to(dev, self.lm_head.dtype)
+        x = self.fc(torch.cat([self.embed(torch.tensor(token_ids, device=dev)), features], dim=-1))
+        positions = torch.tensor(positions, device=dev)
+        x, residual = self.layer(x, None, self.runner.model.rotary.table(positions, x.dtype), meta)
+        self.num_forwards += 1
+        return list((x + residual).split(query_lens))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary fp32 logits, -inf outside the head's tokens."""
+        scores = (hidden @ self.lm_head.T).float()
+        full = torch.full((hidden.shape[0], self.config.target_vocab_size), float("-inf"), device=scores.device)
+        return full.index_copy_(1, self.vocab_ids, scores).cpu()
+
+    def sample(self, logits, seqs, drafts):
+        from lanner.spec.draft import sample_drafts
+        return sample_drafts(self.sampler, logits, seqs, [draft_generator(seq) for seq in seqs], drafts)
+
+
+def draft_generator(seq):
+    """The draft's random stream for a seeded request: apart from the target's, reproducible by the seed."""
+    from lanner.spec.draft import DRAFT_SEED_SALT
+    if seq.generator is None:
+        return None
+    if getattr(seq, "draft_generator", None) is None:
+        seq.draft_generator = torch.Generator().manual_seed((seq.generator.initial_seed() + DRAFT_SEED_SALT) % 2**63)
+    return seq.draft_generator
+
+
+def lm_head_rows(model, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """The target's LM head rows of vocab_ids, dense fp32 (GGML blocks dequantized)."""
+    head = model.lm_head
+    if head.ggml is not None:
+        return head.ggml.rows(vocab_ids, torch.float32)
+    return head.weight.detach()[vocab_ids].float()
