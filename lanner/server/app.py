@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI) over an AsyncEngine."""
+"""The OpenAI-compatible HTTP API (FastAPI) over an EngineClient: the engine in this process (AsyncEngine) or
+data-parallel replicas (ReplicaSet)."""
 import asyncio
 import hmac
 import json
@@ -13,7 +14,7 @@ from lanner.engine.multimodal import chat_parts, template_takes_parts
 from lanner.engine.outputs import RequestOutput
 from lanner.sampling_params import SamplingParams
 from lanner.server import errors, protocol, tools
-from lanner.server.async_engine import AsyncEngine, EngineStopped, RequestFailed
+from lanner.server.async_engine import EngineClient, EngineStopped, RequestFailed
 from lanner.server.errors import APIError, error_response
 from lanner.server.models import ModelRegistry
 from lanner.server.protocol import (ChatCompletionRequest, CompletionRequest, Constraint, DetokenizeRequest,
@@ -74,7 +75,7 @@ class Guard:
         await self.app(scope, replay, send)
 
 
-def build_app(engine: AsyncEngine, registry: ModelRegistry, settings: ServerSettings | None = None) -> FastAPI:
+def build_app(engine: EngineClient, registry: ModelRegistry, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
 
     @asynccontextmanager
@@ -102,16 +103,17 @@ def build_app(engine: AsyncEngine, registry: ModelRegistry, settings: ServerSett
 
 
 class Handlers:
-    def __init__(self, engine: AsyncEngine, registry: ModelRegistry, settings: ServerSettings):
+    def __init__(self, engine: EngineClient, registry: ModelRegistry, settings: ServerSettings):
         self.engine, self.registry, self.settings = engine, registry, settings
         self.tokenizer = engine.tokenizer
         self.token_text = protocol.TokenText(engine.tokenizer)
 
     # ---- plain endpoints ------------------------------------------------------------------------
     async def health(self):
-        if not self.engine.alive:
-            return error_response(503, "the engine loop is not running")
-        return {}
+        if not self.engine.alive:     # the body still says what each data-parallel replica is doing
+            return JSONResponse({**errors.error_body(503, "the engine loop is not running"), **self.engine.health()},
+                                status_code=503, headers={"Retry-After": str(self.settings.retry_after_s)})
+        return self.engine.health()
 
     async def metrics(self):
         stats = await self.engine_call(self.engine.stats())
@@ -253,7 +255,8 @@ class Handlers:
         try:
             return await awaitable
         except EngineStopped as e:
-            raise APIError(503, str(e), code="unavailable") from None
+            raise APIError(503, str(e), code="unavailable", headers={"Retry-After": str(self.settings.retry_after_s)}) \
+                from None
 
 
 def as_api_error(e: BaseException, param: str) -> APIError:
@@ -262,7 +265,7 @@ def as_api_error(e: BaseException, param: str) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, EngineStopped):
-        return APIError(503, str(e), code="unavailable")
+        return APIError(503, str(e), code="unavailable", headers={"Retry-After": "1"})
     if isinstance(e, ValueError):
         return errors.bad_param(e, param)
     return APIError(500, f"generation failed: {type(e).__name__}: {e}")
@@ -294,15 +297,15 @@ class Job:
                 param = self.param
             raise APIError(400, str(e), param, code) from None
 
-    def outputs(self):
-        return aclosing(self.api.engine.generate(self.prompts, self.params, self.lora))
+    def outputs(self, restartable: bool = False):
+        return aclosing(self.api.engine.generate(self.prompts, self.params, self.lora, restartable))
 
     async def collect(self, request: Request) -> list[RequestOutput]:
         """Run to completion; a client that goes away meanwhile aborts its requests."""
         final: dict[str, RequestOutput] = {}
 
-        async def run():
-            async with self.outputs() as stream:
+        async def run():    # only finished outputs are used: a request may start over on another replica
+            async with self.outputs(restartable=True) as stream:
                 async for outs in stream:
                     final.update((o.request_id, o) for o in outs if o.finished)
 

@@ -82,4 +82,24 @@ class ServerMetrics:
         lines += [f'{PREFIX}request_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(self.rejected.items())]
         for h in (self.ttft, self.itl, self.e2e):
             lines += h.render()
+        lines += replica_lines(stats.get("replicas", []))
         return "\n".join(lines) + "\n"
+
+
+REPLICA_SERIES = (("gauge", "replica_alive", "1 while the data-parallel replica serves.", lambda r: int(r["alive"])),
+                  ("counter", "replica_restarts_total", "Times the replica was started again after it died.",
+                   lambda r: r["restarts"]),
+                  ("counter", "replica_requests_total", "Requests routed to the replica.", lambda r: r["requests"]),
+                  ("gauge", "replica_outstanding_tokens", "Prompt + max output tokens of its unfinished requests.",
+                   lambda r: r["outstanding_tokens"]),
+                  ("gauge", "replica_prefix_cache_hit_rate", "The replica's prompt tokens served from its prefix "
+                   "cache / looked up.", lambda r: r["prefix_cache_hit_rate"]))
+
+
+def replica_lines(replicas: list[dict]) -> list[str]:
+    """Per data-parallel replica series, labelled replica="id" (none with one in-process engine)."""
+    lines = []
+    for kind, name, help, value in REPLICA_SERIES if replicas else ():
+        lines += [f"# HELP {PREFIX}{name} {help}", f"# TYPE {PREFIX}{name} {kind}"]
+        lines += [f'{PREFIX}{name}{{replica="{r["id"]}"}} {value(r)}' for r in replicas]
+    return lines
