@@ -73,9 +73,9 @@ def method_options(method: str, k: int, draft_path: str | None, max_batch_size: 
         return None
     if name == "ngram-nobackoff":
         name, at = "ngram", str(NO_BACKOFF)
-    if name not in ("ngram", "draft", "eagle"):
+    if name not in ("ngram", "draft", "eagle", "eagle+ngram"):
         raise ValueError(f"unknown method {method!r}")
-    path = {"draft": draft_path, "eagle": eagle_path}.get(name)
+    path = {"draft": draft_path, "eagle": eagle_path, "eagle+ngram": eagle_path}.get(name)
     spec = {"method": name, "num_speculative_tokens": k} | ({"model": path} if path else {})
     limit = int(at) if at else max_batch_size
     return spec | ({"max_batch_size": limit} if limit is not None else {})
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="batch 1 and 16, 3 prompts per set, 48 tokens")
     ap.add_argument("--batch-sizes", default=None, help="default 1,16,64 (quick: 1,16)")
     ap.add_argument("--methods", default="none,ngram,eagle",
-                    help="none, ngram, ngram-nobackoff, draft, eagle; METHOD@N backs off above N running sequences")
+                    help="none, ngram, ngram-nobackoff, draft, eagle, eagle+ngram; METHOD@N backs off above N running sequences")
     ap.add_argument("--eagle", default=None, help="EAGLE head dir (default: the head shipped for the model)")
     ap.add_argument("--prompt-sets", default="grounded,open")
     ap.add_argument("--k", type=int, default=4)

@@ -155,8 +155,10 @@ def layer_windows(hf: dict, arch: str) -> tuple:
 
 @dataclass
 class SpeculativeConfig:
-    """{"method": "ngram" | "draft" | "eagle", "num_speculative_tokens": k, "model": path (a draft model; an
-    EAGLE head's directory, default: the head shipped for the target)}."""
+    """{"method": "ngram" | "draft" | "eagle" | "eagle+ngram", "num_speculative_tokens": k, "model": path (a draft
+    model; an EAGLE head's directory, default: the head shipped for the target)}. eagle+ngram: a sequence whose
+    last n tokens (n from prompt_lookup_max down to prompt_lookup_min, both at least 3) occurred before drafts
+    the k tokens that followed them (copying), the others draft with the head."""
     method: str
     num_speculative_tokens: int = 4
     model: str | None = None
@@ -164,9 +166,14 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     max_batch_size: int = 16      # back off: no drafts when more sequences than this are running
 
+    @property
+    def uses_head(self) -> bool:
+        return self.method in ("eagle", "eagle+ngram")
+
     def __post_init__(self):
-        if self.method not in ("ngram", "draft", "eagle"):
-            raise ValueError(f"speculative method must be 'ngram', 'draft' or 'eagle', got {self.method!r}")
+        if self.method not in ("ngram", "draft", "eagle", "eagle+ngram"):
+            raise ValueError(f"speculative method must be 'ngram', 'draft', 'eagle' or 'eagle+ngram', "
+                             f"got {self.method!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.method == "draft" and not self.model:
@@ -185,7 +192,7 @@ class SpeculativeConfig:
         path = ":".join(rest) or None
         if method == "draft" and not path:
             raise ValueError("--speculative draft needs a model: draft:PATH[:K]")
-        if path and method == "ngram":
+        if path and method == "ngram":  # eagle+ngram takes the head's path
             raise ValueError(f"--speculative ngram takes no path, got {spec!r}: ngram[:K]")
         return cls(method, int(k), path)
 

@@ -68,7 +68,7 @@ def test_served_chain_equals_the_unrolled_training_forward(small):
     features = torch.cat(state.pending).clone()           # [zeros, h_0 .. h_{n-1}]
     outputs = []
     forward = proposer.forward
-    proposer.forward = lambda rows: outputs.append(out := forward(rows)) or out
+    proposer.forward = lambda head, rows: outputs.append(out := forward(head, rows)) or out
     drafts = proposer.propose_batch([seq], [3])[0]
     proposer.forward = forward
     chain = [outputs[0][0][-1]] + [o[0][-1] for o in outputs[1:]]

@@ -204,17 +204,17 @@ class LLMEngine:
             return []
         self.start_grammar_masks(scheduled)
         self.runner.copy_blocks(self.blocks.pop_copies())
-        logits, row_seqs, row_tokens = self.runner.run(scheduled)
         starts = [seq.num_computed_tokens for seq, _ in scheduled]
         for seq, num in scheduled:
+        logits, row_seqs, row_tokens = self.runner.run(scheduled)
             seq.num_computed_tokens += num
             self.num_computed_tokens_total += num
         sample_rows = self.record_prompt_logprobs(logits, row_seqs, row_tokens)
         touched = self.sample_and_append(logits[sample_rows], [row_seqs[r] for r in sample_rows])
-        for seq, _ in scheduled:
         if self.proposer is not None and self.proposer.reads_hidden_states:
             self.proposer.observe(scheduled, starts, self.runner.last_hidden)
             if not seq.is_finished:
+        for seq, _ in scheduled:
                 self.cache_blocks(seq)
                 if self.kv_window:
                     self.blocks.release_out_of_window(seq, self.kv_window)
@@ -307,14 +307,17 @@ class LLMEngine:
         if self.spec.method == "ngram":
             return NgramProposer(self.spec.num_speculative_tokens, self.spec.prompt_lookup_min,
                                  self.spec.prompt_lookup_max)
-        from lanner.spec.draft import DraftModelProposer
-        if self.spec.method == "eagle":
+        if self.spec.uses_head:
             from lanner.spec.eagle import EagleProposer
             if self.model_config.ssm:
                 raise ValueError(f"an EAGLE head keeps attention KV beside the target's: a "
                                  f"{self.model_config.architecture} has none; use ngram")
             return EagleProposer(self.spec, self.runner, self.blocks, self.sampler, self.model_path)
+            if getattr(self.cfg, "tensor_parallel_size", 1) > 1:
+                raise ValueError("an EAGLE head reads the whole hidden state and LM head in one process: with "
+                                 "tensor parallelism use ngram or a draft model")
         return DraftModelProposer(self.spec, self.cfg, self.model_config, self.max_model_len)
+        from lanner.spec.draft import DraftModelProposer
 
     def propose_drafts(self) -> None:
         """Give each decoding sequence up to k draft tokens; none when the batch is already large."""

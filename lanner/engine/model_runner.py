@@ -78,7 +78,7 @@ class ModelRunner:
         if self.model_cfg.ssm:
             return 0
         spec = self.cfg.speculative
-        return self.model_cfg.num_layers + (spec is not None and spec.method == "eagle")
+        return self.model_cfg.num_layers + (spec is not None and spec.uses_head)
 
     def blocks_for_memory(self, gib: float) -> int:
         """KV blocks that fit in gib; a model without attention gets block ids only (they hold no memory), enough

@@ -61,6 +61,11 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-plot", action="store_true", help="do not write loss_curve.png")
+    p.add_argument("--with-draft", nargs="?", const="default", default=None, metavar="HEAD",
+                   help="also fine-tune an EAGLE draft head (HEAD, default: the one shipped for the model) on the "
+                        "adapted model's answers to the training prompts; written to OUTPUT/draft_head and used "
+                        "for this adapter's requests under --speculative eagle (lora only)")
+    p.add_argument("--draft-epochs", type=int, default=4, help="--with-draft: epochs of the head")
     p.set_defaults(func=run)
     return p
 
@@ -77,6 +82,17 @@ def run(args) -> int:
                       val_fraction=args.val_fraction, eval_every=args.eval_every, patience=args.patience or None,
                       max_seq_len=args.max_seq_len, seed=args.seed, threads=args.threads, plot=not args.no_plot,
                       **given)
+    if args.with_draft:
+        if args.method != "lora" or args.qlora:
+            raise ValueError("--with-draft fine-tunes a draft head for a LoRA adapter on the model it was trained on")
+        from lanner.lora.finetune import read_records
+        from lanner.model.loader import pull_default_model
+        from lanner.spec.eagle import default_head_path
+        from lanner.spec.train_draft import adapt_head
+        model = args.model or pull_default_model()
+        base = default_head_path(model) if args.with_draft == "default" else args.with_draft
+        head = adapt_head(model, args.output, read_records(args.data), base, epochs=args.draft_epochs)
+        print(f"draft head: {head['head']}  held-out acceptance length {head['before']:.2f} -> {head['after']:.2f}")
     val = result["best_val_loss"]
     print(f"adapter: {args.output}  steps: {result['steps']}  best step: {result['best_step']}  "
           f"final train loss: {result['train_losses'][-1][1] if result['train_losses'] else float('nan'):.4f}  "

@@ -30,3 +30,15 @@ def add_parser(subparsers):
 def run(args) -> int:
     from lanner.spec.train_draft import run as train
     return train(args)
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    """train-draft's options at their defaults, with overrides (for callers other than the command line)."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train-draft", "--output", overrides.pop("output")])
+    for name, value in overrides.items():
+        if not hasattr(args, name):
+            raise ValueError(f"unknown train-draft option {name!r}")
+        setattr(args, name, value)
+    return args

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lanner.config import ModelConfig
+from lanner.spec.proposers import NgramProposer
 
 HEAD_WEIGHTS, HEAD_CONFIG = "model.safetensors", "config.json"
 DEFAULT_HEADS = os.path.join(os.path.dirname(__file__), "heads")
@@ -196,20 +197,20 @@ class HeadState:
         return features
 
 
-class EagleProposer:
-    drafts_are_free = True     # the head costs a small fraction of the target's step (docs/speculative.md)
-    reads_hidden_states = True
+class Head:
+    """A loaded head, ready to serve: fc and the decoder layer in the target's dtype (its attention on the pool's
+    head layer), the target's LM head rows of the head's vocabulary."""
 
-    def __init__(self, spec, runner, blocks, sampler, model_path: str):
+    def __init__(self, path: str, runner):
         from lanner.model.layers import Linear
         from lanner.model.llama import DecoderLayer, fuse_hf_weights, place
-        path = spec.model or default_head_path(model_path)
+        self.path = path
         self.config, weights, vocab_ids = load_head(path)
         self.config.check_target(runner.model_cfg, path)
-        self.runner, self.blocks, self.sampler = runner, blocks, sampler
-        self.num_tokens = spec.num_speculative_tokens
         model, dtype, dev = runner.model, runner.dtype, runner.kv_cache.device
-        self.layer = DecoderLayer(self.config.layer_config(), model.rotary, runner.backend, None)
+        windows = runner.model_cfg.layer_windows   # when every target layer slides, old blocks are given back
+        window = max(windows) if windows and None not in windows else None
+        self.layer = DecoderLayer(self.config.layer_config(), model.rotary, runner.backend, window)
         self.fc = Linear(2 * self.config.hidden_size, self.config.hidden_size, bias=False, device="meta")
         modules = {"fc": self.fc} | {f"layers.0.{n}": m for n, m in self.layer.named_modules() if n}
         for name, tensor in fuse_hf_weights({f"model.{k}": v for k, v in weights.items()}, 1).items():
@@ -220,11 +221,48 @@ class EagleProposer:
         for linear in (m for m in [self.fc, *self.layer.modules()] if isinstance(m, Linear)):
             linear.pack("none", runner.cfg.dense_gemm_weights)
         self.layer.self_attn.k_cache, self.layer.self_attn.v_cache = runner.kv_cache[-1]
-        self.embed = model.embed_tokens
         self.vocab_ids = vocab_ids.to(dev)
         self.lm_head = lm_head_rows(model, vocab_ids).to(dev, dtype)   # [V', H]
+
+    def __call__(self, embeds: torch.Tensor, features: torch.Tensor, table: torch.Tensor, meta) -> torch.Tensor:
+        x = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
+        x, residual = self.layer(x, None, table, meta)
+        return x + residual
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary fp32 logits, -inf outside the head's tokens."""
+        scores = (hidden @ self.lm_head.T).float()
+        full = torch.full((hidden.shape[0], self.config.target_vocab_size), float("-inf"), device=scores.device)
+        return full.index_copy_(1, self.vocab_ids, scores).cpu()
+
+
+ADAPTER_HEAD = "draft_head"   # an adapter directory's own head (`lanner finetune --with-draft`)
+
+
+class EagleProposer:
+    drafts_are_free = True     # the head costs a small fraction of the target's step (docs/speculative.md)
+    reads_hidden_states = True
+
+    def __init__(self, spec, runner, blocks, sampler, model_path: str):
+        self.runner, self.blocks, self.sampler = runner, blocks, sampler
+        self.base = Head(spec.model or default_head_path(model_path), runner)
+        self.adapter_heads: dict[str, Head] = {}   # by adapter path
+        self.num_tokens = spec.num_speculative_tokens
+        # eagle+ngram: a long match in the sequence's own tokens (copying) beats the head
+        self.lookup = NgramProposer(spec.num_speculative_tokens, max(3, spec.prompt_lookup_min),
+                                    max(3, spec.prompt_lookup_max)) if spec.method == "eagle+ngram" else None
+        self.embed = runner.model.embed_tokens
         self.states: dict[int, HeadState] = {}
         self.num_forwards = 0
+
+    def head_for(self, seq) -> Head:
+        """The head a sequence drafts with: its adapter's own, when the adapter directory has one."""
+        if not seq.lora_id or self.runner.lora is None:
+            return self.base
+        path = os.path.join(self.runner.lora.requests[seq.lora_id].lora_path, ADAPTER_HEAD)
+        if path not in self.adapter_heads:
+            self.adapter_heads[path] = Head(path, self.runner) if os.path.isdir(path) else self.base
+        return self.adapter_heads[path]
 
     # ---- features from the target's step ---------------------------------------------------------------
     def observe(self, scheduled, starts: list[int], hidden: torch.Tensor) -> None:
@@ -241,15 +279,20 @@ class EagleProposer:
     # ---- drafting ----------------------------------------------------------------------------------------
     def propose_batch(self, seqs, wanted: list[int]) -> list[list[int]]:
         self.drop_stale(seqs)
-        batch, budgets = [], []
+        batch, budgets, drafts = [], [], {}
         for seq, k in zip(seqs, wanted):
             seq.spec_draft_probs = None
+            k = min(k, self.num_tokens)
+            copied = self.lookup.propose(seq.token_ids, k) if self.lookup is not None and k else []
+            if copied and len(copied) == k:   # the head catches up with these rows' features next time
+                drafts[seq.seq_id] = copied
+                continue
             state = self.states.get(seq.seq_id)
-            k = self.reserve(seq, min(k, self.num_tokens)) if state is not None and state.num_pending else 0
+            k = self.reserve(seq, k) if state is not None and state.num_pending else 0
             if k > 0:
                 batch.append(seq)
                 budgets.append(k)
-        drafts = self.draft(batch, budgets) if batch else {}
+        drafts |= self.draft(batch, budgets) if batch else {}
         return [drafts.get(seq.seq_id, []) for seq in seqs]
 
     def drop_stale(self, seqs) -> None:
@@ -268,17 +311,26 @@ class EagleProposer:
 
     @torch.inference_mode()
     def draft(self, seqs, budgets: list[int]) -> dict[int, list[int]]:
+        drafts = {}
+        groups: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            groups.setdefault(id(self.head_for(seq)), []).append(i)
+        for members in groups.values():
+            drafts |= self.draft_with(self.head_for(seqs[members[0]]), [seqs[i] for i in members],
+                                      [budgets[i] for i in members])
+        return drafts
+
+    def draft_with(self, head: Head, seqs, budgets: list[int]) -> dict[int, list[int]]:
         """Catch every head up with its pending features (the last row drafts the first token), then one
         row per sequence per further draft, fed the head's own output."""
-        catch_up = [(seq, self.states[seq.seq_id]) for seq in seqs]
-        rows = [(seq, state.computed, state.take()) for seq, state in catch_up]
-        out = self.forward([(seq, first, seq.token_ids[first:first + len(f)], f) for seq, first, f in rows])
+        rows = [(seq, self.states[seq.seq_id].computed, self.states[seq.seq_id].take()) for seq in seqs]
+        out = self.forward(head, [(seq, first, seq.token_ids[first:first + len(f)], f) for seq, first, f in rows])
         last = torch.stack([o[-1] for o in out])
         drafts = {seq.seq_id: [] for seq in seqs}
         probs = {seq.seq_id: [] for seq in seqs}
         active = list(range(len(seqs)))
         while True:
-            tokens, dists = self.sample(self.logits(last), [seqs[i] for i in active],
+            tokens, dists = self.sample(head.logits(last), [seqs[i] for i in active],
                                         [drafts[seqs[i].seq_id] for i in active])
             for i, token, dist in zip(active, tokens, dists):
                 drafts[seqs[i].seq_id].append(token)
@@ -290,17 +342,17 @@ class EagleProposer:
             active = [active[n] for n in keep]
             feed = [(seqs[i], seqs[i].num_verified_tokens + len(drafts[seqs[i].seq_id]) - 1,
                      [drafts[seqs[i].seq_id][-1]], last[n:n + 1]) for n, i in zip(keep, active)]
-            last = torch.cat([o[-1:] for o in self.forward(feed)])
+            last = torch.cat([o[-1:] for o in self.forward(head, feed)])
         for seq in seqs:
             if probs[seq.seq_id]:
                 seq.spec_draft_probs = torch.stack(probs[seq.seq_id])
         return drafts
 
-    def forward(self, rows) -> list[torch.Tensor]:
+    def forward(self, head: Head, rows) -> list[torch.Tensor]:
         """rows: (seq, first position, tokens, features [n, H]) -> the head's outputs [n, H] per sequence, its
         KV written at those positions in the sequence's blocks."""
         from lanner.attention import AttentionMetadata
-        bs, dev = self.blocks.block_size, self.vocab_ids.device
+        bs, dev = self.blocks.block_size, head.vocab_ids.device
         positions, slots, query_lens, seq_lens, tables, token_ids = [], [], [], [], [], []
         for seq, first, tokens, _ in rows:
             span = range(first, first + len(tokens))
@@ -311,18 +363,11 @@ class EagleProposer:
             tables.append(seq.block_table)
             token_ids += tokens
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots).to(dev)
-        features = torch.cat([f for *_, f in rows]).to(dev, self.lm_head.dtype)
-        x = self.fc(torch.cat([self.embed(torch.tensor(token_ids, device=dev)), features], dim=-1))
-        positions = torch.tensor(positions, device=dev)
-        x, residual = self.layer(x, None, self.runner.model.rotary.table(positions, x.dtype), meta)
+        embeds = self.embed(torch.tensor(token_ids, device=dev))
+        table = self.runner.model.rotary.table(torch.tensor(positions, device=dev), embeds.dtype)
+        hidden = head(embeds, torch.cat([f for *_, f in rows]).to(dev), table, meta)
         self.num_forwards += 1
-        return list((x + residual).split(query_lens))
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary fp32 logits, -inf outside the head's tokens."""
-        scores = (hidden @ self.lm_head.T).float()
-        full = torch.full((hidden.shape[0], self.config.target_vocab_size), float("-inf"), device=scores.device)
-        return full.index_copy_(1, self.vocab_ids, scores).cpu()
+        return list(hidden.split(query_lens))
 
     def sample(self, logits, seqs, drafts):
         from lanner.spec.draft import sample_drafts

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from lanner.spec.chat_prompts import chat_prompts
-from lanner.spec.eagle import DraftHead, HeadConfig, save_head
+from lanner.spec.eagle import ADAPTER_HEAD, DraftHead, HeadConfig, load_head, save_head
 
 
 def run(args) -> int:
@@ -42,6 +42,25 @@ def run(args) -> int:
     return 0
 
 
+def adapt_head(model: str | None, adapter: str, records: list[dict], base_head: str, **options) -> dict:
+    """`lanner finetune --with-draft`: continue the base head on the adapted target's answers to the prompts of
+    the adapter's training records; written to ADAPTER/draft_head, which the engine drafts with for that
+    adapter's requests."""
+    from lanner.lora.finetune import prompt_and_completion
+    from lanner.spec.cli import default_args
+    args = default_args(output=os.path.join(adapter, ADAPTER_HEAD), **options)
+    args.held_out = max(1, min(args.held_out, len(records) // 5))
+    data = make_data(model, lambda tok: [prompt_and_completion(r, tok)[0] for r in records], args.max_tokens, adapter)
+    head, vocab_ids, history = train(data, args, start=base_head)
+    config = data["config"]
+    config.training = {"command": "lanner " + " ".join(sys.argv[1:]), "adapter": adapter, "from": base_head,
+                       "prompts": len(records), "held_out": args.held_out, "history": history}
+    save_head(args.output, config, head.state_dict(), vocab_ids)
+    plot_history(history, os.path.join(args.output, "training.png"))
+    return {"head": args.output, "before": history[0]["acceptance_length"],
+            "after": max(h["acceptance_length"] for h in history)}
+
+
 # ---- data ------------------------------------------------------------------------------------------------
 def load_or_make_data(args) -> dict:
     if args.data and os.path.exists(args.data):
@@ -49,22 +68,26 @@ def load_or_make_data(args) -> dict:
         data = torch.load(args.data, weights_only=False)
         data["config"] = HeadConfig(**data["config"])
         return data
-    data = make_data(args.model, args.num_prompts + args.held_out, args.max_tokens, args.seed)
+    texts = chat_prompts(args.seed)[:args.num_prompts + args.held_out]
+    data = make_data(args.model, lambda tok: [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts],
+                     args.max_tokens)
     if args.data:
         torch.save(data | {"config": data["config"].__dict__}, args.data)
     return data
 
 
-def make_data(model: str | None, num_prompts: int, max_tokens: int, seed: int) -> dict:
-    """The target's greedy answers to the chat prompts, with its final hidden state at every position."""
-    from lanner import LLM, SamplingParams
-    llm = LLM(model, dtype="float32", enable_prefix_caching=False)
+def make_data(model: str | None, make_prompts, max_tokens: int, adapter: str | None = None) -> dict:
+    """The target's greedy answers to make_prompts(tokenizer) (with a LoRA adapter: the adapted target's), with
+    its final hidden state at every position."""
+    from lanner import LLM, LoRARequest, SamplingParams
+    # a batch whose KV fits the pool: more sequences at once would be preempted and recomputed
+    llm = LLM(model, dtype="float32", enable_prefix_caching=False, max_num_seqs=128, kv_cache_memory=3.0,
+              enable_lora=adapter is not None, max_lora_rank=64)
     engine = llm.engine
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}])
-               for p in chat_prompts(seed)[:num_prompts]]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
+    lora = LoRARequest("target", 1, adapter) if adapter else None
+    outputs = llm.generate(make_prompts(engine.tokenizer), SamplingParams(temperature=0, max_tokens=max_tokens), lora_request=lora)
     tokens = [o.prompt_token_ids + o.outputs[0].token_ids for o in outputs]
-    features = target_features(engine, tokens)
+    features = target_features(engine, tokens, engine.register_lora(lora) if lora else 0)
     model_ = engine.runner.model
     return {"tokens": tokens, "num_prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
             "features": features, "config": HeadConfig.for_target(engine.model_config, os.path.basename(engine.model_path)),
@@ -73,7 +96,7 @@ def make_data(model: str | None, num_prompts: int, max_tokens: int, seed: int) -
 
 
 @torch.inference_mode()
-def target_features(engine, token_lists: list[list[int]], budget: int = 2048) -> list[torch.Tensor]:
+def target_features(engine, token_lists: list[list[int]], lora_id: int = 0, budget: int = 2048) -> list[torch.Tensor]:
     """The target's final hidden state at every position of each token list: packed prefill passes."""
     from lanner import SamplingParams
     from lanner.engine.sequence import Sequence
@@ -84,7 +107,7 @@ def target_features(engine, token_lists: list[list[int]], budget: int = 2048) ->
         while order and (not group or size + len(token_lists[order[0]]) <= budget):
             size += len(token_lists[order[0]])
             group.append(order.pop(0))
-        seqs = [Sequence("features", token_lists[i], SamplingParams(max_tokens=1)) for i in group]
+        seqs = [Sequence("features", token_lists[i], SamplingParams(max_tokens=1), lora_id) for i in group]
         for seq in seqs:
             engine.blocks.allocate(seq, seq.num_tokens)
         engine.runner.run([(seq, seq.num_tokens) for seq in seqs])
@@ -156,15 +179,22 @@ def shift(x: torch.Tensor, by: int, fill=0) -> torch.Tensor:
     return torch.cat([x[:, by:], pad], dim=1)
 
 
-def train(data: dict, args):
+def train(data: dict, args, start: str | None = None):
+    """start: a head directory to continue from (its weights and vocabulary), else a fresh head."""
     num = len(data["tokens"])
     held_out, train_ids = list(range(num - args.held_out, num)), list(range(num - args.held_out))
-    vocab_ids = frequent_tokens(data, train_ids, args.vocab)
+    if start:
+        _, weights, vocab_ids = load_head(start)
+    else:
+        vocab_ids = frequent_tokens(data, train_ids, args.vocab)
     vocab_index = torch.full((data["lm_head"].shape[0],), -100, dtype=torch.long)
     vocab_index[vocab_ids] = torch.arange(len(vocab_ids))
     lm_head = data["lm_head"][vocab_ids]
     head = DraftHead(data["config"], len(vocab_ids))
-    initialize(head)
+    if start:
+        head.load_state_dict(weights)
+    else:
+        initialize(head)
     lengths = [len(t) for t in data["tokens"]]
     rng = random.Random(args.seed)
     per_epoch = len(batches(train_ids, lengths, args.batch_tokens, None))
@@ -173,6 +203,10 @@ def train(data: dict, args):
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     history, best, best_state, stale = [], -1.0, None, 0
+    if start:   # the starting point is the bar to beat
+        history.append({"epoch": 0, "loss": None, **acceptance(head, data, held_out, args.num_speculative_tokens,
+                                                                vocab_index, lm_head), "minutes": 0.0})
+        best, best_state = history[0]["acceptance_length"], {k: v.clone() for k, v in head.state_dict().items()}
     started = time.perf_counter()
     for epoch in range(args.epochs):
         head.train()
@@ -260,7 +294,8 @@ def plot_history(history: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     epochs = [h["epoch"] for h in history]
-    left.plot(epochs, [h["loss"] for h in history], marker="o")
+    left.plot([h["epoch"] for h in history if h["loss"] is not None],
+              [h["loss"] for h in history if h["loss"] is not None], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", title="loss")
     right.plot(epochs, [h["acceptance_length"] for h in history], marker="o", label="mean accepted length")
     for j in range(len(history[0]["by_position"])):
