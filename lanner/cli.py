@@ -37,6 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", default=None, metavar="SPEC",
                    help="speculative decoding: ngram:K (prompt lookup), draft:PATH:K (a draft model) or "
                         "eagle[:PATH]:K (a trained draft head; default: the one shipped for the model)")
+    p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size, metavar="N",
+                   help="split every layer over N processes (Megatron-style; torch.distributed, gloo on CPU)")
 
 
 def engine_kwargs(args) -> dict:
@@ -47,7 +49,8 @@ def engine_kwargs(args) -> dict:
                 device=args.device, speculative=args.speculative,
                 quantization=args.quantization, dense_gemm_weights=args.dense_gemm_weights, enable_lora=bool(args.lora), max_loras=args.max_loras,
                 max_lora_rank=args.max_lora_rank, limit_mm_per_prompt={"image": args.limit_images_per_prompt},
-                allowed_local_media_path=args.allowed_local_media_path)
+                allowed_local_media_path=args.allowed_local_media_path,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def lora_requests(specs: list[str]) -> dict:
@@ -225,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         lora_cli.add_parser(sub)
     except ImportError:
         pass
+    from lanner.spec import cli as spec_cli
+    spec_cli.add_parser(sub)
     return parser
 
 
-    from lanner.spec import cli as spec_cli
-    spec_cli.add_parser(sub)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -224,6 +224,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None          # validated adapters kept loaded (LRU), default max_loras
     limit_mm_per_prompt: dict = field(default_factory=dict)   # {"image": N}: images one prompt may carry (4)
     allowed_local_media_path: str | None = None   # file:// image URLs are read only from inside this directory
+    tensor_parallel_size: int = 1             # ranks that split every layer (lanner.distributed); 1 = one process
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -239,5 +240,7 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or int8, int4), "
                              f"got {self.quantization!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")

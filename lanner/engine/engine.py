@@ -9,7 +9,7 @@ import torch
 
 from lanner.config import EngineConfig, ModelConfig
 from lanner.engine.kv_cache import BlockManager
-from lanner.engine.model_runner import ModelRunner
+from lanner.distributed import make_runner
 from lanner.engine.multimodal import VisionPath, is_vision_model, split_prompt
 from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lanner.engine.sampler import HistoryView, Sampler, filtered_probs, top_logprobs
@@ -60,7 +60,7 @@ class LLMEngine:
             hf_config, weights = VisionPath.split(hf_config, weights)
         self.model_config = ModelConfig.from_hf(hf_config)
         self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
-        self.runner = ModelRunner(cfg, self.model_config, weights, self.max_model_len)
+        self.runner = make_runner(cfg, self.model_config, weights, self.max_model_len)
         if vision_files:
             self.runner.vision = VisionPath(self.model_path, *vision_files, self.tokenizer, self.runner.dtype,
                                             cfg.limit_mm_per_prompt["image"])
@@ -205,16 +205,16 @@ class LLMEngine:
         self.start_grammar_masks(scheduled)
         self.runner.copy_blocks(self.blocks.pop_copies())
         starts = [seq.num_computed_tokens for seq, _ in scheduled]
-        for seq, num in scheduled:
         logits, row_seqs, row_tokens = self.runner.run(scheduled)
+        for seq, num in scheduled:
             seq.num_computed_tokens += num
             self.num_computed_tokens_total += num
         sample_rows = self.record_prompt_logprobs(logits, row_seqs, row_tokens)
         touched = self.sample_and_append(logits[sample_rows], [row_seqs[r] for r in sample_rows])
         if self.proposer is not None and self.proposer.reads_hidden_states:
             self.proposer.observe(scheduled, starts, self.runner.last_hidden)
-            if not seq.is_finished:
         for seq, _ in scheduled:
+            if not seq.is_finished:
                 self.cache_blocks(seq)
                 if self.kv_window:
                     self.blocks.release_out_of_window(seq, self.kv_window)
@@ -313,11 +313,8 @@ class LLMEngine:
                 raise ValueError(f"an EAGLE head keeps attention KV beside the target's: a "
                                  f"{self.model_config.architecture} has none; use ngram")
             return EagleProposer(self.spec, self.runner, self.blocks, self.sampler, self.model_path)
-            if getattr(self.cfg, "tensor_parallel_size", 1) > 1:
-                raise ValueError("an EAGLE head reads the whole hidden state and LM head in one process: with "
-                                 "tensor parallelism use ngram or a draft model")
-        return DraftModelProposer(self.spec, self.cfg, self.model_config, self.max_model_len)
         from lanner.spec.draft import DraftModelProposer
+        return DraftModelProposer(self.spec, self.cfg, self.model_config, self.max_model_len)
 
     def propose_drafts(self) -> None:
         """Give each decoding sequence up to k draft tokens; none when the batch is already large."""

@@ -69,11 +69,17 @@ def load_or_make_data(args) -> dict:
         data["config"] = HeadConfig(**data["config"])
         return data
     texts = chat_prompts(args.seed)[:args.num_prompts + args.held_out]
-    data = make_data(args.model, lambda tok: [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts],
-                     args.max_tokens)
+    data = make_data(args.model, lambda tok: [as_chat(tok, t) for t in texts], args.max_tokens)
     if args.data:
         torch.save(data | {"config": data["config"].__dict__}, args.data)
     return data
+
+
+def as_chat(tokenizer, text: str) -> str:
+    """The prompt in the model's chat template (the text itself for a model without one)."""
+    if not tokenizer.chat_template:
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}])
 
 
 def make_data(model: str | None, make_prompts, max_tokens: int, adapter: str | None = None) -> dict:
