@@ -41,6 +41,28 @@ def test_cli_forms_parse():
         SpeculativeConfig.parse("draft:5")
 
 
+def test_draft_length_follows_measured_costs_and_acceptance():
+    """k maximizes expected tokens per second: long drafts when verify rows are cheap and drafts accepted,
+    none when a verify costs more than its accepted tokens bring (with a 1-draft probe now and then)."""
+    from lanner.engine.engine import StepCosts
+    from lanner.spec.eagle import PROBE_EVERY, AcceptanceByDepth, EagleProposer
+    config = HeadConfig(8, 16, 2, 1, 4, 1e-5, 1e4, None, 64, 10, training={"history": [
+        {"acceptance_length": 3.0, "by_position": [0.9, 0.8, 0.7, 0.6]}]})
+    proposer = EagleProposer.__new__(EagleProposer)
+    proposer.num_tokens, proposer.idle_steps, proposer.draft_seconds = 4, 0, 0.0005
+    proposer.step_costs, proposer.depth = StepCosts(), AcceptanceByDepth(4, config)
+    for rows in range(1, 6):
+        proposer.step_costs.record(rows, 0.006)        # verify rows as cheap as a decode row
+    assert proposer.draft_length(1) == 4
+    for rows in range(2, 6):
+        proposer.step_costs.record(rows, 0.012 * rows)  # expensive verify rows
+    proposer.step_costs.seconds.update({r: 0.012 * r for r in range(2, 6)})
+    for _ in range(50):
+        proposer.depth.record(4, 0)                     # every first draft rejected
+    decisions = [proposer.draft_length(1) for _ in range(PROBE_EVERY)]
+    assert decisions.count(0) == PROBE_EVERY - 1 and decisions[-1] == 1
+
+
 # ---- the served head equals the trained one -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, llm):
@@ -54,9 +76,12 @@ def small(tmp_path_factory, llm):
     return str(path), head
 
 
-def test_served_chain_equals_the_unrolled_training_forward(small):
+def test_served_chain_equals_the_unrolled_training_forward(small, monkeypatch):
     """Catch-up over a prompt with real features, then 3 chain rows fed the head's own outputs: the paged head's
-    outputs equal DraftHead.unroll's at that origin (teacher tokens = the drafted ones)."""
+    outputs equal DraftHead.unroll's at that origin (teacher tokens = the drafted ones). Served in fp32 here (on
+    the CPU the head's linears are q8_0 blocks by default: an approximation that only moves acceptance)."""
+    import lanner.spec.eagle
+    monkeypatch.setattr(lanner.spec.eagle, "DRAFT_FORMAT", "none")
     path, head_path = small
     llm = make_llm(path, speculative=eagle(head_path, 3), enable_prefix_caching=False)
     engine, proposer = llm.engine, llm.engine.proposer

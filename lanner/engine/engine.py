@@ -29,6 +29,23 @@ from lanner.structured import GrammarCompiler, StructuredOutputs
 CHEAP_STEP_ROWS = 16
 
 
+class StepCosts:
+    """Measured seconds of a target forward by its number of rows (decode-sized steps), a moving average: what a
+    speculating proposer weighs its drafts against."""
+    MAX_ROWS = 256
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+
+    def record(self, rows: int, seconds: float) -> None:
+        if rows <= self.MAX_ROWS:
+            old = self.seconds.get(rows)
+            self.seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def of(self, rows: int) -> float | None:
+        return self.seconds.get(rows)
+
+
 @dataclass
 class Request:
     request_id: str
@@ -77,6 +94,7 @@ class LLMEngine:
         self.request_counter = itertools.count()
         self.num_generated_tokens = self.num_computed_tokens_total = 0
         self.spec = cfg.speculative
+        self.step_costs = StepCosts()
         self.proposer = self.make_proposer()
         self.num_drafted_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
 
@@ -205,7 +223,9 @@ class LLMEngine:
         self.start_grammar_masks(scheduled)
         self.runner.copy_blocks(self.blocks.pop_copies())
         starts = [seq.num_computed_tokens for seq, _ in scheduled]
+        began = time.perf_counter()
         logits, row_seqs, row_tokens = self.runner.run(scheduled)
+        self.step_costs.record(sum(num for _, num in scheduled), time.perf_counter() - began)
         for seq, num in scheduled:
             seq.num_computed_tokens += num
             self.num_computed_tokens_total += num
@@ -312,7 +332,7 @@ class LLMEngine:
             if self.model_config.ssm:
                 raise ValueError(f"an EAGLE head keeps attention KV beside the target's: a "
                                  f"{self.model_config.architecture} has none; use ngram")
-            return EagleProposer(self.spec, self.runner, self.blocks, self.sampler, self.model_path)
+            return EagleProposer(self.spec, self.runner, self.blocks, self.sampler, self.model_path, self.step_costs)
         from lanner.spec.draft import DraftModelProposer
         return DraftModelProposer(self.spec, self.cfg, self.model_config, self.max_model_len)
 

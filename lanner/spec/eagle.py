@@ -17,6 +17,7 @@ origin and its own earlier unrolled rows, which is exactly what a chain draft se
 import dataclasses
 import json
 import os
+import time
 
 import torch
 from torch import nn
@@ -25,6 +26,8 @@ from lanner.config import ModelConfig
 from lanner.spec.proposers import NgramProposer
 
 HEAD_WEIGHTS, HEAD_CONFIG = "model.safetensors", "config.json"
+DRAFT_FORMAT = "q8_0"   # the served head's linears on the CPU
+PROBE_EVERY = 16        # steps without drafts before one 1-draft step re-measures what drafting pays
 DEFAULT_HEADS = os.path.join(os.path.dirname(__file__), "heads")
 
 
@@ -179,6 +182,7 @@ class HeadState:
 
     def __init__(self, seq):
         self.seq = seq
+        self.drafted = 0          # drafts proposed for the step now running
         self.computed = 0
         self.pending: list[torch.Tensor] = []
         self.num_pending = 0
@@ -195,6 +199,35 @@ class HeadState:
         self.computed += self.num_pending
         self.pending, self.num_pending = [], 0
         return features
+
+
+class AcceptanceByDepth:
+    """P(draft j accepted | drafts before it accepted), counted from verifies, starting from the head's held-out
+    measurement (config.training) as a prior worth 20 verifies."""
+    PRIOR_WEIGHT = 20
+
+    def __init__(self, k: int, config: HeadConfig):
+        history = config.training.get("history") or [{}]
+        cumulative = max(history, key=lambda h: h.get("acceptance_length", 0)).get("by_position") or [0.5] * k
+        cumulative = (list(cumulative) + [cumulative[-1] * 0.5] * k)[:k]
+        self.tried, self.passed = [float(self.PRIOR_WEIGHT)] * k, []
+        before = 1.0
+        for c in cumulative:
+            self.passed.append(self.PRIOR_WEIGHT * min(1.0, c / before) if before > 0 else 0.0)
+            before = c
+
+    def record(self, drafted: int, accepted: int) -> None:
+        for j in range(min(drafted, accepted + 1)):   # depth j was reached; passed if j < accepted
+            self.tried[j] += 1
+            self.passed[j] += j < accepted
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens one verify of k drafts yields: the target's own one plus the accepted run."""
+        total, run = 1.0, 1.0
+        for j in range(k):
+            run *= self.passed[j] / self.tried[j]
+            total += run
+        return total
 
 
 class Head:
@@ -216,13 +249,17 @@ class Head:
         for name, tensor in fuse_hf_weights({f"model.{k}": v for k, v in weights.items()}, 1).items():
             module, attr = name.removeprefix("model.").rsplit(".", 1)
             place(modules[module], attr, tensor)
-        for module in (self.layer, self.fc):
+        self.lm_head = Linear(self.config.hidden_size, len(vocab_ids), bias=False, device="meta")
+        place(self.lm_head, "weight", lm_head_rows(model, vocab_ids))   # [V', H]: the target's rows
+        for module in (self.layer, self.fc, self.lm_head):
             module.to(dev, dtype)
-        for linear in (m for m in [self.fc, *self.layer.modules()] if isinstance(m, Linear)):
-            linear.pack("none", runner.cfg.dense_gemm_weights)
+        # A draft's precision changes only how often it is accepted, never the output: on the CPU its linears
+        # are q8_0 blocks (a quarter of fp32's bytes; drafting streams them between two target steps).
+        for linear in (m for m in [self.fc, self.lm_head, *self.layer.modules()] if isinstance(m, Linear)):
+            blocks = dev.type == "cpu" and linear.in_features % 32 == 0
+            linear.pack(DRAFT_FORMAT if blocks else "none", dense_gemm=False)
         self.layer.self_attn.k_cache, self.layer.self_attn.v_cache = runner.kv_cache[-1]
         self.vocab_ids = vocab_ids.to(dev)
-        self.lm_head = lm_head_rows(model, vocab_ids).to(dev, dtype)   # [V', H]
 
     def __call__(self, embeds: torch.Tensor, features: torch.Tensor, table: torch.Tensor, meta) -> torch.Tensor:
         x = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
@@ -231,7 +268,7 @@ class Head:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary fp32 logits, -inf outside the head's tokens."""
-        scores = (hidden @ self.lm_head.T).float()
+        scores = self.lm_head(hidden).float()
         full = torch.full((hidden.shape[0], self.config.target_vocab_size), float("-inf"), device=scores.device)
         return full.index_copy_(1, self.vocab_ids, scores).cpu()
 
@@ -240,12 +277,16 @@ ADAPTER_HEAD = "draft_head"   # an adapter directory's own head (`lanner finetun
 
 
 class EagleProposer:
-    drafts_are_free = True     # the head costs a small fraction of the target's step (docs/speculative.md)
+    drafts_are_free = True     # the engine proposes the full k; draft_length() cuts it by measured costs
     reads_hidden_states = True
 
-    def __init__(self, spec, runner, blocks, sampler, model_path: str):
+    def __init__(self, spec, runner, blocks, sampler, model_path: str, step_costs=None):
         self.runner, self.blocks, self.sampler = runner, blocks, sampler
         self.base = Head(spec.model or default_head_path(model_path), runner)
+        self.step_costs = step_costs
+        self.depth = AcceptanceByDepth(spec.num_speculative_tokens, self.base.config)
+        self.draft_seconds = None   # moving average of one head forward
+        self.idle_steps = 0
         self.adapter_heads: dict[str, Head] = {}   # by adapter path
         self.num_tokens = spec.num_speculative_tokens
         # eagle+ngram: a long match in the sequence's own tokens (copying) beats the head
@@ -273,27 +314,53 @@ class EagleProposer:
             if seq.is_finished or seq.num_virtual_tokens:
                 self.states.pop(seq.seq_id, None)
             elif valid > 0:
-                self.states.setdefault(seq.seq_id, HeadState(seq)).add(start, hidden[row:row + valid])
+                state = self.states.setdefault(seq.seq_id, HeadState(seq))
+                if state.drafted and num == 1 + state.drafted:   # a verify of this head's drafts
+                    self.depth.record(state.drafted, valid - 1)
+                state.drafted = 0
+                state.add(start, hidden[row:row + valid])
             row += num
 
     # ---- drafting ----------------------------------------------------------------------------------------
     def propose_batch(self, seqs, wanted: list[int]) -> list[list[int]]:
         self.drop_stale(seqs)
         batch, budgets, drafts = [], [], {}
+        best = self.draft_length(len(seqs))
         for seq, k in zip(seqs, wanted):
             seq.spec_draft_probs = None
             k = min(k, self.num_tokens)
+            state = self.states.get(seq.seq_id)
+            if state is not None:
+                state.drafted = 0
             copied = self.lookup.propose(seq.token_ids, k) if self.lookup is not None and k else []
             if copied and len(copied) == k:   # the head catches up with these rows' features next time
                 drafts[seq.seq_id] = copied
                 continue
-            state = self.states.get(seq.seq_id)
-            k = self.reserve(seq, k) if state is not None and state.num_pending else 0
+            k = self.reserve(seq, min(k, best)) if state is not None and state.num_pending else 0
             if k > 0:
                 batch.append(seq)
                 budgets.append(k)
+                state.drafted = k
         drafts |= self.draft(batch, budgets) if batch else {}
         return [drafts.get(seq.seq_id, []) for seq in seqs]
+
+    def draft_length(self, batch: int) -> int:
+        """The k that maximizes expected tokens per second for a batch of drafting sequences, from the measured
+        cost of a target step by rows, of a head forward, and the acceptance measured at each depth. A row count
+        not measured yet counts as costing what one row does, so it gets tried (and measured)."""
+        one = self.step_costs.of(batch) if self.step_costs else None
+        if one is None or self.draft_seconds is None:
+            return self.num_tokens
+        self.idle_steps += 1
+        best, best_rate = (1, 0.0) if self.idle_steps % PROBE_EVERY == 0 else (0, 1.0 / one)   # keep measuring
+        for k in range(1, self.num_tokens + 1):
+            cost = (self.step_costs.of(batch * (1 + k)) or one) + k * self.draft_seconds
+            rate = self.depth.expected_tokens(k) / cost
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best:
+            self.idle_steps = 0
+        return best
 
     def drop_stale(self, seqs) -> None:
         """Forget the heads of sequences that ended (aborted ones are never observed again)."""
@@ -365,7 +432,11 @@ class EagleProposer:
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots).to(dev)
         embeds = self.embed(torch.tensor(token_ids, device=dev))
         table = self.runner.model.rotary.table(torch.tensor(positions, device=dev), embeds.dtype)
+        began = time.perf_counter()
         hidden = head(embeds, torch.cat([f for *_, f in rows]).to(dev), table, meta)
+        if len(rows) == len(token_ids):   # one row per sequence: a chain step
+            took = time.perf_counter() - began
+            self.draft_seconds = took if self.draft_seconds is None else 0.8 * self.draft_seconds + 0.2 * took
         self.num_forwards += 1
         return list(hidden.split(query_lens))
 
