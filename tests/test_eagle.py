@@ -85,6 +85,7 @@ def test_served_chain_equals_the_unrolled_training_forward(small, monkeypatch):
     path, head_path = small
     llm = make_llm(path, speculative=eagle(head_path, 3), enable_prefix_caching=False)
     engine, proposer = llm.engine, llm.engine.proposer
+    proposer.step_costs = None   # always the full k (no measured costs to weigh)
     tokens = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
     engine.add_request(tokens, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()                                          # prefill: the head has pending features
@@ -212,6 +213,29 @@ def test_an_adapter_drafts_with_its_own_head(small, tmp_path):
     assert_all_blocks_free(llm)
 
 
+def test_prefix_tuned_requests_run_without_drafts_beside_drafting_ones(small, tmp_path):
+    """A prefix adapter's pinned KV fills the model's layers of its blocks (not the head's); its requests
+    do not draft (virtual tokens), the others do; nothing leaks."""
+    import transformers
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from lanner import LoRARequest
+    path, head = small
+    torch.manual_seed(3)
+    get_peft_model(transformers.LlamaForCausalLM.from_pretrained(path),
+                   PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6)).save_pretrained(str(tmp_path / "p"))
+    prefix = LoRARequest("p", 7, str(tmp_path / "p"))
+    want = make_llm(path, enable_lora=True).generate(OPEN, GREEDY, use_tqdm=False, lora_request=prefix)
+    llm = make_llm(path, enable_lora=True, speculative=eagle(head, 3))
+    got = llm.generate(OPEN, GREEDY, use_tqdm=False, lora_request=prefix)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    plain = llm.generate(OPEN, GREEDY, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in plain)
+    assert llm.engine.stats()["spec_drafted_tokens"] > 0
+    llm.engine.remove_lora(7)
+    assert_all_blocks_free(llm)
+
+
 # ---- sampling: the chi-square test on a 6-token model ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_head(tmp_path_factory, tiny):  # noqa: F811
@@ -220,6 +244,7 @@ def tiny_head(tmp_path_factory, tiny):  # noqa: F811
 
 def sample_many(tiny, head, k: int, temperature: float, n: int = 1500) -> list[tuple]:  # noqa: F811
     llm = make_llm(tiny[0], kv_cache_memory=0.05, max_num_seqs=256, speculative=eagle(head, k))
+    llm.engine.proposer.step_costs = None   # the full k every step: as many drafts verified as possible
     params = [SamplingParams(temperature=temperature, max_tokens=STEPS + k - 1, seed=s, ignore_eos=True)
               for s in range(n)]
     outs = llm.generate([PROMPT] * n, params, use_tqdm=False)

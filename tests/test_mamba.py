@@ -94,6 +94,7 @@ class WrongFromRow:
     """Drafts the true continuation up to a row that moves each call (0..k), wrong tokens from there: every
     rollback depth of the state is exercised."""
     drafts_are_free = True
+    reads_hidden_states = False
 
     def __init__(self, truth: list[list[int]]):
         self.truth, self.calls = truth, 0

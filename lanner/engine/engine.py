@@ -43,7 +43,15 @@ class StepCosts:
             self.seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def of(self, rows: int) -> float | None:
-        return self.seconds.get(rows)
+        """Measured, or the nearest smaller measured count's (optimistic, so an unmeasured shape gets tried);
+        past MAX_ROWS, scaled by rows from the largest measured."""
+        if rows in self.seconds:
+            return self.seconds[rows]
+        smaller = [r for r in self.seconds if r < rows]
+        if not smaller:
+            return None
+        r = max(smaller)
+        return self.seconds[r] * (rows / r if rows > self.MAX_ROWS else 1.0)
 
 
 @dataclass
@@ -231,7 +239,8 @@ class LLMEngine:
             self.num_computed_tokens_total += num
         sample_rows = self.record_prompt_logprobs(logits, row_seqs, row_tokens)
         touched = self.sample_and_append(logits[sample_rows], [row_seqs[r] for r in sample_rows])
-        if self.proposer is not None and self.proposer.reads_hidden_states:
+        if self.proposer is not None and self.proposer.reads_hidden_states and \
+                len(self.scheduler.running) <= self.spec.max_batch_size:   # (no drafts above: nothing to feed)
             self.proposer.observe(scheduled, starts, self.runner.last_hidden)
         for seq, _ in scheduled:
             if not seq.is_finished:

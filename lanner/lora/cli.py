@@ -72,6 +72,7 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from lanner.lora.finetune import finetune
+    base_head = draft_head_to_adapt(args) if args.with_draft else None
     given = {name: getattr(args, name) for names in METHOD_OPTIONS.values() for name in names
              if getattr(args, name) is not None}   # a method's options: only those given (another's is an error)
     result = finetune(args.model, args.data, args.output, method=args.method, qlora=args.qlora, dtype=args.dtype,
@@ -82,19 +83,25 @@ def run(args) -> int:
                       val_fraction=args.val_fraction, eval_every=args.eval_every, patience=args.patience or None,
                       max_seq_len=args.max_seq_len, seed=args.seed, threads=args.threads, plot=not args.no_plot,
                       **given)
-    if args.with_draft:
-        if args.method != "lora" or args.qlora:
-            raise ValueError("--with-draft fine-tunes a draft head for a LoRA adapter on the model it was trained on")
+    if base_head:
         from lanner.lora.finetune import read_records
-        from lanner.model.loader import pull_default_model
-        from lanner.spec.eagle import default_head_path
         from lanner.spec.train_draft import adapt_head
-        model = args.model or pull_default_model()
-        base = default_head_path(model) if args.with_draft == "default" else args.with_draft
-        head = adapt_head(model, args.output, read_records(args.data), base, epochs=args.draft_epochs)
+        head = adapt_head(args.model, args.output, read_records(args.data), base_head, epochs=args.draft_epochs,
+                          max_lora_rank=max(64, args.lora_r or 0))
         print(f"draft head: {head['head']}  held-out acceptance length {head['before']:.2f} -> {head['after']:.2f}")
     val = result["best_val_loss"]
     print(f"adapter: {args.output}  steps: {result['steps']}  best step: {result['best_step']}  "
           f"final train loss: {result['train_losses'][-1][1] if result['train_losses'] else float('nan'):.4f}  "
           f"best val loss: {'n/a' if val is None else f'{val:.4f}'}  trainable params: {result['trainable_params']:,}")
     return 0
+
+
+def draft_head_to_adapt(args) -> str:
+    """--with-draft's starting head, checked before the adapter trains (a bad one would waste the run)."""
+    from lanner.model.loader import pull_default_model
+    from lanner.spec.eagle import default_head_path, load_head
+    if args.method != "lora" or args.qlora:
+        raise ValueError("--with-draft fine-tunes a draft head for a LoRA adapter (--method lora, no --qlora)")
+    path = default_head_path(args.model or pull_default_model()) if args.with_draft == "default" else args.with_draft
+    load_head(path)
+    return path

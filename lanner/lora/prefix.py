@@ -68,7 +68,8 @@ class PrefixPool:
     there; unpinning gives them back once no request of the adapter holds them either."""
 
     def __init__(self, blocks: BlockManager, kv_cache: torch.Tensor):
-        self.blocks, self.kv_cache = blocks, kv_cache   # kv_cache: [layers, 2, num_blocks, block_size, Hkv, D]
+        # kv_cache: [layers, 2, num_blocks, block_size, Hkv, D]; a draft head's layer after the model's
+        self.blocks, self.kv_cache = blocks, kv_cache
 
     def pin(self, adapter: PrefixAdapter) -> None:
         adapter.pinned = self.blocks.pin_prefix(adapter.num_virtual_tokens)
@@ -76,7 +77,7 @@ class PrefixPool:
         layers, _, num_tokens, heads, dim = adapter.kv.shape
         padded = adapter.kv.new_zeros(layers, 2, len(block_ids) * self.blocks.block_size, heads, dim)
         padded[:, :, :num_tokens] = adapter.kv
-        self.kv_cache[:, :, torch.tensor(block_ids, device=self.kv_cache.device)] = \
+        self.kv_cache[:layers, :, torch.tensor(block_ids, device=self.kv_cache.device)] = \
             padded.view(layers, 2, len(block_ids), -1, heads, dim).to(self.kv_cache.device, self.kv_cache.dtype)
 
     def unpin(self, adapter: PrefixAdapter) -> None:

@@ -16,6 +16,7 @@ origin and its own earlier unrolled rows, which is exactly what a chain draft se
 """
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -25,6 +26,7 @@ from torch import nn
 from lanner.config import ModelConfig
 from lanner.spec.proposers import NgramProposer
 
+log = logging.getLogger("lanner.spec")
 HEAD_WEIGHTS, HEAD_CONFIG = "model.safetensors", "config.json"
 DRAFT_FORMAT = "q8_0"   # the served head's linears on the CPU
 PROBE_EVERY = 16        # steps without drafts before one 1-draft step re-measures what drafting pays
@@ -59,6 +61,9 @@ class HeadConfig:
                            self.rope_theta, self.max_position_embeddings, False, False, self.rope_scaling)
 
     def check_target(self, cfg: ModelConfig, path: str) -> None:
+        if cfg.rotary_dim not in (None, cfg.head_dim):
+            raise ValueError(f"draft heads rotate whole heads; the target rotates {cfg.rotary_dim} of {cfg.head_dim} "
+                             f"dims (partial rotary is not supported by EAGLE heads yet)")
         want = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.target_vocab_size)
         have = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
         if want != have:
@@ -90,9 +95,14 @@ def load_head(path: str) -> tuple[HeadConfig, dict[str, torch.Tensor], torch.Ten
     except Exception as e:
         raise ValueError(f"cannot read draft head {path!r}: {e}") from e
     vocab_ids = tensors.pop("vocab_ids", None)
-    missing = sorted(set(DraftHead(config, 1).state_dict()) - set(tensors))
-    if vocab_ids is None or missing:
-        raise ValueError(f"draft head {path!r} is missing tensors: {(['vocab_ids'] if vocab_ids is None else []) + missing}")
+    want = {k: tuple(v.shape) for k, v in DraftHead(config, 1).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    if vocab_ids is None or want != have:
+        wrong = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        raise ValueError(f"draft head {path!r} does not match its config.json: tensors "
+                         f"{(['vocab_ids'] if vocab_ids is None else []) + wrong[:5]} are missing, extra or misshapen")
+    if vocab_ids.numel() == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= config.target_vocab_size:
+        raise ValueError(f"draft head {path!r}: vocab_ids must be token ids in [0, {config.target_vocab_size})")
     return config, {k: v.float() for k, v in tensors.items()}, vocab_ids
 
 
@@ -182,7 +192,8 @@ class HeadState:
 
     def __init__(self, seq):
         self.seq = seq
-        self.drafted = 0          # drafts proposed for the step now running
+        self.drafted = 0          # drafts proposed for the step now running, and its (first position, rows)
+        self.verify = None
         self.computed = 0
         self.pending: list[torch.Tensor] = []
         self.num_pending = 0
@@ -302,7 +313,12 @@ class EagleProposer:
             return self.base
         path = os.path.join(self.runner.lora.requests[seq.lora_id].lora_path, ADAPTER_HEAD)
         if path not in self.adapter_heads:
-            self.adapter_heads[path] = Head(path, self.runner) if os.path.isdir(path) else self.base
+            self.adapter_heads[path] = self.base
+            if os.path.isdir(path):
+                try:
+                    self.adapter_heads[path] = Head(path, self.runner)
+                except ValueError as e:   # a bad head costs its adapter's drafts, never a request
+                    log.warning("adapter draft head not used, drafting with the base head: %s", e)
         return self.adapter_heads[path]
 
     # ---- features from the target's step ---------------------------------------------------------------
@@ -315,10 +331,10 @@ class EagleProposer:
                 self.states.pop(seq.seq_id, None)
             elif valid > 0:
                 state = self.states.setdefault(seq.seq_id, HeadState(seq))
-                if state.drafted and num == 1 + state.drafted:   # a verify of this head's drafts
+                if state.drafted and (start, num) == state.verify:   # the verify of this head's drafts
                     self.depth.record(state.drafted, valid - 1)
                 state.drafted = 0
-                state.add(start, hidden[row:row + valid])
+                state.add(start, hidden[row:row + valid].clone())   # not a view: the step's tensor goes
             row += num
 
     # ---- drafting ----------------------------------------------------------------------------------------
@@ -340,7 +356,7 @@ class EagleProposer:
             if k > 0:
                 batch.append(seq)
                 budgets.append(k)
-                state.drafted = k
+                state.drafted, state.verify = k, (seq.num_computed_tokens, 1 + k)
         drafts |= self.draft(batch, budgets) if batch else {}
         return [drafts.get(seq.seq_id, []) for seq in seqs]
 
@@ -348,8 +364,12 @@ class EagleProposer:
         """The k that maximizes expected tokens per second for a batch of drafting sequences, from the measured
         cost of a target step by rows, of a head forward, and the acceptance measured at each depth. A row count
         not measured yet counts as costing what one row does, so it gets tried (and measured)."""
-        one = self.step_costs.of(batch) if self.step_costs else None
-        if one is None or self.draft_seconds is None:
+        if self.step_costs is None:
+            return self.num_tokens
+        one = self.step_costs.of(batch)
+        if one is None:
+            return 0   # measure a plain step first
+        if self.draft_seconds is None:
             return self.num_tokens
         self.idle_steps += 1
         best, best_rate = (1, 0.0) if self.idle_steps % PROBE_EVERY == 0 else (0, 1.0 / one)   # keep measuring
@@ -397,6 +417,7 @@ class EagleProposer:
         probs = {seq.seq_id: [] for seq in seqs}
         active = list(range(len(seqs)))
         while True:
+            began = time.perf_counter()
             tokens, dists = self.sample(head.logits(last), [seqs[i] for i in active],
                                         [drafts[seqs[i].seq_id] for i in active])
             for i, token, dist in zip(active, tokens, dists):
@@ -410,6 +431,8 @@ class EagleProposer:
             feed = [(seqs[i], seqs[i].num_verified_tokens + len(drafts[seqs[i].seq_id]) - 1,
                      [drafts[seqs[i].seq_id][-1]], last[n:n + 1]) for n, i in zip(keep, active)]
             last = torch.cat([o[-1:] for o in self.forward(head, feed)])
+            took = time.perf_counter() - began   # one chain step: a draft's logits and sampling, the next forward
+            self.draft_seconds = took if self.draft_seconds is None else 0.8 * self.draft_seconds + 0.2 * took
         for seq in seqs:
             if probs[seq.seq_id]:
                 seq.spec_draft_probs = torch.stack(probs[seq.seq_id])
@@ -432,11 +455,7 @@ class EagleProposer:
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots).to(dev)
         embeds = self.embed(torch.tensor(token_ids, device=dev))
         table = self.runner.model.rotary.table(torch.tensor(positions, device=dev), embeds.dtype)
-        began = time.perf_counter()
         hidden = head(embeds, torch.cat([f for *_, f in rows]).to(dev), table, meta)
-        if len(rows) == len(token_ids):   # one row per sequence: a chain step
-            took = time.perf_counter() - began
-            self.draft_seconds = took if self.draft_seconds is None else 0.8 * self.draft_seconds + 0.2 * took
         self.num_forwards += 1
         return list(hidden.split(query_lens))
 

@@ -27,6 +27,8 @@ from lanner.spec.eagle import ADAPTER_HEAD, DraftHead, HeadConfig, load_head, sa
 
 
 def run(args) -> int:
+    if args.held_out < 1 or args.num_prompts < 1:
+        raise ValueError("train-draft needs --num-prompts >= 1 and --held-out >= 1 (acceptance is measured on it)")
     torch.manual_seed(args.seed)
     data = load_or_make_data(args)
     head, vocab_ids, history = train(data, args)
@@ -42,15 +44,19 @@ def run(args) -> int:
     return 0
 
 
-def adapt_head(model: str | None, adapter: str, records: list[dict], base_head: str, **options) -> dict:
+def adapt_head(model: str | None, adapter: str, records: list[dict], base_head: str, max_lora_rank: int = 64,
+               **options) -> dict:
     """`lanner finetune --with-draft`: continue the base head on the adapted target's answers to the prompts of
     the adapter's training records; written to ADAPTER/draft_head, which the engine drafts with for that
     adapter's requests."""
     from lanner.lora.finetune import prompt_and_completion
     from lanner.spec.cli import default_args
     args = default_args(output=os.path.join(adapter, ADAPTER_HEAD), **options)
+    if len(records) < 2:
+        raise ValueError("--with-draft needs at least 2 training records (one is held out to measure acceptance)")
     args.held_out = max(1, min(args.held_out, len(records) // 5))
-    data = make_data(model, lambda tok: [prompt_and_completion(r, tok)[0] for r in records], args.max_tokens, adapter)
+    data = make_data(model, lambda tok: [prompt_and_completion(r, tok)[0] for r in records], args.max_tokens, adapter,
+                     max_lora_rank)
     head, vocab_ids, history = train(data, args, start=base_head)
     config = data["config"]
     config.training = {"command": "lanner " + " ".join(sys.argv[1:]), "adapter": adapter, "from": base_head,
@@ -82,13 +88,14 @@ def as_chat(tokenizer, text: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": text}])
 
 
-def make_data(model: str | None, make_prompts, max_tokens: int, adapter: str | None = None) -> dict:
+def make_data(model: str | None, make_prompts, max_tokens: int, adapter: str | None = None,
+              max_lora_rank: int = 64) -> dict:
     """The target's greedy answers to make_prompts(tokenizer) (with a LoRA adapter: the adapted target's), with
     its final hidden state at every position."""
     from lanner import LLM, LoRARequest, SamplingParams
     # a batch whose KV fits the pool: more sequences at once would be preempted and recomputed
     llm = LLM(model, dtype="float32", enable_prefix_caching=False, max_num_seqs=128, kv_cache_memory=3.0,
-              enable_lora=adapter is not None, max_lora_rank=64)
+              enable_lora=adapter is not None, max_lora_rank=max_lora_rank)
     engine = llm.engine
     lora = LoRARequest("target", 1, adapter) if adapter else None
     outputs = llm.generate(make_prompts(engine.tokenizer), SamplingParams(temperature=0, max_tokens=max_tokens), lora_request=lora)
