@@ -234,3 +234,19 @@ def common_args(parser) -> None:
                         help="intra-op threads for every system (sets OMP_NUM_THREADS for the workers)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+
+
+def wait_for_server(proc, port: int, timeout_s: float):
+    """proc once its server on port answers /health; killed, with an error, if it dies or takes too long."""
+    import httpx
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not come up")
+        time.sleep(0.2)

@@ -45,17 +45,7 @@ def start_server(args, dp: int, routing: str, port: int) -> subprocess.Popen:
            "--data-parallel-size", str(dp), "--dp-routing", routing, "--threads", str(max(1, cores // dp)),
            "--no-access-log", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not come up")
-        time.sleep(0.2)
+    return common.wait_for_server(proc, port, timeout_s=600)
 
 
 def stop_server(proc: subprocess.Popen) -> None:

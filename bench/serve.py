@@ -47,17 +47,7 @@ def start_server(path: str, args, port: int) -> subprocess.Popen:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not come up")
-        time.sleep(0.2)
+    return common.wait_for_server(proc, port, timeout_s=300)
 
 
 def stop_server(proc: subprocess.Popen) -> None:

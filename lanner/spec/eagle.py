@@ -28,6 +28,7 @@ from lanner.spec.proposers import NgramProposer
 
 log = logging.getLogger("lanner.spec")
 HEAD_WEIGHTS, HEAD_CONFIG = "model.safetensors", "config.json"
+SCALE = ".scale"   # an int8 matrix's per-row scales in the head file
 DRAFT_FORMAT = "q8_0"   # the served head's linears on the CPU
 PROBE_EVERY = 16        # steps without drafts before one 1-draft step re-measures what drafting pays
 DEFAULT_HEADS = os.path.join(os.path.dirname(__file__), "heads")
@@ -74,7 +75,15 @@ class HeadConfig:
 def save_head(path: str, config: HeadConfig, state: dict[str, torch.Tensor], vocab_ids: torch.Tensor) -> None:
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in state.items()}
+    tensors = {}
+    for name, value in state.items():   # matrices as int8 rows with a scale each: half of bf16's bytes
+        value = value.detach().float()
+        if value.dim() == 2:
+            scale = value.abs().amax(dim=1).clamp_min(1e-12) / 127
+            tensors[name] = (value / scale[:, None]).round().to(torch.int8).contiguous()
+            tensors[name + SCALE] = scale.contiguous()
+        else:
+            tensors[name] = value.to(torch.bfloat16).contiguous()
     tensors["vocab_ids"] = vocab_ids.to(torch.int64)
     save_file(tensors, os.path.join(path, HEAD_WEIGHTS))
     with open(os.path.join(path, HEAD_CONFIG), "w") as f:
@@ -95,6 +104,11 @@ def load_head(path: str) -> tuple[HeadConfig, dict[str, torch.Tensor], torch.Ten
     except Exception as e:
         raise ValueError(f"cannot read draft head {path!r}: {e}") from e
     vocab_ids = tensors.pop("vocab_ids", None)
+    scales = {k[:-len(SCALE)]: tensors.pop(k) for k in [k for k in tensors if k.endswith(SCALE)]}
+    for name, scale in scales.items():
+        if name not in tensors or tensors[name].dim() != 2 or scale.shape != tensors[name].shape[:1]:
+            raise ValueError(f"draft head {path!r}: {name + SCALE} does not fit {name}")
+        tensors[name] = tensors[name].float() * scale[:, None]
     want = {k: tuple(v.shape) for k, v in DraftHead(config, 1).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in tensors.items()}
     if vocab_ids is None or want != have:
