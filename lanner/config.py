@@ -36,22 +36,29 @@ class ModelConfig:
     final_softcap: float | None = None        # LM-head logits the same
     layer_windows: tuple = ()                 # per layer: sliding window in tokens, or None (full attention)
     local_rope_theta: float | None = None     # rotary base of sliding-window layers, when theirs differs
-    ssm: dict | None = None                   # a state-space model's (Mamba's) config.json: no attention, no KV
+    ssm: dict | None = None                   # the SSM mixers' config (Mamba's config.json, a hybrid's translated)
+    ssm_layers: tuple = ()                    # layers whose mixer is an SSM: all of a Mamba's, some of a hybrid's
 
     ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                      "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
     ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
     SSM_ARCHITECTURES = ("MambaForCausalLM", "Mamba2ForCausalLM")
+    HYBRID_ARCHITECTURES = ("BambaForCausalLM",)   # Mamba-2 mixers in some layers, attention in the others
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers that keep attention KV in the paged cache."""
+        return self.num_layers - len(self.ssm_layers)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         arch = (hf.get("architectures") or ["?"])[0]
         if arch in cls.SSM_ARCHITECTURES:
             return cls.for_ssm(hf, arch)
-        if arch not in cls.ARCHITECTURES:
+        if arch not in cls.ARCHITECTURES + cls.HYBRID_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}; supported: "
-                             f"{list(cls.ARCHITECTURES + cls.SSM_ARCHITECTURES)}")
+                             f"{list(cls.ARCHITECTURES + cls.SSM_ARCHITECTURES + cls.HYBRID_ARCHITECTURES)}")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         full, local = rope_parameters(hf, "full_attention"), rope_parameters(hf, "sliding_attention")
@@ -77,7 +84,7 @@ class ModelConfig:
             attention_scale=hf["query_pre_attn_scalar"] ** -0.5 if gemma else None,
             attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
             layer_windows=layer_windows(hf, arch),
-            local_rope_theta=local_rope_theta(full, local))
+            local_rope_theta=local_rope_theta(full, local), **bamba_mixers(hf, arch))
 
 
     @classmethod
@@ -89,7 +96,26 @@ class ModelConfig:
                    vocab_size=hf["vocab_size"], rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5), rope_theta=0.0,
                    max_position_embeddings=hf.get("max_position_embeddings") or 16384,
                    tie_word_embeddings=hf.get("tie_word_embeddings", True), attention_bias=False,
-                   bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos, ssm=hf)
+                   bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos, ssm=hf,
+                   ssm_layers=tuple(range(hf["num_hidden_layers"])))
+
+
+def bamba_mixers(hf: dict, arch: str) -> dict:
+    """A Bamba's SSM layers (those not in attn_layer_indices) and their Mamba-2 mixers' config under
+    Mamba2Config's names; {} for other architectures."""
+    if arch != "BambaForCausalLM":
+        return {}
+    hidden, expand, heads = hf["hidden_size"], hf.get("mamba_expand", 2), hf.get("mamba_n_heads", 128)
+    head_dim = hf.get("mamba_d_head", "auto")
+    mixer = {"hidden_size": hidden, "expand": expand, "num_heads": heads,
+             "head_dim": expand * hidden // heads if head_dim == "auto" else head_dim,
+             "n_groups": hf.get("mamba_n_groups", 1), "state_size": hf.get("mamba_d_state", 256),
+             "conv_kernel": hf.get("mamba_d_conv", 4), "use_conv_bias": hf.get("mamba_conv_bias", True),
+             "use_bias": hf.get("mamba_proj_bias", False), "layer_norm_epsilon": hf.get("rms_norm_eps", 1e-5),
+             "hidden_act": hf.get("hidden_act", "silu"),
+             "time_step_limit": hf.get("time_step_limit") or (0.0, float("inf"))}
+    attention = set(hf.get("attn_layer_indices") or ())
+    return {"ssm": mixer, "ssm_layers": tuple(i for i in range(hf["num_hidden_layers"]) if i not in attention)}
 
 
 def rope_parameters(hf: dict, layer_type: str) -> dict:

@@ -1,4 +1,5 @@
-"""State-space models in the paged engine: tiny random Mamba and Mamba-2 models saved by the installed transformers,
+"""State-space models in the paged engine: tiny random Mamba, Mamba-2 and Bamba (a hybrid: Mamba-2 layers around an
+attention layer with partial rotary, its KV in the paged cache) models saved by the installed transformers,
 against HF transformers (logits within 1e-4, greedy tokens identical), through chunked prefill cut at odd places,
 mixed batches, preemption, prefix-cache hits resumed from state checkpoints, n-gram speculation (rollback of the
 state) and n > 1 (a forked state)."""
@@ -16,6 +17,11 @@ MODELS = {
     "mamba2": ("Mamba2ForCausalLM", "Mamba2Config", dict(hidden_size=64, num_hidden_layers=2, state_size=16,
                                                          conv_kernel=4, expand=2, num_heads=4, head_dim=32,
                                                          n_groups=2, chunk_size=8)),
+    "bamba": ("BambaForCausalLM", "BambaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                                      attn_layer_indices=[1], num_attention_heads=4,
+                                                      num_key_value_heads=2, mamba_n_heads=4, mamba_n_groups=2,
+                                                      mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+                                                      mamba_chunk_size=8, max_position_embeddings=512)),
 }
 LONG = " ".join(PROMPTS[:4])
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -31,12 +37,13 @@ def tiny(request, tmp_path_factory, llm):
 
 def ssm_logits(llm, ids: list[int], chunk: int) -> torch.Tensor:
     """Every position's logits from the serving model, the prompt fed `chunk` tokens per forward through state
-    slot 0 (fresh first, then carried)."""
+    slot 0 (fresh first, then carried) and KV blocks 0, 1, ... (a hybrid's attention layers)."""
     model, out = llm.engine.runner.model, []
+    table = list(range(-(-len(ids) // llm.engine.cfg.block_size)))
     with torch.no_grad():
         for start in range(0, len(ids), chunk):
             end = min(start + chunk, len(ids))
-            meta = AttentionMetadata.build([end - start], [end], [[0]], [-1] * (end - start))
+            meta = AttentionMetadata.build([end - start], [end], [table], list(range(start, end)))
             meta.ssm = SSMBatch(torch.tensor([0, end - start]), torch.tensor([0]), torch.tensor([start == 0]))
             out.append(model.compute_logits(model(torch.tensor(ids[start:end]), torch.arange(start, end), meta)))
     return torch.cat(out)
@@ -153,7 +160,9 @@ def test_profile_breaks_an_ssm_step_into_projections_conv_and_scan(tiny):
         assert r.measured_ms == pytest.approx(r.instrumented_ms)   # exclusive times cover the step exactly
         for part in ("ssm_in_proj", "ssm_conv", "ssm_scan", "ssm_out_proj", "norms"):
             assert r.components_ms[part] > 0, part
-        assert r.components_ms["attention"] == r.components_ms["qkv_proj"] == 0
+        hybrid = bool(engine.model_config.num_kv_layers)
+        assert (r.components_ms["attention"] > 0 and r.components_ms["qkv_proj"] > 0) == hybrid
+        assert ("attention" in r.costs and r.costs["attention"]["flops"] > 0) == hybrid
         assert group_ms(r)["ssm"] > 0 and r.costs["ssm_scan"]["flops"] > 0
     assert not engine.has_unfinished_requests()
     assert len(engine.runner.states.free_running) == engine.runner.states.num_running

@@ -63,8 +63,8 @@ def split(total: int, parts: int, unit: int = 1) -> list[range]:
 def check_splittable(cfg: ModelConfig, size: int) -> None:
     """ValueError, naming the reason, when the model cannot be split over `size` ranks."""
     if cfg.ssm:
-        raise ValueError(f"tensor parallelism splits attention heads, and a {cfg.architecture} has none; "
-                         f"run it with tensor_parallel_size=1")
+        raise ValueError(f"tensor parallelism splits attention heads and MLPs, not the SSM layers a "
+                         f"{cfg.architecture} has; run it with tensor_parallel_size=1")
     if cfg.num_heads < size:
         raise ValueError(f"tensor_parallel_size={size} exceeds the model's {cfg.num_heads} attention heads "
                          f"(each rank needs at least one)")

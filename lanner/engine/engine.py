@@ -339,8 +339,8 @@ class LLMEngine:
         if self.spec.uses_head:
             from lanner.spec.eagle import EagleProposer
             if self.model_config.ssm:
-                raise ValueError(f"an EAGLE head keeps attention KV beside the target's: a "
-                                 f"{self.model_config.architecture} has none; use ngram")
+                raise ValueError(f"an EAGLE head drafts for transformer targets, not a "
+                                 f"{self.model_config.architecture} with SSM layers; use ngram")
             return EagleProposer(self.spec, self.runner, self.blocks, self.sampler, self.model_path, self.step_costs)
         from lanner.spec.draft import DraftModelProposer
         return DraftModelProposer(self.spec, self.cfg, self.model_config, self.max_model_len)
@@ -401,8 +401,11 @@ class LLMEngine:
         if states.acquire(child):
             states.copy(parent.state_slot, child.state_slot)
             self.blocks.share(parent, child)
+            shared = len(child.block_table)
             child.num_computed_tokens = parent.num_computed_tokens
             self.blocks.allocate(child, 0)   # the partial block after the shared full ones
+            if self.model_config.num_kv_layers:   # a hybrid's attention layers read that block's KV too
+                self.runner.copy_blocks(list(zip(parent.block_table[shared:], child.block_table[shared:])))
             self.scheduler.running.append(child)
         else:
             child.num_computed_tokens, child.block_table, child.block_hashes = 0, [], []

@@ -30,8 +30,8 @@ class ModelRunner:
         self.cfg, self.model_cfg, self.max_model_len = cfg, model_cfg, max_model_len
         self.dtype = resolve_dtype(cfg.dtype)
         self.backend = get_backend(cfg.attention_backend, cfg.device)
-        self.model = (MambaForCausalLM(model_cfg) if model_cfg.ssm else
-                      LlamaForCausalLM(model_cfg, self.backend, max_model_len))
+        self.model = (LlamaForCausalLM(model_cfg, self.backend, max_model_len) if model_cfg.num_kv_layers else
+                      MambaForCausalLM(model_cfg))
         self.model.load_hf_weights(weights)
         # weights kept in GGML blocks leave meta placeholders, which only change dtype (GGUF loads dense off CPU)
         if cfg.device == "cpu":
@@ -42,13 +42,14 @@ class ModelRunner:
             rotary.cos_sin = rotary.cos_sin.float()   # tables stay fp32, rounded per lookup as HF
         self.model.pack_weights(cfg.quantization, cfg.dense_gemm_weights)
         self.states = self.make_state_cache() if model_cfg.ssm else None
-        self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(cfg.kv_cache_memory)
+        state_gib = self.states.nbytes / 2**30 if self.states is not None else 0.0
+        self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(max(cfg.kv_cache_memory - state_gib, 0.0))
         attention_layers = self.cache_layers()
         shape = (attention_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_cache = (zeros_on_huge_pages(shape, self.dtype) if cfg.device == "cpu" and attention_layers
                          else torch.zeros(shape, dtype=self.dtype, device=cfg.device))
-        for layer, cache in zip(self.model.layers, self.kv_cache):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
+        for attn, cache in zip(getattr(self.model, "attention_layers", []), self.kv_cache):
+            attn.k_cache, attn.v_cache = cache[0], cache[1]
         self.last_hidden = None
         self.vision = None   # engine.multimodal.VisionPath of a vision-language model
         self.lora = None
@@ -62,11 +63,13 @@ class ModelRunner:
             self.lora = LoRAManager(self.model, model_cfg, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras)
 
     def make_state_cache(self) -> StateCache:
-        """Slots for min(max_num_seqs, what half of kv_cache_memory holds) running sequences, the other half for
-        prefix checkpoints, and scratch for speculative rollback."""
+        """Slots for min(max_num_seqs, what half of the states' memory holds) running sequences, the other half for
+        prefix checkpoints, and scratch for speculative rollback. The states' memory is kv_cache_memory, or half of
+        it in a hybrid, whose KV blocks get what the states leave."""
         cfg, shapes = self.cfg, state_shapes(self.model_cfg)
-        per_slot = StateCache.slot_bytes(shapes, self.dtype, self.model_cfg.num_layers)
-        half = max(1, int(cfg.kv_cache_memory * 2**30 / 2 // per_slot))
+        per_slot = StateCache.slot_bytes(shapes, self.dtype, len(self.model_cfg.ssm_layers))
+        memory = cfg.kv_cache_memory * (0.5 if self.model_cfg.num_kv_layers else 1.0)
+        half = max(1, int(memory * 2**30 / 2 // per_slot))
         spec = cfg.speculative
         scratch = spec.num_speculative_tokens * min(spec.max_batch_size, cfg.max_num_seqs) if spec else 0
         checkpoints = min(half, 256) if cfg.enable_prefix_caching else 0
@@ -75,15 +78,13 @@ class ModelRunner:
 
     def cache_layers(self) -> int:
         """KV layers in the pool: the model's, and one for an EAGLE draft head (its KV shares the blocks)."""
-        if self.model_cfg.ssm:
-            return 0
         spec = self.cfg.speculative
-        return self.model_cfg.num_layers + (spec is not None and spec.uses_head)
+        return self.model_cfg.num_kv_layers + (spec is not None and spec.uses_head)
 
     def blocks_for_memory(self, gib: float) -> int:
         """KV blocks that fit in gib; a model without attention gets block ids only (they hold no memory), enough
         for every running sequence at max_model_len."""
-        if self.model_cfg.ssm:
+        if not self.model_cfg.num_kv_layers:
             return min(1 << 20, self.cfg.max_num_seqs * -(-self.max_model_len // self.cfg.block_size))
         m = self.model_cfg
         per_block = 2 * self.cache_layers() * self.cfg.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize

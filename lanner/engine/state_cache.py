@@ -33,6 +33,10 @@ class StateCache:
         self.scratch: dict[int, list[int]] = {}                    # seq_id -> slots of its draft rows
         self.num_resumed_tokens = 0
 
+    @property
+    def nbytes(self) -> int:
+        return sum(m.conv_state.nbytes + m.ssm_state.nbytes for m in self.mixers)
+
     @staticmethod
     def slot_bytes(shapes: tuple, dtype: torch.dtype, num_layers: int) -> int:
         conv_shape, ssm_shape = shapes

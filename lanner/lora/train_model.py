@@ -484,7 +484,7 @@ TRAINABLE_AS_LLAMA = {
     "hidden_act": lambda c: "silu", "rotary_dim": lambda c: c.head_dim, "qk_norm": lambda c: False,
     "sandwich_norms": lambda c: False, "embedding_scale": lambda c: None, "attention_scale": lambda c: None,
     "attn_softcap": lambda c: None, "final_softcap": lambda c: None, "mlp_bias": lambda c: False,
-    "local_rope_theta": lambda c: None,
+    "local_rope_theta": lambda c: None, "ssm_layers": lambda c: (),
 }
 
 

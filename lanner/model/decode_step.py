@@ -5,8 +5,8 @@ states are bitwise equal. At these sizes the ~10 module calls and ~30 dispatches
 its kernels; here a step pays for one call.
 
 Taken only where everything is plain: GGML weights on the kernels' small-row path, the compiled attention,
-no adapter rows in the step, and an architecture without q/k norms, sandwich norms, partial rotary or GeGLU.
-Anything else takes the PyTorch path, which stays the reference (tests compare the two)."""
+no adapter rows in the step, and an architecture without q/k norms, sandwich norms, partial rotary, GeGLU or
+SSM layers. Anything else takes the PyTorch path, which stays the reference (tests compare the two)."""
 from __future__ import annotations
 
 import ctypes
@@ -57,6 +57,8 @@ class DecodeStep:
     @classmethod
     def build(cls, model) -> DecodeStep | None:
         cfg, lib = model.config, fused.library()
+        if cfg.ssm_layers:
+            return None
         attn = model.layers[0].self_attn
         plain = (not cfg.qk_norm and not cfg.sandwich_norms and cfg.hidden_act == "silu" and attn.fused_rope
                  and model.local_rotary is model.rotary and attention_native.fits(cfg.head_dim)

@@ -1,5 +1,7 @@
 """The decoder of the Llama family and its relatives (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, SmolLM) on the
-paged KV cache."""
+paged KV cache, and hybrids whose SSM layers (Bamba's Mamba-2 mixers) sit between attention layers."""
+import re
+
 import torch
 from torch import nn
 
@@ -73,12 +75,18 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks. With sandwich norms (Gemma 2/3) the blocks' outputs are normed
     too: HF names that one post_attention_layernorm and the MLP's input norm pre_feedforward_layernorm,
-    where Llama's post_attention_layernorm is the MLP's input norm."""
+    where Llama's post_attention_layernorm is the MLP's input norm. In a hybrid's SSM layers (Bamba) a Mamba-2
+    mixer, reading and writing the sequences' state slots, takes attention's place."""
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend, window: int | None):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend, window: int | None, ssm: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, backend, window)
+        self.rotary = rotary
+        if ssm:
+            from lanner.model.ssm import Mamba2Mixer
+            self.mamba = Mamba2Mixer(cfg.ssm)
+        else:
+            self.self_attn, self.mamba = Attention(cfg, rotary, backend, window), None
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.sandwich = cfg.sandwich_norms
@@ -91,7 +99,7 @@ class DecoderLayer(nn.Module):
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, rope, meta)
+        x = self.self_attn(x, rope, meta) if self.mamba is None else self.mamba(x, meta.ssm)
         sandwich = self.sandwich
         if sandwich:
             x = self.post_attention_layernorm(x)
@@ -115,7 +123,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
         self.rotary, self.local_rotary = rotary, local   # tables shared by every layer's attention
         windows = cfg.layer_windows or (None,) * cfg.num_layers
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary if w is None else local, backend, w) for w in windows)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary if w is None else local, backend, w, i in cfg.ssm_layers)
+                                    for i, w in enumerate(windows))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
         self.decode_step = None   # every layer of a few-row step in one C call, where the model qualifies
@@ -134,8 +143,17 @@ class LlamaForCausalLM(nn.Module):
             x, residual = self.decode_step(x, tables[self.rotary], meta)
         else:
             for layer in self.layers:
-                x, residual = layer(x, residual, tables[layer.self_attn.rotary], meta)
+                x, residual = layer(x, residual, tables[layer.rotary], meta)
         return self.norm(x, residual)[0]
+
+    @property
+    def mixers(self) -> list[nn.Module]:
+        """The SSM layers' mixers (a hybrid's), whose state the engine's state slots hold."""
+        return [layer.mamba for layer in self.layers if layer.mamba is not None]
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.layers if layer.mamba is None]
 
     def pack_weights(self, quantization: str = "none", dense_gemm: bool = True) -> None:
         """Inference layouts for every linear. An HF model's LM head is not quantized at load (it is the
@@ -157,6 +175,7 @@ class LlamaForCausalLM(nn.Module):
         """Put HF-named weights (tensors or GGMLTensors) in, fusing q/k/v and gate/up; refuse missing or
         misshapen tensors."""
         params, modules = dict(self.named_parameters()), dict(self.named_modules())
+        weights = {re.sub(HF_RENAMES_PATTERN, lambda m: HF_RENAMES[m.group(0)], k): v for k, v in weights.items()}
         for name, tensor in fuse_hf_weights(weights, self.config.num_layers).items():
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -179,6 +198,11 @@ class LlamaForCausalLM(nn.Module):
         if params:
             missing = list(params)
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+HF_RENAMES = {".feed_forward.": ".mlp.", ".pre_ff_layernorm.": ".post_attention_layernorm.",   # Bamba's names
+              "model.final_layernorm.": "model.norm."}
+HF_RENAMES_PATTERN = "|".join(re.escape(k) for k in HF_RENAMES)
 
 
 def place(module: nn.Module, attr: str, tensor) -> None:

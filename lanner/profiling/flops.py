@@ -74,27 +74,31 @@ def component_costs(cfg: ModelConfig, phase: str, batch: int, context: int, dtyp
                     weight_bytes: dict[str, float] | None = None) -> dict[str, Cost]:
     """{component: Cost} of one step over all layers; names match the profiler's timed components.
     weight_bytes: bytes per weight of a linear component where it differs from dtype_bytes."""
-    if cfg.ssm:
+    if not cfg.num_kv_layers:
         return ssm_component_costs(cfg, phase, batch, context, dtype_bytes, weight_bytes)
-    t, b, L = num_tokens(phase, batch, context), dtype_bytes, cfg.num_layers
+    t, b, L, A = num_tokens(phase, batch, context), dtype_bytes, cfg.num_layers, cfg.num_kv_layers
     wb = (weight_bytes or {}).get
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    rotary_elems = t * (hq + hkv) * d
-    return {
+    rotary_elems = t * (hq + hkv) * (cfg.rotary_dim or d)
+    costs = {
         "embedding": Cost(0.0, float(2 * t * h * b)),
         "norms": Cost(5.0 * t * h, float(4 * t * h * b)) * (2 * L + 1),
-        "qkv_proj": linear(t, h, (hq + 2 * hkv) * d, b, wb("qkv_proj")) * L,
-        "rotary": Cost(3.0 * rotary_elems, float(2 * rotary_elems * b + t * d * 4)) * L,
-        "kv_store": Cost(0.0, float(2 * 2 * t * hkv * d * b)) * L,
-        "attention": attention_core(cfg, phase, batch, context, b) * L,
-        "o_proj": linear(t, hq * d, h, b, wb("o_proj")) * L,
+        "qkv_proj": linear(t, h, (hq + 2 * hkv) * d, b, wb("qkv_proj")) * A,
+        "rotary": Cost(3.0 * rotary_elems, float(2 * rotary_elems * b + t * d * 4)) * A,
+        "kv_store": Cost(0.0, float(2 * 2 * t * hkv * d * b)) * A,
+        "attention": attention_core(cfg, phase, batch, context, b) * A,
+        "o_proj": linear(t, hq * d, h, b, wb("o_proj")) * A,
         "gate_up_proj": linear(t, h, 2 * i, b, wb("gate_up_proj")) * L,
         "mlp_act": Cost(5.0 * t * i, float(3 * t * i * b)) * L,
         "down_proj": linear(t, i, h, b, wb("down_proj")) * L,
         "lm_head": linear(batch, h, v, b, wb("lm_head")),
         "sampling": Cost(0.0, float(4 * batch * v)),
     }
+    if cfg.ssm_layers:   # a hybrid: its SSM layers' mixers besides the attention layers'
+        mixers = ssm_component_costs(cfg, phase, batch, context, dtype_bytes, weight_bytes)
+        costs.update({name: cost for name, cost in mixers.items() if name.startswith("ssm_")})
+    return costs
 
 
 def ssm_component_costs(cfg: ModelConfig, phase: str, batch: int, context: int, dtype_bytes: int = 2,
@@ -102,7 +106,7 @@ def ssm_component_costs(cfg: ModelConfig, phase: str, batch: int, context: int, 
     """A Mamba / Mamba-2 step: the projections stream their weights, the conv and scan read and write each
     sequence's state once (fp32) and touch every new token's channels; nothing depends on the context."""
     from lanner.model.mamba import state_shapes
-    t, b, L, h, v = num_tokens(phase, batch, context), dtype_bytes, cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    t, b, L, h, v = num_tokens(phase, batch, context), dtype_bytes, len(cfg.ssm_layers), cfg.hidden_size, cfg.vocab_size
     wb = (weight_bytes or {}).get
     (conv_ch, k1), ssm_shape = state_shapes(cfg)
     n, state = cfg.ssm.get("state_size", 16), torch.Size(ssm_shape).numel()

@@ -279,13 +279,14 @@ __all__ = ["Case", "CaseResult", "Profiler", "PHASES", "cases_for", "engine_conf
 
 def weight_bytes(model) -> dict[str, float]:
     """Bytes per weight of each linear component (GGML blocks: 0.625 for Q4_1) for the byte counts."""
-    if hasattr(model, "mixers"):
+    linears = {"lm_head": model.lm_head}
+    if model.mixers:
         mixer = model.mixers[0]
-        linears = {"ssm_in_proj": mixer.in_proj, "ssm_out_proj": mixer.out_proj, "lm_head": model.lm_head}
-        return {name: bytes_per_weight(lin) for name, lin in linears.items()}
-    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
-    linears = {"qkv_proj": attn.qkv_proj, "o_proj": attn.o_proj, "gate_up_proj": mlp.gate_up_proj,
-               "down_proj": mlp.down_proj, "lm_head": model.lm_head}
+        linears.update(ssm_in_proj=mixer.in_proj, ssm_out_proj=mixer.out_proj)
+    if model.config.num_kv_layers:
+        attn, mlp = model.attention_layers[0], model.layers[0].mlp
+        linears.update(qkv_proj=attn.qkv_proj, o_proj=attn.o_proj, gate_up_proj=mlp.gate_up_proj,
+                       down_proj=mlp.down_proj)
     return {name: bytes_per_weight(lin) for name, lin in linears.items()}
 
 

@@ -123,9 +123,12 @@ def instrument(engine, timer: Timer):
     time_forward(model, "model_glue")
     patch(model, "compute_logits", timer.wrap(model.compute_logits, "lm_head"))
     if engine.model_config.ssm:
-        instrument_ssm(model, timer, patch, time_forward)
-    else:
+        from lanner.model import ssm
+        patch(ssm, "causal_conv", timer.wrap(ssm.causal_conv, "ssm_conv"))
+    if engine.model_config.num_kv_layers:
         instrument_transformer(model, timer, patch, time_forward)
+    else:
+        instrument_ssm(model, timer, patch, time_forward)
     try:
         yield timer
     finally:
@@ -139,10 +142,17 @@ def instrument_transformer(model, timer: Timer, patch, time_forward) -> None:
     patch(fused, "rope_store", timer.wrap(fused.rope_store, "rotary"))
     rotaries = {}
     for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        mlp = layer.mlp
         time_forward(layer, "model_glue")
         time_forward(layer.input_layernorm, "norms")
         time_forward(layer.post_attention_layernorm, "norms")
+        time_forward(mlp, "mlp_act")
+        time_forward(mlp.gate_up_proj, "gate_up_proj")
+        time_forward(mlp.down_proj, "down_proj")
+        if layer.mamba is not None:   # a hybrid's SSM layer
+            instrument_mixer(layer.mamba, timer, patch, time_forward)
+            continue
+        attn = layer.self_attn
         time_forward(attn, "attn_glue")
         time_forward(attn.qkv_proj, "qkv_proj")
         time_forward(attn.o_proj, "o_proj")
@@ -153,26 +163,26 @@ def instrument_transformer(model, timer: Timer, patch, time_forward) -> None:
         patch(attn, "backend", SimpleNamespace(
             store_kv=timer.wrap(backend.store_kv, "kv_store"), attention=timer.wrap(backend.attention, "attention"),
             __name__=getattr(backend, "__name__", "backend")))
-        time_forward(mlp, "mlp_act")
-        time_forward(mlp.gate_up_proj, "gate_up_proj")
-        time_forward(mlp.down_proj, "down_proj")
 
 
 def instrument_ssm(model, timer: Timer, patch, time_forward) -> None:
-    """A Mamba model: its block norms and conv are module-level functions, timed where the code looks them up."""
-    from lanner.model import mamba, ssm
+    """A Mamba model: its block norms (and the conv, patched by the caller) are module-level functions, timed where
+    the code looks them up."""
+    from lanner.model import mamba
     time_forward(model.embeddings, "embedding")
     patch(mamba, "rms_norm", timer.wrap(mamba.rms_norm, "norms"))
-    patch(ssm, "causal_conv", timer.wrap(ssm.causal_conv, "ssm_conv"))
     for layer in model.layers:
-        mixer = layer.mixer
         time_forward(layer, "model_glue")
-        time_forward(mixer, "ssm_glue")
-        time_forward(mixer.in_proj, "ssm_in_proj")
-        time_forward(mixer.out_proj, "ssm_out_proj")
-        patch(mixer, "scan", timer.wrap(mixer.scan, "ssm_scan"))
-        for name in ("x_proj", "dt_proj"):
-            if hasattr(mixer, name):
-                time_forward(getattr(mixer, name), "ssm_dt_bc_proj")
-        if hasattr(mixer, "norm"):
-            time_forward(mixer.norm, "norms")
+        instrument_mixer(layer.mixer, timer, patch, time_forward)
+
+
+def instrument_mixer(mixer, timer: Timer, patch, time_forward) -> None:
+    time_forward(mixer, "ssm_glue")
+    time_forward(mixer.in_proj, "ssm_in_proj")
+    time_forward(mixer.out_proj, "ssm_out_proj")
+    patch(mixer, "scan", timer.wrap(mixer.scan, "ssm_scan"))
+    for name in ("x_proj", "dt_proj"):
+        if hasattr(mixer, name):
+            time_forward(getattr(mixer, name), "ssm_dt_bc_proj")
+    if hasattr(mixer, "norm"):
+        time_forward(mixer.norm, "norms")
