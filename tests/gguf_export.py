@@ -4,8 +4,12 @@ The conventions follow the converter (llama.cpp conversion/base.py, llama.py, qw
 tensor names through the gguf package's tensor map (as the converter maps them); q/k rows permuted only
 for the llama architecture (its rotary pairs adjacent dims, the others' pair halves); Mistral written as
 llama; Gemma norm weights stored as 1 + w; Phi-3's fused attn_qkv and gate+up ffn_up kept fused; Llama 3
-rope scaling as a rope_freqs tensor and Phi-3 longrope as rope_factors_long/short. The tokenizer is copied
-from another GGUF, so a tiny model's vocab_size must equal that tokenizer's.
+rope scaling as a rope_freqs tensor and Phi-3 longrope as rope_factors_long/short. Mamba and Mamba-2 as
+conversion/mamba.py writes them: no attention keys but the ssm.* ones, A stored as -exp(A_log), conv1d weights
+squeezed to [channels, kernel], Mamba-2's A and D as [heads, 1], its gated norm as [groups, inner / groups] and
+its dt_bias as ssm_dt.bias. Tensor types as the converter picks them: vectors, norms, conv1d weights and tensors
+not named .weight (A, D, biases) F32; a matrix whose rows are not whole blocks of the asked type F16. The
+tokenizer is copied from another GGUF, so a tiny model's vocab_size must equal that tokenizer's.
 """
 import json
 import math
@@ -16,14 +20,16 @@ from pathlib import Path
 
 import numpy as np
 from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType, get_tensor_name_map
-from gguf.quants import quantize
+from gguf.quants import QuantError, quantize
 
 from lanner.model.gguf import GEMMA3_SWA_PERIOD, GGUFFile, llama_cpp_query_pre_attn_scalar
 from lanner.model.layers import longrope_attention_factor
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
               "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-              "Phi3ForCausalLM": "phi3"}
+              "Phi3ForCausalLM": "phi3", "MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2"}
+SSM_ARCHS = ("mamba", "mamba2")
+MAMBA_CONTEXT_LENGTH = 2 ** 20   # the converter's placeholder: a state-space model has no context limit
 
 
 def write_gguf(model, path, tokenizer_source_gguf: str, dtype: str | list[str] = "F32") -> None:
@@ -43,7 +49,7 @@ def write_gguf(model, path, tokenizer_source_gguf: str, dtype: str | list[str] =
     copy_tokenizer(writer, tokenizer_source_gguf)
     matrix_types = cycle([dtype] if isinstance(dtype, str) else dtype)
     for name, data in gguf_tensors(arch, config, weights):
-        add_tensor(writer, name, data, next(matrix_types) if data.ndim == 2 else "F32")
+        add_tensor(writer, name, data, next(matrix_types) if quantizable(name, data) else "F32")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -66,6 +72,8 @@ def rope_settings(config: dict) -> dict:
 
 
 def add_hparams(writer: GGUFWriter, arch: str, config: dict) -> None:
+    if arch in SSM_ARCHS:
+        return add_ssm_hparams(writer, arch, config)
     heads = config["num_attention_heads"]
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -81,6 +89,37 @@ def add_hparams(writer: GGUFWriter, arch: str, config: dict) -> None:
     if arch != "phi3":   # the Phi-3 converter writes its own rope keys, not the generic ones
         add_rope_scaling(writer, rope_settings(config))
     ARCH_HPARAMS.get(arch, lambda writer, config: None)(writer, config)
+
+
+def add_ssm_hparams(writer: GGUFWriter, arch: str, config: dict) -> None:
+    """The converter's keys for Mamba / Mamba-2: head count and feed-forward length 0 (llama.cpp requires the
+    keys), Mamba-2's time_step_rank is its head count, and only an inner size of 2 * hidden_size is taken."""
+    hidden, inner = config["hidden_size"], mamba_inner_size(config)
+    writer.add_context_length(MAMBA_CONTEXT_LENGTH)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_ssm_conv_kernel(config.get("conv_kernel", 4))
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_state_size(config["state_size"])
+    writer.add_layer_norm_rms_eps(config.get("layer_norm_epsilon", 1e-5))
+    if arch == "mamba":
+        writer.add_ssm_time_step_rank(config.get("time_step_rank") or -(-hidden // 16))
+        writer.add_ssm_dt_b_c_rms(False)
+    else:
+        writer.add_ssm_time_step_rank(inner // config.get("head_dim", 64))
+        writer.add_ssm_group_count(config.get("n_groups", 1))
+
+
+def mamba_inner_size(config: dict) -> int:
+    """The converter reads intermediate_size (which Mamba-2's config.json lacks: 2 * hidden_size assumed) and
+    stops on any other expansion."""
+    hidden = config["hidden_size"]
+    inner = config.get("intermediate_size") or 2 * hidden
+    if inner != 2 * hidden or inner != int(config.get("expand", 2) * hidden):
+        raise ValueError(f"the converter takes Mamba models of inner size 2 * hidden_size only, not {inner}")
+    return inner
 
 
 def add_rope_scaling(writer: GGUFWriter, rope: dict) -> None:
@@ -170,18 +209,49 @@ def value_type(value) -> GGUFValueType:
 def gguf_tensors(arch: str, config: dict, weights: dict[str, np.ndarray]):
     """(GGUF name, data in the converter's layout) of every tensor, rope factor tensors included."""
     names = get_tensor_name_map(MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     for name, data in weights.items():
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
-        if arch == "llama" and ".q_proj." in name:
-            data = permute(data, heads)
-        elif arch == "llama" and ".k_proj." in name:
-            data = permute(data, kv_heads)
-        elif arch.startswith("gemma") and name.endswith("norm.weight"):
-            data = data + 1   # Gemma's RMSNorm scales by 1 + w; llama.cpp's by w
+        if arch in SSM_ARCHS:
+            name, data = mamba_layout(arch, config, name, data)
+        else:
+            data = transformer_layout(arch, config, name, data)
         yield names.get_name(name, try_suffixes=(".weight", ".bias")), data
-    yield from rope_tensors(config)
+    if arch not in SSM_ARCHS:
+        yield from rope_tensors(config)
+
+
+def transformer_layout(arch: str, config: dict, name: str, data: np.ndarray) -> np.ndarray:
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if arch == "llama" and ".q_proj." in name:
+        return permute(data, heads)
+    if arch == "llama" and ".k_proj." in name:
+        return permute(data, kv_heads)
+    if arch.startswith("gemma") and name.endswith("norm.weight"):
+        return data + 1   # Gemma's RMSNorm scales by 1 + w; llama.cpp's by w
+    return data
+
+
+def mamba_layout(arch: str, config: dict, name: str, data: np.ndarray) -> tuple[str, np.ndarray]:
+    """(the name the tensor map knows, the data as the converter stores it) of one Mamba / Mamba-2 tensor."""
+    if name.endswith(".dt_bias"):
+        name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
+    if name.endswith(".conv1d.weight"):
+        data = data.squeeze(1)                          # [C, 1, K] -> [C, K]
+    elif arch == "mamba2" and name.endswith((".A_log", ".D")):
+        data = data.reshape(*data.shape, 1)             # [H] -> [H, 1]: Mamba-1's A layout, one state column
+    elif arch == "mamba2" and name.endswith(".mixer.norm.weight"):
+        groups = config.get("n_groups", 1)
+        data = data.reshape(groups, -1)
+    if name.endswith(".A_log"):
+        data = -np.exp(data)                            # llama.cpp reads A itself
+    return name, data
+
+
+def quantizable(gguf_name: str, data: np.ndarray) -> bool:
+    """The converter keeps vectors, norms, conv1d weights and tensors not named .weight (A, D, biases) F32."""
+    return data.ndim == 2 and gguf_name.endswith(".weight") and not gguf_name.endswith(
+        ("_norm.weight", "ssm_conv1d.weight"))
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -213,8 +283,13 @@ def llama3_factors(rope: dict, dim: int, original: int) -> np.ndarray:
 
 def add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, type_name: str) -> None:
     qtype = GGMLQuantizationType[type_name]
+    data = np.ascontiguousarray(data, dtype=np.float32)
     if qtype == GGMLQuantizationType.F32:
-        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+        writer.add_tensor(name, data)
         return
-    packed = quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    try:
+        packed = quantize(data, qtype)
+    except QuantError:   # rows that are not whole blocks: the converter falls back to F16
+        qtype = GGMLQuantizationType.F16
+        packed = quantize(data, qtype)
     writer.add_tensor(name, packed, raw_dtype=None if qtype == GGMLQuantizationType.F16 else qtype)

@@ -75,12 +75,17 @@ def save_tiny(spec: tuple, path):
 
 def test_config_has_the_keys_and_values_transformers_saved(exported):
     name, _, path, gguf_path = exported
+    assert_config_as_saved(path, gguf_path, DROPPED_BY_THE_CONVERTER.get(name, {}), NOT_IN_GGUF)
+
+
+def assert_config_as_saved(path, gguf_path, dropped: dict, not_in_gguf: set) -> None:
+    """The config read from the GGUF has transformers' keys and values (but those the converter drops)."""
     saved = json.loads((path / "config.json").read_text())
     config = load_gguf(str(gguf_path), dense=True)[0]
-    want = {**saved, **DROPPED_BY_THE_CONVERTER.get(name, {})}
+    want = {**saved, **dropped}
     wrong = {key: (value, want.get(key, "absent")) for key, value in config.items() if want.get(key, "absent") != value}
     assert wrong == {}   # key: (ours, transformers')
-    assert set(saved) - set(config) <= NOT_IN_GGUF
+    assert set(saved) - set(config) <= not_in_gguf
 
 
 def test_weights_equal_the_hf_state_dict(exported):

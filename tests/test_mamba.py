@@ -166,3 +166,19 @@ def test_profile_breaks_an_ssm_step_into_projections_conv_and_scan(tiny):
         assert group_ms(r)["ssm"] > 0 and r.costs["ssm_scan"]["flops"] > 0
     assert not engine.has_unfinished_requests()
     assert len(engine.runner.states.free_running) == engine.runner.states.num_running
+
+
+def test_what_ssm_layers_cannot_do_is_refused_by_name(tiny, tmp_path):
+    """EAGLE heads, tensor parallelism and fine-tuning are written for attention-only decoders (a hybrid too)."""
+    from lanner.distributed.shards import check_splittable
+    from lanner.lora.finetune import finetune
+    _, path = tiny
+    ours = make_llm(path)
+    with pytest.raises(ValueError, match="with SSM layers; use ngram"):
+        make_llm(path, speculative={"method": "eagle", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="not the SSM layers"):
+        check_splittable(ours.engine.model_config, 2)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a b", "completion": " c"}\n' * 4)
+    with pytest.raises(ValueError, match="ssm_layers"):
+        finetune(path, str(data), str(tmp_path / "out"), method="lora", max_steps=1)

@@ -338,9 +338,6 @@ class LLMEngine:
                                  self.spec.prompt_lookup_max)
         if self.spec.uses_head:
             from lanner.spec.eagle import EagleProposer
-            if self.model_config.ssm:
-                raise ValueError(f"an EAGLE head drafts for transformer targets, not a "
-                                 f"{self.model_config.architecture} with SSM layers; use ngram")
             return EagleProposer(self.spec, self.runner, self.blocks, self.sampler, self.model_path, self.step_costs)
         from lanner.spec.draft import DraftModelProposer
         return DraftModelProposer(self.spec, self.cfg, self.model_config, self.max_model_len)

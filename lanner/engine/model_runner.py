@@ -25,9 +25,23 @@ def cpu_has_native_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
+def refuse_for_ssm_layers(cfg: EngineConfig, architecture: str) -> None:
+    """What a model with SSM layers (Mamba, or a hybrid's) cannot be served with, refused before it loads."""
+    if cfg.device != "cpu":
+        raise ValueError(f"a {architecture} runs on the CPU (its state slots and scan kernel are CPU code), "
+                         f"not on {cfg.device}")
+    if cfg.enable_lora:
+        raise ValueError(f"LoRA adapters are served on transformer models; a {architecture} takes none")
+    if cfg.speculative is not None and cfg.speculative.uses_head:
+        raise ValueError(f"an EAGLE head drafts for transformer targets, not a {architecture} with SSM layers; "
+                         f"use ngram")
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, weights: dict, max_model_len: int):
         self.cfg, self.model_cfg, self.max_model_len = cfg, model_cfg, max_model_len
+        if model_cfg.ssm:
+            refuse_for_ssm_layers(cfg, model_cfg.architecture)
         self.dtype = resolve_dtype(cfg.dtype)
         self.backend = get_backend(cfg.attention_backend, cfg.device)
         self.model = (LlamaForCausalLM(model_cfg, self.backend, max_model_len) if model_cfg.num_kv_layers else
@@ -53,11 +67,6 @@ class ModelRunner:
         self.last_hidden = None
         self.vision = None   # engine.multimodal.VisionPath of a vision-language model
         self.lora = None
-        if model_cfg.ssm and cfg.device != "cpu":
-            raise ValueError(f"a {model_cfg.architecture} runs on the CPU (its state slots and scan kernel are CPU "
-                             f"code), not on {cfg.device}")
-        if cfg.enable_lora and model_cfg.ssm:
-            raise ValueError(f"LoRA adapters are served on transformer models; a {model_cfg.architecture} takes none")
         if cfg.enable_lora:
             from lanner.lora.manager import LoRAManager
             self.lora = LoRAManager(self.model, model_cfg, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras)

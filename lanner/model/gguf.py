@@ -9,6 +9,15 @@ Files are read as llama.cpp's convert_hf_to_gguf.py writes them, and turned back
 checkpoint holds: the config keys the installed transformers writes in config.json for that architecture,
 and the weights in HF's names and conventions (q/k rows un-permuted for the llama architecture only,
 Gemma norms minus the 1 the converter adds, Phi-3's fused qkv and gate+up kept fused).
+
+Mamba and Mamba-2 (llama.cpp's conversion/mamba.py): the shape is in {arch}.ssm.* (conv_kernel, inner_size,
+state_size, time_step_rank: Mamba-2's head count; group_count) and the attention keys are zeros. The converter
+stores A = -exp(A_log) (read back as log(-A)), conv1d weights as [channels, kernel] (HF: [channels, 1, kernel]),
+Mamba-2's A and D as [heads, 1], its gated norm as [groups, inner / groups] and its dt_bias as ssm_dt.bias; A and D
+have no .weight suffix (blk.N.ssm_a, blk.N.ssm_d), as llama.cpp names them. The embedding is dequantized (Mamba's
+is a plain nn.Embedding); the mixers' projections and the LM head may stay in blocks. transformers derives the
+inner size as expand * hidden_size, so an inner size not a multiple of the hidden size is refused, as is Falcon
+Mamba's dt/B/C norm (ssm.dt_b_c_rms).
 """
 import math
 import struct
@@ -24,6 +33,8 @@ ARCHITECTURES = {   # GGUF general.architecture -> (HF architecture, HF model_ty
     "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "phi3": ("Phi3ForCausalLM", "phi3"),
 }
+SSM_ARCHITECTURES = {"mamba": ("MambaForCausalLM", "mamba"), "mamba2": ("Mamba2ForCausalLM", "mamba2")}
+ARCHITECTURES.update(SSM_ARCHITECTURES)
 MISTRAL = ("MistralForCausalLM", "mistral")   # the converter writes Mistral as llama; its name tells them apart
 DEQUANTIZED_AT_LOAD = ("Q2_K", "Q3_K")   # formats read through the gguf package's dequantize
 LAYER_NAMES = {
@@ -37,6 +48,18 @@ GEMMA_LAYER_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_nor
 ARCH_LAYER_NAMES = {"gemma2": GEMMA_LAYER_NAMES, "gemma3": GEMMA_LAYER_NAMES,
                     "phi3": {"ffn_up": "mlp.gate_up_proj"}}   # Phi-3's ffn_up holds the gate rows, then up's
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+SSM_LAYER_NAMES = {   # GGUF name past blk.N. -> HF name past backbone.layers.N.
+    "attn_norm.weight": "norm.weight", "ssm_in.weight": "mixer.in_proj.weight", "ssm_in.bias": "mixer.in_proj.bias",
+    "ssm_conv1d.weight": "mixer.conv1d.weight", "ssm_conv1d.bias": "mixer.conv1d.bias",
+    "ssm_x.weight": "mixer.x_proj.weight", "ssm_dt.weight": "mixer.dt_proj.weight",
+    "ssm_dt.bias": "mixer.dt_proj.bias", "ssm_a": "mixer.A_log", "ssm_d": "mixer.D",
+    "ssm_out.weight": "mixer.out_proj.weight", "ssm_out.bias": "mixer.out_proj.bias",
+}
+MAMBA2_LAYER_NAMES = {**SSM_LAYER_NAMES, "ssm_dt.bias": "mixer.dt_bias", "ssm_norm.weight": "mixer.norm.weight"}
+SSM_TOP_NAMES = {"token_embd.weight": "backbone.embeddings.weight", "output_norm.weight": "backbone.norm_f.weight",
+                 "output.weight": "lm_head.weight"}
+# the matrices Mamba's Linears multiply (GGML blocks kept); its embedding is a plain nn.Embedding, dense
+SSM_BLOCK_TENSORS = ("ssm_in.weight", "ssm_x.weight", "ssm_dt.weight", "ssm_out.weight", "output.weight")
 ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")   # config, not weights
 GEMMA3_SWA_PERIOD = 6   # llama.cpp's Gemma 3 default: every 6th layer full attention
 LLAMA3_ASSUMED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -142,6 +165,8 @@ def f32(value) -> float:
 
 
 def hf_name(gguf_name: str, arch: str) -> str:
+    if arch in SSM_ARCHITECTURES:
+        return ssm_hf_name(gguf_name, arch)
     parts = gguf_name.split(".")
     if parts[0] == "blk":
         names, kind, prefix = {**LAYER_NAMES, **ARCH_LAYER_NAMES.get(arch, {})}, parts[2], f"model.layers.{parts[1]}."
@@ -150,6 +175,17 @@ def hf_name(gguf_name: str, arch: str) -> str:
     if kind not in names:
         raise ValueError(f"unsupported tensor {gguf_name!r} in a {arch} GGUF")
     return f"{prefix}{names[kind]}.{parts[-1]}"
+
+
+def ssm_hf_name(gguf_name: str, arch: str) -> str:
+    block, _, rest = gguf_name.partition(".")
+    layer, _, kind = rest.partition(".")
+    names = MAMBA2_LAYER_NAMES if arch == "mamba2" else SSM_LAYER_NAMES
+    if block == "blk" and kind in names:
+        return f"backbone.layers.{layer}.{names[kind]}"
+    if gguf_name in SSM_TOP_NAMES:
+        return SSM_TOP_NAMES[gguf_name]
+    raise ValueError(f"unsupported tensor {gguf_name!r} in a {arch} GGUF")
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -170,6 +206,8 @@ def read_config(reader: GGUFFile) -> dict:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(ARCHITECTURES)}")
     meta = lambda key, default=None: field(reader, f"{arch}.{key}", default)
+    if arch in SSM_ARCHITECTURES:
+        return ssm_config(reader, meta, arch)
     refuse_what_we_cannot_represent(meta, arch)
     mistral = arch == "llama" and "mistral" in str(field(reader, "general.name", "")).lower()
     hf_arch, model_type = MISTRAL if mistral else ARCHITECTURES[arch]
@@ -190,6 +228,70 @@ def read_config(reader: GGUFFile) -> dict:
         "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
     }
     return {**config, **ARCH_KEYS[model_type](meta, config, head_dim, names)}
+
+
+def ssm_config(reader: GGUFFile, meta, arch: str) -> dict:
+    """MambaConfig's / Mamba2Config's keys (transformers writes no max_position_embeddings for them, and the
+    converter's context_length is a placeholder)."""
+    number = lambda key: required(meta, arch, key)
+    hidden, inner = number("embedding_length"), number("ssm.inner_size")
+    if inner % hidden:
+        raise ValueError(f"{arch}.ssm.inner_size {inner} is not a multiple of {arch}.embedding_length {hidden}: "
+                         f"transformers derives the inner size as expand * hidden_size")
+    if meta("ssm.dt_b_c_rms"):
+        raise ValueError(f"{arch}.ssm.dt_b_c_rms (Falcon Mamba's RMS norm of dt, B and C) is not supported")
+    hf_arch, model_type = SSM_ARCHITECTURES[arch]
+    names = {t.name for t in reader.tensors}
+    config = {
+        "architectures": [hf_arch], "model_type": model_type, "vocab_size": vocab_size(reader),
+        "hidden_size": hidden, "expand": inner // hidden, "num_hidden_layers": number("block_count"),
+        "state_size": number("ssm.state_size"), "conv_kernel": number("ssm.conv_kernel"),
+        "layer_norm_epsilon": f32(meta("attention.layer_norm_rms_epsilon", 1e-5)), "hidden_act": "silu",
+        "use_bias": "blk.0.ssm_in.bias" in names, "use_conv_bias": "blk.0.ssm_conv1d.bias" in names,
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    rank = number("ssm.time_step_rank")
+    config.update(mamba_keys(inner, rank) if arch == "mamba" else mamba2_keys(meta, config, inner, rank, arch))
+    check_in_proj(reader, config, inner, arch)
+    return config
+
+
+def required(meta, arch: str, key: str) -> int:
+    value = meta(key)
+    if value is None:
+        raise ValueError(f"the {arch} GGUF has no {arch}.{key}")
+    return int(value)
+
+
+def mamba_keys(inner: int, rank: int) -> dict:
+    return {"intermediate_size": inner, "time_step_rank": rank}
+
+
+def mamba2_keys(meta, config: dict, inner: int, heads: int, arch: str) -> dict:
+    """llama.cpp's Mamba-2 time_step_rank is the head count; transformers' (unused by Mamba-2) is its "auto"."""
+    groups = int(meta("ssm.group_count", 1))
+    if heads <= 0 or inner % heads or heads % groups:
+        raise ValueError(f"{arch}: {heads} heads ({arch}.ssm.time_step_rank) must divide inner_size {inner}, and "
+                         f"{groups} groups ({arch}.ssm.group_count) the heads")
+    return {"num_heads": heads, "head_dim": inner // heads, "n_groups": groups,
+            "time_step_rank": math.ceil(config["hidden_size"] / 16)}
+
+
+def check_in_proj(reader: GGUFFile, config: dict, inner: int, arch: str) -> None:
+    """The metadata and the tensors agree (in_proj's rows: x and z, or z, x, B, C and dt)."""
+    rows = 2 * inner
+    if arch == "mamba2":
+        rows += 2 * config["n_groups"] * config["state_size"] + config["num_heads"]
+    in_proj = next((t for t in reader.tensors if t.name == "blk.0.ssm_in.weight"), None)
+    if in_proj is None:
+        raise ValueError(f"the {arch} GGUF has no blk.0.ssm_in.weight")
+    shape = tuple(int(d) for d in reversed(in_proj.shape))
+    if shape != (rows, config["hidden_size"]):
+        raise ValueError(f"blk.0.ssm_in.weight has shape {shape}; the {arch}.ssm.* metadata says "
+                         f"({rows}, {config['hidden_size']})")
 
 
 def vocab_size(reader: GGUFFile) -> int:
@@ -373,6 +475,7 @@ def load_tensor(reader: GGUFFile, t: TensorInfo, arch: str, config: dict, dense:
                          f"supported: {sorted(set(BLOCKS) | set(DEQUANTIZED_AT_LOAD))}")
     raw, order = reader.raw(t), row_order(t, arch, config)
     shape = tuple(int(d) for d in reversed(t.shape))      # GGUF lists the fastest dim first
+    dense = dense or (arch in SSM_ARCHITECTURES and not t.name.endswith(SSM_BLOCK_TENSORS))
     if len(shape) == 2 and name in BLOCKS and name != "F32" and shape[1] % 32 == 0 and not dense:
         weight = GGMLTensor.from_numpy(name, shape, raw)
         return weight if order is None else weight.permute_rows(order)
@@ -383,7 +486,23 @@ def load_tensor(reader: GGUFFile, t: TensorInfo, arch: str, config: dict, dense:
         data = data[order]
     if arch.startswith("gemma") and t.name.endswith("norm.weight"):
         data = data - 1   # the converter stores Gemma's 1 + w (llama.cpp scales by the weight itself)
+    if arch in SSM_ARCHITECTURES:
+        data = mamba_hf_layout(t.name, data, arch)
     return torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
+
+
+def mamba_hf_layout(name: str, data: np.ndarray, arch: str) -> np.ndarray:
+    """Undo the converter's Mamba transforms: A back to A_log, conv weights to [C, 1, K], Mamba-2's [H, 1] vectors
+    and per-group norm flat."""
+    if name.endswith(".ssm_a"):
+        if not (data < 0).all():
+            raise ValueError(f"{name} holds values that are not negative: the converter stores A = -exp(A_log)")
+        data = np.log(-data.astype(np.float64))
+    if name.endswith("ssm_conv1d.weight"):
+        return data[:, None, :]
+    if arch == "mamba2" and name.endswith((".ssm_a", ".ssm_d", ".ssm_norm.weight")):
+        return data.reshape(-1)
+    return data
 
 
 def load_gguf(path: str, dense: bool = False) -> tuple[dict, dict, GGUFFile]:
