@@ -182,3 +182,15 @@ def test_what_ssm_layers_cannot_do_is_refused_by_name(tiny, tmp_path):
     data.write_text('{"prompt": "a b", "completion": " c"}\n' * 4)
     with pytest.raises(ValueError, match="ssm_layers"):
         finetune(path, str(data), str(tmp_path / "out"), method="lora", max_steps=1)
+
+
+def test_state_slots_and_a_hybrids_kv_blocks_share_kv_cache_memory(tiny):
+    _, path = tiny
+    gib = 0.004
+    ours = make_llm(path, kv_cache_memory=gib, speculative={"method": "ngram", "num_speculative_tokens": 3})
+    runner = ours.engine.runner
+    states, hybrid = runner.states, bool(runner.model_cfg.num_kv_layers)
+    assert states.nbytes <= gib * 2**30 * (0.5 if hybrid else 1.0)   # scratch for the draft rows included
+    assert len(states.free_scratch) == 3 * min(runner.cfg.speculative.max_batch_size, states.num_running)
+    assert states.nbytes + runner.kv_cache.nbytes <= gib * 2**30
+    assert runner.num_blocks > (1 if hybrid else 0)

@@ -72,18 +72,21 @@ class ModelRunner:
             self.lora = LoRAManager(self.model, model_cfg, cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras)
 
     def make_state_cache(self) -> StateCache:
-        """Slots for min(max_num_seqs, what half of the states' memory holds) running sequences, the other half for
-        prefix checkpoints, and scratch for speculative rollback. The states' memory is kv_cache_memory, or half of
-        it in a hybrid, whose KV blocks get what the states leave."""
+        """Slots in the states' memory (kv_cache_memory, or half of it in a hybrid, whose KV blocks get what the
+        states leave): half for running sequences (at most max_num_seqs) with scratch for the rollback of the
+        draft rows of those that speculate, the other half for prefix checkpoints (at most 256)."""
         cfg, shapes = self.cfg, state_shapes(self.model_cfg)
         per_slot = StateCache.slot_bytes(shapes, self.dtype, len(self.model_cfg.ssm_layers))
         memory = cfg.kv_cache_memory * (0.5 if self.model_cfg.num_kv_layers else 1.0)
-        half = max(1, int(memory * 2**30 / 2 // per_slot))
+        half = int(memory * 2**30 / 2 // per_slot)
         spec = cfg.speculative
-        scratch = spec.num_speculative_tokens * min(spec.max_batch_size, cfg.max_num_seqs) if spec else 0
+        k, drafting = (spec.num_speculative_tokens, spec.max_batch_size) if spec else (0, 0)
+        # at most `drafting` sequences speculate at once, each with k scratch slots
+        running = half - k * drafting if half - k * drafting > drafting else half // (1 + k)
+        running = max(1, min(cfg.max_num_seqs, running))
+        scratch = k * min(drafting, running)
         checkpoints = min(half, 256) if cfg.enable_prefix_caching else 0
-        return StateCache(self.model.mixers, shapes, self.dtype, min(cfg.max_num_seqs, half), checkpoints,
-                          scratch, cfg.block_size)
+        return StateCache(self.model.mixers, shapes, self.dtype, running, checkpoints, scratch, cfg.block_size)
 
     def cache_layers(self) -> int:
         """KV layers in the pool: the model's, and one for an EAGLE draft head (its KV shares the blocks)."""
