@@ -7,9 +7,14 @@ llama; Gemma norm weights stored as 1 + w; Phi-3's fused attn_qkv and gate+up ff
 rope scaling as a rope_freqs tensor and Phi-3 longrope as rope_factors_long/short. Mamba and Mamba-2 as
 conversion/mamba.py writes them: no attention keys but the ssm.* ones, A stored as -exp(A_log), conv1d weights
 squeezed to [channels, kernel], Mamba-2's A and D as [heads, 1], its gated norm as [groups, inner / groups] and
-its dt_bias as ssm_dt.bias. Tensor types as the converter picks them: vectors, norms, conv1d weights and tensors
-not named .weight (A, D, biases) F32; a matrix whose rows are not whole blocks of the asked type F16. The
-tokenizer is copied from another GGUF, so a tiny model's vocab_size must equal that tokenizer's.
+its dt_bias as ssm_dt.bias. Bamba as conversion/granite.py's GraniteHybridModel writes it (arch granitehybrid):
+Llama's keys (rope.dimension_count the checkpoint's attn_rotary_emb, else the whole head), Mamba-2's ssm.* keys from
+the mamba_* ones, attention.head_count_kv one per layer (0 marks an SSM layer), rope.scaling.finetuned true (rope on),
+Granite's multipliers only where the config has them; the SSM layers' tensors as Mamba-2's, the attention layers' q/k
+rows permuted over the whole head as for llama, though only half of it rotates. Tensor types as the converter picks
+them: vectors, norms, conv1d weights and tensors not named .weight (A, D, biases) F32; a matrix whose rows are not
+whole blocks of the asked type F16. The tokenizer is copied from another GGUF, so a tiny model's vocab_size must equal
+that tokenizer's.
 """
 import json
 import math
@@ -19,7 +24,8 @@ from itertools import cycle
 from pathlib import Path
 
 import numpy as np
-from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType, get_tensor_name_map
+from gguf import (MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType,
+                  get_tensor_name_map)
 from gguf.quants import QuantError, quantize
 
 from lanner.model.gguf import GEMMA3_SWA_PERIOD, GGUFFile, llama_cpp_query_pre_attn_scalar
@@ -27,8 +33,15 @@ from lanner.model.layers import longrope_attention_factor
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
               "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-              "Phi3ForCausalLM": "phi3", "MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2"}
+              "Phi3ForCausalLM": "phi3", "MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2",
+              "BambaForCausalLM": "granitehybrid"}
 SSM_ARCHS = ("mamba", "mamba2")
+PERMUTED_QK = ("llama", "granitehybrid")   # LlamaModel.permute: GraniteHybridModel sets undo_permute
+GRANITE_OPTIONAL_KEYS = {   # config key -> the GGUFWriter method the Granite hybrid's converter writes it with, if set
+    "attention_multiplier": "add_attention_scale", "embedding_multiplier": "add_embedding_scale",
+    "residual_multiplier": "add_residual_scale", "logits_scaling": "add_logit_scale",
+    "num_local_experts": "add_expert_count", "num_experts_per_tok": "add_expert_used_count",
+    "shared_intermediate_size": "add_expert_shared_feed_forward_length"}
 MAMBA_CONTEXT_LENGTH = 2 ** 20   # the converter's placeholder: a state-space model has no context limit
 
 
@@ -74,6 +87,8 @@ def rope_settings(config: dict) -> dict:
 def add_hparams(writer: GGUFWriter, arch: str, config: dict) -> None:
     if arch in SSM_ARCHS:
         return add_ssm_hparams(writer, arch, config)
+    if arch == "granitehybrid":
+        return add_granite_hybrid_hparams(writer, config)
     heads = config["num_attention_heads"]
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -110,6 +125,43 @@ def add_ssm_hparams(writer: GGUFWriter, arch: str, config: dict) -> None:
     else:
         writer.add_ssm_time_step_rank(inner // config.get("head_dim", 64))
         writer.add_ssm_group_count(config.get("n_groups", 1))
+
+
+def add_granite_hybrid_hparams(writer: GGUFWriter, config: dict) -> None:
+    """The converter's keys for Bamba: Llama's (no head_dim: Granite drops it; the rotary dims are the checkpoint's
+    attn_rotary_emb, else the whole head), the Granite multipliers and expert counts the config has, the mixers'
+    ssm.* keys, and one KV head count per layer, 0 for an SSM layer."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    attention = set(config.get("attn_layer_indices") or ())
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_rope_freq_base(rope_settings(config)["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    add_rope_scaling(writer, rope_settings(config))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(config.get("attn_rotary_emb") or hidden // heads)
+    for key, add in GRANITE_OPTIONAL_KEYS.items():
+        if config.get(key):
+            getattr(writer, add)(config[key])
+    add_granite_hybrid_mixer_hparams(writer, config)
+    writer.add_head_count_kv([config["num_key_value_heads"] if i in attention else 0
+                              for i in range(config["num_hidden_layers"])])
+    writer.add_rope_scaling_finetuned(True)   # the converter's switch for rope: on for Bamba
+
+
+def add_granite_hybrid_mixer_hparams(writer: GGUFWriter, config: dict) -> None:
+    """Mamba-2's ssm.* keys from Bamba's mamba_* ones: time_step_rank is the head count."""
+    inner = config["mamba_expand"] * config["hidden_size"]
+    if config.get("hidden_act", "silu") != "silu" or inner % (config.get("mamba_d_head") or 64):
+        raise ValueError("the converter takes silu and an SSM inner size that is a multiple of mamba_d_head only")
+    writer.add_ssm_conv_kernel(config["mamba_d_conv"])
+    writer.add_ssm_state_size(config["mamba_d_state"])
+    writer.add_ssm_group_count(config["mamba_n_groups"])
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_time_step_rank(config["mamba_n_heads"])
 
 
 def mamba_inner_size(config: dict) -> int:
@@ -208,11 +260,12 @@ def value_type(value) -> GGUFValueType:
 
 def gguf_tensors(arch: str, config: dict, weights: dict[str, np.ndarray]):
     """(GGUF name, data in the converter's layout) of every tensor, rope factor tensors included."""
-    names = get_tensor_name_map(MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
+    model_arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == arch)
+    names = get_tensor_name_map(model_arch, config["num_hidden_layers"])
     for name, data in weights.items():
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
-        if arch in SSM_ARCHS:
+        if arch in SSM_ARCHS or ".mamba." in name:
             name, data = mamba_layout(arch, config, name, data)
         else:
             data = transformer_layout(arch, config, name, data)
@@ -223,9 +276,9 @@ def gguf_tensors(arch: str, config: dict, weights: dict[str, np.ndarray]):
 
 def transformer_layout(arch: str, config: dict, name: str, data: np.ndarray) -> np.ndarray:
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    if arch == "llama" and ".q_proj." in name:
+    if arch in PERMUTED_QK and ".q_proj." in name:
         return permute(data, heads)
-    if arch == "llama" and ".k_proj." in name:
+    if arch in PERMUTED_QK and ".k_proj." in name:
         return permute(data, kv_heads)
     if arch.startswith("gemma") and name.endswith("norm.weight"):
         return data + 1   # Gemma's RMSNorm scales by 1 + w; llama.cpp's by w
@@ -233,15 +286,17 @@ def transformer_layout(arch: str, config: dict, name: str, data: np.ndarray) -> 
 
 
 def mamba_layout(arch: str, config: dict, name: str, data: np.ndarray) -> tuple[str, np.ndarray]:
-    """(the name the tensor map knows, the data as the converter stores it) of one Mamba / Mamba-2 tensor."""
+    """(the name the tensor map knows, the data as the converter stores it) of one Mamba / Mamba-2 tensor (Bamba's
+    mixers are Mamba-2's)."""
+    mamba2 = arch != "mamba"
     if name.endswith(".dt_bias"):
         name = name.removesuffix(".dt_bias") + ".dt_proj.bias"
     if name.endswith(".conv1d.weight"):
         data = data.squeeze(1)                          # [C, 1, K] -> [C, K]
-    elif arch == "mamba2" and name.endswith((".A_log", ".D")):
+    elif mamba2 and name.endswith((".A_log", ".D")):
         data = data.reshape(*data.shape, 1)             # [H] -> [H, 1]: Mamba-1's A layout, one state column
-    elif arch == "mamba2" and name.endswith(".mixer.norm.weight"):
-        groups = config.get("n_groups", 1)
+    elif mamba2 and name.endswith((".mixer.norm.weight", ".mamba.norm.weight")):
+        groups = config.get("n_groups") or config.get("mamba_n_groups", 1)
         data = data.reshape(groups, -1)
     if name.endswith(".A_log"):
         data = -np.exp(data)                            # llama.cpp reads A itself
@@ -255,7 +310,8 @@ def quantizable(gguf_name: str, data: np.ndarray) -> bool:
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's q/k row order for the llama architecture: each head's two halves interleaved."""
+    """llama.cpp's q/k row order for the llama architecture (and Bamba's, its rotary partial or not): each head's two
+    halves interleaved."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 

@@ -7,8 +7,8 @@ format ggml.c multiplies with stay as they are in the file (GGMLTensor); the res
 
 Files are read as llama.cpp's convert_hf_to_gguf.py writes them, and turned back into what the HF
 checkpoint holds: the config keys the installed transformers writes in config.json for that architecture,
-and the weights in HF's names and conventions (q/k rows un-permuted for the llama architecture only,
-Gemma norms minus the 1 the converter adds, Phi-3's fused qkv and gate+up kept fused).
+and the weights in HF's names and conventions (q/k rows un-permuted for the llama and granitehybrid architectures
+only, Gemma norms minus the 1 the converter adds, Phi-3's fused qkv and gate+up kept fused).
 
 Mamba and Mamba-2 (llama.cpp's conversion/mamba.py): the shape is in {arch}.ssm.* (conv_kernel, inner_size,
 state_size, time_step_rank: Mamba-2's head count; group_count) and the attention keys are zeros. The converter
@@ -18,6 +18,16 @@ have no .weight suffix (blk.N.ssm_a, blk.N.ssm_d), as llama.cpp names them. The 
 is a plain nn.Embedding); the mixers' projections and the LM head may stay in blocks. transformers derives the
 inner size as expand * hidden_size, so an inner size not a multiple of the hidden size is refused, as is Falcon
 Mamba's dt/B/C norm (ssm.dt_b_c_rms).
+
+Bamba (llama.cpp's conversion/granite.py writes it as the Granite hybrid, granitehybrid): Llama's keys and tensors in
+the attention layers, Mamba-2's ssm.* keys and tensors in the others (read as Mamba-2's, in Bamba's names: mamba.*);
+attention.head_count_kv has one count per layer, 0 marking an SSM layer (attn_layer_indices are the others). The
+converter permutes q/k rows over the whole head as for llama, though only the first rope.dimension_count of it (the
+checkpoint's attn_rotary_emb) rotates; we undo that. (llama.cpp then ropes adjacent rows there: HF's dims j and
+j + head_dim / 2, not HF's pairs, so its Bamba attends otherwise than HF's.) Matrices, the embedding too, may stay in
+blocks. BambaConfig fixes the rotary at half the head and has no Granite multipliers, experts or rope-less attention:
+other rotary dims (the converter writes the whole head for a checkpoint without attn_rotary_emb), embedding, residual,
+logit or attention scales that are not neutral, experts and rope.scaling.finetuned = false are refused.
 """
 import math
 import struct
@@ -34,7 +44,9 @@ ARCHITECTURES = {   # GGUF general.architecture -> (HF architecture, HF model_ty
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "phi3": ("Phi3ForCausalLM", "phi3"),
 }
 SSM_ARCHITECTURES = {"mamba": ("MambaForCausalLM", "mamba"), "mamba2": ("Mamba2ForCausalLM", "mamba2")}
+HYBRID_ARCHITECTURES = {"granitehybrid": ("BambaForCausalLM", "bamba")}   # llama.cpp converts Bamba as Granite's hybrid
 ARCHITECTURES.update(SSM_ARCHITECTURES)
+ARCHITECTURES.update(HYBRID_ARCHITECTURES)
 MISTRAL = ("MistralForCausalLM", "mistral")   # the converter writes Mistral as llama; its name tells them apart
 DEQUANTIZED_AT_LOAD = ("Q2_K", "Q3_K")   # formats read through the gguf package's dequantize
 LAYER_NAMES = {
@@ -45,9 +57,12 @@ LAYER_NAMES = {
 }
 GEMMA_LAYER_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                      "post_ffw_norm": "post_feedforward_layernorm"}
-ARCH_LAYER_NAMES = {"gemma2": GEMMA_LAYER_NAMES, "gemma3": GEMMA_LAYER_NAMES,
+BAMBA_LAYER_NAMES = {"ffn_gate": "feed_forward.gate_proj", "ffn_up": "feed_forward.up_proj",
+                     "ffn_down": "feed_forward.down_proj", "ffn_norm": "pre_ff_layernorm"}
+ARCH_LAYER_NAMES = {"gemma2": GEMMA_LAYER_NAMES, "gemma3": GEMMA_LAYER_NAMES, "granitehybrid": BAMBA_LAYER_NAMES,
                     "phi3": {"ffn_up": "mlp.gate_up_proj"}}   # Phi-3's ffn_up holds the gate rows, then up's
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+ARCH_TOP_NAMES = {"granitehybrid": {"output_norm": "model.final_layernorm"}}
 SSM_LAYER_NAMES = {   # GGUF name past blk.N. -> HF name past backbone.layers.N.
     "attn_norm.weight": "norm.weight", "ssm_in.weight": "mixer.in_proj.weight", "ssm_in.bias": "mixer.in_proj.bias",
     "ssm_conv1d.weight": "mixer.conv1d.weight", "ssm_conv1d.bias": "mixer.conv1d.bias",
@@ -56,10 +71,13 @@ SSM_LAYER_NAMES = {   # GGUF name past blk.N. -> HF name past backbone.layers.N.
     "ssm_out.weight": "mixer.out_proj.weight", "ssm_out.bias": "mixer.out_proj.bias",
 }
 MAMBA2_LAYER_NAMES = {**SSM_LAYER_NAMES, "ssm_dt.bias": "mixer.dt_bias", "ssm_norm.weight": "mixer.norm.weight"}
+BAMBA_MIXER_NAMES = {kind: name.replace("mixer.", "mamba.") for kind, name in MAMBA2_LAYER_NAMES.items()
+                     if name.startswith("mixer.")}   # blk.N.ssm_* -> model.layers.N.mamba.*
 SSM_TOP_NAMES = {"token_embd.weight": "backbone.embeddings.weight", "output_norm.weight": "backbone.norm_f.weight",
                  "output.weight": "lm_head.weight"}
 # the matrices Mamba's Linears multiply (GGML blocks kept); its embedding is a plain nn.Embedding, dense
 SSM_BLOCK_TENSORS = ("ssm_in.weight", "ssm_x.weight", "ssm_dt.weight", "ssm_out.weight", "output.weight")
+PERMUTED_QK = ("llama", "granitehybrid")   # the converters that permute q/k rows (LlamaModel's undo_permute)
 ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")   # config, not weights
 GEMMA3_SWA_PERIOD = 6   # llama.cpp's Gemma 3 default: every 6th layer full attention
 LLAMA3_ASSUMED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -168,10 +186,12 @@ def hf_name(gguf_name: str, arch: str) -> str:
     if arch in SSM_ARCHITECTURES:
         return ssm_hf_name(gguf_name, arch)
     parts = gguf_name.split(".")
+    if arch in HYBRID_ARCHITECTURES and parts[0] == "blk" and parts[2].startswith("ssm_"):
+        return mixer_hf_name(gguf_name, arch)
     if parts[0] == "blk":
         names, kind, prefix = {**LAYER_NAMES, **ARCH_LAYER_NAMES.get(arch, {})}, parts[2], f"model.layers.{parts[1]}."
     else:
-        names, kind, prefix = TOP_NAMES, parts[0], ""
+        names, kind, prefix = {**TOP_NAMES, **ARCH_TOP_NAMES.get(arch, {})}, parts[0], ""
     if kind not in names:
         raise ValueError(f"unsupported tensor {gguf_name!r} in a {arch} GGUF")
     return f"{prefix}{names[kind]}.{parts[-1]}"
@@ -186,6 +206,14 @@ def ssm_hf_name(gguf_name: str, arch: str) -> str:
     if gguf_name in SSM_TOP_NAMES:
         return SSM_TOP_NAMES[gguf_name]
     raise ValueError(f"unsupported tensor {gguf_name!r} in a {arch} GGUF")
+
+
+def mixer_hf_name(gguf_name: str, arch: str) -> str:
+    """A hybrid's SSM layer tensor: Mamba-2's GGUF names, HF Bamba's (mamba.* in place of mixer.*)."""
+    _, layer, kind = gguf_name.split(".", 2)
+    if kind not in BAMBA_MIXER_NAMES:
+        raise ValueError(f"unsupported tensor {gguf_name!r} in a {arch} GGUF")
+    return f"model.layers.{layer}.{BAMBA_MIXER_NAMES[kind]}"
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -208,6 +236,8 @@ def read_config(reader: GGUFFile) -> dict:
     meta = lambda key, default=None: field(reader, f"{arch}.{key}", default)
     if arch in SSM_ARCHITECTURES:
         return ssm_config(reader, meta, arch)
+    if arch in HYBRID_ARCHITECTURES:
+        return bamba_config(reader, meta, arch)
     refuse_what_we_cannot_represent(meta, arch)
     mistral = arch == "llama" and "mistral" in str(field(reader, "general.name", "")).lower()
     hf_arch, model_type = MISTRAL if mistral else ARCHITECTURES[arch]
@@ -235,9 +265,7 @@ def ssm_config(reader: GGUFFile, meta, arch: str) -> dict:
     converter's context_length is a placeholder)."""
     number = lambda key: required(meta, arch, key)
     hidden, inner = number("embedding_length"), number("ssm.inner_size")
-    if inner % hidden:
-        raise ValueError(f"{arch}.ssm.inner_size {inner} is not a multiple of {arch}.embedding_length {hidden}: "
-                         f"transformers derives the inner size as expand * hidden_size")
+    check_inner_size(arch, inner, hidden)
     if meta("ssm.dt_b_c_rms"):
         raise ValueError(f"{arch}.ssm.dt_b_c_rms (Falcon Mamba's RMS norm of dt, B and C) is not supported")
     hf_arch, model_type = SSM_ARCHITECTURES[arch]
@@ -255,8 +283,15 @@ def ssm_config(reader: GGUFFile, meta, arch: str) -> dict:
     }
     rank = number("ssm.time_step_rank")
     config.update(mamba_keys(inner, rank) if arch == "mamba" else mamba2_keys(meta, config, inner, rank, arch))
-    check_in_proj(reader, config, inner, arch)
+    rows = 2 * inner if arch == "mamba" else mamba2_in_proj_rows(inner, config)
+    check_in_proj(reader, rows, hidden, arch)
     return config
+
+
+def check_inner_size(arch: str, inner: int, hidden: int) -> None:
+    if inner % hidden:
+        raise ValueError(f"{arch}.ssm.inner_size {inner} is not a multiple of {arch}.embedding_length {hidden}: "
+                         f"transformers derives the inner size as expand * hidden_size")
 
 
 def required(meta, arch: str, key: str) -> int:
@@ -280,18 +315,115 @@ def mamba2_keys(meta, config: dict, inner: int, heads: int, arch: str) -> dict:
             "time_step_rank": math.ceil(config["hidden_size"] / 16)}
 
 
-def check_in_proj(reader: GGUFFile, config: dict, inner: int, arch: str) -> None:
-    """The metadata and the tensors agree (in_proj's rows: x and z, or z, x, B, C and dt)."""
-    rows = 2 * inner
-    if arch == "mamba2":
-        rows += 2 * config["n_groups"] * config["state_size"] + config["num_heads"]
-    in_proj = next((t for t in reader.tensors if t.name == "blk.0.ssm_in.weight"), None)
+def mamba2_in_proj_rows(inner: int, mixer: dict) -> int:
+    """Mamba-2's in_proj rows: z, x, B, C and dt."""
+    return 2 * inner + 2 * mixer["n_groups"] * mixer["state_size"] + mixer["num_heads"]
+
+
+def check_in_proj(reader: GGUFFile, rows: int, hidden: int, arch: str) -> None:
+    """The metadata and the tensors agree (in_proj's rows: x and z, or z, x, B, C and dt), in the first SSM layer."""
+    in_proj = next((t for t in reader.tensors if t.name.endswith(".ssm_in.weight")), None)
     if in_proj is None:
-        raise ValueError(f"the {arch} GGUF has no blk.0.ssm_in.weight")
+        raise ValueError(f"the {arch} GGUF has no blk.N.ssm_in.weight")
     shape = tuple(int(d) for d in reversed(in_proj.shape))
-    if shape != (rows, config["hidden_size"]):
-        raise ValueError(f"blk.0.ssm_in.weight has shape {shape}; the {arch}.ssm.* metadata says "
-                         f"({rows}, {config['hidden_size']})")
+    if shape != (rows, hidden):
+        raise ValueError(f"{in_proj.name} has shape {shape}; the {arch}.ssm.* metadata says ({rows}, {hidden})")
+
+
+def bamba_config(reader: GGUFFile, meta, arch: str) -> dict:
+    """BambaConfig's keys from llama.cpp's Granite hybrid: the attention layers are those with KV heads, the Mamba-2
+    mixers' shape is in {arch}.ssm.* as for mamba2. What BambaConfig cannot express is refused: Granite's
+    multipliers, experts, attention without rope, a rotary fraction other than the 0.5 it fixes."""
+    refuse_what_we_cannot_represent(meta, arch)
+    number = lambda key: required(meta, arch, key)
+    hidden, heads, layers = number("embedding_length"), number("attention.head_count"), number("block_count")
+    head_dim = bamba_head_dim(meta, arch, hidden, heads)
+    refuse_granite_scales(meta, arch, head_dim)
+    kv_heads = layer_kv_heads(meta, arch, layers)
+    attention = [i for i, n in enumerate(kv_heads) if n]
+    hf_arch, model_type = HYBRID_ARCHITECTURES[arch]
+    names = {t.name for t in reader.tensors}
+    config = {
+        "architectures": [hf_arch], "model_type": model_type, "vocab_size": vocab_size(reader),
+        "hidden_size": hidden, "intermediate_size": number("feed_forward_length"), "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads[attention[0]] if attention else heads,
+        "attn_layer_indices": attention or None, "max_position_embeddings": int(meta("context_length", 262144)),
+        "rms_norm_eps": f32(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_parameters": bamba_rope_parameters(reader, meta, arch, head_dim), "hidden_act": "silu",
+        "attention_bias": any(name.endswith(".attn_q.bias") for name in names),
+        "mlp_bias": "blk.0.ffn_up.bias" in names, "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    return {**config, **bamba_mixer_keys(reader, meta, config, arch)}
+
+
+def bamba_head_dim(meta, arch: str, hidden: int, heads: int) -> int:
+    """Bamba's head size is hidden_size / heads (the Granite converter writes no key_length)."""
+    head_dim = hidden // heads
+    if int(meta("attention.key_length", head_dim)) != head_dim:
+        raise ValueError(f"{arch}.attention.key_length {meta('attention.key_length')} is not embedding_length / "
+                         f"head_count ({head_dim}): BambaForCausalLM has no other head size")
+    return head_dim
+
+
+def refuse_granite_scales(meta, arch: str, head_dim: int) -> None:
+    """Granite's multipliers: absent in a Bamba conversion, and neutral ones (1, or 0 which llama.cpp skips) are
+    fine; BambaForCausalLM has no place for others, nor for a shared expert."""
+    for key in ("embedding_scale", "residual_scale", "logit_scale"):
+        if meta(key) not in (None, 0.0, 1.0):
+            raise ValueError(f"{arch}.{key} = {f32(meta(key))}: Granite's multipliers are not supported "
+                             f"(BambaForCausalLM has none)")
+    scale = meta("attention.scale")
+    if scale and not math.isclose(scale, head_dim ** -0.5, rel_tol=1e-6):
+        raise ValueError(f"{arch}.attention.scale = {f32(scale)}: BambaForCausalLM scales attention by "
+                         f"1 / sqrt(head_dim) = {head_dim ** -0.5:.6g}, no other")
+    if meta("expert_shared_feed_forward_length"):
+        raise ValueError(f"a shared expert ({arch}.expert_shared_feed_forward_length) is not supported")
+
+
+def layer_kv_heads(meta, arch: str, layers: int) -> list[int]:
+    """The KV head count of every layer (0: an SSM layer); one count for all attention layers, as BambaConfig has."""
+    kv = meta("attention.head_count_kv")
+    kv = [int(n) for n in kv] if isinstance(kv, list) else [required(meta, arch, "attention.head_count_kv")] * layers
+    if len(kv) != layers or len({n for n in kv if n}) > 1:
+        raise ValueError(f"{arch}.attention.head_count_kv {kv}: want one count per layer ({layers}), 0 for an SSM "
+                         f"layer and the same for every attention layer")
+    return kv
+
+
+def bamba_rope_parameters(reader: GGUFFile, meta, arch: str, head_dim: int) -> dict:
+    """BambaConfig fixes partial_rotary_factor at 0.5: the file's rotary dims must be half the head. (The converter
+    writes the checkpoint's attn_rotary_emb, or the whole head when it has none.)"""
+    if meta("rope.scaling.finetuned", True) is False:
+        raise ValueError(f"{arch}.rope.scaling.finetuned is false: attention without rope (Granite 4's hybrids) "
+                         f"is not supported")
+    rotary = int(meta("rope.dimension_count", head_dim))
+    if 2 * rotary != head_dim:
+        raise ValueError(f"{arch}.rope.dimension_count {rotary} is not half of head_dim {head_dim}: "
+                         f"BambaForCausalLM rotates half of each head (partial_rotary_factor 0.5), no other part")
+    if meta("rope.scaling.type", "none") != "none" or any(t.name in ROPE_TENSORS for t in reader.tensors):
+        raise ValueError(f"rope scaling in a {arch} GGUF is not supported")
+    return {"rope_theta": f32(meta("rope.freq_base", 10000.0)), "rope_type": "default", "partial_rotary_factor": 0.5}
+
+
+def bamba_mixer_keys(reader: GGUFFile, meta, config: dict, arch: str) -> dict:
+    """BambaConfig's mamba_* keys: Mamba-2's from the same ssm.* metadata, checked against the first SSM layer."""
+    number = lambda key: required(meta, arch, key)
+    hidden, inner = config["hidden_size"], number("ssm.inner_size")
+    check_inner_size(arch, inner, hidden)
+    mixer = {**mamba2_keys(meta, config, inner, number("ssm.time_step_rank"), arch),
+             "state_size": number("ssm.state_size")}
+    ssm_layers = [i for i in range(config["num_hidden_layers"]) if i not in (config["attn_layer_indices"] or ())]
+    names = {t.name for t in reader.tensors}
+    if ssm_layers:
+        check_in_proj(reader, mamba2_in_proj_rows(inner, mixer), hidden, arch)
+    first = f"blk.{ssm_layers[0] if ssm_layers else 0}"
+    return {"mamba_n_heads": mixer["num_heads"], "mamba_d_head": mixer["head_dim"], "mamba_n_groups": mixer["n_groups"],
+            "mamba_d_state": mixer["state_size"], "mamba_d_conv": number("ssm.conv_kernel"),
+            "mamba_expand": inner // hidden, "mamba_conv_bias": f"{first}.ssm_conv1d.bias" in names,
+            "mamba_proj_bias": f"{first}.ssm_in.bias" in names}
 
 
 def vocab_size(reader: GGUFFile) -> int:
@@ -461,10 +593,11 @@ ARCH_KEYS = {"llama": llama_keys, "mistral": mistral_keys, "qwen2": qwen2_keys, 
 
 
 def row_order(t: TensorInfo, arch: str, config: dict) -> np.ndarray | None:
-    """The HF row order of a llama-architecture attn_q / attn_k tensor (None for every other tensor)."""
+    """The HF row order of an attn_q / attn_k tensor the converter permuted (None for every other tensor). The Granite
+    hybrid's converter permutes the whole head even where only part of it rotates, as for llama."""
     kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
     heads = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}.get(kind)
-    return None if heads is None or arch != "llama" else unpermute(np.arange(t.shape[-1]), config[heads])
+    return None if heads is None or arch not in PERMUTED_QK else unpermute(np.arange(t.shape[-1]), config[heads])
 
 
 def load_tensor(reader: GGUFFile, t: TensorInfo, arch: str, config: dict, dense: bool):
@@ -475,7 +608,9 @@ def load_tensor(reader: GGUFFile, t: TensorInfo, arch: str, config: dict, dense:
                          f"supported: {sorted(set(BLOCKS) | set(DEQUANTIZED_AT_LOAD))}")
     raw, order = reader.raw(t), row_order(t, arch, config)
     shape = tuple(int(d) for d in reversed(t.shape))      # GGUF lists the fastest dim first
-    dense = dense or (arch in SSM_ARCHITECTURES and not t.name.endswith(SSM_BLOCK_TENSORS))
+    mamba = arch in SSM_ARCHITECTURES or ".ssm_" in t.name
+    # Mamba's embedding is a plain nn.Embedding; a mixer's conv, A, D and norm are no matrices ggml.c multiplies
+    dense = dense or (mamba and not t.name.endswith(SSM_BLOCK_TENSORS))
     if len(shape) == 2 and name in BLOCKS and name != "F32" and shape[1] % 32 == 0 and not dense:
         weight = GGMLTensor.from_numpy(name, shape, raw)
         return weight if order is None else weight.permute_rows(order)
@@ -486,21 +621,21 @@ def load_tensor(reader: GGUFFile, t: TensorInfo, arch: str, config: dict, dense:
         data = data[order]
     if arch.startswith("gemma") and t.name.endswith("norm.weight"):
         data = data - 1   # the converter stores Gemma's 1 + w (llama.cpp scales by the weight itself)
-    if arch in SSM_ARCHITECTURES:
+    if mamba:
         data = mamba_hf_layout(t.name, data, arch)
     return torch.from_numpy(np.array(data, dtype=np.float32, order="C"))
 
 
 def mamba_hf_layout(name: str, data: np.ndarray, arch: str) -> np.ndarray:
     """Undo the converter's Mamba transforms: A back to A_log, conv weights to [C, 1, K], Mamba-2's [H, 1] vectors
-    and per-group norm flat."""
+    and per-group norm flat (a hybrid's mixers are Mamba-2's)."""
     if name.endswith(".ssm_a"):
         if not (data < 0).all():
             raise ValueError(f"{name} holds values that are not negative: the converter stores A = -exp(A_log)")
         data = np.log(-data.astype(np.float64))
     if name.endswith("ssm_conv1d.weight"):
         return data[:, None, :]
-    if arch == "mamba2" and name.endswith((".ssm_a", ".ssm_d", ".ssm_norm.weight")):
+    if arch != "mamba" and name.endswith((".ssm_a", ".ssm_d", ".ssm_norm.weight")):
         return data.reshape(-1)
     return data
 
