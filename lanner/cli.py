@@ -13,7 +13,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto = bfloat16 where the CPU has native bf16 matmul (AVX512-BF16/AMX), else float32")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory, help="GiB for the paged KV cache")
+    p.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory, help="GiB for the paged KV cache (and SSM state slots: all of it in a Mamba, half in a hybrid)")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)

@@ -1,5 +1,5 @@
 """Engine and model configuration dataclasses."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ModelConfig:
         if act not in cls.ACTIVATIONS:
             raise ValueError(f"unsupported hidden activation {act!r}; supported: {list(cls.ACTIVATIONS)}")
         eos = hf.get("eos_token_id")
-        return cls(
+        return replace(cls(
             architecture=arch, hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"], num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim, vocab_size=hf["vocab_size"],
@@ -84,8 +84,7 @@ class ModelConfig:
             attention_scale=hf["query_pre_attn_scalar"] ** -0.5 if gemma else None,
             attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
             layer_windows=layer_windows(hf, arch),
-            local_rope_theta=local_rope_theta(full, local), **bamba_mixers(hf, arch))
-
+            local_rope_theta=local_rope_theta(full, local)), **bamba_mixers(hf, arch))
 
     @classmethod
     def for_ssm(cls, hf: dict, arch: str) -> "ModelConfig":
@@ -101,8 +100,8 @@ class ModelConfig:
 
 
 def bamba_mixers(hf: dict, arch: str) -> dict:
-    """A Bamba's SSM layers (those not in attn_layer_indices) and their Mamba-2 mixers' config under
-    Mamba2Config's names; {} for other architectures."""
+    """A Bamba's SSM layers (those not in attn_layer_indices), their Mamba-2 mixers' config under Mamba2Config's
+    names, and its rotary width; {} for other architectures."""
     if arch != "BambaForCausalLM":
         return {}
     hidden, expand, heads = hf["hidden_size"], hf.get("mamba_expand", 2), hf.get("mamba_n_heads", 128)
@@ -115,7 +114,12 @@ def bamba_mixers(hf: dict, arch: str) -> dict:
              "hidden_act": hf.get("hidden_act", "silu"),
              "time_step_limit": hf.get("time_step_limit") or (0.0, float("inf"))}
     attention = set(hf.get("attn_layer_indices") or ())
-    return {"ssm": mixer, "ssm_layers": tuple(i for i in range(hf["num_hidden_layers"]) if i not in attention)}
+    ssm_layers = tuple(i for i in range(hf["num_hidden_layers"]) if i not in attention)
+    # as BambaConfig: half of each head rotates unless rope_parameters says otherwise (older configs' top-level
+    # keys and attn_rotary_emb are not read)
+    rotary = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 0.5)
+    return {"ssm": mixer if ssm_layers else None, "ssm_layers": ssm_layers,
+            "rotary_dim": int(rotary * (hf.get("head_dim") or hidden // hf["num_attention_heads"]))}
 
 
 def rope_parameters(hf: dict, layer_type: str) -> dict:

@@ -5,7 +5,7 @@ mixed batches, preemption, prefix-cache hits resumed from state checkpoints, n-g
 state) and n > 1 (a forked state)."""
 import pytest
 import torch
-from conftest import PROMPTS, assert_all_blocks_free, hf_greedy, make_llm, save_tiny_model
+from conftest import PROMPTS, assert_all_blocks_free, hf_greedy, hf_logits, make_llm, save_tiny_model
 
 from lanner import SamplingParams
 from lanner.attention import AttentionMetadata
@@ -191,6 +191,60 @@ def test_state_slots_and_a_hybrids_kv_blocks_share_kv_cache_memory(tiny):
     runner = ours.engine.runner
     states, hybrid = runner.states, bool(runner.model_cfg.num_kv_layers)
     assert states.nbytes <= gib * 2**30 * (0.5 if hybrid else 1.0)   # scratch for the draft rows included
-    assert len(states.free_scratch) == 3 * min(runner.cfg.speculative.max_batch_size, states.num_running)
     assert states.nbytes + runner.kv_cache.nbytes <= gib * 2**30
-    assert runner.num_blocks > (1 if hybrid else 0)
+    assert runner.num_blocks > (1 if hybrid else 0) and ours.engine.max_drafting >= 1
+    with pytest.raises(ValueError, match="holds no state slot"):
+        make_llm(path, kv_cache_memory=1e-6)
+
+
+def edited_copy(path, tmp_path, **changes):
+    """The tiny model's directory with config.json keys changed (None: removed)."""
+    import json
+    import shutil
+    copy = tmp_path / "edited"
+    shutil.copytree(path, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return str(copy)
+
+
+def bamba(path, llm, **changes):
+    """A tiny random Bamba (MODELS' shapes with changes) saved by transformers: (HF model, directory)."""
+    _, config_class, shape = MODELS["bamba"]
+    return save_tiny_model(path, "BambaForCausalLM", config_class, llm.tokenizer, weight_std=0.3,
+                           **{**shape, **changes}), str(path)
+
+
+def test_a_bamba_config_in_the_older_style_rotates_half_of_each_head_as_hf(llm, tmp_path):
+    import transformers
+    _, path = bamba(tmp_path / "bamba", llm)
+    older = edited_copy(path, tmp_path, rope_parameters=None, rope_theta=10000.0, attn_rotary_emb=8)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(older).float().eval()
+    ids = llm.tokenizer.encode(LONG)
+    torch.testing.assert_close(ssm_logits(make_llm(older), ids, 7), hf_logits(reference, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attention", [[0, 1, 2], None])
+def test_a_bamba_with_every_or_no_layer_attending_runs_as_hf(llm, tmp_path, attention):
+    """(HF's cache cannot hold the all-SSM one: it wants an attention layer; the logits are compared uncached.)"""
+    hf, path = bamba(tmp_path, llm, attn_layer_indices=attention)
+    ids = llm.tokenizer.encode(LONG)
+    ours = make_llm(path, max_num_batched_tokens=5)
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids]), use_cache=False).logits[0]
+    torch.testing.assert_close(ssm_logits(ours, ids, 5), expected, atol=1e-4, rtol=0)
+    assert len(ours.generate([ids], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 16
+    assert_all_blocks_free(ours)
+
+
+def test_a_fork_without_a_free_kv_block_recomputes(tiny, llm):
+    _, path = tiny
+    ids = llm.tokenizer.encode(LONG)[:9]
+    tight = make_llm(path, block_size=4, num_kv_blocks=3)   # the parent's prompt fills the pool
+    params = SamplingParams(n=2, temperature=0, max_tokens=3, ignore_eos=True)
+    out = tight.generate([ids], params, use_tqdm=False)[0]
+    alone = make_llm(path).generate([ids], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                                    use_tqdm=False)[0].outputs[0].token_ids
+    assert [c.token_ids for c in out.outputs] == [alone, alone]
+    assert_all_blocks_free(tight)

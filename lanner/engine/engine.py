@@ -104,6 +104,11 @@ class LLMEngine:
         self.spec = cfg.speculative
         self.step_costs = StepCosts()
         self.proposer = self.make_proposer()
+        # sequences that may speculate at once: SSM layers keep a scratch state slot per draft row
+        states = self.runner.states
+        self.max_drafting = self.spec.max_batch_size if self.spec else 0
+        if self.spec and states is not None:
+            self.max_drafting = min(self.max_drafting, len(states.free_scratch) // self.spec.num_speculative_tokens)
         self.num_drafted_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
 
     # ---- requests -------------------------------------------------------------------------------
@@ -344,7 +349,7 @@ class LLMEngine:
 
     def propose_drafts(self) -> None:
         """Give each decoding sequence up to k draft tokens; none when the batch is already large."""
-        if self.proposer is None or len(self.scheduler.running) > self.spec.max_batch_size:
+        if self.proposer is None or len(self.scheduler.running) > self.max_drafting:
             return
         ready = [s for s in self.scheduler.running if s.num_computed_tokens == s.num_verified_tokens - 1]
         cheap = (self.proposer.drafts_are_free
@@ -394,20 +399,23 @@ class LLMEngine:
         return torch.cat([logits, logits[extra_rows]]), seqs + extra_seqs
 
     def fork_state(self, parent: Sequence, child: Sequence) -> None:
+        """A child of a model with SSM layers continues from a copy of the parent's state (and, in a hybrid, of
+        its partial KV block); without a free state slot or KV block for it, it waits and recomputes."""
         states = self.runner.states
-        if states.acquire(child):
+        self.blocks.share(parent, child)
+        shared = len(child.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        if self.blocks.blocks_needed(child, 0) <= self.blocks.num_free_blocks and states.acquire(child):
             states.copy(parent.state_slot, child.state_slot)
-            self.blocks.share(parent, child)
-            shared = len(child.block_table)
-            child.num_computed_tokens = parent.num_computed_tokens
             self.blocks.allocate(child, 0)   # the partial block after the shared full ones
             if self.model_config.num_kv_layers:   # a hybrid's attention layers read that block's KV too
                 self.runner.copy_blocks(list(zip(parent.block_table[shared:], child.block_table[shared:])))
             self.scheduler.running.append(child)
-        else:
-            child.num_computed_tokens, child.block_table, child.block_hashes = 0, [], []
-            child.status = Status.WAITING
-            self.scheduler.waiting.appendleft(child)
+            return
+        self.blocks.release(child)
+        child.num_computed_tokens = 0
+        child.status = Status.WAITING
+        self.scheduler.waiting.appendleft(child)
 
     def append_token(self, seq: Sequence, token: int, now: float) -> None:
         seq.token_ids.append(token)

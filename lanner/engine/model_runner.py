@@ -44,8 +44,8 @@ class ModelRunner:
             refuse_for_ssm_layers(cfg, model_cfg.architecture)
         self.dtype = resolve_dtype(cfg.dtype)
         self.backend = get_backend(cfg.attention_backend, cfg.device)
-        self.model = (LlamaForCausalLM(model_cfg, self.backend, max_model_len) if model_cfg.num_kv_layers else
-                      MambaForCausalLM(model_cfg))
+        self.model = (MambaForCausalLM(model_cfg) if model_cfg.architecture in ModelConfig.SSM_ARCHITECTURES else
+                      LlamaForCausalLM(model_cfg, self.backend, max_model_len))
         self.model.load_hf_weights(weights)
         # weights kept in GGML blocks leave meta placeholders, which only change dtype (GGUF loads dense off CPU)
         if cfg.device == "cpu":
@@ -73,20 +73,22 @@ class ModelRunner:
 
     def make_state_cache(self) -> StateCache:
         """Slots in the states' memory (kv_cache_memory, or half of it in a hybrid, whose KV blocks get what the
-        states leave): half for running sequences (at most max_num_seqs) with scratch for the rollback of the
-        draft rows of those that speculate, the other half for prefix checkpoints (at most 256)."""
-        cfg, shapes = self.cfg, state_shapes(self.model_cfg)
-        per_slot = StateCache.slot_bytes(shapes, self.dtype, len(self.model_cfg.ssm_layers))
-        memory = cfg.kv_cache_memory * (0.5 if self.model_cfg.num_kv_layers else 1.0)
+        states leave): half for running sequences (at most max_num_seqs) and the scratch of speculating ones (k
+        slots each, for the rollback of their draft rows; at most a quarter of the memory), the other half for
+        prefix checkpoints (at most 256)."""
+        cfg, shapes, m = self.cfg, state_shapes(self.model_cfg), self.model_cfg
+        per_slot = StateCache.slot_bytes(shapes, self.dtype, len(m.ssm_layers))
+        memory = cfg.kv_cache_memory * (0.5 if m.num_kv_layers else 1.0)
         half = int(memory * 2**30 / 2 // per_slot)
-        spec = cfg.speculative
-        k, drafting = (spec.num_speculative_tokens, spec.max_batch_size) if spec else (0, 0)
-        # at most `drafting` sequences speculate at once, each with k scratch slots
-        running = half - k * drafting if half - k * drafting > drafting else half // (1 + k)
-        running = max(1, min(cfg.max_num_seqs, running))
-        scratch = k * min(drafting, running)
+        if half < 1:
+            raise ValueError(f"kv_cache_memory {cfg.kv_cache_memory} GiB holds no state slot of a {m.architecture} "
+                             f"({per_slot / 2**20:.1f} MiB in {self.dtype}): raise --kv-cache-memory to at least "
+                             f"{2 * per_slot / 2**30 / (memory / cfg.kv_cache_memory):.3g} GiB")
+        k = cfg.speculative.num_speculative_tokens if cfg.speculative else 0
+        drafting = min(cfg.speculative.max_batch_size, half // (2 * k)) if k else 0
+        running = min(cfg.max_num_seqs, half - k * drafting)
         checkpoints = min(half, 256) if cfg.enable_prefix_caching else 0
-        return StateCache(self.model.mixers, shapes, self.dtype, running, checkpoints, scratch, cfg.block_size)
+        return StateCache(self.model.mixers, shapes, self.dtype, running, checkpoints, k * drafting, cfg.block_size)
 
     def cache_layers(self) -> int:
         """KV layers in the pool: the model's, and one for an EAGLE draft head (its KV shares the blocks)."""

@@ -175,7 +175,9 @@ class LlamaForCausalLM(nn.Module):
         """Put HF-named weights (tensors or GGMLTensors) in, fusing q/k/v and gate/up; refuse missing or
         misshapen tensors."""
         params, modules = dict(self.named_parameters()), dict(self.named_modules())
-        weights = {re.sub(HF_RENAMES_PATTERN, lambda m: HF_RENAMES[m.group(0)], k): v for k, v in weights.items()}
+        if self.config.architecture == "BambaForCausalLM":
+            weights = {re.sub(BAMBA_RENAMES_PATTERN, lambda m: BAMBA_RENAMES[m.group(0)], k): v
+                       for k, v in weights.items()}
         for name, tensor in fuse_hf_weights(weights, self.config.num_layers).items():
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -200,9 +202,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-HF_RENAMES = {".feed_forward.": ".mlp.", ".pre_ff_layernorm.": ".post_attention_layernorm.",   # Bamba's names
-              "model.final_layernorm.": "model.norm."}
-HF_RENAMES_PATTERN = "|".join(re.escape(k) for k in HF_RENAMES)
+BAMBA_RENAMES = {".feed_forward.": ".mlp.", ".pre_ff_layernorm.": ".post_attention_layernorm.",
+                 "model.final_layernorm.": "model.norm."}
+BAMBA_RENAMES_PATTERN = "|".join(re.escape(k) for k in BAMBA_RENAMES)
 
 
 def place(module: nn.Module, attr: str, tensor) -> None:

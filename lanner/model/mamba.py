@@ -14,10 +14,9 @@ def state_shapes(cfg: ModelConfig) -> tuple[tuple, tuple]:
     """Per slot and layer: the conv state's shape (channels, kernel - 1) and the SSM state's."""
     hf = cfg.ssm
     kernel, n = hf.get("conv_kernel", 4), hf.get("state_size", 16)
+    inner = int(hf.get("expand", 2) * hf["hidden_size"])   # as the mixers and HF derive it
     if cfg.architecture == "MambaForCausalLM":
-        inner = int(hf.get("expand", 2) * hf["hidden_size"])   # as the mixer and HF derive it
         return (inner, kernel - 1), (inner, n)
-    inner = int(hf.get("expand", 2) * hf["hidden_size"])
     return (inner + 2 * hf.get("n_groups", 1) * n, kernel - 1), (hf["num_heads"], hf["head_dim"], n)
 
 
