@@ -146,6 +146,17 @@ INLINE v16 sum_each(const v8 *a) {
     return CONCAT(d[0], d[1]);
 }
 
+/* The widest vector the target holds in one register, for loops whose vectors must stay in registers. */
+#if defined(__AVX512F__)
+#define NATIVE 16
+typedef v16 vn;
+INLINE vn load_native(const void *cache, int64_t at, const int bf16) { return load16(cache, at, bf16); }
+#else
+#define NATIVE 8
+typedef v8 vn;
+INLINE vn load_native(const void *cache, int64_t at, const int bf16) { return load8(cache, at, bf16); }
+#endif
+
 /* Largest and total of the 16 lanes, by halving: a chain of 4 steps rather than 15. */
 INLINE float max16(v16 x) {
     v16 y = SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -195,15 +206,11 @@ INLINE void prefetch_some(const Problem *p, Ahead *a, int lines, const int bf16)
  * ~15 % faster, where a bf16 cache (half the bytes: its chunk fits L1) came out 5-10 % slower. */
 INLINE void touch_rows(const Problem *p, const int64_t *offs, int n) {
     const int floats = p->num_kv_heads * p->head_dim;   /* whole 64-byte vectors: head_dim % 16 == 0 */
-    v16 any = {0};
+    float any = 0;   /* one float of each 64-byte line brings the line in (a 16-lane sum spilled on AVX2) */
     for (int c = 0; c < n; c++)
-        for (int f = 0; f < floats; f += 16) {
-            v16 k, v;
-            memcpy(&k, (const float *)p->k_cache + offs[c] + f, sizeof k);
-            memcpy(&v, (const float *)p->v_cache + offs[c] + f, sizeof v);
-            any += k + v;
-        }
-    volatile float keep = any[0];   /* so the loads are not optimized away */
+        for (int f = 0; f < floats; f += 16)
+            any += ((const float *)p->k_cache)[offs[c] + f] + ((const float *)p->v_cache)[offs[c] + f];
+    volatile float keep = any;   /* so the loads are not optimized away */
     (void)keep;
 }
 
@@ -269,23 +276,23 @@ INLINE float softmax_step(v16 *s, int start, int limit, const uint8_t *tree, int
     return alpha;
 }
 
-/* acc[i] = acc[i] * alpha[i] + sum_c w[i][c] v[c] for `rows` accumulators, V rows at offs + head: each V
- * row is loaded (and widened) once for all of them, the accumulators stay in registers. */
+/* acc[i] = acc[i] * alpha[i] + sum_c w[i][c] v[c] for `rows` accumulators, V rows at offs + head: each
+ * register's worth of a V row is loaded (and widened) once for all of them, that much of every accumulator
+ * at a time so that they stay in registers (16-lane vectors on AVX2 went through the stack: 4x slower). */
 INLINE void accumulate(const Problem *p, const int64_t *offs, int head, float *const *acc, const float *alpha,
                        float (*w)[CHUNK], const int rows, const int D, const int bf16) {
-    v16 a[ROWS][16];
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < D / 16; j++) {
-            memcpy(&a[i][j], acc[i] + 16 * j, sizeof(v16));
-            a[i][j] *= alpha[i];
+    for (int j = 0; j < D; j += NATIVE) {
+        vn a[ROWS];
+        for (int i = 0; i < rows; i++) {
+            memcpy(&a[i], acc[i] + j, sizeof(vn));
+            a[i] *= alpha[i];
         }
-    for (int c = 0; c < CHUNK; c++)
-        for (int j = 0; j < D / 16; j++) {
-            v16 v = load16(p->v_cache, offs[c] + head + 16 * j, bf16);
-            for (int i = 0; i < rows; i++) a[i][j] += w[i][c] * v;
+        for (int c = 0; c < CHUNK; c++) {
+            vn v = load_native(p->v_cache, offs[c] + head + j, bf16);
+            for (int i = 0; i < rows; i++) a[i] += w[i][c] * v;
         }
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < D / 16; j++) memcpy(acc[i] + 16 * j, &a[i][j], sizeof(v16));
+        for (int i = 0; i < rows; i++) memcpy(acc[i] + j, &a[i], sizeof(vn));
+    }
 }
 
 #if HAVE_DPBF16

@@ -1,4 +1,6 @@
 """Owns the model and its paged KV cache; turns a schedule into one packed forward pass."""
+import os
+
 import torch
 
 from lanner.attention import AttentionMetadata, get_backend
@@ -17,12 +19,13 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16: bf16 matmuls run natively instead of being emulated."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
+    """AVX512-BF16 or AMX-BF16: bf16 matmuls run natively instead of being emulated. A level forced by LANNER_ISA
+    (avx512, avx2, ...) answers as a machine of that level would: none of them has bf16."""
+    from lanner import native
+    if os.environ.get("LANNER_ISA"):
         return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+    flags = native.cpu_flags()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def refuse_for_ssm_layers(cfg: EngineConfig, architecture: str) -> None:
