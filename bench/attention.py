@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lanner.attention import get_backend  # noqa: E402
 from lanner.attention.metadata import AttentionMetadata  # noqa: E402
-from lanner.engine.memory import zeros_on_huge_pages  # noqa: E402
+from lanner.engine.memory import zeroed_kv_memory  # noqa: E402
 
 MODEL_SHAPE = (9, 3, 64)  # SmolLM2-135M: query heads, kv heads, head dim (one layer)
 CPU_CASES = [(1, 2048, 1), (8, 2048, 1), (32, 2048, 1), (32, 512, 1), (4, 16384, 1), (32, 2048, 5),
@@ -74,8 +74,8 @@ def make_case(batch, context, q_len, shape, dtype, device, block_size=16):
     blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-    caches = zeros_on_huge_pages(shape, dtype) if device == "cpu" else torch.empty(shape, dtype=dtype, device=device)
-    k_cache, v_cache = caches.normal_()   # on CPU the engine's KV memory: huge pages where granted
+    caches = zeroed_kv_memory(shape, dtype) if device == "cpu" else torch.empty(shape, dtype=dtype, device=device)
+    k_cache, v_cache = caches.normal_()   # on CPU the engine's KV memory
     tables = torch.randperm(num_blocks).view(batch, blocks_per_seq)  # scattered, as after churn
     meta = AttentionMetadata.build([q_len] * batch, [context] * batch, tables.tolist(), [-1] * (batch * q_len))
     q = torch.randn(batch * q_len, num_heads, head_dim, dtype=dtype, device=device)

@@ -6,7 +6,7 @@ import torch
 from conftest import PROMPTS, assert_all_blocks_free, make_llm
 
 from lanner import SamplingParams
-from lanner.engine.memory import HUGE_PAGE, zeros_on_huge_pages
+from lanner.engine.memory import HUGE_PAGE, zeroed_kv_memory
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -111,7 +111,7 @@ def test_incremental_detokenization_never_splits_a_character(llm):
 
 
 def test_kv_memory_is_zeroed_aligned_and_outlives_its_first_view():
-    cache = zeros_on_huge_pages((3, 2, 5, 16, 2, 64), torch.bfloat16)
+    cache = zeroed_kv_memory((3, 2, 5, 16, 2, 64), torch.bfloat16)
     assert cache.shape == (3, 2, 5, 16, 2, 64) and cache.dtype == torch.bfloat16
     assert cache.data_ptr() % HUGE_PAGE == 0 and not cache.any()
     layer = cache[2]

@@ -1,27 +1,32 @@
-"""Host memory for the KV cache: zero-filled, on transparent huge pages where the OS grants them.
+"""Host memory for the KV cache: zero-filled, touched only when written, on transparent huge pages on request.
 
-The attention kernels read the cache block by block from scattered places, so with 4 KiB pages a good
-part of their time goes to page walks; 2 MiB pages measured ~10 % faster decode attention (bf16,
-batch 32 x 2,048) on the development machine, whose kernel gives huge pages only on request (madvise).
+The attention kernels read the cache block by block from scattered places. Session 3's VM measured 2 MiB
+pages ~10 % faster decode attention (bf16, batch 32 x 2,048; 4 % fp32); on the Zen 4 machines since, bf16 and
+fp32 at batch 1-32 x 2,048 came out the same with and without them, while the first write into each huge
+page cost up to 5 ms where the kernel compacts memory for it (THP defrag=madvise): 0.1-0.35 s of the first
+request after start-up, and stalls of later ones wherever a new page is touched. So the pool takes 4 KiB
+pages unless LANNER_KV_HUGE_PAGES=1 asks for huge ones (the memory is 2 MiB-aligned either way).
 """
 import mmap
+import os
 
 import torch
 
 HUGE_PAGE = 2 << 20
 
 
-def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """torch.zeros(shape, dtype) on an anonymous mapping (zero-filled by the OS, touched only when
-    written) advised for huge pages, starting on a huge-page boundary."""
+def zeroed_kv_memory(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape, dtype) on an anonymous mapping (zero-filled by the OS, touched only when written),
+    starting on a huge-page boundary, advised for huge pages with LANNER_KV_HUGE_PAGES=1."""
     if not hasattr(mmap, "MAP_PRIVATE"):   # not a POSIX system
         return torch.zeros(shape, dtype=dtype)
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # shared maps get no THP
-    try:
-        memory.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):   # no such advice here, or a kernel without THP: 4 KiB pages then
-        pass
+    if os.environ.get("LANNER_KV_HUGE_PAGES", "0") == "1":
+        try:
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):   # no such advice here, or a kernel without THP: 4 KiB pages then
+            pass
     start = torch.frombuffer(memory, dtype=torch.uint8, count=1).data_ptr()
     offset = -start % HUGE_PAGE
     return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(shape)

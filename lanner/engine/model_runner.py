@@ -5,7 +5,7 @@ import torch
 
 from lanner.attention import AttentionMetadata, get_backend
 from lanner.config import EngineConfig, ModelConfig
-from lanner.engine.memory import zeros_on_huge_pages
+from lanner.engine.memory import zeroed_kv_memory
 from lanner.engine.sequence import Sequence
 from lanner.engine.state_cache import StateCache
 from lanner.model.llama import LlamaForCausalLM
@@ -63,7 +63,7 @@ class ModelRunner:
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(max(cfg.kv_cache_memory - state_gib, 0.0))
         attention_layers = self.cache_layers()
         shape = (attention_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.kv_cache = (zeros_on_huge_pages(shape, self.dtype) if cfg.device == "cpu" and attention_layers
+        self.kv_cache = (zeroed_kv_memory(shape, self.dtype) if cfg.device == "cpu" and attention_layers
                          else torch.zeros(shape, dtype=self.dtype, device=cfg.device))
         for attn, cache in zip(getattr(self.model, "attention_layers", []), self.kv_cache):
             attn.k_cache, attn.v_cache = cache[0], cache[1]
