@@ -90,15 +90,20 @@ def assert_config_as_saved(path, gguf_path, dropped: dict, not_in_gguf: set) -> 
 
 def test_weights_equal_the_hf_state_dict(exported):
     name, model, _, gguf_path = exported
+    gemma = name.startswith("gemma")
+    assert_weights_as_saved(model, gguf_path, lambda key: GEMMA_NORM_ROUNDING if gemma and key.endswith("norm.weight")
+                            else 0)
+
+
+def assert_weights_as_saved(model, gguf_path, atol) -> None:
+    """The weights read from the GGUF are the HF model's, each within atol(name)."""
     weights = load_gguf(str(gguf_path), dense=True)[1]
     expected = model.state_dict()
     if model.config.tie_word_embeddings:
         del expected["lm_head.weight"]
     assert sorted(weights) == sorted(expected)
     for key, tensor in expected.items():
-        gemma_norm = name.startswith("gemma") and key.endswith("norm.weight")
-        torch.testing.assert_close(weights[key], tensor, rtol=0, atol=GEMMA_NORM_ROUNDING if gemma_norm else 0,
-                                   msg=key)
+        torch.testing.assert_close(weights[key], tensor, rtol=0, atol=atol(key), msg=key)
 
 
 def test_lanner_runs_each_gguf_like_hf_logits_and_greedy(exported):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import hf_greedy, hf_logits, make_llm, save_tiny_model
 from gguf_export import write_gguf
-from test_gguf import NOT_IN_GGUF, PAST_THE_WINDOWS, SPECIAL_TOKENS, assert_config_as_saved
+from test_gguf import NOT_IN_GGUF, PAST_THE_WINDOWS, SPECIAL_TOKENS, assert_config_as_saved, assert_weights_as_saved
 from test_mamba import MODELS as SSM_MODELS
 from test_mamba import ssm_logits
 
@@ -94,14 +94,7 @@ def test_config_has_the_keys_and_values_transformers_saved(exported):
 
 def test_weights_equal_the_hf_state_dict(exported):
     _, model, _, gguf_path = exported
-    weights = load_gguf(str(gguf_path), dense=True)[1]
-    expected = model.state_dict()
-    if model.config.tie_word_embeddings:
-        del expected["lm_head.weight"]
-    assert sorted(weights) == sorted(expected)
-    for key, tensor in expected.items():
-        atol = A_LOG_ROUNDING if key.endswith(".A_log") else 0
-        torch.testing.assert_close(weights[key], tensor, rtol=0, atol=atol, msg=key)
+    assert_weights_as_saved(model, gguf_path, lambda key: A_LOG_ROUNDING if key.endswith(".A_log") else 0)
 
 
 def test_lanner_runs_the_gguf_like_hf_logits_and_greedy(exported):

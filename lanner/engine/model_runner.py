@@ -65,7 +65,7 @@ class ModelRunner:
         shape = (attention_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_cache = (zeroed_kv_memory(shape, self.dtype) if cfg.device == "cpu" and attention_layers
                          else torch.zeros(shape, dtype=self.dtype, device=cfg.device))
-        for attn, cache in zip(getattr(self.model, "attention_layers", []), self.kv_cache):
+        for attn, cache in zip(self.model.attention_layers, self.kv_cache):
             attn.k_cache, attn.v_cache = cache[0], cache[1]
         self.last_hidden = None
         self.vision = None   # engine.multimodal.VisionPath of a vision-language model
@@ -81,12 +81,12 @@ class ModelRunner:
         prefix checkpoints (at most 256)."""
         cfg, shapes, m = self.cfg, state_shapes(self.model_cfg), self.model_cfg
         per_slot = StateCache.slot_bytes(shapes, self.dtype, len(m.ssm_layers))
-        memory = cfg.kv_cache_memory * (0.5 if m.num_kv_layers else 1.0)
-        half = int(memory * 2**30 / 2 // per_slot)
+        share = 0.5 if m.num_kv_layers else 1.0
+        half = int(cfg.kv_cache_memory * share * 2**30 / 2 // per_slot)
         if half < 1:
             raise ValueError(f"kv_cache_memory {cfg.kv_cache_memory} GiB holds no state slot of a {m.architecture} "
                              f"({per_slot / 2**20:.1f} MiB in {self.dtype}): raise --kv-cache-memory to at least "
-                             f"{2 * per_slot / 2**30 / (memory / cfg.kv_cache_memory):.3g} GiB")
+                             f"{2 * per_slot / 2**30 / share:.3g} GiB")
         k = cfg.speculative.num_speculative_tokens if cfg.speculative else 0
         drafting = min(cfg.speculative.max_batch_size, half // (2 * k)) if k else 0
         running = min(cfg.max_num_seqs, half - k * drafting)

@@ -245,19 +245,24 @@ def read_config(reader: GGUFFile) -> dict:
     head_dim = int(meta("attention.key_length", hidden // heads))
     names = {t.name for t in reader.tensors}
     config = {
-        "architectures": [hf_arch], "model_type": model_type, "vocab_size": vocab_size(reader),
         "hidden_size": hidden, "intermediate_size": int(meta("feed_forward_length")),
         "num_hidden_layers": int(meta("block_count")), "num_attention_heads": heads,
         "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
         "max_position_embeddings": int(meta("context_length", 4096)),
         "rms_norm_eps": f32(meta("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_parameters": rope_parameters(reader, meta, arch, head_dim, int(meta("context_length", 4096))),
-        "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
+        **file_keys(reader, hf_arch, model_type, names),
     }
     return {**config, **ARCH_KEYS[model_type](meta, config, head_dim, names)}
+
+
+def file_keys(reader: GGUFFile, hf_arch: str, model_type: str, names: set) -> dict:
+    """The config keys every architecture reads the same way: names, vocabulary, tied head, special tokens."""
+    return {"architectures": [hf_arch], "model_type": model_type, "vocab_size": vocab_size(reader),
+            "tie_word_embeddings": "output.weight" not in names,
+            "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+            "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+            "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id")}
 
 
 def ssm_config(reader: GGUFFile, meta, arch: str) -> dict:
@@ -271,15 +276,11 @@ def ssm_config(reader: GGUFFile, meta, arch: str) -> dict:
     hf_arch, model_type = SSM_ARCHITECTURES[arch]
     names = {t.name for t in reader.tensors}
     config = {
-        "architectures": [hf_arch], "model_type": model_type, "vocab_size": vocab_size(reader),
         "hidden_size": hidden, "expand": inner // hidden, "num_hidden_layers": number("block_count"),
         "state_size": number("ssm.state_size"), "conv_kernel": number("ssm.conv_kernel"),
         "layer_norm_epsilon": f32(meta("attention.layer_norm_rms_epsilon", 1e-5)), "hidden_act": "silu",
         "use_bias": "blk.0.ssm_in.bias" in names, "use_conv_bias": "blk.0.ssm_conv1d.bias" in names,
-        "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
+        **file_keys(reader, hf_arch, model_type, names),
     }
     rank = number("ssm.time_step_rank")
     config.update(mamba_keys(inner, rank) if arch == "mamba" else mamba2_keys(meta, config, inner, rank, arch))
@@ -344,17 +345,13 @@ def bamba_config(reader: GGUFFile, meta, arch: str) -> dict:
     hf_arch, model_type = HYBRID_ARCHITECTURES[arch]
     names = {t.name for t in reader.tensors}
     config = {
-        "architectures": [hf_arch], "model_type": model_type, "vocab_size": vocab_size(reader),
         "hidden_size": hidden, "intermediate_size": number("feed_forward_length"), "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads[attention[0]] if attention else heads,
         "attn_layer_indices": attention or None, "max_position_embeddings": int(meta("context_length", 262144)),
         "rms_norm_eps": f32(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_parameters": bamba_rope_parameters(reader, meta, arch, head_dim), "hidden_act": "silu",
         "attention_bias": any(name.endswith(".attn_q.bias") for name in names),
-        "mlp_bias": "blk.0.ffn_up.bias" in names, "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
+        "mlp_bias": "blk.0.ffn_up.bias" in names, **file_keys(reader, hf_arch, model_type, names),
     }
     return {**config, **bamba_mixer_keys(reader, meta, config, arch)}
 

@@ -54,6 +54,8 @@ class MambaForCausalLM(nn.Module):
     def mixers(self) -> list[nn.Module]:
         return [layer.mixer for layer in self.layers]
 
+    attention_layers = ()   # no layer keeps KV
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, embeds=None) -> torch.Tensor:
         x = self.embeddings(input_ids)
         if embeds is not None:
