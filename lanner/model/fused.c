@@ -121,15 +121,15 @@ void mask_logits(float *logits, int64_t stride, const uint32_t *bits, int64_t R,
  * at decode sizes. The matmul (ggml.c) and attention (paged_attention.c) come as function pointers: each
  * library keeps its own ISA build. Activations are fp32 or bf16 (bf16 1); linears and attention run in fp32,
  * their outputs rounded back to the activations' dtype as the PyTorch path rounds them. */
-typedef int (*matmul_fn)(int, const uint8_t *, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, float *,
-                         int64_t, int, int);
+typedef int (*matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const float *, int64_t,
+                         int64_t, float *, int64_t, int, int);
 typedef int (*attention_fn)(const float *, const uint16_t *, const void *, const void *, int, const int32_t *, int,
                             const int32_t *, const int32_t *, const int64_t *, int, const uint8_t *, int, int, int,
                             int, int, float, int, float, int, float *, float *, int);
 
 typedef struct {
     int type, int8;
-    const uint8_t *w;
+    const uint8_t *w, *packed;   /* packed: the int8 kernel's layout of w, or NULL */
     int64_t row_bytes, n, k;
     const float *bias;   /* fp32 or NULL */
 } GGMLLinear;
@@ -168,7 +168,7 @@ static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void 
         convert(x, xf, s->T * l->k, 1, 0);
         in = xf;
     }
-    int failed = s->matmul(l->type, l->w, l->row_bytes, l->n, l->k, in, l->k, s->T, out, l->n, s->threads, l->int8);
+    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, in, l->k, s->T, out, l->n, s->threads, l->int8);
     if (l->bias)
         for (int64_t t = 0; t < s->T; t++)
             for (int64_t i = 0; i < l->n; i++)

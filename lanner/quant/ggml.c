@@ -495,8 +495,9 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
 }
 
 /* the activations quantized: q [rows, K] int8; per lane (4 values, [rows, K / 4]) the block's scale d,
- * its share s = d * block sum / 8 of the min term, and -zero * the lane's sum */
-typedef struct { int8_t *q; float *d, *s; int32_t *z; } qacts;
+ * its share s = d * block sum / 8 of the min term, and -zero * the lane's sum; per block ([rows, K / 32])
+ * the sum of its values */
+typedef struct { int8_t *q; float *d, *s; int32_t *z, *sum; } qacts;
 
 static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int zero, qacts a) {
     for (int64_t m = 0; m < M; m++) {
@@ -513,6 +514,7 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int
             int sum = 0;
             for (int j = 0; j < 32; j++)
                 sum += q[j] = (int8_t)roundf(xb[j] * id);
+            a.sum[m * (K / 32) + b] = sum;
             for (int l = 0; l < 8; l++) {
                 int64_t o = m * (K / 4) + 8 * b + l;
                 a.d[o] = d;
@@ -576,6 +578,121 @@ static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t 
     }
 }
 
+/* ---- int8 activations on packed weights ---------------------------------------------------------------- */
+/* Q4_0, Q4_1 and Q8_0 weights repacked at load (ggml_pack) so that one integer dot product advances LANES rows:
+ * a group of LANES rows is stored block by block, each block as the rows' fp16 scales, then their fp16 mins
+ * (Q4_1), then their values in columns of 4 bytes: column c holds bytes 4c..4c+3 of every row's block, row r
+ * in lane r (a 4-bit column: values 4c..4c+3 in the low nibbles, 16+4c..19+4c in the high ones). Each 4
+ * activation values are broadcast to every lane, so a block's LANES sums end in LANES lanes and its scales
+ * convert LANES at a time: no horizontal sums per row, no scalar scale loads per block, about a quarter of
+ * the instructions per weight of the row-major kernel above. Rows past the last whole group stay in GGML's
+ * layout at the end; the byte count is GGML's. */
+#define PACK_ROWS LANES
+#if defined(__AVX2__)
+#define PACKED_PATH 1
+typedef int16_t lh __attribute__((vector_size(LANES * 4)));
+INLINE lb bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return (lb)((li){0} + v);
+}
+#if GB == 2
+INLINE lf halves(const uint8_t *p) { return (lf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+INLINE lh dot16(lb w, lb x) { return (lh)_mm512_maddubs_epi16((__m512i)w, (__m512i)x); }
+INLINE li widen16(lh s) { return (li)_mm512_madd_epi16((__m512i)s, _mm512_set1_epi16(1)); }
+#else
+INLINE lf halves(const uint8_t *p) { return (lf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+INLINE lh dot16(lb w, lb x) { return (lh)_mm256_maddubs_epi16((__m256i)w, (__m256i)x); }
+INLINE li widen16(lh s) { return (li)_mm256_madd_epi16((__m256i)s, _mm256_set1_epi16(1)); }
+#endif
+
+/* a block's 4-bit values of the group against rows activation rows: d[m] lane r = row r's integer dot product.
+ * Without VNNI the 16-bit pair sums of a block add up before widening: 8 of at most 2 * 15 * 127 fit. */
+INLINE void dot_q4_block(const uint8_t *vals, qacts a, const int rows, int64_t K, int64_t b, li *d) {
+    lh s[TILE];
+    for (int m = 0; m < rows; m++)
+        d[m] = (li){0}, s[m] = (lh){0};
+    for (int c = 0; c < 4; c++) {
+        lb v = loadlb(vals + c * 4 * LANES), lo = v & 15, hi = (lb)((li)v >> 4) & 15;
+        for (int m = 0; m < rows; m++) {
+            const int8_t *x = a.q + m * K + 32 * b + 4 * c;
+            if (VNNI)
+                d[m] = dot(dot(d[m], lo, bcast4(x)), hi, bcast4(x + 16));
+            else
+                s[m] += dot16(lo, bcast4(x)) + dot16(hi, bcast4(x + 16));
+        }
+    }
+    if (!VNNI)
+        for (int m = 0; m < rows; m++)
+            d[m] = widen16(s[m]);
+}
+
+INLINE void dot_q8_block(const uint8_t *vals, qacts a, const int rows, int64_t K, int64_t b, li *d) {
+    for (int m = 0; m < rows; m++)
+        d[m] = (li){0};
+    for (int c = 0; c < 8; c++) {
+        lb w = loadlb(vals + c * 4 * LANES);
+        sb neg = (sb)w < 0;
+        for (int m = 0; m < rows; m++) {
+            lb x = bcast4(a.q + m * K + 32 * b + 4 * c);
+            d[m] = VNNI ? dot(d[m], w ^ 0x80, x) : dot(d[m], (lb)(((sb)w ^ neg) - neg), (lb)(((sb)x ^ neg) - neg));
+        }
+    }
+}
+
+/* y[m * ldy + r] = W[r] . x[m] for the group's rows r < LANES and m < rows */
+INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, qacts a,
+                        const int rows, int64_t K, float *restrict y, int64_t ldy) {
+    const int scales = has_min ? 2 : 1;
+    const int64_t bytes = LANES * (2 * scales + bits * 4);   /* one block of the group */
+    lf acc[TILE], accm[TILE];
+    for (int m = 0; m < rows; m++)
+        acc[m] = accm[m] = (lf){0};
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t *blk = grp + b * bytes;
+        li d[TILE];
+        if (bits == 4)
+            dot_q4_block(blk + 2 * scales * LANES, a, rows, K, b, d);
+        else
+            dot_q8_block(blk + 2 * scales * LANES, a, rows, K, b, d);
+        lf wd = halves(blk), wm = has_min ? halves(blk + 2 * LANES) : (lf){0};
+        for (int m = 0; m < rows; m++) {
+            int32_t sum = a.sum[m * (K / 32) + b];
+            float dx = a.d[m * (K / 4) + 8 * b];
+            acc[m] += __builtin_convertvector(zero ? d[m] - zero * sum : d[m], lf) * (wd * dx);
+            if (has_min)
+                accm[m] += wm * (dx * sum);
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        lf t = acc[m] + accm[m];
+        memcpy(y + m * ldy, &t, sizeof t);
+    }
+}
+
+#define PACKED_OF(bits, has_min, zero)                                                                      \
+    switch (M) {                                                                                           \
+    case 4: qdot_packed(bits, has_min, zero, grp, a, 4, K, y, ldy); return;                               \
+    case 3: qdot_packed(bits, has_min, zero, grp, a, 3, K, y, ldy); return;                               \
+    case 2: qdot_packed(bits, has_min, zero, grp, a, 2, K, y, ldy); return;                               \
+    default: qdot_packed(bits, has_min, zero, grp, a, 1, K, y, ldy); return;                              \
+    }
+
+/* one packed group (its rows' outputs at y) */
+static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int64_t M, float *y, int64_t ldy) {
+    switch (type) {
+    case Q4_0: PACKED_OF(4, 0, 8)
+    case Q4_1: PACKED_OF(4, 1, 0)
+    case Q8_0: PACKED_OF(8, 0, Q8_ZERO)
+    }
+}
+#else
+#define PACKED_PATH 0
+static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int64_t M, float *y, int64_t ldy) {
+    (void)type, (void)grp, (void)K, (void)a, (void)M, (void)y, (void)ldy;
+}
+#endif
+
 /* the zero point a format's weight bytes carry, or -1 for a format without an int8 path (the K-quants: decoding
  * their 6-bit scales per group of 64 made them slower than their fp32 path) */
 static int int8_zero(int type) {
@@ -588,20 +705,28 @@ static int int8_zero(int type) {
     }
 }
 
-/* y = W x on int8 activations (M <= TILE); 1: out of memory */
-static int qmatmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x,
-                   int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
-    int64_t lanes = M * K / 4;
-    char *buf = malloc(M * K + lanes * (2 * sizeof(float) + sizeof(int32_t)));
+/* y = W x on int8 activations (M <= TILE), W row-major or packed (its whole groups); 1: out of memory */
+static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                   const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
+    int64_t lanes = M * K / 4, blocks = M * K / 32;
+    char *buf = malloc(M * K + lanes * (2 * sizeof(float) + sizeof(int32_t)) + blocks * sizeof(int32_t));
     if (!buf)
         return 1;
-    qacts a = {(int8_t *)(buf + lanes * 12), (float *)buf, (float *)buf + lanes, (int32_t *)buf + 2 * lanes};
+    qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 4), (float *)buf, (float *)buf + lanes,
+               (int32_t *)buf + 2 * lanes, (int32_t *)buf + 3 * lanes};
     quantize_rows(x, ldx, M, K, int8_zero(type), a);
-    int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tasks; t++) {
-        int64_t n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-        qmatmul_rows(type, w, row_bytes, n0, n1, K, a, M, y, ldy);
+    int64_t groups = packed && PACKED_PATH ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
+    int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t g = 0; g < groups; g++)
+            qmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, a, M, y + g * PACK_ROWS, ldy);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+            qmatmul_rows(type, w, row_bytes, n0, n1, K, a, M, y, ldy);
+        }
     }
     free(buf);
     return 0;
@@ -616,15 +741,16 @@ int ggml_block_size(int type) {
 }
 
 /* y[m, n] = sum_k W[n, k] x[m, k] for m < M, n < N; x [M, ldx] and y [M, ldy] fp32. int8: up to TILE rows
- * of a format with an int8 path (and K a whole number of groups) run on int8 activations; else (or
- * without int8) the result equals dequantize-then-matmul up to summation order.
+ * of a format with an int8 path (and K a whole number of groups) run on int8 activations, on `packed` (W as
+ * ggml_pack wrote it, or NULL) where given; else (or without int8) the result equals dequantize-then-matmul
+ * up to summation order.
  * Returns 1 when a thread's row buffer cannot be allocated, 2 for a type or K this file cannot take. */
-int ggml_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, const float *x,
-                int64_t ldx, int64_t M, float *y, int64_t ldy, int threads, int int8) {
+int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads, int int8) {
     if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
         return 2;
-    if (int8 && M > 0 && M <= TILE && int8_zero(type) >= 0 && K % (32 * GB) == 0)
-        return qmatmul(type, w, row_bytes, N, K, x, ldx, M, y, ldy, threads);
+    if (int8 && M > 0 && M <= TILE && int8_zero(type) >= 0 && (K % (32 * GB) == 0 || (packed && N % PACK_ROWS == 0)))
+        return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, threads);
     int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -681,4 +807,28 @@ int ggml_dequantize(int type, const uint8_t *w, int64_t row_bytes, int64_t K, co
         }
     }
     return failed;
+}
+
+/* W [N, K] rows of GGML blocks into dst (N * row_bytes bytes) in the packed layout of qmatmul_group: the rows
+ * per group, or 0 (nothing written) where this build or type has no packed path */
+int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, uint8_t *dst) {
+    int bytes;
+    if (!PACKED_PATH || (type != Q4_0 && type != Q4_1 && type != Q8_0) || K % 32 || block_shape(type, &bytes) != 32
+        || (N % PACK_ROWS && K % (32 * GB)))   /* rows left over run row-major, which takes whole groups of K */
+        return 0;
+    const int head = type == Q4_1 ? 4 : 2, R = PACK_ROWS;
+    int64_t groups = N / R;
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t b = 0; b < K / 32; b++) {
+            uint8_t *out = dst + g * R * row_bytes + b * R * bytes;
+            for (int r = 0; r < R; r++) {
+                const uint8_t *blk = w + (g * R + r) * row_bytes + b * bytes;
+                for (int h = 0; h < head; h += 2)
+                    memcpy(out + h * R + 2 * r, blk + h, 2);
+                for (int c = 0; c < (bytes - head) / 4; c++)
+                    memcpy(out + head * R + c * 4 * R + 4 * r, blk + head + 4 * c, 4);
+            }
+        }
+    memcpy(dst + groups * R * row_bytes, w + groups * R * row_bytes, (N - groups * R) * row_bytes);
+    return PACK_ROWS;
 }
