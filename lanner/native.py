@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -95,6 +96,8 @@ def _build(source: str, isa_flags: list[str]) -> str:
         raise OSError("no C compiler found (install gcc)")
     flags = COMMON_FLAGS + isa_flags
     text = open(source, "rb").read()
+    for header in re.findall(rb'^#include "([^"]+)"', text, re.M):   # our own headers change the build too
+        text += open(os.path.join(os.path.dirname(source), header.decode()), "rb").read()
     key = hashlib.sha256(text + " ".join([compiler] + flags).encode() + " ".join(sorted(cpu_flags())).encode())
     name = os.path.splitext(os.path.basename(source))[0]
     target = os.path.join(cache_dir(), "kernels", f"{name}-{key.hexdigest()[:16]}.so")

@@ -1,5 +1,6 @@
 """GGML block-format kernels equal dequantize-then-matmul (exact path) or the same on activations quantized
 to int8 blocks (int8 path), for every format and every ISA path this CPU runs."""
+import ctypes
 import os
 from unittest import mock
 
@@ -152,3 +153,15 @@ def test_forced_isa_the_cpu_lacks_names_the_missing_feature():
             mock.patch.dict(os.environ, {"LANNER_ISA": "avx2"}):
         with pytest.raises(ValueError, match="lacks avx2"):
             native.isa()
+
+
+def test_a_kernel_is_rebuilt_when_a_header_it_includes_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LANNER_HOME", str(tmp_path / "home"))
+    (tmp_path / "k.h").write_text("static int answer(void) { return 1; }\n")
+    source = tmp_path / "k.c"
+    source.write_text('#include "k.h"\nint value(void) { return answer(); }\n')
+    first = native._build(str(source), native.isa_flags())
+    (tmp_path / "k.h").write_text("static int answer(void) { return 2; }\n")
+    second = native._build(str(source), native.isa_flags())
+    assert first != second
+    assert ctypes.CDLL(second).value() == 2

@@ -23,31 +23,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../vec16.h"
+
 #define CHUNK 32   /* keys per online-softmax step */
 #define VECS (CHUNK / 16)   /* score vectors per chunk */
 #define AHEAD 1     /* chunks between the one being prefetched and the one being read */
 #define ROWS 4     /* query rows of one KV head done together: each K/V row is fetched once for all of them */
-#define INLINE static inline __attribute__((always_inline))
-/* SHUFFLE: lanes of a and b (indices past a's lanes pick b's), into a vector of their type; `mask` names
- * the integer vector type of the indices. CONCAT: a v16 from two v8. GCC has __builtin_shufflevector
- * only from version 12; older ones get __builtin_shuffle and a trip through memory. */
-#if defined(__clang__) || __GNUC__ >= 12
-#define SHUFFLE(a, b, mask, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#define CONCAT(lo, hi) __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-#else
-#define SHUFFLE(a, b, mask, ...) __builtin_shuffle(a, b, (mask){__VA_ARGS__})
-#define CONCAT(lo, hi) concat(lo, hi)
-#endif
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 #define HAVE_DPBF16 1
 #else
@@ -68,25 +49,6 @@ typedef struct {
     float softcap;  /* 0: none */
 } Problem;
 
-/* Lanes of a where mask is set, else of b. */
-INLINE v16 select16(v16i mask, v16 a, v16 b) {
-    return (v16)(((v16i)a & mask) | ((v16i)b & ~mask));
-}
-
-/* exp(x) for 16 lanes of x <= 0, in vector arithmetic (GCC's vector extensions, so it stays vectorized):
- * 2^t = 2^trunc(t) * 2^frac with a degree-7 polynomial for 2^frac, frac in (-1, 0] (relative error
- * ~2e-7). Lanes below -87 (and -inf) give exactly 0. */
-INLINE v16 exp16_nonpositive(v16 x) {
-    v16 t = x * 1.44269504088896341f;
-    t = select16(t < -126.0f, (v16){0} - 126.0f, t);
-    v16i whole = __builtin_convertvector(t, v16i);                  /* truncates toward 0 */
-    v16 f = (t - __builtin_convertvector(whole, v16)) * 0.69314718055994531f;
-    v16 poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
-               + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
-    v16i bits = ((whole + 127) << 23) & (x >= -87.0f);
-    return poly * (v16)bits;
-}
-
 /* cap * tanh(x / cap) for 16 lanes: tanh|y| = (1 - e) / (1 + e) with e = exp(-2|y|) <= 1, the sign put
  * back. Absolute error ~1e-6 of cap (exp16_nonpositive's polynomial). */
 INLINE v16 softcap16(v16 x, float cap) {
@@ -95,42 +57,6 @@ INLINE v16 softcap16(v16 x, float cap) {
     v16 e = exp16_nonpositive((v16)((v16i)y & ~sign_bit) * -2.0f);
     v16 t = (1.0f - e) / (1.0f + e) * cap;
     return (v16)((v16i)t | ((v16i)y & sign_bit));
-}
-
-/* Elements [at, at + 8) of a cache as fp32 (bf16 widens exactly: its bits are fp32's top half). */
-INLINE v8 load8(const void *cache, int64_t at, const int bf16) {
-    v8 x;
-    if (bf16) {
-        v8h half;
-        memcpy(&half, (const uint16_t *)cache + at, sizeof half);
-        x = (v8)(__builtin_convertvector(half, v8i) << 16);
-    } else {
-        memcpy(&x, (const float *)cache + at, sizeof x);
-    }
-    return x;
-}
-
-INLINE v16 concat(v8 lo, v8 hi) {
-    float lanes[16];
-    memcpy(lanes, &lo, sizeof lo);
-    memcpy(lanes + 8, &hi, sizeof hi);
-    v16 x;
-    memcpy(&x, lanes, sizeof x);
-    return x;
-}
-
-/* The same for 16 elements. */
-INLINE v16 load16(const void *cache, int64_t at, const int bf16) {
-    if (!bf16) {
-        v16 x;
-        memcpy(&x, (const float *)cache + at, sizeof x);
-        return x;
-    }
-#if defined(__AVX512F__)   /* one widening load, where GCC splits the generic conversion into halves */
-    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const uint16_t *)cache + at))), 16);
-#else
-    return CONCAT(load8(cache, at, 1), load8(cache, at + 8, 1));
-#endif
 }
 
 /* Lane c of the result is the sum of the lanes of a[c]: a transpose-and-add tree, 42 in-lane shuffles
@@ -160,11 +86,11 @@ INLINE vn load_native(const void *cache, int64_t at, const int bf16) { return lo
 /* Largest and total of the 16 lanes, by halving: a chain of 4 steps rather than 15. */
 INLINE float max16(v16 x) {
     v16 y = SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    x = select16(x > y, x, y);
+    x = max16v(x, y);
     y = SHUFFLE(x, x, v16i, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    x = select16(x > y, x, y);
+    x = max16v(x, y);
     y = SHUFFLE(x, x, v16i, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    x = select16(x > y, x, y);
+    x = max16v(x, y);
     return x[0] > x[1] ? x[0] : x[1];
 }
 
@@ -251,11 +177,12 @@ INLINE float softmax_step(v16 *s, int start, int limit, const uint8_t *tree, int
     const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     v16 best = (v16){0} - INFINITY;
     for (int v = 0; v < VECS; v++) {
-        s[v] = select16((lane + 16 * v >= start) & (lane + 16 * v <= limit), s[v], (v16){0} - INFINITY);
+        v16i key = lane + 16 * v;   /* start <= key <= limit, by signs (see negative16) */
+        s[v] = select16(~(((key - start) | (limit - key)) >> 31), s[v], (v16){0} - INFINITY);
         if (tree != NULL)   /* draft keys the row's tree branch does not include */
             for (int c = first_draft > 16 * v ? first_draft : 16 * v; c <= limit && c < 16 * (v + 1); c++)
                 if (!tree[c - first_draft]) s[v][c - 16 * v] = -INFINITY;
-        best = select16(s[v] > best, s[v], best);
+        best = max16v(s[v], best);
     }
     float new_max = max16(best);
     new_max = new_max > *m ? new_max : *m;

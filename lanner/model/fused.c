@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../vec16.h"
+
 static inline float load(const void *p, int64_t i, int bf16) {
     if (!bf16)
         return ((const float *)p)[i];
@@ -88,12 +90,31 @@ void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int 
     }
 }
 
+/* silu(g) = g * sigmoid(g) for 16 lanes, from e = exp(-|g|) <= 1 (no overflow): sigmoid is 1 / (1 + e) for
+ * g >= 0 and e / (1 + e) below */
+static inline v16 silu16(v16 g) {
+    v16 e = exp16_nonpositive((v16)((v16i)g | ((v16i){0} + INT32_MIN)));
+    v16 sigmoid = 1 / (1 + e);
+    return g * select16(negative16(g), e * sigmoid, sigmoid);
+}
+
 /* out[t, i] = silu(gate[t, i]) * up[t, i] for gate | up = x[t, :2I], rounded as HF's bf16 ops round */
 void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
     for (int64_t t = 0; t < T; t++) {
-        for (int64_t i = 0; i < I; i++) {
-            float g = load(x, t * 2 * I + i, bf16), u = load(x, t * 2 * I + I + i, bf16);
-            store(out, t * I + i, round_to(g / (1.0f + expf(-g)), bf16) * u, bf16);
+        int64_t i = 0;
+        for (; i + 16 <= I; i += 16) {
+            v16 g = load16(x, t * 2 * I + i, bf16), u = load16(x, t * 2 * I + I + i, bf16);
+            v16 s = silu16(g);
+            if (bf16) {
+                uint16_t h[16];
+                store16(h, 0, s, 1);
+                s = load16(h, 0, 1);
+            }
+            store16(out, t * I + i, s * u, bf16);
+        }
+        for (; i < I; i++) {
+            v16 g = (v16){0} + load(x, t * 2 * I + i, bf16);
+            store(out, t * I + i, round_to(silu16(g)[0], bf16) * load(x, t * 2 * I + I + i, bf16), bf16);
         }
     }
 }

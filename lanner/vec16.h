@@ -1,0 +1,113 @@
+/* 16-lane float vectors in GCC's vector extensions, shared by the kernels that include this (the build
+ * hashes included files with the source): on AVX-512 one register, elsewhere GCC splits them. */
+#ifndef LANNER_VEC16_H
+#define LANNER_VEC16_H
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifndef INLINE
+#define INLINE static inline __attribute__((always_inline))
+#endif
+/* SHUFFLE: lanes of a and b (indices past a's lanes pick b's), into a vector of their type; `mask` names
+ * the integer vector type of the indices. CONCAT: a v16 from two v8. GCC has __builtin_shufflevector
+ * only from version 12; older ones get __builtin_shuffle and a trip through memory. */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, mask, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define CONCAT(lo, hi) __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#else
+#define SHUFFLE(a, b, mask, ...) __builtin_shuffle(a, b, (mask){__VA_ARGS__})
+#define CONCAT(lo, hi) concat(lo, hi)
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* Lanes of a where mask is set, else of b. */
+INLINE v16 select16(v16i mask, v16 a, v16 b) {
+    return (v16)(((v16i)a & mask) | ((v16i)b & ~mask));
+}
+
+/* All ones in the lanes whose sign bit is set (-0 and -inf too), else 0: a shift, where a float comparison of
+ * 16 lanes on AVX2 (two registers) makes GCC compare lane by lane in scalar code. */
+INLINE v16i negative16(v16 x) {
+    return (v16i)x >> 31;
+}
+
+/* The larger of a and b lane by lane (by the sign of a - b: -inf - -inf is NaN, whose sign bit x86 sets, and
+ * gives b, also -inf) */
+INLINE v16 max16v(v16 a, v16 b) {
+    return select16(negative16(a - b), b, a);
+}
+
+/* exp(x) for 16 lanes of x <= 0, in vector arithmetic (GCC's vector extensions, so it stays vectorized):
+ * 2^t = 2^round(t) * 2^frac with a degree-7 polynomial for 2^frac, frac in (-0.5, 0.5] (truncation error
+ * ~6e-9, so float rounding dominates). Lanes below -87 (and -inf) give exactly 0. */
+INLINE v16 exp16_nonpositive(v16 x) {
+    v16 t = x * 1.44269504088896341f;
+    t = select16(negative16(t + 126.0f), (v16){0} - 126.0f, t);
+    v16i whole = __builtin_convertvector(t - 0.5f, v16i);          /* truncates toward 0: t rounded */
+    v16 f = (t - __builtin_convertvector(whole, v16)) * 0.69314718055994531f;
+    v16 poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
+               + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
+    v16i bits = ((whole + 127) << 23) & ~negative16(x + 87.0f);
+    return poly * (v16)bits;
+}
+
+/* Elements [at, at + 8) of a cache as fp32 (bf16 widens exactly: its bits are fp32's top half). */
+INLINE v8 load8(const void *cache, int64_t at, const int bf16) {
+    v8 x;
+    if (bf16) {
+        v8h half;
+        memcpy(&half, (const uint16_t *)cache + at, sizeof half);
+        x = (v8)(__builtin_convertvector(half, v8i) << 16);
+    } else {
+        memcpy(&x, (const float *)cache + at, sizeof x);
+    }
+    return x;
+}
+
+INLINE v16 concat(v8 lo, v8 hi) {
+    float lanes[16];
+    memcpy(lanes, &lo, sizeof lo);
+    memcpy(lanes + 8, &hi, sizeof hi);
+    v16 x;
+    memcpy(&x, lanes, sizeof x);
+    return x;
+}
+
+/* The same for 16 elements. */
+INLINE v16 load16(const void *cache, int64_t at, const int bf16) {
+    if (!bf16) {
+        v16 x;
+        memcpy(&x, (const float *)cache + at, sizeof x);
+        return x;
+    }
+#if defined(__AVX512F__)   /* one widening load, where GCC splits the generic conversion into halves */
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const uint16_t *)cache + at))), 16);
+#else
+    return CONCAT(load8(cache, at, 1), load8(cache, at + 8, 1));
+#endif
+}
+
+/* 16 floats stored at dst[at..at+16) as fp32, or as bf16 rounded to nearest even */
+INLINE void store16(void *dst, int64_t at, v16 x, const int bf16) {
+    typedef uint32_t v16u __attribute__((vector_size(64)));
+    typedef uint16_t v16h __attribute__((vector_size(32)));
+    if (!bf16) {
+        memcpy((float *)dst + at, &x, sizeof x);
+        return;
+    }
+    v16u u = (v16u)x;
+    v16h h = __builtin_convertvector((u + 0x7FFF + ((u >> 16) & 1)) >> 16, v16h);
+    memcpy((uint16_t *)dst + at, &h, sizeof h);
+}
+#endif
