@@ -98,16 +98,22 @@ INLINE v16 load16(const void *cache, int64_t at, const int bf16) {
 #endif
 }
 
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+/* x rounded to bf16 (nearest even) and back, where bf16; x itself elsewhere */
+INLINE v16 round16(v16 x, const int bf16) {
+    v16u u = (v16u)x;
+    return bf16 ? (v16)((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u) : x;
+}
+
 /* 16 floats stored at dst[at..at+16) as fp32, or as bf16 rounded to nearest even */
 INLINE void store16(void *dst, int64_t at, v16 x, const int bf16) {
-    typedef uint32_t v16u __attribute__((vector_size(64)));
     typedef uint16_t v16h __attribute__((vector_size(32)));
     if (!bf16) {
         memcpy((float *)dst + at, &x, sizeof x);
         return;
     }
-    v16u u = (v16u)x;
-    v16h h = __builtin_convertvector((u + 0x7FFF + ((u >> 16) & 1)) >> 16, v16h);
+    v16h h = __builtin_convertvector((v16u)round16(x, 1) >> 16, v16h);
     memcpy((uint16_t *)dst + at, &h, sizeof h);
 }
 #endif

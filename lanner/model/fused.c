@@ -73,7 +73,14 @@ void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int 
         const int64_t row = t * width;
         for (int h = 0; h < hq + hkv; h++) {
             const int64_t at = row + (int64_t)h * D;
-            for (int i = 0; i < half; i++) {
+            int i = 0;
+            for (; i + 16 <= half; i += 16) {   /* the loop below, 16 lanes at a time */
+                v16 c = load16(cos_sin, t * D + i, bf16), s = load16(cos_sin, t * D + half + i, bf16);
+                v16 x1 = load16(qkv, at + i, bf16), x2 = load16(qkv, at + half + i, bf16);
+                store16(qkv, at + i, round16(round16(x1 * c, bf16) - round16(x2 * s, bf16), bf16), bf16);
+                store16(qkv, at + half + i, round16(round16(x2 * c, bf16) + round16(x1 * s, bf16), bf16), bf16);
+            }
+            for (; i < half; i++) {
                 float c = load(cos_sin, t * D + i, bf16), s = load(cos_sin, t * D + half + i, bf16);
                 float x1 = load(qkv, at + i, bf16), x2 = load(qkv, at + half + i, bf16);
                 float r1 = round_to(round_to(x1 * c, bf16) - round_to(x2 * s, bf16), bf16);
@@ -105,12 +112,7 @@ void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
         for (; i + 16 <= I; i += 16) {
             v16 g = load16(x, t * 2 * I + i, bf16), u = load16(x, t * 2 * I + I + i, bf16);
             v16 s = silu16(g);
-            if (bf16) {
-                uint16_t h[16];
-                store16(h, 0, s, 1);
-                s = load16(h, 0, 1);
-            }
-            store16(out, t * I + i, s * u, bf16);
+            store16(out, t * I + i, round16(s, bf16) * u, bf16);
         }
         for (; i < I; i++) {
             v16 g = (v16){0} + load(x, t * 2 * I + i, bf16);
