@@ -69,6 +69,24 @@ def cpu_fields() -> dict:
     return {"cpu": model, "cpu_flags": " ".join(simd), "kernel_isa": native.isa()}
 
 
+def best_time(fn, reps: int) -> float:
+    """The best of reps after a warm-up call: on a shared machine the least disturbed by other load."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def read_bandwidth() -> float:
+    """GB/s of a torch.sum over 400 MB: the machine's read bandwidth, the roof for a weight-streaming step."""
+    import torch
+    x = torch.ones(100_000_000)
+    return x.numel() * 4 / best_time(lambda: x.sum(), 5) / 1e9
+
+
 def warn_if_busy() -> None:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores:

@@ -54,7 +54,19 @@ def run_lanner(path, dtype, device, options, cases, warmups, n_out):
             samples.append((m.ttft, m.decode_time))
         config = backend if options["quantization"] == "none" else f"{backend},{options['quantization']}"
         records.append(dict(summarize("lanner", dtype, config, prompt_len, n_out, samples, device), options=options))
+    weight_mb, read_gb_s = step_weight_bytes(llm.engine.runner.model) / 1e6, common.read_bandwidth()
+    for r in records:   # the weights a batch-1 step streams, per second, against the machine's read bandwidth
+        gb_s = weight_mb * r["decode_tok_per_s"] / 1e3
+        r.update(weight_mb=round(weight_mb, 1), weight_gb_s=round(gb_s, 1), read_gb_s=round(read_gb_s, 1),
+                 of_read_bandwidth=round(gb_s / read_gb_s, 3))
     return [dict(r, **common.memory_fields(device)) for r in records]
+
+
+def step_weight_bytes(model) -> float:
+    """Bytes of weights a decode step reads: every linear's, in its format (the embedding rows it looks up aside)."""
+    from lanner.model.layers import Linear
+    from lanner.profiling.profile import bytes_per_weight
+    return sum(bytes_per_weight(m) * m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear))
 
 
 class TimingStreamer:
@@ -144,7 +156,8 @@ def main():
                         rec[f"decode_speedup_vs_{name}"] = round(rec["decode_tok_per_s"] / p["decode_tok_per_s"], 2)
                 out(rec)
     common.summary_table(records, ["system", "dtype", "prompt_len", "output_len", "reps", "ttft_s",
-                                   "decode_tok_per_s", "peak_rss_mb", "ttft_speedup_vs_hf", "decode_speedup_vs_hf"])
+                                   "decode_tok_per_s", "peak_rss_mb", "ttft_speedup_vs_hf", "decode_speedup_vs_hf",
+                                   "decode_speedup_vs_llamacpp", "of_read_bandwidth"])
 
 
 if __name__ == "__main__":

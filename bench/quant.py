@@ -20,7 +20,6 @@ the int8 path's logit error against the exact one.
 import argparse
 import os
 import sys
-import time
 from unittest import mock
 
 import torch
@@ -36,20 +35,7 @@ from lanner.quant import ggml  # noqa: E402
 STEP_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 
 
-def timed(fn, reps: int) -> float:
-    """The best of reps: on a shared machine the least disturbed by other load."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def read_bandwidth() -> float:
-    x = torch.ones(100_000_000)
-    return x.numel() * 4 / timed(lambda: x.sum(), 5) / 1e9
+timed, read_bandwidth = common.best_time, common.read_bandwidth
 
 
 def bench_format(fmt: str, rows: int, reps: int, path: str = "kernel") -> dict:
