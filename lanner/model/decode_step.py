@@ -21,8 +21,8 @@ c_int, c_int64, c_float, c_void_p = ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
 class LinearArgs(ctypes.Structure):
-    _fields_ = [("type", c_int), ("int8", c_int), ("w", c_void_p), ("packed", c_void_p), ("row_bytes", c_int64), ("n", c_int64),
-                ("k", c_int64), ("bias", c_void_p)]
+    _fields_ = [("type", c_int), ("int8", c_int), ("w", c_void_p), ("packed", c_void_p), ("row_bytes", c_int64),
+                ("n", c_int64), ("k", c_int64), ("bias", c_void_p)]
 
 
 class LayerArgs(ctypes.Structure):
@@ -121,8 +121,9 @@ class DecodeStep:
 
     def layer(self, layer, linears) -> LayerArgs:
         attn = layer.self_attn
-        parts = [LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(q.int8), q.weight.row_bytes,
-                        q.out_features, q.in_features, None if q.bias is None else self.biases[id(q)].data_ptr())
+        parts = [LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(q.int8),
+                            q.weight.row_bytes, q.out_features, q.in_features,
+                            None if q.bias is None else self.biases[id(q)].data_ptr())
                  for q in linears]
         return LayerArgs(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                      *parts, attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), attn.options.get("window") or 0, 0)

@@ -191,7 +191,8 @@ static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void 
         convert(x, xf, s->T * l->k, 1, 0);
         in = xf;
     }
-    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, in, l->k, s->T, out, l->n, s->threads, l->int8);
+    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, in, l->k, s->T, out, l->n, s->threads,
+                           l->int8);
     if (l->bias)
         for (int64_t t = 0; t < s->T; t++)
             for (int64_t i = 0; i < l->n; i++)

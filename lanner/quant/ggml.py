@@ -175,8 +175,8 @@ class GGMLLinear:
         m, (n, k), w = xf.shape[0], self.weight.shape, self.weight
         y = torch.empty(m, n, dtype=torch.float32)
         packed = self.packed_ptr(int8) if lib is self.lib else None
-        check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xf.data_ptr(), k, m, y.data_ptr(), n,
-                               torch.get_num_threads(), int(int8)), "matmul")
+        check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xf.data_ptr(), k, m, y.data_ptr(),
+                              n, torch.get_num_threads(), int(int8)), "matmul")
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype)
