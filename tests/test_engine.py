@@ -6,7 +6,7 @@ import torch
 from conftest import PROMPTS, assert_all_blocks_free, make_llm
 
 from lanner import SamplingParams
-from lanner.engine.memory import HUGE_PAGE, zeroed_kv_memory
+from lanner.engine.memory import HUGE_PAGE, keep_freed_memory, zeroed_kv_memory
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -119,3 +119,22 @@ def test_kv_memory_is_zeroed_aligned_and_outlives_its_first_view():
     gc.collect()
     layer.fill_(1.5)   # the mapping lives as long as a view of it
     assert float(layer.float().sum()) == 1.5 * layer.numel()
+
+
+def test_a_steps_freed_scratch_stays_in_the_heap():
+    import ctypes
+    import resource
+    assert keep_freed_memory()   # glibc
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+    def faults_of_a_step(nbytes=20 << 20):   # a big step's scratch: written, then freed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(nbytes)
+        libc.memset(block, 1, nbytes)
+        libc.free(block)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_of_a_step()
+    assert faults_of_a_step() < 100   # mapped afresh, its 4 KiB pages would fault 5,120 times

@@ -5,7 +5,7 @@ import torch
 
 from lanner.attention import AttentionMetadata, get_backend
 from lanner.config import EngineConfig, ModelConfig
-from lanner.engine.memory import zeroed_kv_memory
+from lanner.engine.memory import keep_freed_memory, zeroed_kv_memory
 from lanner.engine.sequence import Sequence
 from lanner.engine.state_cache import StateCache
 from lanner.model.llama import LlamaForCausalLM
@@ -65,6 +65,8 @@ class ModelRunner:
         shape = (attention_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_cache = (zeroed_kv_memory(shape, self.dtype) if cfg.device == "cpu" and attention_layers
                          else torch.zeros(shape, dtype=self.dtype, device=cfg.device))
+        if cfg.device == "cpu":
+            keep_freed_memory()
         for attn, cache in zip(self.model.attention_layers, self.kv_cache):
             attn.k_cache, attn.v_cache = cache[0], cache[1]
         self.last_hidden = None
