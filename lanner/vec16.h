@@ -42,15 +42,21 @@ INLINE v16i negative16(v16 x) {
     return (v16i)x >> 31;
 }
 
-/* The larger of a and b lane by lane (by the sign of a - b: -inf - -inf is NaN, whose sign bit x86 sets, and
- * gives b, also -inf) */
+/* All ones in the NaN lanes (their magnitude bits above infinity's), by the same sign trick */
+INLINE v16i nan16(v16 x) {
+    return (0x7f800000 - ((v16i)x & 0x7fffffff)) >> 31;
+}
+
+/* The larger of a and b lane by lane, b where a - b is negative or NaN: a NaN a never wins (as with a > b), and
+ * -inf against -inf gives -inf */
 INLINE v16 max16v(v16 a, v16 b) {
-    return select16(negative16(a - b), b, a);
+    v16 d = a - b;
+    return select16(negative16(d) | nan16(d), b, a);
 }
 
 /* exp(x) for 16 lanes of x <= 0, in vector arithmetic (GCC's vector extensions, so it stays vectorized):
  * 2^t = 2^round(t) * 2^frac with a degree-7 polynomial for 2^frac, frac in (-0.5, 0.5] (truncation error
- * ~6e-9, so float rounding dominates). Lanes below -87 (and -inf) give exactly 0. */
+ * ~6e-9, so float rounding dominates). Lanes below -87 (and -inf) give exactly 0, NaN lanes NaN. */
 INLINE v16 exp16_nonpositive(v16 x) {
     v16 t = x * 1.44269504088896341f;
     t = select16(negative16(t + 126.0f), (v16){0} - 126.0f, t);
@@ -59,7 +65,7 @@ INLINE v16 exp16_nonpositive(v16 x) {
     v16 poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
                + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
     v16i bits = ((whole + 127) << 23) & ~negative16(x + 87.0f);
-    return poly * (v16)bits;
+    return select16(nan16(x), x, poly * (v16)bits);   /* NaN in, NaN out */
 }
 
 /* Elements [at, at + 8) of a cache as fp32 (bf16 widens exactly: its bits are fp32's top half). */

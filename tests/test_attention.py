@@ -429,3 +429,13 @@ def test_importing_attention_does_not_need_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "pip install triton" in result.stdout
+
+
+@pytest.mark.parametrize("nan", [float("nan"), -float("nan")])   # either sign bit: the kernels mask by sign bits
+def test_a_nan_in_a_visible_key_reaches_the_rows_that_read_it(nan):
+    """As in torch's SDPA: the rows that read a NaN key give NaN (a bad cache shows), no other row does."""
+    q, k_cache, v_cache, meta = make_batch([1, 1], [40, 40])
+    k_cache[meta.block_tables[0, 0], 3, 0, 5] = nan   # a key the first sequence sees (KV head 0)
+    out = run("cpu", q, k_cache, v_cache, meta)
+    assert out[0, :2].isnan().all() and not out[0, 2:].isnan().any()   # query heads 0-1 read KV head 0
+    torch.testing.assert_close(out[1], reference.attention(q, k_cache, v_cache, meta)[1])

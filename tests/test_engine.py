@@ -124,7 +124,8 @@ def test_kv_memory_is_zeroed_aligned_and_outlives_its_first_view():
 def test_a_steps_freed_scratch_stays_in_the_heap():
     import ctypes
     import resource
-    assert keep_freed_memory()   # glibc
+    if not keep_freed_memory():
+        pytest.skip("the C library is not glibc")
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]

@@ -45,7 +45,8 @@ class DecodeStep:
     def __init__(self, model, lib, linears: list[list]):
         self.model, self.lib, self.linears = model, lib, linears
         cfg = model.config
-        self.matmul = ctypes.cast(ggml.kernels().ggml_matmul, c_void_p).value
+        # the linears' own build: its ISA level packed their weights
+        self.matmul = ctypes.cast(linears[0][0].lib.ggml_matmul, c_void_p).value
         self.attention = ctypes.cast(attention_native.paged_attention(), c_void_p).value
         self.windows = [layer.self_attn.options.get("window") for layer in model.layers]
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
@@ -67,7 +68,7 @@ class DecodeStep:
             return None
         linears = [[m.quantized for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                           layer.mlp.down_proj)] for layer in model.layers]
-        if not all(isinstance(q, ggml.GGMLLinear) for qs in linears for q in qs):
+        if not all(isinstance(q, ggml.GGMLLinear) and q.lib is not None for qs in linears for q in qs):
             return None
         return cls(model, lib, linears)
 

@@ -693,6 +693,11 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int6
 }
 #endif
 
+/* the formats ggml_pack interleaves (a packed pointer with another format is ignored) */
+static int packable(int type) {
+    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q8_0);
+}
+
 /* the zero point a format's weight bytes carry, or -1 for a format without an int8 path (the K-quants: decoding
  * their 6-bit scales per group of 64 made them slower than their fp32 path) */
 static int int8_zero(int type) {
@@ -715,7 +720,7 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 4), (float *)buf, (float *)buf + lanes,
                (int32_t *)buf + 2 * lanes, (int32_t *)buf + 3 * lanes};
     quantize_rows(x, ldx, M, K, int8_zero(type), a);
-    int64_t groups = packed && PACKED_PATH ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
+    int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel num_threads(threads)
     {
@@ -749,7 +754,8 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
                 const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads, int int8) {
     if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
         return 2;
-    if (int8 && M > 0 && M <= TILE && int8_zero(type) >= 0 && (K % (32 * GB) == 0 || (packed && N % PACK_ROWS == 0)))
+    int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
+    if (int8 && M > 0 && M <= TILE && int8_zero(type) >= 0 && whole_groups)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, threads);
     int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int failed = 0;
@@ -813,7 +819,7 @@ int ggml_dequantize(int type, const uint8_t *w, int64_t row_bytes, int64_t K, co
  * per group, or 0 (nothing written) where this build or type has no packed path */
 int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, uint8_t *dst) {
     int bytes;
-    if (!PACKED_PATH || (type != Q4_0 && type != Q4_1 && type != Q8_0) || K % 32 || block_shape(type, &bytes) != 32
+    if (!packable(type) || K % 32 || block_shape(type, &bytes) != 32 || N < PACK_ROWS
         || (N % PACK_ROWS && K % (32 * GB)))   /* rows left over run row-major, which takes whole groups of K */
         return 0;
     const int head = type == Q4_1 ? 4 : 2, R = PACK_ROWS;
