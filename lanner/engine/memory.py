@@ -26,7 +26,8 @@ def keep_freed_memory() -> bool:
     much of a big step's memory (activations: a 2,048-token chunk's gate_up output is 25 MB in fp32; oneDNN's
     scratch) is mapped fresh, zeroed by the kernel page by page and unmapped again, step after step: on
     bench/throughput.py's workload 1.97M page faults where 0.44M remain with this (the KV pool's first
-    touches), and 5-15 % more tokens/s. vLLM's CPU backend gets the same from tcmalloc. The process keeps its
+    touches), and 5-15 % more tokens/s (measured offline, on the main thread's heap; a server's engine thread
+    allocates from its own glibc arena). vLLM's CPU backend gets the same from tcmalloc. The process keeps its
     peak working set. False where the C library is not glibc (nothing changed then)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
