@@ -1,13 +1,28 @@
 """Fused decoder steps (lanner/model/fused.c) equal HF's modules; a GGML linear's dense twin equals its blocks."""
+import os
+from unittest import mock
+
 import pytest
 import torch
 from test_ggml import random_weight
 
+from lanner import native
 from lanner.model import fused
 from lanner.model.layers import onednn_pack
 from lanner.quant.ggml import GGMLLinear
 
 pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler")
+
+
+@pytest.fixture(params=native.supported_isas())
+def isa(request):
+    """fused.c built for one instruction-set level this CPU runs (its 16-lane vectors split differently on each)."""
+    fused.library.cache_clear()
+    try:
+        with mock.patch.dict(os.environ, {"LANNER_ISA": request.param}):
+            yield request.param
+    finally:
+        fused.library.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -56,7 +71,7 @@ def test_dense_twin_answers_like_the_blocks(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 40])   # 40: 16 lanes at a time, then 4 one by one
-def test_rope_store_equals_rotary_then_store_kv(dtype, d):
+def test_rope_store_equals_rotary_then_store_kv_on_every_isa(isa, dtype, d):
     from lanner.attention import cpu
     from lanner.model.layers import RotaryEmbedding
     hq, hkv, t = 6, 2, 5
@@ -81,7 +96,7 @@ def test_rope_store_equals_rotary_then_store_kv(dtype, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_mul_equals_torch(dtype):
+def test_silu_mul_equals_torch_on_every_isa(isa, dtype):
     gate_up = (torch.randn(3, 2 * 200) * 4).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     with torch.inference_mode():
