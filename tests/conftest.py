@@ -1,4 +1,6 @@
+import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +20,18 @@ PROMPTS = [
     "1, 2, 3, 4, 5,",
     "<|im_start|>user\nWhat is LoRA?<|im_end|>\n<|im_start|>assistant\n",
 ]
+
+
+@contextlib.contextmanager
+def built_for_isa(isa: str, library):
+    """A kernel library (an lru_cached loader) built for one instruction-set level this CPU runs (LANNER_ISA) in
+    place of the best, for the duration."""
+    library.cache_clear()
+    try:
+        with mock.patch.dict(os.environ, {"LANNER_ISA": isa}):
+            yield isa
+    finally:
+        library.cache_clear()
 
 
 @pytest.fixture(scope="session", autouse=True)

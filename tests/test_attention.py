@@ -12,6 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import built_for_isa
 
 import lanner.native
 
@@ -344,13 +345,8 @@ def test_cpu_capped_prompt_goes_in_query_chunks(monkeypatch):
 
 @pytest.fixture(params=lanner.native.supported_isas())
 def isa(request):
-    """The kernel built for one instruction-set level this CPU runs (LANNER_ISA), in place of the best."""
-    native.paged_attention.cache_clear()
-    try:
-        with mock.patch.dict(os.environ, {"LANNER_ISA": request.param}):
-            yield request.param
-    finally:
-        native.paged_attention.cache_clear()
+    with built_for_isa(request.param, native.paged_attention) as level:
+        yield level
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

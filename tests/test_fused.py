@@ -1,9 +1,7 @@
 """Fused decoder steps (lanner/model/fused.c) equal HF's modules; a GGML linear's dense twin equals its blocks."""
-import os
-from unittest import mock
-
 import pytest
 import torch
+from conftest import built_for_isa
 from test_ggml import random_weight
 
 from lanner import native
@@ -16,13 +14,9 @@ pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler")
 
 @pytest.fixture(params=native.supported_isas())
 def isa(request):
-    """fused.c built for one instruction-set level this CPU runs (its 16-lane vectors split differently on each)."""
-    fused.library.cache_clear()
-    try:
-        with mock.patch.dict(os.environ, {"LANNER_ISA": request.param}):
-            yield request.param
-    finally:
-        fused.library.cache_clear()
+    """fused.c on every level: its 16-lane vectors split differently on each."""
+    with built_for_isa(request.param, fused.library) as level:
+        yield level
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
