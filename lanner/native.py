@@ -87,7 +87,14 @@ def load(source: str, isa_flags: tuple) -> ctypes.CDLL | None:
 
 def library(source: str) -> ctypes.CDLL | None:
     """`source` built for the current ISA level, or None when native kernels are off or cannot be built."""
-    return load(source, tuple(isa_flags())) if enabled() else None
+    return load(source, _flags(os.environ.get("LANNER_ISA"))) if enabled() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _flags(forced: str | None) -> tuple:
+    """isa_flags() for a LANNER_ISA value, worked out once: library() runs per call on decode steps, when
+    the weights they streamed have pushed the interpreter's own data out of the caches."""
+    return tuple(isa_flags())
 
 
 def _build(source: str, isa_flags: list[str]) -> str:

@@ -133,3 +133,19 @@ def test_sample_from_follows_the_distribution_and_never_picks_a_zero():
         assert chisquare(counts[keep], 4000 * probs[row][keep]).pvalue > 1e-3
     counts = torch.bincount(draws[:, 0], minlength=7).float()[probs[0] > 0]  # negative control: the same
     assert chisquare(counts, torch.full((4,), 1000.0)).pvalue < 1e-3        # draws are not uniform
+
+
+def test_argmax_rows_picks_as_torch_does():
+    """Greedy tokens come from numpy's argmax on CPU rows: the first of tied maxima, a NaN over any number, and
+    the same on the strided or bf16 rows that take torch's."""
+    import torch
+
+    from lanner.engine.sampler import argmax_rows
+    logits = torch.randn(6, 49152)
+    logits[1, 7] = logits[1, 9000] = 50.0                          # a tie: the first wins
+    logits[2, :] = float("-inf")                                    # nothing allowed: index 0
+    logits[3, 123] = float("nan")                                   # NaN beats everything
+    logits[4, 5] = float("inf")
+    for rows in (logits, logits[:, :1000], logits.bfloat16()):
+        assert torch.equal(argmax_rows(rows), rows.argmax(dim=-1))
+    assert argmax_rows(logits).tolist()[1:4] == [7, 0, 123]

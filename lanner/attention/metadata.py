@@ -1,4 +1,5 @@
 """What one packed, variable-length step tells the attention backends."""
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -41,12 +42,10 @@ class AttentionMetadata:
     @staticmethod
     def build(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
               slot_mapping: list[int], tree_mask: torch.Tensor | None = None) -> "AttentionMetadata":
+        # one tensor per field from Python lists: at decode sizes each op costs more than its data
         width = max((len(b) for b in block_tables), default=0) or 1
-        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
-        for i, blocks in enumerate(block_tables):
-            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
-        return AttentionMetadata(cu, torch.tensor(seq_lens, dtype=torch.int32), tables,
+        tables = torch.tensor([list(b) + [0] * (width - len(b)) for b in block_tables] or [[0]], dtype=torch.int32)
+        cu = torch.tensor([0] + list(itertools.accumulate(query_lens)), dtype=torch.int32)
+        return AttentionMetadata(cu, torch.tensor(seq_lens, dtype=torch.int32), tables[:len(block_tables)],
                                  torch.tensor(slot_mapping, dtype=torch.int64),
                                  max(query_lens, default=0), max(seq_lens, default=0), tree_mask)

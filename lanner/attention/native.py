@@ -44,10 +44,14 @@ class Launch:
         self.tree = None if meta.tree_mask is None else meta.tree_mask.to(torch.uint8).contiguous()
         self.window = window or 0
         self.threads = torch.get_num_threads()
-        keys = self.seq_lens[self.seqs]   # the kernel walks a sequence's keys from its first row's window on
-        if window:
-            keys = keys.clamp_max(meta.query_lens[self.seqs] + window - 1)
-        self.split = split_keys(self.seqs.numel(), int(keys.max()), self.threads)
+        if window or self.seqs.numel() != meta.num_seqs:
+            keys = self.seq_lens[self.seqs]   # the kernel walks a sequence's keys from its first row's window on
+            if window:
+                keys = keys.clamp_max(meta.query_lens[self.seqs] + window - 1)
+            longest = int(keys.max())
+        else:
+            longest = meta.max_seqlen_k
+        self.split = split_keys(self.seqs.numel(), longest, self.threads)
 
     def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor,
                  softcap: float | None = None) -> None:

@@ -12,7 +12,7 @@ from lanner.engine.kv_cache import BlockManager
 from lanner.distributed import make_runner
 from lanner.engine.multimodal import VisionPath, is_vision_model, split_prompt
 from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from lanner.engine.sampler import HistoryView, Sampler, filtered_probs, top_logprobs
+from lanner.engine.sampler import HistoryView, Sampler, argmax_rows, filtered_probs, top_logprobs
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.sequence import Sequence, Status
 from lanner.lora.prefix import PrefixPool
@@ -302,7 +302,7 @@ class LLMEngine:
             fused.mask_logits(logits, self.grammar_mask(seq))
         processed = self.sampler.processed_logits(logits, views)
         if seq.params.greedy:
-            tokens = verify_greedy(processed.argmax(dim=-1).tolist(), drafts)
+            tokens = verify_greedy(argmax_rows(processed).tolist(), drafts)
         else:
             tokens = verify_sampled(filtered_probs(processed, views), drafts, seq.spec_draft_probs,
                                     seq.generator)

@@ -36,7 +36,8 @@ class StepArgs(ctypes.Structure):
                 ("hkv", c_int), ("D", c_int), ("H", c_int), ("I", c_int), ("block_size", c_int), ("eps", c_float),
                 ("scale", c_float), ("softcap", c_float), ("T", c_int64), ("slots", c_void_p), ("cos_sin", c_void_p),
                 ("tables", c_void_p), ("seq_lens", c_void_p), ("cu", c_void_p), ("table_width", c_int),
-                ("num_seqs", c_int), ("tree_width", c_int), ("seqs", c_void_p), ("tree", c_void_p)]
+                ("num_seqs", c_int), ("tree_width", c_int), ("seqs", c_void_p), ("tree", c_void_p),
+                ("final_norm", c_void_p)]
 
 
 class DecodeStep:
@@ -80,8 +81,8 @@ class DecodeStep:
                 and x.dtype in (torch.float32, torch.bfloat16) and attn.k_cache.dtype == x.dtype
                 and self.model.norm.weight.dtype == x.dtype and not (lora is not None and lora.manager.batch))
 
-    def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last layer's output and the residual stream for embeddings x [T, H] (both [T, H], x's dtype)."""
+    def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> torch.Tensor:
+        """The final hidden states (after the model's last norm) for embeddings x [T, H]: [T, H] in x's dtype."""
         layers = self.layer_structs()
         launches = {w: self.launch(meta, w) for w in set(self.windows)}
         for layer, window in zip(layers, self.windows):
@@ -96,11 +97,11 @@ class DecodeStep:
                     slots.data_ptr(), cos_sin.data_ptr(), launch.tables.data_ptr(), launch.seq_lens.data_ptr(),
                        launch.cu.data_ptr(), launch.tables.shape[1], launch.seqs.numel(),
                        0 if tree is None else tree.shape[1], launch.seqs.data_ptr(),
-                       None if tree is None else tree.data_ptr())
-        residual = torch.empty_like(x)
-        ggml.check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr()),
-                    "decode step")
-        return x, residual
+                       None if tree is None else tree.data_ptr(), self.model.norm.weight.data_ptr())
+        residual, out = torch.empty_like(x), torch.empty_like(x)
+        ggml.check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr(),
+                                          out.data_ptr()), "decode step")
+        return out
 
     @staticmethod
     def launch(meta, window: int | None) -> attention_native.Launch:
@@ -108,7 +109,9 @@ class DecodeStep:
         them (the same split, so the same summation order)."""
         key = ("decode", window)
         if key not in meta.derived:
-            meta.derived[key] = attention_native.Launch(meta, (meta.query_lens >= 1).nonzero().flatten(), window)
+            every_one_row = meta.max_seqlen_q == 1 and meta.slot_mapping.numel() == meta.num_seqs   # plain decode
+            seqs = torch.arange(meta.num_seqs) if every_one_row else (meta.query_lens >= 1).nonzero().flatten()
+            meta.derived[key] = attention_native.Launch(meta, seqs, window)
         return meta.derived[key]
 
     def layer_structs(self) -> ctypes.Array:

@@ -176,6 +176,7 @@ typedef struct {
     int table_width, num_seqs, tree_width;
     const int64_t *seqs;
     const uint8_t *tree;
+    const void *final_norm;   /* the model's last RMSNorm weight, activations' dtype */
 } DecodeStep;
 
 static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to_bf16) {
@@ -217,9 +218,10 @@ static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, v
     return failed;
 }
 
-/* x [T, H]: the embeddings in, the last layer's output out; residual [T, H]: its running sum (the caller's
- * final norm adds the two). Returns nonzero when a kernel failed (out of memory). */
-int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layers, void *x, void *residual) {
+/* x [T, H]: the embeddings in; out [T, H]: the final norm of the last layer's output plus the residual
+ * stream (residual [T, H]: scratch for that stream). Returns nonzero when a kernel failed (out of memory). */
+int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layers, void *x, void *residual,
+                  void *out) {
     const int64_t T = s->T, es = s->bf16 ? 2 : 4, qn = (int64_t)s->hq * s->D;
     const int64_t width = qn + 2 * (int64_t)s->hkv * s->D;
     int64_t widest = width > 2 * s->I ? width : 2 * s->I;
@@ -250,6 +252,7 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
         silu_mul(gu, a, T, s->I, s->bf16);
         failed |= linear(s, &l->down, a, x, xf, yf);
     }
+    rms_norm(x, residual, s->final_norm, out, T, s->H, s->eps, s->bf16);
     free(act), free(f), free(qb);
     return failed;
 }

@@ -25,7 +25,7 @@ def library():
         lib.rope_store.argtypes = [p, p, i64, i, i, i, p, p, p, i]
         lib.silu_mul.argtypes = [p, p, i64, i64, i]
         lib.mask_logits.argtypes = [p, i64, p, i64, i64, i64]
-        lib.decode_layers.argtypes = [p, p, i, p, p]
+        lib.decode_layers.argtypes = [p, p, i, p, p, p]
         lib.rms_norm.restype = lib.rope_store.restype = lib.silu_mul.restype = lib.mask_logits.restype = None
         lib.decode_layers.restype = ctypes.c_int
     return lib

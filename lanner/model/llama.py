@@ -140,10 +140,9 @@ class LlamaForCausalLM(nn.Module):
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         tables = {rotary: rotary.table(positions, x.dtype) for rotary in {self.rotary, self.local_rotary}}
         if self.decode_step is not None and self.decode_step.fits(x, meta):
-            x, residual = self.decode_step(x, tables[self.rotary], meta)
-        else:
-            for layer in self.layers:
-                x, residual = layer(x, residual, tables[layer.rotary], meta)
+            return self.decode_step(x, tables[self.rotary], meta)
+        for layer in self.layers:
+            x, residual = layer(x, residual, tables[layer.rotary], meta)
         return self.norm(x, residual)[0]
 
     @property

@@ -32,6 +32,8 @@ QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model c
 # is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16
 SMALL_M, SMALL_M_WITHOUT_DENSE = 4, 16
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
+# rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
+FEW_ROWS = 16
 
 _local = threading.local()
 
@@ -120,8 +122,9 @@ class GGMLTensor:
         bf16 = dtype == torch.bfloat16
         out = torch.empty(rows, self.shape[1], dtype=torch.bfloat16 if bf16 else torch.float32) if out is None else out
         base = self.data.data_ptr() + first_row * self.data.shape[1]
+        threads = 1 if rows <= FEW_ROWS else torch.get_num_threads()
         check(lib.ggml_dequantize(self.type_id, base, self.data.shape[1], self.shape[1], ids_ptr, rows,
-                                   out.data_ptr(), int(bf16), torch.get_num_threads()), "dequantize")
+                                   out.data_ptr(), int(bf16), threads), "dequantize")
         return out if bf16 or dtype == torch.float32 else out.to(dtype)
 
     def _dequantize_numpy(self, ids_ptr, rows, dtype, first_row):

@@ -14,7 +14,7 @@ import torch
 from lanner.config import EngineConfig, ModelConfig, SpeculativeConfig
 from lanner.engine.kv_cache import BlockManager
 from lanner.engine.model_runner import ModelRunner
-from lanner.engine.sampler import HistoryView, Sampler, filtered_probs
+from lanner.engine.sampler import HistoryView, Sampler, argmax_rows, filtered_probs
 from lanner.engine.sequence import Sequence, Status
 from lanner.model.loader import load_model_files
 
@@ -167,7 +167,7 @@ def sample_drafts(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], 
     target's processing of each sequence (penalties, temperature, top-k/p) on the draft's logits."""
     views = [HistoryView(seq, d) for seq, d in zip(seqs, drafts)]
     logits = sampler.processed_logits(logits, views)
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = argmax_rows(logits).tolist()
     rows = [None] * len(seqs)
     sampled = [i for i, v in enumerate(views) if not v.params.greedy]
     if sampled:
