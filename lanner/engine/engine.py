@@ -12,7 +12,7 @@ from lanner.engine.kv_cache import BlockManager
 from lanner.distributed import make_runner
 from lanner.engine.multimodal import VisionPath, is_vision_model, split_prompt
 from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from lanner.engine.sampler import HistoryView, Sampler, argmax_rows, filtered_probs, top_logprobs
+from lanner.engine.sampler import HistoryView, Sampler, argmax_rows, filtered_probs, rows_of, top_logprobs
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.sequence import Sequence, Status
 from lanner.lora.prefix import PrefixPool
@@ -243,7 +243,7 @@ class LLMEngine:
             seq.num_computed_tokens += num
             self.num_computed_tokens_total += num
         sample_rows = self.record_prompt_logprobs(logits, row_seqs, row_tokens)
-        touched = self.sample_and_append(logits[sample_rows], [row_seqs[r] for r in sample_rows])
+        touched = self.sample_and_append(rows_of(logits, sample_rows), [row_seqs[r] for r in sample_rows])
         if self.proposer is not None and self.proposer.reads_hidden_states and \
                 len(self.scheduler.running) <= self.spec.max_batch_size:   # (no drafts above: nothing to feed)
             self.proposer.observe(scheduled, starts, self.runner.last_hidden)
@@ -271,7 +271,7 @@ class LLMEngine:
         """Plain rows sample one token each; a speculating sequence's 1 + k rows verify its drafts."""
         plain = [r for r, s in enumerate(seqs) if not s.spec_token_ids]
         if plain:
-            self.sample_plain(logits[plain], [seqs[r] for r in plain])
+            self.sample_plain(rows_of(logits, plain), [seqs[r] for r in plain])
         r = 0
         while r < len(seqs):
             seq = seqs[r]

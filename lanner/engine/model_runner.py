@@ -6,6 +6,7 @@ import torch
 from lanner.attention import AttentionMetadata, get_backend
 from lanner.config import EngineConfig, ModelConfig
 from lanner.engine.memory import keep_freed_memory, zeroed_kv_memory
+from lanner.engine.sampler import rows_of
 from lanner.engine.sequence import Sequence
 from lanner.engine.state_cache import StateCache
 from lanner.model.llama import LlamaForCausalLM
@@ -186,7 +187,7 @@ class ModelRunner:
             embeds = tuple(t.to(dev) for t in embeds)
         hidden = self.model(input_ids.to(dev), positions.to(dev), meta.to(dev), embeds)
         self.last_hidden = hidden   # every row's final hidden state: what an EAGLE head reads
-        logits = self.model.compute_logits(hidden[rows.to(dev)]).cpu()
+        logits = self.model.compute_logits(rows_of(hidden, rows.to(dev))).cpu()
         return logits, seqs, token_indices
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

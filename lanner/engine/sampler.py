@@ -21,6 +21,12 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def rows_of(x: torch.Tensor, rows) -> torch.Tensor:
+    """x[rows] for increasing, distinct row indices (a list or tensor); x itself when they are every row: at decode
+    sizes copying a step's logits or hidden states costs more than the sampling that follows."""
+    return x if len(rows) == x.shape[0] else x[rows]
+
+
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first largest logit (a NaN counts as largest), as torch.argmax; through numpy for CPU fp32 rows,
     whose vectorized argmax takes 2.6 us over a 49k vocabulary where torch's takes 28 (a decode step's 1 %)."""

@@ -50,6 +50,7 @@ class DecodeStep:
         self.matmul = ctypes.cast(linears[0][0].lib.ggml_matmul, c_void_p).value
         self.attention = ctypes.cast(attention_native.paged_attention(), c_void_p).value
         self.windows = [layer.self_attn.options.get("window") for layer in model.layers]
+        self.window_set, self.splits = set(self.windows), None   # splits: per window, what the layers hold
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
         self.max_rows = min([fused.MAX_ROWS] + [ggml.SMALL_M if q.dense is not None else ggml.SMALL_M_WITHOUT_DENSE
                                                 for qs in linears for q in qs])
@@ -84,9 +85,12 @@ class DecodeStep:
     def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> torch.Tensor:
         """The final hidden states (after the model's last norm) for embeddings x [T, H]: [T, H] in x's dtype."""
         layers = self.layer_structs()
-        launches = {w: self.launch(meta, w) for w in set(self.windows)}
-        for layer, window in zip(layers, self.windows):
-            layer.split = launches[window].split
+        launches = {w: self.launch(meta, w) for w in self.window_set}
+        splits = {w: launch.split for w, launch in launches.items()}
+        if splits != self.splits:   # (rarely: a split follows the context length)
+            for layer, window in zip(layers, self.windows):
+                layer.split = splits[window]
+            self.splits = splits
         launch = launches[self.windows[0]]   # the per-step arrays every window's launch shares
         cfg, attn = self.model.config, self.model.layers[0].self_attn
         x, cos_sin, slots = x.contiguous(), cos_sin.contiguous(), meta.slot_mapping.to(torch.int64).contiguous()
@@ -120,6 +124,7 @@ class DecodeStep:
         layers = self.model.layers
         if self.layers is None or self.cache_ptr != layers[0].self_attn.k_cache.data_ptr():
             self.layers = (LayerArgs * len(layers))(*[self.layer(layer, qs) for layer, qs in zip(layers, self.linears)])
+            self.splits = None
             self.cache_ptr = layers[0].self_attn.k_cache.data_ptr()
         return self.layers
 
