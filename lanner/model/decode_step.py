@@ -37,7 +37,7 @@ class StepArgs(ctypes.Structure):
                 ("scale", c_float), ("softcap", c_float), ("T", c_int64), ("slots", c_void_p), ("cos_sin", c_void_p),
                 ("tables", c_void_p), ("seq_lens", c_void_p), ("cu", c_void_p), ("table_width", c_int),
                 ("num_seqs", c_int), ("tree_width", c_int), ("seqs", c_void_p), ("tree", c_void_p),
-                ("final_norm", c_void_p)]
+                ("final_norm", c_void_p), ("head", LinearArgs), ("logits", c_void_p)]
 
 
 class DecodeStep:
@@ -54,7 +54,13 @@ class DecodeStep:
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
         self.max_rows = min([fused.MAX_ROWS] + [ggml.SMALL_M if q.dense is not None else ggml.SMALL_M_WITHOUT_DENSE
                                                 for qs in linears for q in qs])
-        self.biases = {id(q): q.bias.float().contiguous() for qs in linears for q in qs if q.bias is not None}
+        head = model.lm_head.quantized
+        # the LM head in the same call where it runs on the same kernels (a GGUF's; an HF model's stays dense)
+        self.head = head if isinstance(head, ggml.GGMLLinear) and head.lib is linears[0][0].lib else None
+        heads = [] if self.head is None else [self.head]
+        self.biases = {id(q): q.bias.float().contiguous() for qs in linears + [heads] for q in qs
+                       if q.bias is not None}
+        self.head_args = None if self.head is None else self.linear_args(self.head)
         self.layers, self.cache_ptr = None, None
 
     @classmethod
@@ -82,8 +88,9 @@ class DecodeStep:
                 and x.dtype in (torch.float32, torch.bfloat16) and attn.k_cache.dtype == x.dtype
                 and self.model.norm.weight.dtype == x.dtype and not (lora is not None and lora.manager.batch))
 
-    def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> torch.Tensor:
-        """The final hidden states (after the model's last norm) for embeddings x [T, H]: [T, H] in x's dtype."""
+    def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The final hidden states (after the model's last norm) for embeddings x [T, H], [T, H] in x's dtype, and
+        every row's fp32 logits [T, V] as compute_logits gives them (None where the head is not ours to run)."""
         layers = self.layer_structs()
         launches = {w: self.launch(meta, w) for w in self.window_set}
         splits = {w: launch.split for w, launch in launches.items()}
@@ -103,9 +110,14 @@ class DecodeStep:
                        0 if tree is None else tree.shape[1], launch.seqs.data_ptr(),
                        None if tree is None else tree.data_ptr(), self.model.norm.weight.data_ptr())
         residual, out = torch.empty_like(x), torch.empty_like(x)
+        lora = self.model.lm_head.lora
+        logits = None
+        if self.head is not None and not (lora is not None and lora.manager.batch):
+            logits = torch.empty(x.shape[0], self.head.out_features)
+            step.head, step.logits = self.head_args, logits.data_ptr()
         ggml.check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr(),
                                           out.data_ptr()), "decode step")
-        return out
+        return out, logits
 
     @staticmethod
     def launch(meta, window: int | None) -> attention_native.Launch:
@@ -130,9 +142,10 @@ class DecodeStep:
 
     def layer(self, layer, linears) -> LayerArgs:
         attn = layer.self_attn
-        parts = [LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(q.int8),
-                            q.weight.row_bytes, q.out_features, q.in_features,
-                            None if q.bias is None else self.biases[id(q)].data_ptr())
-                 for q in linears]
         return LayerArgs(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                     *parts, attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), attn.options.get("window") or 0, 0)
+                         *map(self.linear_args, linears), attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
+                         attn.options.get("window") or 0, 0)
+
+    def linear_args(self, q: ggml.GGMLLinear) -> LinearArgs:
+        return LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(q.int8), q.weight.row_bytes,
+                          q.out_features, q.in_features, None if q.bias is None else self.biases[id(q)].data_ptr())

@@ -177,6 +177,8 @@ typedef struct {
     const int64_t *seqs;
     const uint8_t *tree;
     const void *final_norm;   /* the model's last RMSNorm weight, activations' dtype */
+    GGMLLinear head;          /* the LM head, used when logits is not NULL */
+    float *logits;            /* [T, head.n] */
 } DecodeStep;
 
 static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to_bf16) {
@@ -203,6 +205,35 @@ static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void 
     return failed;
 }
 
+/* logits [T, V] of the normed hidden states h in fp32, rounded to bf16 where the activations are bf16: the
+ * PyTorch path's head output in the activations' dtype, widened again */
+static int head_logits(const DecodeStep *s, const void *h, float *hf) {
+    const GGMLLinear *l = &s->head;
+    const int64_t n = s->T * l->n;
+    const float *in = h;
+    if (s->bf16) {
+        convert(h, hf, s->T * l->k, 1, 0);
+        in = hf;
+    }
+    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, in, l->k, s->T, s->logits, l->n,
+                           s->threads, l->int8);
+    if (l->bias)
+        for (int64_t t = 0; t < s->T; t++)
+            for (int64_t i = 0; i < l->n; i++)
+                s->logits[t * l->n + i] += l->bias[i];
+    if (!s->bf16)
+        return failed;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        store16(s->logits, i, round16(load16(s->logits, i, 0), 1), 0);
+    for (; i < n; i++) {
+        uint16_t b;
+        store(&b, 0, s->logits[i], 1);
+        s->logits[i] = load(&b, 0, 1);
+    }
+    return failed;
+}
+
 static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, void *out, float *qf, uint16_t *qb,
                   float *of, float *lse) {
     const int64_t width = (int64_t)(s->hq + 2 * s->hkv) * s->D, qn = (int64_t)s->hq * s->D;
@@ -219,7 +250,8 @@ static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, v
 }
 
 /* x [T, H]: the embeddings in; out [T, H]: the final norm of the last layer's output plus the residual
- * stream (residual [T, H]: scratch for that stream). Returns nonzero when a kernel failed (out of memory). */
+ * stream (residual [T, H]: scratch for that stream); and the logits of every row where s->logits is set.
+ * Returns nonzero when a kernel failed (out of memory). */
 int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layers, void *x, void *residual,
                   void *out) {
     const int64_t T = s->T, es = s->bf16 ? 2 : 4, qn = (int64_t)s->hq * s->D;
@@ -253,6 +285,8 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
         failed |= linear(s, &l->down, a, x, xf, yf);
     }
     rms_norm(x, residual, s->final_norm, out, T, s->H, s->eps, s->bf16);
+    if (s->logits && !failed)
+        failed |= head_logits(s, out, xf);
     free(act), free(f), free(qb);
     return failed;
 }

@@ -128,6 +128,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
         self.decode_step = None   # every layer of a few-row step in one C call, where the model qualifies
+        self.step_logits = None   # (hidden, logits) of every row, where that call ran the LM head too
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -139,8 +140,11 @@ class LlamaForCausalLM(nn.Module):
         if self.config.embedding_scale is not None:   # as HF: the factor rounded to the activations' dtype
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         tables = {rotary: rotary.table(positions, x.dtype) for rotary in {self.rotary, self.local_rotary}}
+        self.step_logits = None
         if self.decode_step is not None and self.decode_step.fits(x, meta):
-            return self.decode_step(x, tables[self.rotary], meta)
+            hidden, logits = self.decode_step(x, tables[self.rotary], meta)
+            self.step_logits = None if logits is None else (hidden, logits)
+            return hidden
         for layer in self.layers:
             x, residual = layer(x, residual, tables[layer.rotary], meta)
         return self.norm(x, residual)[0]
@@ -166,7 +170,8 @@ class LlamaForCausalLM(nn.Module):
         self.decode_step = DecodeStep.build(self)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        ready = self.step_logits   # those the decode step computed with these very hidden states
+        logits = ready[1] if ready is not None and ready[0] is hidden else self.lm_head(hidden).float()
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
