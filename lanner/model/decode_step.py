@@ -1,8 +1,9 @@
 """Every decoder layer of a few-row step (single-stream decode, small batches) in one C call: fused.c's
 decode_layers runs what the PyTorch path runs for a layer of GGML linears -- norm, qkv, rotary + KV store,
-paged attention, o, norm, gate_up, silu * up, down -- with the same kernels and roundings, so the hidden
-states are bitwise equal. At these sizes the ~10 module calls and ~30 dispatches of a layer cost more than
-its kernels; here a step pays for one call.
+paged attention, o, norm, gate_up, silu * up, down -- then the final norm and, for a GGML LM head, every
+row's logits, with the same kernels and roundings, so hidden states and logits are bitwise equal. At these
+sizes the ~10 module calls and ~30 dispatches of a layer cost more than its kernels; here a step pays for
+one call.
 
 Taken only where everything is plain: GGML weights on the kernels' small-row path, the compiled attention,
 no adapter rows in the step, and an architecture without q/k norms, sandwich norms, partial rotary, GeGLU or
