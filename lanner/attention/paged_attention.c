@@ -204,22 +204,44 @@ INLINE float softmax_step(v16 *s, int start, int limit, const uint8_t *tree, int
 }
 
 /* acc[i] = acc[i] * alpha[i] + sum_c w[i][c] v[c] for `rows` accumulators, V rows at offs + head: each
- * register's worth of a V row is loaded (and widened) once for all of them, that much of every accumulator
- * at a time so that they stay in registers (16-lane vectors on AVX2 went through the stack: 4x slower). */
+ * register's worth of a V row is loaded (and widened) once for all of them, `slices` registers' worth of every
+ * accumulator at a time so that they stay in registers (16-lane vectors on AVX2 went through the stack: 4x
+ * slower). Several slices, because with one each key's FMAs waited on the previous key's (latency-bound);
+ * each dim still sums its keys in order. SLICES: as many as the registers hold with ROWS rows (16 on AVX2,
+ * 32 on AVX-512). */
+#define SLICES (NATIVE == 16 ? 4 : 2)
+INLINE void accumulate_slices(const Problem *p, const int64_t *offs, int head, int j, float *const *acc,
+                              const float *alpha, float (*w)[CHUNK], const int rows, const int slices, const int bf16) {
+    vn a[ROWS][SLICES];
+    for (int i = 0; i < rows; i++)
+        for (int s = 0; s < slices; s++) {
+            vn x;
+            memcpy(&x, acc[i] + j + s * NATIVE, sizeof x);
+            a[i][s] = x * alpha[i];
+        }
+    for (int c = 0; c < CHUNK; c++) {
+        vn v[SLICES];
+        for (int s = 0; s < slices; s++)
+            v[s] = load_native(p->v_cache, offs[c] + head + j + s * NATIVE, bf16);
+        for (int i = 0; i < rows; i++) {
+            const float weight = w[i][c];
+            for (int s = 0; s < slices; s++)
+                a[i][s] += weight * v[s];
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int s = 0; s < slices; s++)
+            memcpy(acc[i] + j + s * NATIVE, &a[i][s], sizeof(vn));
+}
+
+/* acc[i] = alpha[i] * acc[i] + sum over the chunk's keys c of w[i][c] * V[c] (the head's dims at `head`) */
 INLINE void accumulate(const Problem *p, const int64_t *offs, int head, float *const *acc, const float *alpha,
                        float (*w)[CHUNK], const int rows, const int D, const int bf16) {
-    for (int j = 0; j < D; j += NATIVE) {
-        vn a[ROWS];
-        for (int i = 0; i < rows; i++) {
-            memcpy(&a[i], acc[i] + j, sizeof(vn));
-            a[i] *= alpha[i];
-        }
-        for (int c = 0; c < CHUNK; c++) {
-            vn v = load_native(p->v_cache, offs[c] + head + j, bf16);
-            for (int i = 0; i < rows; i++) a[i] += w[i][c] * v;
-        }
-        for (int i = 0; i < rows; i++) memcpy(acc[i] + j, &a[i], sizeof(vn));
-    }
+    int j = 0;
+    for (; j + SLICES * NATIVE <= D; j += SLICES * NATIVE)
+        accumulate_slices(p, offs, head, j, acc, alpha, w, rows, SLICES, bf16);
+    for (; j < D; j += NATIVE)   /* head sizes that are not a whole number of passes */
+        accumulate_slices(p, offs, head, j, acc, alpha, w, rows, 1, bf16);
 }
 
 #if HAVE_DPBF16
