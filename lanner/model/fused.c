@@ -186,20 +186,25 @@ static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to
         store(dst, i, load(src, i, from_bf16), to_bf16);
 }
 
-/* y = x W^T (+ b) for T rows in the activations' dtype, through fp32 as GGMLLinear.small */
-static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, float *xf, float *yf) {
+/* y = x W^T (+ b) in fp32 for T rows of x, read in the activations' dtype (xf: room to widen bf16 rows) */
+static int linear_fp32(const DecodeStep *s, const GGMLLinear *l, const void *x, float *y, float *xf) {
     const float *in = x;
-    float *out = s->bf16 ? yf : y;
     if (s->bf16) {
         convert(x, xf, s->T * l->k, 1, 0);
         in = xf;
     }
-    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, in, l->k, s->T, out, l->n, s->threads,
+    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, in, l->k, s->T, y, l->n, s->threads,
                            l->int8);
     if (l->bias)
         for (int64_t t = 0; t < s->T; t++)
             for (int64_t i = 0; i < l->n; i++)
-                out[t * l->n + i] += l->bias[i];
+                y[t * l->n + i] += l->bias[i];
+    return failed;
+}
+
+/* y = x W^T (+ b) for T rows in the activations' dtype, through fp32 as GGMLLinear.small */
+static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, float *xf, float *yf) {
+    int failed = linear_fp32(s, l, x, s->bf16 ? yf : y, xf);
     if (s->bf16)
         convert(yf, y, s->T * l->n, 0, 1);
     return failed;
@@ -208,19 +213,8 @@ static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void 
 /* logits [T, V] of the normed hidden states h in fp32, rounded to bf16 where the activations are bf16: the
  * PyTorch path's head output in the activations' dtype, widened again */
 static int head_logits(const DecodeStep *s, const void *h, float *hf) {
-    const GGMLLinear *l = &s->head;
-    const int64_t n = s->T * l->n;
-    const float *in = h;
-    if (s->bf16) {
-        convert(h, hf, s->T * l->k, 1, 0);
-        in = hf;
-    }
-    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, in, l->k, s->T, s->logits, l->n,
-                           s->threads, l->int8);
-    if (l->bias)
-        for (int64_t t = 0; t < s->T; t++)
-            for (int64_t i = 0; i < l->n; i++)
-                s->logits[t * l->n + i] += l->bias[i];
+    const int64_t n = s->T * s->head.n;
+    int failed = linear_fp32(s, &s->head, h, s->logits, hf);
     if (!s->bf16)
         return failed;
     int64_t i = 0;
