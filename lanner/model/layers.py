@@ -186,10 +186,16 @@ class RotaryEmbedding(nn.Module):
             base = theta * ((scaling["factor"] * max_positions / context) - (scaling["factor"] - 1)) ** (dim / (dim - 2))
             freqs = positions * rope_inv_freq(dim, base, None, context)[0]
         self.register_buffer("cos_sin", torch.cat([freqs.cos() * factor, freqs.sin() * factor], -1), persistent=False)
+        self.converted: dict[torch.dtype, tuple] = {}   # dtype: (the cos_sin it came from, cos_sin in dtype)
 
     def table(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """cos | sin [T, dim] of positions, in dtype: looked up once per forward, shared by every layer."""
-        return self.cos_sin[positions].to(dtype)
+        """cos | sin [T, dim] of positions, in dtype: looked up once per forward, shared by every layer. The
+        whole table is converted once per dtype (rounding commutes with the lookup): one op per decode step."""
+        source, converted = self.converted.get(dtype, (None, None))
+        if source is not self.cos_sin:   # first use, or the buffer was replaced or moved since
+            converted = self.cos_sin.to(dtype)
+            self.converted[dtype] = self.cos_sin, converted
+        return converted[positions]
 
     def forward(self, table: torch.Tensor, *xs: torch.Tensor):
         cos, sin = table.unsqueeze(-2).chunk(2, dim=-1)
