@@ -58,9 +58,8 @@ class DecodeStep:
         head = model.lm_head.quantized
         # the LM head in the same call where it runs on the same kernels (a GGUF's; an HF model's stays dense)
         self.head = head if isinstance(head, ggml.GGMLLinear) and head.lib is linears[0][0].lib else None
-        heads = [] if self.head is None else [self.head]
-        self.biases = {id(q): q.bias.float().contiguous() for qs in linears + [heads] for q in qs
-                       if q.bias is not None}
+        every = [q for qs in linears for q in qs] + ([] if self.head is None else [self.head])
+        self.biases = {id(q): q.bias.float().contiguous() for q in every if q.bias is not None}
         self.head_args = None if self.head is None else self.linear_args(self.head)
         self.layers, self.cache_ptr = None, None
 
