@@ -111,6 +111,9 @@ def test_router_follows_the_prefix_until_its_replica_runs_too_far_ahead():
     router.forget(replicas[1])
     replicas[1].outstanding_tokens = 0
     assert router.holder(replicas, hot) is None
+    replicas[0].requests, replicas[0].incarnation_requests = 50, 50
+    replicas[1].requests, replicas[1].incarnation_requests = 193, 0       # just restarted, busy in its past life
+    assert router.choose(replicas, cold) is replicas[1]                   # ties: fewest routed to this incarnation
 
 
 def test_bad_replica_settings_are_clear_errors(tiny_dir):
@@ -228,7 +231,7 @@ def test_killed_replica_answers_every_non_streamed_request_and_comes_back(server
     assert all(r["in_flight"] == 0 for r in health(server)["replicas"])
     served_before = health(server)["replicas"][1]["requests"]
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
-    for i in range(6):      # least outstanding tokens, ties by requests served: the restarted replica gets work
+    for i in range(6):      # fewest outstanding tokens, ties by requests to this incarnation: the new one gets work
         client.completions.create(model=MODEL, prompt=random_ids(rng, 8), max_tokens=2)
     assert health(server)["replicas"][1]["requests"] > served_before
 

@@ -315,6 +315,7 @@ class Replica:
     restarts: int = 0
     failed_starts: int = 0
     requests: int = 0                   # routed to it, all incarnations
+    incarnation_requests: int = 0       # routed to its current incarnation: a restarted replica wins ties
     in_flight: int = 0
     outstanding_tokens: int = 0         # prompt + max output tokens of its unfinished requests
     stats: dict = field(default_factory=dict)          # its engine's, as of its latest step
@@ -354,8 +355,9 @@ def adapter_key(lora_request):
 class Router:
     """Picks a replica per request. prefix: the replica that most recently served the longest run of the
     request's leading blocks (it likely still caches them), unless that would put it more than imbalance_tokens
-    ahead of the lightest replica; then, and without a match, the least outstanding tokens. round_robin and
-    least_tokens are there to compare against."""
+    ahead of the lightest replica; then, and without a match, the least outstanding tokens (ties: the fewest
+    requests routed to the current incarnation, so a restarted replica gets work). round_robin and least_tokens
+    are there to compare against."""
 
     def __init__(self, policy: str, imbalance_tokens: int, capacity: int = PREFIX_MAP_CAPACITY):
         if policy not in ROUTING_POLICIES:
@@ -368,7 +370,7 @@ class Router:
     def choose(self, live: list[Replica], hashes: list[int]) -> Replica:
         if self.policy == "round_robin":
             return live[next(self.turn) % len(live)]
-        lightest = min(live, key=lambda r: (r.outstanding_tokens, r.requests))
+        lightest = min(live, key=lambda r: (r.outstanding_tokens, r.incarnation_requests))
         holder = self.holder(live, hashes) if self.policy == "prefix" else None
         if holder is not None and holder.outstanding_tokens - lightest.outstanding_tokens <= self.imbalance_tokens:
             self.prefix_routed += 1
@@ -508,6 +510,7 @@ class ReplicaSet(EngineClient):
     def attach(self, replica: Replica, channel) -> None:
         """A ready incarnation of the replica: start its sender and receiver threads."""
         replica.channel, replica.outbox, replica.state, replica.stats = channel, queue.SimpleQueue(), "alive", {}
+        replica.incarnation_requests = 0
         replica.threads = [
             threading.Thread(target=self.transmit, args=(channel, replica.outbox), daemon=True,
                              name=f"lanner-replica-{replica.id}-out"),
@@ -554,6 +557,7 @@ class ReplicaSet(EngineClient):
         self.router.remember(placement.hashes, replica)
         placement.replica = replica
         replica.requests += 1
+        replica.incarnation_requests += 1
         replica.in_flight += 1
         replica.outstanding_tokens += placement.cost
         self.placements[placement.request_id] = placement
