@@ -14,8 +14,8 @@ has it; the forced avx512 level has none).
     python bench/quant.py --logits
 
 instead runs the default model over a text sample one token a step (decode steps: the small-M path) on
-the int8 and the exact path, and HF in one forward on the dequantized weights: perplexity of each, and
-the int8 path's logit error against the exact one.
+the int8 and the exact path, the int8 path again in one forward (a prefill: the int8 GEMM), and HF in one
+forward on the dequantized weights: perplexity of each, and the int8 paths' logit error against the exact one.
 """
 import argparse
 import os
@@ -80,7 +80,7 @@ SAMPLE = ("The history of the bicycle begins in the early nineteenth century, wh
 
 def logit_error() -> dict:
     from conftest import hf_model_from, make_llm
-    from test_quant import stepwise_logits
+    from test_quant import prefill_logits, stepwise_logits
     from lanner.model.loader import load_model_files, pull_default_model
     path = pull_default_model()
     logits = {}
@@ -89,17 +89,23 @@ def logit_error() -> dict:
             llm = make_llm(path)
             ids = llm.tokenizer.encode(SAMPLE)
             logits[name] = stepwise_logits(llm, ids)
+            if name == "int8":
+                logits["int8_prefill"] = prefill_logits(llm, ids)   # one forward: the int8 GEMM
             del llm
     config, weights, _, _ = load_model_files(path, dense=True)
     with torch.no_grad():
         logits["hf"] = hf_model_from(config, weights)(torch.tensor([ids])).logits[0].float()
     target = torch.tensor(ids[1:])
     ppl = {k: torch.nn.functional.cross_entropy(v[:-1], target).exp().item() for k, v in logits.items()}
-    diff = (logits["int8"] - logits["exact"]).abs()
-    return {"tokens": len(ids), **{f"ppl_{k}": round(v, 4) for k, v in ppl.items()},
-            "int8_vs_exact_mean_abs": round(diff.mean().item(), 4), "int8_vs_exact_max_abs": round(diff.max().item(), 3),
+    errors = {}
+    for name in ("int8", "int8_prefill"):
+        diff = (logits[name] - logits["exact"]).abs()
+        errors.update({f"{name}_vs_exact_mean_abs": round(diff.mean().item(), 4),
+                       f"{name}_vs_exact_max_abs": round(diff.max().item(), 3),
+                       f"{name}_top1_agree": round((logits[name].argmax(-1) == logits["exact"].argmax(-1))
+                                                   .float().mean().item(), 4)})
+    return {"tokens": len(ids), **{f"ppl_{k}": round(v, 4) for k, v in ppl.items()}, **errors,
             "logit_std": round(logits["exact"].std().item(), 3),
-            "top1_agree": round((logits["int8"].argmax(-1) == logits["exact"].argmax(-1)).float().mean().item(), 4),
             "exact_vs_hf_max_abs": round((logits["exact"] - logits["hf"]).abs().max().item(), 5)}
 
 

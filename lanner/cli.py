@@ -24,9 +24,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="serve a PEFT LoRA adapter under NAME (repeatable); enables LoRA")
     p.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct adapters in one batch")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
-    p.add_argument("--no-dense-gemm-weights", dest="dense_gemm_weights", action="store_false",
-                   help="hold a GGUF model's weights only as blocks: prefill and big batches dequantize them "
-                        "per step (less memory, slower) instead of using a dense oneDNN copy")
+    p.add_argument("--dense-gemm-weights", action=argparse.BooleanOptionalAction, default=d.dense_gemm_weights,
+                   help="also hold a GGUF model's weights as a dense oneDNN copy for prefill and big batches (by "
+                        "default only those the int8 GEMM does not take); --no-dense-gemm-weights: blocks only, "
+                        "dequantized per step where the int8 GEMM does not run (less memory, slower)")
     p.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS) + list(QUANTIZATION_ALIASES),
                    help="an HF model's linears quantized at load into a GGML block format (int8 = q8_0, "
                         "int4 = q4_1) or nf4 as in QLoRA; a GGUF model keeps its file's formats")

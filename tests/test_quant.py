@@ -76,9 +76,19 @@ def stepwise_logits(llm, ids: list[int]) -> torch.Tensor:
                           for p, t in enumerate(ids)])
 
 
+def prefill_logits(llm, ids: list[int]) -> torch.Tensor:
+    """Logits of every position from one forward over them all: a prefill, the kernels' GEMM path."""
+    from lanner.attention import AttentionMetadata
+    model, n = llm.engine.runner.model, len(ids)
+    blocks = list(range(-(-n // llm.engine.cfg.block_size)))
+    with torch.no_grad():
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(n),
+                                          AttentionMetadata.build([n], [n], [blocks], list(range(n)))))
+
+
 def test_int8_activations_answer_right_and_stay_close_to_the_exact_path(default_model_path):
-    """Decode steps run on int8 activations by default. Measured on this text: logits within 0.055 of the
-    largest one's size (mean |diff| 0.2 logit), the same argmax at every position. (On a near tie they may
+    """Decode steps and prefills run on int8 activations by default. Measured on this text: logits within 0.055
+    of the largest one's size (mean |diff| 0.2 logit), the same argmax at every position. (On a near tie they may
     differ: asked for France's capital, the exact path's "The" leads the int8 path's "L'" by 0.08 logit.)"""
     with mock.patch.dict(os.environ, {"LANNER_EXACT_LINEARS": "0"}):
         llm = make_llm(default_model_path)
@@ -86,12 +96,15 @@ def test_int8_activations_answer_right_and_stay_close_to_the_exact_path(default_
     msgs = [{"role": "user", "content": "What is the capital of Germany?"}]
     assert "Berlin" in llm.chat(msgs, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
     ids = llm.tokenizer.encode(PROMPTS[0] + " Paris, and the capital of Germany is Berlin. " + PROMPTS[2])
-    got = stepwise_logits(llm, ids)
     with mock.patch.dict(os.environ, {"LANNER_EXACT_LINEARS": "1"}):
-        want = stepwise_logits(make_llm(default_model_path), ids)
-    assert (got - want).abs().max() < 0.1 * want.abs().max()
-    assert (got - want).abs().mean() < 0.4
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+        exact = make_llm(default_model_path)
+    want = stepwise_logits(exact, ids)
+    torch.testing.assert_close(prefill_logits(exact, ids), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    for got in (stepwise_logits(llm, ids), prefill_logits(llm, ids)):   # decode steps; one GEMM-sized prefill
+        assert (got - want).abs().max() < 0.1 * want.abs().max()
+        assert (got - want).abs().mean() < 0.4
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert prefill_logits(llm, ids).shape[0] == len(ids) > 16   # more rows than any decode path takes
 
 
 def test_bfloat16_runs_where_onednn_has_no_native_bf16(default_model_path):

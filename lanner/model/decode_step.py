@@ -53,8 +53,7 @@ class DecodeStep:
         self.windows = [layer.self_attn.options.get("window") for layer in model.layers]
         self.window_set, self.splits = set(self.windows), None   # splits: per window, what the layers hold
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
-        self.max_rows = min([fused.MAX_ROWS] + [ggml.SMALL_M if q.dense is not None else ggml.SMALL_M_WITHOUT_DENSE
-                                                for qs in linears for q in qs])
+        self.max_rows = min([fused.MAX_ROWS] + [q.small_rows for qs in linears for q in qs])
         head = model.lm_head.quantized
         # the LM head in the same call where it runs on the same kernels (a GGUF's; an HF model's stays dense)
         self.head = head if isinstance(head, ggml.GGMLLinear) and head.lib is linears[0][0].lib else None

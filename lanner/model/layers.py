@@ -43,13 +43,14 @@ class Linear(nn.Linear):
         """None: every weight comes from a checkpoint (and initializing meta tensors imports torch's compiler
         stack, seconds of start-up)."""
 
-    def pack(self, quantization: str = "none", dense_gemm: bool = True, int8: bool = True) -> None:
-        """dense_gemm: a GGML weight also keeps a dense oneDNN copy for steps of more than SMALL_M rows; int8:
-        its small steps may run on int8 activations (unless LANNER_EXACT_LINEARS=1)."""
+    def pack(self, quantization: str = "none", dense_gemm: bool | None = None, int8: bool = True) -> None:
+        """dense_gemm: a GGML weight also keeps a dense oneDNN copy for steps of more than SMALL_M rows (None:
+        where no int8 GEMM takes them); int8: it may run on int8 activations (unless LANNER_EXACT_LINEARS=1)."""
         if self.ggml is not None:
             from lanner.quant.ggml import GGMLLinear
-            dense = onednn_pack(self.ggml.dequantize(self.weight.dtype)) if dense_gemm else None
-            self.quantized = GGMLLinear(self.ggml, self.bias, dense, int8)
+            self.quantized = GGMLLinear(self.ggml, self.bias, None, int8)
+            if dense_gemm or (dense_gemm is None and not self.quantized.int8_gemm):
+                self.quantized.dense = onednn_pack(self.ggml.dequantize(self.weight.dtype))
         elif quantization != "none":
             from lanner.quant import quantize_linear
             self.quantized = quantize_linear(self.weight.detach(), self.bias, quantization)

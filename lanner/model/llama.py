@@ -158,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.layers if layer.mamba is None]
 
-    def pack_weights(self, quantization: str = "none", dense_gemm: bool = True) -> None:
+    def pack_weights(self, quantization: str = "none", dense_gemm: bool | None = None) -> None:
         """Inference layouts for every linear. An HF model's LM head is not quantized at load (it is the
         most sensitive linear); a GGUF model's keeps the format its file gives it, as llama.cpp's does."""
         for name, module in self.named_modules():

@@ -90,7 +90,7 @@ class MambaForCausalLM(nn.Module):
             missing = list(params)
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
-    def pack_weights(self, quantization: str = "none", dense_gemm: bool = True) -> None:
+    def pack_weights(self, quantization: str = "none", dense_gemm: bool | None = None) -> None:
         """Every linear in its inference layout (the mixers' quantized at load if asked; the head stays exact)."""
         for name, module in self.named_modules():
             if isinstance(module, Linear):

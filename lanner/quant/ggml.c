@@ -500,26 +500,40 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
 typedef struct { int8_t *q; float *d, *s; int32_t *z, *sum; } qacts;
 
 static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int zero, qacts a) {
+    const vi magnitude = (vi){0} + 0x7fffffff, sign = ~magnitude;
+    const vf below_half = (vf){0} + 0.49999997f;   /* + 0.5 - ulp, then truncation: half away from zero */
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < K / 32; b++) {
             const float *xb = x + m * ldx + 32 * b;
-            int8_t *q = a.q + m * K + 32 * b;
-            float amax = 0, probe = 0;   /* probe: NaN when a value is NaN or infinite */
-            for (int j = 0; j < 32; j++) {
-                amax = xb[j] > amax ? xb[j] : -xb[j] > amax ? -xb[j] : amax;
-                probe += xb[j] * 0.0f;
+            vf v[STEP], amax = {0}, probe = {0};   /* probe: NaN when a value is NaN or infinite */
+            for (int s = 0; s < STEP; s++) {
+                v[s] = loadv(xb + s * VW);
+                vf mag = (vf)((vi)v[s] & magnitude);
+                vi more = mag > amax;
+                amax = (vf)(((vi)mag & more) | ((vi)amax & ~more));
+                probe += v[s] * 0.0f;
             }
+            float top = 0, nan = 0;
+            for (int l = 0; l < VW; l++)
+                top = amax[l] > top ? amax[l] : top, nan += probe[l];
             /* a non-finite block gives NaN (d), as the exact path would, not rounded garbage */
-            float d = probe == 0 ? amax / 127 : NAN, id = probe == 0 && d ? 1 / d : 0;
-            int sum = 0;
-            for (int j = 0; j < 32; j++)
-                sum += q[j] = (int8_t)roundf(xb[j] * id);
+            float d = nan == 0 ? top / 127 : NAN, id = nan == 0 && d ? 1 / d : 0;
+            int8_t *q = a.q + m * K + 32 * b;
+            for (int s = 0; s < STEP; s++) {
+                vf t = v[s] * id;
+                vi r = __builtin_convertvector(t + (vf)(((vi)t & sign) | (vi)below_half), vi);
+                for (int l = 0; l < VW; l++)
+                    q[s * VW + l] = (int8_t)r[l];
+            }
+            int sum = 0, lane[8];
+            for (int l = 0; l < 8; l++)
+                sum += lane[l] = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
             a.sum[m * (K / 32) + b] = sum;
             for (int l = 0; l < 8; l++) {
                 int64_t o = m * (K / 4) + 8 * b + l;
                 a.d[o] = d;
                 a.s[o] = d * sum / 8;
-                a.z[o] = -zero * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+                a.z[o] = -zero * lane[l];
             }
         }
     }
@@ -588,6 +602,11 @@ static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t 
  * the instructions per weight of the row-major kernel above. Rows past the last whole group stay in GGML's
  * layout at the end; the byte count is GGML's. */
 #define PACK_ROWS LANES
+#if GB == 2
+#define PTILE 8   /* activation rows against one packed group at a time: 32 vector registers hold 8 rows' sums */
+#else
+#define PTILE 4
+#endif
 #if defined(__AVX2__)
 #define PACKED_PATH 1
 typedef int16_t lh __attribute__((vector_size(LANES * 4)));
@@ -609,7 +628,7 @@ INLINE li widen16(lh s) { return (li)_mm256_madd_epi16((__m256i)s, _mm256_set1_e
 /* a block's 4-bit values of the group against rows activation rows: d[m] lane r = row r's integer dot product.
  * Without VNNI the 16-bit pair sums of a block add up before widening: 8 of at most 2 * 15 * 127 fit. */
 INLINE void dot_q4_block(const uint8_t *vals, qacts a, const int rows, int64_t K, int64_t b, li *d) {
-    lh s[TILE];
+    lh s[PTILE];
     for (int m = 0; m < rows; m++)
         d[m] = (li){0}, s[m] = (lh){0};
     for (int c = 0; c < 4; c++) {
@@ -645,33 +664,40 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
                         const int rows, int64_t K, float *restrict y, int64_t ldy) {
     const int scales = has_min ? 2 : 1;
     const int64_t bytes = LANES * (2 * scales + bits * 4);   /* one block of the group */
-    lf acc[TILE], accm[TILE];
+    lf acc[PTILE];
     for (int m = 0; m < rows; m++)
-        acc[m] = accm[m] = (lf){0};
+        acc[m] = (lf){0};
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = grp + b * bytes;
-        li d[TILE];
+        li d[PTILE];
         if (bits == 4)
             dot_q4_block(blk + 2 * scales * LANES, a, rows, K, b, d);
         else
             dot_q8_block(blk + 2 * scales * LANES, a, rows, K, b, d);
-        lf wd = halves(blk), wm = has_min ? halves(blk + 2 * LANES) : (lf){0};
+        lf wd = halves(blk), wm8 = has_min ? halves(blk + 2 * LANES) * 8 : (lf){0};
         for (int m = 0; m < rows; m++) {
-            int32_t sum = a.sum[m * (K / 32) + b];
-            float dx = a.d[m * (K / 4) + 8 * b];
-            acc[m] += __builtin_convertvector(zero ? d[m] - zero * sum : d[m], lf) * (wd * dx);
+            int64_t o = m * (K / 4) + 8 * b;
+            acc[m] += __builtin_convertvector(zero ? d[m] - zero * a.sum[m * (K / 32) + b] : d[m], lf) * (wd * a.d[o]);
             if (has_min)
-                accm[m] += wm * (dx * sum);
+                acc[m] += wm8 * a.s[o];   /* s = dx * block sum / 8 */
         }
     }
-    for (int m = 0; m < rows; m++) {
-        lf t = acc[m] + accm[m];
-        memcpy(y + m * ldy, &t, sizeof t);
-    }
+    for (int m = 0; m < rows; m++)
+        memcpy(y + m * ldy, &acc[m], sizeof acc[m]);
 }
 
+#if PTILE == 8
+#define PACKED_WIDE(bits, has_min, zero)                                                                    \
+    case 8: qdot_packed(bits, has_min, zero, grp, a, 8, K, y, ldy); return;                               \
+    case 7: qdot_packed(bits, has_min, zero, grp, a, 7, K, y, ldy); return;                               \
+    case 6: qdot_packed(bits, has_min, zero, grp, a, 6, K, y, ldy); return;                               \
+    case 5: qdot_packed(bits, has_min, zero, grp, a, 5, K, y, ldy); return;
+#else
+#define PACKED_WIDE(bits, has_min, zero)
+#endif
 #define PACKED_OF(bits, has_min, zero)                                                                      \
     switch (M) {                                                                                           \
+    PACKED_WIDE(bits, has_min, zero)                                                                       \
     case 4: qdot_packed(bits, has_min, zero, grp, a, 4, K, y, ldy); return;                               \
     case 3: qdot_packed(bits, has_min, zero, grp, a, 3, K, y, ldy); return;                               \
     case 2: qdot_packed(bits, has_min, zero, grp, a, 2, K, y, ldy); return;                               \
@@ -710,7 +736,13 @@ static int int8_zero(int type) {
     }
 }
 
-/* y = W x on int8 activations (M <= TILE), W row-major or packed (its whole groups); 1: out of memory */
+/* the activation rows from m on */
+static qacts rows_from(qacts a, int64_t m, int64_t K) {
+    return (qacts){a.q + m * K, a.d + m * (K / 4), a.s + m * (K / 4), a.z + m * (K / 4), a.sum + m * (K / 32)};
+}
+
+/* y = W x on int8 activations, W row-major or packed (its whole groups). More rows than a tile (prefill, big
+ * batches: compute-bound) run tile by tile against each group while its weights are in L1. 1: out of memory */
 static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                    const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
     int64_t lanes = M * K / 4, blocks = M * K / 32;
@@ -719,18 +751,29 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
         return 1;
     qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 4), (float *)buf, (float *)buf + lanes,
                (int32_t *)buf + 2 * lanes, (int32_t *)buf + 3 * lanes};
-    quantize_rows(x, ldx, M, K, int8_zero(type), a);
+    const int zero = int8_zero(type);
+    if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
+        quantize_rows(x, ldx, M, K, zero, a);
     int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel num_threads(threads)
     {
+        if (M > TILE) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++)
+                quantize_rows(x + m * ldx, ldx, 1, K, zero, rows_from(a, m, K));
+        }
 #pragma omp for schedule(static) nowait
         for (int64_t g = 0; g < groups; g++)
-            qmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, a, M, y + g * PACK_ROWS, ldy);
+            for (int64_t m = 0; m < M; m += PTILE)
+                qmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, rows_from(a, m, K),
+                              M - m < PTILE ? M - m : PTILE, y + m * ldy + g * PACK_ROWS, ldy);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-            qmatmul_rows(type, w, row_bytes, n0, n1, K, a, M, y, ldy);
+            for (int64_t m = 0; m < M; m += TILE)
+                qmatmul_rows(type, w, row_bytes, n0, n1, K, rows_from(a, m, K), M - m < TILE ? M - m : TILE,
+                             y + m * ldy, ldy);
         }
     }
     free(buf);
@@ -745,8 +788,8 @@ int ggml_block_size(int type) {
     return block_shape(type, &bytes);
 }
 
-/* y[m, n] = sum_k W[n, k] x[m, k] for m < M, n < N; x [M, ldx] and y [M, ldy] fp32. int8: up to TILE rows
- * of a format with an int8 path (and K a whole number of groups) run on int8 activations, on `packed` (W as
+/* y[m, n] = sum_k W[n, k] x[m, k] for m < M, n < N; x [M, ldx] and y [M, ldy] fp32. int8: the rows of a
+ * format with an int8 path (and K a whole number of groups) run on int8 activations, on `packed` (W as
  * ggml_pack wrote it, or NULL) where given; else (or without int8) the result equals dequantize-then-matmul
  * up to summation order.
  * Returns 1 when a thread's row buffer cannot be allocated, 2 for a type or K this file cannot take. */
@@ -755,7 +798,7 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
     if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
         return 2;
     int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
-    if (int8 && M > 0 && M <= TILE && int8_zero(type) >= 0 && whole_groups)
+    if (int8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, threads);
     int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int failed = 0;

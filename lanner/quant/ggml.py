@@ -28,9 +28,10 @@ BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": 
           "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
           "Q6_K": (14, 256, 210), "BF16": (30, 32, 64)}
 QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model can be quantized into at load
-# activation rows up to which the kernel multiplies directly: beyond 4 rows oneDNN's GEMM on a dense copy
-# is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16
-SMALL_M, SMALL_M_WITHOUT_DENSE = 4, 16
+# activation rows up to which the exact kernel multiplies directly: beyond 4 rows oneDNN's GEMM on a dense copy
+# is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16. The int8
+# GEMM on packed weights takes every step (bench/quant.py --gemm: on par with oneDNN's bf16, 2x its fp32).
+SMALL_M, SMALL_M_WITHOUT_DENSE, ALL_ROWS = 4, 16, 1 << 62
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 # rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
 FEW_ROWS = 16
@@ -155,11 +156,23 @@ class GGMLLinear:
         self.int8 = int8 and int8_activations()
         self.packed = self._pack() if self.int8 and self.lib is not None else None
 
+    @property
+    def int8_gemm(self) -> bool:
+        """Whether steps of any size run on the kernel's int8 GEMM (packed weights): no dense copy needed."""
+        return self.int8 and self.packed is not None
+
+    @property
+    def small_rows(self) -> int:
+        """The most activation rows a call multiplies on the kernel rather than on the dense copy (or, without
+        either, on rows dequantized per call)."""
+        if self.dense is not None:
+            return SMALL_M
+        return ALL_ROWS if self.int8_gemm else SMALL_M_WITHOUT_DENSE
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         lib = self.lib
-        small = SMALL_M if self.dense is not None else SMALL_M_WITHOUT_DENSE
-        y = self.small(x2, lib, self.int8) if x2.shape[0] <= small and lib is not None else self.large(x2)
+        y = self.small(x2, lib, self.int8) if x2.shape[0] <= self.small_rows and lib is not None else self.large(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _pack(self) -> torch.Tensor | None:
