@@ -44,13 +44,16 @@ class Linear(nn.Linear):
         stack, seconds of start-up)."""
 
     def pack(self, quantization: str = "none", dense_gemm: bool | None = None, int8: bool = True) -> None:
-        """dense_gemm: a GGML weight also keeps a dense oneDNN copy for steps of more than SMALL_M rows (None:
-        where no int8 GEMM takes them); int8: it may run on int8 activations (unless LANNER_EXACT_LINEARS=1)."""
+        """dense_gemm: a GGML weight also keeps a dense oneDNN copy (made at the first big step) for big steps
+        (None: where the int8 GEMM does not run, or is slower: beside oneDNN's native bf16); int8: it may run on
+        int8 activations (unless LANNER_EXACT_LINEARS=1)."""
         if self.ggml is not None:
             from lanner.quant.ggml import GGMLLinear
             self.quantized = GGMLLinear(self.ggml, self.bias, None, int8)
-            if dense_gemm or (dense_gemm is None and not self.quantized.int8_gemm):
-                self.quantized.dense = onednn_pack(self.ggml.dequantize(self.weight.dtype))
+            if dense_gemm is None:
+                dense_gemm = not self.quantized.int8_gemm or (self.weight.dtype == torch.bfloat16
+                                                              and bf16_matmul_native())
+            self.quantized.dense_dtype = self.weight.dtype if dense_gemm else None
         elif quantization != "none":
             from lanner.quant import quantize_linear
             self.quantized = quantize_linear(self.weight.detach(), self.bias, quantization)

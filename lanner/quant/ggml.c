@@ -494,10 +494,42 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
     return w;
 }
 
-/* the activations quantized: q [rows, K] int8; per lane (4 values, [rows, K / 4]) the block's scale d,
- * its share s = d * block sum / 8 of the min term, and -zero * the lane's sum; per block ([rows, K / 32])
- * the sum of its values */
-typedef struct { int8_t *q; float *d, *s; int32_t *z, *sum; } qacts;
+/* the activations quantized: q [rows, K] int8; per block ([rows, K / 32]) the sum of its values, its scale bd
+ * and bs = bd * sum (the packed kernel's); for the row-major kernel (NULL where it does not run) per lane (4
+ * values, [rows, K / 4]) the block's scale d, its share s = d * block sum / 8 of the min term, and -zero *
+ * the lane's sum */
+typedef struct { int8_t *q; float *d, *s; int32_t *z, *sum; float *bd, *bs; } qacts;
+
+typedef int8_t qv __attribute__((vector_size(VW)));
+
+/* a vector's largest lane / its lanes' sum, in log2(VW) rotations */
+INLINE vf rotate(vf v, int by) {
+    vi idx;
+    for (int l = 0; l < VW; l++)
+        idx[l] = (l + by) % VW;
+    return __builtin_shuffle(v, idx);
+}
+
+INLINE float max_lane(vf v) {
+    for (int by = VW / 2; by; by /= 2) {
+        vf r = rotate(v, by);
+        vi more = r > v;
+        v = (vf)(((vi)r & more) | ((vi)v & ~more));
+    }
+    return v[0];
+}
+
+INLINE float sum_lanes(vf v) {
+    for (int by = VW / 2; by; by /= 2)
+        v += rotate(v, by);
+    return v[0];
+}
+
+INLINE int sum_int_lanes(vi v) {
+    for (int by = VW / 2; by; by /= 2)
+        v += (vi)rotate((vf)v, by);
+    return v[0];
+}
 
 static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int zero, qacts a) {
     const vi magnitude = (vi){0} + 0x7fffffff, sign = ~magnitude;
@@ -513,27 +545,27 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int
                 amax = (vf)(((vi)mag & more) | ((vi)amax & ~more));
                 probe += v[s] * 0.0f;
             }
-            float top = 0, nan = 0;
-            for (int l = 0; l < VW; l++)
-                top = amax[l] > top ? amax[l] : top, nan += probe[l];
+            float top = max_lane(amax), nan = sum_lanes(probe);
             /* a non-finite block gives NaN (d), as the exact path would, not rounded garbage */
             float d = nan == 0 ? top / 127 : NAN, id = nan == 0 && d ? 1 / d : 0;
             int8_t *q = a.q + m * K + 32 * b;
+            vi total = {0};
             for (int s = 0; s < STEP; s++) {
                 vf t = v[s] * id;
                 vi r = __builtin_convertvector(t + (vf)(((vi)t & sign) | (vi)below_half), vi);
-                for (int l = 0; l < VW; l++)
-                    q[s * VW + l] = (int8_t)r[l];
+                qv bytes = __builtin_convertvector(r, qv);
+                memcpy(q + s * VW, &bytes, VW);
+                total += r;
             }
-            int sum = 0, lane[8];
-            for (int l = 0; l < 8; l++)
-                sum += lane[l] = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+            int sum = sum_int_lanes(total);
             a.sum[m * (K / 32) + b] = sum;
-            for (int l = 0; l < 8; l++) {
+            a.bd[m * (K / 32) + b] = d;
+            a.bs[m * (K / 32) + b] = d * sum;
+            for (int l = 0; l < 8 && a.d; l++) {
                 int64_t o = m * (K / 4) + 8 * b + l;
                 a.d[o] = d;
                 a.s[o] = d * sum / 8;
-                a.z[o] = -zero * lane[l];
+                a.z[o] = -zero * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
             }
         }
     }
@@ -674,12 +706,12 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
             dot_q4_block(blk + 2 * scales * LANES, a, rows, K, b, d);
         else
             dot_q8_block(blk + 2 * scales * LANES, a, rows, K, b, d);
-        lf wd = halves(blk), wm8 = has_min ? halves(blk + 2 * LANES) * 8 : (lf){0};
+        lf wd = halves(blk), wm = has_min ? halves(blk + 2 * LANES) : (lf){0};
         for (int m = 0; m < rows; m++) {
-            int64_t o = m * (K / 4) + 8 * b;
-            acc[m] += __builtin_convertvector(zero ? d[m] - zero * a.sum[m * (K / 32) + b] : d[m], lf) * (wd * a.d[o]);
+            int64_t o = m * (K / 32) + b;
+            acc[m] += __builtin_convertvector(zero ? d[m] - zero * a.sum[o] : d[m], lf) * (wd * a.bd[o]);
             if (has_min)
-                acc[m] += wm8 * a.s[o];   /* s = dx * block sum / 8 */
+                acc[m] += wm * a.bs[o];
         }
     }
     for (int m = 0; m < rows; m++)
@@ -738,24 +770,36 @@ static int int8_zero(int type) {
 
 /* the activation rows from m on */
 static qacts rows_from(qacts a, int64_t m, int64_t K) {
-    return (qacts){a.q + m * K, a.d + m * (K / 4), a.s + m * (K / 4), a.z + m * (K / 4), a.sum + m * (K / 32)};
+    qacts r = a;
+    r.q += m * K, r.sum += m * (K / 32), r.bd += m * (K / 32), r.bs += m * (K / 32);
+    if (a.d)
+        r.d += m * (K / 4), r.s += m * (K / 4), r.z += m * (K / 4);
+    return r;
 }
 
+/* activation rows a GEMM takes against every group before the next ones: their int8 values and block scales
+ * stay in L2 (a core's 1-2 MiB) while the weights stream past */
+#define GEMM_ACT_BYTES (256 << 10)
+
 /* y = W x on int8 activations, W row-major or packed (its whole groups). More rows than a tile (prefill, big
- * batches: compute-bound) run tile by tile against each group while its weights are in L1. 1: out of memory */
+ * batches: compute-bound) run tile by tile against each group while its weights are in L1, a chunk of rows
+ * (GEMM_ACT_BYTES) against every group at a time. 1: out of memory */
 static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                    const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
-    int64_t lanes = M * K / 4, blocks = M * K / 32;
-    char *buf = malloc(M * K + lanes * (2 * sizeof(float) + sizeof(int32_t)) + blocks * sizeof(int32_t));
-    if (!buf)
-        return 1;
-    qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 4), (float *)buf, (float *)buf + lanes,
-               (int32_t *)buf + 2 * lanes, (int32_t *)buf + 3 * lanes};
-    const int zero = int8_zero(type);
-    if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
-        quantize_rows(x, ldx, M, K, zero, a);
     int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    int64_t lanes = tasks ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane values: the row-major kernel's */
+    char *buf = malloc(lanes * 12 + blocks * 12 + M * K);
+    if (!buf)
+        return 1;
+    float *f = (float *)buf;
+    qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 12), lanes ? f : NULL, lanes ? f + lanes : NULL,
+               lanes ? (int32_t *)f + 2 * lanes : NULL, (int32_t *)f + 3 * lanes, f + 3 * lanes + blocks,
+               f + 3 * lanes + 2 * blocks};
+    const int zero = int8_zero(type);
+    const int64_t chunk = (GEMM_ACT_BYTES / (K + K / 32 * 12) / PTILE + 1) * PTILE;
+    if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
+        quantize_rows(x, ldx, M, K, zero, a);
 #pragma omp parallel num_threads(threads)
     {
         if (M > TILE) {
@@ -763,11 +807,14 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
             for (int64_t m = 0; m < M; m++)
                 quantize_rows(x + m * ldx, ldx, 1, K, zero, rows_from(a, m, K));
         }
+        for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+            int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
 #pragma omp for schedule(static) nowait
-        for (int64_t g = 0; g < groups; g++)
-            for (int64_t m = 0; m < M; m += PTILE)
-                qmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, rows_from(a, m, K),
-                              M - m < PTILE ? M - m : PTILE, y + m * ldy + g * PACK_ROWS, ldy);
+            for (int64_t g = 0; g < groups; g++)
+                for (int64_t m = m0; m < m1; m += PTILE)
+                    qmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, rows_from(a, m, K),
+                                  m1 - m < PTILE ? m1 - m : PTILE, y + m * ldy + g * PACK_ROWS, ldy);
+        }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;

@@ -30,8 +30,9 @@ BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": 
 QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model can be quantized into at load
 # activation rows up to which the exact kernel multiplies directly: beyond 4 rows oneDNN's GEMM on a dense copy
 # is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16. The int8
-# GEMM on packed weights takes every step (bench/quant.py --gemm: on par with oneDNN's bf16, 2x its fp32).
-SMALL_M, SMALL_M_WITHOUT_DENSE, ALL_ROWS = 4, 16, 1 << 62
+# GEMM on packed weights is 2x oneDNN's fp32 at every size, and beats its native bf16 up to ~32 rows (0.85-0.9x
+# of it beyond, on AVX512-BF16): it takes every step, or those up to INT8_GEMM_ROWS where a bf16 copy is kept.
+SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 32, 1 << 62
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 # rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
 FEW_ROWS = 16
@@ -146,10 +147,13 @@ class GGMLLinear:
     mode = "ggml"
 
     def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None,
-                 int8: bool = True):
-        """dense: the same weight in oneDNN's packed layout, for the large-batch path (else dequantized per call);
-        int8: whether small steps may run on int8 activations (never with LANNER_EXACT_LINEARS=1)."""
+                 int8: bool = True, dense_dtype: torch.dtype | None = None):
+        """dense: the same weight in oneDNN's packed layout, for the large-batch path (else dequantized per call,
+        or the int8 GEMM); dense_dtype: make that copy, in this dtype, at the first step that takes it (start-up
+        and memory pay only where big steps run); int8: whether it may run on int8 activations (never with
+        LANNER_EXACT_LINEARS=1)."""
         self.weight, self.bias, self.dense = weight, None if bias is None else bias.detach(), dense
+        self.dense_dtype = dense_dtype
         self.out_features, self.in_features = weight.shape
         self.chunk_rows = max(64, DEQUANT_CHUNK_ELEMENTS // self.in_features)
         self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
@@ -165,8 +169,8 @@ class GGMLLinear:
     def small_rows(self) -> int:
         """The most activation rows a call multiplies on the kernel rather than on the dense copy (or, without
         either, on rows dequantized per call)."""
-        if self.dense is not None:
-            return SMALL_M
+        if self.dense is not None or self.dense_dtype is not None:
+            return INT8_GEMM_ROWS if self.int8_gemm else SMALL_M
         return ALL_ROWS if self.int8_gemm else SMALL_M_WITHOUT_DENSE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +202,9 @@ class GGMLLinear:
         return y.to(x.dtype)
 
     def large(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_dtype is not None:   # None where oneDNN does not run the dtype natively: no copy then
+            from lanner.model.layers import onednn_pack
+            self.dense, self.dense_dtype = onednn_pack(self.weight.dequantize(self.dense_dtype)), None
         if self.dense is not None and x.dtype == self.dense.dtype:
             from lanner.model.layers import onednn_linear
             return onednn_linear(x, self.dense, None if self.bias is None else self.bias.to(x.dtype))
