@@ -1,13 +1,14 @@
 """Weights kept in GGML's block formats, as GGUF files store them, and the linears that multiply with them.
 
 A GGUF model's weights are not dequantized at load: each stays as its rows of blocks (Q4_1 is 0.625 bytes
-a weight, 6.4x fewer than fp32), and ggml.c multiplies with them directly. Steps of up to SMALL_M rows
-(single-stream decode) dot each weight group with every activation row, so the step streams the quantized
-bytes once: on int8 activations by default (integer dot products, as llama.cpp), on fp32 activations
-(exact: dequantize-then-matmul up to summation order) with LANNER_EXACT_LINEARS=1. Larger steps
-(prefill, big batches) are compute-bound: they run oneDNN's GEMM on a dense copy made at load
-(`dense_gemm_weights`, the default), or, without one, dequantize chunks of rows into a scratch buffer per
-call.
+a weight, 6.4x fewer than fp32), and ggml.c multiplies with them directly. By default on int8 activations
+(integer dot products, as llama.cpp): small steps (decode) dot each weight group with every activation row,
+so the step streams the quantized bytes once; larger ones (prefill, big batches: compute-bound) run the same
+kernel as a GEMM, tiles of rows against each group of packed weights while it is in L1. With
+LANNER_EXACT_LINEARS=1 activations stay fp32 (exact: dequantize-then-matmul up to summation order) up to
+SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step. That copy is
+also kept where oneDNN runs bf16 natively (it beats the int8 GEMM past INT8_GEMM_ROWS rows there), and where
+the format has no int8 path; without one, chunks of rows are dequantized into a scratch buffer per call.
 HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1).
 """
 from __future__ import annotations
