@@ -248,7 +248,7 @@ class EngineConfig:
     speculative: SpeculativeConfig | dict | str | None = None
     quantization: str = "none"                # none | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | nf4 (int8 = q8_0, int4 = q4_1)
     dense_gemm_weights: bool | None = None   # GGUF blocks also held dense (oneDNN, made at the first big step)
-    #                                          for big steps; None: where the int8 GEMM does not run or is slower
+    #                                          for big steps; None: where the int8 GEMM does not run
     enable_lora: bool = False
     max_loras: int = 8                        # distinct adapters in one step
     max_lora_rank: int = 64

@@ -45,14 +45,13 @@ class Linear(nn.Linear):
 
     def pack(self, quantization: str = "none", dense_gemm: bool | None = None, int8: bool = True) -> None:
         """dense_gemm: a GGML weight also keeps a dense oneDNN copy (made at the first big step) for big steps
-        (None: where the int8 GEMM does not run, or is slower: beside oneDNN's native bf16); int8: it may run on
-        int8 activations (unless LANNER_EXACT_LINEARS=1)."""
+        (None: where the int8 GEMM does not run); int8: it may run on int8 activations (unless
+        LANNER_EXACT_LINEARS=1)."""
         if self.ggml is not None:
             from lanner.quant.ggml import GGMLLinear
             self.quantized = GGMLLinear(self.ggml, self.bias, None, int8)
             if dense_gemm is None:
-                dense_gemm = not self.quantized.int8_gemm or (self.weight.dtype == torch.bfloat16
-                                                              and bf16_matmul_native())
+                dense_gemm = not self.quantized.int8_gemm
             self.quantized.dense_dtype = self.weight.dtype if dense_gemm else None
         elif quantization != "none":
             from lanner.quant import quantize_linear

@@ -502,32 +502,46 @@ typedef struct { int8_t *q; float *d, *s; int32_t *z, *sum; float *bd, *bs; } qa
 
 typedef int8_t qv __attribute__((vector_size(VW)));
 
-/* a vector's largest lane / its lanes' sum, in log2(VW) rotations */
-INLINE vf rotate(vf v, int by) {
-    vi idx;
-    for (int l = 0; l < VW; l++)
-        idx[l] = (l + by) % VW;
-    return __builtin_shuffle(v, idx);
+/* a vector's largest lane / its lanes' sum, in log2(VW) swaps of halves, quarters, ... (constant masks: GCC
+ * computed a mask built in a loop lane by lane, at run time) */
+#if VW == 16
+#define SWAPS(v, op)                                                                                           \
+    v = op(v, __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));              \
+    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));              \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));              \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+#elif VW == 8
+#define SWAPS(v, op)                                                                                           \
+    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3}));                                            \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5}));                                            \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6}));
+#else
+#define SWAPS(v, op)                                                                                           \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1}));                                                        \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2}));
+#endif
+
+INLINE vf larger(vf a, vf b) {
+    vi more = a > b;
+    return (vf)(((vi)a & more) | ((vi)b & ~more));
 }
 
+INLINE vf plus(vf a, vf b) { return a + b; }
+
+INLINE vi plus_int(vi a, vi b) { return a + b; }
+
 INLINE float max_lane(vf v) {
-    for (int by = VW / 2; by; by /= 2) {
-        vf r = rotate(v, by);
-        vi more = r > v;
-        v = (vf)(((vi)r & more) | ((vi)v & ~more));
-    }
+    SWAPS(v, larger)
     return v[0];
 }
 
 INLINE float sum_lanes(vf v) {
-    for (int by = VW / 2; by; by /= 2)
-        v += rotate(v, by);
+    SWAPS(v, plus)
     return v[0];
 }
 
 INLINE int sum_int_lanes(vi v) {
-    for (int by = VW / 2; by; by /= 2)
-        v += (vi)rotate((vf)v, by);
+    SWAPS(v, plus_int)
     return v[0];
 }
 
@@ -540,9 +554,7 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int
             vf v[STEP], amax = {0}, probe = {0};   /* probe: NaN when a value is NaN or infinite */
             for (int s = 0; s < STEP; s++) {
                 v[s] = loadv(xb + s * VW);
-                vf mag = (vf)((vi)v[s] & magnitude);
-                vi more = mag > amax;
-                amax = (vf)(((vi)mag & more) | ((vi)amax & ~more));
+                amax = larger((vf)((vi)v[s] & magnitude), amax);
                 probe += v[s] * 0.0f;
             }
             float top = max_lane(amax), nan = sum_lanes(probe);

@@ -6,9 +6,9 @@ a weight, 6.4x fewer than fp32), and ggml.c multiplies with them directly. By de
 so the step streams the quantized bytes once; larger ones (prefill, big batches: compute-bound) run the same
 kernel as a GEMM, tiles of rows against each group of packed weights while it is in L1. With
 LANNER_EXACT_LINEARS=1 activations stay fp32 (exact: dequantize-then-matmul up to summation order) up to
-SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step. That copy is
-also kept where oneDNN runs bf16 natively (it beats the int8 GEMM past INT8_GEMM_ROWS rows there), and where
-the format has no int8 path; without one, chunks of rows are dequantized into a scratch buffer per call.
+SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step, as do formats
+without an int8 path (and any weight given dense_gemm_weights=True); without one, chunks of rows are
+dequantized into a scratch buffer per call.
 HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1).
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": 
 QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model can be quantized into at load
 # activation rows up to which the exact kernel multiplies directly: beyond 4 rows oneDNN's GEMM on a dense copy
 # is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16. The int8
-# GEMM on packed weights is 2x oneDNN's fp32 at every size, and beats its native bf16 up to ~32 rows (0.85-0.9x
-# of it beyond, on AVX512-BF16): it takes every step, or those up to INT8_GEMM_ROWS where a bf16 copy is kept.
+# GEMM on packed weights beats oneDNN's fp32 2-5x and its native bf16 (AVX512-BF16) 1.1-1.2x: it takes every
+# step, or those up to INT8_GEMM_ROWS where a dense copy is asked for (dense_gemm_weights=True: oneDNN's AMX
+# bf16 GEMM, which this kernel does not use, on CPUs that have AMX).
 SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 32, 1 << 62
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 # rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
