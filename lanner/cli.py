@@ -1,7 +1,9 @@
 """`lanner generate | chat | pull | resize | ...`: the command line."""
 import argparse
+import atexit
 import os
 import sys
+import threading
 
 from lanner.config import QUANTIZATION_ALIASES, QUANTIZATIONS, EngineConfig
 
@@ -243,5 +245,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The `lanner` command: main(), then the exit handlers (logs flushed, temporary files removed), then the
+    process ends without Python tearing down torch's modules and tensors one by one, which took 0.3-0.5 s of
+    every `lanner generate` (the OS frees the memory at once). Normally where other threads are still running."""
+    code = main()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -49,3 +49,18 @@ def test_a_bad_grammar_or_missing_schema_file_is_reported(capsys, default_model_
     assert "cannot be compiled" in capsys.readouterr().err
     assert main(["generate", "Hi", "--json-schema", "@/nonexistent/schema.json", "--kv-cache-memory", "0.1"]) == 2
     assert "cannot read /nonexistent/schema.json" in capsys.readouterr().err
+
+
+def test_the_command_ends_fast_yet_flushes_its_output_and_runs_exit_handlers(default_model_path):
+    """`lanner` (cli.run) skips Python's teardown: what it printed and the exit handlers must not be lost."""
+    import subprocess
+    import sys
+    script = ("import atexit, sys; atexit.register(lambda: print('handler ran', file=sys.stderr)); "
+              "sys.argv = ['lanner'] + sys.argv[1:]; from lanner.cli import run; run()")
+    ok = subprocess.run([sys.executable, "-c", script, "generate", "The capital of France is", "--raw",
+                         "--max-tokens", "6", "--dtype", "float32", "--kv-cache-memory", "0.1"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "Paris" in ok.stdout and "handler ran" in ok.stderr
+    bad = subprocess.run([sys.executable, "-c", script, "generate", "Hi", "--temperature", "-1",
+                          "--kv-cache-memory", "0.1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "temperature" in bad.stderr and "handler ran" in bad.stderr
