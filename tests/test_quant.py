@@ -105,6 +105,10 @@ def test_int8_activations_answer_right_and_stay_close_to_the_exact_path(default_
         assert (got - want).abs().mean() < 0.4
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     assert prefill_logits(llm, ids).shape[0] == len(ids) > 16   # more rows than any decode path takes
+    # memory: the int8 GEMM took that prefill without a dense copy; the exact path made one at its first
+    gate_up = lambda m: m.engine.runner.model.layers[0].mlp.gate_up_proj.quantized
+    assert (gate_up(llm).dense is None) == gate_up(llm).int8_gemm == (native.isa() != "scalar")
+    assert gate_up(exact).dense is not None   # fp32: oneDNN runs it everywhere
 
 
 def test_bfloat16_runs_where_onednn_has_no_native_bf16(default_model_path):
