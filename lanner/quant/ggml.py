@@ -31,7 +31,7 @@ BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": 
 QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model can be quantized into at load
 # activation rows up to which the exact kernel multiplies directly: beyond 4 rows oneDNN's GEMM on a dense copy
 # is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16. The int8
-# GEMM on packed weights beats oneDNN's fp32 2-5x and its native bf16 (AVX512-BF16) 1.1-1.2x: it takes every
+# GEMM on packed weights beats oneDNN's fp32 2-5x and its native bf16 (AVX512-BF16) 1.1-1.3x: it takes every
 # step, or those up to INT8_GEMM_ROWS where a dense copy is asked for (dense_gemm_weights=True: oneDNN's AMX
 # bf16 GEMM, which this kernel does not use, on CPUs that have AMX).
 SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 32, 1 << 62
