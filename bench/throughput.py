@@ -26,8 +26,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-# 64 prompt tokens: a step big enough to make the dense GEMM copies a GGUF model builds at its first big step
+# 64 prompt tokens, 8 requests at once: steps big enough (a prefill, then 8-row decode steps for the LM head)
+# to make the dense GEMM copies a GGUF model builds at its first big step
 WARMUP = ([random.Random(-1).randint(*common.VOCAB_RANGE) for _ in range(64)], 4)
+WARMUP_REQUESTS = 8
 
 
 def record(system, dtype, config, work, seconds, **extra):
@@ -43,7 +45,8 @@ def run_lanner(path, dtype, device, options: dict, work, subset_note):
     llm = LLM(model=path, dtype=dtype, device=device, **options)
     backend = getattr(getattr(llm.engine.runner, "backend", None), "__name__", "?").rsplit(".", 1)[-1]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
-    llm.generate([WARMUP[0]], SamplingParams(temperature=0, max_tokens=WARMUP[1], ignore_eos=True), use_tqdm=False)
+    llm.generate([WARMUP[0]] * WARMUP_REQUESTS, SamplingParams(temperature=0, max_tokens=WARMUP[1], ignore_eos=True),
+                 use_tqdm=False)
     common.sync(device)
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in work], params, use_tqdm=False)

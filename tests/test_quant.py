@@ -100,11 +100,12 @@ def test_int8_activations_answer_right_and_stay_close_to_the_exact_path(default_
         exact = make_llm(default_model_path)
     want = stepwise_logits(exact, ids)
     torch.testing.assert_close(prefill_logits(exact, ids), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
-    for got in (stepwise_logits(llm, ids), prefill_logits(llm, ids)):   # decode steps; one GEMM-sized prefill
+    prefill = prefill_logits(llm, ids)
+    for got in (stepwise_logits(llm, ids), prefill):   # decode steps; one GEMM-sized prefill
         assert (got - want).abs().max() < 0.1 * want.abs().max()
         assert (got - want).abs().mean() < 0.4
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
-    assert prefill_logits(llm, ids).shape[0] == len(ids) > 16   # more rows than any decode path takes
+    assert prefill.shape[0] == len(ids) > 16   # more rows than any decode path takes
     # memory: the int8 GEMM took that prefill without a dense copy; the exact path made one at its first
     gate_up = lambda m: m.engine.runner.model.layers[0].mlp.gate_up_proj.quantized
     assert (gate_up(llm).dense is None) == gate_up(llm).int8_gemm == (native.isa() != "scalar")
