@@ -3,6 +3,7 @@
 The Triton kernels run under TRITON_INTERPRET=1 on CPU (small shapes: the interpreter is slow), and
 natively when LANNER_TEST_DEVICE=cuda. The CPU fast path always runs on CPU.
 """
+import ctypes
 import os
 import shutil
 import subprocess
@@ -374,13 +375,45 @@ def test_only_the_window_is_read(backend):
     assert torch.equal(poisoned[0], clean[0]) and torch.equal(poisoned[1], clean[1])
 
 
-def test_native_splits_are_sized_by_the_window():
-    """A decode step over 10k keys with a 4k window splits (and reads) only the window."""
-    meta = AttentionMetadata.build([1], [10_000], [list(range(625))], [0])
-    seqs = torch.tensor([0])
-    threads = torch.get_num_threads()
-    assert native.Launch(meta, seqs, 4096).split == native.split_keys(1, 4096, threads)
-    assert native.Launch(meta, seqs).split == native.split_keys(1, 10_000, threads)
+def attention_pieces(seq_lens, q_lens, window=0, cap=1 << 30, threads=2):
+    """The kernel's work items for these sequences: [(sequence, first key, end key, run)]."""
+    fn = lanner.native.library(native.SOURCE).attention_pieces
+    seq_lens_c = (ctypes.c_int32 * len(seq_lens))(*seq_lens)
+    cu = (ctypes.c_int32 * (len(q_lens) + 1))(*[sum(q_lens[:i]) for i in range(len(q_lens) + 1)])
+    seqs = (ctypes.c_int64 * len(seq_lens))(*range(len(seq_lens)))
+    args = [seq_lens_c, cu, seqs, len(seq_lens), window, cap, threads]
+    n = fn(*args, None, 0)
+    out = (ctypes.c_int32 * (4 * n))()
+    assert fn(*args, out, n) == n
+    return [tuple(out[4 * j:4 * j + 4]) for j in range(n)]
+
+
+def test_native_pieces_cover_each_window_in_one_run_per_thread():
+    """A decode step over 10k keys with a 4k window reads only the window, cut into equal runs, one per thread."""
+    for threads in (1, 2, 3):
+        pieces = attention_pieces([10_000], [1], window=4096, threads=threads)
+        assert [p[3] for p in pieces] == list(range(threads))
+        assert pieces[0][1] == 10_000 - 4096 and pieces[-1][2] == 10_000
+        assert all(a[2] == b[1] for a, b in zip(pieces, pieces[1:]))
+        sizes = [p[2] - p[1] for p in pieces]
+        assert max(sizes) - min(sizes) <= threads   # ceil(keys / threads) each, the rest to the last
+    assert attention_pieces([40], [1], threads=2) == [(0, 0, 40, 0)]   # too little work to split
+
+
+@pytest.mark.parametrize("cap", [1 << 30, 37])
+def test_native_pieces_balance_work_across_runs(cap):
+    """Mixed sequences (decode rows, verify rows, a prompt chunk): every key is in exactly one piece, pieces
+    respect the cap, and each run's work (keys x query rows) is within one key's work (and rounding) of an equal share."""
+    seq_lens, q_lens, threads = [700, 50, 1200, 90, 300, 2000], [1, 1, 4, 1, 128, 1], 2
+    pieces = attention_pieces(seq_lens, q_lens, cap=cap, threads=threads)
+    for i, n in enumerate(seq_lens):
+        mine = [p for p in pieces if p[0] == i]
+        assert mine[0][1] == 0 and mine[-1][2] == n and all(a[2] == b[1] for a, b in zip(mine, mine[1:]))
+    assert all(0 < p[2] - p[1] <= cap for p in pieces)
+    assert [p[3] for p in pieces] == sorted(p[3] for p in pieces)
+    work = [sum((p[2] - p[1]) * q_lens[p[0]] for p in pieces if p[3] == r) for r in range(threads)]
+    share = sum(n * q for n, q in zip(seq_lens, q_lens)) / threads
+    assert all(abs(w - share) <= max(q_lens) + threads for w in work)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
@@ -405,16 +438,10 @@ def test_a_failed_build_falls_back_to_pytorch_with_a_warning(monkeypatch, tmp_pa
 @pytest.mark.parametrize("keys_per_split", [1, 16, 37])
 @pytest.mark.parametrize("window, softcap", [(None, None), (5, 30.0), (40, None)])
 def test_native_splits_merge_by_lse(monkeypatch, keys_per_split, window, softcap):
-    monkeypatch.setattr(native, "split_keys", lambda *args: keys_per_split)
+    monkeypatch.setattr(native, "MAX_PIECE_KEYS", keys_per_split)
     for dtype in (torch.float32, torch.bfloat16):
         batch = make_batch([1, 1, 3, 1, 2], [70, 5, 100, 33, 47], num_heads=6, num_kv_heads=2, tree=True, dtype=dtype)
         assert_matches_reference("cpu", capped_batch(batch, softcap), dtype=dtype, window=window, softcap=softcap)
-
-
-def test_split_keys_splits_only_when_sequences_are_too_few():
-    assert native.split_keys(items=64, max_len=4096, threads=2) >= 4096     # enough sequences: whole contexts
-    assert native.split_keys(items=1, max_len=4096, threads=2) == 512       # one sequence: 8 pieces
-    assert native.split_keys(items=1, max_len=300, threads=2) == 256        # never pieces under 256 keys
 
 
 def test_importing_attention_does_not_need_triton():

@@ -12,6 +12,7 @@ from lanner import native
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paged_attention.c")
 MAX_HEAD_DIM = 256   # the kernel's per-row registers
+MAX_PIECE_KEYS = 1 << 30   # the kernel cuts work items by work per thread; this caps their keys (tests lower it)
 
 
 def fits(head_dim: int) -> bool:
@@ -33,7 +34,7 @@ def paged_attention():
 
 
 class Launch:
-    """The kernel's per-step arguments (int32 tables, the sequences, the window, the split), built once per
+    """The kernel's per-step arguments (int32 tables, the sequences, the window, the pieces' cap), built once per
     step and window and reused by every layer with that window: only q, the caches and the outputs change."""
 
     def __init__(self, meta, seqs: torch.Tensor, window: int | None = None):
@@ -44,14 +45,7 @@ class Launch:
         self.tree = None if meta.tree_mask is None else meta.tree_mask.to(torch.uint8).contiguous()
         self.window = window or 0
         self.threads = torch.get_num_threads()
-        if window or self.seqs.numel() != meta.num_seqs:
-            keys = self.seq_lens[self.seqs]   # the kernel walks a sequence's keys from its first row's window on
-            if window:
-                keys = keys.clamp_max(meta.query_lens[self.seqs] + window - 1)
-            longest = int(keys.max())
-        else:
-            longest = meta.max_seqlen_k
-        self.split = split_keys(self.seqs.numel(), longest, self.threads)
+        self.split = MAX_PIECE_KEYS
 
     def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor,
                  softcap: float | None = None) -> None:
@@ -68,10 +62,3 @@ class Launch:
             self.window, softcap or 0.0, self.split, out.data_ptr(), lse.data_ptr(), self.threads)
         if failed:
             raise MemoryError("paged attention: out of memory for the splits' partial results")
-
-
-def split_keys(items: int, max_len: int, threads: int, min_keys: int = 256) -> int:
-    """Keys per work item: split contexts only when there are too few sequences to fill
-    every thread a few times over, and never into pieces shorter than min_keys."""
-    wanted = -(-4 * threads // max(items, 1))
-    return max(min_keys, -(-max_len // wanted))

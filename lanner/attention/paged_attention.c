@@ -1,13 +1,13 @@
 /* Paged attention for sequences with up to a few hundred new tokens (decode, speculative verify, short
  * prompt chunks), compiled at first use.
  *
- * One work item is (sequence, split of its context): it walks that split's keys through the block table
+ * One work item is (sequence, piece of its context): it walks that piece's keys through the block table
  * CHUNK at a time with FlashAttention's online softmax for every query row of the sequence (its new
  * tokens times the query heads). A chunk's rows (all KV heads, contiguous in a block) of an fp32 cache are
  * first read through in address order; then, KV head by KV head, the rows that read that head (GQA group
  * times new tokens) go ROWS at a time, each row also prefetching a few lines of the next chunk: 16 scores
  * per shuffle-tree reduction, one online-softmax step per row, and P @ V with the rows' accumulators in
- * registers, so each K and V row is fetched once for all of them. Splits run in parallel and are merged
+ * registers, so each K and V row is fetched once for all of them. Pieces run in parallel and are merged
  * by their log-sum-exp, so one long sequence still keeps every core busy (Flash-Decoding).
  *
  * Layouts: q [T, Hq, D] fp32 (and the same in bf16 for a bf16 model, or NULL); caches
@@ -403,66 +403,106 @@ static int first_key(int seq_len, int q_len, int window) {
     return window > 0 && start > 0 ? start : 0;
 }
 
-/* Attention for the sequences seqs[0..num_seqs), the keys from first_key on each split into pieces of at
- * most split_keys keys.
- * Returns 0, or 1 when the splits' partial results could not be allocated (nothing written then). */
+#define MIN_RUN_WORK 64   /* a run's least work (keys x rows): shorter ones cost more to merge than they save */
+
+/* The work items. The sequences' keys (each from its first row's window on), one after another, are cut
+ * into runs of equal work, one per thread (a key costs one unit per query row of its sequence), and each
+ * run's part of a sequence into pieces of at most split_keys keys. Piece j is sequence seqs[pieces[4j]]'s
+ * keys [pieces[4j + 1], pieces[4j + 2]), done by run pieces[4j + 3]; pieces come in sequence order, and a
+ * sequence's in key order. Equal runs, rather than equal pieces, keep both cores busy to the end: one
+ * sequence of 1,100 keys in 256-key pieces left one core idle for a fifth of the kernel, and a piece costs
+ * its first keys' cache misses, so more pieces than threads were slower (measured, docs/attention.md).
+ * Writes at most max_pieces pieces (none when pieces is NULL) and returns how many there are. */
+int attention_pieces(const int32_t *seq_lens, const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
+                     int window, int split_keys, int num_threads, int32_t *pieces, int max_pieces) {
+    int64_t total = 0;
+    for (int i = 0; i < num_seqs; i++) {
+        const int seq = (int)seqs[i], q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
+        total += (int64_t)(seq_lens[seq] - first_key(seq_lens[seq], q_len, window)) * q_len;
+    }
+    int64_t run_work = (total + num_threads - 1) / (num_threads > 0 ? num_threads : 1);
+    run_work = run_work > MIN_RUN_WORK ? run_work : MIN_RUN_WORK;
+    int count = 0;
+    int64_t done = 0;   /* work before the current sequence */
+    for (int i = 0; i < num_seqs; i++) {
+        const int seq = (int)seqs[i], q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
+        const int first = first_key(seq_lens[seq], q_len, window), keys = seq_lens[seq] - first;
+        for (int k0 = 0, k1; k0 < keys; k0 = k1) {   /* q_len >= 1: the caller passes no other */
+            const int64_t run = (done + (int64_t)k0 * q_len) / run_work;
+            const int64_t run_end = ((run + 1) * run_work - done + q_len - 1) / q_len;   /* first key of the next run */
+            k1 = run_end < keys ? (int)run_end : keys;
+            k1 = k1 - k0 > split_keys ? k0 + split_keys : k1;
+            if (pieces != NULL && count < max_pieces) {
+                int32_t *piece = pieces + 4 * count;
+                piece[0] = i, piece[1] = first + k0, piece[2] = first + k1, piece[3] = (int32_t)run;
+            }
+            count++;
+        }
+        done += (int64_t)keys * q_len;
+    }
+    return count;
+}
+
+/* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts.
+ * Returns 0, or 1 when the pieces' partial results could not be allocated (nothing written then). */
 int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_bf16,
-                     const int32_t *block_tables, int table_width, const int32_t *seq_lens,
-                     const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
-                     const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
-                     int block_size, float scale, int window, float softcap, int split_keys, float *out, float *lse,
-                     int num_threads) {
+                    const int32_t *block_tables, int table_width, const int32_t *seq_lens,
+                    const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
+                    const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
+                    int block_size, float scale, int window, float softcap, int split_keys, float *out, float *lse,
+                    int num_threads) {
     Problem p = {q, q_bf16, k_cache, v_cache, kv_bf16, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
                  tree_width, num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap};
     const int D = head_dim;
-    /* sequence i owns work items item_start[i] .. item_start[i+1] (its splits) and partial rows from
-     * row_start[i] (split-major: split sp's rows are contiguous, padded_rows apart) */
-    int64_t *item_start = malloc(sizeof(int64_t) * (num_seqs + 1));
-    int64_t *row_start = malloc(sizeof(int64_t) * (num_seqs + 1));
-    if (item_start == NULL || row_start == NULL) {
-        free(item_start); free(row_start);
-        return 1;
+    const int n = attention_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, window, split_keys, num_threads, NULL, 0);
+    /* piece j's partial rows start at row_at[j]; sequence i's pieces are first_piece[i] .. first_piece[i+1],
+     * their rows padded_rows apart; run r's pieces are run_start[r] .. run_start[r+1] */
+    int32_t *pieces = malloc(sizeof(int32_t) * 4 * (n + 1));
+    int64_t *row_at = malloc(sizeof(int64_t) * (n + 1));
+    int *first_piece = malloc(sizeof(int) * (num_seqs + 1)), *run_start = malloc(sizeof(int) * (n + 1));
+    int i = -1;
+    float *acc = NULL, *mx = NULL, *nz = NULL;
+    int runs = 0;
+    if (pieces != NULL && row_at != NULL && first_piece != NULL && run_start != NULL) {
+        attention_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, window, split_keys, num_threads, pieces, n);
+        row_at[0] = 0;
+        for (int j = 0; j < n; j++) {
+            const int seq = (int)seqs[pieces[4 * j]];
+            row_at[j + 1] = row_at[j] + padded_rows((cu_seqlens_q[seq + 1] - cu_seqlens_q[seq]) * num_heads);
+            while (i < pieces[4 * j]) first_piece[++i] = j;
+            if (j == 0 || pieces[4 * j + 3] != pieces[4 * j - 1]) run_start[runs++] = j;
+        }
+        while (i < num_seqs) first_piece[++i] = n;
+        run_start[runs] = n;
+        acc = aligned_alloc(64, sizeof(float) * (row_at[n] + 1) * D);   /* sizes: whole lines */
+        mx = aligned_alloc(64, sizeof(float) * (row_at[n] + 16));
+        nz = aligned_alloc(64, sizeof(float) * (row_at[n] + 16));
     }
-    item_start[0] = row_start[0] = 0;
-    for (int i = 0; i < num_seqs; i++) {
-        int seq = (int)seqs[i], q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
-        int splits = (seq_lens[seq] - first_key(seq_lens[seq], q_len, window) + split_keys - 1) / split_keys;
-        splits = splits < 1 ? 1 : splits;
-        item_start[i + 1] = item_start[i] + splits;
-        row_start[i + 1] = row_start[i] + splits * padded_rows(q_len * num_heads);
-    }
-    float *acc = aligned_alloc(64, sizeof(float) * row_start[num_seqs] * D);   /* sizes: whole lines */
-    float *mx = aligned_alloc(64, sizeof(float) * row_start[num_seqs]);
-    float *nz = aligned_alloc(64, sizeof(float) * row_start[num_seqs]);
     if (acc == NULL || mx == NULL || nz == NULL) {
-        free(acc); free(mx); free(nz); free(item_start); free(row_start);
+        free(acc); free(mx); free(nz); free(pieces); free(row_at); free(first_piece); free(run_start);
         return 1;
     }
 
     #pragma omp parallel num_threads(num_threads)
     {
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < item_start[num_seqs]; item++) {
-            int i = 0;
-            while (item_start[i + 1] <= item) i++;
-            int seq = (int)seqs[i], split = (int)(item - item_start[i]);
-            int q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq], R = q_len * num_heads;
-            int k0 = first_key(seq_lens[seq], q_len, window) + split * split_keys;
-            int k1 = k0 + split_keys < seq_lens[seq] ? k0 + split_keys : seq_lens[seq];
-            int64_t r0 = row_start[i] + split * padded_rows(R);
-            attend_split(&p, seq, k0, k1, acc + r0 * D, mx + r0, nz + r0);
-        }
-        /* merge each sequence's splits by their log-sum-exp */
+        for (int r = 0; r < runs; r++)
+            for (int j = run_start[r]; j < run_start[r + 1]; j++) {
+                const int32_t *piece = pieces + 4 * j;
+                attend_split(&p, (int)seqs[piece[0]], piece[1], piece[2], acc + row_at[j] * D, mx + row_at[j],
+                             nz + row_at[j]);
+            }
+        /* merge each sequence's pieces by their log-sum-exp */
         #pragma omp for schedule(static)
         for (int i = 0; i < num_seqs; i++) {
             int seq = (int)seqs[i], q0 = cu_seqlens_q[seq];
-            int R = (cu_seqlens_q[seq + 1] - q0) * num_heads, splits = (int)(item_start[i + 1] - item_start[i]);
+            int R = (cu_seqlens_q[seq + 1] - q0) * num_heads, splits = first_piece[i + 1] - first_piece[i];
             for (int r = 0; r < R; r++) {
-                int64_t k = row_start[i] + r, row = (int64_t)q0 * num_heads + r;
+                int64_t k = row_at[first_piece[i]] + r, row = (int64_t)q0 * num_heads + r;
                 merge_row(acc + k * D, mx + k, nz + k, splits, padded_rows(R), D, out + row * D, lse + row);
             }
         }
     }
-    free(acc); free(mx); free(nz); free(item_start); free(row_start);
+    free(acc); free(mx); free(nz); free(pieces); free(row_at); free(first_piece); free(run_start);
     return 0;
 }
