@@ -146,5 +146,5 @@ class DecodeStep:
                          attn.options.get("window") or 0, 0)
 
     def linear_args(self, q: ggml.GGMLLinear) -> LinearArgs:
-        return LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(q.int8), q.weight.row_bytes,
+        return LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(), q.weight.row_bytes,
                           q.out_features, q.in_features, None if q.bias is None else self.biases[id(q)].data_ptr())

@@ -756,10 +756,78 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int6
     case Q8_0: PACKED_OF(8, 0, Q8_ZERO)
     }
 }
+/* y[m * ldy + r] = W[r] . x[m * ldx] in fp32 for the group's rows r < LANES and m < rows: the exact path's
+ * decode rows on the packed layout, each weight widened from its byte (or nibble) in the group's lanes. A
+ * block's products are summed before its scale multiplies them, d * sum(q x) (+ min * sum(x) for Q4_1) rather
+ * than sum((d q) x): the same up to rounding. The row-major exact kernel widened a row's block to fp32 in memory
+ * and then read it back: an LM head's GEMV ran compute-bound there (1.2 ms a call on one core), ~2x the
+ * instructions per weight of this one. xsum [rows, K / 32]: the activations' block sums (Q4_1 only). */
+INLINE void fdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, const float *x,
+                        int64_t ldx, const float *xsum, const int rows, int64_t K, float *restrict y, int64_t ldy) {
+    const int scales = has_min ? 2 : 1;
+    const int64_t bytes = LANES * (2 * scales + bits * 4);
+    lf acc[TILE];
+    for (int m = 0; m < rows; m++)
+        acc[m] = (lf){0};
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t *blk = grp + b * bytes, *vals = blk + 2 * scales * LANES;
+        const float *xb = x + 32 * b;
+        lf sum[TILE][2];   /* two chains a row: the FMAs of one would wait on each other */
+        for (int m = 0; m < rows; m++)
+            sum[m][0] = sum[m][1] = (lf){0};
+        for (int c = 0; c < bits; c++) {   /* Q8_0: 8 columns of 4 bytes a row; Q4: 4 columns of 4 byte pairs */
+            li v = loadli(vals + c * 4 * LANES);
+            for (int j = 0; j < 4; j++) {
+                if (bits == 8) {
+                    lf w = __builtin_convertvector((v << (24 - 8 * j)) >> 24, lf);
+                    for (int m = 0; m < rows; m++)
+                        sum[m][j & 1] += w * xb[m * ldx + 4 * c + j];
+                } else {
+                    lf lo = __builtin_convertvector(((v >> 8 * j) & 15) - zero, lf);
+                    lf hi = __builtin_convertvector(((v >> (8 * j + 4)) & 15) - zero, lf);
+                    for (int m = 0; m < rows; m++) {
+                        sum[m][0] += lo * xb[m * ldx + 4 * c + j];
+                        sum[m][1] += hi * xb[m * ldx + 16 + 4 * c + j];
+                    }
+                }
+            }
+        }
+        lf wd = halves(blk), wm = has_min ? halves(blk + 2 * LANES) : (lf){0};
+        for (int m = 0; m < rows; m++) {
+            acc[m] += wd * (sum[m][0] + sum[m][1]);
+            if (has_min)
+                acc[m] += wm * xsum[m * (K / 32) + b];
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        memcpy(y + m * ldy, &acc[m], sizeof acc[m]);
+}
+
+#define FPACKED_OF(bits, has_min, zero)                                                                     \
+    switch (M) {                                                                                           \
+    case 4: fdot_packed(bits, has_min, zero, grp, x, ldx, xsum, 4, K, y, ldy); return;                    \
+    case 3: fdot_packed(bits, has_min, zero, grp, x, ldx, xsum, 3, K, y, ldy); return;                    \
+    case 2: fdot_packed(bits, has_min, zero, grp, x, ldx, xsum, 2, K, y, ldy); return;                    \
+    default: fdot_packed(bits, has_min, zero, grp, x, ldx, xsum, 1, K, y, ldy); return;                   \
+    }
+
+/* one packed group on fp32 activations, M <= TILE rows */
+static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *x, int64_t ldx, const float *xsum,
+                          int64_t M, float *y, int64_t ldy) {
+    switch (type) {
+    case Q4_0: FPACKED_OF(4, 0, 8)
+    case Q4_1: FPACKED_OF(4, 1, 0)
+    case Q8_0: FPACKED_OF(8, 0, 0)
+    }
+}
 #else
 #define PACKED_PATH 0
 static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int64_t M, float *y, int64_t ldy) {
     (void)type, (void)grp, (void)K, (void)a, (void)M, (void)y, (void)ldy;
+}
+static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *x, int64_t ldx, const float *xsum,
+                          int64_t M, float *y, int64_t ldy) {
+    (void)type, (void)grp, (void)K, (void)x, (void)ldx, (void)xsum, (void)M, (void)y, (void)ldy;
 }
 #endif
 
@@ -850,7 +918,7 @@ int ggml_block_size(int type) {
 /* y[m, n] = sum_k W[n, k] x[m, k] for m < M, n < N; x [M, ldx] and y [M, ldy] fp32. int8: the rows of a
  * format with an int8 path (and K a whole number of groups) run on int8 activations, on `packed` (W as
  * ggml_pack wrote it, or NULL) where given; else (or without int8) the result equals dequantize-then-matmul
- * up to summation order.
+ * up to summation order, decode rows (M <= TILE) also reading `packed` where given.
  * Returns 1 when a thread's row buffer cannot be allocated, 2 for a type or K this file cannot take. */
 int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                 const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads, int int8) {
@@ -859,16 +927,33 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
     int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
     if (int8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, threads);
-    int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    /* decode rows on packed weights: whole groups on fp32 activations, the rows after them row-major */
+    int64_t groups = packed && packable(type) && M >= 1 && M <= TILE ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
+    int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    float *xsum = NULL;   /* Q4_1's block sums of the activations */
+    if (groups && type == Q4_1) {
+        if (!(xsum = malloc(sizeof(float) * M * (K / 32))))
+            return 1;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t b = 0; b < K / 32; b++) {
+                float t = 0;
+                for (int i = 0; i < 32; i++)
+                    t += x[m * ldx + 32 * b + i];
+                xsum[m * (K / 32) + b] = t;
+            }
+    }
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         /* more rows than a tile: each weight row is decoded once into buf, then read as F32 by every tile */
         float *buf = M > TILE ? aligned_alloc(64, ((K * sizeof(float) + 63) / 64) * 64) : NULL;
         failed = M > TILE && !buf;
+#pragma omp for schedule(static) nowait
+        for (int64_t g = 0; g < groups; g++)
+            fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x, ldx, xsum, M, y + g * PACK_ROWS, ldy);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
-            int64_t n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+            int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
             for (int64_t n = n0; n < n1 && !failed; n++) {
                 if (buf) {
                     decode_row(type, w + n * row_bytes, K, buf);
@@ -880,6 +965,7 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         }
         free(buf);
     }
+    free(xsum);
     return failed;
 }
 

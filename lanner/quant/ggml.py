@@ -160,7 +160,7 @@ class GGMLLinear:
         self.chunk_rows = max(64, DEQUANT_CHUNK_ELEMENTS // self.in_features)
         self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
         self.int8 = int8 and int8_activations()
-        self.packed = self._pack() if self.int8 and self.lib is not None else None
+        self.packed = self._pack() if self.lib is not None else None
 
     @property
     def int8_gemm(self) -> bool:
@@ -182,21 +182,22 @@ class GGMLLinear:
         return y.view(*x.shape[:-1], self.out_features)
 
     def _pack(self) -> torch.Tensor | None:
-        """The weight in the int8 kernel's packed layout (ggml_pack: rows interleaved so one integer dot product
-        advances a vector's width of rows), or None where this build or format has none."""
+        """The weight in the kernel's packed layout (ggml_pack: rows interleaved so one integer dot product, or
+        one fp32 FMA on the exact path's decode rows, advances a vector's width of rows), or None where this build
+        or format has none."""
         w, packed = self.weight, torch.empty_like(self.weight.data)
         return packed if self.lib.ggml_pack(w.type_id, w.data_ptr, w.row_bytes, *w.shape, packed.data_ptr()) else None
 
-    def packed_ptr(self, int8: bool):
-        """What the kernel takes as `packed` for a call on int8 (or exact) activations."""
-        return self.packed.data_ptr() if int8 and self.packed is not None else None
+    def packed_ptr(self):
+        """What the kernel takes as `packed`: int8 and exact calls both read it."""
+        return None if self.packed is None else self.packed.data_ptr()
 
     def small(self, x: torch.Tensor, lib, int8: bool = False) -> torch.Tensor:
         """The kernel path; int8: on int8 activations (else exact: dequantize-then-matmul up to order)."""
         xf = x.float().contiguous()
         m, (n, k), w = xf.shape[0], self.weight.shape, self.weight
         y = torch.empty(m, n, dtype=torch.float32)
-        packed = self.packed_ptr(int8) if lib is self.lib else None
+        packed = self.packed_ptr() if lib is self.lib else None
         check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xf.data_ptr(), k, m, y.data_ptr(),
                               n, torch.get_num_threads(), int(int8)), "matmul")
         if self.bias is not None:
