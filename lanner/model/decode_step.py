@@ -1,9 +1,10 @@
-"""Every decoder layer of a few-row step (single-stream decode, small batches) in one C call: fused.c's
-decode_layers runs what the PyTorch path runs for a layer of GGML linears -- norm, qkv, rotary + KV store,
-paged attention, o, norm, gate_up, silu * up, down -- then the final norm and, for a GGML LM head, every
-row's logits, with the same kernels and roundings, so hidden states and logits are bitwise equal. At these
-sizes the ~10 module calls and ~30 dispatches of a layer cost more than its kernels; here a step pays for
-one call.
+"""Every decoder layer of a step of up to fused.MAX_ROWS rows (single-stream and batched decode, short prompt
+chunks) in one C call: fused.c's decode_layers runs what the PyTorch path runs for a layer of GGML linears --
+norm, qkv, rotary + KV store, paged attention, o, norm, gate_up, silu * up, down -- then the final norm and, for
+a GGML LM head whose kernel takes that many rows, every row's logits, with the same kernels and roundings, so
+hidden states and logits are bitwise equal. At these sizes the ~10 module calls and ~30 dispatches of a layer
+cost more than its kernels (a batch's 64-row step ran ~900 small ops one after another); here a step pays for
+one call, and its per-row stages run on every thread.
 
 Taken only where everything is plain: GGML weights on the kernels' small-row path, the compiled attention,
 no adapter rows in the step, and an architecture without q/k norms, sandwich norms, partial rotary, GeGLU or
@@ -89,7 +90,8 @@ class DecodeStep:
 
     def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The final hidden states (after the model's last norm) for embeddings x [T, H], [T, H] in x's dtype, and
-        every row's fp32 logits [T, V] as compute_logits gives them (None where the head is not ours to run)."""
+        every row's fp32 logits [T, V] as compute_logits gives them (None where the head is not ours to run, or its
+        kernel would not take this many rows: then the PyTorch path's head takes the rows it samples)."""
         layers = self.layer_structs()
         launches = {w: self.launch(meta, w) for w in self.window_set}
         splits = {w: launch.split for w, launch in launches.items()}
@@ -111,7 +113,7 @@ class DecodeStep:
         residual, out = torch.empty_like(x), torch.empty_like(x)
         lora = self.model.lm_head.lora
         logits = None
-        if self.head is not None and not (lora is not None and lora.manager.batch):
+        if self.head is not None and x.shape[0] <= self.head.small_rows and not (lora is not None and lora.manager.batch):
             logits = torch.empty(x.shape[0], self.head.out_features)
             step.head, step.logits = self.head_args, logits.data_ptr()
         ggml.check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr(),

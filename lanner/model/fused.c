@@ -11,6 +11,11 @@
 
 #include "../vec16.h"
 
+/* Rows from which a per-row step splits its rows over the threads (OpenMP's, which PyTorch's thread count sets):
+ * below, the fork costs more than it saves. A batch's decode step of 64 rows spent more time in its serial norms,
+ * conversions and rotary than in its GEMMs. Each row is computed as alone, so results do not depend on the split. */
+#define PAR_ROWS 8
+
 static inline float load(const void *p, int64_t i, int bf16) {
     if (!bf16)
         return ((const float *)p)[i];
@@ -32,6 +37,7 @@ static inline void store(void *p, int64_t i, float f, int bf16) {
 
 void rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t T, int64_t H, float eps,
               int bf16) {
+#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; t++) {
         const int64_t row = t * H;
         float sum = 0;
@@ -69,6 +75,7 @@ static inline float round_to(float f, int bf16) {   /* f as the activations' dty
 void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int D, const int64_t *slots,
                 void *k_cache, void *v_cache, int bf16) {
     const int half = D / 2, width = (hq + 2 * hkv) * D, es = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; t++) {
         const int64_t row = t * width;
         for (int h = 0; h < hq + hkv; h++) {
@@ -107,6 +114,7 @@ static inline v16 silu16(v16 g) {
 
 /* out[t, i] = silu(gate[t, i]) * up[t, i] for gate | up = x[t, :2I], rounded as HF's bf16 ops round */
 void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
+#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; t++) {
         int64_t i = 0;
         for (; i + 16 <= I; i += 16) {
@@ -181,6 +189,11 @@ typedef struct {
     float *logits;            /* [T, head.n] */
 } DecodeStep;
 
+/* The step's own per-row stages, split as above */
+#define EACH_ROW(body)   /* row t of the step s in scope */                                               \
+    _Pragma("omp parallel for schedule(static) num_threads(s->threads) if (s->T >= PAR_ROWS)")            \
+    for (int64_t t = 0; t < s->T; t++) { body; }
+
 static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to_bf16) {
     for (int64_t i = 0; i < n; i++)
         store(dst, i, load(src, i, from_bf16), to_bf16);
@@ -190,15 +203,13 @@ static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to
 static int linear_fp32(const DecodeStep *s, const GGMLLinear *l, const void *x, float *y, float *xf) {
     const float *in = x;
     if (s->bf16) {
-        convert(x, xf, s->T * l->k, 1, 0);
+        EACH_ROW(convert((const uint16_t *)x + t * l->k, xf + t * l->k, l->k, 1, 0))
         in = xf;
     }
     int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, in, l->k, s->T, y, l->n, s->threads,
                            l->int8);
     if (l->bias)
-        for (int64_t t = 0; t < s->T; t++)
-            for (int64_t i = 0; i < l->n; i++)
-                y[t * l->n + i] += l->bias[i];
+        EACH_ROW(for (int64_t i = 0; i < l->n; i++) y[t * l->n + i] += l->bias[i])
     return failed;
 }
 
@@ -206,40 +217,42 @@ static int linear_fp32(const DecodeStep *s, const GGMLLinear *l, const void *x, 
 static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, float *xf, float *yf) {
     int failed = linear_fp32(s, l, x, s->bf16 ? yf : y, xf);
     if (s->bf16)
-        convert(yf, y, s->T * l->n, 0, 1);
+        EACH_ROW(convert(yf + t * l->n, (uint16_t *)y + t * l->n, l->n, 0, 1))
     return failed;
 }
 
 /* logits [T, V] of the normed hidden states h in fp32, rounded to bf16 where the activations are bf16: the
  * PyTorch path's head output in the activations' dtype, widened again */
 static int head_logits(const DecodeStep *s, const void *h, float *hf) {
-    const int64_t n = s->T * s->head.n;
     int failed = linear_fp32(s, &s->head, h, s->logits, hf);
     if (!s->bf16)
         return failed;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        store16(s->logits, i, round16(load16(s->logits, i, 0), 1), 0);
-    for (; i < n; i++) {
-        uint16_t b;
-        store(&b, 0, s->logits[i], 1);
-        s->logits[i] = load(&b, 0, 1);
-    }
+    EACH_ROW({
+        float *row = s->logits + t * s->head.n;
+        int64_t i = 0;
+        for (; i + 16 <= s->head.n; i += 16)
+            store16(row, i, round16(load16(row, i, 0), 1), 0);
+        for (; i < s->head.n; i++) {
+            uint16_t b;
+            store(&b, 0, row[i], 1);
+            row[i] = load(&b, 0, 1);
+        }
+    })
     return failed;
 }
 
 static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, void *out, float *qf, uint16_t *qb,
                   float *of, float *lse) {
     const int64_t width = (int64_t)(s->hq + 2 * s->hkv) * s->D, qn = (int64_t)s->hq * s->D;
-    for (int64_t t = 0; t < s->T; t++) {
+    EACH_ROW({
         convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qf + t * qn, qn, s->bf16, 0);
         if (s->bf16)
             memcpy(qb + t * qn, (const uint16_t *)qkv + t * width, qn * 2);
-    }
+    })
     int failed = s->attention(qf, s->bf16 ? qb : NULL, l->k_cache, l->v_cache, s->bf16, s->tables, s->table_width,
                               s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq, s->hkv, s->D,
                               s->block_size, s->scale, l->window, s->softcap, l->split, of, lse, s->threads);
-    convert(of, out, s->T * qn, 0, s->bf16);
+    EACH_ROW(convert(of + t * qn, (char *)out + t * qn * (s->bf16 ? 2 : 4), qn, 0, s->bf16))
     return failed;
 }
 
@@ -248,7 +261,7 @@ static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, v
  * Returns nonzero when a kernel failed (out of memory). */
 int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layers, void *x, void *residual,
                   void *out) {
-    const int64_t T = s->T, es = s->bf16 ? 2 : 4, qn = (int64_t)s->hq * s->D;
+    const int64_t T = s->T, es = s->bf16 ? 2 : 4, qn = (int64_t)s->hq * s->D, H = s->H, I = s->I;
     const int64_t width = qn + 2 * (int64_t)s->hkv * s->D;
     int64_t widest = width > 2 * s->I ? width : 2 * s->I;
     widest = widest > s->H ? widest : s->H;
@@ -265,20 +278,20 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
     void *gu = (char *)attn + T * qn * es, *a = (char *)gu + T * 2 * s->I * es;
     float *xf = f, *yf = xf + T * widest, *qf = yf + T * widest, *of = qf + T * qn, *lse = of + T * qn;
     int failed = 0;
-    memcpy(residual, x, T * s->H * es);
+    memcpy(residual, x, T * H * es);
     for (int i = 0; i < num_layers && !failed; i++) {
         const DecoderLayer *l = &layers[i];
-        rms_norm(x, i ? residual : NULL, l->input_norm, h, T, s->H, s->eps, s->bf16);
+        rms_norm(x, i ? residual : NULL, l->input_norm, h, T, H, s->eps, s->bf16);
         failed |= linear(s, &l->qkv, h, qkv, xf, yf);
         rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache, s->bf16);
         failed |= attend(s, l, qkv, attn, qf, qb, of, lse);
         failed |= linear(s, &l->o, attn, x, xf, yf);
-        rms_norm(x, residual, l->post_norm, h, T, s->H, s->eps, s->bf16);
+        rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16);
         failed |= linear(s, &l->gate_up, h, gu, xf, yf);
-        silu_mul(gu, a, T, s->I, s->bf16);
+        silu_mul(gu, a, T, I, s->bf16);
         failed |= linear(s, &l->down, a, x, xf, yf);
     }
-    rms_norm(x, residual, s->final_norm, out, T, s->H, s->eps, s->bf16);
+    rms_norm(x, residual, s->final_norm, out, T, H, s->eps, s->bf16);
     if (s->logits && !failed)
         failed |= head_logits(s, out, xf);
     free(act), free(f), free(qb);
