@@ -43,10 +43,24 @@ def test_rms_norm_declines_what_it_does_not_take():
     with torch.inference_mode():
         assert fused.rms_norm(torch.randn(2, 16)[:, ::2], None, w, 1e-6) is None    # strided rows
         assert fused.rms_norm(torch.randn(2, 8).half(), None, w.half(), 1e-6) is None
-        assert fused.rms_norm(torch.randn(fused.MAX_ROWS + 1, 8), None, w, 1e-6) is None   # prefill sizes
-        assert fused.silu_mul(torch.randn(fused.MAX_ROWS + 1, 8)) is None
     x = torch.randn(2, 8, requires_grad=True)
     assert fused.rms_norm(x, None, w, 1e-6) is None                                   # training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_split_over_threads_equal_row_by_row(dtype):
+    """Prefill sizes split their rows over the threads: each row as it is alone (rotary's in the decode step tests)."""
+    x, residual, gate_up = (torch.randn(300, n).to(dtype) for n in (64, 64, 128))
+    w = torch.randn(64).to(dtype)
+    with torch.inference_mode():
+        summed = residual.clone()
+        whole = fused.rms_norm(x, summed, w, 1e-6)
+        for i in range(300):
+            one = residual[i:i + 1].clone()
+            assert torch.equal(fused.rms_norm(x[i:i + 1], one, w, 1e-6), whole[i:i + 1])
+            assert torch.equal(one, summed[i:i + 1])
+        rows = torch.cat([fused.silu_mul(gate_up[i:i + 1]) for i in range(300)])
+        assert torch.equal(fused.silu_mul(gate_up), rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""Every decoder layer of a step of up to fused.MAX_ROWS rows (single-stream and batched decode, short prompt
+"""Every decoder layer of a step of up to MAX_ROWS rows (single-stream and batched decode, short prompt
 chunks) in one C call: fused.c's decode_layers runs what the PyTorch path runs for a layer of GGML linears --
 norm, qkv, rotary + KV store, paged attention, o, norm, gate_up, silu * up, down -- then the final norm and, for
 a GGML LM head whose kernel takes that many rows, every row's logits, with the same kernels and roundings, so
@@ -16,10 +16,14 @@ import ctypes
 import torch
 
 from lanner.attention import native as attention_native
+from lanner.attention.cpu import KERNEL_QUERY
 from lanner.model import fused
 from lanner.quant import ggml
 
 c_int, c_int64, c_float, c_void_p = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+# the most rows a step runs here: each of its sequences then fits the compiled attention kernel. A batch's 64-row
+# decode step took 48 ms on the PyTorch path, most of it ~900 small ops run one after another.
+MAX_ROWS = KERNEL_QUERY
 
 
 class LinearArgs(ctypes.Structure):
@@ -54,7 +58,7 @@ class DecodeStep:
         self.windows = [layer.self_attn.options.get("window") for layer in model.layers]
         self.window_set, self.splits = set(self.windows), None   # splits: per window, what the layers hold
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
-        self.max_rows = min([fused.MAX_ROWS] + [q.small_rows for qs in linears for q in qs])
+        self.max_rows = min([MAX_ROWS] + [q.small_rows for qs in linears for q in qs])
         head = model.lm_head.quantized
         # the LM head in the same call where it runs on the same kernels (a GGUF's; an HF model's stays dense)
         self.head = head if isinstance(head, ggml.GGMLLinear) and head.lib is linears[0][0].lib else None
