@@ -51,6 +51,7 @@ class DecodeStep:
 
     def __init__(self, model, lib, linears: list[list]):
         self.model, self.lib, self.linears = model, lib, linears
+        self.attn = model.layers[0].self_attn   # (ModuleList indexing costs ~20 us a step, cold)
         cfg = model.config
         # the linears' own build: its ISA level packed their weights
         self.matmul = ctypes.cast(linears[0][0].lib.ggml_matmul, c_void_p).value
@@ -86,7 +87,7 @@ class DecodeStep:
 
     def fits(self, x: torch.Tensor, meta) -> bool:
         """A step this call runs exactly as the PyTorch path would."""
-        attn = self.model.layers[0].self_attn
+        attn = self.attn
         lora = attn.qkv_proj.lora   # set by the LoRA manager, which is built after the weights are packed
         return (1 <= x.shape[0] <= self.max_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.bfloat16) and attn.k_cache.dtype == x.dtype
@@ -104,7 +105,7 @@ class DecodeStep:
                 layer.split = splits[window]
             self.splits = splits
         launch = launches[self.windows[0]]   # the per-step arrays every window's launch shares
-        cfg, attn = self.model.config, self.model.layers[0].self_attn
+        cfg, attn = self.model.config, self.attn
         x, cos_sin, slots = x.contiguous(), cos_sin.contiguous(), meta.slot_mapping.to(torch.int64).contiguous()
         tree = launch.tree
         step = StepArgs(self.matmul, self.attention, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
