@@ -34,7 +34,7 @@ def paged_attention():
 
 
 class Launch:
-    """The kernel's per-step arguments (int32 tables, the sequences, the window, the pieces' cap), built once per
+    """The kernel's per-step arguments (int32 tables, the sequences, the window), built once per
     step and window and reused by every layer with that window: only q, the caches and the outputs change."""
 
     def __init__(self, meta, seqs: torch.Tensor, window: int | None = None):
@@ -45,7 +45,6 @@ class Launch:
         self.tree = None if meta.tree_mask is None else meta.tree_mask.to(torch.uint8).contiguous()
         self.window = window or 0
         self.threads = torch.get_num_threads()
-        self.split = MAX_PIECE_KEYS
 
     def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor,
                  softcap: float | None = None) -> None:
@@ -59,6 +58,6 @@ class Launch:
             self.tables.data_ptr(), self.tables.shape[1], self.seq_lens.data_ptr(), self.cu.data_ptr(),
             self.seqs.data_ptr(), self.seqs.numel(), None if tree is None else tree.data_ptr(),
             0 if tree is None else tree.shape[1], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], scale,
-            self.window, softcap or 0.0, self.split, out.data_ptr(), lse.data_ptr(), self.threads)
+            self.window, softcap or 0.0, MAX_PIECE_KEYS, out.data_ptr(), lse.data_ptr(), self.threads)
         if failed:
-            raise MemoryError("paged attention: out of memory for the splits' partial results")
+            raise MemoryError("paged attention: out of memory for the pieces' partial results")

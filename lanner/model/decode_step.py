@@ -56,8 +56,7 @@ class DecodeStep:
         # the linears' own build: its ISA level packed their weights
         self.matmul = ctypes.cast(linears[0][0].lib.ggml_matmul, c_void_p).value
         self.attention = ctypes.cast(attention_native.paged_attention(), c_void_p).value
-        self.windows = [layer.self_attn.options.get("window") for layer in model.layers]
-        self.window_set, self.splits = set(self.windows), None   # splits: per window, what the layers hold
+        self.window = self.attn.options.get("window")   # the key of the step's attention arrays (layers pass their own)
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
         self.max_rows = min([MAX_ROWS] + [q.small_rows for qs in linears for q in qs])
         head = model.lm_head.quantized
@@ -98,13 +97,7 @@ class DecodeStep:
         every row's fp32 logits [T, V] as compute_logits gives them (None where the head is not ours to run, or its
         kernel would not take this many rows: then the PyTorch path's head takes the rows it samples)."""
         layers = self.layer_structs()
-        launches = {w: self.launch(meta, w) for w in self.window_set}
-        splits = {w: launch.split for w, launch in launches.items()}
-        if splits != self.splits:   # (rarely: a split follows the context length)
-            for layer, window in zip(layers, self.windows):
-                layer.split = splits[window]
-            self.splits = splits
-        launch = launches[self.windows[0]]   # the per-step arrays every window's launch shares
+        launch = self.launch(meta, self.window)   # the per-step arrays; each layer passes its own window
         cfg, attn = self.model.config, self.attn
         x, cos_sin, slots = x.contiguous(), cos_sin.contiguous(), meta.slot_mapping.to(torch.int64).contiguous()
         tree = launch.tree
@@ -128,7 +121,7 @@ class DecodeStep:
     @staticmethod
     def launch(meta, window: int | None) -> attention_native.Launch:
         """The attention kernel's per-step arguments for the sequences with new rows, as the CPU backend builds
-        them (the same split, so the same summation order)."""
+        them (the same pieces, so the same summation order)."""
         key = ("decode", window)
         if key not in meta.derived:
             every_one_row = meta.max_seqlen_q == 1 and meta.slot_mapping.numel() == meta.num_seqs   # plain decode
@@ -142,7 +135,6 @@ class DecodeStep:
         layers = self.model.layers
         if self.layers is None or self.cache_ptr != layers[0].self_attn.k_cache.data_ptr():
             self.layers = (LayerArgs * len(layers))(*[self.layer(layer, qs) for layer, qs in zip(layers, self.linears)])
-            self.splits = None
             self.cache_ptr = layers[0].self_attn.k_cache.data_ptr()
         return self.layers
 
@@ -150,7 +142,7 @@ class DecodeStep:
         attn = layer.self_attn
         return LayerArgs(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                          *map(self.linear_args, linears), attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
-                         attn.options.get("window") or 0, 0)
+                         attn.options.get("window") or 0, attention_native.MAX_PIECE_KEYS)
 
     def linear_args(self, q: ggml.GGMLLinear) -> LinearArgs:
         return LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(), q.weight.row_bytes,
