@@ -128,6 +128,21 @@ def test_bf16_activations_and_bias():
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("int8", [True, False])
+@pytest.mark.parametrize("m", [1, 19])
+def test_bf16_rows_in_and_out_equal_fp32_then_rounded_on_every_level(level, type_name, int8, m):
+    """The kernel reads bf16 rows and writes bf16 results (bias added first) itself: bitwise what its fp32
+    call gives, plus the bias, rounded by torch -- on the packed groups and on the rows after them (45)."""
+    cols = 512 if BLOCKS[type_name][1] == 256 else 192
+    lin = GGMLLinear(random_weight(type_name, 45, cols, seed=m), torch.randn(45))
+    x = (torch.randn(m, cols, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
+    got = lin.small(x, lin.lib, int8=int8)
+    fp32 = GGMLLinear(lin.weight).small(x.float(), lin.lib, int8=int8)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, (fp32 + lin.bias).bfloat16())
+
+
 def test_quantize_at_load_round_trips_through_gguf_reference():
     weight = torch.randn(40, 64)
     for name in ggml.QUANTIZE_TO:

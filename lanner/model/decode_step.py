@@ -62,8 +62,6 @@ class DecodeStep:
         head = model.lm_head.quantized
         # the LM head in the same call where it runs on the same kernels (a GGUF's; an HF model's stays dense)
         self.head = head if isinstance(head, ggml.GGMLLinear) and head.lib is linears[0][0].lib else None
-        every = [q for qs in linears for q in qs] + ([] if self.head is None else [self.head])
-        self.biases = {id(q): q.bias.float().contiguous() for q in every if q.bias is not None}
         self.head_args = None if self.head is None else self.linear_args(self.head)
         self.layers, self.cache_ptr = None, None
 
@@ -146,4 +144,4 @@ class DecodeStep:
 
     def linear_args(self, q: ggml.GGMLLinear) -> LinearArgs:
         return LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(), q.weight.row_bytes,
-                          q.out_features, q.in_features, None if q.bias is None else self.biases[id(q)].data_ptr())
+                          q.out_features, q.in_features, None if q.bias is None else q.bias_fp32.data_ptr())

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../quant/matmul.h"
 #include "../vec16.h"
 
 /* Rows from which a per-row step splits its rows over the threads (OpenMP's, which PyTorch's thread count sets):
@@ -152,8 +153,6 @@ void mask_logits(float *logits, int64_t stride, const uint32_t *bits, int64_t R,
  * at decode sizes. The matmul (ggml.c) and attention (paged_attention.c) come as function pointers: each
  * library keeps its own ISA build. Activations are fp32 or bf16 (bf16 1); linears and attention run in fp32,
  * their outputs rounded back to the activations' dtype as the PyTorch path rounds them. */
-typedef int (*matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const float *, int64_t,
-                         int64_t, float *, int64_t, int, int);
 typedef int (*attention_fn)(const float *, const uint16_t *, const void *, const void *, int, const int32_t *, int,
                             const int32_t *, const int32_t *, const int64_t *, int, const uint8_t *, int, int, int,
                             int, int, float, int, float, int, float *, float *, int);
@@ -199,32 +198,19 @@ static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to
         store(dst, i, load(src, i, from_bf16), to_bf16);
 }
 
-/* y = x W^T (+ b) in fp32 for T rows of x, read in the activations' dtype (xf: room to widen bf16 rows) */
-static int linear_fp32(const DecodeStep *s, const GGMLLinear *l, const void *x, float *y, float *xf) {
-    const float *in = x;
-    if (s->bf16) {
-        EACH_ROW(convert((const uint16_t *)x + t * l->k, xf + t * l->k, l->k, 1, 0))
-        in = xf;
-    }
-    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, in, l->k, s->T, y, l->n, s->threads,
-                           l->int8);
-    if (l->bias)
-        EACH_ROW(for (int64_t i = 0; i < l->n; i++) y[t * l->n + i] += l->bias[i])
-    return failed;
-}
-
-/* y = x W^T (+ b) for T rows in the activations' dtype, through fp32 as GGMLLinear.small */
-static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, float *xf, float *yf) {
-    int failed = linear_fp32(s, l, x, s->bf16 ? yf : y, xf);
-    if (s->bf16)
-        EACH_ROW(convert(yf + t * l->n, (uint16_t *)y + t * l->n, l->n, 0, 1))
-    return failed;
+/* y = x W^T (+ b) for T rows of x in the activations' dtype, into y in fp32 or in that dtype (as
+ * GGMLLinear.small: in fp32, rounded once at the end) */
+static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, int y_fp32) {
+    const int flags = (l->int8 ? MATMUL_INT8 : 0) | (s->bf16 ? MATMUL_X_BF16 : 0)
+                      | (s->bf16 && !y_fp32 ? MATMUL_Y_BF16 : 0);
+    return s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, x, l->k, s->T, y, l->n, l->bias,
+                     s->threads, flags);
 }
 
 /* logits [T, V] of the normed hidden states h in fp32, rounded to bf16 where the activations are bf16: the
  * PyTorch path's head output in the activations' dtype, widened again */
-static int head_logits(const DecodeStep *s, const void *h, float *hf) {
-    int failed = linear_fp32(s, &s->head, h, s->logits, hf);
+static int head_logits(const DecodeStep *s, const void *h) {
+    int failed = linear(s, &s->head, h, s->logits, 1);
     if (!s->bf16)
         return failed;
     EACH_ROW({
@@ -263,10 +249,8 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
                   void *out) {
     const int64_t T = s->T, es = s->bf16 ? 2 : 4, qn = (int64_t)s->hq * s->D, H = s->H, I = s->I;
     const int64_t width = qn + 2 * (int64_t)s->hkv * s->D;
-    int64_t widest = width > 2 * s->I ? width : 2 * s->I;
-    widest = widest > s->H ? widest : s->H;
-    /* act: normed input | qkv | attention out | gate_up | silu * up; fp32: xf, yf, q, attention out, lse */
-    const int64_t act_n = T * (s->H + width + qn + 2 * s->I + s->I), f_n = T * (2 * widest + 2 * qn + s->hq);
+    /* act: normed input | qkv | attention out | gate_up | silu * up; fp32: q, attention out, lse */
+    const int64_t act_n = T * (s->H + width + qn + 2 * s->I + s->I), f_n = T * (2 * qn + s->hq);
     char *act = malloc(act_n * es);
     float *f = malloc(f_n * 4);
     uint16_t *qb = malloc(T * qn * 2);
@@ -276,24 +260,24 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
     }
     void *h = act, *qkv = act + T * s->H * es, *attn = (char *)qkv + T * width * es;
     void *gu = (char *)attn + T * qn * es, *a = (char *)gu + T * 2 * s->I * es;
-    float *xf = f, *yf = xf + T * widest, *qf = yf + T * widest, *of = qf + T * qn, *lse = of + T * qn;
+    float *qf = f, *of = qf + T * qn, *lse = of + T * qn;
     int failed = 0;
     memcpy(residual, x, T * H * es);
     for (int i = 0; i < num_layers && !failed; i++) {
         const DecoderLayer *l = &layers[i];
         rms_norm(x, i ? residual : NULL, l->input_norm, h, T, H, s->eps, s->bf16);
-        failed |= linear(s, &l->qkv, h, qkv, xf, yf);
+        failed |= linear(s, &l->qkv, h, qkv, 0);
         rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache, s->bf16);
         failed |= attend(s, l, qkv, attn, qf, qb, of, lse);
-        failed |= linear(s, &l->o, attn, x, xf, yf);
+        failed |= linear(s, &l->o, attn, x, 0);
         rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16);
-        failed |= linear(s, &l->gate_up, h, gu, xf, yf);
+        failed |= linear(s, &l->gate_up, h, gu, 0);
         silu_mul(gu, a, T, I, s->bf16);
-        failed |= linear(s, &l->down, a, x, xf, yf);
+        failed |= linear(s, &l->down, a, x, 0);
     }
     rms_norm(x, residual, s->final_norm, out, T, H, s->eps, s->bf16);
     if (s->logits && !failed)
-        failed |= head_logits(s, out, xf);
+        failed |= head_logits(s, out);
     free(act), free(f), free(qb);
     return failed;
 }

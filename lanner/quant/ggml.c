@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include "matmul.h"
 
 #define TILE 4   /* activation rows dotted with one decoded weight row together */
 #define ROWS_PER_TASK 16   /* weight rows a thread takes at a time */
@@ -494,6 +495,52 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
     return w;
 }
 
+/* n bf16 values from x[at] as fp32 into dst (bf16 widens exactly: its bits are fp32's top half) */
+static inline const float *widen(const void *x, int64_t at, int64_t n, float *restrict dst) {
+    const uint16_t *src = (const uint16_t *)x + at;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &u, 4);
+    }
+    return dst;
+}
+
+/* x's row i (ld elements a row) */
+static inline const void *row_of(const void *x, int64_t i, int64_t ld, int bf16) {
+    return (const char *)x + i * ld * (bf16 ? 2 : 4);
+}
+
+/* Where a matmul's results go: y [M, ld], fp32 or bf16 (rounded to nearest even, as torch's .to() rounds), each
+ * plus bias (fp32, or NULL) before the rounding */
+typedef struct {
+    void *y;
+    int64_t ld;
+    int bf16;
+    const float *bias;
+} out_rows;
+
+/* results t [rows, width] (ldt apart) of output rows m.., columns n.. into o: the kernels work in fp32 tiles
+ * and each tile goes out as written, so a bf16 result needs no fp32 copy of the whole output */
+static void store_tile(const float *t, int64_t ldt, int64_t rows, int64_t width, out_rows o, int64_t m, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *src = t + r * ldt;
+        const int64_t at = (m + r) * o.ld + n;
+        if (o.bf16) {
+            uint16_t *dst = (uint16_t *)o.y + at;
+            for (int64_t i = 0; i < width; i++) {
+                float v = o.bias ? src[i] + o.bias[n + i] : src[i];
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                dst[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+            }
+        } else {
+            float *dst = (float *)o.y + at;
+            for (int64_t i = 0; i < width; i++)
+                dst[i] = o.bias ? src[i] + o.bias[n + i] : src[i];
+        }
+    }
+}
+
 /* the activations quantized: q [rows, K] int8; per block ([rows, K / 32]) the sum of its values, its scale bd
  * and bs = bd * sum (the packed kernel's); for the row-major kernel (NULL where it does not run) per lane (4
  * values, [rows, K / 4]) the block's scale d, its share s = d * block sum / 8 of the min term, and -zero *
@@ -545,12 +592,13 @@ INLINE int sum_int_lanes(vi v) {
     return v[0];
 }
 
-static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int zero, qacts a) {
+static void quantize_rows(const void *x, int64_t ldx, int bf16, int64_t M, int64_t K, int zero, qacts a) {
     const vi magnitude = (vi){0} + 0x7fffffff, sign = ~magnitude;
     const vf below_half = (vf){0} + 0.49999997f;   /* + 0.5 - ulp, then truncation: half away from zero */
+    float wide[32] __attribute__((aligned(64)));
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < K / 32; b++) {
-            const float *xb = x + m * ldx + 32 * b;
+            const float *xb = bf16 ? widen(x, m * ldx + 32 * b, 32, wide) : (const float *)x + m * ldx + 32 * b;
             vf v[STEP], amax = {0}, probe = {0};   /* probe: NaN when a value is NaN or infinite */
             for (int s = 0; s < STEP; s++) {
                 v[s] = loadv(xb + s * VW);
@@ -865,7 +913,7 @@ static qacts rows_from(qacts a, int64_t m, int64_t K) {
  * batches: compute-bound) run tile by tile against each group while its weights are in L1, a chunk of rows
  * (GEMM_ACT_BYTES) against every group at a time. 1: out of memory */
 static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
-                   const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
+                   const void *x, int64_t ldx, int x_bf16, int64_t M, out_rows o, int threads) {
     int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int64_t lanes = tasks ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane values: the row-major kernel's */
@@ -879,28 +927,35 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     const int zero = int8_zero(type);
     const int64_t chunk = (GEMM_ACT_BYTES / (K + K / 32 * 12) / PTILE + 1) * PTILE;
     if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
-        quantize_rows(x, ldx, M, K, zero, a);
+        quantize_rows(x, ldx, x_bf16, M, K, zero, a);
 #pragma omp parallel num_threads(threads)
     {
+        float tile[PTILE > TILE ? PTILE * PACK_ROWS : TILE * ROWS_PER_TASK] __attribute__((aligned(64)));
         if (M > TILE) {
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++)
-                quantize_rows(x + m * ldx, ldx, 1, K, zero, rows_from(a, m, K));
+                quantize_rows(row_of(x, m, ldx, x_bf16), ldx, x_bf16, 1, K, zero, rows_from(a, m, K));
         }
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
 #pragma omp for schedule(static) nowait
             for (int64_t g = 0; g < groups; g++)
-                for (int64_t m = m0; m < m1; m += PTILE)
-                    qmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, rows_from(a, m, K),
-                                  m1 - m < PTILE ? m1 - m : PTILE, y + m * ldy + g * PACK_ROWS, ldy);
+                for (int64_t m = m0; m < m1; m += PTILE) {
+                    const int64_t rows = m1 - m < PTILE ? m1 - m : PTILE;
+                    qmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, rows_from(a, m, K), rows, tile,
+                                  PACK_ROWS);
+                    store_tile(tile, PACK_ROWS, rows, PACK_ROWS, o, m, g * PACK_ROWS);
+                }
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-            for (int64_t m = 0; m < M; m += TILE)
-                qmatmul_rows(type, w, row_bytes, n0, n1, K, rows_from(a, m, K), M - m < TILE ? M - m : TILE,
-                             y + m * ldy, ldy);
+            for (int64_t m = 0; m < M; m += TILE) {
+                const int64_t rows = M - m < TILE ? M - m : TILE;
+                qmatmul_rows(type, w + n0 * row_bytes, row_bytes, 0, n1 - n0, K, rows_from(a, m, K), rows, tile,
+                             ROWS_PER_TASK);
+                store_tile(tile, ROWS_PER_TASK, rows, n1 - n0, o, m, n0);
+            }
         }
     }
     free(buf);
@@ -915,18 +970,41 @@ int ggml_block_size(int type) {
     return block_shape(type, &bytes);
 }
 
-/* y[m, n] = sum_k W[n, k] x[m, k] for m < M, n < N; x [M, ldx] and y [M, ldy] fp32. int8: the rows of a
- * format with an int8 path (and K a whole number of groups) run on int8 activations, on `packed` (W as
- * ggml_pack wrote it, or NULL) where given; else (or without int8) the result equals dequantize-then-matmul
- * up to summation order, decode rows (M <= TILE) also reading `packed` where given.
- * Returns 1 when a thread's row buffer cannot be allocated, 2 for a type or K this file cannot take. */
+static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                        const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads);
+
+/* y[m, n] = sum_k W[n, k] x[m, k] (+ bias[n]) for m < M, n < N; x [M, ldx] and y [M, ldy] fp32 or bf16 (flags),
+ * bias fp32 or NULL. MATMUL_INT8: the rows of a format with an int8 path (and K a whole number of groups) run
+ * on int8 activations, on `packed` (W as ggml_pack wrote it, or NULL) where given; else (or without it) the
+ * result equals dequantize-then-matmul up to summation order, decode rows (M <= TILE) also reading `packed`
+ * where given. Returns 1 when a buffer cannot be allocated, 2 for a type or K this file cannot take. */
 int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
-                const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads, int int8) {
+                const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
+                int flags) {
     if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
         return 2;
+    const int x_bf16 = !!(flags & MATMUL_X_BF16);
+    const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias};
     int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
-    if (int8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
-        return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, threads);
+    if (flags & MATMUL_INT8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
+        return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
+    /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round */
+    float *xf = x_bf16 ? malloc(sizeof(float) * M * K) : NULL, *yf = o.bf16 || bias ? malloc(sizeof(float) * M * N) : NULL;
+    int failed = (x_bf16 && !xf) || ((o.bf16 || bias) && !yf);
+    for (int64_t m = 0; m < M && xf; m++)
+        widen(x, m * ldx, K, xf + m * K);
+    if (!failed)
+        failed = exact_matmul(type, w, packed, row_bytes, N, K, xf ? xf : x, xf ? K : ldx, M, yf ? (float *)yf : y,
+                              yf ? N : ldy, threads);
+    if (!failed && yf)
+        store_tile(yf, N, M, N, o, 0, 0);
+    free(xf), free(yf);
+    return failed;
+}
+
+/* ggml_matmul's exact path on fp32 rows */
+static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                        const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
     /* decode rows on packed weights: whole groups on fp32 activations, the rows after them row-major */
     int64_t groups = packed && packable(type) && M >= 1 && M <= TILE ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;

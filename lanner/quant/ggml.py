@@ -35,6 +35,9 @@ QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model c
 # step, or those up to INT8_GEMM_ROWS where a dense copy is asked for (dense_gemm_weights=True: oneDNN's AMX
 # bf16 GEMM, which this kernel does not use, on CPUs that have AMX).
 SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 32, 1 << 62
+# ggml_matmul's flags (matmul.h): int8 activations; bf16 rows in and out (results in fp32 plus the bias, then
+# rounded once, as y.to(bfloat16) rounds)
+MATMUL_INT8, MATMUL_BF16_IO = 1, 2 | 4
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 # rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
 FEW_ROWS = 16
@@ -51,7 +54,7 @@ def int8_activations() -> bool:
 @functools.lru_cache(maxsize=None)
 def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.ggml_matmul.argtypes = [i, p, p, i64, i64, i64, p, i64, i64, p, i64, i, i]
+    lib.ggml_matmul.argtypes = [i, p, p, i64, i64, i64, p, i64, i64, p, i64, p, i, i]
     lib.ggml_dequantize.argtypes = [i, p, i64, i64, p, i64, p, i, i]
     lib.ggml_pack.argtypes = [i, p, i64, i64, i64, p]
     lib.ggml_matmul.restype = lib.ggml_dequantize.restype = lib.ggml_pack.restype = ctypes.c_int
@@ -155,6 +158,7 @@ class GGMLLinear:
         and memory pay only where big steps run); int8: whether it may run on int8 activations (never with
         LANNER_EXACT_LINEARS=1)."""
         self.weight, self.bias, self.dense = weight, None if bias is None else bias.detach(), dense
+        self.bias_fp32 = None if bias is None else self.bias.float().contiguous()   # what the kernel adds
         self.dense_dtype = dense_dtype
         self.out_features, self.in_features = weight.shape
         self.chunk_rows = max(64, DEQUANT_CHUNK_ELEMENTS // self.in_features)
@@ -194,14 +198,14 @@ class GGMLLinear:
 
     def small(self, x: torch.Tensor, lib, int8: bool = False) -> torch.Tensor:
         """The kernel path; int8: on int8 activations (else exact: dequantize-then-matmul up to order)."""
-        xf = x.float().contiguous()
-        m, (n, k), w = xf.shape[0], self.weight.shape, self.weight
-        y = torch.empty(m, n, dtype=torch.float32)
+        xk = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()   # the kernel's dtypes
+        m, (n, k), w = xk.shape[0], self.weight.shape, self.weight
+        y = torch.empty(m, n, dtype=xk.dtype)
         packed = self.packed_ptr() if lib is self.lib else None
-        check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xf.data_ptr(), k, m, y.data_ptr(),
-                              n, torch.get_num_threads(), int(int8)), "matmul")
-        if self.bias is not None:
-            y += self.bias
+        flags = (MATMUL_INT8 if int8 else 0) | (MATMUL_BF16_IO if xk.dtype == torch.bfloat16 else 0)
+        bias = None if self.bias_fp32 is None else self.bias_fp32.data_ptr()
+        check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xk.data_ptr(), k, m, y.data_ptr(),
+                              n, bias, torch.get_num_threads(), flags), "matmul")
         return y.to(x.dtype)
 
     def large(self, x: torch.Tensor) -> torch.Tensor:

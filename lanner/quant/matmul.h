@@ -1,0 +1,14 @@
+/* ggml_matmul's signature and flags, for the kernels that call it through a pointer (fused.c's one-call step):
+ * each library keeps its own ISA build, so the step takes the matmul as a function pointer. */
+#ifndef LANNER_MATMUL_H
+#define LANNER_MATMUL_H
+#include <stdint.h>
+
+#define MATMUL_INT8 1     /* may run on int8 activations (formats that have the path) */
+#define MATMUL_X_BF16 2   /* x is bf16, else fp32 */
+#define MATMUL_Y_BF16 4   /* y is bf16 (rounded to nearest even after the bias), else fp32 */
+
+/* type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, bias, threads, flags */
+typedef int (*matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
+                         int64_t, void *, int64_t, const float *, int, int);
+#endif
