@@ -751,6 +751,14 @@ INLINE void dot_q8_block(const uint8_t *vals, qacts a, const int rows, int64_t K
     }
 }
 
+/* a * b + c, as one instruction: GCC's reassociation (-fassociative-math) turned the epilogue's two FMAs a row
+ * into multiplies and adds */
+#if GB == 2
+INLINE lf fmadd(lf a, lf b, lf c) { return (lf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#else
+INLINE lf fmadd(lf a, lf b, lf c) { return (lf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#endif
+
 /* y[m * ldy + r] = W[r] . x[m] for the group's rows r < LANES and m < rows */
 INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, qacts a,
                         const int rows, int64_t K, float *restrict y, int64_t ldy) {
@@ -766,12 +774,13 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
             dot_q4_block(blk + 2 * scales * LANES, a, rows, K, b, d);
         else
             dot_q8_block(blk + 2 * scales * LANES, a, rows, K, b, d);
-        lf wd = halves(blk), wm = has_min ? halves(blk + 2 * LANES) : (lf){0};
+        /* a zero point is a min of -zero * d: w = d (q - zero) */
+        lf wd = halves(blk), wm = has_min ? halves(blk + 2 * LANES) : wd * (float)-zero;
         for (int m = 0; m < rows; m++) {
             int64_t o = m * (K / 32) + b;
-            acc[m] += __builtin_convertvector(zero ? d[m] - zero * a.sum[o] : d[m], lf) * (wd * a.bd[o]);
-            if (has_min)
-                acc[m] += wm * a.bs[o];
+            acc[m] = fmadd(__builtin_convertvector(d[m], lf), wd * a.bd[o], acc[m]);
+            if (has_min || zero)
+                acc[m] = fmadd(wm, (lf){0} + a.bs[o], acc[m]);
         }
     }
     for (int m = 0; m < rows; m++)
