@@ -110,10 +110,12 @@ def test_int8_activations_equal_their_reference_on_every_level(level, type_name,
     assert (got - exact).norm() < 0.02 * exact.norm()   # int8 rounding: 0.4-0.8 % measured
 
 
-def test_no_rows_is_no_work(level):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_rows_is_no_work(level, dtype):
     """A step with no rows (speculative decoding can make one): nothing to quantize or write."""
-    lin = GGMLLinear(random_weight("Q4_1", 16, 64))
-    assert lin(torch.randn(0, 64)).shape == (0, 16)
+    lin = GGMLLinear(random_weight("Q4_1", 16, 64), torch.randn(16))
+    assert lin(torch.randn(0, 64, dtype=dtype)).shape == (0, 16)
+    assert lin.small(torch.randn(0, 64, dtype=dtype), lin.lib).shape == (0, 16)   # the exact path too
 
 
 def test_bf16_activations_and_bias():

@@ -997,13 +997,16 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
     int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
     if (flags & MATMUL_INT8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
-    /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round */
-    float *xf = x_bf16 ? malloc(sizeof(float) * M * K) : NULL, *yf = o.bf16 || bias ? malloc(sizeof(float) * M * N) : NULL;
-    int failed = (x_bf16 && !xf) || ((o.bf16 || bias) && !yf);
+    /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round
+     * (+ 1: no zero-byte requests for a step without rows) */
+    const int through = o.bf16 || bias;
+    float *xf = x_bf16 ? malloc(sizeof(float) * (M * K + 1)) : NULL;
+    float *yf = through ? malloc(sizeof(float) * (M * N + 1)) : NULL;
+    int failed = (x_bf16 && !xf) || (through && !yf);
     for (int64_t m = 0; m < M && xf; m++)
         widen(x, m * ldx, K, xf + m * K);
     if (!failed)
-        failed = exact_matmul(type, w, packed, row_bytes, N, K, xf ? xf : x, xf ? K : ldx, M, yf ? (float *)yf : y,
+        failed = exact_matmul(type, w, packed, row_bytes, N, K, xf ? xf : x, xf ? K : ldx, M, yf ? yf : y,
                               yf ? N : ldy, threads);
     if (!failed && yf)
         store_tile(yf, N, M, N, o, 0, 0);
