@@ -298,10 +298,22 @@ INLINE void accumulate_rows(const Problem *p, const int64_t *offs, int head, flo
     accumulate(p, offs, head, acc, alpha, w, rows, D, bf16);
 }
 
+/* A run's next work item: keys [k0, k1) of sequence seq (seq < 0: none) */
+typedef struct { int seq, k0, k1; } Span;
+
+/* Element offsets of the first chunk's rows of keys [a, a + CHUNK) of span s that it has: how many. */
+INLINE int chunk_offsets(const Problem *p, Span s, int a, int64_t *offs) {
+    const int n = s.seq < 0 || a >= s.k1 ? 0 : s.k1 - a < CHUNK ? s.k1 - a : CHUNK;
+    if (n > 0) row_offsets(p, p->block_tables + (int64_t)s.seq * p->table_width, a, n, offs);
+    return n;
+}
+
 /* One work item: keys [k0, k1) of sequence seq for all its rows; acc [R, D] unnormalized, m/l the
  * running max and normalizer per row. A chunk is done KV head by KV head, the rows reading that head
- * (its query heads times the new tokens) ROWS at a time. */
-INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc, float *m, float *l,
+ * (its query heads times the new tokens) ROWS at a time. While the last chunk is read, the first of the
+ * run's next item (after) is prefetched: a batch's decode sequences are a few chunks each, and with no
+ * prefetch across them every sequence's first chunk came from memory cold. */
+INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after, float *acc, float *m, float *l,
                            const int D, const int bf16, const int direct) {
     const int Hq = p->num_heads, group = Hq / p->num_kv_heads;
     const int q0 = p->cu_seqlens_q[seq], q_len = p->cu_seqlens_q[seq + 1] - q0;
@@ -316,8 +328,9 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
         const int n = k1 - c0 < CHUNK ? k1 - c0 : CHUNK, ahead = c0 + AHEAD * CHUNK;
         row_offsets(p, table, c0, n, offs);
         for (int c = n; c < CHUNK; c++) offs[c] = offs[0];   /* past the split: real rows, weight 0 */
-        const int n_ahead = ahead >= k1 ? 0 : k1 - ahead < CHUNK ? k1 - ahead : CHUNK;
-        if (n_ahead > 0) row_offsets(p, table, ahead, n_ahead, next);
+        const Span here = {seq, k0, k1};
+        const int n_ahead = ahead < k1 ? chunk_offsets(p, here, ahead, next)
+                                       : chunk_offsets(p, after, after.k0, next);
         if (!bf16) touch_rows(p, offs, n);
         /* rows are token-major: those of tokens before c0 - ctx_len cannot see this chunk (prompts) */
         const int first_row = c0 - ctx_len > 0 ? (c0 - ctx_len) * group : 0;
@@ -361,11 +374,11 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, float *acc
 /* Copies specialized by cache dtype, bf16 scoring and the common head sizes: constants let the loops
  * unroll. A bf16 model with a bf16 cache on a CPU with AVX512-BF16 scores in bf16 (see chunk_scores). */
 #define HEAD_SIZES(bf16, direct) \
-    if (D == 64) attend_split_d(p, seq, k0, k1, acc, m, l, 64, bf16, direct); \
-    else if (D == 128) attend_split_d(p, seq, k0, k1, acc, m, l, 128, bf16, direct); \
-    else attend_split_d(p, seq, k0, k1, acc, m, l, D, bf16, direct);
+    if (D == 64) attend_split_d(p, seq, k0, k1, after, acc, m, l, 64, bf16, direct); \
+    else if (D == 128) attend_split_d(p, seq, k0, k1, after, acc, m, l, 128, bf16, direct); \
+    else attend_split_d(p, seq, k0, k1, after, acc, m, l, D, bf16, direct);
 
-static void attend_split(const Problem *p, int seq, int k0, int k1, float *acc, float *m, float *l) {
+static void attend_split(const Problem *p, int seq, int k0, int k1, Span after, float *acc, float *m, float *l) {
     const int D = p->head_dim;
     if (HAVE_DPBF16 && p->kv_bf16 && p->q_bf16 != NULL && D % 32 == 0) { HEAD_SIZES(1, 1) }
     else if (p->kv_bf16) { HEAD_SIZES(1, 0) }
@@ -488,8 +501,10 @@ int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache,
         #pragma omp for schedule(dynamic, 1)
         for (int r = 0; r < runs; r++)
             for (int j = run_start[r]; j < run_start[r + 1]; j++) {
-                const int32_t *piece = pieces + 4 * j;
-                attend_split(&p, (int)seqs[piece[0]], piece[1], piece[2], acc + row_at[j] * D, mx + row_at[j],
+                const int32_t *piece = pieces + 4 * j, *next = piece + 4;
+                const Span after = j + 1 < run_start[r + 1] ? (Span){(int)seqs[next[0]], next[1], next[2]}
+                                                            : (Span){-1, 0, 0};
+                attend_split(&p, (int)seqs[piece[0]], piece[1], piece[2], after, acc + row_at[j] * D, mx + row_at[j],
                              nz + row_at[j]);
             }
         /* merge each sequence's pieces by their log-sum-exp */
