@@ -239,6 +239,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None          # default: from kv_cache_memory
     kv_cache_memory: float = 2.0              # GiB
+    kv_cache_dtype: str = "auto"              # auto (the model's dtype) | float32 | bfloat16 | float16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     enable_prefix_caching: bool = True
@@ -275,3 +276,8 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16 or float16, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.device != "cpu":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype} is for the CPU backend; on {self.device} the "
+                             f"cache takes the model's dtype (kv_cache_dtype=auto)")

@@ -71,3 +71,32 @@ def test_steps_with_adapter_rows_keep_the_adapter(base_dir, tmp_path):
     lean, torch_path = both_paths(llm, PROMPTS, lora_request=request)
     assert lean == torch_path
     assert lean != both_paths(llm, PROMPTS)[0]
+
+
+@pytest.mark.parametrize("dtype, kv_dtype", [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_a_cache_in_another_dtype_equals_the_pytorch_path(default_model_path, dtype, kv_dtype):
+    """kv_cache_dtype stores K and V in another dtype than the activations (a bf16 cache halves an fp32 model's
+    KV bytes): both paths round the stored rows alike, and the pool holds as many more blocks as it saves."""
+    import torch
+    llm = make_llm(default_model_path, dtype=dtype, kv_cache_dtype=kv_dtype, kv_cache_memory=0.05,
+                   enable_prefix_caching=False)
+    runner = llm.engine.runner
+    assert runner.kv_cache.dtype == getattr(torch, kv_dtype) and runner.dtype == getattr(torch, dtype)
+    lean, torch_path = both_paths(llm, PROMPTS)
+    assert lean == torch_path
+    same = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False)
+    blocks = sorted([runner.num_blocks, same.engine.runner.num_blocks])
+    assert blocks[1] // 2 == blocks[0]   # twice as many 2-byte blocks in the same memory
+    if dtype == "float32":   # an fp32 model's prompt KV one bf16 rounding apart (a bf16 model's own noise is larger)
+        first = lambda outs: [logprobs[0] for _, logprobs in outs]
+        for got, want in zip(first(lean), first(both_paths(same, PROMPTS)[0])):
+            assert got.keys() == want.keys()
+            assert all(abs(got[t] - want[t]) < 0.05 for t in got)   # measured: at most 0.02
+
+
+def test_kv_cache_dtype_is_checked():
+    from lanner.config import EngineConfig
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto, float32, bfloat16 or float16, got 'int8'"):
+        EngineConfig(kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype=bfloat16 is for the CPU backend"):
+        EngineConfig(kv_cache_dtype="bfloat16", device="cuda")

@@ -49,8 +49,9 @@ class Launch:
     def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor,
                  softcap: float | None = None) -> None:
         """Attention rows of the sequences into out [T, Hq, D] / lse [T, Hq] (both fp32, contiguous)."""
-        # a bf16 model with a bf16 cache also passes q as is: the kernel takes its dot products in bf16
-        q_bf16 = q.contiguous() if q.dtype == k_cache.dtype == torch.bfloat16 else None
+        # with a bf16 cache q goes in bf16 too (an fp32 model's rounded, as with kv_cache_dtype=bfloat16): the
+        # kernel takes its dot products in bf16
+        q_bf16 = q.to(torch.bfloat16).contiguous() if k_cache.dtype == torch.bfloat16 else None
         q = q.float().contiguous()
         tree = self.tree
         failed = paged_attention()(

@@ -47,6 +47,9 @@ class ModelRunner:
         if model_cfg.ssm:
             refuse_for_ssm_layers(cfg, model_cfg.architecture)
         self.dtype = resolve_dtype(cfg.dtype)
+        # K and V as stored: the model's dtype, or one the user picked (a bf16 cache halves the bytes attention
+        # reads for an fp32 model, as llama.cpp's f16 cache does)
+        self.kv_dtype = self.dtype if cfg.kv_cache_dtype == "auto" else resolve_dtype(cfg.kv_cache_dtype)
         self.backend = get_backend(cfg.attention_backend, cfg.device)
         self.model = (MambaForCausalLM(model_cfg) if model_cfg.architecture in ModelConfig.SSM_ARCHITECTURES else
                       LlamaForCausalLM(model_cfg, self.backend, max_model_len))
@@ -64,8 +67,8 @@ class ModelRunner:
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(max(cfg.kv_cache_memory - state_gib, 0.0))
         attention_layers = self.cache_layers()
         shape = (attention_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.kv_cache = (zeroed_kv_memory(shape, self.dtype) if cfg.device == "cpu" and attention_layers
-                         else torch.zeros(shape, dtype=self.dtype, device=cfg.device))
+        self.kv_cache = (zeroed_kv_memory(shape, self.kv_dtype) if cfg.device == "cpu" and attention_layers
+                         else torch.zeros(shape, dtype=self.kv_dtype, device=cfg.device))
         if cfg.device == "cpu":
             keep_freed_memory()
         for attn, cache in zip(self.model.attention_layers, self.kv_cache):
@@ -107,7 +110,7 @@ class ModelRunner:
         if not self.model_cfg.num_kv_layers:
             return min(1 << 20, self.cfg.max_num_seqs * -(-self.max_model_len // self.cfg.block_size))
         m = self.model_cfg
-        per_block = 2 * self.cache_layers() * self.cfg.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        per_block = 2 * self.cache_layers() * self.cfg.block_size * m.num_kv_heads * m.head_dim * self.kv_dtype.itemsize
         return max(1, int(gib * 2**30 // per_block))
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]):

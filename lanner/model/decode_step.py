@@ -38,7 +38,8 @@ class LayerArgs(ctypes.Structure):
 
 
 class StepArgs(ctypes.Structure):
-    _fields_ = [("matmul", c_void_p), ("attention", c_void_p), ("threads", c_int), ("bf16", c_int), ("hq", c_int),
+    _fields_ = [("matmul", c_void_p), ("attention", c_void_p), ("threads", c_int), ("bf16", c_int), ("kv_bf16", c_int),
+                ("hq", c_int),
                 ("hkv", c_int), ("D", c_int), ("H", c_int), ("I", c_int), ("block_size", c_int), ("eps", c_float),
                 ("scale", c_float), ("softcap", c_float), ("T", c_int64), ("slots", c_void_p), ("cos_sin", c_void_p),
                 ("tables", c_void_p), ("seq_lens", c_void_p), ("cu", c_void_p), ("table_width", c_int),
@@ -87,7 +88,7 @@ class DecodeStep:
         attn = self.attn
         lora = attn.qkv_proj.lora   # set by the LoRA manager, which is built after the weights are packed
         return (1 <= x.shape[0] <= self.max_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16) and attn.k_cache.dtype == x.dtype
+                and x.dtype in (torch.float32, torch.bfloat16) and attn.k_cache.dtype in (torch.float32, torch.bfloat16)
                 and self.model.norm.weight.dtype == x.dtype and not (lora is not None and lora.manager.batch))
 
     def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -100,12 +101,13 @@ class DecodeStep:
         x, cos_sin, slots = x.contiguous(), cos_sin.contiguous(), meta.slot_mapping.to(torch.int64).contiguous()
         tree = launch.tree
         step = StepArgs(self.matmul, self.attention, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
-                    cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size,
-                    attn.k_cache.shape[1], cfg.rms_norm_eps, self.scale, cfg.attn_softcap or 0.0, x.shape[0],
-                    slots.data_ptr(), cos_sin.data_ptr(), launch.tables.data_ptr(), launch.seq_lens.data_ptr(),
-                       launch.cu.data_ptr(), launch.tables.shape[1], launch.seqs.numel(),
-                       0 if tree is None else tree.shape[1], launch.seqs.data_ptr(),
-                       None if tree is None else tree.data_ptr(), self.model.norm.weight.data_ptr())
+                        int(attn.k_cache.dtype == torch.bfloat16), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.hidden_size, cfg.intermediate_size, attn.k_cache.shape[1], cfg.rms_norm_eps, self.scale,
+                        cfg.attn_softcap or 0.0, x.shape[0], slots.data_ptr(), cos_sin.data_ptr(),
+                        launch.tables.data_ptr(), launch.seq_lens.data_ptr(), launch.cu.data_ptr(),
+                        launch.tables.shape[1], launch.seqs.numel(), 0 if tree is None else tree.shape[1],
+                        launch.seqs.data_ptr(), None if tree is None else tree.data_ptr(),
+                        self.model.norm.weight.data_ptr())
         residual, out = torch.empty_like(x), torch.empty_like(x)
         lora = self.model.lm_head.lora
         logits = None

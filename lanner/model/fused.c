@@ -70,11 +70,23 @@ static inline float round_to(float f, int bf16) {   /* f as the activations' dty
     return load(&h, 0, 1);
 }
 
+/* Rows of n values from src to dst, as the caches' dtype holds them (bf16 rounded to nearest even, as
+ * torch's .to() rounds) */
+static void copy_as(const void *src, int src_bf16, void *dst, int dst_bf16, int64_t n) {
+    if (src_bf16 == dst_bf16) {
+        memcpy(dst, src, n * (src_bf16 ? 2 : 4));
+        return;
+    }
+    for (int64_t i = 0; i < n; i++)
+        store(dst, i, load(src, i, src_bf16), dst_bf16);
+}
+
 /* Rotary on the q and k heads of qkv [T, (hq + 2 hkv) * D] in place (HF's half-split layout; cos_sin
  * [T, D] = cos | sin in the activations' dtype; every product and sum rounded as HF's bf16 ops round),
- * then k and v of token t written to row slots[t] of the caches [slots, hkv, D] (slot < 0: skipped). */
+ * then k and v of token t written to row slots[t] of the caches [slots, hkv, D] (slot < 0: skipped), in
+ * the caches' dtype (kv_bf16: bf16, else fp32). */
 void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int D, const int64_t *slots,
-                void *k_cache, void *v_cache, int bf16) {
+                void *k_cache, void *v_cache, int bf16, int kv_bf16) {
     const int half = D / 2, width = (hq + 2 * hkv) * D, es = bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; t++) {
@@ -99,9 +111,10 @@ void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int 
         }
         if (slots[t] < 0)
             continue;
-        const int64_t kv = (int64_t)hkv * D;
-        memcpy((char *)k_cache + slots[t] * kv * es, (char *)qkv + (row + (int64_t)hq * D) * es, kv * es);
-        memcpy((char *)v_cache + slots[t] * kv * es, (char *)qkv + (row + (int64_t)(hq + hkv) * D) * es, kv * es);
+        const int64_t kv = (int64_t)hkv * D, kv_es = kv_bf16 ? 2 : 4;
+        copy_as((char *)qkv + (row + (int64_t)hq * D) * es, bf16, (char *)k_cache + slots[t] * kv * kv_es, kv_bf16, kv);
+        copy_as((char *)qkv + (row + (int64_t)(hq + hkv) * D) * es, bf16, (char *)v_cache + slots[t] * kv * kv_es,
+                kv_bf16, kv);
     }
 }
 
@@ -174,7 +187,7 @@ typedef struct {
 typedef struct {
     matmul_fn matmul;
     attention_fn attention;
-    int threads, bf16, hq, hkv, D, H, I, block_size;
+    int threads, bf16, kv_bf16, hq, hkv, D, H, I, block_size;   /* kv_bf16: the caches' dtype */
     float eps, scale, softcap;
     int64_t T;
     const int64_t *slots;
@@ -232,12 +245,14 @@ static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, v
     const int64_t width = (int64_t)(s->hq + 2 * s->hkv) * s->D, qn = (int64_t)s->hq * s->D;
     EACH_ROW({
         convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qf + t * qn, qn, s->bf16, 0);
-        if (s->bf16)
-            memcpy(qb + t * qn, (const uint16_t *)qkv + t * width, qn * 2);
+        if (s->kv_bf16)
+            convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qb + t * qn, qn, s->bf16, 1);
     })
-    int failed = s->attention(qf, s->bf16 ? qb : NULL, l->k_cache, l->v_cache, s->bf16, s->tables, s->table_width,
-                              s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq, s->hkv, s->D,
-                              s->block_size, s->scale, l->window, s->softcap, l->split, of, lse, s->threads);
+    /* with a bf16 cache the query scores in bf16 (rounded where it is fp32), as attention.native passes it */
+    int failed = s->attention(qf, s->kv_bf16 ? qb : NULL, l->k_cache, l->v_cache, s->kv_bf16, s->tables,
+                              s->table_width, s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq,
+                              s->hkv, s->D, s->block_size, s->scale, l->window, s->softcap, l->split, of, lse,
+                              s->threads);
     EACH_ROW(convert(of + t * qn, (char *)out + t * qn * (s->bf16 ? 2 : 4), qn, 0, s->bf16))
     return failed;
 }
@@ -267,7 +282,7 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
         const DecoderLayer *l = &layers[i];
         rms_norm(x, i ? residual : NULL, l->input_norm, h, T, H, s->eps, s->bf16);
         failed |= linear(s, &l->qkv, h, qkv, 0);
-        rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache, s->bf16);
+        rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache, s->bf16, s->kv_bf16);
         failed |= attend(s, l, qkv, attn, qf, qb, of, lse);
         failed |= linear(s, &l->o, attn, x, 0);
         rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16);

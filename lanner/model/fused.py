@@ -19,7 +19,7 @@ def library():
     if lib is not None:
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.rms_norm.argtypes = [p, p, p, p, i64, i64, ctypes.c_float, i]
-        lib.rope_store.argtypes = [p, p, i64, i, i, i, p, p, p, i]
+        lib.rope_store.argtypes = [p, p, i64, i, i, i, p, p, p, i, i]
         lib.silu_mul.argtypes = [p, p, i64, i64, i]
         lib.mask_logits.argtypes = [p, i64, p, i64, i64, i64]
         lib.decode_layers.argtypes = [p, p, i, p, p, p]
@@ -56,10 +56,12 @@ def rope_store(qkv: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor, 
     """Rotary on qkv's q and k heads in place, k and v stored at their slots; False where it does not
     apply (the caller then runs the PyTorch ops)."""
     lib = library()
-    if lib is None or not _fits(qkv, cos_sin, k_cache, v_cache) or slots.dtype != torch.int64:
+    caches_fit = k_cache.dtype == v_cache.dtype and _fits(k_cache, v_cache)   # fp32 or bf16, whatever qkv's
+    if lib is None or not _fits(qkv, cos_sin) or not caches_fit or slots.dtype != torch.int64:
         return False
     lib.rope_store(qkv.data_ptr(), cos_sin.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, k_cache.shape[-1],
-                   slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(qkv.dtype == torch.bfloat16))
+                   slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(qkv.dtype == torch.bfloat16),
+                   int(k_cache.dtype == torch.bfloat16))
     return True
 
 
