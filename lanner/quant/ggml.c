@@ -933,7 +933,7 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 12), lanes ? f : NULL, lanes ? f + lanes : NULL,
                lanes ? (int32_t *)f + 2 * lanes : NULL, (int32_t *)f + 3 * lanes, f + 3 * lanes + blocks,
                f + 3 * lanes + 2 * blocks};
-    const int zero = int8_zero(type);
+    const int zero = int8_zero(type), plain = !o.bf16 && !o.bias;
     const int64_t chunk = (GEMM_ACT_BYTES / (K + K / 32 * 12) / PTILE + 1) * PTILE;
     if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
         quantize_rows(x, ldx, x_bf16, M, K, zero, a);
@@ -951,8 +951,13 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
             for (int64_t g = 0; g < groups; g++)
                 for (int64_t m = m0; m < m1; m += PTILE) {
                     const int64_t rows = m1 - m < PTILE ? m1 - m : PTILE;
-                    qmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, rows_from(a, m, K), rows, tile,
-                                  PACK_ROWS);
+                    const uint8_t *grp = packed + g * PACK_ROWS * row_bytes;
+                    if (plain) {   /* fp32 without a bias: straight into y */
+                        qmatmul_group(type, grp, K, rows_from(a, m, K), rows, (float *)o.y + m * o.ld + g * PACK_ROWS,
+                                      o.ld);
+                        continue;
+                    }
+                    qmatmul_group(type, grp, K, rows_from(a, m, K), rows, tile, PACK_ROWS);
                     store_tile(tile, PACK_ROWS, rows, PACK_ROWS, o, m, g * PACK_ROWS);
                 }
         }
