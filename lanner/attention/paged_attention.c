@@ -1,16 +1,16 @@
 /* Paged attention for sequences with up to a few hundred new tokens (decode, speculative verify, short
  * prompt chunks), compiled at first use.
  *
- * One work item is (sequence, piece of its context): it walks that piece's keys through the block table
- * CHUNK at a time with FlashAttention's online softmax for every query row of the sequence (its new
- * tokens times the query heads). A chunk's rows (all KV heads, contiguous in a block) of an fp32 cache are
- * first read through in address order; then, KV head by KV head, the rows that read that head (GQA group
- * times new tokens) go ROWS at a time, each row also prefetching a few lines of the next chunk: 16 scores
- * per shuffle-tree reduction, one online-softmax step per row, and P @ V with the rows' accumulators in
- * registers, so each K and V row is fetched once for all of them. Pieces run in parallel and are merged
- * by their log-sum-exp, so one long sequence still keeps every core busy (Flash-Decoding).
+ * One work item is (sequence, piece of its context): it walks that piece's keys through the block table CHUNK (a
+ * prompt's: WIDE_CHUNK) at a time with FlashAttention's online softmax for every query row of the sequence (its
+ * new tokens times the query heads). A chunk's rows (all KV heads, contiguous in a block) of an fp32 cache are
+ * first read through in address order; then, KV head by KV head, the rows that read that head (GQA group times
+ * new tokens) go ROWS at a time, each row also prefetching a few lines of the next chunk: 16 scores per
+ * shuffle-tree reduction, one online-softmax step per row, and P @ V with the rows' accumulators in registers,
+ * so each K and V row is fetched once for all of them. Pieces run in parallel and are merged by their
+ * log-sum-exp, so one long sequence still keeps every core busy (Flash-Decoding).
  *
- * Layouts: q [T, Hq, D] fp32 (and the same in bf16 for a bf16 model, or NULL); caches
+ * Layouts: q [T, Hq, D] fp32 (and the same in bf16 with a bf16 cache, or NULL); caches
  * [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D] fp32;
  * lse [T, Hq] fp32; tree_mask, when given, [T, tree_width] bytes: draft row -> visible draft rows.
  * Row r of a sequence is query token r / Hq, query head r % Hq; it reads KV head (r % Hq) / group.
@@ -377,8 +377,9 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
 #endif
 }
 
-/* Copies specialized by cache dtype, bf16 scoring and the common head sizes: constants let the loops
- * unroll. A bf16 model with a bf16 cache on a CPU with AVX512-BF16 scores in bf16 (see chunk_scores). */
+/* Copies specialized by cache dtype, bf16 scoring, the common head sizes and the chunk: constants let the
+ * loops unroll. A bf16 cache with a bf16 query (an fp32 model's rounded) on a CPU with AVX512-BF16 scores in
+ * bf16 (see chunk_scores). */
 #define CHUNKS(D, bf16, direct) \
     if (wide) attend_split_d(p, seq, k0, k1, after, acc, m, l, D, bf16, direct, WIDE_CHUNK); \
     else attend_split_d(p, seq, k0, k1, after, acc, m, l, D, bf16, direct, CHUNK);
@@ -389,7 +390,8 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
 
 static void attend_split(const Problem *p, int seq, int k0, int k1, Span after, float *acc, float *m, float *l) {
     const int D = p->head_dim;
-    const int wide = (p->cu_seqlens_q[seq + 1] - p->cu_seqlens_q[seq]) * (p->num_heads / p->num_kv_heads) >= WIDE_ROWS;
+    const int rows_a_head = (p->cu_seqlens_q[seq + 1] - p->cu_seqlens_q[seq]) * (p->num_heads / p->num_kv_heads);
+    const int wide = rows_a_head >= WIDE_ROWS;
     if (HAVE_DPBF16 && p->kv_bf16 && p->q_bf16 != NULL && D % 32 == 0) { HEAD_SIZES(1, 1) }
     else if (p->kv_bf16) { HEAD_SIZES(1, 0) }
     else { HEAD_SIZES(0, 0) }
