@@ -329,11 +329,11 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
+    const Span here = {seq, k0, k1};
     for (int c0 = k0; c0 < k1; c0 += chunk) {
         const int n = k1 - c0 < chunk ? k1 - c0 : chunk, ahead = c0 + AHEAD * chunk;
         row_offsets(p, table, c0, n, offs);
         for (int c = n; c < chunk; c++) offs[c] = offs[0];   /* past the split: real rows, weight 0 */
-        const Span here = {seq, k0, k1};
         const int n_ahead = ahead < k1 ? chunk_offsets(p, here, ahead, next, chunk)
                                        : chunk_offsets(p, after, after.k0, next, chunk);
         if (!bf16) touch_rows(p, offs, n);

@@ -24,6 +24,7 @@ c_int, c_int64, c_float, c_void_p = ctypes.c_int, ctypes.c_int64, ctypes.c_float
 # the most rows a step runs here: each of its sequences then fits the compiled attention kernel. A batch's 64-row
 # decode step took 48 ms on the PyTorch path, most of it ~900 small ops run one after another.
 MAX_ROWS = KERNEL_QUERY
+PLAIN_DTYPES = (torch.float32, torch.bfloat16)   # activations and caches the C kernels take
 
 
 class LinearArgs(ctypes.Structure):
@@ -38,13 +39,13 @@ class LayerArgs(ctypes.Structure):
 
 
 class StepArgs(ctypes.Structure):
-    _fields_ = [("matmul", c_void_p), ("attention", c_void_p), ("threads", c_int), ("bf16", c_int), ("kv_bf16", c_int),
-                ("hq", c_int),
-                ("hkv", c_int), ("D", c_int), ("H", c_int), ("I", c_int), ("block_size", c_int), ("eps", c_float),
-                ("scale", c_float), ("softcap", c_float), ("T", c_int64), ("slots", c_void_p), ("cos_sin", c_void_p),
-                ("tables", c_void_p), ("seq_lens", c_void_p), ("cu", c_void_p), ("table_width", c_int),
-                ("num_seqs", c_int), ("tree_width", c_int), ("seqs", c_void_p), ("tree", c_void_p),
-                ("final_norm", c_void_p), ("head", LinearArgs), ("logits", c_void_p)]
+    _fields_ = [("matmul", c_void_p), ("attention", c_void_p), ("threads", c_int), ("bf16", c_int),
+                ("kv_bf16", c_int), ("hq", c_int), ("hkv", c_int), ("D", c_int), ("H", c_int), ("I", c_int),
+                ("block_size", c_int), ("eps", c_float), ("scale", c_float), ("softcap", c_float), ("T", c_int64),
+                ("slots", c_void_p), ("cos_sin", c_void_p), ("tables", c_void_p), ("seq_lens", c_void_p),
+                ("cu", c_void_p), ("table_width", c_int), ("num_seqs", c_int), ("tree_width", c_int),
+                ("seqs", c_void_p), ("tree", c_void_p), ("final_norm", c_void_p), ("head", LinearArgs),
+                ("logits", c_void_p)]
 
 
 class DecodeStep:
@@ -88,7 +89,7 @@ class DecodeStep:
         attn = self.attn
         lora = attn.qkv_proj.lora   # set by the LoRA manager, which is built after the weights are packed
         return (1 <= x.shape[0] <= self.max_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16) and attn.k_cache.dtype in (torch.float32, torch.bfloat16)
+                and x.dtype in PLAIN_DTYPES and attn.k_cache.dtype in PLAIN_DTYPES
                 and self.model.norm.weight.dtype == x.dtype and not (lora is not None and lora.manager.batch))
 
     def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -111,7 +112,8 @@ class DecodeStep:
         residual, out = torch.empty_like(x), torch.empty_like(x)
         lora = self.model.lm_head.lora
         logits = None
-        if self.head is not None and x.shape[0] <= self.head.small_rows and not (lora is not None and lora.manager.batch):
+        adapted = lora is not None and lora.manager.batch
+        if self.head is not None and x.shape[0] <= self.head.small_rows and not adapted:
             logits = torch.empty(x.shape[0], self.head.out_features)
             step.head, step.logits = self.head_args, logits.data_ptr()
         ggml.check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr(),

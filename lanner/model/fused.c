@@ -70,15 +70,14 @@ static inline float round_to(float f, int bf16) {   /* f as the activations' dty
     return load(&h, 0, 1);
 }
 
-/* Rows of n values from src to dst, as the caches' dtype holds them (bf16 rounded to nearest even, as
- * torch's .to() rounds) */
-static void copy_as(const void *src, int src_bf16, void *dst, int dst_bf16, int64_t n) {
-    if (src_bf16 == dst_bf16) {
-        memcpy(dst, src, n * (src_bf16 ? 2 : 4));
+/* n values from src to dst in dst's dtype (bf16 rounded to nearest even, as torch's .to() rounds) */
+static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to_bf16) {
+    if (from_bf16 == to_bf16) {
+        memcpy(dst, src, n * (from_bf16 ? 2 : 4));
         return;
     }
     for (int64_t i = 0; i < n; i++)
-        store(dst, i, load(src, i, src_bf16), dst_bf16);
+        store(dst, i, load(src, i, from_bf16), to_bf16);
 }
 
 /* Rotary on the q and k heads of qkv [T, (hq + 2 hkv) * D] in place (HF's half-split layout; cos_sin
@@ -112,9 +111,9 @@ void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int 
         if (slots[t] < 0)
             continue;
         const int64_t kv = (int64_t)hkv * D, kv_es = kv_bf16 ? 2 : 4;
-        copy_as((char *)qkv + (row + (int64_t)hq * D) * es, bf16, (char *)k_cache + slots[t] * kv * kv_es, kv_bf16, kv);
-        copy_as((char *)qkv + (row + (int64_t)(hq + hkv) * D) * es, bf16, (char *)v_cache + slots[t] * kv * kv_es,
-                kv_bf16, kv);
+        const char *k = (char *)qkv + (row + (int64_t)hq * D) * es, *v = k + kv * es;
+        convert(k, (char *)k_cache + slots[t] * kv * kv_es, kv, bf16, kv_bf16);
+        convert(v, (char *)v_cache + slots[t] * kv * kv_es, kv, bf16, kv_bf16);
     }
 }
 
@@ -205,11 +204,6 @@ typedef struct {
 #define EACH_ROW(body)   /* row t of the step s in scope */                                               \
     _Pragma("omp parallel for schedule(static) num_threads(s->threads) if (s->T >= PAR_ROWS)")            \
     for (int64_t t = 0; t < s->T; t++) { body; }
-
-static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to_bf16) {
-    for (int64_t i = 0; i < n; i++)
-        store(dst, i, load(src, i, from_bf16), to_bf16);
-}
 
 /* y = x W^T (+ b) for T rows of x in the activations' dtype, into y in fp32 or in that dtype (as
  * GGMLLinear.small: in fp32, rounded once at the end) */

@@ -38,6 +38,13 @@ static inline float bf2f(uint16_t b) {
     return f;
 }
 
+/* f rounded to bf16, nearest even (as torch's .to(bfloat16)) */
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
 /* ---- one block -> fp32 ------------------------------------------------------------------------------- */
 /* Vectors of the target's width (VW floats): bytes are widened straight from memory to VW int32 lanes
  * (vpmovzxbd and the like), masked and shifted there, converted and scaled. Generic vectors wider than the
@@ -495,13 +502,11 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
     return w;
 }
 
-/* n bf16 values from x[at] as fp32 into dst (bf16 widens exactly: its bits are fp32's top half) */
+/* n bf16 values from x[at] as fp32 into dst */
 static inline const float *widen(const void *x, int64_t at, int64_t n, float *restrict dst) {
     const uint16_t *src = (const uint16_t *)x + at;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u = (uint32_t)src[i] << 16;
-        memcpy(dst + i, &u, 4);
-    }
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = bf2f(src[i]);
     return dst;
 }
 
@@ -527,12 +532,8 @@ static void store_tile(const float *t, int64_t ldt, int64_t rows, int64_t width,
         const int64_t at = (m + r) * o.ld + n;
         if (o.bf16) {
             uint16_t *dst = (uint16_t *)o.y + at;
-            for (int64_t i = 0; i < width; i++) {
-                float v = o.bias ? src[i] + o.bias[n + i] : src[i];
-                uint32_t u;
-                memcpy(&u, &v, 4);
-                dst[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-            }
+            for (int64_t i = 0; i < width; i++)
+                dst[i] = f2bf(o.bias ? src[i] + o.bias[n + i] : src[i]);
         } else {
             float *dst = (float *)o.y + at;
             for (int64_t i = 0; i < width; i++)
@@ -541,11 +542,11 @@ static void store_tile(const float *t, int64_t ldt, int64_t rows, int64_t width,
     }
 }
 
-/* the activations quantized: q [rows, K] int8; per block ([rows, K / 32]) the sum of its values, its scale bd
- * and bs = bd * sum (the packed kernel's); for the row-major kernel (NULL where it does not run) per lane (4
- * values, [rows, K / 4]) the block's scale d, its share s = d * block sum / 8 of the min term, and -zero *
- * the lane's sum */
-typedef struct { int8_t *q; float *d, *s; int32_t *z, *sum; float *bd, *bs; } qacts;
+/* the activations quantized: q [rows, K] int8; per block ([rows, K / 32]) its scale bd and bs = bd * the sum of
+ * its values (the packed kernel's); for the row-major kernel (NULL where it does not run) per lane (4 values,
+ * [rows, K / 4]) the block's scale d, its share s = d * block sum / 8 of the min term, and -zero * the lane's
+ * sum */
+typedef struct { int8_t *q; float *d, *s; int32_t *z; float *bd, *bs; } qacts;
 
 typedef int8_t qv __attribute__((vector_size(VW)));
 
@@ -618,7 +619,6 @@ static void quantize_rows(const void *x, int64_t ldx, int bf16, int64_t M, int64
                 total += r;
             }
             int sum = sum_int_lanes(total);
-            a.sum[m * (K / 32) + b] = sum;
             a.bd[m * (K / 32) + b] = d;
             a.bs[m * (K / 32) + b] = d * sum;
             for (int l = 0; l < 8 && a.d; l++) {
@@ -908,7 +908,7 @@ static int int8_zero(int type) {
 /* the activation rows from m on */
 static qacts rows_from(qacts a, int64_t m, int64_t K) {
     qacts r = a;
-    r.q += m * K, r.sum += m * (K / 32), r.bd += m * (K / 32), r.bs += m * (K / 32);
+    r.q += m * K, r.bd += m * (K / 32), r.bs += m * (K / 32);
     if (a.d)
         r.d += m * (K / 4), r.s += m * (K / 4), r.z += m * (K / 4);
     return r;
@@ -926,15 +926,14 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int64_t lanes = tasks ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane values: the row-major kernel's */
-    char *buf = malloc(lanes * 12 + blocks * 12 + M * K);
+    char *buf = malloc(lanes * 12 + blocks * 8 + M * K);
     if (!buf)
         return 1;
     float *f = (float *)buf;
-    qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 12), lanes ? f : NULL, lanes ? f + lanes : NULL,
-               lanes ? (int32_t *)f + 2 * lanes : NULL, (int32_t *)f + 3 * lanes, f + 3 * lanes + blocks,
-               f + 3 * lanes + 2 * blocks};
+    qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 8), lanes ? f : NULL, lanes ? f + lanes : NULL,
+               lanes ? (int32_t *)f + 2 * lanes : NULL, f + 3 * lanes, f + 3 * lanes + blocks};
     const int zero = int8_zero(type), plain = !o.bf16 && !o.bias;
-    const int64_t chunk = (GEMM_ACT_BYTES / (K + K / 32 * 12) / PTILE + 1) * PTILE;
+    const int64_t chunk = (GEMM_ACT_BYTES / (K + K / 32 * 8) / PTILE + 1) * PTILE;
     if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
         quantize_rows(x, ldx, x_bf16, M, K, zero, a);
 #pragma omp parallel num_threads(threads)
@@ -984,41 +983,6 @@ int ggml_block_size(int type) {
     return block_shape(type, &bytes);
 }
 
-static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
-                        const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads);
-
-/* y[m, n] = sum_k W[n, k] x[m, k] (+ bias[n]) for m < M, n < N; x [M, ldx] and y [M, ldy] fp32 or bf16 (flags),
- * bias fp32 or NULL. MATMUL_INT8: the rows of a format with an int8 path (and K a whole number of groups) run
- * on int8 activations, on `packed` (W as ggml_pack wrote it, or NULL) where given; else (or without it) the
- * result equals dequantize-then-matmul up to summation order, decode rows (M <= TILE) also reading `packed`
- * where given. Returns 1 when a buffer cannot be allocated, 2 for a type or K this file cannot take. */
-int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
-                const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
-                int flags) {
-    if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
-        return 2;
-    const int x_bf16 = !!(flags & MATMUL_X_BF16);
-    const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias};
-    int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
-    if (flags & MATMUL_INT8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
-        return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
-    /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round
-     * (+ 1: no zero-byte requests for a step without rows) */
-    const int through = o.bf16 || bias;
-    float *xf = x_bf16 ? malloc(sizeof(float) * (M * K + 1)) : NULL;
-    float *yf = through ? malloc(sizeof(float) * (M * N + 1)) : NULL;
-    int failed = (x_bf16 && !xf) || (through && !yf);
-    for (int64_t m = 0; m < M && xf; m++)
-        widen(x, m * ldx, K, xf + m * K);
-    if (!failed)
-        failed = exact_matmul(type, w, packed, row_bytes, N, K, xf ? xf : x, xf ? K : ldx, M, yf ? yf : y,
-                              yf ? N : ldy, threads);
-    if (!failed && yf)
-        store_tile(yf, N, M, N, o, 0, 0);
-    free(xf), free(yf);
-    return failed;
-}
-
 /* ggml_matmul's exact path on fp32 rows */
 static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                         const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
@@ -1064,6 +1028,38 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
     return failed;
 }
 
+/* y[m, n] = sum_k W[n, k] x[m, k] (+ bias[n]) for m < M, n < N; x [M, ldx] and y [M, ldy] fp32 or bf16 (flags),
+ * bias fp32 or NULL. MATMUL_INT8: the rows of a format with an int8 path (and K a whole number of groups) run
+ * on int8 activations, on `packed` (W as ggml_pack wrote it, or NULL) where given; else (or without it) the
+ * result equals dequantize-then-matmul up to summation order, decode rows (M <= TILE) also reading `packed`
+ * where given. Returns 1 when a buffer cannot be allocated, 2 for a type or K this file cannot take. */
+int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
+                int flags) {
+    if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
+        return 2;
+    const int x_bf16 = !!(flags & MATMUL_X_BF16);
+    const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias};
+    int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
+    if (flags & MATMUL_INT8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
+        return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
+    /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round
+     * (+ 1: no zero-byte requests for a step without rows) */
+    const int through = o.bf16 || bias;
+    float *xf = x_bf16 ? malloc(sizeof(float) * (M * K + 1)) : NULL;
+    float *yf = through ? malloc(sizeof(float) * (M * N + 1)) : NULL;
+    int failed = (x_bf16 && !xf) || (through && !yf);
+    for (int64_t m = 0; m < M && xf; m++)
+        widen(x, m * ldx, K, xf + m * K);
+    if (!failed)
+        failed = exact_matmul(type, w, packed, row_bytes, N, K, xf ? xf : x, xf ? K : ldx, M, yf ? yf : y,
+                              yf ? N : ldy, threads);
+    if (!failed && yf)
+        store_tile(yf, N, M, N, o, 0, 0);
+    free(xf), free(yf);
+    return failed;
+}
+
 /* out[i, :] = W[ids[i], :] as fp32, or as bf16 (round to nearest even) when out_bf16; ids NULL: every row.
  * The dequantized weight of a large-batch matmul, and the rows of an embedding lookup. */
 int ggml_dequantize(int type, const uint8_t *w, int64_t row_bytes, int64_t K, const int64_t *ids, int64_t rows,
@@ -1086,11 +1082,8 @@ int ggml_dequantize(int type, const uint8_t *w, int64_t row_bytes, int64_t K, co
                 }
                 decode_row(type, src, K, buf);
                 uint16_t *dst = (uint16_t *)out + i * K;
-                for (int64_t k = 0; k < K; k++) {
-                    uint32_t u;
-                    memcpy(&u, buf + k, 4);
-                    dst[k] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-                }
+                for (int64_t k = 0; k < K; k++)
+                    dst[k] = f2bf(buf[k]);
             }
             free(buf);
         }
