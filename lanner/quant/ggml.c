@@ -20,6 +20,7 @@
 
 #define TILE 4   /* activation rows dotted with one decoded weight row together */
 #define ROWS_PER_TASK 16   /* weight rows a thread takes at a time */
+#define AHEAD_BYTES (4 << 10)   /* how far ahead a GEMV prefetches its weights */
 
 /* GGML type ids (ggml.h) */
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14,
@@ -717,6 +718,13 @@ INLINE lh dot16(lb w, lb x) { return (lh)_mm256_maddubs_epi16((__m256i)w, (__m25
 INLINE li widen16(lh s) { return (li)_mm256_madd_epi16((__m256i)s, _mm256_set1_epi16(1)); }
 #endif
 
+/* the weights AHEAD_BYTES past p, asked for now: a decode step's GEMV streams each weight once, and the hardware
+ * prefetcher alone let it fall behind memory */
+INLINE void stream_ahead(const uint8_t *p, int64_t bytes) {
+    for (int64_t l = 0; l < bytes; l += 64)
+        __builtin_prefetch(p + AHEAD_BYTES + l, 0, 3);
+}
+
 /* a block's 4-bit values of the group against rows activation rows: d[m] lane r = row r's integer dot product.
  * Without VNNI the 16-bit pair sums of a block add up before widening: 8 of at most 2 * 15 * 127 fit. */
 INLINE void dot_q4_block(const uint8_t *vals, qacts a, const int rows, int64_t K, int64_t b, li *d) {
@@ -770,6 +778,8 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = grp + b * bytes;
         li d[PTILE];
+        if (rows <= TILE)   /* one pass over the weights: a GEMM's later tiles find them in L1 */
+            stream_ahead(blk, bytes);
         if (bits == 4)
             dot_q4_block(blk + 2 * scales * LANES, a, rows, K, b, d);
         else
@@ -829,6 +839,7 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = grp + b * bytes, *vals = blk + 2 * scales * LANES;
         const float *xb = x + 32 * b;
+        stream_ahead(blk, bytes);
         lf sum[TILE][2];   /* two chains a row: the FMAs of one would wait on each other */
         for (int m = 0; m < rows; m++)
             sum[m][0] = sum[m][1] = (lf){0};
