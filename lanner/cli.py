@@ -21,6 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="dtype K and V are stored in (auto: the model's); bfloat16 halves an fp32 model's KV bytes")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--num-scheduler-steps", type=int, default=d.num_scheduler_steps,
+                   help="greedy decode steps a batch may run in one call, its tokens then streamed together (1: one "
+                        "step per call)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "reference", "cpu", "triton"])
     p.add_argument("--device", default=d.device)
@@ -51,7 +54,7 @@ def engine_kwargs(args) -> dict:
                 kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_dtype=args.kv_cache_dtype,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+                num_scheduler_steps=args.num_scheduler_steps, enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
                 device=args.device, speculative=args.speculative,
                 quantization=args.quantization, dense_gemm_weights=args.dense_gemm_weights, enable_lora=bool(args.lora), max_loras=args.max_loras,
                 max_lora_rank=args.max_lora_rank, limit_mm_per_prompt={"image": args.limit_images_per_prompt},

@@ -242,6 +242,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"              # auto (the model's dtype) | float32 | bfloat16 | float16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+    num_scheduler_steps: int = 8              # greedy decode steps a batch may run in one call (1: one per step)
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"           # reference | cpu | triton | auto
     device: str = "cpu"
@@ -260,7 +261,7 @@ class EngineConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "num_scheduler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.speculative = SpeculativeConfig.parse(self.speculative)

@@ -1,7 +1,7 @@
 """The one-call decode step (lanner.model.decode_step) gives bitwise the PyTorch path's results; models and steps it
 does not take run the PyTorch path."""
 import pytest
-from conftest import make_llm, save_tiny_model
+from conftest import assert_all_blocks_free, make_llm, save_tiny_model
 from test_lora import base_dir, make_adapter  # noqa: F401 (fixture)
 
 from lanner import LoRARequest, SamplingParams
@@ -100,3 +100,52 @@ def test_kv_cache_dtype_is_checked():
         EngineConfig(kv_cache_dtype="int8")
     with pytest.raises(ValueError, match="kv_cache_dtype=bfloat16 is for the CPU backend"):
         EngineConfig(kv_cache_dtype="bfloat16", device="cuda")
+
+
+def count_bursts(llm) -> list[int]:
+    """The steps each burst call was asked for, recorded as they run."""
+    runner, asked = llm.engine.runner, []
+    run_burst = runner.run_burst
+
+    def counted(scheduled, steps, stops):
+        asked.append(steps)
+        return run_burst(scheduled, steps, stops)
+    runner.run_burst = counted
+    return asked
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
+    """Greedy decode steps run num_scheduler_steps at a time in one call give the tokens, texts and finish reasons
+    of steps run one by one: rows that stop on eos, on a stop string, at max_tokens, inside a burst or not."""
+    llm = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False)
+    asked = count_bursts(llm)
+    cases = [(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=40)),
+             (PROMPTS, SamplingParams(temperature=0, max_tokens=40)),   # one row ends on eos, the others run on
+             (PROMPTS, SamplingParams(temperature=0, max_tokens=30, stop=[","])),
+             (PROMPTS, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 19, 27)])]
+    outputs = {}
+    for steps in (1, 8):
+        llm.engine.cfg.num_scheduler_steps = steps
+        outputs[steps] = [[(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+                           for o in llm.generate(prompts, params, use_tqdm=False)] for prompts, params in cases]
+        assert_all_blocks_free(llm)
+        assert bool(asked) == (steps > 1)
+    assert outputs[8] == outputs[1]
+    assert {reason for case in outputs[8] for _, _, reason in case} == {"stop", "length"}
+    assert max(asked) == 8 and min(asked) >= 2
+
+
+def test_bursts_only_where_the_argmax_alone_decides(default_model_path):
+    """Sampling, logprobs and penalties take a step at a time; so does a batch while a request waits to join."""
+    llm = make_llm(default_model_path, kv_cache_memory=0.05, enable_prefix_caching=False, max_num_seqs=1)
+    asked = count_bursts(llm)
+    for params in (SamplingParams(temperature=0.8, max_tokens=12, seed=1), SamplingParams(temperature=0, max_tokens=12,
+                   logprobs=1), SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.2)):
+        llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert not asked
+    llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert asked == [8, 3]   # the first prompt's steps one by one while the second waits (max_num_seqs=1)
+    assert_all_blocks_free(llm)
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        make_llm(default_model_path, num_scheduler_steps=0)

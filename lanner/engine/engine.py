@@ -233,6 +233,9 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        steps = self.burst_steps(scheduled)
+        if steps > 1:
+            return self.run_burst(scheduled, steps)
         self.start_grammar_masks(scheduled)
         self.runner.copy_blocks(self.blocks.pop_copies())
         starts = [seq.num_computed_tokens for seq, _ in scheduled]
@@ -253,6 +256,53 @@ class LLMEngine:
                 if self.kv_window:
                     self.blocks.release_out_of_window(seq, self.kv_window)
         return [self.make_output(self.requests[rid]) for rid in touched if rid in self.requests]
+
+    # ---- bursts: greedy decode steps in one call ---------------------------------------------------
+    def burst_steps(self, scheduled: list[tuple[Sequence, int]]) -> int:
+        """How many decode steps this batch runs in one call: up to num_scheduler_steps when every row is a greedy
+        decode row whose token nothing but the argmax decides (no logprobs, penalties, grammar, drafts or adapter),
+        no request waits to join, the model's one-call step takes the batch, and the KV blocks of every step are
+        free (they are allocated here); else 1. Never past a row's max_tokens or max_model_len."""
+        steps = self.cfg.num_scheduler_steps
+        if steps < 2 or self.scheduler.waiting or self.proposer is not None or not self.runner.bursts(len(scheduled)):
+            return 1
+        for seq, num in scheduled:
+            p = seq.params
+            if (num != 1 or seq.spec_token_ids or not p.greedy or p.logprobs is not None or p.has_penalties
+                    or seq.num_output_tokens < max(p.min_tokens, 1) or seq.grammar is not None or seq.slot_lora_id):
+                return 1
+            steps = min(steps, self.max_model_len - seq.num_verified_tokens)
+            if p.max_tokens is not None:
+                steps = min(steps, p.max_tokens - seq.num_output_tokens)
+        if steps < 2 or sum(self.blocks.blocks_needed(s, steps) for s, _ in scheduled) > self.blocks.num_free_blocks:
+            return 1
+        for seq, _ in scheduled:
+            self.blocks.allocate(seq, steps)
+        return steps
+
+    def run_burst(self, scheduled: list[tuple[Sequence, int]], steps: int) -> list[RequestOutput]:
+        """The batch's next `steps` greedy tokens from one call, each appended as a step's would be. The call ends
+        after a step that gave a row its stop token, so each step runs the batch steps one by one would; a stop
+        string, found only here, drops the row's tokens after it."""
+        self.runner.copy_blocks(self.blocks.pop_copies())
+        stops = set()
+        for seq, _ in scheduled:
+            stops |= set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(self.tokenizer.stop_token_ids))
+        tokens = self.runner.run_burst(scheduled, steps, sorted(stops))
+        now = time.perf_counter()
+        for r, (seq, _) in enumerate(scheduled):
+            for step_tokens in tokens:
+                seq.num_computed_tokens += 1
+                self.num_computed_tokens_total += 1
+                self.append_token(seq, step_tokens[r], now)
+                if seq.is_finished:
+                    break
+            if not seq.is_finished:
+                self.cache_blocks(seq)
+                if self.kv_window:
+                    self.blocks.release_out_of_window(seq, self.kv_window)
+        return [self.make_output(self.requests[rid]) for rid in {s.request_id for s, _ in scheduled}
+                if rid in self.requests]
 
     def record_prompt_logprobs(self, logits, row_seqs, row_tokens) -> list[int]:
         """Store prompt logprobs from prompt rows (row_tokens: the index in token_ids of the token each row reads);

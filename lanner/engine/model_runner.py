@@ -193,6 +193,17 @@ class ModelRunner:
         logits = self.model.compute_logits(rows_of(hidden, rows.to(dev))).cpu()
         return logits, seqs, token_indices
 
+    def bursts(self, rows: int) -> bool:
+        """Whether run_burst takes a batch of this many decode rows (the model's one-call step, on the CPU)."""
+        return self.cfg.device == "cpu" and isinstance(self.model, LlamaForCausalLM) and self.model.bursts(rows)
+
+    @torch.inference_mode()
+    def run_burst(self, scheduled: list[tuple[Sequence, int]], steps: int, stops: list[int]) -> list[list[int]]:
+        """Up to `steps` greedy decode steps of the scheduled sequences (one new token each, the KV blocks of
+        every step allocated) in one call: each step's tokens, in scheduled order."""
+        input_ids, positions, meta, _, _, _, _ = self.prepare(scheduled)
+        return self.model.decode_burst(input_ids, positions, meta, steps, stops)
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: every layer's K and V of each (source, destination) block."""
         if pairs:

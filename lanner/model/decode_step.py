@@ -48,6 +48,12 @@ class StepArgs(ctypes.Structure):
                 ("logits", c_void_p)]
 
 
+class BurstArgs(ctypes.Structure):
+    _fields_ = [("dequantize", c_void_p), ("embed_type", c_int), ("embed", c_void_p), ("embed_row_bytes", c_int64),
+                ("rotary", c_void_p), ("positions", c_void_p), ("stops", c_void_p), ("num_stops", c_int),
+                ("steps", c_int), ("tokens", c_void_p)]
+
+
 class DecodeStep:
     """decode_layers bound to a model; build() returns None where the model does not qualify."""
 
@@ -57,6 +63,7 @@ class DecodeStep:
         cfg = model.config
         # the linears' own build: its ISA level packed their weights
         self.matmul = ctypes.cast(linears[0][0].lib.ggml_matmul, c_void_p).value
+        self.dequantize = ctypes.cast(linears[0][0].lib.ggml_dequantize, c_void_p).value
         self.attention = ctypes.cast(attention_native.paged_attention(), c_void_p).value
         self.window = self.attn.options.get("window")   # the key of the step's attention arrays (layers pass their own)
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
@@ -86,20 +93,65 @@ class DecodeStep:
 
     def fits(self, x: torch.Tensor, meta) -> bool:
         """A step this call runs exactly as the PyTorch path would."""
+        return x.device.type == "cpu" and not torch.is_grad_enabled() and self.takes(x.shape[0], x.dtype)
+
+    def takes(self, rows: int, dtype: torch.dtype) -> bool:
         attn = self.attn
         lora = attn.qkv_proj.lora   # set by the LoRA manager, which is built after the weights are packed
-        return (1 <= x.shape[0] <= self.max_rows and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype in PLAIN_DTYPES and attn.k_cache.dtype in PLAIN_DTYPES
-                and self.model.norm.weight.dtype == x.dtype and not (lora is not None and lora.manager.batch))
+        return (1 <= rows <= self.max_rows and dtype in PLAIN_DTYPES
+                and attn.k_cache.dtype in PLAIN_DTYPES and self.model.norm.weight.dtype == dtype
+                and not (lora is not None and lora.manager.batch))
+
+    def bursts(self, rows: int) -> bool:
+        """Whether burst() runs greedy decode steps of this many rows: the LM head and the embedding lookup are
+        GGML kernels it can call (a GGUF model's) and nothing scales the embeddings."""
+        model = self.model
+        return (self.head is not None and rows <= self.head.small_rows and model.embed_tokens.ggml is not None
+                and model.config.embedding_scale is None and self.takes(rows, model.norm.weight.dtype))
 
     def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The final hidden states (after the model's last norm) for embeddings x [T, H], [T, H] in x's dtype, and
         every row's fp32 logits [T, V] as compute_logits gives them (None where the head is not ours to run, or its
         kernel would not take this many rows: then the PyTorch path's head takes the rows it samples)."""
-        layers = self.layer_structs()
+        x = x.contiguous()   # (the call writes its residual stream there)
+        step, keep = self.step_args(x, cos_sin, meta)
+        lora = self.model.lm_head.lora
+        logits = None
+        if self.head is not None and x.shape[0] <= self.head.small_rows and not (lora is not None and lora.manager.batch):
+            logits = torch.empty(x.shape[0], self.head.out_features)
+            step.head, step.logits = self.head_args, logits.data_ptr()
+        layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)
+        ggml.check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr(),
+                                          out.data_ptr()), "decode step")
+        return out, logits
+
+    def burst(self, x: torch.Tensor, cos_sin: torch.Tensor, meta, positions: torch.Tensor, steps: int,
+              stops: list[int]) -> list[list[int]]:
+        """Up to `steps` greedy decode steps of rows x [T, H] (embeddings of each sequence's last token, at
+        positions), each row's argmax fed back as its next token, in one C call: the tokens of each step run, [T]
+        per step, bitwise those the steps one by one would sample. Stops after a step where a row gave one of
+        stops. The KV slots of every step must be allocated (meta's block tables hold them)."""
+        x = x.contiguous()
+        step, keep = self.step_args(x, cos_sin, meta)
+        logits, tokens = torch.empty(x.shape[0], self.head.out_features), torch.empty(steps, x.shape[0], dtype=torch.int64)
+        step.head, step.logits = self.head_args, logits.data_ptr()
+        embed = self.model.embed_tokens.ggml
+        positions, stops = positions.to(torch.int64).contiguous(), torch.tensor(stops, dtype=torch.int64)
+        burst = BurstArgs(self.dequantize, embed.type_id, embed.data.data_ptr(), embed.row_bytes,
+                          self.model.rotary.in_dtype(x.dtype).data_ptr(), positions.data_ptr(), stops.data_ptr(),
+                          stops.numel(), steps, tokens.data_ptr())
+        layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)
+        ran = self.lib.decode_burst(ctypes.byref(step), layers, len(layers), ctypes.byref(burst), x.data_ptr(),
+                                    residual.data_ptr(), out.data_ptr())
+        ggml.check(int(ran < 0), "decode burst")
+        return tokens[:ran].tolist()
+
+    def step_args(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[StepArgs, tuple]:
+        """decode_layers' arguments for a step of rows x, and the tensors they point into (kept alive through the
+        call by the caller)."""
         launch = self.launch(meta, self.window)   # the per-step arrays; each layer passes its own window
         cfg, attn = self.model.config, self.attn
-        x, cos_sin, slots = x.contiguous(), cos_sin.contiguous(), meta.slot_mapping.to(torch.int64).contiguous()
+        cos_sin, slots = cos_sin.contiguous(), meta.slot_mapping.to(torch.int64).contiguous()
         tree = launch.tree
         step = StepArgs(self.matmul, self.attention, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
                         int(attn.k_cache.dtype == torch.bfloat16), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
@@ -109,16 +161,7 @@ class DecodeStep:
                         launch.tables.shape[1], launch.seqs.numel(), 0 if tree is None else tree.shape[1],
                         launch.seqs.data_ptr(), None if tree is None else tree.data_ptr(),
                         self.model.norm.weight.data_ptr())
-        residual, out = torch.empty_like(x), torch.empty_like(x)
-        lora = self.model.lm_head.lora
-        logits = None
-        adapted = lora is not None and lora.manager.batch
-        if self.head is not None and x.shape[0] <= self.head.small_rows and not adapted:
-            logits = torch.empty(x.shape[0], self.head.out_features)
-            step.head, step.logits = self.head_args, logits.data_ptr()
-        ggml.check(self.lib.decode_layers(ctypes.byref(step), layers, len(layers), x.data_ptr(), residual.data_ptr(),
-                                          out.data_ptr()), "decode step")
-        return out, logits
+        return step, (launch, cos_sin, slots)
 
     @staticmethod
     def launch(meta, window: int | None) -> attention_native.Launch:

@@ -23,8 +23,9 @@ def library():
         lib.silu_mul.argtypes = [p, p, i64, i64, i]
         lib.mask_logits.argtypes = [p, i64, p, i64, i64, i64]
         lib.decode_layers.argtypes = [p, p, i, p, p, p]
+        lib.decode_burst.argtypes = [p, p, i, p, p, p, p]
         lib.rms_norm.restype = lib.rope_store.restype = lib.silu_mul.restype = lib.mask_logits.restype = None
-        lib.decode_layers.restype = ctypes.c_int
+        lib.decode_layers.restype = lib.decode_burst.restype = ctypes.c_int
     return lib
 
 

@@ -194,11 +194,15 @@ class RotaryEmbedding(nn.Module):
     def table(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """cos | sin [T, dim] of positions, in dtype: looked up once per forward, shared by every layer. The
         whole table is converted once per dtype (rounding commutes with the lookup): one op per decode step."""
+        return self.in_dtype(dtype)[positions]
+
+    def in_dtype(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole cos | sin table [positions, dim] in dtype."""
         source, converted = self.converted.get(dtype, (None, None))
         if source is not self.cos_sin:   # first use, or the buffer was replaced or moved since
             converted = self.cos_sin.to(dtype)
             self.converted[dtype] = self.cos_sin, converted
-        return converted[positions]
+        return converted
 
     def forward(self, table: torch.Tensor, *xs: torch.Tensor):
         cos, sin = table.unsqueeze(-2).chunk(2, dim=-1)

@@ -150,6 +150,17 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, tables[layer.rotary], meta)
         return self.norm(x, residual)[0]
 
+    def bursts(self, rows: int) -> bool:
+        """Whether decode_burst takes a batch of this many rows."""
+        return self.decode_step is not None and self.decode_step.bursts(rows)
+
+    def decode_burst(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, steps: int,
+                     stops: list[int]) -> list[list[int]]:
+        """Up to `steps` greedy decode steps from each sequence's last token (one row each) in one call: the tokens
+        of each step (DecodeStep.burst)."""
+        x = self.embed_tokens(input_ids)
+        return self.decode_step.burst(x, self.rotary.table(positions, x.dtype), meta, positions, steps, stops)
+
     @property
     def mixers(self) -> list[nn.Module]:
         """The SSM layers' mixers (a hybrid's), whose state the engine's state slots hold."""
