@@ -122,7 +122,8 @@ def test_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
     asked = count_bursts(llm)
     cases = [(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=40)),
              (PROMPTS, SamplingParams(temperature=0, max_tokens=40)),   # one row ends on eos, the others run on
-             (PROMPTS, SamplingParams(temperature=0, max_tokens=30, stop=[","])),
+             (PROMPTS[:1], SamplingParams(temperature=0, max_tokens=30, stop=["."])),   # a burst cut by its string
+             (PROMPTS, SamplingParams(temperature=0, max_tokens=30, stop=[","])),   # stop strings: no bursts
              (PROMPTS, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 19, 27)])]
     outputs = {}
     for steps in (1, 8):

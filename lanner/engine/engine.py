@@ -262,14 +262,17 @@ class LLMEngine:
         """How many decode steps this batch runs in one call: up to num_scheduler_steps when every row is a greedy
         decode row whose token nothing but the argmax decides (no logprobs, penalties, grammar, drafts or adapter),
         no request waits to join, the model's one-call step takes the batch, and the KV blocks of every step are
-        free (they are allocated here); else 1. Never past a row's max_tokens or max_model_len."""
+        free (they are allocated here); else 1. Never past a row's max_tokens or max_model_len, and a row with stop
+        strings only alone: they are found after the call, and the rows it ran on past one would have left the
+        batch (attention splits its work by the batch's, so the others' rounding would change)."""
         steps = self.cfg.num_scheduler_steps
         if steps < 2 or self.scheduler.waiting or self.proposer is not None or not self.runner.bursts(len(scheduled)):
             return 1
         for seq, num in scheduled:
             p = seq.params
             if (num != 1 or seq.spec_token_ids or not p.greedy or p.logprobs is not None or p.has_penalties
-                    or seq.num_output_tokens < max(p.min_tokens, 1) or seq.grammar is not None or seq.slot_lora_id):
+                    or seq.num_output_tokens < max(p.min_tokens, 1) or seq.grammar is not None or seq.slot_lora_id
+                    or (p.stop and len(scheduled) > 1)):
                 return 1
             steps = min(steps, self.max_model_len - seq.num_verified_tokens)
             if p.max_tokens is not None:
@@ -283,7 +286,7 @@ class LLMEngine:
     def run_burst(self, scheduled: list[tuple[Sequence, int]], steps: int) -> list[RequestOutput]:
         """The batch's next `steps` greedy tokens from one call, each appended as a step's would be. The call ends
         after a step that gave a row its stop token, so each step runs the batch steps one by one would; a stop
-        string, found only here, drops the row's tokens after it."""
+        string (a row alone), found only here, drops the tokens after it."""
         self.runner.copy_blocks(self.blocks.pop_copies())
         stops = set()
         for seq, _ in scheduled:
