@@ -102,13 +102,15 @@ def test_kv_cache_dtype_is_checked():
         EngineConfig(kv_cache_dtype="bfloat16", device="cuda")
 
 
-def count_bursts(llm) -> list[int]:
-    """The steps each burst call was asked for, recorded as they run."""
+def count_bursts(llm, rows: list | None = None) -> list[int]:
+    """The steps each burst call was asked for (and its rows, into `rows`), recorded as they run."""
     runner, asked = llm.engine.runner, []
     run_burst = runner.run_burst
 
     def counted(scheduled, steps, stops):
         asked.append(steps)
+        if rows is not None:
+            rows.append(len(scheduled))
         return run_burst(scheduled, steps, stops)
     runner.run_burst = counted
     return asked
@@ -119,12 +121,14 @@ def test_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
     """Greedy decode steps run num_scheduler_steps at a time in one call give the tokens, texts and finish reasons
     of steps run one by one: rows that stop on eos, on a stop string, at max_tokens, inside a burst or not."""
     llm = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False)
-    asked = count_bursts(llm)
+    rows = []
+    asked = count_bursts(llm, rows)
     cases = [(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=40)),
              (PROMPTS, SamplingParams(temperature=0, max_tokens=40)),   # one row ends on eos, the others run on
              (PROMPTS[:1], SamplingParams(temperature=0, max_tokens=30, stop=["."])),   # a burst cut by its string
              (PROMPTS, SamplingParams(temperature=0, max_tokens=30, stop=[","])),   # stop strings: no bursts
-             (PROMPTS, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 19, 27)])]
+             (PROMPTS, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 19, 27)]),
+             (PROMPTS * 2, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))]   # fp32: its head in C
     outputs = {}
     for steps in (1, 8):
         llm.engine.cfg.num_scheduler_steps = steps
@@ -135,6 +139,7 @@ def test_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
     assert outputs[8] == outputs[1]
     assert {reason for case in outputs[8] for _, _, reason in case} == {"stop", "length"}
     assert max(asked) == 8 and min(asked) >= 2
+    assert max(rows) == (6 if dtype == "float32" else 3)   # the LM head's kernel takes 16 fp32 rows, 4 bf16
 
 
 def test_bursts_only_where_the_argmax_alone_decides(default_model_path):

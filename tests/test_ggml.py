@@ -75,9 +75,12 @@ def test_matmul_equals_dequantize_then_matmul_on_every_isa(isa, type_name, m):
     x = torch.randn(m, cols)
     want = x.double() @ reference(w).double().T
     with mock.patch.dict(os.environ, {"LANNER_EXACT_LINEARS": "1"}):
-        got = GGMLLinear(w)(x)
+        lin = GGMLLinear(w)
+        got = lin(x)
     assert got.dtype == torch.float32 and got.shape == (m, 45)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    kernel = lin.small(x, lin.lib)   # the kernel at any size (packed formats: 4 rows at a time on each group)
+    torch.testing.assert_close(kernel.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def int8_blocks(x: torch.Tensor) -> torch.Tensor:

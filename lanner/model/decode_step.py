@@ -67,7 +67,8 @@ class DecodeStep:
         self.attention = ctypes.cast(attention_native.paged_attention(), c_void_p).value
         self.window = self.attn.options.get("window")   # the key of the step's attention arrays (layers pass their own)
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
-        self.max_rows = min([MAX_ROWS] + [q.small_rows for qs in linears for q in qs])
+        dtype = model.norm.weight.dtype
+        self.max_rows = min([MAX_ROWS] + [q.kernel_rows(dtype) for qs in linears for q in qs])
         head = model.lm_head.quantized
         # the LM head in the same call where it runs on the same kernels (a GGUF's; an HF model's stays dense)
         self.head = head if isinstance(head, ggml.GGMLLinear) and head.lib is linears[0][0].lib else None
@@ -106,7 +107,8 @@ class DecodeStep:
         """Whether burst() runs greedy decode steps of this many rows: the LM head and the embedding lookup are
         GGML kernels it can call (a GGUF model's) and nothing scales the embeddings."""
         model = self.model
-        return (self.head is not None and rows <= self.head.small_rows and model.embed_tokens.ggml is not None
+        return (self.head is not None and rows <= self.head.kernel_rows(model.norm.weight.dtype)
+                and model.embed_tokens.ggml is not None
                 and model.config.embedding_scale is None and self.takes(rows, model.norm.weight.dtype))
 
     def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -117,7 +119,8 @@ class DecodeStep:
         step, keep = self.step_args(x, cos_sin, meta)
         lora = self.model.lm_head.lora
         logits = None
-        if self.head is not None and x.shape[0] <= self.head.small_rows and not (lora is not None and lora.manager.batch):
+        if self.head is not None and x.shape[0] <= self.head.kernel_rows(x.dtype) and not (lora is not None
+                                                                                     and lora.manager.batch):
             logits = torch.empty(x.shape[0], self.head.out_features)
             step.head, step.logits = self.head_args, logits.data_ptr()
         layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)

@@ -997,8 +997,9 @@ int ggml_block_size(int type) {
 /* ggml_matmul's exact path on fp32 rows */
 static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                         const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
-    /* decode rows on packed weights: whole groups on fp32 activations, the rows after them row-major */
-    int64_t groups = packed && packable(type) && M >= 1 && M <= TILE ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
+    /* packed weights: whole groups on fp32 activations, TILE rows at a time while the group's blocks are in L1;
+     * the rows after them row-major */
+    int64_t groups = packed && packable(type) && M >= 1 ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     float *xsum = NULL;   /* Q4_1's block sums of the activations */
     if (groups && type == Q4_1) {
@@ -1020,7 +1021,9 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
         failed = M > TILE && !buf;
 #pragma omp for schedule(static) nowait
         for (int64_t g = 0; g < groups; g++)
-            fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x, ldx, xsum, M, y + g * PACK_ROWS, ldy);
+            for (int64_t m = 0; m < M; m += TILE)
+                fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m * ldx, ldx, xsum ? xsum + m * (K / 32) : NULL,
+                              M - m < TILE ? M - m : TILE, y + m * ldy + g * PACK_ROWS, ldy);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;

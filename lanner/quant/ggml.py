@@ -35,6 +35,10 @@ QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model c
 # step, or those up to INT8_GEMM_ROWS where a dense copy is asked for (dense_gemm_weights=True: oneDNN's AMX
 # bf16 GEMM, which this kernel does not use, on CPUs that have AMX).
 SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 32, 1 << 62
+# rows of fp32 activations up to which the exact kernel on the packed copy (each group's blocks reused from L1 by
+# every 4 rows) beats oneDNN's fp32 GEMM on the dense copy (2 threads: the default model's Q8_0 LM head 3.7 vs 7.0
+# ms at 16 rows, caches flushed; its Q4_1 layer shapes 1.2x at 16, even at 32). oneDNN's native bf16 wins from 4-8.
+EXACT_PACKED_ROWS = {torch.float32: 16}
 # ggml_matmul's flags (matmul.h): int8 activations; bf16 rows in and out (results in fp32 plus the bias, then
 # rounded once, as y.to(bfloat16) rounds)
 MATMUL_INT8, MATMUL_BF16_IO = 1, 2 | 4
@@ -171,18 +175,20 @@ class GGMLLinear:
         """Whether steps of any size run on the kernel's int8 GEMM (packed weights): no dense copy needed."""
         return self.int8 and self.packed is not None
 
-    @property
-    def small_rows(self) -> int:
-        """The most activation rows a call multiplies on the kernel rather than on the dense copy (or, without
-        either, on rows dequantized per call)."""
+    def kernel_rows(self, dtype: torch.dtype) -> int:
+        """The most activation rows of dtype a call multiplies on the kernel rather than on the dense copy (or,
+        without either, on rows dequantized per call)."""
         if self.dense is not None or self.dense_dtype is not None:
-            return INT8_GEMM_ROWS if self.int8_gemm else SMALL_M
+            if self.int8_gemm:
+                return INT8_GEMM_ROWS
+            return EXACT_PACKED_ROWS.get(dtype, SMALL_M) if self.packed is not None else SMALL_M
         return ALL_ROWS if self.int8_gemm else SMALL_M_WITHOUT_DENSE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         lib = self.lib
-        y = self.small(x2, lib, self.int8) if x2.shape[0] <= self.small_rows and lib is not None else self.large(x2)
+        small = x2.shape[0] <= self.kernel_rows(x2.dtype) and lib is not None
+        y = self.small(x2, lib, self.int8) if small else self.large(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _pack(self) -> torch.Tensor | None:
