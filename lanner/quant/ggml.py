@@ -37,8 +37,9 @@ QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model c
 SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 32, 1 << 62
 # rows of fp32 activations up to which the exact kernel on the packed copy (each group's blocks reused from L1 by
 # every 4 rows) beats oneDNN's fp32 GEMM on the dense copy (2 threads: the default model's Q8_0 LM head 3.7 vs 7.0
-# ms at 16 rows, caches flushed; its Q4_1 layer shapes 1.2x at 16, even at 32). oneDNN's native bf16 wins from 4-8.
-EXACT_PACKED_ROWS = {torch.float32: 16}
+# ms at 16 rows, 7.1 vs 9.1 at 32, caches flushed; its Q4_1 layer shapes 1.2x at 16, even at 32). oneDNN's native
+# bf16 wins from 4-8 rows.
+EXACT_PACKED_ROWS = {torch.float32: 32}
 # ggml_matmul's flags (matmul.h): int8 activations; bf16 rows in and out (results in fp32 plus the bias, then
 # rounded once, as y.to(bfloat16) rounds)
 MATMUL_INT8, MATMUL_BF16_IO = 1, 2 | 4
