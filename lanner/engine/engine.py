@@ -262,9 +262,9 @@ class LLMEngine:
         """How many decode steps this batch runs in one call: up to num_scheduler_steps when every row is a greedy
         decode row whose token nothing but the argmax decides (no logprobs, penalties, grammar, drafts or adapter),
         no request waits to join, the model's one-call step takes the batch, and the KV blocks of every step are
-        free (they are allocated here); else 1. Never past a row's max_tokens or max_model_len, and a row with stop
-        strings only alone: they are found after the call, and the rows it ran on past one would have left the
-        batch (attention splits its work by the batch's, so the others' rounding would change)."""
+        free (they are allocated here); else 1. Never past a row's max_tokens or max_model_len. A row with stop
+        strings bursts only alone: a stop string is found after the call, and the other rows' later steps would
+        have run beside a row that had stopped (attention splits its work by the batch: their rounding changes)."""
         steps = self.cfg.num_scheduler_steps
         if steps < 2 or self.scheduler.waiting or self.proposer is not None or not self.runner.bursts(len(scheduled)):
             return 1
@@ -288,9 +288,9 @@ class LLMEngine:
         after a step that gave a row its stop token, so each step runs the batch steps one by one would; a stop
         string (a row alone), found only here, drops the tokens after it."""
         self.runner.copy_blocks(self.blocks.pop_copies())
-        stops = set()
+        stops, eos = set(), set(self.tokenizer.stop_token_ids)
         for seq, _ in scheduled:
-            stops |= set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(self.tokenizer.stop_token_ids))
+            stops |= set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else eos)
         tokens = self.runner.run_burst(scheduled, steps, sorted(stops))
         now = time.perf_counter()
         for r, (seq, _) in enumerate(scheduled):

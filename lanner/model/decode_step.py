@@ -119,8 +119,8 @@ class DecodeStep:
         step, keep = self.step_args(x, cos_sin, meta)
         lora = self.model.lm_head.lora
         logits = None
-        if self.head is not None and x.shape[0] <= self.head.kernel_rows(x.dtype) and not (lora is not None
-                                                                                     and lora.manager.batch):
+        adapted = lora is not None and lora.manager.batch
+        if self.head is not None and x.shape[0] <= self.head.kernel_rows(x.dtype) and not adapted:
             logits = torch.empty(x.shape[0], self.head.out_features)
             step.head, step.logits = self.head_args, logits.data_ptr()
         layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)
@@ -136,7 +136,8 @@ class DecodeStep:
         stops. The KV slots of every step must be allocated (meta's block tables hold them)."""
         x = x.contiguous()
         step, keep = self.step_args(x, cos_sin, meta)
-        logits, tokens = torch.empty(x.shape[0], self.head.out_features), torch.empty(steps, x.shape[0], dtype=torch.int64)
+        logits = torch.empty(x.shape[0], self.head.out_features)
+        tokens = torch.empty(steps, x.shape[0], dtype=torch.int64)
         step.head, step.logits = self.head_args, logits.data_ptr()
         embed = self.model.embed_tokens.ggml
         positions, stops = positions.to(torch.int64).contiguous(), torch.tensor(stops, dtype=torch.int64)

@@ -1022,8 +1022,9 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
 #pragma omp for schedule(static) nowait
         for (int64_t g = 0; g < groups; g++)
             for (int64_t m = 0; m < M; m += TILE)
-                fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m * ldx, ldx, xsum ? xsum + m * (K / 32) : NULL,
-                              M - m < TILE ? M - m : TILE, y + m * ldy + g * PACK_ROWS, ldy);
+                fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m * ldx, ldx,
+                              xsum ? xsum + m * (K / 32) : NULL, M - m < TILE ? M - m : TILE,
+                              y + m * ldy + g * PACK_ROWS, ldy);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
