@@ -324,7 +324,17 @@ static int64_t argmax(const float *row, int64_t n) {
         best = best16[l] > best ? best16[l] : best, any_nan |= nan[l] != 0;
     for (int64_t j = i; j < n; j++)
         best = row[j] > best ? row[j] : best, any_nan |= row[j] != row[j];
-    for (i = 0; i < n; i++)
+    for (i = 0; i + 16 <= n; i += 16) {   /* the first 16 values holding it, then the lane */
+        v16 v;
+        memcpy(&v, row + i, sizeof v);
+        v16i hit = any_nan ? nan16(v) : (v16i)(v == best);
+        int any = 0;
+        for (int l = 0; l < 16; l++)
+            any |= hit[l] != 0;
+        if (any)
+            break;
+    }
+    for (; i < n; i++)
         if (any_nan ? row[i] != row[i] : row[i] == best)
             return i;
     return 0;
@@ -364,10 +374,9 @@ int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers
         if (failed)
             break;
         int stopped = 0;
-        for (int64_t t = 0; t < T; t++) {
-            tokens[t] = argmax(s->logits + t * s->head.n, s->head.n);
+        EACH_ROW(tokens[t] = argmax(s->logits + t * s->head.n, s->head.n))
+        for (int64_t t = 0; t < T; t++)
             stopped |= is_stop(b, tokens[t]);
-        }
         ran++;
         if (stopped)
             break;
