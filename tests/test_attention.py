@@ -121,8 +121,9 @@ def test_mixed_prefill_decode_and_verify_rows_in_one_call(backend):
 
 
 def test_cpu_prompt_chunks_past_the_kernels_limit_share_a_step_with_its_rows():
-    """The compiled kernel takes prompt chunks up to KERNEL_QUERY tokens, torch's flash attention the longer
-    ones (one fresh, one after a cached prefix), all in one call."""
+    """The compiled kernel takes prompt chunks up to KERNEL_QUERY tokens (any length where it scores a bf16 cache
+    by turned keys), torch's flash attention the longer ones (one fresh, one after a cached prefix), all in one
+    call."""
     long = cpu_backend.KERNEL_QUERY + 9
     q_lens, seq_lens = [long, 1, long, 200, 5], [long, 300, long + 40, 260, 30]
     for dtype in (torch.float32, torch.bfloat16):
@@ -400,20 +401,34 @@ def test_native_pieces_cover_each_window_in_one_run_per_thread():
     assert attention_pieces([40], [1], threads=2) == [(0, 0, 40, 0)]   # too little work to split
 
 
+def seen_by(key, seq_len, q_len):
+    """Query rows of a sequence that see this key: all of them for its context, fewer for its own (causal) keys."""
+    return min(q_len, seq_len - key)
+
+
 @pytest.mark.parametrize("cap", [1 << 30, 37])
 def test_native_pieces_balance_work_across_runs(cap):
-    """Mixed sequences (decode rows, verify rows, a prompt chunk): every key is in exactly one piece, pieces
-    respect the cap, and each run's work (keys x query rows) is within one key's work (and rounding) of an equal share."""
-    seq_lens, q_lens, threads = [700, 50, 1200, 90, 300, 2000], [1, 1, 4, 1, 128, 1], 2
+    """Mixed sequences (decode rows, verify rows, prompt chunks after a context and fresh): every key is in
+    exactly one piece, pieces respect the cap, and each run's work (for each key, the query rows that see it) is
+    within one key's work (and rounding) of an equal share."""
+    seq_lens, q_lens, threads = [700, 50, 1200, 90, 300, 2000, 500], [1, 1, 4, 1, 128, 1, 500], 2
     pieces = attention_pieces(seq_lens, q_lens, cap=cap, threads=threads)
     for i, n in enumerate(seq_lens):
         mine = [p for p in pieces if p[0] == i]
         assert mine[0][1] == 0 and mine[-1][2] == n and all(a[2] == b[1] for a, b in zip(mine, mine[1:]))
     assert all(0 < p[2] - p[1] <= cap for p in pieces)
     assert [p[3] for p in pieces] == sorted(p[3] for p in pieces)
-    work = [sum((p[2] - p[1]) * q_lens[p[0]] for p in pieces if p[3] == r) for r in range(threads)]
-    share = sum(n * q for n, q in zip(seq_lens, q_lens)) / threads
+    work = [sum(seen_by(k, seq_lens[p[0]], q_lens[p[0]]) for p in pieces if p[3] == r for k in range(p[1], p[2]))
+            for r in range(threads)]
+    share = sum(seen_by(k, n, q) for n, q in zip(seq_lens, q_lens) for k in range(n)) / threads
     assert all(abs(w - share) <= max(q_lens) + threads for w in work)
+
+
+def test_native_pieces_cut_a_fresh_prompt_where_its_causal_work_halves():
+    """A 2,048-token prompt's first keys are seen by every row, its last by one: two runs split it near key 600
+    (2048 - 2048 / sqrt 2), not at 1,024, where the first run would have three times the second's work."""
+    pieces = attention_pieces([2048], [2048], threads=2)
+    assert [(p[1], p[3]) for p in pieces] == [(0, 0), (pieces[1][1], 1)] and abs(pieces[1][1] - 600) <= 1
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")

@@ -1,7 +1,8 @@
 """The fast CPU path, equal to reference.py within tolerance.
 
 Sequences with up to KERNEL_QUERY new tokens (decode, spec-verify, short prompt chunks) go to the
-compiled kernel of paged_attention.c (native.py builds it at first use). Where it cannot be built, or for
+compiled kernel of paged_attention.c (native.py builds it at first use), and so do longer ones where it scores
+a bf16 cache by turned keys (native.turns_keys). Where it cannot be built, or for
 fp16 caches, rows of sequences with few new tokens run in plain PyTorch, for all such sequences at once,
 a segment of context at a time: one index_select gathers every sequence's blocks for the segment
 ([S, seg, Hkv, D], whole blocks, so the gather runs at memory bandwidth) into a buffer small enough to
@@ -23,7 +24,8 @@ from lanner.attention.reference import attention_mask
 
 SHORT_QUERY = 16               # without the kernel: sequences with at most this many new tokens take the batched path
 # the kernel's longest query: up to here it beat torch's flash attention on prompt chunks (bf16 1.3-1.9x,
-# fp32 1.0-1.35x at 136-256 tokens, bench/attention.py shapes), beyond it the GEMM-based SDPA wins
+# fp32 1.0-1.35x at 136-256 tokens, bench/attention.py shapes), beyond it the GEMM-based SDPA wins; except on a
+# bf16 cache that the kernel scores by turned keys: 1.8-3.1x SDPA at 320-2,048 tokens, so it takes them all
 KERNEL_QUERY = 256
 SEGMENT_BYTES = 4 << 20        # gathered K (or V) per segment: stays in L2/L3 until the matmul reads it
 SCORES_ELEMENTS = 8 << 20      # bound on the kept scores; more sequences than that are done in groups
@@ -69,7 +71,9 @@ def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata, 
     if plan is None:
         native_ok = (q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
                      and native.fits(q.shape[-1]) and native.paged_attention() is not None)   # a compiler built it
-        limit, q_lens = (KERNEL_QUERY if native_ok else SHORT_QUERY), meta.query_lens
+        q_lens = meta.query_lens
+        limit = (SHORT_QUERY if not native_ok else int(q_lens.max()) if native.turns_keys(k_cache.dtype, q.shape[-1])
+                 else KERNEL_QUERY)
         short = ((q_lens >= 1) & (q_lens <= limit)).nonzero().flatten()
         prompts = (q_lens > limit).nonzero().flatten().tolist()
         launch = native.Launch(meta, short, window) if native_ok and short.numel() else None

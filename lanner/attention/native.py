@@ -33,6 +33,13 @@ def paged_attention():
     return fn
 
 
+def turns_keys(cache_dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel scores this cache by turned keys (a bf16 cache on a CPU with AVX512-BF16), where it beats
+    torch's flash attention on prompts of every length."""
+    lib = native.library(SOURCE)
+    return lib is not None and bool(lib.turns_keys(int(cache_dtype == torch.bfloat16), head_dim))
+
+
 class Launch:
     """The kernel's per-step arguments (int32 tables, the sequences, the window), built once per
     step and window and reused by every layer with that window: only q, the caches and the outputs change."""

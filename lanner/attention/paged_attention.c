@@ -32,6 +32,7 @@
 #define WIDE_ROWS 8     /* rows a KV head from which an item takes WIDE_CHUNK */
 #define AHEAD 1     /* chunks between the one being prefetched and the one being read */
 #define ROWS 4     /* query rows of one KV head done together: each K/V row is fetched once for all of them */
+#define MAX_HEAD_DIM 256   /* attention.native.MAX_HEAD_DIM */
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 #define HAVE_DPBF16 1
 #else
@@ -171,6 +172,68 @@ INLINE v16 chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf16
     (void)q_bf16;
     return sum_each(dots);
 }
+
+#if HAVE_DPBF16
+/* 16 x 16 32-bit values transposed in registers: r[i] lane j becomes r[j] lane i. Pairs of rows interleave by
+ * 32 then 64 bits, which leaves 128-bit lane L of t[4g + k] holding column 4L + k of rows 4g..4g+3; two rounds of
+ * 128-bit lane shuffles gather each column's four pieces. */
+INLINE void transpose16(__m512i *r) {
+    __m512i a[16], t[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {
+        t[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+        t[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+        t[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+        t[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i even01 = _mm512_shuffle_i32x4(t[k], t[4 + k], 0x88), odd01 = _mm512_shuffle_i32x4(t[k], t[4 + k], 0xdd);
+        const __m512i even23 = _mm512_shuffle_i32x4(t[8 + k], t[12 + k], 0x88), odd23 = _mm512_shuffle_i32x4(t[8 + k], t[12 + k], 0xdd);
+        r[k] = _mm512_shuffle_i32x4(even01, even23, 0x88);
+        r[8 + k] = _mm512_shuffle_i32x4(even01, even23, 0xdd);
+        r[4 + k] = _mm512_shuffle_i32x4(odd01, odd23, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(odd01, odd23, 0xdd);
+    }
+}
+
+/* The head's keys of a wide chunk turned for tile_scores: dim pair j of key c at kt[j * WIDE_CHUNK + c], 16 keys
+ * by 16 pairs at a time. */
+INLINE void turn_keys(const Problem *p, const int64_t *offs, int head, uint32_t *restrict kt, const int D) {
+    for (int c0 = 0; c0 < WIDE_CHUNK; c0 += 16)
+        for (int j0 = 0; j0 < D / 2; j0 += 16) {
+            __m512i r[16];
+            for (int c = 0; c < 16; c++)
+                r[c] = _mm512_loadu_si512((const uint16_t *)p->k_cache + offs[c0 + c] + head + 2 * j0);
+            transpose16(r);
+            for (int j = 0; j < 16; j++) _mm512_store_si512(kt + (j0 + j) * WIDE_CHUNK + c0, r[j]);
+        }
+}
+
+/* Unscaled scores of `rows` query rows (bf16, at q[i]) against a wide chunk's turned keys kt: lane c of s[i][v]
+ * for key 16v + c. One VDPBF16PS adds a dim pair's products to 16 keys' scores, so no sum crosses lanes; each
+ * register of keys serves every row (prompts: a head's keys turned once serve all its rows). */
+INLINE void tile_scores(const uint32_t *kt, const uint16_t *const *q, v16 (*s)[WIDE_CHUNK / 16], const int rows,
+                        const int D) {
+    __m512 acc[ROWS][WIDE_CHUNK / 16];
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < WIDE_CHUNK / 16; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int j = 0; j < D / 2; j++) {
+        __m512bh k[WIDE_CHUNK / 16];
+        for (int v = 0; v < WIDE_CHUNK / 16; v++) k[v] = (__m512bh)_mm512_load_si512(kt + j * WIDE_CHUNK + 16 * v);
+        for (int i = 0; i < rows; i++) {
+            int32_t pair;
+            memcpy(&pair, q[i] + 2 * j, sizeof pair);
+            const __m512bh qj = (__m512bh)_mm512_set1_epi32(pair);
+            for (int v = 0; v < WIDE_CHUNK / 16; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], qj, k[v]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < WIDE_CHUNK / 16; v++) s[i][v] = (v16)acc[i][v];
+}
+#endif
 
 /* One row's online-softmax step over a chunk: the keys' weights exp(s - m) into w (0 where masked: lanes
  * outside [start, limit], the row's window, and draft keys outside its tree branch), the running max m
@@ -313,19 +376,27 @@ INLINE int chunk_offsets(const Problem *p, Span s, int a, int64_t *offs, const i
     return n;
 }
 
+/* Row of a sequence's partial results for the i-th row reading a KV head (token i / group, that head's i % group-th
+ * query head). */
+INLINE int row_of(int i, int head, int group, int Hq) {
+    return i / group * Hq + head * group + i % group;
+}
+
 /* One work item: keys [k0, k1) of sequence seq for all its rows; acc [R, D] unnormalized, m/l the
  * running max and normalizer per row. A chunk is done KV head by KV head, the rows reading that head
  * (its query heads times the new tokens) ROWS at a time. While the last chunk is read, the first of the
  * run's next item (after) is prefetched: a batch's decode sequences are a few chunks each, and with no
  * prefetch across them every sequence's first chunk came from memory cold. */
 INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after, float *acc, float *m, float *l,
-                           const int D, const int bf16, const int direct, const int chunk) {
+                           uint32_t *kt, const int D, const int bf16, const int direct, const int chunk) {
     const int Hq = p->num_heads, group = Hq / p->num_kv_heads;
     const int q0 = p->cu_seqlens_q[seq], q_len = p->cu_seqlens_q[seq + 1] - q0;
     const int ctx_len = p->seq_lens[seq] - q_len, R = q_len * Hq, per_head = q_len * group;
     const int32_t *table = p->block_tables + (int64_t)seq * p->table_width;
     int64_t offs[WIDE_CHUNK], next[WIDE_CHUNK];
     float w[ROWS][WIDE_CHUNK], alpha[ROWS];
+    /* a bf16 prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows */
+    const int turned = HAVE_DPBF16 && direct && chunk == WIDE_CHUNK;
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
@@ -343,15 +414,32 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
         const int slots = p->num_kv_heads * (per_head - first_row);   /* rows of this chunk: one call each */
         const int quota = (n_ahead * ahead_rows.row_lines + slots - 1) / slots;
         for (int head = 0; head < p->num_kv_heads; head++) {
+#if HAVE_DPBF16
+            if (turned) turn_keys(p, offs, head * D, kt, D);
+#endif
             for (int i0 = first_row; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;
+                v16 tile[ROWS][WIDE_CHUNK / 16];
+#if HAVE_DPBF16
+                if (turned) {
+                    const uint16_t *q_rows[ROWS];
+                    for (int i = 0; i < rows; i++)
+                        q_rows[i] = p->q_bf16 + ((int64_t)q0 * Hq + row_of(i0 + i, head, group, Hq)) * D;
+                    switch (rows) {   /* constant rows: the accumulators get registers */
+                        case 4: tile_scores(kt, q_rows, tile, 4, D); break;
+                        case 3: tile_scores(kt, q_rows, tile, 3, D); break;
+                        case 2: tile_scores(kt, q_rows, tile, 2, D); break;
+                        default: tile_scores(kt, q_rows, tile, 1, D); break;
+                    }
+                }
+#endif
                 for (int i = 0; i < rows; i++) {
-                    const int t = (i0 + i) / group, r = t * Hq + head * group + (i0 + i) % group;
+                    const int t = (i0 + i) / group, r = row_of(i0 + i, head, group, Hq);
                     const int64_t row = (int64_t)q0 * Hq + r;
                     v16 s[WIDE_CHUNK / 16];
                     for (int v = 0; v < chunk / 16; v++) {
-                        s[v] = chunk_scores(p, p->q + row * D, p->q_bf16 + row * D, offs + 16 * v, head * D, D, bf16,
-                                            direct) * p->scale;
+                        s[v] = (turned ? tile[i][v] : chunk_scores(p, p->q + row * D, p->q_bf16 + row * D, offs + 16 * v,
+                                                                   head * D, D, bf16, direct)) * p->scale;
                         if (p->softcap > 0.0f) s[v] = softcap16(s[v], p->softcap);
                     }
                     const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;   /* causal, and the split */
@@ -381,8 +469,8 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
  * loops unroll. A bf16 cache with a bf16 query (an fp32 model's rounded) on a CPU with AVX512-BF16 scores in
  * bf16 (see chunk_scores). */
 #define CHUNKS(D, bf16, direct) \
-    if (wide) attend_split_d(p, seq, k0, k1, after, acc, m, l, D, bf16, direct, WIDE_CHUNK); \
-    else attend_split_d(p, seq, k0, k1, after, acc, m, l, D, bf16, direct, CHUNK);
+    if (wide) attend_split_d(p, seq, k0, k1, after, acc, m, l, kt, D, bf16, direct, WIDE_CHUNK); \
+    else attend_split_d(p, seq, k0, k1, after, acc, m, l, kt, D, bf16, direct, CHUNK);
 #define HEAD_SIZES(bf16, direct) \
     if (D == 64) { CHUNKS(64, bf16, direct) } \
     else if (D == 128) { CHUNKS(128, bf16, direct) } \
@@ -392,6 +480,7 @@ static void attend_split(const Problem *p, int seq, int k0, int k1, Span after, 
     const int D = p->head_dim;
     const int rows_a_head = (p->cu_seqlens_q[seq + 1] - p->cu_seqlens_q[seq]) * (p->num_heads / p->num_kv_heads);
     const int wide = rows_a_head >= WIDE_ROWS;
+    uint32_t kt[HAVE_DPBF16 ? MAX_HEAD_DIM / 2 * WIDE_CHUNK : 1] __attribute__((aligned(64)));   /* turned keys */
     if (HAVE_DPBF16 && p->kv_bf16 && p->q_bf16 != NULL && D % 32 == 0) { HEAD_SIZES(1, 1) }
     else if (p->kv_bf16) { HEAD_SIZES(1, 0) }
     else { HEAD_SIZES(0, 0) }
@@ -430,20 +519,33 @@ static int first_key(int seq_len, int q_len, int window) {
 
 #define MIN_RUN_WORK 64   /* a run's least work (keys x rows): shorter ones cost more to merge than they save */
 
+/* Work of a sequence's keys [first, first + k): one unit for each row that sees a key. Every row sees the context
+ * (keys before ctx_len); the prompt's own keys are causal, key ctx_len + j seen by its last q_len - j rows. */
+static int64_t keys_work(int64_t k, int first, int ctx_len, int q_len) {
+    const int64_t end = first + k, context = (end < ctx_len ? end : ctx_len) - first;
+    int64_t work = context > 0 ? context * q_len : 0;
+    const int64_t own0 = first > ctx_len ? first : ctx_len, own = end - own0;   /* own keys in the range */
+    if (own > 0)
+        work += own * (q_len - (own0 - ctx_len)) - own * (own - 1) / 2;
+    return work;
+}
+
 /* The work items. The sequences' keys (each from its first row's window on), one after another, are cut
- * into runs of equal work, one per thread (a key costs one unit per query row of its sequence), and each
- * run's part of a sequence into pieces of at most split_keys keys. Piece j is sequence seqs[pieces[4j]]'s
- * keys [pieces[4j + 1], pieces[4j + 2]), done by run pieces[4j + 3]; pieces come in sequence order, and a
- * sequence's in key order. Equal runs, rather than equal pieces, keep both cores busy to the end: one
+ * into runs of equal work, one per thread (a key costs one unit per query row that sees it: a prompt's later keys
+ * fewer), and each run's part of a sequence into pieces of at most split_keys keys. Piece j is sequence
+ * seqs[pieces[4j]]'s keys [pieces[4j + 1], pieces[4j + 2]), done by run pieces[4j + 3]; pieces come in sequence
+ * order, and a sequence's in key order. Equal runs, rather than equal pieces, keep both cores busy to the end: one
  * sequence of 1,100 keys in 256-key pieces left one core idle for a fifth of the kernel, and a piece costs
- * its first keys' cache misses, so more pieces than threads were slower (measured, docs/attention.md).
+ * its first keys' cache misses, so more pieces than threads were slower (measured, docs/attention.md); a prompt
+ * cut by keys alone gave the run with its first half three times the work of the other.
  * Writes at most max_pieces pieces (none when pieces is NULL) and returns how many there are. */
 int attention_pieces(const int32_t *seq_lens, const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
                      int window, int split_keys, int num_threads, int32_t *pieces, int max_pieces) {
     int64_t total = 0;
     for (int i = 0; i < num_seqs; i++) {
         const int seq = (int)seqs[i], q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
-        total += (int64_t)(seq_lens[seq] - first_key(seq_lens[seq], q_len, window)) * q_len;
+        const int first = first_key(seq_lens[seq], q_len, window);
+        total += keys_work(seq_lens[seq] - first, first, seq_lens[seq] - q_len, q_len);
     }
     int64_t run_work = (total + num_threads - 1) / (num_threads > 0 ? num_threads : 1);
     run_work = run_work > MIN_RUN_WORK ? run_work : MIN_RUN_WORK;
@@ -452,20 +554,32 @@ int attention_pieces(const int32_t *seq_lens, const int32_t *cu_seqlens_q, const
     for (int i = 0; i < num_seqs; i++) {
         const int seq = (int)seqs[i], q_len = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
         const int first = first_key(seq_lens[seq], q_len, window), keys = seq_lens[seq] - first;
+        const int ctx_len = seq_lens[seq] - q_len;
         for (int k0 = 0, k1; k0 < keys; k0 = k1) {   /* q_len >= 1: the caller passes no other */
-            const int64_t run = (done + (int64_t)k0 * q_len) / run_work;
-            const int64_t run_end = ((run + 1) * run_work - done + q_len - 1) / q_len;   /* first key of the next run */
-            k1 = run_end < keys ? (int)run_end : keys;
-            k1 = k1 - k0 > split_keys ? k0 + split_keys : k1;
+            const int64_t run = (done + keys_work(k0, first, ctx_len, q_len)) / run_work;
+            const int64_t target = (run + 1) * run_work - done;   /* the work at which the next run starts */
+            int lo = k0 + 1, hi = keys;   /* the first key count whose work reaches it (monotonic: bisect) */
+            while (lo < hi) {
+                const int mid = lo + (hi - lo) / 2;
+                if (keys_work(mid, first, ctx_len, q_len) >= target) hi = mid;
+                else lo = mid + 1;
+            }
+            k1 = lo - k0 > split_keys ? k0 + split_keys : lo;
             if (pieces != NULL && count < max_pieces) {
                 int32_t *piece = pieces + 4 * count;
                 piece[0] = i, piece[1] = first + k0, piece[2] = first + k1, piece[3] = (int32_t)run;
             }
             count++;
         }
-        done += (int64_t)keys * q_len;
+        done += keys_work(keys, first, ctx_len, q_len);
     }
     return count;
+}
+
+/* Whether a cache of this kind is scored by turned keys (tile_scores): then the kernel beats torch's flash
+ * attention on prompts of any length (attention.cpu). */
+int turns_keys(int kv_bf16, int head_dim) {
+    return HAVE_DPBF16 && kv_bf16 && head_dim % 32 == 0;
 }
 
 /* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts.
