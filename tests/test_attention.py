@@ -120,9 +120,18 @@ def test_mixed_prefill_decode_and_verify_rows_in_one_call(backend):
     assert_matches_reference(backend, make_batch([30, 1, 4, 0, 1, 12], [30, 50, 21, 9, 16, 40]))
 
 
-def test_cpu_prompt_chunks_past_the_kernels_limit_share_a_step_with_its_rows():
-    """The compiled kernel takes prompt chunks up to KERNEL_QUERY tokens (any length where it scores a bf16 cache
-    by turned keys), torch's flash attention the longer ones (one fresh, one after a cached prefix), all in one
+@pytest.fixture(params=["kernel", "sdpa"])
+def long_prompts_to(request, monkeypatch):
+    """Where prompt chunks past KERNEL_QUERY go: the kernel where it turns keys (AVX-512), else torch's flash
+    attention, which every machine then tests too."""
+    if request.param == "sdpa":
+        monkeypatch.setattr(cpu_backend.native, "turns_keys", lambda cache_dtype, head_dim: False)
+    return request.param
+
+
+def test_cpu_prompt_chunks_past_the_kernels_limit_share_a_step_with_its_rows(long_prompts_to):
+    """The compiled kernel takes prompt chunks up to KERNEL_QUERY tokens (any length where it scores them by
+    turned keys), torch's flash attention the longer ones (one fresh, one after a cached prefix), all in one
     call."""
     long = cpu_backend.KERNEL_QUERY + 9
     q_lens, seq_lens = [long, 1, long, 200, 5], [long, 300, long + 40, 260, 30]
@@ -329,9 +338,9 @@ def test_sliding_window_and_softcap_with_half_precision_caches(backend, dtype, w
 
 @pytest.mark.parametrize("backend", ["cpu", "cpu-torch"])
 @pytest.mark.parametrize("window, softcap", [(5, None), (37, 30.0), (None, 30.0), (300, 30.0)])
-def test_cpu_sliding_window_and_softcap_past_the_kernels_limit(backend, window, softcap):
-    """Prompt chunks longer than KERNEL_QUERY (torch's flash attention, or plain matmuls when capped), fresh
-    and after a context, next to the kernel's rows, with fp32 and bf16 caches."""
+def test_cpu_sliding_window_and_softcap_past_the_kernels_limit(backend, window, softcap, long_prompts_to):
+    """Prompt chunks longer than KERNEL_QUERY (the kernel where it turns keys, else torch's flash attention, or
+    plain matmuls when capped), fresh and after a context, next to the kernel's rows, with fp32 and bf16 caches."""
     long = cpu_backend.KERNEL_QUERY + 9
     q_lens, seq_lens = [long, 1, long, 200, 5], [long, 300, long + 40, 260, 30]
     for dtype in (torch.float32, torch.bfloat16):

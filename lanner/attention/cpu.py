@@ -2,7 +2,7 @@
 
 Sequences with up to KERNEL_QUERY new tokens (decode, spec-verify, short prompt chunks) go to the
 compiled kernel of paged_attention.c (native.py builds it at first use), and so do longer ones where it scores
-a bf16 cache by turned keys (native.turns_keys). Where it cannot be built, or for
+them by turned keys (native.turns_keys: AVX-512). Where it cannot be built, or for
 fp16 caches, rows of sequences with few new tokens run in plain PyTorch, for all such sequences at once,
 a segment of context at a time: one index_select gathers every sequence's blocks for the segment
 ([S, seg, Hkv, D], whole blocks, so the gather runs at memory bandwidth) into a buffer small enough to
@@ -24,8 +24,9 @@ from lanner.attention.reference import attention_mask
 
 SHORT_QUERY = 16               # without the kernel: sequences with at most this many new tokens take the batched path
 # the kernel's longest query: up to here it beat torch's flash attention on prompt chunks (bf16 1.3-1.9x,
-# fp32 1.0-1.35x at 136-256 tokens, bench/attention.py shapes), beyond it the GEMM-based SDPA wins; except on a
-# bf16 cache that the kernel scores by turned keys: 1.8-3.1x SDPA at 320-2,048 tokens, so it takes them all
+# fp32 1.0-1.35x at 136-256 tokens, bench/attention.py shapes), beyond it the GEMM-based SDPA wins; except where
+# the kernel scores by turned keys (AVX-512): bf16 1.8-3.1x SDPA at 320-2,048 tokens, fp32 1.2-2.0x, so it takes
+# them all
 KERNEL_QUERY = 256
 SEGMENT_BYTES = 4 << 20        # gathered K (or V) per segment: stays in L2/L3 until the matmul reads it
 SCORES_ELEMENTS = 8 << 20      # bound on the kept scores; more sequences than that are done in groups

@@ -173,7 +173,7 @@ INLINE v16 chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf16
     return sum_each(dots);
 }
 
-#if HAVE_DPBF16
+#if defined(__AVX512F__)
 /* 16 x 16 32-bit values transposed in registers: r[i] lane j becomes r[j] lane i. Pairs of rows interleave by
  * 32 then 64 bits, which leaves 128-bit lane L of t[4g + k] holding column 4L + k of rows 4g..4g+3; two rounds of
  * 128-bit lane shuffles gather each column's four pieces. */
@@ -199,6 +199,9 @@ INLINE void transpose16(__m512i *r) {
     }
 }
 
+#endif
+
+#if HAVE_DPBF16
 /* The head's keys of a wide chunk turned for tile_scores: dim pair j of key c at kt[j * WIDE_CHUNK + c], 16 keys
  * by 16 pairs at a time. */
 INLINE void turn_keys(const Problem *p, const int64_t *offs, int head, uint32_t *restrict kt, const int D) {
@@ -234,6 +237,51 @@ INLINE void tile_scores(const uint32_t *kt, const uint16_t *const *q, v16 (*s)[W
         for (int v = 0; v < WIDE_CHUNK / 16; v++) s[i][v] = (v16)acc[i][v];
 }
 #endif
+
+/* The same for an fp32 cache (or a bf16 one widened, without AVX512-BF16): dim d of key c at
+ * kt[d * WIDE_CHUNK + c]. */
+INLINE void turn_keys_f32(const Problem *p, const int64_t *offs, int head, float *restrict kt, const int D,
+                          const int bf16) {
+#if defined(__AVX512F__)
+    if (!bf16 && D % 16 == 0) {   /* 16 keys by 16 dims at a time */
+        for (int c0 = 0; c0 < WIDE_CHUNK; c0 += 16)
+            for (int d0 = 0; d0 < D; d0 += 16) {
+                __m512i r[16];
+                for (int c = 0; c < 16; c++)
+                    r[c] = _mm512_loadu_si512((const float *)p->k_cache + offs[c0 + c] + head + d0);
+                transpose16(r);
+                for (int d = 0; d < 16; d++) _mm512_store_si512(kt + (d0 + d) * WIDE_CHUNK + c0, r[d]);
+            }
+        return;
+    }
+#endif
+    for (int c = 0; c < WIDE_CHUNK; c++)
+        for (int d = 0; d < D; d += 16) {
+            const v16 k = load16(p->k_cache, offs[c] + head + d, bf16);
+            for (int l = 0; l < 16; l++) kt[(d + l) * WIDE_CHUNK + c] = k[l];
+        }
+}
+
+/* fp32 scores of `rows` query rows (at q[i]) against turned keys: each dim's FMA goes to 16 keys' scores at once.
+ * TILE_KEYS registers of keys a pass, so that the rows' accumulators stay in registers (16 on AVX2). */
+#define TILE_KEYS (NATIVE == 16 ? 4 : 2)
+INLINE void tile_scores_f32(const float *kt, const float *const *q, v16 (*s)[WIDE_CHUNK / 16], const int rows,
+                            const int D) {
+    for (int c0 = 0; c0 < WIDE_CHUNK; c0 += TILE_KEYS * NATIVE) {
+        vn acc[ROWS][TILE_KEYS];
+        for (int i = 0; i < rows; i++)
+            for (int v = 0; v < TILE_KEYS; v++) acc[i][v] = (vn){0};
+        for (int d = 0; d < D; d++) {
+            vn k[TILE_KEYS];
+            memcpy(k, kt + d * WIDE_CHUNK + c0, sizeof k);
+            for (int i = 0; i < rows; i++) {
+                const float qd = q[i][d];
+                for (int v = 0; v < TILE_KEYS; v++) acc[i][v] += qd * k[v];
+            }
+        }
+        for (int i = 0; i < rows; i++) memcpy((float *)s[i] + c0, acc[i], sizeof acc[i]);
+    }
+}
 
 /* One row's online-softmax step over a chunk: the keys' weights exp(s - m) into w (0 where masked: lanes
  * outside [start, limit], the row's window, and draft keys outside its tree branch), the running max m
@@ -376,6 +424,34 @@ INLINE int chunk_offsets(const Problem *p, Span s, int a, int64_t *offs, const i
     return n;
 }
 
+/* A wide chunk's keys for one KV head turned into kt: dim pairs (VDPBF16PS scoring) or dims (fp32). */
+INLINE void turn(const Problem *p, const int64_t *offs, int head, float *kt, const int D, const int bf16,
+                 const int direct) {
+#if HAVE_DPBF16
+    if (direct) {
+        turn_keys(p, offs, head, (uint32_t *)kt, D);
+        return;
+    }
+#endif
+    turn_keys_f32(p, offs, head, kt, D, bf16);
+}
+
+/* Unscaled scores of `rows` query rows (element offsets q_rows into q) against the turned keys. */
+INLINE void turned_scores(const Problem *p, const float *kt, const int64_t *q_rows, v16 (*tile)[WIDE_CHUNK / 16],
+                          const int rows, const int D, const int direct) {
+#if HAVE_DPBF16
+    if (direct) {
+        const uint16_t *q[ROWS];
+        for (int i = 0; i < rows; i++) q[i] = p->q_bf16 + q_rows[i];
+        tile_scores((const uint32_t *)kt, q, tile, rows, D);
+        return;
+    }
+#endif
+    const float *q[ROWS];
+    for (int i = 0; i < rows; i++) q[i] = p->q + q_rows[i];
+    tile_scores_f32(kt, q, tile, rows, D);
+}
+
 /* Row of a sequence's partial results for the i-th row reading a KV head (token i / group, that head's i % group-th
  * query head). */
 INLINE int row_of(int i, int head, int group, int Hq) {
@@ -388,15 +464,16 @@ INLINE int row_of(int i, int head, int group, int Hq) {
  * run's next item (after) is prefetched: a batch's decode sequences are a few chunks each, and with no
  * prefetch across them every sequence's first chunk came from memory cold. */
 INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after, float *acc, float *m, float *l,
-                           uint32_t *kt, const int D, const int bf16, const int direct, const int chunk) {
+                           float *kt, const int D, const int bf16, const int direct, const int chunk) {
     const int Hq = p->num_heads, group = Hq / p->num_kv_heads;
     const int q0 = p->cu_seqlens_q[seq], q_len = p->cu_seqlens_q[seq + 1] - q0;
     const int ctx_len = p->seq_lens[seq] - q_len, R = q_len * Hq, per_head = q_len * group;
     const int32_t *table = p->block_tables + (int64_t)seq * p->table_width;
     int64_t offs[WIDE_CHUNK], next[WIDE_CHUNK];
     float w[ROWS][WIDE_CHUNK], alpha[ROWS];
-    /* a bf16 prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows */
-    const int turned = HAVE_DPBF16 && direct && chunk == WIDE_CHUNK;
+    /* a prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows. Not on AVX2,
+     * where turning keys one value at a time and 8-lane tiles came out at 0.96-1.08x on prompts */
+    const int turned = chunk == WIDE_CHUNK && (direct || (!bf16 && NATIVE == 16));
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
@@ -414,25 +491,20 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
         const int slots = p->num_kv_heads * (per_head - first_row);   /* rows of this chunk: one call each */
         const int quota = (n_ahead * ahead_rows.row_lines + slots - 1) / slots;
         for (int head = 0; head < p->num_kv_heads; head++) {
-#if HAVE_DPBF16
-            if (turned) turn_keys(p, offs, head * D, kt, D);
-#endif
+            if (turned) turn(p, offs, head * D, kt, D, bf16, direct);
             for (int i0 = first_row; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;
                 v16 tile[ROWS][WIDE_CHUNK / 16];
-#if HAVE_DPBF16
                 if (turned) {
-                    const uint16_t *q_rows[ROWS];
-                    for (int i = 0; i < rows; i++)
-                        q_rows[i] = p->q_bf16 + ((int64_t)q0 * Hq + row_of(i0 + i, head, group, Hq)) * D;
+                    int64_t q_rows[ROWS];
+                    for (int i = 0; i < rows; i++) q_rows[i] = ((int64_t)q0 * Hq + row_of(i0 + i, head, group, Hq)) * D;
                     switch (rows) {   /* constant rows: the accumulators get registers */
-                        case 4: tile_scores(kt, q_rows, tile, 4, D); break;
-                        case 3: tile_scores(kt, q_rows, tile, 3, D); break;
-                        case 2: tile_scores(kt, q_rows, tile, 2, D); break;
-                        default: tile_scores(kt, q_rows, tile, 1, D); break;
+                        case 4: turned_scores(p, kt, q_rows, tile, 4, D, direct); break;
+                        case 3: turned_scores(p, kt, q_rows, tile, 3, D, direct); break;
+                        case 2: turned_scores(p, kt, q_rows, tile, 2, D, direct); break;
+                        default: turned_scores(p, kt, q_rows, tile, 1, D, direct); break;
                     }
                 }
-#endif
                 for (int i = 0; i < rows; i++) {
                     const int t = (i0 + i) / group, r = row_of(i0 + i, head, group, Hq);
                     const int64_t row = (int64_t)q0 * Hq + r;
@@ -480,7 +552,7 @@ static void attend_split(const Problem *p, int seq, int k0, int k1, Span after, 
     const int D = p->head_dim;
     const int rows_a_head = (p->cu_seqlens_q[seq + 1] - p->cu_seqlens_q[seq]) * (p->num_heads / p->num_kv_heads);
     const int wide = rows_a_head >= WIDE_ROWS;
-    uint32_t kt[HAVE_DPBF16 ? MAX_HEAD_DIM / 2 * WIDE_CHUNK : 1] __attribute__((aligned(64)));   /* turned keys */
+    float kt[MAX_HEAD_DIM * WIDE_CHUNK] __attribute__((aligned(64)));   /* a wide chunk's turned keys */
     if (HAVE_DPBF16 && p->kv_bf16 && p->q_bf16 != NULL && D % 32 == 0) { HEAD_SIZES(1, 1) }
     else if (p->kv_bf16) { HEAD_SIZES(1, 0) }
     else { HEAD_SIZES(0, 0) }
@@ -576,10 +648,10 @@ int attention_pieces(const int32_t *seq_lens, const int32_t *cu_seqlens_q, const
     return count;
 }
 
-/* Whether a cache of this kind is scored by turned keys (tile_scores): then the kernel beats torch's flash
- * attention on prompts of any length (attention.cpu). */
+/* Whether prompts on a cache of this kind are scored by turned keys (a bf16 cache with AVX512-BF16, an fp32 one
+ * with AVX-512): then the kernel beats torch's flash attention on prompts of any length (attention.cpu). */
 int turns_keys(int kv_bf16, int head_dim) {
-    return HAVE_DPBF16 && kv_bf16 && head_dim % 32 == 0;
+    return kv_bf16 ? HAVE_DPBF16 && head_dim % 32 == 0 : NATIVE == 16;
 }
 
 /* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts.
