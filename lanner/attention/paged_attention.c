@@ -199,6 +199,35 @@ INLINE void transpose16(__m512i *r) {
     }
 }
 
+/* An fp32 cache's keys of a wide chunk turned for tile_scores_f32: dim d of key c at kt[d * WIDE_CHUNK + c], 16
+ * keys by 16 dims at a time. */
+INLINE void turn_keys_f32(const Problem *p, const int64_t *offs, int head, float *restrict kt, const int D) {
+    for (int c0 = 0; c0 < WIDE_CHUNK; c0 += 16)
+        for (int d0 = 0; d0 < D; d0 += 16) {
+            __m512i r[16];
+            for (int c = 0; c < 16; c++)
+                r[c] = _mm512_loadu_si512((const float *)p->k_cache + offs[c0 + c] + head + d0);
+            transpose16(r);
+            for (int d = 0; d < 16; d++) _mm512_store_si512(kt + (d0 + d) * WIDE_CHUNK + c0, r[d]);
+        }
+}
+
+/* fp32 scores of `rows` query rows (at q[i]) against turned keys: one FMA adds a dim to 16 keys' scores. */
+INLINE void tile_scores_f32(const float *kt, const float *const *q, v16 (*s)[WIDE_CHUNK / 16], const int rows,
+                            const int D) {
+    v16 acc[ROWS][WIDE_CHUNK / 16];
+    for (int i = 0; i < rows; i++)
+        for (int v = 0; v < WIDE_CHUNK / 16; v++) acc[i][v] = (v16){0};
+    for (int d = 0; d < D; d++) {
+        v16 k[WIDE_CHUNK / 16];
+        memcpy(k, kt + d * WIDE_CHUNK, sizeof k);
+        for (int i = 0; i < rows; i++) {
+            const float qd = q[i][d];
+            for (int v = 0; v < WIDE_CHUNK / 16; v++) acc[i][v] += qd * k[v];
+        }
+    }
+    for (int i = 0; i < rows; i++) memcpy(s[i], acc[i], sizeof acc[i]);
+}
 #endif
 
 #if HAVE_DPBF16
@@ -237,51 +266,6 @@ INLINE void tile_scores(const uint32_t *kt, const uint16_t *const *q, v16 (*s)[W
         for (int v = 0; v < WIDE_CHUNK / 16; v++) s[i][v] = (v16)acc[i][v];
 }
 #endif
-
-/* The same for an fp32 cache (or a bf16 one widened, without AVX512-BF16): dim d of key c at
- * kt[d * WIDE_CHUNK + c]. */
-INLINE void turn_keys_f32(const Problem *p, const int64_t *offs, int head, float *restrict kt, const int D,
-                          const int bf16) {
-#if defined(__AVX512F__)
-    if (!bf16 && D % 16 == 0) {   /* 16 keys by 16 dims at a time */
-        for (int c0 = 0; c0 < WIDE_CHUNK; c0 += 16)
-            for (int d0 = 0; d0 < D; d0 += 16) {
-                __m512i r[16];
-                for (int c = 0; c < 16; c++)
-                    r[c] = _mm512_loadu_si512((const float *)p->k_cache + offs[c0 + c] + head + d0);
-                transpose16(r);
-                for (int d = 0; d < 16; d++) _mm512_store_si512(kt + (d0 + d) * WIDE_CHUNK + c0, r[d]);
-            }
-        return;
-    }
-#endif
-    for (int c = 0; c < WIDE_CHUNK; c++)
-        for (int d = 0; d < D; d += 16) {
-            const v16 k = load16(p->k_cache, offs[c] + head + d, bf16);
-            for (int l = 0; l < 16; l++) kt[(d + l) * WIDE_CHUNK + c] = k[l];
-        }
-}
-
-/* fp32 scores of `rows` query rows (at q[i]) against turned keys: each dim's FMA goes to 16 keys' scores at once.
- * TILE_KEYS registers of keys a pass, so that the rows' accumulators stay in registers (16 on AVX2). */
-#define TILE_KEYS (NATIVE == 16 ? 4 : 2)
-INLINE void tile_scores_f32(const float *kt, const float *const *q, v16 (*s)[WIDE_CHUNK / 16], const int rows,
-                            const int D) {
-    for (int c0 = 0; c0 < WIDE_CHUNK; c0 += TILE_KEYS * NATIVE) {
-        vn acc[ROWS][TILE_KEYS];
-        for (int i = 0; i < rows; i++)
-            for (int v = 0; v < TILE_KEYS; v++) acc[i][v] = (vn){0};
-        for (int d = 0; d < D; d++) {
-            vn k[TILE_KEYS];
-            memcpy(k, kt + d * WIDE_CHUNK + c0, sizeof k);
-            for (int i = 0; i < rows; i++) {
-                const float qd = q[i][d];
-                for (int v = 0; v < TILE_KEYS; v++) acc[i][v] += qd * k[v];
-            }
-        }
-        for (int i = 0; i < rows; i++) memcpy((float *)s[i] + c0, acc[i], sizeof acc[i]);
-    }
-}
 
 /* One row's online-softmax step over a chunk: the keys' weights exp(s - m) into w (0 where masked: lanes
  * outside [start, limit], the row's window, and draft keys outside its tree branch), the running max m
@@ -424,16 +408,19 @@ INLINE int chunk_offsets(const Problem *p, Span s, int a, int64_t *offs, const i
     return n;
 }
 
-/* A wide chunk's keys for one KV head turned into kt: dim pairs (VDPBF16PS scoring) or dims (fp32). */
-INLINE void turn(const Problem *p, const int64_t *offs, int head, float *kt, const int D, const int bf16,
-                 const int direct) {
+/* A wide chunk's keys for one KV head turned into kt: dim pairs (VDPBF16PS scoring) or dims (fp32, AVX-512). */
+INLINE void turn(const Problem *p, const int64_t *offs, int head, float *kt, const int D, const int direct) {
 #if HAVE_DPBF16
     if (direct) {
         turn_keys(p, offs, head, (uint32_t *)kt, D);
         return;
     }
 #endif
-    turn_keys_f32(p, offs, head, kt, D, bf16);
+#if defined(__AVX512F__)
+    turn_keys_f32(p, offs, head, kt, D);
+#else
+    (void)p, (void)offs, (void)head, (void)kt, (void)D, (void)direct;   /* never turned */
+#endif
 }
 
 /* Unscaled scores of `rows` query rows (element offsets q_rows into q) against the turned keys. */
@@ -447,9 +434,13 @@ INLINE void turned_scores(const Problem *p, const float *kt, const int64_t *q_ro
         return;
     }
 #endif
+#if defined(__AVX512F__)
     const float *q[ROWS];
     for (int i = 0; i < rows; i++) q[i] = p->q + q_rows[i];
     tile_scores_f32(kt, q, tile, rows, D);
+#else
+    (void)p, (void)kt, (void)q_rows, (void)tile, (void)rows, (void)D, (void)direct;   /* never turned */
+#endif
 }
 
 /* Row of a sequence's partial results for the i-th row reading a KV head (token i / group, that head's i % group-th
@@ -472,7 +463,8 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     int64_t offs[WIDE_CHUNK], next[WIDE_CHUNK];
     float w[ROWS][WIDE_CHUNK], alpha[ROWS];
     /* a prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows. Not on AVX2,
-     * where turning keys one value at a time and 8-lane tiles came out at 0.96-1.08x on prompts */
+     * where turning keys one value at a time and 8-lane tiles came out at 0.96-1.08x on prompts, nor for a bf16
+     * cache widened to fp32 */
     const int turned = chunk == WIDE_CHUNK && (direct || (!bf16 && NATIVE == 16));
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
@@ -491,7 +483,7 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
         const int slots = p->num_kv_heads * (per_head - first_row);   /* rows of this chunk: one call each */
         const int quota = (n_ahead * ahead_rows.row_lines + slots - 1) / slots;
         for (int head = 0; head < p->num_kv_heads; head++) {
-            if (turned) turn(p, offs, head * D, kt, D, bf16, direct);
+            if (turned) turn(p, offs, head * D, kt, D, direct);
             for (int i0 = first_row; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;
                 v16 tile[ROWS][WIDE_CHUNK / 16];
