@@ -32,7 +32,6 @@
 #define WIDE_ROWS 8     /* rows a KV head from which an item takes WIDE_CHUNK */
 #define AHEAD 1     /* chunks between the one being prefetched and the one being read */
 #define ROWS 4     /* query rows of one KV head done together: each K/V row is fetched once for all of them */
-#define MAX_HEAD_DIM 256   /* attention.native.MAX_HEAD_DIM */
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 #define HAVE_DPBF16 1
 #else
@@ -199,16 +198,17 @@ INLINE void transpose16(__m512i *r) {
     }
 }
 
-/* An fp32 cache's keys of a wide chunk turned for tile_scores_f32: dim d of key c at kt[d * WIDE_CHUNK + c], 16
- * keys by 16 dims at a time. */
-INLINE void turn_keys_f32(const Problem *p, const int64_t *offs, int head, float *restrict kt, const int D) {
+/* A wide chunk's keys for one KV head turned for tile_scores: 32-bit unit j of a key row (a bf16 dim pair, or an
+ * fp32 dim; `units` of them, elem-byte elements) of key c at kt[j * WIDE_CHUNK + c], 16 keys by 16 units at a time. */
+INLINE void turn_keys(const Problem *p, const int64_t *offs, int head, uint32_t *restrict kt, const int units,
+                      const int elem) {
     for (int c0 = 0; c0 < WIDE_CHUNK; c0 += 16)
-        for (int d0 = 0; d0 < D; d0 += 16) {
+        for (int j0 = 0; j0 < units; j0 += 16) {
             __m512i r[16];
             for (int c = 0; c < 16; c++)
-                r[c] = _mm512_loadu_si512((const float *)p->k_cache + offs[c0 + c] + head + d0);
+                r[c] = _mm512_loadu_si512((const char *)p->k_cache + (offs[c0 + c] + head) * elem + 4 * j0);
             transpose16(r);
-            for (int d = 0; d < 16; d++) _mm512_store_si512(kt + (d0 + d) * WIDE_CHUNK + c0, r[d]);
+            for (int j = 0; j < 16; j++) _mm512_store_si512(kt + (j0 + j) * WIDE_CHUNK + c0, r[j]);
         }
 }
 
@@ -231,19 +231,6 @@ INLINE void tile_scores_f32(const float *kt, const float *const *q, v16 (*s)[WID
 #endif
 
 #if HAVE_DPBF16
-/* The head's keys of a wide chunk turned for tile_scores: dim pair j of key c at kt[j * WIDE_CHUNK + c], 16 keys
- * by 16 pairs at a time. */
-INLINE void turn_keys(const Problem *p, const int64_t *offs, int head, uint32_t *restrict kt, const int D) {
-    for (int c0 = 0; c0 < WIDE_CHUNK; c0 += 16)
-        for (int j0 = 0; j0 < D / 2; j0 += 16) {
-            __m512i r[16];
-            for (int c = 0; c < 16; c++)
-                r[c] = _mm512_loadu_si512((const uint16_t *)p->k_cache + offs[c0 + c] + head + 2 * j0);
-            transpose16(r);
-            for (int j = 0; j < 16; j++) _mm512_store_si512(kt + (j0 + j) * WIDE_CHUNK + c0, r[j]);
-        }
-}
-
 /* Unscaled scores of `rows` query rows (bf16, at q[i]) against a wide chunk's turned keys kt: lane c of s[i][v]
  * for key 16v + c. One VDPBF16PS adds a dim pair's products to 16 keys' scores, so no sum crosses lanes; each
  * register of keys serves every row (prompts: a head's keys turned once serve all its rows). */
@@ -408,21 +395,6 @@ INLINE int chunk_offsets(const Problem *p, Span s, int a, int64_t *offs, const i
     return n;
 }
 
-/* A wide chunk's keys for one KV head turned into kt: dim pairs (VDPBF16PS scoring) or dims (fp32, AVX-512). */
-INLINE void turn(const Problem *p, const int64_t *offs, int head, float *kt, const int D, const int direct) {
-#if HAVE_DPBF16
-    if (direct) {
-        turn_keys(p, offs, head, (uint32_t *)kt, D);
-        return;
-    }
-#endif
-#if defined(__AVX512F__)
-    turn_keys_f32(p, offs, head, kt, D);
-#else
-    (void)p, (void)offs, (void)head, (void)kt, (void)D, (void)direct;   /* never turned */
-#endif
-}
-
 /* Unscaled scores of `rows` query rows (element offsets q_rows into q) against the turned keys. */
 INLINE void turned_scores(const Problem *p, const float *kt, const int64_t *q_rows, v16 (*tile)[WIDE_CHUNK / 16],
                           const int rows, const int D, const int direct) {
@@ -483,7 +455,9 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
         const int slots = p->num_kv_heads * (per_head - first_row);   /* rows of this chunk: one call each */
         const int quota = (n_ahead * ahead_rows.row_lines + slots - 1) / slots;
         for (int head = 0; head < p->num_kv_heads; head++) {
-            if (turned) turn(p, offs, head * D, kt, D, direct);
+#if defined(__AVX512F__)
+            if (turned) turn_keys(p, offs, head * D, (uint32_t *)kt, direct ? D / 2 : D, direct ? 2 : 4);
+#endif
             for (int i0 = first_row; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;
                 v16 tile[ROWS][WIDE_CHUNK / 16];
@@ -533,8 +507,10 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
  * loops unroll. A bf16 cache with a bf16 query (an fp32 model's rounded) on a CPU with AVX512-BF16 scores in
  * bf16 (see chunk_scores). */
 #define CHUNKS(D, bf16, direct) \
-    if (wide) attend_split_d(p, seq, k0, k1, after, acc, m, l, kt, D, bf16, direct, WIDE_CHUNK); \
-    else attend_split_d(p, seq, k0, k1, after, acc, m, l, kt, D, bf16, direct, CHUNK);
+    if (wide) { \
+        float kt[(D) * WIDE_CHUNK] __attribute__((aligned(64)));   /* a chunk's turned keys */ \
+        attend_split_d(p, seq, k0, k1, after, acc, m, l, kt, D, bf16, direct, WIDE_CHUNK); \
+    } else attend_split_d(p, seq, k0, k1, after, acc, m, l, NULL, D, bf16, direct, CHUNK);
 #define HEAD_SIZES(bf16, direct) \
     if (D == 64) { CHUNKS(64, bf16, direct) } \
     else if (D == 128) { CHUNKS(128, bf16, direct) } \
@@ -544,7 +520,6 @@ static void attend_split(const Problem *p, int seq, int k0, int k1, Span after, 
     const int D = p->head_dim;
     const int rows_a_head = (p->cu_seqlens_q[seq + 1] - p->cu_seqlens_q[seq]) * (p->num_heads / p->num_kv_heads);
     const int wide = rows_a_head >= WIDE_ROWS;
-    float kt[MAX_HEAD_DIM * WIDE_CHUNK] __attribute__((aligned(64)));   /* a wide chunk's turned keys */
     if (HAVE_DPBF16 && p->kv_bf16 && p->q_bf16 != NULL && D % 32 == 0) { HEAD_SIZES(1, 1) }
     else if (p->kv_bf16) { HEAD_SIZES(1, 0) }
     else { HEAD_SIZES(0, 0) }
