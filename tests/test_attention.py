@@ -120,17 +120,20 @@ def test_mixed_prefill_decode_and_verify_rows_in_one_call(backend):
     assert_matches_reference(backend, make_batch([30, 1, 4, 0, 1, 12], [30, 50, 21, 9, 16, 40]))
 
 
-@pytest.fixture(params=["kernel", "sdpa"])
+@pytest.fixture(params=["kernel", "sdpa", "past-turned"])
 def long_prompts_to(request, monkeypatch):
-    """Where prompt chunks past KERNEL_QUERY go: the kernel where it turns keys (AVX-512), else torch's flash
-    attention, which every machine then tests too."""
+    """Where prompt chunks past KERNEL_QUERY go: the kernel up to TURNED_QUERY where it turns keys (AVX-512), else
+    torch's flash attention, which every machine then tests too (as it would a kernel that does not turn keys, or
+    chunks past TURNED_QUERY)."""
     if request.param == "sdpa":
         monkeypatch.setattr(cpu_backend.native, "turns_keys", lambda cache_dtype, head_dim: False)
+    if request.param == "past-turned":
+        monkeypatch.setattr(cpu_backend, "TURNED_QUERY", cpu_backend.KERNEL_QUERY)
     return request.param
 
 
 def test_cpu_prompt_chunks_past_the_kernels_limit_share_a_step_with_its_rows(long_prompts_to):
-    """The compiled kernel takes prompt chunks up to KERNEL_QUERY tokens (any length where it scores them by
+    """The compiled kernel takes prompt chunks up to KERNEL_QUERY tokens (TURNED_QUERY where it scores them by
     turned keys), torch's flash attention the longer ones (one fresh, one after a cached prefix), all in one
     call."""
     long = cpu_backend.KERNEL_QUERY + 9

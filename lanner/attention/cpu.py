@@ -1,8 +1,8 @@
 """The fast CPU path, equal to reference.py within tolerance.
 
 Sequences with up to KERNEL_QUERY new tokens (decode, spec-verify, short prompt chunks) go to the
-compiled kernel of paged_attention.c (native.py builds it at first use), and so do longer ones where it scores
-them by turned keys (native.turns_keys: AVX-512). Where it cannot be built, or for
+compiled kernel of paged_attention.c (native.py builds it at first use), and so do those up to TURNED_QUERY
+where it scores them by turned keys (native.turns_keys: AVX-512). Where it cannot be built, or for
 fp16 caches, rows of sequences with few new tokens run in plain PyTorch, for all such sequences at once,
 a segment of context at a time: one index_select gathers every sequence's blocks for the segment
 ([S, seg, Hkv, D], whole blocks, so the gather runs at memory bandwidth) into a buffer small enough to
@@ -24,10 +24,12 @@ from lanner.attention.reference import attention_mask
 
 SHORT_QUERY = 16               # without the kernel: sequences with at most this many new tokens take the batched path
 # the kernel's longest query: up to here it beat torch's flash attention on prompt chunks (bf16 1.3-1.9x,
-# fp32 1.0-1.35x at 136-256 tokens, bench/attention.py shapes), beyond it the GEMM-based SDPA wins; except where
-# the kernel scores by turned keys (AVX-512): bf16 1.8-3.1x SDPA at 320-2,048 tokens, fp32 1.2-2.0x, so it takes
-# them all
+# fp32 1.0-1.35x at 136-256 tokens, bench/attention.py shapes), beyond it the GEMM-based SDPA wins
 KERNEL_QUERY = 256
+# the same where the kernel scores prompts by turned keys (AVX-512): against SDPA, bf16 1.8-3.1x at 320-2,048
+# tokens, 1.71x at 4,096; fp32 1.2-2.0x, 1.06x at 4,096 and 0.79x at 8,192 (its partial results also grow with
+# the chunk's rows)
+TURNED_QUERY = 4096
 SEGMENT_BYTES = 4 << 20        # gathered K (or V) per segment: stays in L2/L3 until the matmul reads it
 SCORES_ELEMENTS = 8 << 20      # bound on the kept scores; more sequences than that are done in groups
 _sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -73,7 +75,7 @@ def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata, 
         native_ok = (q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
                      and native.fits(q.shape[-1]) and native.paged_attention() is not None)   # a compiler built it
         q_lens = meta.query_lens
-        limit = (SHORT_QUERY if not native_ok else int(q_lens.max()) if native.turns_keys(k_cache.dtype, q.shape[-1])
+        limit = (SHORT_QUERY if not native_ok else TURNED_QUERY if native.turns_keys(k_cache.dtype, q.shape[-1])
                  else KERNEL_QUERY)
         short = ((q_lens >= 1) & (q_lens <= limit)).nonzero().flatten()
         prompts = (q_lens > limit).nonzero().flatten().tolist()

@@ -35,7 +35,7 @@ def paged_attention():
 
 def turns_keys(cache_dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the kernel scores prompts on this cache by turned keys (a bf16 cache with AVX512-BF16, an fp32 one
-    with AVX-512), where it beats torch's flash attention on prompts of every length."""
+    with AVX-512), where it beats torch's flash attention on prompts up to thousands of tokens (attention.cpu)."""
     lib = native.library(SOURCE)
     return lib is not None and bool(lib.turns_keys(int(cache_dtype == torch.bfloat16), head_dim))
 
