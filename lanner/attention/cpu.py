@@ -75,8 +75,12 @@ def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata, 
         native_ok = (q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
                      and native.fits(q.shape[-1]) and native.paged_attention() is not None)   # a compiler built it
         q_lens = meta.query_lens
-        limit = (SHORT_QUERY if not native_ok else TURNED_QUERY if native.turns_keys(k_cache.dtype, q.shape[-1])
-                 else KERNEL_QUERY)
+        if not native_ok:
+            limit = SHORT_QUERY
+        elif native.turns_keys(k_cache.dtype, q.shape[-1]):
+            limit = TURNED_QUERY
+        else:
+            limit = KERNEL_QUERY
         short = ((q_lens >= 1) & (q_lens <= limit)).nonzero().flatten()
         prompts = (q_lens > limit).nonzero().flatten().tolist()
         launch = native.Launch(meta, short, window) if native_ok and short.numel() else None

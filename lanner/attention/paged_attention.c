@@ -189,8 +189,10 @@ INLINE void transpose16(__m512i *r) {
         t[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
     }
     for (int k = 0; k < 4; k++) {
-        const __m512i even01 = _mm512_shuffle_i32x4(t[k], t[4 + k], 0x88), odd01 = _mm512_shuffle_i32x4(t[k], t[4 + k], 0xdd);
-        const __m512i even23 = _mm512_shuffle_i32x4(t[8 + k], t[12 + k], 0x88), odd23 = _mm512_shuffle_i32x4(t[8 + k], t[12 + k], 0xdd);
+        const __m512i even01 = _mm512_shuffle_i32x4(t[k], t[4 + k], 0x88);
+        const __m512i odd01 = _mm512_shuffle_i32x4(t[k], t[4 + k], 0xdd);
+        const __m512i even23 = _mm512_shuffle_i32x4(t[8 + k], t[12 + k], 0x88);
+        const __m512i odd23 = _mm512_shuffle_i32x4(t[8 + k], t[12 + k], 0xdd);
         r[k] = _mm512_shuffle_i32x4(even01, even23, 0x88);
         r[8 + k] = _mm512_shuffle_i32x4(even01, even23, 0xdd);
         r[4 + k] = _mm512_shuffle_i32x4(odd01, odd23, 0x88);
@@ -395,6 +397,7 @@ INLINE int chunk_offsets(const Problem *p, Span s, int a, int64_t *offs, const i
     return n;
 }
 
+#if defined(__AVX512F__)
 /* Unscaled scores of `rows` query rows (element offsets q_rows into q) against the turned keys. */
 INLINE void turned_scores(const Problem *p, const float *kt, const int64_t *q_rows, v16 (*tile)[WIDE_CHUNK / 16],
                           const int rows, const int D, const int direct) {
@@ -406,13 +409,17 @@ INLINE void turned_scores(const Problem *p, const float *kt, const int64_t *q_ro
         return;
     }
 #endif
-#if defined(__AVX512F__)
     const float *q[ROWS];
     for (int i = 0; i < rows; i++) q[i] = p->q + q_rows[i];
     tile_scores_f32(kt, q, tile, rows, D);
-#else
-    (void)p, (void)kt, (void)q_rows, (void)tile, (void)rows, (void)D, (void)direct;   /* never turned */
+}
 #endif
+
+/* Whether a wide chunk's scores come from turned keys: bf16 scoring with AVX512-BF16 (direct), fp32 on AVX-512.
+ * Not on AVX2, where turning keys one value at a time and 8-lane tiles came out at 0.96-1.08x on prompts, nor for
+ * a bf16 cache widened to fp32. */
+INLINE int turns(const int bf16, const int direct) {
+    return direct ? HAVE_DPBF16 : !bf16 && NATIVE == 16;
 }
 
 /* Row of a sequence's partial results for the i-th row reading a KV head (token i / group, that head's i % group-th
@@ -434,10 +441,8 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     const int32_t *table = p->block_tables + (int64_t)seq * p->table_width;
     int64_t offs[WIDE_CHUNK], next[WIDE_CHUNK];
     float w[ROWS][WIDE_CHUNK], alpha[ROWS];
-    /* a prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows. Not on AVX2,
-     * where turning keys one value at a time and 8-lane tiles came out at 0.96-1.08x on prompts, nor for a bf16
-     * cache widened to fp32 */
-    const int turned = chunk == WIDE_CHUNK && (direct || (!bf16 && NATIVE == 16));
+    /* a prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows */
+    const int turned = chunk == WIDE_CHUNK && turns(bf16, direct);
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
@@ -461,6 +466,7 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
             for (int i0 = first_row; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;
                 v16 tile[ROWS][WIDE_CHUNK / 16];
+#if defined(__AVX512F__)
                 if (turned) {
                     int64_t q_rows[ROWS];
                     for (int i = 0; i < rows; i++) q_rows[i] = ((int64_t)q0 * Hq + row_of(i0 + i, head, group, Hq)) * D;
@@ -471,13 +477,15 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
                         default: turned_scores(p, kt, q_rows, tile, 1, D, direct); break;
                     }
                 }
+#endif
                 for (int i = 0; i < rows; i++) {
                     const int t = (i0 + i) / group, r = row_of(i0 + i, head, group, Hq);
                     const int64_t row = (int64_t)q0 * Hq + r;
                     v16 s[WIDE_CHUNK / 16];
                     for (int v = 0; v < chunk / 16; v++) {
-                        s[v] = (turned ? tile[i][v] : chunk_scores(p, p->q + row * D, p->q_bf16 + row * D, offs + 16 * v,
-                                                                   head * D, D, bf16, direct)) * p->scale;
+                        s[v] = turned ? tile[i][v] : chunk_scores(p, p->q + row * D, p->q_bf16 + row * D,
+                                                                  offs + 16 * v, head * D, D, bf16, direct);
+                        s[v] *= p->scale;
                         if (p->softcap > 0.0f) s[v] = softcap16(s[v], p->softcap);
                     }
                     const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;   /* causal, and the split */
@@ -618,7 +626,7 @@ int attention_pieces(const int32_t *seq_lens, const int32_t *cu_seqlens_q, const
 /* Whether prompts on a cache of this kind are scored by turned keys (a bf16 cache with AVX512-BF16, an fp32 one
  * with AVX-512): then the kernel beats torch's flash attention on prompts of any length (attention.cpu). */
 int turns_keys(int kv_bf16, int head_dim) {
-    return kv_bf16 ? HAVE_DPBF16 && head_dim % 32 == 0 : NATIVE == 16;
+    return turns(kv_bf16, HAVE_DPBF16 && kv_bf16 && head_dim % 32 == 0);   /* direct: as attend_split picks it */
 }
 
 /* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts.

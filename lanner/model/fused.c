@@ -348,8 +348,8 @@ static int is_stop(const Burst *b, int64_t token) {
 }
 
 /* Up to b->steps steps of every layer and the LM head (s->logits set; row t is sequence t of the tables, its
- * one new token) from the embeddings x [T, H]. Stops after a step where any row gave a stop token: the next step's batch
- * would be one row smaller. Returns the steps run, or -1 when a kernel failed (out of memory). */
+ * one new token) from the embeddings x [T, H]. Stops after a step where any row gave a stop token: the next
+ * step's batch would be one row smaller. Returns the steps run, or -1 when a kernel failed (out of memory). */
 int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers, const Burst *b, void *x,
                  void *residual, void *out) {
     const int64_t T = s->T, D = s->D, es = s->bf16 ? 2 : 4, bs = s->block_size;

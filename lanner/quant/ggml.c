@@ -1046,7 +1046,8 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
 /* y[m, n] = sum_k W[n, k] x[m, k] (+ bias[n]) for m < M, n < N; x [M, ldx] and y [M, ldy] fp32 or bf16 (flags),
  * bias fp32 or NULL. MATMUL_INT8: the rows of a format with an int8 path (and K a whole number of groups) run
  * on int8 activations, on `packed` (W as ggml_pack wrote it, or NULL) where given; else (or without it) the
- * result equals dequantize-then-matmul up to summation order, also reading `packed` where given. Returns 1 when a buffer cannot be allocated, 2 for a type or K this file cannot take. */
+ * result equals dequantize-then-matmul up to summation order, also reading `packed` where given. Returns 1 when
+ * a buffer cannot be allocated, 2 for a type or K this file cannot take. */
 int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                 const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
                 int flags) {
