@@ -767,9 +767,11 @@ INLINE lf fmadd(lf a, lf b, lf c) { return (lf)_mm512_fmadd_ps((__m512)a, (__m51
 INLINE lf fmadd(lf a, lf b, lf c) { return (lf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 #endif
 
-/* y[m * ldy + r] = W[r] . x[m] for the group's rows r < LANES and m < rows */
+/* y[m * ldy + r] = W[r] . x[m] for the group's rows r < LANES and m < rows. stream: the first tile against the
+ * group, which reads its weights from memory (or L3), asks for them ahead; later tiles find them in L1. Without it a
+ * GEMM's first tile waited on each group: 30 layers' linears at 16-64 rows ran 1.2-1.45x slower. */
 INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, qacts a,
-                        const int rows, int64_t K, float *restrict y, int64_t ldy) {
+                        const int rows, int64_t K, float *restrict y, int64_t ldy, const int stream) {
     const int scales = has_min ? 2 : 1;
     const int64_t bytes = LANES * (2 * scales + bits * 4);   /* one block of the group */
     lf acc[PTILE];
@@ -778,7 +780,7 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = grp + b * bytes;
         li d[PTILE];
-        if (rows <= TILE)   /* one pass over the weights: a GEMM's later tiles find them in L1 */
+        if (stream)
             stream_ahead(blk, bytes);
         if (bits == 4)
             dot_q4_block(blk + 2 * scales * LANES, a, rows, K, b, d);
@@ -799,24 +801,25 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
 
 #if PTILE == 8
 #define PACKED_WIDE(bits, has_min, zero)                                                                    \
-    case 8: qdot_packed(bits, has_min, zero, grp, a, 8, K, y, ldy); return;                               \
-    case 7: qdot_packed(bits, has_min, zero, grp, a, 7, K, y, ldy); return;                               \
-    case 6: qdot_packed(bits, has_min, zero, grp, a, 6, K, y, ldy); return;                               \
-    case 5: qdot_packed(bits, has_min, zero, grp, a, 5, K, y, ldy); return;
+    case 8: qdot_packed(bits, has_min, zero, grp, a, 8, K, y, ldy, stream); return;                               \
+    case 7: qdot_packed(bits, has_min, zero, grp, a, 7, K, y, ldy, stream); return;                               \
+    case 6: qdot_packed(bits, has_min, zero, grp, a, 6, K, y, ldy, stream); return;                               \
+    case 5: qdot_packed(bits, has_min, zero, grp, a, 5, K, y, ldy, stream); return;
 #else
 #define PACKED_WIDE(bits, has_min, zero)
 #endif
 #define PACKED_OF(bits, has_min, zero)                                                                      \
     switch (M) {                                                                                           \
     PACKED_WIDE(bits, has_min, zero)                                                                       \
-    case 4: qdot_packed(bits, has_min, zero, grp, a, 4, K, y, ldy); return;                               \
-    case 3: qdot_packed(bits, has_min, zero, grp, a, 3, K, y, ldy); return;                               \
-    case 2: qdot_packed(bits, has_min, zero, grp, a, 2, K, y, ldy); return;                               \
-    default: qdot_packed(bits, has_min, zero, grp, a, 1, K, y, ldy); return;                              \
+    case 4: qdot_packed(bits, has_min, zero, grp, a, 4, K, y, ldy, stream); return;                               \
+    case 3: qdot_packed(bits, has_min, zero, grp, a, 3, K, y, ldy, stream); return;                               \
+    case 2: qdot_packed(bits, has_min, zero, grp, a, 2, K, y, ldy, stream); return;                               \
+    default: qdot_packed(bits, has_min, zero, grp, a, 1, K, y, ldy, stream); return;                              \
     }
 
 /* one packed group (its rows' outputs at y) */
-static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int64_t M, float *y, int64_t ldy) {
+static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int64_t M, float *y, int64_t ldy,
+                          int stream) {
     switch (type) {
     case Q4_0: PACKED_OF(4, 0, 8)
     case Q4_1: PACKED_OF(4, 1, 0)
@@ -890,8 +893,9 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 }
 #else
 #define PACKED_PATH 0
-static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int64_t M, float *y, int64_t ldy) {
-    (void)type, (void)grp, (void)K, (void)a, (void)M, (void)y, (void)ldy;
+static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int64_t M, float *y, int64_t ldy,
+                          int stream) {
+    (void)type, (void)grp, (void)K, (void)a, (void)M, (void)y, (void)ldy, (void)stream;
 }
 static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *x, int64_t ldx, const float *xsum,
                           int64_t M, float *y, int64_t ldy) {
@@ -964,10 +968,10 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
                     const uint8_t *grp = packed + g * PACK_ROWS * row_bytes;
                     if (plain) {   /* fp32 without a bias: straight into y */
                         qmatmul_group(type, grp, K, rows_from(a, m, K), rows, (float *)o.y + m * o.ld + g * PACK_ROWS,
-                                      o.ld);
+                                      o.ld, m == m0);
                         continue;
                     }
-                    qmatmul_group(type, grp, K, rows_from(a, m, K), rows, tile, PACK_ROWS);
+                    qmatmul_group(type, grp, K, rows_from(a, m, K), rows, tile, PACK_ROWS, m == m0);
                     store_tile(tile, PACK_ROWS, rows, PACK_ROWS, o, m, g * PACK_ROWS);
                 }
         }
