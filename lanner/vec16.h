@@ -27,10 +27,6 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
 /* Lanes of a where mask is set, else of b. */
 INLINE v16 select16(v16i mask, v16 a, v16 b) {
     return (v16)(((v16i)a & mask) | ((v16i)b & ~mask));

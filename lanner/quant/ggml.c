@@ -801,9 +801,9 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
 
 #if PTILE == 8
 #define PACKED_WIDE(bits, has_min, zero)                                                                    \
-    case 8: qdot_packed(bits, has_min, zero, grp, a, 8, K, y, ldy, stream); return;                               \
-    case 7: qdot_packed(bits, has_min, zero, grp, a, 7, K, y, ldy, stream); return;                               \
-    case 6: qdot_packed(bits, has_min, zero, grp, a, 6, K, y, ldy, stream); return;                               \
+    case 8: qdot_packed(bits, has_min, zero, grp, a, 8, K, y, ldy, stream); return;                         \
+    case 7: qdot_packed(bits, has_min, zero, grp, a, 7, K, y, ldy, stream); return;                         \
+    case 6: qdot_packed(bits, has_min, zero, grp, a, 6, K, y, ldy, stream); return;                         \
     case 5: qdot_packed(bits, has_min, zero, grp, a, 5, K, y, ldy, stream); return;
 #else
 #define PACKED_WIDE(bits, has_min, zero)
@@ -811,10 +811,10 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
 #define PACKED_OF(bits, has_min, zero)                                                                      \
     switch (M) {                                                                                           \
     PACKED_WIDE(bits, has_min, zero)                                                                       \
-    case 4: qdot_packed(bits, has_min, zero, grp, a, 4, K, y, ldy, stream); return;                               \
-    case 3: qdot_packed(bits, has_min, zero, grp, a, 3, K, y, ldy, stream); return;                               \
-    case 2: qdot_packed(bits, has_min, zero, grp, a, 2, K, y, ldy, stream); return;                               \
-    default: qdot_packed(bits, has_min, zero, grp, a, 1, K, y, ldy, stream); return;                              \
+    case 4: qdot_packed(bits, has_min, zero, grp, a, 4, K, y, ldy, stream); return;                         \
+    case 3: qdot_packed(bits, has_min, zero, grp, a, 3, K, y, ldy, stream); return;                         \
+    case 2: qdot_packed(bits, has_min, zero, grp, a, 2, K, y, ldy, stream); return;                         \
+    default: qdot_packed(bits, has_min, zero, grp, a, 1, K, y, ldy, stream); return;                        \
     }
 
 /* one packed group (its rows' outputs at y) */
