@@ -524,11 +524,16 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     else if (D == 128) { CHUNKS(128, bf16, direct) } \
     else { CHUNKS(D, bf16, direct) }
 
+/* Whether scores multiply a bf16 query with a bf16 cache's rows directly (VDPBF16PS; a query in bf16 given) */
+INLINE int bf16_scores(int kv_bf16, int head_dim) {
+    return HAVE_DPBF16 && kv_bf16 && head_dim % 32 == 0;
+}
+
 static void attend_split(const Problem *p, int seq, int k0, int k1, Span after, float *acc, float *m, float *l) {
     const int D = p->head_dim;
     const int rows_a_head = (p->cu_seqlens_q[seq + 1] - p->cu_seqlens_q[seq]) * (p->num_heads / p->num_kv_heads);
     const int wide = rows_a_head >= WIDE_ROWS;
-    if (HAVE_DPBF16 && p->kv_bf16 && p->q_bf16 != NULL && D % 32 == 0) { HEAD_SIZES(1, 1) }
+    if (bf16_scores(p->kv_bf16, D) && p->q_bf16 != NULL) { HEAD_SIZES(1, 1) }
     else if (p->kv_bf16) { HEAD_SIZES(1, 0) }
     else { HEAD_SIZES(0, 0) }
 }
@@ -626,7 +631,7 @@ int attention_pieces(const int32_t *seq_lens, const int32_t *cu_seqlens_q, const
 /* Whether prompts on a cache of this kind are scored by turned keys (a bf16 cache with AVX512-BF16, an fp32 one
  * with AVX-512): then the kernel beats torch's flash attention on prompts of any length (attention.cpu). */
 int turns_keys(int kv_bf16, int head_dim) {
-    return turns(kv_bf16, HAVE_DPBF16 && kv_bf16 && head_dim % 32 == 0);   /* direct: as attend_split picks it */
+    return turns(kv_bf16, bf16_scores(kv_bf16, head_dim));
 }
 
 /* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts.
