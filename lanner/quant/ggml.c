@@ -695,10 +695,19 @@ static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t 
  * the instructions per weight of the row-major kernel above. Rows past the last whole group stay in GGML's
  * layout at the end; the byte count is GGML's. */
 #define PACK_ROWS LANES
+/* A tile: up to PTILE activation rows against one group, or PTILE / 2 against two side by side (SIDE), each
+ * activation broadcast then feeding two dot products. Zen 5 ran vpdpbusd at 67 % of its register-only rate with a
+ * broadcast load per instruction, at 82 % with one per two. 32 vector registers hold 8 rows' sums of one group or
+ * 4 of two; AVX2's 16 hold 4 of one. */
 #if GB == 2
-#define PTILE 8   /* activation rows against one packed group at a time: 32 vector registers hold 8 rows' sums */
+#define PTILE 8
+#define SIDE 2
 #else
 #define PTILE 4
+#define SIDE 1
+#endif
+#ifndef PAIR_ROWS
+#define PAIR_ROWS 128
 #endif
 #if defined(__AVX2__)
 #define PACKED_PATH 1
@@ -725,36 +734,53 @@ INLINE void stream_ahead(const uint8_t *p, int64_t bytes) {
         __builtin_prefetch(p + AHEAD_BYTES + l, 0, 3);
 }
 
-/* a block's 4-bit values of the group against rows activation rows: d[m] lane r = row r's integer dot product.
- * Without VNNI the 16-bit pair sums of a block add up before widening: 8 of at most 2 * 15 * 127 fit. */
-INLINE void dot_q4_block(const uint8_t *vals, qacts a, const int rows, int64_t K, int64_t b, li *d) {
-    lh s[PTILE];
-    for (int m = 0; m < rows; m++)
-        d[m] = (li){0}, s[m] = (lh){0};
+/* a block's 4-bit values of groups groups (gstride bytes apart) against rows activation rows: d[g][m] lane r = row
+ * r's integer dot product. Without VNNI the 16-bit pair sums of a block add up before widening: 8 of at most
+ * 2 * 15 * 127 fit. */
+INLINE void dot_q4_block(const uint8_t *vals, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                         int64_t b, li d[SIDE][PTILE]) {
+    lh s[SIDE][PTILE];
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            d[g][m] = (li){0}, s[g][m] = (lh){0};
     for (int c = 0; c < 4; c++) {
-        lb v = loadlb(vals + c * 4 * LANES), lo = v & 15, hi = (lb)((li)v >> 4) & 15;
+        lb lo[SIDE], hi[SIDE];
+        for (int g = 0; g < groups; g++) {
+            lb v = loadlb(vals + g * gstride + c * 4 * LANES);
+            lo[g] = v & 15, hi[g] = (lb)((li)v >> 4) & 15;
+        }
         for (int m = 0; m < rows; m++) {
             const int8_t *x = a.q + m * K + 32 * b + 4 * c;
-            if (VNNI)
-                d[m] = dot(dot(d[m], lo, bcast4(x)), hi, bcast4(x + 16));
-            else
-                s[m] += dot16(lo, bcast4(x)) + dot16(hi, bcast4(x + 16));
+            lb xlo = bcast4(x), xhi = bcast4(x + 16);
+            for (int g = 0; g < groups; g++) {
+                if (VNNI)
+                    d[g][m] = dot(dot(d[g][m], lo[g], xlo), hi[g], xhi);
+                else
+                    s[g][m] += dot16(lo[g], xlo) + dot16(hi[g], xhi);
+            }
         }
     }
     if (!VNNI)
-        for (int m = 0; m < rows; m++)
-            d[m] = widen16(s[m]);
+        for (int g = 0; g < groups; g++)
+            for (int m = 0; m < rows; m++)
+                d[g][m] = widen16(s[g][m]);
 }
 
-INLINE void dot_q8_block(const uint8_t *vals, qacts a, const int rows, int64_t K, int64_t b, li *d) {
-    for (int m = 0; m < rows; m++)
-        d[m] = (li){0};
+INLINE void dot_q8_block(const uint8_t *vals, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                         int64_t b, li d[SIDE][PTILE]) {
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            d[g][m] = (li){0};
     for (int c = 0; c < 8; c++) {
-        lb w = loadlb(vals + c * 4 * LANES);
-        sb neg = (sb)w < 0;
+        lb w[SIDE];
+        sb neg[SIDE];
+        for (int g = 0; g < groups; g++)
+            w[g] = loadlb(vals + g * gstride + c * 4 * LANES), neg[g] = (sb)w[g] < 0;
         for (int m = 0; m < rows; m++) {
             lb x = bcast4(a.q + m * K + 32 * b + 4 * c);
-            d[m] = VNNI ? dot(d[m], w ^ 0x80, x) : dot(d[m], (lb)(((sb)w ^ neg) - neg), (lb)(((sb)x ^ neg) - neg));
+            for (int g = 0; g < groups; g++)
+                d[g][m] = VNNI ? dot(d[g][m], w[g] ^ 0x80, x)
+                               : dot(d[g][m], (lb)(((sb)w[g] ^ neg[g]) - neg[g]), (lb)(((sb)x ^ neg[g]) - neg[g]));
         }
     }
 }
@@ -767,59 +793,73 @@ INLINE lf fmadd(lf a, lf b, lf c) { return (lf)_mm512_fmadd_ps((__m512)a, (__m51
 INLINE lf fmadd(lf a, lf b, lf c) { return (lf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 #endif
 
-/* y[m * ldy + r] = W[r] . x[m] for the group's rows r < LANES and m < rows. stream: the first tile against the
- * group, which reads its weights from memory (or L3), asks for them ahead; later tiles find them in L1. Without it a
- * GEMM's first tile waited on each group: 30 layers' linears at 16-64 rows ran 1.2-1.45x slower. */
-INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, qacts a,
-                        const int rows, int64_t K, float *restrict y, int64_t ldy, const int stream) {
+/* y[m * ldy + g * LANES + r] = W[r] . x[m] for the rows r < LANES of groups groups (gstride bytes apart) and
+ * m < rows. stream: the first tile against the groups, which reads their weights from memory (or L3), asks for
+ * them ahead; later tiles find them in L1. Without it a GEMM's first tile waited on each group: 30 layers' linears
+ * at 16-64 rows ran 1.2-1.45x slower. */
+INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, int64_t gstride,
+                        const int groups, qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy,
+                        const int stream) {
     const int scales = has_min ? 2 : 1;
-    const int64_t bytes = LANES * (2 * scales + bits * 4);   /* one block of the group */
-    lf acc[PTILE];
-    for (int m = 0; m < rows; m++)
-        acc[m] = (lf){0};
+    const int64_t bytes = LANES * (2 * scales + bits * 4);   /* one block of a group */
+    lf acc[SIDE][PTILE];
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            acc[g][m] = (lf){0};
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = grp + b * bytes;
-        li d[PTILE];
-        if (stream)
-            stream_ahead(blk, bytes);
+        li d[SIDE][PTILE];
+        for (int g = 0; g < groups && stream; g++)
+            stream_ahead(blk + g * gstride, bytes);
         if (bits == 4)
-            dot_q4_block(blk + 2 * scales * LANES, a, rows, K, b, d);
+            dot_q4_block(blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
         else
-            dot_q8_block(blk + 2 * scales * LANES, a, rows, K, b, d);
-        /* a zero point is a min of -zero * d: w = d (q - zero) */
-        lf wd = halves(blk), wm = has_min ? halves(blk + 2 * LANES) : wd * (float)-zero;
-        for (int m = 0; m < rows; m++) {
-            int64_t o = m * (K / 32) + b;
-            acc[m] = fmadd(__builtin_convertvector(d[m], lf), wd * a.bd[o], acc[m]);
-            if (has_min || zero)
-                acc[m] = fmadd(wm, (lf){0} + a.bs[o], acc[m]);
+            dot_q8_block(blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
+        for (int g = 0; g < groups; g++) {
+            /* a zero point is a min of -zero * d: w = d (q - zero) */
+            lf wd = halves(blk + g * gstride), wm = has_min ? halves(blk + g * gstride + 2 * LANES) : wd * (float)-zero;
+            for (int m = 0; m < rows; m++) {
+                int64_t o = m * (K / 32) + b;
+                acc[g][m] = fmadd(__builtin_convertvector(d[g][m], lf), wd * a.bd[o], acc[g][m]);
+                if (has_min || zero)
+                    acc[g][m] = fmadd(wm, (lf){0} + a.bs[o], acc[g][m]);
+            }
         }
     }
-    for (int m = 0; m < rows; m++)
-        memcpy(y + m * ldy, &acc[m], sizeof acc[m]);
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
 }
 
 #if PTILE == 8
-#define PACKED_WIDE(bits, has_min, zero)                                                                    \
-    case 8: qdot_packed(bits, has_min, zero, grp, a, 8, K, y, ldy, stream); return;                         \
-    case 7: qdot_packed(bits, has_min, zero, grp, a, 7, K, y, ldy, stream); return;                         \
-    case 6: qdot_packed(bits, has_min, zero, grp, a, 6, K, y, ldy, stream); return;                         \
-    case 5: qdot_packed(bits, has_min, zero, grp, a, 5, K, y, ldy, stream); return;
+#define PACKED_WIDE(bits, has_min, zero, groups)                                                            \
+    case 8: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 8, K, y, ldy, stream); return;         \
+    case 7: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 7, K, y, ldy, stream); return;         \
+    case 6: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 6, K, y, ldy, stream); return;         \
+    case 5: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 5, K, y, ldy, stream); return;
 #else
-#define PACKED_WIDE(bits, has_min, zero)
+#define PACKED_WIDE(bits, has_min, zero, groups)
 #endif
-#define PACKED_OF(bits, has_min, zero)                                                                      \
+#define PACKED_ROWS(bits, has_min, zero, groups, wide)                                                      \
     switch (M) {                                                                                           \
-    PACKED_WIDE(bits, has_min, zero)                                                                       \
-    case 4: qdot_packed(bits, has_min, zero, grp, a, 4, K, y, ldy, stream); return;                         \
-    case 3: qdot_packed(bits, has_min, zero, grp, a, 3, K, y, ldy, stream); return;                         \
-    case 2: qdot_packed(bits, has_min, zero, grp, a, 2, K, y, ldy, stream); return;                         \
-    default: qdot_packed(bits, has_min, zero, grp, a, 1, K, y, ldy, stream); return;                        \
+    wide                                                                                                   \
+    case 4: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 4, K, y, ldy, stream); return;         \
+    case 3: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 3, K, y, ldy, stream); return;         \
+    case 2: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 2, K, y, ldy, stream); return;         \
+    default: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 1, K, y, ldy, stream); return;        \
     }
+#if SIDE == 2
+#define PACKED_OF(bits, has_min, zero)                                                                      \
+    if (groups == 2)                                                                                       \
+        PACKED_ROWS(bits, has_min, zero, 2, )                                                              \
+    PACKED_ROWS(bits, has_min, zero, 1, PACKED_WIDE(bits, has_min, zero, 1))
+#else
+#define PACKED_OF(bits, has_min, zero) PACKED_ROWS(bits, has_min, zero, 1, PACKED_WIDE(bits, has_min, zero, 1))
+#endif
 
-/* one packed group (its rows' outputs at y) */
-static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int64_t M, float *y, int64_t ldy,
-                          int stream) {
+/* groups (<= SIDE) packed groups gstride bytes apart, M <= PTILE / groups rows (their outputs at y, side by side) */
+static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, qacts a, int64_t M,
+                          float *y, int64_t ldy, int stream) {
     switch (type) {
     case Q4_0: PACKED_OF(4, 0, 8)
     case Q4_1: PACKED_OF(4, 1, 0)
@@ -893,9 +933,9 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 }
 #else
 #define PACKED_PATH 0
-static void qmatmul_group(int type, const uint8_t *grp, int64_t K, qacts a, int64_t M, float *y, int64_t ldy,
-                          int stream) {
-    (void)type, (void)grp, (void)K, (void)a, (void)M, (void)y, (void)ldy, (void)stream;
+static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, qacts a, int64_t M,
+                          float *y, int64_t ldy, int stream) {
+    (void)type, (void)grp, (void)gstride, (void)groups, (void)K, (void)a, (void)M, (void)y, (void)ldy, (void)stream;
 }
 static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *x, int64_t ldx, const float *xsum,
                           int64_t M, float *y, int64_t ldy) {
@@ -948,6 +988,9 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 8), lanes ? f : NULL, lanes ? f + lanes : NULL,
                lanes ? (int32_t *)f + 2 * lanes : NULL, f + 3 * lanes, f + 3 * lanes + blocks};
     const int zero = int8_zero(type), plain = !o.bf16 && !o.bias;
+    /* groups a tile takes: two where enough rows make the GEMM compute-bound. Below, one group's 8-row tile reads
+     * the weights from memory at twice the work per byte: 30 layers' linears at 8 rows ran 1.37x slower in pairs */
+    const int step = M >= PAIR_ROWS ? SIDE : 1;
     const int64_t chunk = (GEMM_ACT_BYTES / (K + K / 32 * 8) / PTILE + 1) * PTILE;
     if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
         quantize_rows(x, ldx, x_bf16, M, K, zero, a);
@@ -962,18 +1005,21 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
 #pragma omp for schedule(static) nowait
-            for (int64_t g = 0; g < groups; g++)
-                for (int64_t m = m0; m < m1; m += PTILE) {
-                    const int64_t rows = m1 - m < PTILE ? m1 - m : PTILE;
-                    const uint8_t *grp = packed + g * PACK_ROWS * row_bytes;
+            for (int64_t g = 0; g < groups; g += step) {
+                const int side = groups - g < step ? groups - g : step;
+                const uint8_t *grp = packed + g * PACK_ROWS * row_bytes;
+                for (int64_t m = m0; m < m1; m += PTILE / step) {
+                    const int64_t rows = m1 - m < PTILE / step ? m1 - m : PTILE / step;
                     if (plain) {   /* fp32 without a bias: straight into y */
-                        qmatmul_group(type, grp, K, rows_from(a, m, K), rows, (float *)o.y + m * o.ld + g * PACK_ROWS,
-                                      o.ld, m == m0);
+                        qmatmul_group(type, grp, PACK_ROWS * row_bytes, side, K, rows_from(a, m, K), rows,
+                                      (float *)o.y + m * o.ld + g * PACK_ROWS, o.ld, m == m0);
                         continue;
                     }
-                    qmatmul_group(type, grp, K, rows_from(a, m, K), rows, tile, PACK_ROWS, m == m0);
-                    store_tile(tile, PACK_ROWS, rows, PACK_ROWS, o, m, g * PACK_ROWS);
+                    qmatmul_group(type, grp, PACK_ROWS * row_bytes, side, K, rows_from(a, m, K), rows, tile,
+                                  step * PACK_ROWS, m == m0);
+                    store_tile(tile, step * PACK_ROWS, rows, side * PACK_ROWS, o, m, g * PACK_ROWS);
                 }
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
