@@ -42,7 +42,8 @@ def record(system, dtype, config, work, seconds, **extra):
 
 def run_lanner(path, dtype, device, options: dict, work, subset_note):
     from lanner import LLM, SamplingParams
-    llm = LLM(model=path, dtype=dtype, device=device, **options)
+    # the pool's pages faulted in at start-up, as vLLM's (torch.zeros) are: neither run times its first touches
+    llm = LLM(model=path, dtype=dtype, device=device, prefault_kv_cache=True, **options)
     backend = getattr(getattr(llm.engine.runner, "backend", None), "__name__", "?").rsplit(".", 1)[-1]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
     llm.generate([WARMUP[0]] * WARMUP_REQUESTS, SamplingParams(temperature=0, max_tokens=WARMUP[1], ignore_eos=True),
@@ -54,7 +55,7 @@ def run_lanner(path, dtype, device, options: dict, work, subset_note):
     seconds = time.perf_counter() - t0
     for out, (_, n) in zip(outs, work):
         assert len(out.outputs[0].token_ids) == n, f"lanner produced {len(out.outputs[0].token_ids)} tokens, asked {n}"
-    config = f"{backend},seqs={options['max_num_seqs']},tokens={options['max_num_batched_tokens']}"
+    config = f"{backend},seqs={options['max_num_seqs']},tokens={options['max_num_batched_tokens']},prefault"
     if options["quantization"] != "none":
         config += f",{options['quantization']}"
     return record("lanner", dtype, config, work, seconds, requests=subset_note, options=options, device=device,

@@ -240,6 +240,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None          # default: from kv_cache_memory
     kv_cache_memory: float = 2.0              # GiB
     kv_cache_dtype: str = "auto"              # auto (the model's dtype) | float32 | bfloat16 | float16
+    prefault_kv_cache: bool = False           # CPU: the KV pool's pages faulted in at start-up, not at first write
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     num_scheduler_steps: int = 8              # greedy decode steps a batch may run in one call (1: one per step)

@@ -121,6 +121,20 @@ def test_kv_memory_is_zeroed_aligned_and_outlives_its_first_view():
     assert float(layer.float().sum()) == 1.5 * layer.numel()
 
 
+def test_a_prefaulted_kv_pool_is_written_without_page_faults():
+    import resource
+
+    def faults_of_writing(prefault):
+        cache = zeroed_kv_memory((2, 2, 128, 16, 2, 64), torch.float32, prefault)   # 16 MiB
+        assert not cache.any()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        cache[:, :, ::2].fill_(1.0)   # as the steps write it: its blocks
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    lazy, prefaulted = faults_of_writing(False), faults_of_writing(True)
+    assert prefaulted <= lazy // 4 + 2, (lazy, prefaulted)
+
+
 def test_a_steps_freed_scratch_stays_in_the_heap():
     import ctypes
     import resource

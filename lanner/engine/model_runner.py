@@ -67,7 +67,8 @@ class ModelRunner:
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(max(cfg.kv_cache_memory - state_gib, 0.0))
         attention_layers = self.cache_layers()
         shape = (attention_layers, 2, self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.kv_cache = (zeroed_kv_memory(shape, self.kv_dtype) if cfg.device == "cpu" and attention_layers
+        self.kv_cache = (zeroed_kv_memory(shape, self.kv_dtype, cfg.prefault_kv_cache)
+                         if cfg.device == "cpu" and attention_layers
                          else torch.zeros(shape, dtype=self.kv_dtype, device=cfg.device))
         if cfg.device == "cpu":
             keep_freed_memory()
