@@ -706,9 +706,7 @@ static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t 
 #define PTILE 4
 #define SIDE 1
 #endif
-#ifndef PAIR_ROWS
-#define PAIR_ROWS 128
-#endif
+#define PAIR_ROWS 128   /* GEMMs of this many rows or more take SIDE groups a tile (qmatmul) */
 #if defined(__AVX2__)
 #define PACKED_PATH 1
 typedef int16_t lh __attribute__((vector_size(LANES * 4)));
