@@ -4,7 +4,7 @@ from lanner.cli import main
 
 def test_generate_streams_a_reply(capsys, default_model_path):
     assert main(["generate", "The capital of France is", "--raw", "--max-tokens", "6", "--dtype", "float32",
-                 "--kv-cache-memory", "0.1"]) == 0
+                 "--kv-cache-memory", "0.1", "--prefault-kv-cache"]) == 0
     out = capsys.readouterr()
     assert "Paris" in out.out
     assert "LlamaForCausalLM" in out.err and "float32" in out.err
