@@ -19,7 +19,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--prefault-kv-cache", action="store_true",
                    help="fault the KV pool's pages in at start-up, as vLLM's zeroed pool is, not in the steps that "
-                        "first write them: a slower start (~1.7 s a GiB on a VM), no page faults in the steps")
+                        "first write them: a slower start (0.7-1.4 s a GiB on a VM), no page faults in the steps")
     p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype K and V are stored in (auto: the model's); bfloat16 halves an fp32 model's KV bytes")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)

@@ -9,11 +9,11 @@ request after start-up, and stalls of later ones wherever a new page is touched.
 pages unless LANNER_KV_HUGE_PAGES=1 asks for huge ones (the memory is 2 MiB-aligned either way).
 
 Each page's first write is a page fault, inside whichever kernel writes it. On this project's VMs a fault took
-1.3-5 us (the hypervisor backs the page then, and faulting the pages in from the engine's thread just ahead of
-use cost as much); bench/throughput.py's bf16 run writes ~330 MB of KV, 73k pages, and ran ~4 % faster with the
-pool faulted in before it (4.64 vs 4.86 s, 4 pairs). vLLM's CPU backend allocates its pool with torch.zeros,
-which pays that at start-up: prefault_kv_cache does the same here, ~1.7 s a GiB on these VMs, off by default
-for a fast start.
+1.3-5 us (likely the host backing the page; faulting the pages in from the engine's thread just ahead of use
+cost as much); bench/throughput.py's bf16 run writes ~330 MB of KV, 73k pages, and ran 1.04-1.05x faster with
+the pool faulted in before it (two sets of 4 alternating pairs). vLLM's CPU backend allocates its pool with
+torch.zeros, which pays that at start-up: prefault_kv_cache does the same here, 0.7-1.4 s a GiB on these VMs,
+off by default for a fast start.
 """
 import ctypes
 import functools
