@@ -55,7 +55,9 @@ def run_lanner(path, dtype, device, options: dict, work, subset_note):
     seconds = time.perf_counter() - t0
     for out, (_, n) in zip(outs, work):
         assert len(out.outputs[0].token_ids) == n, f"lanner produced {len(out.outputs[0].token_ids)} tokens, asked {n}"
-    config = f"{backend},seqs={options['max_num_seqs']},tokens={options['max_num_batched_tokens']},prefault"
+    config = f"{backend},seqs={options['max_num_seqs']},tokens={options['max_num_batched_tokens']}"
+    if device == "cpu":   # (elsewhere the pool is allocated zeroed anyway)
+        config += ",prefault"
     if options["quantization"] != "none":
         config += f",{options['quantization']}"
     return record("lanner", dtype, config, work, seconds, requests=subset_note, options=options, device=device,

@@ -121,15 +121,19 @@ def test_kv_memory_is_zeroed_aligned_and_outlives_its_first_view():
     assert float(layer.float().sum()) == 1.5 * layer.numel()
 
 
-def test_a_prefaulted_kv_pool_is_written_without_page_faults():
+def page_faults_of(action) -> int:
+    """The minor page faults this process took while action() ran."""
     import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    action()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+
+def test_a_prefaulted_kv_pool_is_written_without_page_faults():
     def faults_of_writing(prefault):
         cache = zeroed_kv_memory((2, 2, 128, 16, 2, 64), torch.float32, prefault)   # 16 MiB
         assert not cache.any()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        cache[:, :, ::2].fill_(1.0)   # as the steps write it: its blocks
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        return page_faults_of(lambda: cache[:, :, ::2].fill_(1.0))   # as the steps write it: its blocks
 
     lazy, prefaulted = faults_of_writing(False), faults_of_writing(True)
     assert prefaulted <= lazy // 4 + 2, (lazy, prefaulted)
@@ -137,19 +141,16 @@ def test_a_prefaulted_kv_pool_is_written_without_page_faults():
 
 def test_a_steps_freed_scratch_stays_in_the_heap():
     import ctypes
-    import resource
     if not keep_freed_memory():
         pytest.skip("the C library is not glibc")
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 
-    def faults_of_a_step(nbytes=20 << 20):   # a big step's scratch: written, then freed
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    def a_step(nbytes=20 << 20):   # a big step's scratch: written, then freed
         block = libc.malloc(nbytes)
         libc.memset(block, 1, nbytes)
         libc.free(block)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    faults_of_a_step()
-    assert faults_of_a_step() < 100   # mapped afresh, its 4 KiB pages would fault 5,120 times
+    a_step()
+    assert page_faults_of(a_step) < 100   # mapped afresh, its 4 KiB pages would fault 5,120 times
