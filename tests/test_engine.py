@@ -121,6 +121,41 @@ def test_kv_memory_is_zeroed_aligned_and_outlives_its_first_view():
     assert float(layer.float().sum()) == 1.5 * layer.numel()
 
 
+def vm_flags_at(address: int) -> list[str] | None:
+    """The kernel's VmFlags of the mapping that holds address (None where /proc does not report them)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and ":" not in head:   # a mapping's first line: start-end perms ...
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+def test_packed_weights_are_carved_from_huge_page_memory():
+    from lanner.engine.memory import WeightMemory
+    from lanner.quant.ggml import GGMLLinear, GGMLTensor
+    memory = WeightMemory()
+    a, b = memory.take(100), memory.take(5000)
+    assert a.data_ptr() % 64 == 0 and b.data_ptr() == a.data_ptr() + 128
+    assert not a.any() and not b.any()
+    big = memory.take(WeightMemory.CHUNK + 1)   # more than a chunk holds: a mapping of its own
+    assert big.numel() == WeightMemory.CHUNK + 1 and big.data_ptr() % HUGE_PAGE == 0
+    lin = GGMLLinear(GGMLTensor.quantize(torch.randn(64, 128), "Q4_1"))
+    if lin.packed is None:
+        pytest.skip("no packed layout on this build")
+    flags = vm_flags_at(lin.packed.data_ptr())
+    if flags is None:
+        pytest.skip("the kernel does not report VmFlags")
+    assert "hg" in flags   # advised for transparent huge pages
+
+
 def page_faults_of(action) -> int:
     """The minor page faults this process took while action() ran."""
     import resource

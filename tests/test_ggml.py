@@ -113,6 +113,23 @@ def test_int8_activations_equal_their_reference_on_every_level(level, type_name,
     assert (got - exact).norm() < 0.02 * exact.norm()   # int8 rounding: 0.4-0.8 % measured
 
 
+@pytest.mark.parametrize("type_name", INT8_FORMATS)
+@pytest.mark.parametrize("m", [3, 19])   # quantized before the threads start; by them
+def test_int8_rows_of_many_blocks_and_non_finite_rows(level, type_name, m):
+    """Rows of 18 blocks (quantized a vector's width of blocks at a time: a whole 16 or 8 and a partial rest),
+    two of them holding a NaN and an infinity: those come out all NaN (their block scale is NaN), the others as
+    their reference."""
+    w = random_weight(type_name, 48, 576, seed=m)
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)) * torch.linspace(0.1, 3, 576)
+    x[1, 300], x[2, 575] = float("nan"), float("inf")
+    lin = GGMLLinear(w)
+    got = lin.small(x, lin.lib, int8=True).double()
+    assert got[1:3].isnan().all()
+    finite = x[[0] + list(range(3, m))]
+    want = int8_blocks(finite) @ reference(w).double().T
+    torch.testing.assert_close(got[[0] + list(range(3, m))], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_rows_is_no_work(level, dtype):
     """A step with no rows (speculative decoding can make one): nothing to quantize or write."""

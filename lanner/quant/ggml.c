@@ -551,81 +551,93 @@ typedef struct { int8_t *q; float *d, *s; int32_t *z; float *bd, *bs; } qacts;
 
 typedef int8_t qv __attribute__((vector_size(VW)));
 
-/* a vector's largest lane / its lanes' sum, in log2(VW) swaps of halves, quarters, ... (constant masks: GCC
- * computed a mask built in a loop lane by lane, at run time) */
-#if VW == 16
-#define SWAPS(v, op)                                                                                           \
-    v = op(v, __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));              \
-    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));              \
-    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));              \
-    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
-#elif VW == 8
-#define SWAPS(v, op)                                                                                           \
-    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3}));                                            \
-    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5}));                                            \
-    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6}));
-#else
-#define SWAPS(v, op)                                                                                           \
-    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1}));                                                        \
-    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2}));
-#endif
-
-INLINE vf larger(vf a, vf b) {
+INLINE vi larger_int(vi a, vi b) {
     vi more = a > b;
-    return (vf)(((vi)a & more) | ((vi)b & ~more));
+    return (a & more) | (b & ~more);
 }
-
-INLINE vf plus(vf a, vf b) { return a + b; }
 
 INLINE vi plus_int(vi a, vi b) { return a + b; }
 
-INLINE float max_lane(vf v) {
-    SWAPS(v, larger)
-    return v[0];
-}
+/* VW vectors in, v[0] out with lane j the reduction (op) of vector j's lanes: log2(VW) rounds, each pairing
+ * neighbouring vectors' even runs of h lanes against their odd ones (lo / hi). VW - 1 ops for VW reductions,
+ * where reducing each vector alone takes log2(VW) ops and a chain of shuffles. Constant masks: GCC computed a
+ * mask built in a loop lane by lane, at run time */
+#define HALVING(v, n, op, lo, hi)                                                                             \
+    for (int j = 0; j < (n); j++)                                                                            \
+        v[j] = op(__builtin_shuffle(v[2 * j], v[2 * j + 1], (vi)lo), __builtin_shuffle(v[2 * j], v[2 * j + 1], (vi)hi));
+#if VW == 16
+#define TRANSPOSED(v, op)                                                                                      \
+    HALVING(v, 8, op, ((vi){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}),                         \
+            ((vi){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}))                               \
+    HALVING(v, 4, op, ((vi){0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}),                       \
+            ((vi){4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}))                                 \
+    HALVING(v, 2, op, ((vi){0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}),                       \
+            ((vi){2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}))                                 \
+    HALVING(v, 1, op, ((vi){0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}),                      \
+            ((vi){1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}))
+#elif VW == 8
+#define TRANSPOSED(v, op)                                                                                      \
+    HALVING(v, 4, op, ((vi){0, 1, 2, 3, 8, 9, 10, 11}), ((vi){4, 5, 6, 7, 12, 13, 14, 15}))                   \
+    HALVING(v, 2, op, ((vi){0, 1, 4, 5, 8, 9, 12, 13}), ((vi){2, 3, 6, 7, 10, 11, 14, 15}))                   \
+    HALVING(v, 1, op, ((vi){0, 2, 4, 6, 8, 10, 12, 14}), ((vi){1, 3, 5, 7, 9, 11, 13, 15}))
+#else
+#define TRANSPOSED(v, op)                                                                                      \
+    HALVING(v, 2, op, ((vi){0, 1, 4, 5}), ((vi){2, 3, 6, 7}))                                                 \
+    HALVING(v, 1, op, ((vi){0, 2, 4, 6}), ((vi){1, 3, 5, 7}))
+#endif
 
-INLINE float sum_lanes(vf v) {
-    SWAPS(v, plus)
-    return v[0];
-}
-
-INLINE int sum_int_lanes(vi v) {
-    SWAPS(v, plus_int)
-    return v[0];
+/* n <= VW blocks of 32 values (xb) into q, with their scales (bd) and bs: all n blocks' largest magnitudes,
+ * then all their sums, reduced across lanes at once. The largest magnitude is taken on the bits: for finite
+ * values their order is the values' order, and NaN or infinity (bits from 0x7f800000 up) come out above
+ * every finite value, so one reduction also finds a non-finite block. */
+INLINE void quantize_blocks(const float *xb, int n, int8_t *q, float *bd, float *bs) {
+    const vi magnitude = (vi){0} + 0x7fffffff, sign = ~magnitude;
+    const vf below_half = (vf){0} + 0.49999997f;   /* + 0.5 - ulp, then truncation: half away from zero */
+    vi top[VW], total[VW];
+    for (int j = 0; j < VW; j++) {
+        top[j] = (vi){0};
+        for (int s = 0; s < STEP && j < n; s++)
+            top[j] = larger_int((vi)loadv(xb + 32 * j + s * VW) & magnitude, top[j]);
+    }
+    TRANSPOSED(top, larger_int)
+    /* a non-finite block gives NaN (d), as the exact path would, not rounded garbage */
+    const vi finite = top[0] < 0x7f800000;
+    const vf d = (vf)(((vi)((vf)top[0] / 127) & finite) | ((vi)((vf){0} + NAN) & ~finite));
+    const vf inverse = (vf)((vi)(1 / d) & (finite & (d != 0)));
+    float id[VW] __attribute__((aligned(64)));
+    memcpy(id, &inverse, sizeof id);
+    for (int j = 0; j < VW; j++) {
+        total[j] = (vi){0};
+        for (int s = 0; s < STEP && j < n; s++) {
+            vf t = loadv(xb + 32 * j + s * VW) * id[j];
+            vi r = __builtin_convertvector(t + (vf)(((vi)t & sign) | (vi)below_half), vi);
+            qv bytes = __builtin_convertvector(r, qv);
+            memcpy(q + 32 * j + s * VW, &bytes, VW);
+            total[j] += r;
+        }
+    }
+    TRANSPOSED(total, plus_int)
+    const vf scaled = d * __builtin_convertvector(total[0], vf);
+    memcpy(bd, &d, n * sizeof(float));
+    memcpy(bs, &scaled, n * sizeof(float));
 }
 
 static void quantize_rows(const void *x, int64_t ldx, int bf16, int64_t M, int64_t K, int zero, qacts a) {
-    const vi magnitude = (vi){0} + 0x7fffffff, sign = ~magnitude;
-    const vf below_half = (vf){0} + 0.49999997f;   /* + 0.5 - ulp, then truncation: half away from zero */
-    float wide[32] __attribute__((aligned(64)));
+    float wide[32 * VW] __attribute__((aligned(64)));
+    const int64_t blocks = K / 32;
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t b = 0; b < K / 32; b++) {
-            const float *xb = bf16 ? widen(x, m * ldx + 32 * b, 32, wide) : (const float *)x + m * ldx + 32 * b;
-            vf v[STEP], amax = {0}, probe = {0};   /* probe: NaN when a value is NaN or infinite */
-            for (int s = 0; s < STEP; s++) {
-                v[s] = loadv(xb + s * VW);
-                amax = larger((vf)((vi)v[s] & magnitude), amax);
-                probe += v[s] * 0.0f;
-            }
-            float top = max_lane(amax), nan = sum_lanes(probe);
-            /* a non-finite block gives NaN (d), as the exact path would, not rounded garbage */
-            float d = nan == 0 ? top / 127 : NAN, id = nan == 0 && d ? 1 / d : 0;
-            int8_t *q = a.q + m * K + 32 * b;
-            vi total = {0};
-            for (int s = 0; s < STEP; s++) {
-                vf t = v[s] * id;
-                vi r = __builtin_convertvector(t + (vf)(((vi)t & sign) | (vi)below_half), vi);
-                qv bytes = __builtin_convertvector(r, qv);
-                memcpy(q + s * VW, &bytes, VW);
-                total += r;
-            }
-            int sum = sum_int_lanes(total);
-            a.bd[m * (K / 32) + b] = d;
-            a.bs[m * (K / 32) + b] = d * sum;
-            for (int l = 0; l < 8 && a.d; l++) {
+        for (int64_t b = 0; b < blocks; b += VW) {
+            const int n = blocks - b < VW ? (int)(blocks - b) : VW;
+            const float *xb = bf16 ? widen(x, m * ldx + 32 * b, 32 * n, wide) : (const float *)x + m * ldx + 32 * b;
+            quantize_blocks(xb, n, a.q + m * K + 32 * b, a.bd + m * blocks + b, a.bs + m * blocks + b);
+        }
+        for (int64_t b = 0; b < blocks && a.d; b++) {
+            const float d = a.bd[m * blocks + b], sum = a.bs[m * blocks + b];
+            const int8_t *q = a.q + m * K + 32 * b;
+            for (int l = 0; l < 8; l++) {
                 int64_t o = m * (K / 4) + 8 * b + l;
                 a.d[o] = d;
-                a.s[o] = d * sum / 8;
+                a.s[o] = sum / 8;
                 a.z[o] = -zero * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
             }
         }

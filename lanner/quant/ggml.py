@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from lanner import native
+from lanner.engine.memory import weight_memory
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml.c")
 # GGML type ids with (elements, bytes) per block: what ggml.c multiplies with
@@ -196,7 +197,8 @@ class GGMLLinear:
         """The weight in the kernel's packed layout (ggml_pack: rows interleaved so one integer dot product, or
         one fp32 FMA on the exact path's decode rows, advances a vector's width of rows), or None where this build
         or format has none."""
-        w, packed = self.weight, torch.empty_like(self.weight.data)
+        w = self.weight
+        packed = weight_memory.take(w.data.nbytes).view(w.data.dtype).view(w.data.shape)
         return packed if self.lib.ggml_pack(w.type_id, w.data_ptr, w.row_bytes, *w.shape, packed.data_ptr()) else None
 
     def packed_ptr(self):
