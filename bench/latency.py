@@ -45,20 +45,25 @@ def run_lanner(path, dtype, device, options, cases, warmups, n_out):
     params = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
     for w in warmups:
         llm.generate([w], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    weight_mb = step_weight_bytes(llm.engine.runner.model) / 1e6
     records = []
     for prompt_len, prompts in cases.items():
-        samples = []
+        samples, reads = [], []
         for prompt in prompts:
+            # the machine's read bandwidth next to each repetition: on a shared host it moved 52 -> 88 GB/s
+            # between seconds, so one reading against minutes of decoding gave a ratio by chance
+            reads.append(common.read_bandwidth())
             m = llm.generate([prompt], params, use_tqdm=False)[0].metrics
             assert m.num_output_tokens == n_out
             samples.append((m.ttft, m.decode_time))
         config = backend if options["quantization"] == "none" else f"{backend},{options['quantization']}"
-        records.append(dict(summarize("lanner", dtype, config, prompt_len, n_out, samples, device), options=options))
-    weight_mb, read_gb_s = step_weight_bytes(llm.engine.runner.model) / 1e6, common.read_bandwidth()
-    for r in records:   # the weights a batch-1 step streams, per second, against the machine's read bandwidth
-        gb_s = weight_mb * r["decode_tok_per_s"] / 1e3
-        r.update(weight_mb=round(weight_mb, 1), weight_gb_s=round(gb_s, 1), read_gb_s=round(read_gb_s, 1),
-                 of_read_bandwidth=round(gb_s / read_gb_s, 3))
+        r = summarize("lanner", dtype, config, prompt_len, n_out, samples, device)
+        # the weights a batch-1 step streams, per second, against the read bandwidth: median of the repetitions
+        gb_s = [weight_mb * (n_out - 1) / d / 1e3 for _, d in samples]
+        r.update(options=options, weight_mb=round(weight_mb, 1), weight_gb_s=round(statistics.median(gb_s), 1),
+                 read_gb_s=round(statistics.median(reads), 1), read_gb_s_all=[round(b, 1) for b in reads],
+                 of_read_bandwidth=round(statistics.median(g / b for g, b in zip(gb_s, reads)), 3))
+        records.append(r)
     return [dict(r, **common.memory_fields(device)) for r in records]
 
 
