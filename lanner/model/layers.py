@@ -13,13 +13,16 @@ def bf16_matmul_native() -> bool:
     return bool(check and check())
 
 
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs a linear of this dtype natively (bf16 needs AVX512BW: on AVX2 the reorder raises)."""
+    return (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()
+            and (dtype != torch.bfloat16 or bf16_matmul_native()))
+
+
 def onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
     """weight [out, in] in oneDNN's blocked layout (2-3x faster than a plain GEMM at decode batch sizes), or
-    None where oneDNN does not run its dtype natively (bf16 needs AVX512BW: on AVX2 the reorder raises)."""
-    if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()) \
-            or (weight.dtype == torch.bfloat16 and not bf16_matmul_native()):
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    None where oneDNN does not run its dtype natively."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1) if onednn_runs(weight.dtype) else None
 
 
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -52,7 +55,9 @@ class Linear(nn.Linear):
             self.quantized = GGMLLinear(self.ggml, self.bias, None, int8)
             if dense_gemm is None:
                 dense_gemm = not self.quantized.int8_gemm
-            self.quantized.dense_dtype = self.weight.dtype if dense_gemm else None
+            # no copy where oneDNN would not run it: the kernel then takes more rows from the start, so a
+            # decode step's row limit (fixed when it is built) is the same before and after the first big step
+            self.quantized.dense_dtype = self.weight.dtype if dense_gemm and onednn_runs(self.weight.dtype) else None
         elif quantization != "none":
             from lanner.quant import quantize_linear
             self.quantized = quantize_linear(self.weight.detach(), self.bias, quantization)

@@ -218,7 +218,7 @@ class GGMLLinear:
         return y.to(x.dtype)
 
     def large(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_dtype is not None:   # None where oneDNN does not run the dtype natively: no copy then
+        if self.dense_dtype is not None:   # set only where oneDNN runs the dtype natively (Linear.pack)
             from lanner.model.layers import onednn_pack
             self.dense, self.dense_dtype = onednn_pack(self.weight.dequantize(self.dense_dtype)), None
         if self.dense is not None and x.dtype == self.dense.dtype:
