@@ -737,6 +737,10 @@ INLINE lh dot16(lb w, lb x) { return (lh)_mm256_maddubs_epi16((__m256i)w, (__m25
 INLINE li widen16(lh s) { return (li)_mm256_madd_epi16((__m256i)s, _mm256_set1_epi16(1)); }
 #endif
 
+/* v stays in a vector register here, in program order: GCC otherwise reassociates a block's 32 integer pair
+ * sums into one tree, keeps them all live and spilled a third of the AVX2 loop's instructions to the stack */
+#define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
+
 /* the weights AHEAD_BYTES past p, asked for now: a decode step's GEMV streams each weight once, and the hardware
  * prefetcher alone let it fall behind memory */
 INLINE void stream_ahead(const uint8_t *p, int64_t bytes) {
@@ -765,8 +769,10 @@ INLINE void dot_q4_block(const uint8_t *vals, int64_t gstride, const int groups,
             for (int g = 0; g < groups; g++) {
                 if (VNNI)
                     d[g][m] = dot(dot(d[g][m], lo[g], xlo), hi[g], xhi);
-                else
+                else {
                     s[g][m] += dot16(lo[g], xlo) + dot16(hi[g], xhi);
+                    KEEP_IN_REGISTER(s[g][m]);
+                }
             }
         }
     }
@@ -776,21 +782,38 @@ INLINE void dot_q4_block(const uint8_t *vals, int64_t gstride, const int groups,
                 d[g][m] = widen16(s[g][m]);
 }
 
+/* x with the sign of the weights whose sign mask (all ones where negative) is neg: vpsignb on AVX2 (a zero
+ * weight zeroes x too, which its zero magnitude does anyway) */
+INLINE lb signed_by(lb x, sb neg) {
+#if GB == 1 && defined(__AVX2__)
+    return (lb)_mm256_sign_epi8((__m256i)x, (__m256i)(neg | 1));
+#else
+    return (lb)(((sb)x ^ neg) - neg);
+#endif
+}
+
 INLINE void dot_q8_block(const uint8_t *vals, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
                          int64_t b, li d[SIDE][PTILE]) {
     for (int g = 0; g < groups; g++)
         for (int m = 0; m < rows; m++)
             d[g][m] = (li){0};
     for (int c = 0; c < 8; c++) {
-        lb w[SIDE];
+        lb w[SIDE], magnitude[SIDE];
         sb neg[SIDE];
-        for (int g = 0; g < groups; g++)
+        for (int g = 0; g < groups; g++) {
             w[g] = loadlb(vals + g * gstride + c * 4 * LANES), neg[g] = (sb)w[g] < 0;
+            magnitude[g] = (lb)(((sb)w[g] ^ neg[g]) - neg[g]);
+        }
         for (int m = 0; m < rows; m++) {
             lb x = bcast4(a.q + m * K + 32 * b + 4 * c);
-            for (int g = 0; g < groups; g++)
-                d[g][m] = VNNI ? dot(d[g][m], w[g] ^ 0x80, x)
-                               : dot(d[g][m], (lb)(((sb)w[g] ^ neg[g]) - neg[g]), (lb)(((sb)x ^ neg[g]) - neg[g]));
+            for (int g = 0; g < groups; g++) {
+                if (VNNI)
+                    d[g][m] = dot(d[g][m], w[g] ^ 0x80, x);
+                else {
+                    d[g][m] = dot(d[g][m], magnitude[g], signed_by(x, neg[g]));
+                    KEEP_IN_REGISTER(d[g][m]);
+                }
+            }
         }
     }
 }
