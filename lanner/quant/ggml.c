@@ -924,14 +924,18 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
             for (int j = 0; j < 4; j++) {
                 if (bits == 8) {
                     lf w = __builtin_convertvector((v << (24 - 8 * j)) >> 24, lf);
-                    for (int m = 0; m < rows; m++)
+                    for (int m = 0; m < rows; m++) {
                         sum[m][j & 1] += w * xb[m * ldx + 4 * c + j];
+                        KEEP_IN_REGISTER(sum[m][j & 1]);
+                    }
                 } else {
                     lf lo = __builtin_convertvector(((v >> 8 * j) & 15) - zero, lf);
                     lf hi = __builtin_convertvector(((v >> (8 * j + 4)) & 15) - zero, lf);
                     for (int m = 0; m < rows; m++) {
                         sum[m][0] += lo * xb[m * ldx + 4 * c + j];
                         sum[m][1] += hi * xb[m * ldx + 16 + 4 * c + j];
+                        KEEP_IN_REGISTER(sum[m][0]);
+                        KEEP_IN_REGISTER(sum[m][1]);
                     }
                 }
             }
