@@ -37,10 +37,11 @@ QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model c
 # bf16 GEMM, which this kernel does not use, on CPUs that have AMX).
 SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 32, 1 << 62
 # rows of fp32 activations up to which the exact kernel on the packed copy (each group's blocks reused from L1 by
-# every 4 rows) beats oneDNN's fp32 GEMM on the dense copy (2 threads: the default model's Q8_0 LM head 3.7 vs 7.0
-# ms at 16 rows, 7.1 vs 9.1 at 32, caches flushed; its Q4_1 layer shapes 1.2x at 16, even at 32). oneDNN's native
-# bf16 wins from 4-8 rows.
-EXACT_PACKED_ROWS = {torch.float32: 32}
+# every 4 rows) beats oneDNN's fp32 GEMM on the dense copy, by weight format (2 threads: the default model's Q8_0 LM
+# head 3.7 vs 7.0 ms at 16 rows, 7.1 vs 9.1 at 32, caches flushed; its Q4_1 layer shapes 1.2x at 16, even at 32; on
+# AVX2 the Q8_0 head even at 48-64 rows, and a 64-request batch ran 1.05x faster with its 33-64-row decode steps in
+# the one-call decode step, whose rows the head's limit sets). oneDNN's native bf16 wins from 4-8 rows.
+EXACT_PACKED_ROWS = {(torch.float32, "Q8_0"): 64, (torch.float32, "Q4_0"): 32, (torch.float32, "Q4_1"): 32}
 # ggml_matmul's flags (matmul.h): int8 activations; bf16 rows in and out (results in fp32 plus the bias, then
 # rounded once, as y.to(bfloat16) rounds)
 MATMUL_INT8, MATMUL_BF16_IO = 1, 2 | 4
@@ -183,7 +184,9 @@ class GGMLLinear:
         if self.dense is not None or self.dense_dtype is not None:
             if self.int8_gemm:
                 return INT8_GEMM_ROWS
-            return EXACT_PACKED_ROWS.get(dtype, SMALL_M) if self.packed is not None else SMALL_M
+            if self.packed is None:
+                return SMALL_M
+            return EXACT_PACKED_ROWS.get((dtype, self.weight.type_name), SMALL_M)
         return ALL_ROWS if self.int8_gemm else SMALL_M_WITHOUT_DENSE
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
