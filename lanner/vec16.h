@@ -89,6 +89,21 @@ INLINE v16 exp16_nonpositive(v16 x) {
     v16i bits = ((whole + 127) << 23) & ~negative16(x + 87.0f);
     return select16(nan16(x), x, poly * (v16)bits);   /* NaN in, NaN out */
 }
+
+/* The same for 8 lanes, one AVX2 register: loops over 16-lane values spilled a register pair to the stack per
+ * step of the polynomial (silu_mul 1.6x slower than PyTorch's silu and mul) */
+INLINE v8 exp8_nonpositive(v8 x) {
+    v8 t = x * 1.44269504088896341f;
+    const v8i low = (v8i)(t + 126.0f) >> 31;   /* below 2^-126: clamped, as exp16_nonpositive */
+    t = (v8)((low & (v8i)((v8){0} - 126.0f)) | (~low & (v8i)t));
+    v8i whole = __builtin_convertvector(t - 0.5f, v8i);
+    v8 f = (t - __builtin_convertvector(whole, v8)) * 0.69314718055994531f;
+    v8 poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
+              + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
+    v8i bits = ((whole + 127) << 23) & ~((v8i)(x + 87.0f) >> 31);
+    v8i nan = (0x7f800000 - ((v8i)x & 0x7fffffff)) >> 31;
+    return (v8)(((v8i)x & nan) | ((v8i)(poly * (v8)bits) & ~nan));
+}
 #endif
 
 /* Elements [at, at + 8) of a cache as fp32 (bf16 widens exactly: its bits are fp32's top half). */
@@ -133,6 +148,23 @@ typedef uint32_t v16u __attribute__((vector_size(64)));
 INLINE v16 round16(v16 x, const int bf16) {
     v16u u = (v16u)x;
     return bf16 ? (v16)((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u) : x;
+}
+
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+/* round16 and store16 for 8 lanes (AVX2: 16-lane values went through the stack lane by lane) */
+INLINE v8 round8(v8 x, const int bf16) {
+    v8u u = (v8u)x;
+    return bf16 ? (v8)((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u) : x;
+}
+
+INLINE void store8(void *dst, int64_t at, v8 x, const int bf16) {
+    if (!bf16) {
+        memcpy((float *)dst + at, &x, sizeof x);
+        return;
+    }
+    v8h h = __builtin_convertvector((v8u)round8(x, 1) >> 16, v8h);
+    memcpy((uint16_t *)dst + at, &h, sizeof h);
 }
 
 /* 16 floats stored at dst[at..at+16) as fp32, or as bf16 rounded to nearest even */

@@ -125,16 +125,31 @@ static inline v16 silu16(v16 g) {
     return g * select16(negative16(g), e * sigmoid, sigmoid);
 }
 
+#if !defined(__AVX512F__)
+static inline v8 silu8(v8 g) {   /* silu16 in one AVX2 register */
+    v8 e = exp8_nonpositive((v8)((v8i)g | ((v8i){0} + INT32_MIN)));
+    v8 sigmoid = 1 / (1 + e);
+    const v8i negative = (v8i)g >> 31;
+    return g * (v8)((negative & (v8i)(e * sigmoid)) | (~negative & (v8i)sigmoid));
+}
+#endif
+
 /* out[t, i] = silu(gate[t, i]) * up[t, i] for gate | up = x[t, :2I], rounded as HF's bf16 ops round */
 void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
 #pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; t++) {
         int64_t i = 0;
+#if defined(__AVX512F__)
         for (; i + 16 <= I; i += 16) {
             v16 g = load16(x, t * 2 * I + i, bf16), u = load16(x, t * 2 * I + I + i, bf16);
             v16 s = silu16(g);
             store16(out, t * I + i, round16(s, bf16) * u, bf16);
         }
+#else
+        for (; i + 8 <= I; i += 8)
+            store8(out, t * I + i, round8(silu8(load8(x, t * 2 * I + i, bf16)), bf16) * load8(x, t * 2 * I + I + i, bf16),
+                   bf16);
+#endif
         for (; i < I; i++) {
             v16 g = (v16){0} + load(x, t * 2 * I + i, bf16);
             store(out, t * I + i, round_to(silu16(g)[0], bf16) * load(x, t * 2 * I + I + i, bf16), bf16);
