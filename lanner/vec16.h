@@ -79,31 +79,24 @@ INLINE v16 exp16_nonpositive(v16 x) {
     return (v16)_mm512_maskz_scalef_ps(kept, (__m512)poly, whole);
 }
 #else
-INLINE v16 exp16_nonpositive(v16 x) {
-    v16 t = x * 1.44269504088896341f;
-    t = select16(negative16(t + 126.0f), (v16){0} - 126.0f, t);
-    v16i whole = __builtin_convertvector(t - 0.5f, v16i);          /* truncates toward 0: t rounded */
-    v16 f = (t - __builtin_convertvector(whole, v16)) * 0.69314718055994531f;
-    v16 poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
-               + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
-    v16i bits = ((whole + 127) << 23) & ~negative16(x + 87.0f);
-    return select16(nan16(x), x, poly * (v16)bits);   /* NaN in, NaN out */
-}
-
+/* One body for both widths (the select, sign and NaN masks of select16, negative16 and nan16 written out) */
+#define EXP_NONPOSITIVE(name, vf, vi)                                                                          \
+    INLINE vf name(vf x) {                                                                                     \
+        vf t = x * 1.44269504088896341f;                                                                       \
+        const vi low = (vi)(t + 126.0f) >> 31;                                                                 \
+        t = (vf)((low & (vi)((vf){0} - 126.0f)) | (~low & (vi)t));                                             \
+        vi whole = __builtin_convertvector(t - 0.5f, vi);          /* truncates toward 0: t rounded */         \
+        vf f = (t - __builtin_convertvector(whole, vf)) * 0.69314718055994531f;                                \
+        vf poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f                       \
+                  + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));                        \
+        vi bits = ((whole + 127) << 23) & ~((vi)(x + 87.0f) >> 31);                                            \
+        vi nan = (0x7f800000 - ((vi)x & 0x7fffffff)) >> 31;   /* NaN in, NaN out */                            \
+        return (vf)(((vi)x & nan) | ((vi)(poly * (vf)bits) & ~nan));                                           \
+    }
+EXP_NONPOSITIVE(exp16_nonpositive, v16, v16i)
 /* The same for 8 lanes, one AVX2 register: loops over 16-lane values spilled a register pair to the stack per
  * step of the polynomial (silu_mul 1.6x slower than PyTorch's silu and mul) */
-INLINE v8 exp8_nonpositive(v8 x) {
-    v8 t = x * 1.44269504088896341f;
-    const v8i low = (v8i)(t + 126.0f) >> 31;   /* below 2^-126: clamped, as exp16_nonpositive */
-    t = (v8)((low & (v8i)((v8){0} - 126.0f)) | (~low & (v8i)t));
-    v8i whole = __builtin_convertvector(t - 0.5f, v8i);
-    v8 f = (t - __builtin_convertvector(whole, v8)) * 0.69314718055994531f;
-    v8 poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
-              + f * (8.3333338e-3f + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
-    v8i bits = ((whole + 127) << 23) & ~((v8i)(x + 87.0f) >> 31);
-    v8i nan = (0x7f800000 - ((v8i)x & 0x7fffffff)) >> 31;
-    return (v8)(((v8i)x & nan) | ((v8i)(poly * (v8)bits) & ~nan));
-}
+EXP_NONPOSITIVE(exp8_nonpositive, v8, v8i)
 #endif
 
 /* Elements [at, at + 8) of a cache as fp32 (bf16 widens exactly: its bits are fp32's top half). */
