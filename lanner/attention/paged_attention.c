@@ -52,56 +52,81 @@ typedef struct {
     float softcap;  /* 0: none */
 } Problem;
 
-/* cap * tanh(x / cap) for 16 lanes: tanh|y| = (1 - e) / (1 + e) with e = exp(-2|y|) <= 1, the sign put
- * back. Absolute error ~1e-6 of cap (exp16_nonpositive's polynomial). */
-INLINE v16 softcap16(v16 x, float cap) {
-    const v16i sign_bit = (v16i){0} + INT32_MIN;
-    v16 y = x / cap;
-    v16 e = exp16_nonpositive((v16)((v16i)y & ~sign_bit) * -2.0f);
-    v16 t = (1.0f - e) / (1.0f + e) * cap;
-    return (v16)((v16i)t | ((v16i)y & sign_bit));
-}
-
-/* Lane c of the result is the sum of the lanes of a[c]: a transpose-and-add tree, 42 in-lane shuffles
+/* Lane c of out (16 lanes: two v8) is the sum of the lanes of a[c]: a transpose-and-add tree, 42 in-lane shuffles
  * and adds of 8 lanes for 16 sums instead of 16 separate horizontal reductions. */
-INLINE v16 sum_each(const v8 *a) {
-    v8 b[8], c[4], d[2];
+INLINE void sum_each(const v8 *a, v8 *out) {
+    v8 b[8], c[4];
     for (int i = 0; i < 8; i++)   /* lanes: [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67] */
         b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
     for (int i = 0; i < 4; i++)   /* [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | the same of lanes 4-7] */
         c[i] = SHUFFLE(b[2 * i], b[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(b[2 * i], b[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
     for (int i = 0; i < 2; i++)   /* [a0 .. a7] */
-        d[i] = SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 4, 5, 6, 7, 12, 13, 14, 15);
-    return CONCAT(d[0], d[1]);
+        out[i] = SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-/* The widest vector the target holds in one register, for loops whose vectors must stay in registers. */
+/* The widest vector the target holds in one register (vn, NATIVE lanes), for loops whose vectors must stay in
+ * registers: a chunk's scores and softmax too. 16-lane values on AVX2 went through the stack, half by half through
+ * general registers (the batch-1 decode attention spent most of its time there). */
 #if defined(__AVX512F__)
 #define NATIVE 16
+#define NATIVE_TAIL(...) , __VA_ARGS__
+#define NATIVE_LANES {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
 typedef v16 vn;
+typedef v16i vni;
 INLINE vn load_native(const void *cache, int64_t at, const int bf16) { return load16(cache, at, bf16); }
+INLINE vn exp_native(vn x) { return exp16_nonpositive(x); }
+INLINE vn max_native(vn a, vn b) { return max16v(a, b); }
 #else
 #define NATIVE 8
+#define NATIVE_TAIL(...)
+#define NATIVE_LANES {0, 1, 2, 3, 4, 5, 6, 7}
 typedef v8 vn;
+typedef v8i vni;
 INLINE vn load_native(const void *cache, int64_t at, const int bf16) { return load8(cache, at, bf16); }
+INLINE vn exp_native(vn x) { return exp8_nonpositive(x); }
+/* max16v for 8 lanes: b where either is NaN or they are equal, as x86's max */
+INLINE vn max_native(vn a, vn b) {
+#if defined(__AVX__)
+    return (vn)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    const vni d = (vni)(a - b);
+    const vni b_wins = (d >> 31) | ((0x7f800000 - (d & 0x7fffffff)) >> 31);
+    return (vn)(((vni)b & b_wins) | ((vni)a & ~b_wins));
+#endif
+}
 #endif
 
-/* Largest and total of the 16 lanes, by halving: a chain of 4 steps rather than 15. */
-INLINE float max16(v16 x) {
-    v16 y = SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    x = max16v(x, y);
-    y = SHUFFLE(x, x, v16i, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    x = max16v(x, y);
-    y = SHUFFLE(x, x, v16i, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    x = max16v(x, y);
+INLINE vn select_native(vni mask, vn a, vn b) {
+    return (vn)(((vni)a & mask) | ((vni)b & ~mask));
+}
+
+/* Largest and total of the lanes, by halving: a chain of log2(NATIVE) steps. */
+INLINE float max_lanes(vn x) {
+#if NATIVE == 16
+    x = max_native(x, SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+#endif
+    x = max_native(x, SHUFFLE(x, x, vni, 4, 5, 6, 7, 0, 1, 2, 3 NATIVE_TAIL(12, 13, 14, 15, 8, 9, 10, 11)));
+    x = max_native(x, SHUFFLE(x, x, vni, 2, 3, 0, 1, 6, 7, 4, 5 NATIVE_TAIL(10, 11, 8, 9, 14, 15, 12, 13)));
     return x[0] > x[1] ? x[0] : x[1];
 }
 
-INLINE float sum16(v16 x) {
+INLINE float sum_lanes(vn x) {
+#if NATIVE == 16
     x += SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    x += SHUFFLE(x, x, v16i, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    x += SHUFFLE(x, x, v16i, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+#endif
+    x += SHUFFLE(x, x, vni, 4, 5, 6, 7, 0, 1, 2, 3 NATIVE_TAIL(12, 13, 14, 15, 8, 9, 10, 11));
+    x += SHUFFLE(x, x, vni, 2, 3, 0, 1, 6, 7, 4, 5 NATIVE_TAIL(10, 11, 8, 9, 14, 15, 12, 13));
     return x[0] + x[1];
+}
+
+/* cap * tanh(x / cap): tanh|y| = (1 - e) / (1 + e) with e = exp(-2|y|) <= 1, the sign put back. Absolute error
+ * ~1e-6 of cap (exp16_nonpositive's polynomial). */
+INLINE vn softcap_native(vn x, float cap) {
+    const vni sign_bit = (vni){0} + INT32_MIN;
+    vn y = x / cap;
+    vn e = exp_native((vn)((vni)y & ~sign_bit) * -2.0f);
+    vn t = (1.0f - e) / (1.0f + e) * cap;
+    return (vn)((vni)t | ((vni)y & sign_bit));
 }
 
 /* Element offsets of the rows (all KV heads) of keys [k0, k0 + n) in the cache: one division per chunk,
@@ -143,11 +168,12 @@ INLINE void touch_rows(const Problem *p, const int64_t *offs, int n) {
     (void)keep;
 }
 
-/* Unscaled scores of a query row against 16 of the chunk's keys (rows at offs + head): lane c for key c.
+/* Unscaled scores of a query row against 16 of the chunk's keys (rows at offs + head) into out: lane c (of 16, in
+ * 16 / NATIVE vectors) for key c.
  * A bf16 model with a bf16 cache on a CPU with AVX512-BF16 multiplies the bf16 query (q_bf16) with the
  * cache's bf16 rows directly (VDPBF16PS: exact products, fp32 sums); otherwise the fp32 query q in fp32. */
-INLINE v16 chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf16, const int64_t *offs, int head,
-                        const int D, const int bf16, const int direct) {
+INLINE void chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf16, const int64_t *offs, int head,
+                         const int D, const int bf16, const int direct, vn *out) {
     v8 dots[16];
     #pragma GCC unroll 16
     for (int c = 0; c < 16; c++) {
@@ -169,7 +195,13 @@ INLINE v16 chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf16
         dots[c] = acc;
     }
     (void)q_bf16;
-    return sum_each(dots);
+    v8 sums[2];
+    sum_each(dots, sums);
+#if NATIVE == 16
+    out[0] = CONCAT(sums[0], sums[1]);
+#else
+    out[0] = sums[0], out[1] = sums[1];
+#endif
 }
 
 #if defined(__AVX512F__)
@@ -256,36 +288,36 @@ INLINE void tile_scores(const uint32_t *kt, const uint16_t *const *q, v16 (*s)[W
 }
 #endif
 
-/* One row's online-softmax step over a chunk: the keys' weights exp(s - m) into w (0 where masked: lanes
- * outside [start, limit], the row's window, and draft keys outside its tree branch), the running max m
- * and normalizer l updated; returns the factor the row's accumulator must be scaled by. */
-INLINE float softmax_step(v16 *s, int start, int limit, const uint8_t *tree, int first_draft, float *m, float *l,
+/* One row's online-softmax step over a chunk (scores s: chunk / NATIVE vectors): the keys' weights exp(s - m) into
+ * w (0 where masked: lanes outside [start, limit], the row's window, and draft keys outside its tree branch), the
+ * running max m and normalizer l updated; returns the factor the row's accumulator must be scaled by. */
+INLINE float softmax_step(vn *s, int start, int limit, const uint8_t *tree, int first_draft, float *m, float *l,
                           float *restrict w, const int chunk) {
-    const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    v16 best = (v16){0} - INFINITY;
-    for (int v = 0; v < chunk / 16; v++) {
-        v16i key = lane + 16 * v;   /* start <= key <= limit, by signs (see negative16) */
-        s[v] = select16(~(((key - start) | (limit - key)) >> 31), s[v], (v16){0} - INFINITY);
+    const vni lane = NATIVE_LANES;
+    vn best = (vn){0} - INFINITY;
+    for (int v = 0; v < chunk / NATIVE; v++) {
+        vni key = lane + NATIVE * v;   /* start <= key <= limit, by signs (see negative16) */
+        s[v] = select_native(~(((key - start) | (limit - key)) >> 31), s[v], (vn){0} - INFINITY);
         if (tree != NULL)   /* draft keys the row's tree branch does not include */
-            for (int c = first_draft > 16 * v ? first_draft : 16 * v; c <= limit && c < 16 * (v + 1); c++)
-                if (!tree[c - first_draft]) s[v][c - 16 * v] = -INFINITY;
-        best = max16v(s[v], best);
+            for (int c = first_draft > NATIVE * v ? first_draft : NATIVE * v; c <= limit && c < NATIVE * (v + 1); c++)
+                if (!tree[c - first_draft]) s[v][c - NATIVE * v] = -INFINITY;
+        best = max_native(s[v], best);
     }
-    float new_max = max16(best);
+    float new_max = max_lanes(best);
     new_max = new_max > *m ? new_max : *m;
     if (new_max == -INFINITY) {   /* nothing visible yet */
         memset(w, 0, sizeof(float) * chunk);
         return 1.0f;
     }
-    v16 total = {0}, prev = {*m - new_max};
-    for (int v = 0; v < chunk / 16; v++) {
-        v16 e = exp16_nonpositive(s[v] - new_max);
-        memcpy(w + 16 * v, &e, sizeof e);
+    vn total = {0}, prev = {*m - new_max};
+    for (int v = 0; v < chunk / NATIVE; v++) {
+        vn e = exp_native(s[v] - new_max);
+        memcpy(w + NATIVE * v, &e, sizeof e);
         total += e;
     }
     /* the max rarely moves once a few chunks are in; m = -inf gives 0, and acc, l are 0 anyway */
-    float alpha = new_max == *m ? 1.0f : exp16_nonpositive(prev)[0];
-    *l = *l * alpha + sum16(total);
+    float alpha = new_max == *m ? 1.0f : exp_native(prev)[0];
+    *l = *l * alpha + sum_lanes(total);
     *m = new_max;
     return alpha;
 }
@@ -481,12 +513,18 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
                 for (int i = 0; i < rows; i++) {
                     const int t = (i0 + i) / group, r = row_of(i0 + i, head, group, Hq);
                     const int64_t row = (int64_t)q0 * Hq + r;
-                    v16 s[WIDE_CHUNK / 16];
+                    vn s[WIDE_CHUNK / NATIVE];
                     for (int v = 0; v < chunk / 16; v++) {
-                        s[v] = turned ? tile[i][v] : chunk_scores(p, p->q + row * D, p->q_bf16 + row * D,
-                                                                  offs + 16 * v, head * D, D, bf16, direct);
+#if NATIVE == 16
+                        if (turned) s[v] = tile[i][v];
+                        else
+#endif
+                            chunk_scores(p, p->q + row * D, p->q_bf16 + row * D, offs + 16 * v, head * D, D, bf16,
+                                         direct, s + v * (16 / NATIVE));
+                    }
+                    for (int v = 0; v < chunk / NATIVE; v++) {
                         s[v] *= p->scale;
-                        if (p->softcap > 0.0f) s[v] = softcap16(s[v], p->softcap);
+                        if (p->softcap > 0.0f) s[v] = softcap_native(s[v], p->softcap);
                     }
                     const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;   /* causal, and the split */
                     const int window_start = p->window > 0 ? ctx_len + t - p->window + 1 : c0;
