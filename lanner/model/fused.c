@@ -80,6 +80,15 @@ static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to
         store(dst, i, load(src, i, from_bf16), to_bf16);
 }
 
+/* The rotary loop below, n lanes at a time (vector type vf and its load, store and rounding) */
+#define ROTATE_LANES(n, vf, loadn, storen, roundn)                                                             \
+    for (; i + n <= half; i += n) {                                                                            \
+        vf c = loadn(cos_sin, t * D + i, bf16), s = loadn(cos_sin, t * D + half + i, bf16);                    \
+        vf x1 = loadn(qkv, at + i, bf16), x2 = loadn(qkv, at + half + i, bf16);                                \
+        storen(qkv, at + i, roundn(roundn(x1 * c, bf16) - roundn(x2 * s, bf16), bf16), bf16);                   \
+        storen(qkv, at + half + i, roundn(roundn(x2 * c, bf16) + roundn(x1 * s, bf16), bf16), bf16);            \
+    }
+
 /* Rotary on the q and k heads of qkv [T, (hq + 2 hkv) * D] in place (HF's half-split layout; cos_sin
  * [T, D] = cos | sin in the activations' dtype; every product and sum rounded as HF's bf16 ops round),
  * then k and v of token t written to row slots[t] of the caches [slots, hkv, D] (slot < 0: skipped), in
@@ -93,12 +102,11 @@ void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int 
         for (int h = 0; h < hq + hkv; h++) {
             const int64_t at = row + (int64_t)h * D;
             int i = 0;
-            for (; i + 16 <= half; i += 16) {   /* the loop below, 16 lanes at a time */
-                v16 c = load16(cos_sin, t * D + i, bf16), s = load16(cos_sin, t * D + half + i, bf16);
-                v16 x1 = load16(qkv, at + i, bf16), x2 = load16(qkv, at + half + i, bf16);
-                store16(qkv, at + i, round16(round16(x1 * c, bf16) - round16(x2 * s, bf16), bf16), bf16);
-                store16(qkv, at + half + i, round16(round16(x2 * c, bf16) + round16(x1 * s, bf16), bf16), bf16);
-            }
+#if defined(__AVX512F__)
+            ROTATE_LANES(16, v16, load16, store16, round16)
+#else   /* one AVX2 register: 16-lane values went through the stack lane by lane */
+            ROTATE_LANES(8, v8, load8, store8, round8)
+#endif
             for (; i < half; i++) {
                 float c = load(cos_sin, t * D + i, bf16), s = load(cos_sin, t * D + half + i, bf16);
                 float x1 = load(qkv, at + i, bf16), x2 = load(qkv, at + half + i, bf16);
