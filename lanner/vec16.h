@@ -1,5 +1,6 @@
-/* 16-lane float vectors in GCC's vector extensions, shared by the kernels that include this (the build
- * hashes included files with the source): on AVX-512 one register, elsewhere GCC splits them. */
+/* 16- and 8-lane float vectors in GCC's vector extensions, shared by the kernels that include this (the build
+ * hashes included files with the source): 16 lanes are one register on AVX-512, elsewhere GCC splits them; vn
+ * (at the end) is the width the target holds in one register. */
 #ifndef LANNER_VEC16_H
 #define LANNER_VEC16_H
 #include <stdint.h>
@@ -169,5 +170,39 @@ INLINE void store16(void *dst, int64_t at, v16 x, const int bf16) {
     }
     v16h h = __builtin_convertvector((v16u)round16(x, 1) >> 16, v16h);
     memcpy((uint16_t *)dst + at, &h, sizeof h);
+}
+
+/* The larger of a and b lane by lane for 8 lanes, as max16v (b where either is NaN or they are equal) */
+INLINE v8 max8v(v8 a, v8 b) {
+#if defined(__AVX__)
+    return (v8)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    const v8i d = (v8i)(a - b);
+    const v8i b_wins = (d >> 31) | ((0x7f800000 - (d & 0x7fffffff)) >> 31);
+    return (v8)(((v8i)b & b_wins) | ((v8i)a & ~b_wins));
+#endif
+}
+
+/* The widest vector the target holds in one register (vn, NATIVE lanes), for loops whose values must stay in
+ * registers: 16-lane values on AVX2 went through the stack, half by half or lane by lane (attention's scores and
+ * softmax, rotary, silu). */
+#define NATIVE_WIDTH(n)                                                                                         \
+    typedef v##n vn;                                                                                            \
+    typedef v##n##i vni;                                                                                        \
+    INLINE vn load_native(const void *src, int64_t at, const int bf16) { return load##n(src, at, bf16); }      \
+    INLINE void store_native(void *dst, int64_t at, vn x, const int bf16) { store##n(dst, at, x, bf16); }      \
+    INLINE vn round_native(vn x, const int bf16) { return round##n(x, bf16); }                                  \
+    INLINE vn exp_native(vn x) { return exp##n##_nonpositive(x); }                                              \
+    INLINE vn max_native(vn a, vn b) { return max##n##v(a, b); }
+#if defined(__AVX512F__)
+#define NATIVE 16
+NATIVE_WIDTH(16)
+#else
+#define NATIVE 8
+NATIVE_WIDTH(8)
+#endif
+
+INLINE vn select_native(vni mask, vn a, vn b) {
+    return (vn)(((vni)a & mask) | ((vni)b & ~mask));
 }
 #endif

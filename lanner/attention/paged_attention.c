@@ -64,59 +64,31 @@ INLINE void sum_each(const v8 *a, v8 *out) {
         out[i] = SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-/* The widest vector the target holds in one register (vn, NATIVE lanes), for loops whose vectors must stay in
- * registers: a chunk's scores and softmax too. 16-lane values on AVX2 went through the stack, half by half through
- * general registers (the batch-1 decode attention spent most of its time there). */
-#if defined(__AVX512F__)
-#define NATIVE 16
-#define NATIVE_TAIL(...) , __VA_ARGS__
-#define NATIVE_LANES {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
-typedef v16 vn;
-typedef v16i vni;
-INLINE vn load_native(const void *cache, int64_t at, const int bf16) { return load16(cache, at, bf16); }
-INLINE vn exp_native(vn x) { return exp16_nonpositive(x); }
-INLINE vn max_native(vn a, vn b) { return max16v(a, b); }
-#else
-#define NATIVE 8
-#define NATIVE_TAIL(...)
-#define NATIVE_LANES {0, 1, 2, 3, 4, 5, 6, 7}
-typedef v8 vn;
-typedef v8i vni;
-INLINE vn load_native(const void *cache, int64_t at, const int bf16) { return load8(cache, at, bf16); }
-INLINE vn exp_native(vn x) { return exp8_nonpositive(x); }
-/* max16v for 8 lanes: b where either is NaN or they are equal, as x86's max */
-INLINE vn max_native(vn a, vn b) {
-#if defined(__AVX__)
-    return (vn)_mm256_max_ps((__m256)a, (__m256)b);
-#else
-    const vni d = (vni)(a - b);
-    const vni b_wins = (d >> 31) | ((0x7f800000 - (d & 0x7fffffff)) >> 31);
-    return (vn)(((vni)b & b_wins) | ((vni)a & ~b_wins));
-#endif
-}
-#endif
-
-INLINE vn select_native(vni mask, vn a, vn b) {
-    return (vn)(((vni)a & mask) | ((vni)b & ~mask));
+/* Largest and total of the lanes, by halving (the 16 lanes of AVX-512 folded to 8 first): log2(NATIVE) steps. */
+INLINE v8 low8(vn x) {
+    v8 y;
+    memcpy(&y, &x, sizeof y);
+    return y;
 }
 
-/* Largest and total of the lanes, by halving: a chain of log2(NATIVE) steps. */
+INLINE v8 high8(vn x) {
+    v8 y;
+    memcpy(&y, (const char *)&x + sizeof x - sizeof y, sizeof y);
+    return y;
+}
+
 INLINE float max_lanes(vn x) {
-#if NATIVE == 16
-    x = max_native(x, SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-#endif
-    x = max_native(x, SHUFFLE(x, x, vni, 4, 5, 6, 7, 0, 1, 2, 3 NATIVE_TAIL(12, 13, 14, 15, 8, 9, 10, 11)));
-    x = max_native(x, SHUFFLE(x, x, vni, 2, 3, 0, 1, 6, 7, 4, 5 NATIVE_TAIL(10, 11, 8, 9, 14, 15, 12, 13)));
-    return x[0] > x[1] ? x[0] : x[1];
+    v8 y = NATIVE == 16 ? max8v(low8(x), high8(x)) : low8(x);
+    y = max8v(y, SHUFFLE(y, y, v8i, 4, 5, 6, 7, 0, 1, 2, 3));
+    y = max8v(y, SHUFFLE(y, y, v8i, 2, 3, 0, 1, 6, 7, 4, 5));
+    return y[0] > y[1] ? y[0] : y[1];
 }
 
 INLINE float sum_lanes(vn x) {
-#if NATIVE == 16
-    x += SHUFFLE(x, x, v16i, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-#endif
-    x += SHUFFLE(x, x, vni, 4, 5, 6, 7, 0, 1, 2, 3 NATIVE_TAIL(12, 13, 14, 15, 8, 9, 10, 11));
-    x += SHUFFLE(x, x, vni, 2, 3, 0, 1, 6, 7, 4, 5 NATIVE_TAIL(10, 11, 8, 9, 14, 15, 12, 13));
-    return x[0] + x[1];
+    v8 y = NATIVE == 16 ? low8(x) + high8(x) : low8(x);
+    y += SHUFFLE(y, y, v8i, 4, 5, 6, 7, 0, 1, 2, 3);
+    y += SHUFFLE(y, y, v8i, 2, 3, 0, 1, 6, 7, 4, 5);
+    return y[0] + y[1];
 }
 
 /* cap * tanh(x / cap): tanh|y| = (1 - e) / (1 + e) with e = exp(-2|y|) <= 1, the sign put back. Absolute error
@@ -293,7 +265,8 @@ INLINE void tile_scores(const uint32_t *kt, const uint16_t *const *q, v16 (*s)[W
  * running max m and normalizer l updated; returns the factor the row's accumulator must be scaled by. */
 INLINE float softmax_step(vn *s, int start, int limit, const uint8_t *tree, int first_draft, float *m, float *l,
                           float *restrict w, const int chunk) {
-    const vni lane = NATIVE_LANES;
+    vni lane;
+    for (int c = 0; c < NATIVE; c++) lane[c] = c;
     vn best = (vn){0} - INFINITY;
     for (int v = 0; v < chunk / NATIVE; v++) {
         vni key = lane + NATIVE * v;   /* start <= key <= limit, by signs (see negative16) */

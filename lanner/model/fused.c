@@ -80,15 +80,6 @@ static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to
         store(dst, i, load(src, i, from_bf16), to_bf16);
 }
 
-/* The rotary loop below, n lanes at a time (vector type vf and its load, store and rounding) */
-#define ROTATE_LANES(n, vf, loadn, storen, roundn)                                                             \
-    for (; i + n <= half; i += n) {                                                                            \
-        vf c = loadn(cos_sin, t * D + i, bf16), s = loadn(cos_sin, t * D + half + i, bf16);                    \
-        vf x1 = loadn(qkv, at + i, bf16), x2 = loadn(qkv, at + half + i, bf16);                                \
-        storen(qkv, at + i, roundn(roundn(x1 * c, bf16) - roundn(x2 * s, bf16), bf16), bf16);                   \
-        storen(qkv, at + half + i, roundn(roundn(x2 * c, bf16) + roundn(x1 * s, bf16), bf16), bf16);            \
-    }
-
 /* Rotary on the q and k heads of qkv [T, (hq + 2 hkv) * D] in place (HF's half-split layout; cos_sin
  * [T, D] = cos | sin in the activations' dtype; every product and sum rounded as HF's bf16 ops round),
  * then k and v of token t written to row slots[t] of the caches [slots, hkv, D] (slot < 0: skipped), in
@@ -102,11 +93,13 @@ void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int 
         for (int h = 0; h < hq + hkv; h++) {
             const int64_t at = row + (int64_t)h * D;
             int i = 0;
-#if defined(__AVX512F__)
-            ROTATE_LANES(16, v16, load16, store16, round16)
-#else   /* one AVX2 register: 16-lane values went through the stack lane by lane */
-            ROTATE_LANES(8, v8, load8, store8, round8)
-#endif
+            for (; i + NATIVE <= half; i += NATIVE) {   /* the loop below, a register at a time */
+                vn c = load_native(cos_sin, t * D + i, bf16), s = load_native(cos_sin, t * D + half + i, bf16);
+                vn x1 = load_native(qkv, at + i, bf16), x2 = load_native(qkv, at + half + i, bf16);
+                store_native(qkv, at + i, round_native(round_native(x1 * c, bf16) - round_native(x2 * s, bf16), bf16), bf16);
+                store_native(qkv, at + half + i, round_native(round_native(x2 * c, bf16) + round_native(x1 * s, bf16), bf16),
+                             bf16);
+            }
             for (; i < half; i++) {
                 float c = load(cos_sin, t * D + i, bf16), s = load(cos_sin, t * D + half + i, bf16);
                 float x1 = load(qkv, at + i, bf16), x2 = load(qkv, at + half + i, bf16);
@@ -125,42 +118,26 @@ void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int 
     }
 }
 
-/* silu(g) = g * sigmoid(g) for 16 lanes, from e = exp(-|g|) <= 1 (no overflow): sigmoid is 1 / (1 + e) for
- * g >= 0 and e / (1 + e) below */
-static inline v16 silu16(v16 g) {
-    v16 e = exp16_nonpositive((v16)((v16i)g | ((v16i){0} + INT32_MIN)));
-    v16 sigmoid = 1 / (1 + e);
-    return g * select16(negative16(g), e * sigmoid, sigmoid);
+/* silu(g) = g * sigmoid(g), from e = exp(-|g|) <= 1 (no overflow): sigmoid is 1 / (1 + e) for g >= 0 and
+ * e / (1 + e) below */
+static inline vn silu_native(vn g) {
+    vn e = exp_native((vn)((vni)g | ((vni){0} + INT32_MIN)));
+    vn sigmoid = 1 / (1 + e);
+    return g * select_native((vni)g >> 31, e * sigmoid, sigmoid);
 }
-
-#if !defined(__AVX512F__)
-static inline v8 silu8(v8 g) {   /* silu16 in one AVX2 register */
-    v8 e = exp8_nonpositive((v8)((v8i)g | ((v8i){0} + INT32_MIN)));
-    v8 sigmoid = 1 / (1 + e);
-    const v8i negative = (v8i)g >> 31;
-    return g * (v8)((negative & (v8i)(e * sigmoid)) | (~negative & (v8i)sigmoid));
-}
-#endif
 
 /* out[t, i] = silu(gate[t, i]) * up[t, i] for gate | up = x[t, :2I], rounded as HF's bf16 ops round */
 void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
 #pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
     for (int64_t t = 0; t < T; t++) {
         int64_t i = 0;
-#if defined(__AVX512F__)
-        for (; i + 16 <= I; i += 16) {
-            v16 g = load16(x, t * 2 * I + i, bf16), u = load16(x, t * 2 * I + I + i, bf16);
-            v16 s = silu16(g);
-            store16(out, t * I + i, round16(s, bf16) * u, bf16);
+        for (; i + NATIVE <= I; i += NATIVE) {
+            vn g = load_native(x, t * 2 * I + i, bf16), u = load_native(x, t * 2 * I + I + i, bf16);
+            store_native(out, t * I + i, round_native(silu_native(g), bf16) * u, bf16);
         }
-#else
-        for (; i + 8 <= I; i += 8)
-            store8(out, t * I + i, round8(silu8(load8(x, t * 2 * I + i, bf16)), bf16) * load8(x, t * 2 * I + I + i, bf16),
-                   bf16);
-#endif
         for (; i < I; i++) {
-            v16 g = (v16){0} + load(x, t * 2 * I + i, bf16);
-            store(out, t * I + i, round_to(silu16(g)[0], bf16) * load(x, t * 2 * I + I + i, bf16), bf16);
+            vn g = (vn){0} + load(x, t * 2 * I + i, bf16);
+            store(out, t * I + i, round_to(silu_native(g)[0], bf16) * load(x, t * 2 * I + I + i, bf16), bf16);
         }
     }
 }
