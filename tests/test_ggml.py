@@ -130,6 +130,49 @@ def test_int8_rows_of_many_blocks_and_non_finite_rows(level, type_name, m):
     torch.testing.assert_close(got[[0] + list(range(3, m))], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def near_copies(w: GGMLTensor, seed: int) -> GGMLTensor:
+    """Every row w's first with four quant bits flipped, none at a block's first value (where the test's
+    activations put their outliers): logits so close that int8 activations misorder them."""
+    rng, (_, block, nbytes) = np.random.default_rng(seed), BLOCKS[w.type_name]
+    first_quant = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2, "Q6_K": 0}[w.type_name]
+    raw = w.data.clone()
+    raw[:] = raw[0]
+    for row in range(1, w.shape[0]):
+        for _ in range(4):
+            raw[row, rng.integers(w.shape[1] // block) * nbytes + rng.integers(first_quant + 1, nbytes)] ^= 1
+    return GGMLTensor(w.type_name, w.shape, raw)
+
+
+@pytest.mark.parametrize("type_name", PACKED_FORMATS + ["Q6_K"])   # Q6_K: no int8 path, argmax of the exact one
+@pytest.mark.parametrize("m", [1, 3, 6, 19])   # tiles of rows, the last one partial
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [2048, 2044])   # 2044: not whole packed groups, the exact path's argmax
+def test_argmax_is_the_exact_paths_argmax_on_every_level(level, type_name, m, dtype, rows):
+    """ggml_argmax (greedy tokens from the int8 path, the exact one recomputing what could win) gives the tokens
+    that the exact path's outputs (rounded to bf16 for bf16 rows) give, ties to the first index, a NaN counting as
+    largest: on logits the int8 path misorders, exact ties, rows of equal logits (zeros: every one a candidate)
+    and non-finite rows."""
+    cols = 256 if type_name == "Q6_K" else 96
+    seeded = torch.Generator().manual_seed(m)
+    x = torch.randn(m, cols, generator=seeded)
+    x[:, ::32] = 300   # coarse int8 steps in every block
+    w = near_copies(random_weight(type_name, rows, cols, seed=m), seed=m)
+    lin = GGMLLinear(w, int8=False)
+    best = int(lin.small(x, lin.lib)[0].argmax())
+    w.data[best + 1 if best + 1 < rows else best - 1] = w.data[best]   # an exact tie in its group
+    w.data[(best + 21) % rows] = w.data[best]   # and in another
+    lin = GGMLLinear(w, int8=False)
+    if m > 1:
+        x[-1] = 0 if m < 6 else 1e-30   # every logit equal (or all but): every row a candidate
+    if m > 3:
+        x[1, 7], x[2, 9] = float("nan"), float("inf")
+    x = x.to(dtype)
+    want = lin.small(x, lin.lib).float().numpy().argmax(axis=1)   # the exact path, in x's dtype
+    assert lin.argmax(x).tolist() == want.tolist()
+    if lin.packed is not None and rows == 2048 and m > 1 and dtype == torch.float32:   # int8 alone misorders
+        assert (lin.small(x, lin.lib, int8=True).float().numpy().argmax(axis=1) != want).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_rows_is_no_work(level, dtype):
     """A step with no rows (speculative decoding can make one): nothing to quantize or write."""

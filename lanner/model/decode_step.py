@@ -45,7 +45,7 @@ class StepArgs(ctypes.Structure):
                 ("slots", c_void_p), ("cos_sin", c_void_p), ("tables", c_void_p), ("seq_lens", c_void_p),
                 ("cu", c_void_p), ("table_width", c_int), ("num_seqs", c_int), ("tree_width", c_int),
                 ("seqs", c_void_p), ("tree", c_void_p), ("final_norm", c_void_p), ("head", LinearArgs),
-                ("logits", c_void_p)]
+                ("logits", c_void_p), ("argmax", c_void_p), ("head_norms", c_void_p)]
 
 
 class BurstArgs(ctypes.Structure):
@@ -64,6 +64,7 @@ class DecodeStep:
         # the linears' own build: its ISA level packed their weights
         self.matmul = ctypes.cast(linears[0][0].lib.ggml_matmul, c_void_p).value
         self.dequantize = ctypes.cast(linears[0][0].lib.ggml_dequantize, c_void_p).value
+        self.argmax = ctypes.cast(linears[0][0].lib.ggml_argmax, c_void_p).value
         self.attention = ctypes.cast(attention_native.paged_attention(), c_void_p).value
         self.window = self.attn.options.get("window")   # the key of the step's attention arrays (layers pass their own)
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
@@ -132,13 +133,16 @@ class DecodeStep:
               stops: list[int]) -> list[list[int]]:
         """Up to `steps` greedy decode steps of rows x [T, H] (embeddings of each sequence's last token, at
         positions), each row's argmax fed back as its next token, in one C call: the tokens of each step run, [T]
-        per step, bitwise those the steps one by one would sample. Stops after a step where a row gave one of
-        stops. The KV slots of every step must be allocated (meta's block tables hold them)."""
+        per step, those the steps one by one would sample (ggml_argmax finds the exact head's argmax without
+        computing all of it). Stops after a step where a row gave one of stops. The KV slots of every step must be
+        allocated (meta's block tables hold them)."""
         x = x.contiguous()
         step, keep = self.step_args(x, cos_sin, meta)
         logits = torch.empty(x.shape[0], self.head.out_features)
         tokens = torch.empty(steps, x.shape[0], dtype=torch.int64)
         step.head, step.logits = self.head_args, logits.data_ptr()
+        if self.head.bias is None:   # tokens from the int8 head, the exact one recomputing the rows that could win
+            step.argmax, step.head_norms = self.argmax, self.head.row_norms().data_ptr()
         embed = self.model.embed_tokens.ggml
         positions, stops = positions.to(torch.int64).contiguous(), torch.tensor(stops, dtype=torch.int64)
         burst = BurstArgs(self.dequantize, embed.type_id, embed.data.data_ptr(), embed.row_bytes,

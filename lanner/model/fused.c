@@ -198,6 +198,8 @@ typedef struct {
     const void *final_norm;   /* the model's last RMSNorm weight, activations' dtype */
     GGMLLinear head;          /* the LM head, used when logits is not NULL */
     float *logits;            /* [T, head.n] */
+    argmax_fn argmax;         /* ggml_argmax, for a burst's tokens where head_norms is set */
+    const float *head_norms;  /* upper bounds of the head's row norms, or NULL */
 } DecodeStep;
 
 /* The step's own per-row stages, split as above */
@@ -370,11 +372,19 @@ int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers
         }
         if (i)
             failed |= b->dequantize(b->embed_type, b->embed, b->embed_row_bytes, s->H, tokens - T, T, x, s->bf16, 1);
-        failed |= decode_layers(&step, layers, num_layers, x, residual, out);
+        if (s->head_norms) {   /* the tokens the logits' argmax gives, from the int8 head and the exact one's few */
+            step.logits = NULL;
+            failed |= decode_layers(&step, layers, num_layers, x, residual, out);
+            const GGMLLinear *h = &s->head;
+            failed = failed || s->argmax(h->type, h->w, h->packed, h->row_bytes, h->n, h->k, out, h->k, T, s->bf16,
+                                         s->head_norms, s->bf16, s->logits, s->threads, tokens);
+        } else {
+            failed |= decode_layers(&step, layers, num_layers, x, residual, out);
+            EACH_ROW(tokens[t] = argmax(s->logits + t * s->head.n, s->head.n))
+        }
         if (failed)
             break;
         int stopped = 0;
-        EACH_ROW(tokens[t] = argmax(s->logits + t * s->head.n, s->head.n))
         for (int64_t t = 0; t < T; t++)
             stopped |= is_stop(b, tokens[t]);
         ran++;

@@ -1069,6 +1069,20 @@ int ggml_block_size(int type) {
     return block_shape(type, &bytes);
 }
 
+/* the 32-value block sums [M, K / 32] of fp32 rows x (Q4_1's min term on the packed exact path), or NULL (out of
+ * memory) */
+static float *block_sums(const float *x, int64_t ldx, int64_t M, int64_t K) {
+    float *xsum = malloc(sizeof(float) * M * (K / 32));
+    for (int64_t m = 0; m < M && xsum; m++)
+        for (int64_t b = 0; b < K / 32; b++) {
+            float t = 0;
+            for (int i = 0; i < 32; i++)
+                t += x[m * ldx + 32 * b + i];
+            xsum[m * (K / 32) + b] = t;
+        }
+    return xsum;
+}
+
 /* ggml_matmul's exact path on fp32 rows */
 static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                         const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
@@ -1076,18 +1090,9 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
      * the rows after them row-major */
     int64_t groups = packed && packable(type) && M >= 1 ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    float *xsum = NULL;   /* Q4_1's block sums of the activations */
-    if (groups && type == Q4_1) {
-        if (!(xsum = malloc(sizeof(float) * M * (K / 32))))
-            return 1;
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t b = 0; b < K / 32; b++) {
-                float t = 0;
-                for (int i = 0; i < 32; i++)
-                    t += x[m * ldx + 32 * b + i];
-                xsum[m * (K / 32) + b] = t;
-            }
-    }
+    float *xsum = groups && type == Q4_1 ? block_sums(x, ldx, M, K) : NULL;
+    if (groups && type == Q4_1 && !xsum)
+        return 1;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -1148,6 +1153,156 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         store_tile(yf, N, M, N, o, 0, 0);
     free(xf), free(yf);
     return failed;
+}
+
+/* ---- greedy tokens: the exact path's argmax at the int8 path's cost ------------------------------------- *
+ * The int8 path gives y_j = w_j . x' for x' = x in int8 blocks, so |y_j - exact_j| <= |w_j| (|x - x'| + c |x|)
+ * (Cauchy-Schwarz; c covers both paths' float rounding; norms[j] >= |w_j|). Only rows j whose interval reaches
+ * the best lower bound can hold the largest exact value; the exact path recomputes the packed groups holding them,
+ * by the very call it makes on the tile of activation rows that holds this one (its values, bitwise). The default
+ * model's LM head (49,152 rows): 1-2 candidates for a median row, 0.1-0.2 % of the groups on average. */
+#define SCAN 64   /* values a candidate scan takes at a time: most chunks hold none */
+
+/* a ranks before b (at indices ia, ib) in argmax order: larger, a NaN counting as largest, then the lower index */
+static int ranks_before(float a, int64_t ia, float b, int64_t ib) {
+    if (a != a)
+        return b == b || ia < ib;
+    return b == b && (a > b || (a == b && ia < ib));
+}
+
+INLINE float lane_max(vf v) {
+    float best = v[0];
+    for (int l = 1; l < VW; l++)
+        best = v[l] > best ? v[l] : best;
+    return best;
+}
+
+INLINE vf larger(vf a, vf b) {   /* b where either is NaN */
+    vi more = a > b;
+    return (vf)(((vi)a & more) | ((vi)b & ~more));
+}
+
+/* E such that |y_j - exact_j| <= norms[j] * E for activation row x (fp32), from its int8 blocks as qmatmul makes
+ * them; NaN where x is not finite */
+static float error_scale(const float *x, int64_t K, int zero) {
+    int8_t *q = malloc(K + K / 32 * 8);
+    if (!q)
+        return NAN;
+    float *bd = (float *)(q + K), *bs = bd + K / 32;
+    qacts a = {q, NULL, NULL, NULL, bd, bs};
+    quantize_rows(x, K, 0, 1, K, zero, a);
+    double e2 = 0, x2 = 0;
+    for (int64_t i = 0; i < K; i++) {
+        const double r = (double)x[i] - (double)bd[i / 32] * q[i];
+        e2 += r * r, x2 += (double)x[i] * x[i];
+    }
+    free(q);
+    const double e = sqrt(e2), rounding = (2.0 * K + 256) * 0x1p-24 * (sqrt(x2) + e);
+    return (float)((e + rounding) * (1 + 0x1p-20));
+}
+
+/* the best lower bound of row y's exact values, and the threshold that a value's upper bound must reach to be a
+ * candidate (-inf: every value, where y or E is not finite) */
+static float candidate_threshold(const float *y, const float *norms, int64_t N, float E, int round_bf16) {
+    vf lo = (vf){0} - INFINITY, top = (vf){0}, bound = (vf){0};
+    vi bad = (vi){0};
+    for (int64_t j = 0; j < N; j += VW) {
+        vf v = loadv(y + j), b = loadv(norms + j) * E;
+        lo = larger(v - b, lo);
+        top = larger((vf)((vi)v & 0x7fffffff), top), bound = larger(b, bound);
+        bad |= (v - v) != 0;   /* NaN or infinity */
+    }
+    int any_bad = E != E;
+    for (int l = 0; l < VW; l++)
+        any_bad |= bad[l] != 0;
+    /* the rounding slack of the float sums here; where results round to bf16, values two bf16 steps below the best
+     * lower bound could still round onto the winner's value */
+    const float L = lane_max(lo), slack = 0x1p-20f * (lane_max(top) + lane_max(bound)) + 0x1p-100f;
+    return any_bad ? -INFINITY : L - slack - (round_bf16 ? fabsf(L) * 0x1p-6f : 0);
+}
+
+/* the tokens of the tile of activation rows m0.. (rows of them) from their int8 results approx: the exact values of
+ * every group holding a candidate of any of them, computed once for the tile as the exact path computes it */
+static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                              const float *x, int64_t ldx, const float *xsum, int64_t m0, int rows,
+                              const float *approx, const float *norms, int round_bf16, int64_t *tokens) {
+    float E[TILE], threshold[TILE], best[TILE], tile[TILE * PACK_ROWS];
+    for (int r = 0; r < rows; r++) {
+        E[r] = error_scale(x + (m0 + r) * ldx, K, int8_zero(type));
+        threshold[r] = candidate_threshold(approx + (m0 + r) * N, norms, N, E[r], round_bf16);
+        tokens[m0 + r] = -1, best[r] = 0;
+    }
+    for (int64_t c = 0; c < N; c += SCAN) {
+        const int64_t end = c + SCAN < N ? c + SCAN : N;
+        int hit = 0;
+        for (int r = 0; r < rows && !hit; r++) {
+            vf high = (vf){0} - INFINITY;
+            for (int64_t j = c; j < end; j += VW)
+                high = larger(loadv(approx + (m0 + r) * N + j) + loadv(norms + j) * E[r], high);
+            hit = threshold[r] == -INFINITY || lane_max(high) >= threshold[r];
+        }
+        for (int64_t g = c / PACK_ROWS; hit && g < end / PACK_ROWS; g++) {
+            int wanted = 0;
+            for (int r = 0; r < rows; r++)
+                for (int64_t j = g * PACK_ROWS; j < (g + 1) * PACK_ROWS; j++)
+                    wanted |= threshold[r] == -INFINITY || approx[(m0 + r) * N + j] + norms[j] * E[r] >= threshold[r];
+            if (!wanted)
+                continue;
+            /* every value of the group: the values that are not candidates cannot win, exact or not */
+            fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m0 * ldx, ldx,
+                          xsum ? xsum + m0 * (K / 32) : NULL, rows, tile, PACK_ROWS);
+            for (int r = 0; r < rows; r++)
+                for (int64_t j = g * PACK_ROWS; j < (g + 1) * PACK_ROWS; j++) {
+                    float v = tile[r * PACK_ROWS + j % PACK_ROWS];
+                    v = round_bf16 ? bf2f(f2bf(v)) : v;
+                    if (tokens[m0 + r] < 0 || ranks_before(v, j, best[r], tokens[m0 + r]))
+                        best[r] = v, tokens[m0 + r] = j;
+                }
+        }
+    }
+}
+
+/* tokens[m] = the first largest of y[m] = W x[m] as ggml_matmul's exact path computes it (rounded to bf16 first
+ * where round_bf16), a NaN counting as largest, for m < M; norms [N]: upper bounds of W's row norms; scratch
+ * [M, N] fp32. Where the int8 path does not run (no packed weights, a format or shape without it), the exact
+ * path's results themselves. Returns as ggml_matmul. */
+int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                const void *x, int64_t ldx, int64_t M, int x_bf16, const float *norms, int round_bf16, float *scratch,
+                int threads, int64_t *tokens) {
+    const int bounded = packed && packable(type) && int8_zero(type) >= 0 && N % PACK_ROWS == 0 && K % 32 == 0;
+    const int flags = (bounded ? MATMUL_INT8 : 0) | (x_bf16 ? MATMUL_X_BF16 : 0);
+    int failed = ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, scratch, N, NULL, threads, flags);
+    if (failed)
+        return failed;
+    if (!bounded) {
+        for (int64_t m = 0; m < M; m++) {
+            const float *y = scratch + m * N;
+            tokens[m] = 0;
+            for (int64_t j = 1; j < N; j++) {
+                const float v = round_bf16 ? bf2f(f2bf(y[j])) : y[j], t = round_bf16 ? bf2f(f2bf(y[tokens[m]])) : y[tokens[m]];
+                if (ranks_before(v, j, t, tokens[m]))
+                    tokens[m] = j;
+            }
+        }
+        return 0;
+    }
+    /* the exact path's fp32 rows and (Q4_1) block sums */
+    float *xf = x_bf16 ? malloc(sizeof(float) * M * K) : NULL;
+    for (int64_t m = 0; m < M && xf; m++)
+        widen(x, m * ldx, K, xf + m * K);
+    const float *xs = x_bf16 ? xf : x;
+    const int64_t lds = x_bf16 ? K : ldx;
+    float *xsum = type == Q4_1 && (xf || !x_bf16) ? block_sums(xs, lds, M, K) : NULL;
+    if ((x_bf16 && !xf) || (type == Q4_1 && !xsum)) {
+        free(xf), free(xsum);
+        return 1;
+    }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t m0 = 0; m0 < M; m0 += TILE)
+        exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, m0, M - m0 < TILE ? M - m0 : TILE, scratch,
+                          norms, round_bf16, tokens);
+    free(xf), free(xsum);
+    return 0;
 }
 
 /* out[i, :] = W[ids[i], :] as fp32, or as bf16 (round to nearest even) when out_bf16; ids NULL: every row.

@@ -64,7 +64,9 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ggml_matmul.argtypes = [i, p, p, i64, i64, i64, p, i64, i64, p, i64, p, i, i]
     lib.ggml_dequantize.argtypes = [i, p, i64, i64, p, i64, p, i, i]
     lib.ggml_pack.argtypes = [i, p, i64, i64, i64, p]
+    lib.ggml_argmax.argtypes = [i, p, p, i64, i64, i64, p, i64, i64, i, p, i, p, i, p]
     lib.ggml_matmul.restype = lib.ggml_dequantize.restype = lib.ggml_pack.restype = ctypes.c_int
+    lib.ggml_argmax.restype = ctypes.c_int
     return lib
 
 
@@ -172,6 +174,7 @@ class GGMLLinear:
         self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
         self.int8 = int8 and int8_activations()
         self.packed = self._pack() if self.lib is not None else None
+        self._row_norms = None
 
     @property
     def int8_gemm(self) -> bool:
@@ -219,6 +222,29 @@ class GGMLLinear:
         check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xk.data_ptr(), k, m, y.data_ptr(),
                               n, bias, torch.get_num_threads(), flags), "matmul")
         return y.to(x.dtype)
+
+    def argmax(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's first largest of self(x).float() (a NaN counting as largest), int64 [rows], for fp32 or bf16
+        rows x [rows, in] that the kernel path takes (no bias): the exact kernel's tokens at about the int8 path's
+        cost (ggml_argmax). scratch: fp32 room for [rows, out] (else allocated)."""
+        xk, w = x.contiguous(), self.weight
+        m, (n, k) = xk.shape[0], w.shape
+        scratch = torch.empty(m, n) if scratch is None else scratch
+        tokens = torch.empty(m, dtype=torch.int64)
+        check(self.lib.ggml_argmax(w.type_id, w.data_ptr, self.packed_ptr(), w.row_bytes, n, k, xk.data_ptr(), k, m,
+                                   int(xk.dtype == torch.bfloat16), self.row_norms().data_ptr(),
+                                   int(xk.dtype == torch.bfloat16), scratch.data_ptr(), torch.get_num_threads(),
+                                   tokens.data_ptr()), "argmax")
+        return tokens
+
+    def row_norms(self) -> torch.Tensor:
+        """Upper bounds of W's row norms, fp32 [out] (made at first use): ggml_argmax's error bounds."""
+        if self._row_norms is None:
+            n, step = self.out_features, self.chunk_rows
+            norms = torch.cat([self._chunk(a, min(n, a + step), torch.float32).double().norm(dim=1)
+                               for a in range(0, n, step)])
+            self._row_norms = torch.nextafter((norms * (1 + 2 ** -20)).float(), torch.tensor(float("inf")))
+        return self._row_norms
 
     def large(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_dtype is not None:   # set only where oneDNN runs the dtype natively (Linear.pack)

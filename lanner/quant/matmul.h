@@ -1,4 +1,4 @@
-/* ggml_matmul's (and ggml_dequantize's) signature and flags, for the kernels that call it through a pointer (fused.c's
+/* ggml_matmul's (ggml_argmax's, ggml_dequantize's) signature and flags, for the kernels that call it through a pointer (fused.c's
  * one-call step):
  * each library keeps its own ISA build, so the step takes the matmul as a function pointer. */
 #ifndef LANNER_MATMUL_H
@@ -12,6 +12,9 @@
 /* type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, bias, threads, flags */
 typedef int (*matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
                          int64_t, void *, int64_t, const float *, int, int);
+/* ggml_argmax: type, w, packed, row_bytes, N, K, x, ldx, M, x_bf16, norms, round_bf16, scratch, threads, tokens */
+typedef int (*argmax_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
+                         int64_t, int, const float *, int, float *, int, int64_t *);
 /* ggml_dequantize: type, w, row_bytes, K, ids, rows, out, out_bf16, threads */
 typedef int (*dequantize_fn)(int, const uint8_t *, int64_t, int64_t, const int64_t *, int64_t, void *, int, int);
 #endif
