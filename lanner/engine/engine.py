@@ -234,7 +234,7 @@ class LLMEngine:
         if not scheduled:
             return []
         steps = self.burst_steps(scheduled)
-        if steps > 1:
+        if steps:
             return self.run_burst(scheduled, steps)
         self.start_grammar_masks(scheduled)
         self.runner.copy_blocks(self.blocks.pop_copies())
@@ -259,26 +259,28 @@ class LLMEngine:
 
     # ---- bursts: greedy decode steps in one call ---------------------------------------------------
     def burst_steps(self, scheduled: list[tuple[Sequence, int]]) -> int:
-        """How many decode steps this batch runs in one call: up to num_scheduler_steps when every row is a greedy
-        decode row whose token nothing but the argmax decides (no logprobs, penalties, grammar, drafts or adapter),
-        no request waits to join, the model's one-call step takes the batch, and the KV blocks of every step are
-        free (they are allocated here); else 1. Never past a row's max_tokens or max_model_len. A row with stop
-        strings bursts only alone: a stop string is found after the call, and the other rows' later steps would
-        have run beside a row that had stopped (attention splits its work by the batch: their rounding changes)."""
+        """How many decode steps this batch runs in one call: up to num_scheduler_steps (> 1: bursts are on) when
+        every row is a greedy decode row whose token nothing but the argmax decides (no logprobs, penalties, grammar,
+        drafts or adapter), no request waits to join, the model's one-call step takes the batch, and the KV blocks of
+        every step are free (they are allocated here); else 0, a plain step. Never past a row's max_tokens or
+        max_model_len: a row one token from its end makes a burst of 1, still cheaper than a step (no logits: the
+        head's argmax in C). A row with stop strings bursts only alone: a stop string is found after the call, and
+        the other rows' later steps would have run beside a row that had stopped (attention splits its work by the
+        batch: their rounding changes)."""
         steps = self.cfg.num_scheduler_steps
         if steps < 2 or self.scheduler.waiting or self.proposer is not None or not self.runner.bursts(len(scheduled)):
-            return 1
+            return 0
         for seq, num in scheduled:
             p = seq.params
             if (num != 1 or seq.spec_token_ids or not p.greedy or p.logprobs is not None or p.has_penalties
                     or seq.num_output_tokens < max(p.min_tokens, 1) or seq.grammar is not None or seq.slot_lora_id
                     or (p.stop and len(scheduled) > 1)):
-                return 1
+                return 0
             steps = min(steps, self.max_model_len - seq.num_verified_tokens)
             if p.max_tokens is not None:
                 steps = min(steps, p.max_tokens - seq.num_output_tokens)
-        if steps < 2 or sum(self.blocks.blocks_needed(s, steps) for s, _ in scheduled) > self.blocks.num_free_blocks:
-            return 1
+        if steps < 1 or sum(self.blocks.blocks_needed(s, steps) for s, _ in scheduled) > self.blocks.num_free_blocks:
+            return 0
         for seq, _ in scheduled:
             self.blocks.allocate(seq, steps)
         return steps
