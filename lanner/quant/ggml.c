@@ -1181,6 +1181,13 @@ static int ranks_before(float a, int64_t ia, float b, int64_t ib) {
     return b == b && (a > b || (a == b && ia < ib));
 }
 
+/* value v at index j (rounded to bf16 first where round_bf16) into a running argmax: best, *token (< 0: none yet) */
+static void take(float v, int64_t j, int round_bf16, float *best, int64_t *token) {
+    v = round_bf16 ? bf2f(f2bf(v)) : v;
+    if (*token < 0 || ranks_before(v, j, *best, *token))
+        *best = v, *token = j;
+}
+
 INLINE float lane_max(vf v) {
     float best = v[0];
     for (int l = 1; l < VW; l++)
@@ -1263,12 +1270,8 @@ static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes
             fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m0 * ldx, ldx,
                           xsum ? xsum + m0 * (K / 32) : NULL, rows, tile, PACK_ROWS);
             for (int r = 0; r < rows; r++)
-                for (int64_t j = g * PACK_ROWS; j < (g + 1) * PACK_ROWS; j++) {
-                    float v = tile[r * PACK_ROWS + j % PACK_ROWS];
-                    v = round_bf16 ? bf2f(f2bf(v)) : v;
-                    if (tokens[m0 + r] < 0 || ranks_before(v, j, best[r], tokens[m0 + r]))
-                        best[r] = v, tokens[m0 + r] = j;
-                }
+                for (int64_t j = g * PACK_ROWS; j < (g + 1) * PACK_ROWS; j++)
+                    take(tile[r * PACK_ROWS + j % PACK_ROWS], j, round_bf16, &best[r], &tokens[m0 + r]);
         }
     }
 }
@@ -1287,13 +1290,10 @@ int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         return failed;
     if (!bounded) {
         for (int64_t m = 0; m < M; m++) {
-            const float *y = scratch + m * N;
-            tokens[m] = 0;
-            for (int64_t j = 1; j < N; j++) {
-                const float v = round_bf16 ? bf2f(f2bf(y[j])) : y[j], t = round_bf16 ? bf2f(f2bf(y[tokens[m]])) : y[tokens[m]];
-                if (ranks_before(v, j, t, tokens[m]))
-                    tokens[m] = j;
-            }
+            float best = 0;
+            tokens[m] = -1;
+            for (int64_t j = 0; j < N; j++)
+                take(scratch[m * N + j], j, round_bf16, &best, &tokens[m]);
         }
         return 0;
     }
