@@ -149,3 +149,55 @@ def test_argmax_rows_picks_as_torch_does():
     for rows in (logits, logits[:, :1000], logits.bfloat16()):
         assert torch.equal(argmax_rows(rows), rows.argmax(dim=-1))
     assert argmax_rows(logits).tolist()[1:4] == [7, 0, 123]
+
+
+def nucleus_bounds(logits, top_k, top_p, slack=1e-5):
+    """Per row, the fewest and most tokens truncation may keep, in float64: the top-k (all where top_k <= 0),
+    then every token whose mass strictly above it (of the top-k renormalized) is below top_p, the most likely
+    always. Tokens within `slack` of the boundary may fall either way: fp32 sums move it by ~1e-7 a thousand tokens."""
+    import torch
+    vocab = logits.shape[1]
+    lo, hi = [], []
+    for row, k, p in zip(logits.double(), top_k, top_p):
+        vals = row.sort(descending=True).values[:vocab if k <= 0 else min(k, vocab)]
+        probs = torch.softmax(vals, dim=-1)
+        before = probs.cumsum(-1) - probs
+        if p >= 1:
+            lo.append(len(vals)), hi.append(len(vals))
+            continue
+        lo.append(max(1, int((before < p - slack).sum()))), hi.append(max(1, int((before < p + slack).sum())))
+    return lo, hi
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 10.0])   # flat rows: nuclei of thousands of tokens, past the
+def test_truncate_keeps_the_top_k_then_the_nucleus(scale):   # first candidates; peaked: a handful
+    import torch
+
+    from lanner.engine.sampler import FIRST_CANDIDATES, truncate
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(9, 49152, generator=gen) * scale
+    logits[8, 1000:] = float("-inf")                     # a grammar's mask: fewer allowed tokens than asked for
+    top_k = [0, 0, 40, 1, 5000, 0, 49152, 300, 0]
+    top_p = [0.9, 0.5, 1.0, 0.9, 0.95, 1.0, 0.99, 0.7, 0.999]
+    got = truncate(logits, top_k, top_p)
+    kept = got > float("-inf")
+    counts = kept.sum(-1).tolist()
+    lo, hi = nucleus_bounds(logits, top_k, top_p)
+    for row in range(9):
+        assert lo[row] <= counts[row] <= hi[row], (row, counts[row], lo[row], hi[row])
+        # the kept tokens are the largest logits, unchanged
+        assert torch.equal(got[row][kept[row]], logits[row][kept[row]])
+        if counts[row] < logits.shape[1]:
+            assert logits[row][kept[row]].min() >= logits[row][~kept[row]].max()
+    assert counts[2] == 40 and counts[3] == 1 and counts[5] == 49152 and counts[8] <= 1000
+    if scale <= 1.0:   # the case the growth is for
+        assert counts[0] > 4 * FIRST_CANDIDATES
+
+
+def test_truncate_on_a_small_vocabulary():
+    import torch
+
+    from lanner.engine.sampler import truncate
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 2.0], [0.0, 3.0, 1.0, 2.0]])
+    assert truncate(logits, [0, 2, 0], [0.7, 1.0, 1.0]).isfinite().tolist() == [
+        [True, True, False, False], [False, True, False, True], [True, True, True, True]]

@@ -52,7 +52,7 @@ def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_p = [s.params.top_p for s in seqs]
     min_p = [s.params.min_p for s in seqs]
     if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
-        logits = truncate_sorted(logits, top_k, top_p)
+        logits = truncate(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     if any(m > 0 for m in min_p):
         floor = torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
@@ -61,16 +61,35 @@ def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return probs
 
 
-def truncate_sorted(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+FIRST_CANDIDATES = 256   # logits truncate() first takes: past every row's top-k, and the nucleus at LM temperatures
+
+
+def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Each row's logits outside its top-k, then outside the top-p nucleus of the top-k renormalized, set to -inf
+    (the most likely token always kept; top_p 1 cuts nothing). Found among the largest logits (torch.topk) rather
+    than by sorting the vocabulary, which took 4 ms a row at 49k tokens (2x a batch-1 decode step): a row's
+    candidates hold its nucleus once their mass reaches top_p (or they hold its top-k), and a row whose nucleus
+    runs past them takes four times more, up to the whole vocabulary."""
     vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([vocab if k <= 0 else min(k, vocab) for k in top_k])
-    cut = torch.arange(vocab)[None, :] >= k[:, None]
-    probs = torch.softmax(sorted_logits.masked_fill(cut, float("-inf")), dim=-1)
+    k = torch.tensor([vocab if k <= 0 else min(k, vocab) for k in top_k])[:, None]
+    p = torch.tensor(top_p, dtype=logits.dtype)[:, None]
+    whole = (k == vocab) & (p >= 1)   # rows kept whole
+    n = min(vocab, max([FIRST_CANDIDATES] + top_k))
+    total = torch.logsumexp(logits, dim=-1, keepdim=True)   # the normalizer of rows without top-k
+    while True:
+        vals, order = logits.topk(n, dim=-1)   # largest first
+        cut = torch.arange(n)[None, :] >= k
+        held = k <= n   # the candidates hold the row's top-k
+        norm = torch.where(held, torch.logsumexp(vals.masked_fill(cut, float("-inf")), dim=-1, keepdim=True), total)
+        probs = torch.exp(vals - norm).masked_fill(cut, 0.0)
+        if n == vocab or bool((held | whole | (probs.sum(-1, keepdim=True) >= p)).all()):
+            break
+        n = min(vocab, 4 * n)
     before = probs.cumsum(-1) - probs                            # mass strictly above each token
-    cut |= before >= torch.tensor(top_p, dtype=probs.dtype)[:, None]
+    cut |= (before >= p) & (p < 1)
     cut[:, 0] = False                                            # always keep the most likely token
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(cut, float("-inf")))
+    out = torch.full_like(logits, float("-inf")).scatter(1, order, vals.masked_fill(cut, float("-inf")))
+    return torch.where(whole, logits, out)
 
 
 def sample_from(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
