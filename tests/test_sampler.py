@@ -170,23 +170,24 @@ def nucleus_bounds(logits, top_k, top_p, slack=1e-5):
 
 
 @pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 10.0])   # flat rows: nuclei of thousands of tokens, past the
-def test_truncate_keeps_the_top_k_then_the_nucleus(scale):   # first candidates; peaked: a handful
+def test_truncated_probs_keep_the_top_k_then_the_nucleus(scale):   # first candidates; peaked: a handful
     import torch
 
-    from lanner.engine.sampler import FIRST_CANDIDATES, truncate
+    from lanner.engine.sampler import FIRST_CANDIDATES, truncated_probs
     gen = torch.Generator().manual_seed(int(scale * 10))
     logits = torch.randn(9, 49152, generator=gen) * scale
     logits[8, 1000:] = float("-inf")                     # a grammar's mask: fewer allowed tokens than asked for
     top_k = [0, 0, 40, 1, 5000, 0, 49152, 300, 0]
     top_p = [0.9, 0.5, 1.0, 0.9, 0.95, 1.0, 0.99, 0.7, 0.999]
-    got = truncate(logits, top_k, top_p)
-    kept = got > float("-inf")
+    got = truncated_probs(logits, top_k, top_p)
+    kept = got > 0
     counts = kept.sum(-1).tolist()
     lo, hi = nucleus_bounds(logits, top_k, top_p)
     for row in range(9):
         assert lo[row] <= counts[row] <= hi[row], (row, counts[row], lo[row], hi[row])
-        # the kept tokens are the largest logits, unchanged
-        assert torch.equal(got[row][kept[row]], logits[row][kept[row]])
+        # the kept tokens are the largest logits, their probabilities the softmax over them
+        want = torch.softmax(logits[row][kept[row]].double(), dim=-1)
+        assert torch.allclose(got[row][kept[row]].double(), want, rtol=1e-5, atol=0)
         if counts[row] < logits.shape[1]:
             assert logits[row][kept[row]].min() >= logits[row][~kept[row]].max()
     assert counts[2] == 40 and counts[3] == 1 and counts[5] == 49152 and counts[8] <= 1000
@@ -194,10 +195,12 @@ def test_truncate_keeps_the_top_k_then_the_nucleus(scale):   # first candidates;
         assert counts[0] > 4 * FIRST_CANDIDATES
 
 
-def test_truncate_on_a_small_vocabulary():
+def test_truncated_probs_on_a_small_vocabulary():
     import torch
 
-    from lanner.engine.sampler import truncate
+    from lanner.engine.sampler import truncated_probs
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 2.0], [0.0, 3.0, 1.0, 2.0]])
-    assert truncate(logits, [0, 2, 0], [0.7, 1.0, 1.0]).isfinite().tolist() == [
-        [True, True, False, False], [False, True, False, True], [True, True, True, True]]
+    probs = truncated_probs(logits, [0, 2, 0], [0.7, 1.0, 1.0])
+    assert (probs > 0).tolist() == [[True, True, False, False], [False, True, False, True], [True, True, True, True]]
+    assert torch.allclose(probs[1, [1, 3]], torch.softmax(torch.tensor([3.0, 2.0]), -1))
+    assert torch.allclose(probs[2], torch.softmax(logits[2], -1)) and torch.allclose(probs.sum(-1), torch.ones(3))
