@@ -120,12 +120,12 @@ def test_sample_from_follows_the_distribution_and_never_picks_a_zero():
     import torch
     from scipy.stats import chisquare
 
-    from lanner.engine.sampler import sample_from
+    from lanner.engine.sampler import sample_from, uniforms
     from lanner.engine.sequence import Sequence
 
     probs = torch.tensor([[0.0, 0.1, 0.0, 0.25, 0.4, 0.25, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
     seqs = [Sequence("r", [1], SamplingParams(temperature=1.0), seed=7), Sequence("s", [1], SamplingParams())]
-    draws = torch.stack([sample_from(probs, seqs) for _ in range(4000)])       # [4000, 2]
+    draws = torch.stack([sample_from(probs, uniforms(seqs)) for _ in range(4000)])       # [4000, 2]
     for row in range(2):
         counts = torch.bincount(draws[:, row], minlength=7).float()
         assert counts[probs[row] == 0].sum() == 0
@@ -204,3 +204,33 @@ def test_truncated_probs_on_a_small_vocabulary():
     assert (probs > 0).tolist() == [[True, True, False, False], [False, True, False, True], [True, True, True, True]]
     assert torch.allclose(probs[1, [1, 3]], torch.softmax(torch.tensor([3.0, 2.0]), -1))
     assert torch.allclose(probs[2], torch.softmax(logits[2], -1)) and torch.allclose(probs.sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_sample_rows_draws_from_the_truncated_distribution(scale):
+    """The C sampler against truncated_probs (the PyTorch path's distribution): uniforms on a grid of N points
+    land on each token about N times its probability and on no token outside the nucleus (top-k, top-p, min-p,
+    temperature, and a row that truncates nothing)."""
+    import torch
+
+    from lanner.engine.sampler import filtered_probs
+    from lanner.engine.sequence import Sequence
+    from lanner.model import fused
+    if fused.library() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(3)
+    V, N = 5000, 10000
+    logits = torch.randn(1, V, generator=gen) * scale
+    grid = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    for params in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0, top_k=40),
+                   SamplingParams(temperature=0.8, top_k=300, top_p=0.95, min_p=0.3),
+                   SamplingParams(temperature=1.3), SamplingParams(temperature=1.0, min_p=0.2)):
+        seqs = [Sequence("r", [1], params)] * N
+        tokens = fused.sample_rows(logits.expand(N, V), seqs, grid.float())
+        counts = torch.bincount(tokens, minlength=V).double()
+        want = filtered_probs(logits, seqs[:1])[0].double() * N
+        assert (counts[want == 0] == 0).all()                      # nothing outside the nucleus
+        assert (counts - want).abs().max() <= 2 + 1e-4 * N          # each token's share, to rounding
+    # a negative control: the untruncated distribution is not the top-p one
+    wide = fused.sample_rows(logits.expand(N, V), [Sequence("r", [1], SamplingParams(temperature=0.7))] * N, grid.float())
+    assert (torch.bincount(wide, minlength=V) > 0).sum() > (counts > 0).sum()

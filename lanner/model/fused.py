@@ -1,5 +1,5 @@
 """fused.c: small steps in one call each (PyTorch would dispatch several ops for each): RMSNorm with the
-residual add, rotary with the KV store, silu(gate) * up, and grammar bitmasks applied to logits."""
+residual add, rotary with the KV store, silu(gate) * up, grammar bitmasks applied to logits, and sampling."""
 import ctypes
 import functools
 import os
@@ -24,8 +24,9 @@ def library():
         lib.mask_logits.argtypes = [p, i64, p, i64, i64, i64]
         lib.decode_layers.argtypes = [p, p, i, p, p, p]
         lib.decode_burst.argtypes = [p, p, i, p, p, p, p]
+        lib.sample_rows.argtypes = [p, i64, i64, i64, p, p, p, p, p, i, p]
         lib.rms_norm.restype = lib.rope_store.restype = lib.silu_mul.restype = lib.mask_logits.restype = None
-        lib.decode_layers.restype = lib.decode_burst.restype = ctypes.c_int
+        lib.decode_layers.restype = lib.decode_burst.restype = lib.sample_rows.restype = ctypes.c_int
     return lib
 
 
@@ -87,3 +88,28 @@ def mask_logits(logits: torch.Tensor, bits: torch.Tensor) -> None:
         return
     unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[1]]
     logits.masked_fill_(torch.from_numpy(np.ascontiguousarray(unpacked) == 0), float("-inf"))
+
+
+def sampling_arrays(seqs) -> list[torch.Tensor]:
+    """Per-row temperature, top-k (<= 0: none), top-p and min-p as sample_rows (fused.c) takes them; temperature
+    0 (greedy) is not a row of theirs."""
+    params = [s.params for s in seqs]
+    return [torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32),
+            torch.tensor([p.top_k for p in params], dtype=torch.int64),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            torch.tensor([p.min_p for p in params], dtype=torch.float32)]
+
+
+def sample_rows(logits: torch.Tensor, seqs, u: torch.Tensor) -> torch.Tensor | None:
+    """One token per row of fp32 logits [R, V], drawn from seqs' distributions (temperature, top-k, top-p,
+    min-p; Sampler's) at the uniforms u [R]; None where the kernel does not apply."""
+    lib = library()
+    if lib is None or logits.dtype != torch.float32 or logits.stride(-1) != 1 or logits.device.type != "cpu":
+        return None
+    arrays = sampling_arrays(seqs)
+    u = u.to(torch.float32).contiguous()
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+    if lib.sample_rows(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], *[a.data_ptr() for a in arrays],
+                       u.data_ptr(), torch.get_num_threads(), tokens.data_ptr()):
+        raise MemoryError("sampling: out of memory for a row's scratch")
+    return tokens
