@@ -108,11 +108,11 @@ def count_bursts(llm, rows: list | None = None) -> list[int]:
     runner, asked = llm.engine.runner, []
     run_burst = runner.run_burst
 
-    def counted(scheduled, steps, stops):
+    def counted(scheduled, steps, stops, sampling=None):
         asked.append(steps)
         if rows is not None:
             rows.append(len(scheduled))
-        return run_burst(scheduled, steps, stops)
+        return run_burst(scheduled, steps, stops, sampling)
     runner.run_burst = counted
     return asked
 
@@ -145,12 +145,40 @@ def test_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
     assert max(rows) == (6 if head_rows >= 6 else 3)   # the LM head's kernel: 32 fp32 rows on packed weights, else 4
 
 
-def test_bursts_only_where_the_argmax_alone_decides(default_model_path):
-    """Sampling, logprobs and penalties take a step at a time; so does a batch while a request waits to join."""
+def test_sampled_bursts_give_the_tokens_of_single_steps(default_model_path):
+    """Rows that sample (temperature, top-k, top-p, min-p; seeded) burst beside greedy ones and give the tokens of
+    steps run one by one: each step's uniform number from the row's generator as the step would draw it, and a
+    burst cut short by another row's stop token rewinds the generators to the steps it ran."""
+    llm = make_llm(default_model_path, kv_cache_memory=0.05, enable_prefix_caching=False)
+    asked = count_bursts(llm)
+    free = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    cases = [(PROMPTS[:1], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=40, seed=1, ignore_eos=True)),
+             (PROMPTS, [SamplingParams(temperature=1.0, top_k=40, max_tokens=30, seed=2, ignore_eos=True),
+                        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                        SamplingParams(temperature=0.7, min_p=0.1, max_tokens=30, seed=3, ignore_eos=True)]),
+             # the greedy row stops on its 6th token inside the first burst: the seeded row's later tokens hold
+             (PROMPTS[:2], [SamplingParams(temperature=1.2, max_tokens=30, seed=4, ignore_eos=True),
+                            SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[free[5]])])]
+    assert free[5] not in free[:5]
+    outputs = {}
+    for steps in (1, 8):
+        llm.engine.cfg.num_scheduler_steps = steps
+        outputs[steps] = [[o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+                          for prompts, params in cases]
+        assert_all_blocks_free(llm)
+    assert outputs[8] == outputs[1]
+    assert len(outputs[8][2][1]) == 6 and len(outputs[8][2][0]) == 30
+    assert max(asked) == 8
+
+
+def test_bursts_only_where_logits_and_sampling_alone_decide(default_model_path):
+    """Logprobs and penalties take a step at a time; so does a batch while a request waits to join."""
     llm = make_llm(default_model_path, kv_cache_memory=0.05, enable_prefix_caching=False, max_num_seqs=1)
     asked = count_bursts(llm)
-    for params in (SamplingParams(temperature=0.8, max_tokens=12, seed=1), SamplingParams(temperature=0, max_tokens=12,
-                   logprobs=1), SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.2)):
+    for params in (SamplingParams(temperature=0.8, max_tokens=12, seed=1, logprobs=1),
+                   SamplingParams(temperature=0, max_tokens=12, logprobs=1),
+                   SamplingParams(temperature=0.8, max_tokens=12, repetition_penalty=1.2)):
         llm.generate(PROMPTS[:1], params, use_tqdm=False)
     assert not asked
     llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)

@@ -12,7 +12,8 @@ from lanner.engine.kv_cache import BlockManager
 from lanner.distributed import make_runner
 from lanner.engine.multimodal import VisionPath, is_vision_model, split_prompt
 from lanner.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from lanner.engine.sampler import HistoryView, Sampler, argmax_rows, filtered_probs, rows_of, top_logprobs
+from lanner.engine.sampler import (HistoryView, Sampler, argmax_rows, burst_sampling, filtered_probs, rows_of,
+                                   top_logprobs)
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.sequence import Sequence, Status
 from lanner.lora.prefix import PrefixPool
@@ -260,19 +261,19 @@ class LLMEngine:
     # ---- bursts: greedy decode steps in one call ---------------------------------------------------
     def burst_steps(self, scheduled: list[tuple[Sequence, int]]) -> int:
         """How many decode steps this batch runs in one call: up to num_scheduler_steps (> 1: bursts are on) when
-        every row is a greedy decode row whose token nothing but the argmax decides (no logprobs, penalties, grammar,
-        drafts or adapter), no request waits to join, the model's one-call step takes the batch, and the KV blocks of
-        every step are free (they are allocated here); else 0, a plain step. Never past a row's max_tokens or
-        max_model_len: a row one token from its end makes a burst of 1, still cheaper than a step (no logits: the
-        head's argmax in C). A row with stop strings bursts only alone: a stop string is found after the call, and
-        the other rows' later steps would have run beside a row that had stopped (attention splits its work by the
-        batch: their rounding changes)."""
+        every row is a decode row whose token its logits and sampling parameters alone decide (greedy, or temperature,
+        top-k, top-p and min-p; no logprobs, penalties, grammar, drafts or adapter), no request waits to join, the
+        model's one-call step takes the batch, and the KV blocks of every step are free (they are allocated here);
+        else 0, a plain step. Never past a row's max_tokens or max_model_len: a row one token from its end makes a
+        burst of 1, still cheaper than a step (a greedy batch: no logits, the head's argmax in C). A row with stop
+        strings bursts only alone: a stop string is found after the call, and the other rows' later steps would have
+        run beside a row that had stopped (attention splits its work by the batch: their rounding changes)."""
         steps = self.cfg.num_scheduler_steps
         if steps < 2 or self.scheduler.waiting or self.proposer is not None or not self.runner.bursts(len(scheduled)):
             return 0
         for seq, num in scheduled:
             p = seq.params
-            if (num != 1 or seq.spec_token_ids or not p.greedy or p.logprobs is not None or p.has_penalties
+            if (num != 1 or seq.spec_token_ids or p.logprobs is not None or p.has_penalties
                     or seq.num_output_tokens < max(p.min_tokens, 1) or seq.grammar is not None or seq.slot_lora_id
                     or (p.stop and len(scheduled) > 1)):
                 return 0
@@ -286,14 +287,20 @@ class LLMEngine:
         return steps
 
     def run_burst(self, scheduled: list[tuple[Sequence, int]], steps: int) -> list[RequestOutput]:
-        """The batch's next `steps` greedy tokens from one call, each appended as a step's would be. The call ends
-        after a step that gave a row its stop token, so each step runs the batch steps one by one would; a stop
-        string (a row alone), found only here, drops the tokens after it."""
+        """The batch's next `steps` tokens from one call, each appended as a step's would be. The call ends after a
+        step that gave a row its stop token, so each step runs the batch steps one by one would; a stop string (a row
+        alone), found only here, drops the tokens after it."""
         self.runner.copy_blocks(self.blocks.pop_copies())
         stops, eos = set(), set(self.tokenizer.stop_token_ids)
         for seq, _ in scheduled:
             stops |= set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else eos)
-        tokens = self.runner.run_burst(scheduled, steps, sorted(stops))
+        sampling, generators = burst_sampling([seq for seq, _ in scheduled], steps)
+        tokens = self.runner.run_burst(scheduled, steps, sorted(stops), sampling)
+        if len(tokens) < steps:   # a burst cut short: each generator as if it had drawn for the steps run only
+            for generator, state in generators:
+                generator.set_state(state)
+                for _ in tokens:
+                    torch.rand(1, generator=generator)
         now = time.perf_counter()
         for r, (seq, _) in enumerate(scheduled):
             for step_tokens in tokens:

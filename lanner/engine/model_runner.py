@@ -199,11 +199,12 @@ class ModelRunner:
         return self.cfg.device == "cpu" and isinstance(self.model, LlamaForCausalLM) and self.model.bursts(rows)
 
     @torch.inference_mode()
-    def run_burst(self, scheduled: list[tuple[Sequence, int]], steps: int, stops: list[int]) -> list[list[int]]:
-        """Up to `steps` greedy decode steps of the scheduled sequences (one new token each, the KV blocks of
-        every step allocated) in one call: each step's tokens, in scheduled order."""
+    def run_burst(self, scheduled: list[tuple[Sequence, int]], steps: int, stops: list[int],
+                  sampling=None) -> list[list[int]]:
+        """Up to `steps` decode steps of the scheduled sequences (one new token each, the KV blocks of every step
+        allocated) in one call: each step's tokens, in scheduled order (sampling: DecodeStep.burst's)."""
         input_ids, positions, meta, _, _, _, _ = self.prepare(scheduled)
-        return self.model.decode_burst(input_ids, positions, meta, steps, stops)
+        return self.model.decode_burst(input_ids, positions, meta, steps, stops, sampling)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: every layer's K and V of each (source, destination) block."""

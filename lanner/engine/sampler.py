@@ -108,6 +108,20 @@ def uniforms(seqs: list[Sequence]) -> torch.Tensor:
     return u
 
 
+def burst_sampling(seqs: list[Sequence], steps: int) -> tuple[tuple | None, list]:
+    """A burst's sampling (DecodeStep.burst's: the rows' parameters, and [steps, R] uniform numbers, a row's drawn
+    from its request's generator as uniforms() draws them step by step), None where every row is greedy; and the
+    generators with their states before, to rewind a burst that runs fewer steps."""
+    if all(seq.params.greedy for seq in seqs):
+        return None, []
+    u, generators = torch.rand(steps, len(seqs)), []
+    for row, seq in enumerate(seqs):
+        if seq.generator is not None and not seq.params.greedy:
+            generators.append((seq.generator, seq.generator.get_state()))
+            u[:, row] = torch.cat([torch.rand(1, generator=seq.generator) for _ in range(steps)])
+    return (fused.sampling_arrays(seqs), u), generators
+
+
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling: each row's uniform number u located in the row's cumulative distribution. No
     per-token random numbers: at batch 64 over a 49k vocabulary this is ~13x cheaper than an exponential race,

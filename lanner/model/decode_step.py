@@ -51,7 +51,8 @@ class StepArgs(ctypes.Structure):
 class BurstArgs(ctypes.Structure):
     _fields_ = [("dequantize", c_void_p), ("embed_type", c_int), ("embed", c_void_p), ("embed_row_bytes", c_int64),
                 ("rotary", c_void_p), ("positions", c_void_p), ("stops", c_void_p), ("num_stops", c_int),
-                ("steps", c_int), ("tokens", c_void_p)]
+                ("steps", c_int), ("tokens", c_void_p), ("temps", c_void_p), ("top_p", c_void_p),
+                ("min_p", c_void_p), ("top_k", c_void_p), ("uniforms", c_void_p)]
 
 
 class DecodeStep:
@@ -130,24 +131,31 @@ class DecodeStep:
         return out, logits
 
     def burst(self, x: torch.Tensor, cos_sin: torch.Tensor, meta, positions: torch.Tensor, steps: int,
-              stops: list[int]) -> list[list[int]]:
+              stops: list[int], sampling: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
         """Up to `steps` greedy decode steps of rows x [T, H] (embeddings of each sequence's last token, at
         positions), each row's argmax fed back as its next token, in one C call: the tokens of each step run, [T]
         per step, those the steps one by one would sample (ggml_argmax finds the exact head's argmax without
         computing all of it). Stops after a step where a row gave one of stops. The KV slots of every step must be
-        allocated (meta's block tables hold them)."""
+        allocated (meta's block tables hold them). sampling: where a row samples, the rows' fused.sampling_arrays and
+        uniform numbers [steps, T]; then every row's logits are computed, and each step's tokens drawn as
+        fused.sample_rows draws them (a greedy row's: its argmax)."""
         x = x.contiguous()
         step, keep = self.step_args(x, cos_sin, meta)
         logits = torch.empty(x.shape[0], self.head.out_features)
         tokens = torch.empty(steps, x.shape[0], dtype=torch.int64)
         step.head, step.logits = self.head_args, logits.data_ptr()
-        if self.head.bias is None:   # tokens from the int8 head, the exact one recomputing the rows that could win
+        if sampling is None and self.head.bias is None:   # tokens from the int8 head, the exact one recomputing the
+            # rows that could win
             step.argmax, step.head_norms = self.argmax, self.head.row_norms().data_ptr()
         embed = self.model.embed_tokens.ggml
         positions, stops = positions.to(torch.int64).contiguous(), torch.tensor(stops, dtype=torch.int64)
         burst = BurstArgs(self.dequantize, embed.type_id, embed.data.data_ptr(), embed.row_bytes,
                           self.model.rotary.in_dtype(x.dtype).data_ptr(), positions.data_ptr(), stops.data_ptr(),
                           stops.numel(), steps, tokens.data_ptr())
+        if sampling is not None:
+            (temps, top_k, top_p, min_p), uniforms = sampling[0], sampling[1].to(torch.float32).contiguous()
+            burst.temps, burst.top_p, burst.min_p = temps.data_ptr(), top_p.data_ptr(), min_p.data_ptr()
+            burst.top_k, burst.uniforms = top_k.data_ptr(), uniforms.data_ptr()
         layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)
         ran = self.lib.decode_burst(ctypes.byref(step), layers, len(layers), ctypes.byref(burst), x.data_ptr(),
                                     residual.data_ptr(), out.data_ptr())

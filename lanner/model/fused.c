@@ -293,11 +293,12 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
     return failed;
 }
 
-/* ---- greedy decode steps of the same rows in one call (a burst) --------------------------------------- *
- * Each step is decode_layers as above; then every row's argmax token (numpy's: the first largest, a NaN
- * counting as largest) is looked up in the embedding table as that row's next input, at the next position
- * of its sequence. The Python around a step (scheduling, metadata, sampling) is paid once per burst: at
- * batch 1 it was 0.4-0.6 ms of a 3.6-4 ms step. */
+/* ---- decode steps of the same rows in one call (a burst) ---------------------------------------------- *
+ * Each step is decode_layers as above; then every row's token -- its argmax (numpy's: the first largest, a NaN
+ * counting as largest), or drawn as sample_rows below draws it at the row's uniform number of that step -- is
+ * looked up in the embedding table as that row's next input, at the next position of its sequence. The Python
+ * around a step (scheduling, metadata, sampling) is paid once per burst: at batch 1 it was 0.4-0.6 ms of a
+ * 3.6-4 ms step. */
 typedef struct {
     dequantize_fn dequantize;
     int embed_type;
@@ -308,6 +309,9 @@ typedef struct {
     const int64_t *stops;       /* tokens that end a row */
     int num_stops, steps;
     int64_t *tokens;            /* [steps, T]: each step's tokens */
+    const float *temps, *top_p, *min_p;   /* each row's sampling (sample_rows), or NULL: every row greedy */
+    const int64_t *top_k;
+    const float *uniforms;      /* [steps, T]: each step's uniform number of each row */
 } Burst;
 
 static int64_t argmax(const float *row, int64_t n) {
@@ -347,52 +351,6 @@ static int is_stop(const Burst *b, int64_t token) {
         if (b->stops[i] == token)
             return 1;
     return 0;
-}
-
-/* Up to b->steps steps of every layer and the LM head (s->logits set; row t is sequence t of the tables, its
- * one new token) from the embeddings x [T, H]. Stops after a step where any row gave a stop token: the next
- * step's batch would be one row smaller. Returns the steps run, or -1 when a kernel failed (out of memory). */
-int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers, const Burst *b, void *x,
-                 void *residual, void *out) {
-    const int64_t T = s->T, D = s->D, es = s->bf16 ? 2 : 4, bs = s->block_size;
-    DecodeStep step = *s;
-    int64_t *slots = malloc(T * sizeof *slots);
-    int32_t *lens = malloc(T * sizeof *lens);
-    char *cos_sin = malloc(T * D * es);
-    int ran = 0, failed = !slots || !lens || !cos_sin;
-    step.slots = slots, step.seq_lens = lens, step.cos_sin = cos_sin;
-    for (int i = 0; i < b->steps && !failed; i++) {
-        int64_t *tokens = b->tokens + i * T;
-        for (int64_t t = 0; t < T; t++) {
-            const int64_t pos = b->positions[t] + i;
-            const int32_t *table = s->tables + t * s->table_width;
-            slots[t] = (int64_t)table[pos / bs] * bs + pos % bs;
-            lens[t] = s->seq_lens[t] + i;
-            memcpy(cos_sin + t * D * es, (const char *)b->rotary + pos * D * es, D * es);
-        }
-        if (i)
-            failed |= b->dequantize(b->embed_type, b->embed, b->embed_row_bytes, s->H, tokens - T, T, x, s->bf16, 1);
-        if (s->head_norms) {   /* the tokens the logits' argmax gives, from the int8 head and the exact one's few */
-            step.logits = NULL;
-            failed |= decode_layers(&step, layers, num_layers, x, residual, out);
-            const GGMLLinear *h = &s->head;
-            failed = failed || s->argmax(h->type, h->w, h->packed, h->row_bytes, h->n, h->k, out, h->k, T, s->bf16,
-                                         s->head_norms, s->bf16, s->logits, s->threads, tokens);
-        } else {
-            failed |= decode_layers(&step, layers, num_layers, x, residual, out);
-            EACH_ROW(tokens[t] = argmax(s->logits + t * s->head.n, s->head.n))
-        }
-        if (failed)
-            break;
-        int stopped = 0;
-        for (int64_t t = 0; t < T; t++)
-            stopped |= is_stop(b, tokens[t]);
-        ran++;
-        if (stopped)
-            break;
-    }
-    free(slots), free(lens), free(cos_sin);
-    return failed ? -1 : ran;
 }
 
 /* ---- sampling ------------------------------------------------------------------------------------------ *
@@ -448,7 +406,7 @@ static double weigh(const float *row, int64_t V, float temp, float *w) {
 /* The kept tokens of a truncating row, heaviest first, into cand; returns how many (k: top-k, V for none) */
 static int64_t nucleus(const float *w, int64_t V, double total, int64_t k, float top_p, Weighted *cand) {
     int64_t n = 0;
-    for (float cutoff = 1e-7f;; cutoff = cutoff > 1e-30f ? cutoff * 1e-10f : 0.0f) {
+    for (float cutoff = 1e-3f;; cutoff = cutoff > 1e-30f ? cutoff * 1e-4f : 0.0f) {   /* few to sort first */
         double mass = 0.0;
         n = 0;
         for (int64_t i = 0; i < V; i++)
@@ -475,7 +433,9 @@ static int64_t nucleus(const float *w, int64_t V, double total, int64_t k, float
 
 static int64_t sample_row(const float *row, int64_t V, float temp, int64_t top_k, float top_p, float min_p, float u,
                           float *w, Weighted *cand) {
-    const double total = weigh(row, V, temp > 0.0f ? temp : 1.0f, w);
+    if (!(temp > 0.0f))   /* a greedy row */
+        return argmax(row, V);
+    const double total = weigh(row, V, temp, w);
     if (!(total > 0.0))   /* nothing allowed (or NaN logits): the first token */
         return 0;
     const int64_t k = top_k > 0 && top_k < V ? top_k : V;
@@ -506,8 +466,8 @@ static int64_t sample_row(const float *row, int64_t V, float temp, int64_t top_k
     return cand[kept - 1].id;
 }
 
-/* tokens[r] for rows r < R of logits [R, V] (row stride `stride`): temps, top_k (<= 0: none), top_p, min_p and
- * the uniform u in [0, 1) per row. Returns nonzero when scratch memory ran out (tokens not written). */
+/* tokens[r] for rows r < R of logits [R, V] (row stride `stride`): temps (0: greedy, the argmax), top_k (<= 0:
+ * none), top_p, min_p and the uniform u in [0, 1) per row. Returns nonzero when scratch memory ran out (tokens not written). */
 int sample_rows(const float *logits, int64_t stride, int64_t R, int64_t V, const float *temps, const int64_t *top_k,
                 const float *top_p, const float *min_p, const float *u, int threads, int64_t *tokens) {
     int failed = 0;
@@ -523,4 +483,54 @@ int sample_rows(const float *logits, int64_t stride, int64_t R, int64_t V, const
         free(w), free(cand);
     }
     return failed;
+}
+
+/* Up to b->steps steps of every layer and the LM head (s->logits set; row t is sequence t of the tables, its
+ * one new token) from the embeddings x [T, H]. Stops after a step where any row gave a stop token: the next
+ * step's batch would be one row smaller. Returns the steps run, or -1 when a kernel failed (out of memory). */
+int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers, const Burst *b, void *x,
+                 void *residual, void *out) {
+    const int64_t T = s->T, D = s->D, es = s->bf16 ? 2 : 4, bs = s->block_size;
+    DecodeStep step = *s;
+    int64_t *slots = malloc(T * sizeof *slots);
+    int32_t *lens = malloc(T * sizeof *lens);
+    char *cos_sin = malloc(T * D * es);
+    int ran = 0, failed = !slots || !lens || !cos_sin;
+    step.slots = slots, step.seq_lens = lens, step.cos_sin = cos_sin;
+    for (int i = 0; i < b->steps && !failed; i++) {
+        int64_t *tokens = b->tokens + i * T;
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t pos = b->positions[t] + i;
+            const int32_t *table = s->tables + t * s->table_width;
+            slots[t] = (int64_t)table[pos / bs] * bs + pos % bs;
+            lens[t] = s->seq_lens[t] + i;
+            memcpy(cos_sin + t * D * es, (const char *)b->rotary + pos * D * es, D * es);
+        }
+        if (i)
+            failed |= b->dequantize(b->embed_type, b->embed, b->embed_row_bytes, s->H, tokens - T, T, x, s->bf16, 1);
+        if (s->head_norms) {   /* the tokens the logits' argmax gives, from the int8 head and the exact one's few */
+            step.logits = NULL;
+            failed |= decode_layers(&step, layers, num_layers, x, residual, out);
+            const GGMLLinear *h = &s->head;
+            failed = failed || s->argmax(h->type, h->w, h->packed, h->row_bytes, h->n, h->k, out, h->k, T, s->bf16,
+                                         s->head_norms, s->bf16, s->logits, s->threads, tokens);
+        } else if (b->temps) {   /* rows that sample: every row's logits */
+            failed |= decode_layers(&step, layers, num_layers, x, residual, out);
+            failed = failed || sample_rows(s->logits, s->head.n, T, s->head.n, b->temps, b->top_k, b->top_p, b->min_p,
+                                           b->uniforms + i * T, s->threads, tokens);
+        } else {
+            failed |= decode_layers(&step, layers, num_layers, x, residual, out);
+            EACH_ROW(tokens[t] = argmax(s->logits + t * s->head.n, s->head.n))
+        }
+        if (failed)
+            break;
+        int stopped = 0;
+        for (int64_t t = 0; t < T; t++)
+            stopped |= is_stop(b, tokens[t]);
+        ran++;
+        if (stopped)
+            break;
+    }
+    free(slots), free(lens), free(cos_sin);
+    return failed ? -1 : ran;
 }

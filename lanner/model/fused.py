@@ -91,10 +91,10 @@ def mask_logits(logits: torch.Tensor, bits: torch.Tensor) -> None:
 
 
 def sampling_arrays(seqs) -> list[torch.Tensor]:
-    """Per-row temperature, top-k (<= 0: none), top-p and min-p as sample_rows (fused.c) takes them; temperature
-    0 (greedy) is not a row of theirs."""
+    """Per-row temperature (0: greedy, the argmax), top-k (<= 0: none), top-p and min-p as sample_rows (fused.c)
+    takes them."""
     params = [s.params for s in seqs]
-    return [torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32),
+    return [torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32),
             torch.tensor([p.top_k for p in params], dtype=torch.int64),
             torch.tensor([p.top_p for p in params], dtype=torch.float32),
             torch.tensor([p.min_p for p in params], dtype=torch.float32)]
