@@ -1057,7 +1057,8 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
                 }
             }
         }
-#pragma omp for schedule(static)
+        /* the region's end waits: one barrier a call, not two (30 layers' 1-row GEMVs 1.04-1.10x, 16 sweeps) */
+#pragma omp for schedule(static) nowait
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
             for (int64_t m = 0; m < M; m += TILE) {
@@ -1116,7 +1117,7 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
                 fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m * ldx, ldx,
                               xsum ? xsum + m * (K / 32) : NULL, M - m < TILE ? M - m : TILE,
                               y + m * ldy + g * PACK_ROWS, ldy);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait   /* the region's end waits */
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
             for (int64_t n = n0; n < n1 && !failed; n++) {
