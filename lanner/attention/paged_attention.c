@@ -696,8 +696,8 @@ int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache,
                 attend_split(&p, (int)seqs[piece[0]], piece[1], piece[2], after, acc + row_at[j] * D, mx + row_at[j],
                              nz + row_at[j]);
             }
-        /* merge each sequence's pieces by their log-sum-exp */
-        #pragma omp for schedule(static)
+        /* merge each sequence's pieces by their log-sum-exp (the region's end waits: no barrier of its own) */
+        #pragma omp for schedule(static) nowait
         for (int i = 0; i < num_seqs; i++) {
             int seq = (int)seqs[i], q0 = cu_seqlens_q[seq];
             int R = (cu_seqlens_q[seq + 1] - q0) * num_heads, splits = first_piece[i + 1] - first_piece[i];
