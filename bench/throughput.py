@@ -2,8 +2,8 @@
 same weights.
 
 By default 64 requests, random-token prompts of 16-256 tokens, outputs of 16-128 tokens, greedy (or
---sampling, lanner and vLLM only), eos ignored, fixed seed, on the default model. One JSON line per system and configuration on stdout (and --out); a summary
-table on stderr. Output tokens/s counts only the requested output tokens (padding and over-generation in
+--sampling, lanner and vLLM only), eos ignored, fixed seed, on the default model. One JSON line per system and
+configuration on stdout (and --out); a summary table on stderr. Output tokens/s counts only the requested output tokens (padding and over-generation in
 padded batches are not counted). The HF peers are slow, so they run on the first --hf-requests requests only
 (a rate is comparable; lanner also runs that same subset so its speedup is apples to apples).
 
