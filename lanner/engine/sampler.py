@@ -109,16 +109,16 @@ def uniforms(seqs: list[Sequence]) -> torch.Tensor:
 
 
 def burst_sampling(seqs: list[Sequence], steps: int) -> tuple[tuple | None, list]:
-    """A burst's sampling (DecodeStep.burst's: the rows' parameters, and [steps, R] uniform numbers, a row's drawn
-    from its request's generator as uniforms() draws them step by step), None where every row is greedy; and the
-    generators with their states before, to rewind a burst that runs fewer steps."""
-    if all(seq.params.greedy for seq in seqs):
+    """A burst's sampling (DecodeStep.burst's: the rows' parameters, and [steps, R] uniform numbers, each step's
+    drawn by uniforms() as that step would draw them), None where every row is greedy; and the rows' generators
+    with their states before, to rewind a burst that runs fewer steps."""
+    rows = [r for r, seq in enumerate(seqs) if not seq.params.greedy]
+    if not rows:
         return None, []
-    u, generators = torch.rand(steps, len(seqs)), []
-    for row, seq in enumerate(seqs):
-        if seq.generator is not None and not seq.params.greedy:
-            generators.append((seq.generator, seq.generator.get_state()))
-            u[:, row] = torch.cat([torch.rand(1, generator=seq.generator) for _ in range(steps)])
+    sampling = [seqs[r] for r in rows]
+    generators = [(seq.generator, seq.generator.get_state()) for seq in sampling if seq.generator is not None]
+    u = torch.zeros(steps, len(seqs))
+    u[:, rows] = torch.stack([uniforms(sampling) for _ in range(steps)])
     return (fused.sampling_arrays(seqs), u), generators
 
 

@@ -439,24 +439,17 @@ static int64_t sample_row(const float *row, int64_t V, float temp, int64_t top_k
     if (!(total > 0.0))   /* nothing allowed (or NaN logits): the first token */
         return 0;
     const int64_t k = top_k > 0 && top_k < V ? top_k : V;
-    const float floor = min_p * 1.0f;   /* the most likely token weighs 1 */
-    if (k == V && top_p >= 1.0f) {   /* no truncation: every token in vocabulary order */
-        double mass = 0.0, acc = 0.0;
-        int64_t last = 0;
+    int64_t kept = 0;
+    if (k == V && top_p >= 1.0f) {   /* no truncation: the tokens min-p keeps (the best weighs 1), in order */
         for (int64_t i = 0; i < V; i++)
-            mass += w[i] >= floor ? w[i] : 0.0f;
-        for (int64_t i = 0; i < V; i++)
-            if (w[i] >= floor) {
-                last = i;
-                if ((acc += w[i]) > u * mass)
-                    return i;
-            }
-        return last;
+            if (w[i] >= min_p)
+                cand[kept++] = (Weighted){w[i], (int32_t)i};
+    } else {
+        kept = nucleus(w, V, total, k, top_p, cand);
+        while (kept > 1 && cand[kept - 1].w < min_p * cand[0].w)
+            kept--;
+        qsort(cand, kept, sizeof *cand, lower_id_first);
     }
-    int64_t kept = nucleus(w, V, total, k, top_p, cand);
-    while (kept > 1 && cand[kept - 1].w < floor * cand[0].w)
-        kept--;
-    qsort(cand, kept, sizeof *cand, lower_id_first);
     double mass = 0.0, acc = 0.0;
     for (int64_t j = 0; j < kept; j++)
         mass += cand[j].w;
