@@ -219,15 +219,16 @@ class Profiler:
         if engine.has_unfinished_requests():
             raise RuntimeError("the profiler needs an idle engine")
         cfg = engine.cfg
-        saved = cfg.max_num_batched_tokens, cfg.max_num_seqs
+        saved = cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.num_scheduler_steps
         cfg.max_num_batched_tokens = max(cfg.max_num_batched_tokens, case.tokens)
         cfg.max_num_seqs = max(cfg.max_num_seqs, case.batch)
+        cfg.num_scheduler_steps = 1   # one step a call: a burst runs several decode steps in one
         self.decoding = self.decode_batch(case.batch, case.context) if case.phase == "decode" else []
         try:
             return self.measure(case)
         finally:
             self.release(self.decoding)
-            cfg.max_num_batched_tokens, cfg.max_num_seqs = saved
+            cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.num_scheduler_steps = saved
 
     def measure(self, case: Case) -> CaseResult:
         for _ in range(self.warmup):
