@@ -147,9 +147,10 @@ def test_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sampled_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
-    """Rows that sample (temperature, top-k, top-p, min-p; seeded) burst beside greedy ones and give the tokens of
-    steps run one by one: each step's uniform number from the row's generator as the step would draw it, and a
-    burst cut short by another row's stop token rewinds the generators to the steps it ran."""
+    """Rows that sample (temperature, top-k, top-p, min-p; seeded) or have penalties burst beside greedy ones and
+    give the tokens of steps run one by one: each step's uniform number from the row's generator as the step would
+    draw it, the penalties on the history as it grows step by step, and a burst cut short by another row's stop
+    token rewinds the generators to the steps it ran."""
     llm = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False)
     asked = count_bursts(llm)
     free = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
@@ -159,6 +160,10 @@ def test_sampled_bursts_give_the_tokens_of_single_steps(default_model_path, dtyp
              (PROMPTS, [SamplingParams(temperature=1.0, top_k=40, max_tokens=30, seed=2, ignore_eos=True),
                         SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
                         SamplingParams(temperature=0.7, min_p=0.1, max_tokens=30, seed=3, ignore_eos=True)]),
+             (PROMPTS, [SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3, ignore_eos=True),
+                        SamplingParams(temperature=0.9, max_tokens=30, seed=5, frequency_penalty=0.5,
+                                       presence_penalty=0.3, ignore_eos=True),
+                        SamplingParams(temperature=0, max_tokens=30, frequency_penalty=1.0, ignore_eos=True)]),
              # the greedy row stops inside the first burst: the seeded row's later tokens hold
              (PROMPTS[:2], [SamplingParams(temperature=1.2, max_tokens=30, seed=4, ignore_eos=True),
                             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[free[stop]],
@@ -170,17 +175,17 @@ def test_sampled_bursts_give_the_tokens_of_single_steps(default_model_path, dtyp
                           for prompts, params in cases]
         assert_all_blocks_free(llm)
     assert outputs[8] == outputs[1]
-    assert len(outputs[8][2][1]) == stop + 1 and len(outputs[8][2][0]) == 30
+    assert len(outputs[8][3][1]) == stop + 1 and len(outputs[8][3][0]) == 30
     assert max(asked) == 8
 
 
-def test_bursts_only_where_logits_and_sampling_alone_decide(default_model_path):
-    """Logprobs and penalties take a step at a time; so does a batch while a request waits to join."""
+def test_bursts_only_where_logits_history_and_sampling_alone_decide(default_model_path):
+    """Logprobs and grammars take a step at a time; so does a batch while a request waits to join."""
     llm = make_llm(default_model_path, kv_cache_memory=0.05, enable_prefix_caching=False, max_num_seqs=1)
     asked = count_bursts(llm)
     for params in (SamplingParams(temperature=0.8, max_tokens=12, seed=1, logprobs=1),
                    SamplingParams(temperature=0, max_tokens=12, logprobs=1),
-                   SamplingParams(temperature=0.8, max_tokens=12, repetition_penalty=1.2)):
+                   SamplingParams(temperature=0, max_tokens=12, structured_outputs={"regex": "[a-z ]+"})):
         llm.generate(PROMPTS[:1], params, use_tqdm=False)
     assert not asked
     llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)

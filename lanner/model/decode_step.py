@@ -52,7 +52,19 @@ class BurstArgs(ctypes.Structure):
     _fields_ = [("dequantize", c_void_p), ("embed_type", c_int), ("embed", c_void_p), ("embed_row_bytes", c_int64),
                 ("rotary", c_void_p), ("positions", c_void_p), ("stops", c_void_p), ("num_stops", c_int),
                 ("steps", c_int), ("tokens", c_void_p), ("temps", c_void_p), ("top_p", c_void_p),
-                ("min_p", c_void_p), ("top_k", c_void_p), ("uniforms", c_void_p)]
+                ("min_p", c_void_p), ("top_k", c_void_p), ("uniforms", c_void_p), ("repetition", c_void_p),
+                ("presence", c_void_p), ("frequency", c_void_p), ("seen", c_void_p), ("counts", c_void_p)]
+
+
+def penalty_state(histories: list[tuple[list[int], list[int]]], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's tokens seen (its prompt and output: repetition) [T, V] uint8 and its output tokens' counts
+    (presence, frequency) [T, V] int32, for decode_burst to penalize by and update step by step."""
+    seen = torch.zeros(len(histories), vocab, dtype=torch.uint8)
+    counts = torch.zeros(len(histories), vocab, dtype=torch.int32)
+    for row, (tokens, output) in enumerate(histories):
+        seen[row, torch.tensor(tokens, dtype=torch.long)] = 1
+        counts[row] = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].int()
+    return seen, counts
 
 
 class DecodeStep:
@@ -136,9 +148,10 @@ class DecodeStep:
         positions), each row's argmax fed back as its next token, in one C call: the tokens of each step run, [T]
         per step, those the steps one by one would sample (ggml_argmax finds the exact head's argmax without
         computing all of it). Stops after a step where a row gave one of stops. The KV slots of every step must be
-        allocated (meta's block tables hold them). sampling: where a row samples, the rows' fused.sampling_arrays and
-        uniform numbers [steps, T]; then every row's logits are computed, and each step's tokens drawn as
-        fused.sample_rows draws them (a greedy row's: its argmax)."""
+        allocated (meta's block tables hold them). sampling: where a row samples or has penalties, the rows'
+        fused.sampling_arrays, uniform numbers [steps, T] and (with penalties) each row's (prompt + output tokens,
+        output tokens); then every row's logits are computed, penalized as Sampler penalizes them, and each step's
+        tokens drawn as fused.sample_rows draws them (a greedy row's: its argmax)."""
         x = x.contiguous()
         step, keep = self.step_args(x, cos_sin, meta)
         logits = torch.empty(x.shape[0], self.head.out_features)
@@ -153,9 +166,14 @@ class DecodeStep:
                           self.model.rotary.in_dtype(x.dtype).data_ptr(), positions.data_ptr(), stops.data_ptr(),
                           stops.numel(), steps, tokens.data_ptr())
         if sampling is not None:
-            (temps, top_k, top_p, min_p), uniforms = sampling[0], sampling[1].to(torch.float32).contiguous()
+            (temps, top_k, top_p, min_p, rep, pres, freq), uniforms, histories = sampling
+            uniforms = uniforms.to(torch.float32).contiguous()
             burst.temps, burst.top_p, burst.min_p = temps.data_ptr(), top_p.data_ptr(), min_p.data_ptr()
             burst.top_k, burst.uniforms = top_k.data_ptr(), uniforms.data_ptr()
+            if histories is not None:
+                seen, counts = penalty_state(histories, self.head.out_features)
+                burst.repetition, burst.presence, burst.frequency = rep.data_ptr(), pres.data_ptr(), freq.data_ptr()
+                burst.seen, burst.counts = seen.data_ptr(), counts.data_ptr()
         layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)
         ran = self.lib.decode_burst(ctypes.byref(step), layers, len(layers), ctypes.byref(burst), x.data_ptr(),
                                     residual.data_ptr(), out.data_ptr())

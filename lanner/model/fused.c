@@ -312,6 +312,9 @@ typedef struct {
     const float *temps, *top_p, *min_p;   /* each row's sampling (sample_rows), or NULL: every row greedy */
     const int64_t *top_k;
     const float *uniforms;      /* [steps, T]: each step's uniform number of each row */
+    const float *repetition, *presence, *frequency;   /* each row's penalties, or NULL: none */
+    uint8_t *seen;              /* [T, V]: the tokens of each row's prompt and output, updated step by step */
+    int32_t *counts;            /* [T, V]: how often each token is in the row's output, the same */
 } Burst;
 
 static int64_t argmax(const float *row, int64_t n) {
@@ -478,6 +481,32 @@ int sample_rows(const float *logits, int64_t stride, int64_t R, int64_t V, const
     return failed;
 }
 
+/* v rounded to fp32 here, as PyTorch's separate ops round it: no FMA or reassociation across (-fassociative-math) */
+#define ROUNDED(v) __asm__("" : "+v"(v))
+
+/* The penalties of Sampler (apply_penalties) on each row's logits, in place and bitwise as PyTorch applies them:
+ * repetition (HF's) on every token of the prompt and output, then frequency per occurrence and presence once for
+ * each token of the output (OpenAI's). */
+static void penalize(const Burst *b, float *logits, int64_t T, int64_t V) {
+    for (int64_t t = 0; t < T; t++) {
+        const float rep = b->repetition[t], pres = b->presence[t], freq = b->frequency[t];
+        float *row = logits + t * V;
+        const uint8_t *seen = b->seen + t * V;
+        const int32_t *counts = b->counts + t * V;
+        for (int64_t i = 0; rep != 1.0f && i < V; i++)
+            if (seen[i])
+                row[i] = row[i] > 0.0f ? row[i] / rep : row[i] * rep;
+        for (int64_t i = 0; (pres != 0.0f || freq != 0.0f) && i < V; i++)
+            if (counts[i]) {   /* (a token not in the output loses freq * 0 + pres * 0: nothing) */
+                float cut = freq * (float)counts[i];
+                ROUNDED(cut);
+                cut += pres;
+                ROUNDED(cut);
+                row[i] -= cut;
+            }
+    }
+}
+
 /* Up to b->steps steps of every layer and the LM head (s->logits set; row t is sequence t of the tables, its
  * one new token) from the embeddings x [T, H]. Stops after a step where any row gave a stop token: the next
  * step's batch would be one row smaller. Returns the steps run, or -1 when a kernel failed (out of memory). */
@@ -507,10 +536,15 @@ int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers
             const GGMLLinear *h = &s->head;
             failed = failed || s->argmax(h->type, h->w, h->packed, h->row_bytes, h->n, h->k, out, h->k, T, s->bf16,
                                          s->head_norms, s->bf16, s->logits, s->threads, tokens);
-        } else if (b->temps) {   /* rows that sample: every row's logits */
+        } else if (b->temps) {   /* rows that sample or have penalties: every row's logits */
+            const int64_t V = s->head.n;
             failed |= decode_layers(&step, layers, num_layers, x, residual, out);
-            failed = failed || sample_rows(s->logits, s->head.n, T, s->head.n, b->temps, b->top_k, b->top_p, b->min_p,
+            if (b->seen && !failed)
+                penalize(b, s->logits, T, V);
+            failed = failed || sample_rows(s->logits, V, T, V, b->temps, b->top_k, b->top_p, b->min_p,
                                            b->uniforms + i * T, s->threads, tokens);
+            for (int64_t t = 0; b->seen && !failed && t < T; t++)   /* the new tokens are history for the next step */
+                b->seen[t * V + tokens[t]] = 1, b->counts[t * V + tokens[t]]++;
         } else {
             failed |= decode_layers(&step, layers, num_layers, x, residual, out);
             EACH_ROW(tokens[t] = argmax(s->logits + t * s->head.n, s->head.n))

@@ -92,12 +92,14 @@ def mask_logits(logits: torch.Tensor, bits: torch.Tensor) -> None:
 
 def sampling_arrays(seqs) -> list[torch.Tensor]:
     """Per-row temperature (0: greedy, the argmax), top-k (<= 0: none), top-p and min-p as sample_rows (fused.c)
-    takes them."""
+    takes them, then the repetition, presence and frequency penalties (decode_burst's)."""
     params = [s.params for s in seqs]
-    return [torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32),
+    floats = lambda values: torch.tensor(values, dtype=torch.float32)
+    return [floats([0.0 if p.greedy else p.temperature for p in params]),
             torch.tensor([p.top_k for p in params], dtype=torch.int64),
-            torch.tensor([p.top_p for p in params], dtype=torch.float32),
-            torch.tensor([p.min_p for p in params], dtype=torch.float32)]
+            floats([p.top_p for p in params]), floats([p.min_p for p in params]),
+            floats([p.repetition_penalty for p in params]), floats([p.presence_penalty for p in params]),
+            floats([p.frequency_penalty for p in params])]
 
 
 def sample_rows(logits: torch.Tensor, seqs, u: torch.Tensor) -> torch.Tensor | None:
@@ -106,7 +108,7 @@ def sample_rows(logits: torch.Tensor, seqs, u: torch.Tensor) -> torch.Tensor | N
     lib = library()
     if lib is None or logits.dtype != torch.float32 or logits.stride(-1) != 1 or logits.device.type != "cpu":
         return None
-    arrays = sampling_arrays(seqs)
+    arrays = sampling_arrays(seqs)[:4]
     u = u.to(torch.float32).contiguous()
     tokens = torch.empty(logits.shape[0], dtype=torch.int64)
     if lib.sample_rows(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], *[a.data_ptr() for a in arrays],
