@@ -110,9 +110,9 @@ def uniforms(seqs: list[Sequence]) -> torch.Tensor:
 
 def burst_sampling(seqs: list[Sequence], steps: int) -> tuple[tuple | None, list]:
     """A burst's sampling (DecodeStep.burst's: the rows' parameters, [steps, R] uniform numbers, each step's drawn
-    by uniforms() as that step would draw them, and with penalties the rows' token histories), None where every row
-    is greedy without penalties; and the rows' generators with their states before, to rewind a burst that runs
-    fewer steps."""
+    by uniforms() as that step would draw them, and with penalties theirs and the rows' token histories), None where
+    every row is greedy without penalties; and the rows' generators with their states before, to rewind a burst
+    that runs fewer steps."""
     penalized = any(seq.params.has_penalties for seq in seqs)
     rows = [r for r, seq in enumerate(seqs) if not seq.params.greedy]
     if not rows and not penalized:
@@ -122,8 +122,9 @@ def burst_sampling(seqs: list[Sequence], steps: int) -> tuple[tuple | None, list
     u = torch.zeros(steps, len(seqs))
     if rows:
         u[:, rows] = torch.stack([uniforms(sampling) for _ in range(steps)])
-    histories = [(seq.token_ids, seq.output_token_ids) for seq in seqs] if penalized else None
-    return (fused.sampling_arrays(seqs), u, histories), generators
+    penalties = (fused.penalty_arrays(seqs), [(seq.token_ids, seq.output_token_ids) for seq in seqs]) \
+        if penalized else None
+    return (fused.sampling_arrays(seqs), u, penalties), generators
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -149,9 +149,9 @@ class DecodeStep:
         per step, those the steps one by one would sample (ggml_argmax finds the exact head's argmax without
         computing all of it). Stops after a step where a row gave one of stops. The KV slots of every step must be
         allocated (meta's block tables hold them). sampling: where a row samples or has penalties, the rows'
-        fused.sampling_arrays, uniform numbers [steps, T] and (with penalties) each row's (prompt + output tokens,
-        output tokens); then every row's logits are computed, penalized as Sampler penalizes them, and each step's
-        tokens drawn as fused.sample_rows draws them (a greedy row's: its argmax)."""
+        fused.sampling_arrays, uniform numbers [steps, T] and (with penalties) their fused.penalty_arrays and each
+        row's (prompt + output tokens, output tokens); then every row's logits are computed, penalized as Sampler
+        penalizes them, and each step's tokens drawn as fused.sample_rows draws them (a greedy row's: its argmax)."""
         x = x.contiguous()
         step, keep = self.step_args(x, cos_sin, meta)
         logits = torch.empty(x.shape[0], self.head.out_features)
@@ -166,11 +166,12 @@ class DecodeStep:
                           self.model.rotary.in_dtype(x.dtype).data_ptr(), positions.data_ptr(), stops.data_ptr(),
                           stops.numel(), steps, tokens.data_ptr())
         if sampling is not None:
-            (temps, top_k, top_p, min_p, rep, pres, freq), uniforms, histories = sampling
+            (temps, top_k, top_p, min_p), uniforms, penalties = sampling
             uniforms = uniforms.to(torch.float32).contiguous()
             burst.temps, burst.top_p, burst.min_p = temps.data_ptr(), top_p.data_ptr(), min_p.data_ptr()
             burst.top_k, burst.uniforms = top_k.data_ptr(), uniforms.data_ptr()
-            if histories is not None:
+            if penalties is not None:
+                (rep, pres, freq), histories = penalties
                 seen, counts = penalty_state(histories, self.head.out_features)
                 burst.repetition, burst.presence, burst.frequency = rep.data_ptr(), pres.data_ptr(), freq.data_ptr()
                 burst.seen, burst.counts = seen.data_ptr(), counts.data_ptr()

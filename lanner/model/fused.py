@@ -92,14 +92,18 @@ def mask_logits(logits: torch.Tensor, bits: torch.Tensor) -> None:
 
 def sampling_arrays(seqs) -> list[torch.Tensor]:
     """Per-row temperature (0: greedy, the argmax), top-k (<= 0: none), top-p and min-p as sample_rows (fused.c)
-    takes them, then the repetition, presence and frequency penalties (decode_burst's)."""
+    takes them."""
     params = [s.params for s in seqs]
-    floats = lambda values: torch.tensor(values, dtype=torch.float32)
-    return [floats([0.0 if p.greedy else p.temperature for p in params]),
+    return [torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32),
             torch.tensor([p.top_k for p in params], dtype=torch.int64),
-            floats([p.top_p for p in params]), floats([p.min_p for p in params]),
-            floats([p.repetition_penalty for p in params]), floats([p.presence_penalty for p in params]),
-            floats([p.frequency_penalty for p in params])]
+            torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            torch.tensor([p.min_p for p in params], dtype=torch.float32)]
+
+
+def penalty_arrays(seqs) -> list[torch.Tensor]:
+    """Per-row repetition, presence and frequency penalties as decode_burst (fused.c) takes them."""
+    return [torch.tensor([getattr(s.params, name) for s in seqs], dtype=torch.float32)
+            for name in ("repetition_penalty", "presence_penalty", "frequency_penalty")]
 
 
 def sample_rows(logits: torch.Tensor, seqs, u: torch.Tensor) -> torch.Tensor | None:
@@ -108,10 +112,10 @@ def sample_rows(logits: torch.Tensor, seqs, u: torch.Tensor) -> torch.Tensor | N
     lib = library()
     if lib is None or logits.dtype != torch.float32 or logits.stride(-1) != 1 or logits.device.type != "cpu":
         return None
-    arrays = sampling_arrays(seqs)[:4]
+    arrays = sampling_arrays(seqs)
     u = u.to(torch.float32).contiguous()
     tokens = torch.empty(logits.shape[0], dtype=torch.int64)
-    if lib.sample_rows(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], *[a.data_ptr() for a in arrays],
-                       u.data_ptr(), torch.get_num_threads(), tokens.data_ptr()):
+    if lib.sample_rows(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1],
+                       *[a.data_ptr() for a in arrays], u.data_ptr(), torch.get_num_threads(), tokens.data_ptr()):
         raise MemoryError("sampling: out of memory for a row's scratch")
     return tokens
