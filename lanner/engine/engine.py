@@ -22,6 +22,7 @@ from lanner.model.loader import load_model_files
 from lanner.sampling_params import SamplingParams
 from lanner.spec.proposers import NgramProposer
 from lanner.spec.rejection import verify_greedy, verify_sampled
+from lanner.startup import collector_paused
 from lanner.structured import GrammarCompiler, StructuredOutputs
 
 # A decode step of up to this many rows costs about what one row does on CPU (the forward streams the weights
@@ -80,17 +81,18 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        hf_config, weights, self.tokenizer, self.model_path = load_model_files(cfg.model, dense=cfg.device != "cpu")
-        vision_files = (hf_config, weights) if is_vision_model(hf_config) else None
-        if vision_files:
-            hf_config, weights = VisionPath.split(hf_config, weights)
-        self.model_config = ModelConfig.from_hf(hf_config)
-        self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
-        self.runner = make_runner(cfg, self.model_config, weights, self.max_model_len)
-        if vision_files:
-            self.runner.vision = VisionPath(self.model_path, *vision_files, self.tokenizer, self.runner.dtype,
-                                            cfg.limit_mm_per_prompt["image"])
-        del weights, vision_files
+        with collector_paused():
+            hf_config, weights, self.tokenizer, self.model_path = load_model_files(cfg.model, dense=cfg.device != "cpu")
+            vision_files = (hf_config, weights) if is_vision_model(hf_config) else None
+            if vision_files:
+                hf_config, weights = VisionPath.split(hf_config, weights)
+            self.model_config = ModelConfig.from_hf(hf_config)
+            self.max_model_len = cfg.max_model_len or self.model_config.max_position_embeddings
+            self.runner = make_runner(cfg, self.model_config, weights, self.max_model_len)
+            if vision_files:
+                self.runner.vision = VisionPath(self.model_path, *vision_files, self.tokenizer, self.runner.dtype,
+                                                cfg.limit_mm_per_prompt["image"])
+            del weights, vision_files
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         if self.runner.lora is not None:
             self.runner.lora.prefix_pool = PrefixPool(self.blocks, self.runner.kv_cache)

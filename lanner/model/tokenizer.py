@@ -36,8 +36,8 @@ class ChatTokenizer:
                  eos_token_id: int | None, add_bos: bool):
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.bos_token_id, self.eos_token_id, self.add_bos = bos_token_id, eos_token_id, add_bos
-        vocab = tokenizer.get_vocab()
-        self.stop_token_ids = {vocab[t] for t in END_OF_TURN if t in vocab}
+        ids = (tokenizer.token_to_id(t) for t in END_OF_TURN)   # not get_vocab(): 30 ms for 49k tokens
+        self.stop_token_ids = {i for i in ids if i is not None}
         if eos_token_id is not None:
             self.stop_token_ids.add(eos_token_id)
         self.vocab_size = tokenizer.get_vocab_size()
