@@ -1,7 +1,7 @@
 """lanner: a fast, readable LLM inference engine."""
 from lanner.startup import collector_paused
 
-with collector_paused():   # torch's import, mostly
+with collector_paused(freeze=True):   # torch's import, mostly
     from lanner.config import EngineConfig
     from lanner.engine.llm import LLM
     from lanner.engine.outputs import CompletionOutput, RequestOutput

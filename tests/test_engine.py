@@ -189,3 +189,16 @@ def test_a_steps_freed_scratch_stays_in_the_heap():
 
     a_step()
     assert page_faults_of(a_step) < 100   # mapped afresh, its 4 KiB pages would fault 5,120 times
+
+
+def test_start_up_leaves_the_collector_on_and_an_engine_collectable(default_model_path):
+    """Imports and the model's load run without cyclic collections; the collector runs again after them (and
+    after a load that fails). What the imports made is frozen out of later collections; nothing of an engine is,
+    which could never be freed then."""
+    assert gc.isenabled() and gc.get_freeze_count() > 0
+    frozen = gc.get_freeze_count()
+    make_llm(default_model_path, kv_cache_memory=0.01)
+    assert gc.isenabled() and gc.get_freeze_count() < frozen + 1000   # freezing a load froze ~8,000
+    with pytest.raises(ValueError):
+        make_llm(default_model_path + ".missing", kv_cache_memory=0.01)
+    assert gc.isenabled()

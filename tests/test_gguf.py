@@ -241,3 +241,33 @@ def test_a_truncated_file_is_a_clear_error(tmp_path, default_model_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
     with pytest.raises(ValueError, match="not a GGUF file"):
         load_gguf(str(tmp_path / "junk.gguf"))
+
+
+@pytest.mark.parametrize("with_nul", [False, True])
+def test_string_arrays_decode_each_string_alone(tmp_path, with_nul):
+    """The reader decodes a string array's bytes at once, joined by NULs: invalid UTF-8 at a string's end stays
+    that string's replacement character, and an array holding a NUL is still read string by string."""
+    raw = [b"Hello", b"\xe2\x82", b"\xac", b"", b"caf\xc3\xa9", b"\xffZ"] + ([b"a\x00b"] if with_nul else [])
+    placeholders = [f"{i:0{len(r)}d}"[:len(r)] if r else "" for i, r in enumerate(raw)]
+    writer = GGUFWriter(str(tmp_path / "s.gguf"), "llama")
+    writer.add_array("test.strings", placeholders)
+    writer.add_uint32("test.after", 7)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    data = (tmp_path / "s.gguf").read_bytes()
+    start = data.index(struct.pack("<Q", len(raw[0])) + placeholders[0].encode())
+    body = b"".join(struct.pack("<Q", len(r)) + p.encode() for r, p in zip(raw, placeholders))
+    (tmp_path / "s.gguf").write_bytes(data[:start] + b"".join(struct.pack("<Q", len(r)) + r for r in raw)
+                                      + data[start + len(body):])
+    fields = GGUFFile(str(tmp_path / "s.gguf")).fields
+    assert fields["test.strings"] == [str(r, "utf-8", "replace") for r in raw]
+    assert fields["test.after"] == 7
+
+
+def test_dense_loading_dequantizes_every_type_exactly(mixed_types):
+    """F16 and BF16 converted here, the block formats by the gguf package: the values stored."""
+    path, stored = mixed_types
+    _, weights, _ = load_gguf(str(path), dense=True)
+    for name, tensor in stored.items():
+        assert isinstance(weights[name], torch.Tensor) and torch.equal(weights[name], tensor), name
