@@ -260,7 +260,7 @@ class LLMEngine:
                     self.blocks.release_out_of_window(seq, self.kv_window)
         return [self.make_output(self.requests[rid]) for rid in touched if rid in self.requests]
 
-    # ---- bursts: greedy decode steps in one call ---------------------------------------------------
+    # ---- bursts: decode steps in one call ---------------------------------------------------------
     def burst_steps(self, scheduled: list[tuple[Sequence, int]]) -> int:
         """How many decode steps this batch runs in one call: up to num_scheduler_steps (> 1: bursts are on) when
         every row is a decode row whose token its logits, history and sampling parameters alone decide (greedy, or

@@ -16,8 +16,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             vals = logits[row, seen]
             logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.presence_penalty or p.frequency_penalty:
-            counts = torch.bincount(torch.tensor(seq.output_token_ids, dtype=torch.long),
-                                    minlength=logits.shape[1])[:logits.shape[1]].float()
+            counts = fused.token_counts(seq.output_token_ids, logits.shape[1]).float()
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
     return logits
 

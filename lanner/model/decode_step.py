@@ -63,7 +63,7 @@ def penalty_state(histories: list[tuple[list[int], list[int]]], vocab: int) -> t
     counts = torch.zeros(len(histories), vocab, dtype=torch.int32)
     for row, (tokens, output) in enumerate(histories):
         seen[row, torch.tensor(tokens, dtype=torch.long)] = 1
-        counts[row] = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].int()
+        counts[row] = fused.token_counts(output, vocab).int()
     return seen, counts
 
 
@@ -144,10 +144,10 @@ class DecodeStep:
 
     def burst(self, x: torch.Tensor, cos_sin: torch.Tensor, meta, positions: torch.Tensor, steps: int,
               stops: list[int], sampling: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
-        """Up to `steps` greedy decode steps of rows x [T, H] (embeddings of each sequence's last token, at
-        positions), each row's argmax fed back as its next token, in one C call: the tokens of each step run, [T]
-        per step, those the steps one by one would sample (ggml_argmax finds the exact head's argmax without
-        computing all of it). Stops after a step where a row gave one of stops. The KV slots of every step must be
+        """Up to `steps` decode steps of rows x [T, H] (embeddings of each sequence's last token, at positions),
+        each row's token fed back as its next one, in one C call: the tokens of each step run, [T] per step, those
+        the steps one by one would sample (a greedy batch's from ggml_argmax, which finds the exact head's argmax
+        without computing all of it). Stops after a step where a row gave one of stops. The KV slots of every step must be
         allocated (meta's block tables hold them). sampling: where a row samples or has penalties, the rows'
         fused.sampling_arrays, uniform numbers [steps, T] and (with penalties) their fused.penalty_arrays and each
         row's (prompt + output tokens, output tokens); then every row's logits are computed, penalized as Sampler
@@ -157,8 +157,8 @@ class DecodeStep:
         logits = torch.empty(x.shape[0], self.head.out_features)
         tokens = torch.empty(steps, x.shape[0], dtype=torch.int64)
         step.head, step.logits = self.head_args, logits.data_ptr()
-        if sampling is None and self.head.bias is None:   # tokens from the int8 head, the exact one recomputing the
-            # rows that could win
+        if sampling is None and self.head.bias is None:   # the int8 head's tokens; the exact one recomputes the
+            # groups that could win
             step.argmax, step.head_norms = self.argmax, self.head.row_norms().data_ptr()
         embed = self.model.embed_tokens.ggml
         positions, stops = positions.to(torch.int64).contiguous(), torch.tensor(stops, dtype=torch.int64)

@@ -106,6 +106,11 @@ def penalty_arrays(seqs) -> list[torch.Tensor]:
             for name in ("repetition_penalty", "presence_penalty", "frequency_penalty")]
 
 
+def token_counts(ids: list[int], vocab: int) -> torch.Tensor:
+    """How often each of the vocab's tokens is in ids, int64 [vocab] (presence and frequency penalties)."""
+    return torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab]
+
+
 def sample_rows(logits: torch.Tensor, seqs, u: torch.Tensor) -> torch.Tensor | None:
     """One token per row of fp32 logits [R, V], drawn from seqs' distributions (temperature, top-k, top-p,
     min-p; Sampler's) at the uniforms u [R]; None where the kernel does not apply."""
