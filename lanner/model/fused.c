@@ -5,6 +5,7 @@
  * rows (bf16 0 / 1); statistics in fp32, and bf16 rounding where HF's RMSNorm rounds.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,21 @@
  * below, the fork costs more than it saves. A batch's decode step of 64 rows spent more time in its serial norms,
  * conversions and rotary than in its GEMMs. Each row is computed as alone, so results do not depend on the split. */
 #define PAR_ROWS 8
+
+/* body for rows t = 0 .. T-1, split over `threads` threads from PAR_ROWS rows. Fewer run on the calling thread
+ * without entering OpenMP at all: a region whose if clause is false still builds and frees a team of one, 0.8 us
+ * a call on Zen 3, and a batch-1 decode step made six such calls a layer. */
+#define FOR_ROWS(T, threads, ...)                                                                                \
+    do {                                                                                                        \
+        const int64_t rows_ = (T);                                                                              \
+        const int threads_ = (threads);                                                                         \
+        if (rows_ >= PAR_ROWS) {                                                                                \
+            _Pragma("omp parallel for schedule(static) num_threads(threads_)")                                 \
+            for (int64_t t = 0; t < rows_; t++) { __VA_ARGS__; }                                                \
+        } else {                                                                                                \
+            for (int64_t t = 0; t < rows_; t++) { __VA_ARGS__; }                                                \
+        }                                                                                                       \
+    } while (0)
 
 static inline float load(const void *p, int64_t i, int bf16) {
     if (!bf16)
@@ -38,8 +54,7 @@ static inline void store(void *p, int64_t i, float f, int bf16) {
 
 void rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t T, int64_t H, float eps,
               int bf16) {
-#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
-    for (int64_t t = 0; t < T; t++) {
+    FOR_ROWS(T, omp_get_max_threads(), {
         const int64_t row = t * H;
         float sum = 0;
         for (int64_t i = 0; i < H; i++) {
@@ -59,7 +74,7 @@ void rms_norm(const void *x, void *residual, const void *weight, void *out, int6
             float n = bf16 ? load(&normed, 0, 1) : load(src, row + i, 0) * scale;
             store(out, row + i, n * load(weight, i, bf16), bf16);
         }
-    }
+    });
 }
 
 static inline float round_to(float f, int bf16) {   /* f as the activations' dtype holds it */
@@ -87,8 +102,7 @@ static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to
 void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int D, const int64_t *slots,
                 void *k_cache, void *v_cache, int bf16, int kv_bf16) {
     const int half = D / 2, width = (hq + 2 * hkv) * D, es = bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
-    for (int64_t t = 0; t < T; t++) {
+    FOR_ROWS(T, omp_get_max_threads(), {
         const int64_t row = t * width;
         for (int h = 0; h < hq + hkv; h++) {
             const int64_t at = row + (int64_t)h * D;
@@ -115,7 +129,7 @@ void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int 
         const char *k = (char *)qkv + (row + (int64_t)hq * D) * es, *v = k + kv * es;
         convert(k, (char *)k_cache + slots[t] * kv * kv_es, kv, bf16, kv_bf16);
         convert(v, (char *)v_cache + slots[t] * kv * kv_es, kv, bf16, kv_bf16);
-    }
+    });
 }
 
 /* silu(g) = g * sigmoid(g), from e = exp(-|g|) <= 1 (no overflow): sigmoid is 1 / (1 + e) for g >= 0 and
@@ -128,8 +142,7 @@ static inline vn silu_native(vn g) {
 
 /* out[t, i] = silu(gate[t, i]) * up[t, i] for gate | up = x[t, :2I], rounded as HF's bf16 ops round */
 void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
-#pragma omp parallel for schedule(static) if (T >= PAR_ROWS)
-    for (int64_t t = 0; t < T; t++) {
+    FOR_ROWS(T, omp_get_max_threads(), {
         int64_t i = 0;
         for (; i + NATIVE <= I; i += NATIVE) {
             vn g = load_native(x, t * 2 * I + i, bf16), u = load_native(x, t * 2 * I + I + i, bf16);
@@ -139,7 +152,7 @@ void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
             vn g = (vn){0} + load(x, t * 2 * I + i, bf16);
             store(out, t * I + i, round_to(silu_native(g)[0], bf16) * load(x, t * 2 * I + I + i, bf16), bf16);
         }
-    }
+    });
 }
 
 /* Grammar masks: the logits [R, V] (rows `stride` floats apart) of tokens whose bit is clear in bits [R, W]
@@ -202,10 +215,8 @@ typedef struct {
     const float *head_norms;  /* upper bounds of the head's row norms, or NULL */
 } DecodeStep;
 
-/* The step's own per-row stages, split as above */
-#define EACH_ROW(body)   /* row t of the step s in scope */                                               \
-    _Pragma("omp parallel for schedule(static) num_threads(s->threads) if (s->T >= PAR_ROWS)")            \
-    for (int64_t t = 0; t < s->T; t++) { body; }
+/* The step's own per-row stages, split as above (row t of the step s in scope) */
+#define EACH_ROW(...) FOR_ROWS(s->T, s->threads, __VA_ARGS__)
 
 /* y = x W^T (+ b) for T rows of x in the activations' dtype, into y in fp32 or in that dtype (as
  * GGMLLinear.small: in fp32, rounded once at the end) */
@@ -232,7 +243,7 @@ static int head_logits(const DecodeStep *s, const void *h) {
             store(&b, 0, row[i], 1);
             row[i] = load(&b, 0, 1);
         }
-    })
+    });
     return failed;
 }
 
@@ -243,13 +254,13 @@ static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, v
         convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qf + t * qn, qn, s->bf16, 0);
         if (s->kv_bf16)
             convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qb + t * qn, qn, s->bf16, 1);
-    })
+    });
     /* with a bf16 cache the query scores in bf16 (rounded where it is fp32), as attention.native passes it */
     int failed = s->attention(qf, s->kv_bf16 ? qb : NULL, l->k_cache, l->v_cache, s->kv_bf16, s->tables,
                               s->table_width, s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq,
                               s->hkv, s->D, s->block_size, s->scale, l->window, s->softcap, l->split, of, lse,
                               s->threads);
-    EACH_ROW(convert(of + t * qn, (char *)out + t * qn * (s->bf16 ? 2 : 4), qn, 0, s->bf16))
+    EACH_ROW(convert(of + t * qn, (char *)out + t * qn * (s->bf16 ? 2 : 4), qn, 0, s->bf16));
     return failed;
 }
 
@@ -547,7 +558,7 @@ int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers
                 b->seen[t * V + tokens[t]] = 1, b->counts[t * V + tokens[t]]++;
         } else {
             failed |= decode_layers(&step, layers, num_layers, x, residual, out);
-            EACH_ROW(tokens[t] = argmax(s->logits + t * s->head.n, s->head.n))
+            EACH_ROW(tokens[t] = argmax(s->logits + t * s->head.n, s->head.n));
         }
         if (failed)
             break;

@@ -1309,10 +1309,14 @@ int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         free(xf), free(xsum);
         return 1;
     }
+    if (M <= TILE)   /* one tile (a batch-1 step): no fork for a second thread that would wait */
+        exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, 0, (int)M, scratch, norms, round_bf16, tokens);
+    else {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t m0 = 0; m0 < M; m0 += TILE)
-        exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, m0, M - m0 < TILE ? M - m0 : TILE, scratch,
-                          norms, round_bf16, tokens);
+        for (int64_t m0 = 0; m0 < M; m0 += TILE)
+            exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, m0, M - m0 < TILE ? M - m0 : TILE,
+                              scratch, norms, round_bf16, tokens);
+    }
     free(xf), free(xsum);
     return 0;
 }
