@@ -1,5 +1,5 @@
-"""The one-call decode step (lanner.model.decode_step) gives bitwise the PyTorch path's results; models and steps it
-does not take run the PyTorch path."""
+"""The one-call decode step (lanner.model.decode_step) gives bitwise the PyTorch path's results (LoRA rows: up to the
+order of their deltas' sums); models and steps it does not take run the PyTorch path."""
 import pytest
 import torch
 from conftest import assert_all_blocks_free, make_llm, save_tiny_model
@@ -63,15 +63,79 @@ def test_models_it_cannot_run_keep_the_pytorch_path(tmp_path, llm):
     assert make_llm(str(tmp_path), kv_cache_memory=0.02).engine.runner.model.decode_step is None   # dense weights
 
 
-def test_steps_with_adapter_rows_keep_the_adapter(base_dir, tmp_path):
-    """Adapter rows take the PyTorch path (the LoRA manager comes after the decode step is built)."""
+def record_adapter_steps(monkeypatch) -> list[bool]:
+    """For each call of the one-call step (a step or a burst): whether adapter rows were in it."""
+    from lanner.model.decode_step import DecodeStep
+    seen = []
+
+    def recorded(method):
+        def call(self, *args, **kwargs):
+            lora = self.attn.qkv_proj.lora
+            seen.append(bool(lora is not None and lora.manager.batch))
+            return method(self, *args, **kwargs)
+        return call
+    monkeypatch.setattr(DecodeStep, "__call__", recorded(DecodeStep.__call__))
+    monkeypatch.setattr(DecodeStep, "burst", recorded(DecodeStep.burst))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_rows_run_in_the_step_as_on_the_pytorch_path(base_dir, tmp_path, dtype, monkeypatch):
+    """LoRA rows run in the one-call step, each linear adding their deltas as LoRAWeights.add_delta does: a batch of
+    two adapters (one of a lower rank on q and v only) and a base row gives the PyTorch path's tokens and its
+    logprobs up to the order of the deltas' sums (the base row's bitwise), and bursts of such rows the tokens of single
+    steps. An IA3 row keeps the PyTorch path."""
+    from test_ia3 import SPECS, make_ia3, tiny_base
+    requests = [LoRARequest("a", 1, str(tmp_path / "a")), LoRARequest("b", 2, str(tmp_path / "b"))]
+    make_adapter(base_dir, requests[0].lora_path, seed=3)
+    make_adapter(base_dir, requests[1].lora_path, seed=4, r=4, target_modules=["q_proj", "v_proj"])
+    llm = make_llm(str(base_dir), quantization="q8_0", dtype=dtype, enable_lora=True, max_loras=2, max_lora_rank=8,
+                   kv_cache_memory=0.02, enable_prefix_caching=False)
+    adapter_steps = record_adapter_steps(monkeypatch)
+    lean, torch_path = both_paths(llm, PROMPTS, lora_request=[*requests, None])
+    assert any(adapter_steps)
+    for (tokens, logprobs), (tokens_ref, logprobs_ref) in zip(lean, torch_path):
+        assert tokens == tokens_ref
+        for top, top_ref in zip(logprobs, logprobs_ref):
+            assert top.keys() == top_ref.keys()
+            assert all(abs(top[t] - top_ref[t]) <= 1e-5 for t in top)
+    assert lean[2] == torch_path[2]
+    base = both_paths(llm, PROMPTS[:2])[0]
+    assert lean[0][0] != base[0][0] and lean[1][0] != base[1][0]   # each adapter changes its row's tokens
+    assert_all_blocks_free(llm)
+
+    ia3 = LoRARequest("ia3", 3, str(tmp_path / "ia3"))
+    make_ia3(tiny_base(base_dir), ia3.lora_path, 0, **SPECS["kv-down"])
+    adapter_steps.clear()
+    llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False, lora_request=ia3)
+    assert not any(adapter_steps)
+
+
+def test_lora_rows_burst_with_the_tokens_of_single_steps(default_model_path, hf_default, tmp_path, monkeypatch):
+    """Greedy LoRA rows (beside base rows) of the default model run num_scheduler_steps at a time in one call, with
+    the tokens of steps run one by one."""
+    from peft import LoraConfig, get_peft_model
+    from test_lora import ALL_LINEAR
+    torch.manual_seed(0)
+    peft_model = get_peft_model(hf_default, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                                       target_modules=ALL_LINEAR))
+    try:
+        peft_model.save_pretrained(str(tmp_path / "lora"))
+    finally:
+        peft_model.unload()   # leave the shared HF model as it was
     request = LoRARequest("lora", 1, str(tmp_path / "lora"))
-    make_adapter(base_dir, request.lora_path, seed=3)
-    llm = make_llm(str(base_dir), quantization="q8_0", enable_lora=True, max_lora_rank=8, kv_cache_memory=0.02,
+    llm = make_llm(default_model_path, enable_lora=True, max_loras=1, max_lora_rank=8, kv_cache_memory=0.05,
                    enable_prefix_caching=False)
-    lean, torch_path = both_paths(llm, PROMPTS, lora_request=request)
-    assert lean == torch_path
-    assert lean != both_paths(llm, PROMPTS)[0]
+    adapter_steps, asked = record_adapter_steps(monkeypatch), count_bursts(llm)
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    outputs = {}
+    for steps in (1, 8):
+        llm.engine.cfg.num_scheduler_steps = steps
+        outputs[steps] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False,
+                                                                       lora_request=[request, None, request])]
+    assert outputs[8] == outputs[1] and max(asked) == 8 and all(adapter_steps)
+    assert outputs[8][0] != llm.generate(PROMPTS[:1], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert_all_blocks_free(llm)
 
 
 @pytest.mark.parametrize("dtype, kv_dtype", [("float32", "bfloat16"), ("bfloat16", "float32")])

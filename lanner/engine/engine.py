@@ -264,8 +264,9 @@ class LLMEngine:
     def burst_steps(self, scheduled: list[tuple[Sequence, int]]) -> int:
         """How many decode steps this batch runs in one call: up to num_scheduler_steps (> 1: bursts are on) when
         every row is a decode row whose token its logits, history and sampling parameters alone decide (greedy, or
-        temperature, top-k, top-p, min-p and penalties; no logprobs, grammar, drafts or adapter), no request waits to join, the
-        model's one-call step takes the batch, and the KV blocks of every step are free (they are allocated here);
+        temperature, top-k, top-p, min-p and penalties; no logprobs, grammar, drafts or adapter other than a LoRA), no
+        request waits to join, the model's one-call step takes the batch, and the KV blocks of every step are free
+        (they are allocated here);
         else 0, a plain step. Never past a row's max_tokens or max_model_len: a row one token from its end makes a
         burst of 1, still cheaper than a step (a greedy batch: no logits, the head's argmax in C). A row with stop
         strings bursts only alone: a stop string is found after the call, and the other rows' later steps would have
@@ -276,7 +277,8 @@ class LLMEngine:
         for seq, num in scheduled:
             p = seq.params
             if (num != 1 or seq.spec_token_ids or p.logprobs is not None
-                    or seq.num_output_tokens < max(p.min_tokens, 1) or seq.grammar is not None or seq.slot_lora_id
+                    or seq.num_output_tokens < max(p.min_tokens, 1) or seq.grammar is not None
+                    or (seq.slot_lora_id and not self.runner.lora.is_lora(seq.slot_lora_id))
                     or (p.stop and len(scheduled) > 1)):
                 return 0
             steps = min(steps, self.max_model_len - seq.num_verified_tokens)

@@ -30,6 +30,7 @@ class LoRAManager:
         self.slot_of: OrderedDict[int, int] = OrderedDict()          # adapter id -> slot (1-based), LRU
         self.weights: dict[tuple[int, str], LoRAWeights] = {}
         self.batch = None                                            # per-step token -> slot segments
+        self.lora_slots: set[int] = set()                            # slots holding a LoRA (not IA3, not prompts)
         self.prefix_pool: PrefixPool | None = None                   # set by the engine once the KV pool exists
         for i, layer in enumerate(model.layers):
             for fused, subs in FUSED.items():
@@ -120,6 +121,7 @@ class LoRAManager:
             w.clear(slot)
         for slots in self.adaptions:
             slots.by_slot.pop(slot, None)
+        self.lora_slots.discard(slot)
         if isinstance(adapter, IA3Adapter):
             self.write_ia3(slot, adapter)
         elif isinstance(adapter, AdaptionPromptAdapter):
@@ -127,6 +129,16 @@ class LoRAManager:
                 self.adaptions[layer].write(slot, prompt, gate)
         else:
             self.write_lora(slot, adapter)
+            self.lora_slots.add(slot)
+
+    def only_loras(self) -> bool:
+        """Whether every adapter of the step's batch is a LoRA: its rows then differ from base rows only by each
+        linear's delta (what the one-call decode step adds)."""
+        return all(slot in self.lora_slots for slot, _ in self.batch or ())
+
+    def is_lora(self, lora_id: int) -> bool:
+        """Whether the adapter (loaded) is a LoRA."""
+        return isinstance(self.loaded.get(lora_id), LoRAAdapter)
 
     def write_lora(self, slot: int, adapter: LoRAAdapter) -> None:
         """Lay the adapter's pairs out block-diagonally over each fused linear's output slices."""
@@ -136,7 +148,7 @@ class LoRAManager:
                 pair = adapter.weights.get((layer, sub))
                 if pair is not None:
                     w.write(slot, i * rank, *pair, slices[sub].start)
-            w.ranks[slot] = rank * len(FUSED[fused])
+            w.set_rank(slot, rank * len(FUSED[fused]))
 
     def write_ia3(self, slot: int, adapter: IA3Adapter) -> None:
         """Each vector on its fused linear: over the module's output slice, or over the whole input."""

@@ -12,15 +12,21 @@ class LoRAWeights:
         self.a = torch.zeros(max_loras + 1, max_rank, d_in, dtype=dtype)
         self.b = torch.zeros(max_loras + 1, d_out, max_rank, dtype=dtype)
         self.ranks = [0] * (max_loras + 1)
+        self.rank_table = torch.zeros(max_loras + 1, dtype=torch.int32)   # the same, for the one-call decode step
         self.input_scales: dict[int, torch.Tensor] = {}    # slot -> [in]
         self.output_scales: dict[int, torch.Tensor] = {}   # slot -> [out], ones outside its modules' slices
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
         self.b[slot].zero_()
-        self.ranks[slot] = 0
+        self.set_rank(slot, 0)
         self.input_scales.pop(slot, None)
         self.output_scales.pop(slot, None)
+
+    def set_rank(self, slot: int, rank: int) -> None:
+        """The rows of A (columns of B) the slot uses."""
+        self.ranks[slot] = rank
+        self.rank_table[slot] = rank
 
     def write(self, slot: int, row: int, a: torch.Tensor, b: torch.Tensor, out_offset: int) -> None:
         r = a.shape[0]

@@ -7,8 +7,9 @@ cost more than its kernels (a batch's 64-row step ran ~900 small ops one after a
 one call, and its per-row stages run on every thread.
 
 Taken only where everything is plain: GGML weights on the kernels' small-row path, the compiled attention,
-no adapter rows in the step, and an architecture without q/k norms, sandwich norms, partial rotary, GeGLU or
-SSM layers. Anything else takes the PyTorch path, which stays the reference (tests compare the two)."""
+no adapter rows in the step other than LoRA ones (each linear adds their deltas: LoRAWeights.add_delta in C), and
+an architecture without q/k norms, sandwich norms, partial rotary, GeGLU or SSM layers. Anything else takes the
+PyTorch path, which stays the reference (tests compare the two)."""
 from __future__ import annotations
 
 import ctypes
@@ -27,9 +28,14 @@ MAX_ROWS = KERNEL_QUERY
 PLAIN_DTYPES = (torch.float32, torch.bfloat16)   # activations and caches the C kernels take
 
 
+class LoRAArgs(ctypes.Structure):
+    _fields_ = [("a", c_void_p), ("b", c_void_p), ("ranks", c_void_p), ("R", c_int64), ("parts", c_int),
+                ("starts", c_int64 * 4)]
+
+
 class LinearArgs(ctypes.Structure):
     _fields_ = [("type", c_int), ("int8", c_int), ("w", c_void_p), ("packed", c_void_p), ("row_bytes", c_int64),
-                ("n", c_int64), ("k", c_int64), ("bias", c_void_p)]
+                ("n", c_int64), ("k", c_int64), ("bias", c_void_p), ("lora", LoRAArgs)]
 
 
 class LayerArgs(ctypes.Structure):
@@ -45,7 +51,7 @@ class StepArgs(ctypes.Structure):
                 ("slots", c_void_p), ("cos_sin", c_void_p), ("tables", c_void_p), ("seq_lens", c_void_p),
                 ("cu", c_void_p), ("table_width", c_int), ("num_seqs", c_int), ("tree_width", c_int),
                 ("seqs", c_void_p), ("tree", c_void_p), ("final_norm", c_void_p), ("head", LinearArgs),
-                ("logits", c_void_p), ("argmax", c_void_p), ("head_norms", c_void_p)]
+                ("logits", c_void_p), ("argmax", c_void_p), ("head_norms", c_void_p), ("row_slots", c_void_p)]
 
 
 class BurstArgs(ctypes.Structure):
@@ -115,7 +121,7 @@ class DecodeStep:
         lora = attn.qkv_proj.lora   # set by the LoRA manager, which is built after the weights are packed
         return (1 <= rows <= self.max_rows and dtype in PLAIN_DTYPES
                 and attn.k_cache.dtype in PLAIN_DTYPES and self.model.norm.weight.dtype == dtype
-                and not (lora is not None and lora.manager.batch))
+                and (lora is None or lora.manager.only_loras()))
 
     def bursts(self, rows: int) -> bool:
         """Whether burst() runs greedy decode steps of this many rows: the LM head and the embedding lookup are
@@ -188,6 +194,8 @@ class DecodeStep:
         cfg, attn = self.model.config, self.attn
         cos_sin, slots = cos_sin.contiguous(), meta.slot_mapping.to(torch.int64).contiguous()
         tree = launch.tree
+        lora = attn.qkv_proj.lora
+        row_slots = None if lora is None or not lora.manager.batch else self.row_slots(lora.manager.batch, x.shape[0])
         step = StepArgs(self.matmul, self.attention, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
                         int(attn.k_cache.dtype == torch.bfloat16), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                         cfg.hidden_size, cfg.intermediate_size, attn.k_cache.shape[1], cfg.rms_norm_eps, self.scale,
@@ -196,7 +204,19 @@ class DecodeStep:
                         launch.tables.shape[1], launch.seqs.numel(), 0 if tree is None else tree.shape[1],
                         launch.seqs.data_ptr(), None if tree is None else tree.data_ptr(),
                         self.model.norm.weight.data_ptr())
-        return step, (launch, cos_sin, slots)
+        step.row_slots = None if row_slots is None else row_slots.data_ptr()
+        return step, (launch, cos_sin, slots, row_slots)
+
+    @staticmethod
+    def row_slots(batch: list, rows: int) -> torch.Tensor:
+        """Each row's adapter slot (0: none), int32 [rows], from LoRAManager.batch's (slot, rows or None: all)."""
+        slots = torch.zeros(rows, dtype=torch.int32)
+        for slot, which in batch:
+            if which is None:
+                slots.fill_(slot)
+            else:
+                slots[which] = slot
+        return slots
 
     @staticmethod
     def launch(meta, window: int | None) -> attention_native.Launch:
@@ -213,17 +233,33 @@ class DecodeStep:
         """Per-layer pointers, built once the runner has set the KV caches (again if it replaced them); weights and
         flags are fixed once pack_weights has built this step."""
         layers = self.model.layers
-        if self.layers is None or self.cache_ptr != layers[0].self_attn.k_cache.data_ptr():
+        key = (layers[0].self_attn.k_cache.data_ptr(), layers[0].self_attn.qkv_proj.lora is not None)
+        if self.layers is None or self.cache_ptr != key:
             self.layers = (LayerArgs * len(layers))(*[self.layer(layer, qs) for layer, qs in zip(layers, self.linears)])
-            self.cache_ptr = layers[0].self_attn.k_cache.data_ptr()
+            self.cache_ptr = key
         return self.layers
 
     def layer(self, layer, linears) -> LayerArgs:
-        attn = layer.self_attn
+        attn, mlp = layer.self_attn, layer.mlp
+        modules = (("self_attn.qkv_proj", attn.qkv_proj), ("self_attn.o_proj", attn.o_proj),
+                   ("mlp.gate_up_proj", mlp.gate_up_proj), ("mlp.down_proj", mlp.down_proj))
         return LayerArgs(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                         *map(self.linear_args, linears), attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
-                         attn.options.get("window") or 0, attention_native.MAX_PIECE_KEYS)
+                         *[self.linear_args(q, self.lora_args(name, m.lora)) for q, (name, m) in zip(linears, modules)],
+                         attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), attn.options.get("window") or 0,
+                         attention_native.MAX_PIECE_KEYS)
 
-    def linear_args(self, q: ggml.GGMLLinear) -> LinearArgs:
+    def lora_args(self, fused_name: str, lora) -> LoRAArgs:
+        """A linear's LoRA slots as the C step reads them (none without LoRA): its PEFT modules' output slices are
+        the blocks of the slots' block-diagonal layout (LoRAManager.write_lora)."""
+        if lora is None:
+            return LoRAArgs()
+        from lanner.lora.adapter import FUSED, output_slices
+        slices = output_slices(self.model.config)
+        starts = [slices[sub].start for sub in FUSED[fused_name]]
+        return LoRAArgs(lora.a.data_ptr(), lora.b.data_ptr(), lora.rank_table.data_ptr(), lora.a.shape[1],
+                        len(starts), (c_int64 * 4)(*starts, *[lora.b.shape[1]] * (4 - len(starts))))
+
+    def linear_args(self, q: ggml.GGMLLinear, lora: LoRAArgs | None = None) -> LinearArgs:
         return LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(), q.weight.row_bytes,
-                          q.out_features, q.in_features, None if q.bias is None else q.bias_fp32.data_ptr())
+                          q.out_features, q.in_features, None if q.bias is None else q.bias_fp32.data_ptr(),
+                          lora or LoRAArgs())

@@ -182,11 +182,25 @@ typedef int (*attention_fn)(const float *, const uint16_t *, const void *, const
                             const int32_t *, const int32_t *, const int64_t *, int, const uint8_t *, int, int, int,
                             int, int, float, int, float, int, float *, float *, int);
 
+/* A linear's LoRA slots (lanner.lora.ops.LoRAWeights): A [slots + 1, R, k] and B [slots + 1, n, R] in the activations'
+ * dtype, ranks[slot] rows of A in use, laid out block-diagonally over `parts` output slices (the fused linear's
+ * modules: q | k | v, gate | up) of equal rank: part i's output rows from starts[i] (to the next part's start, or
+ * n) take A's rows and B's columns i r .. (i + 1) r for r = ranks[slot] / parts (B's other columns there are
+ * zeros). a NULL: none. */
+typedef struct {
+    const void *a, *b;
+    const int32_t *ranks;
+    int64_t R;
+    int parts;
+    int64_t starts[4];
+} LoRAStack;
+
 typedef struct {
     int type, int8;
     const uint8_t *w, *packed;   /* packed: the int8 kernel's layout of w, or NULL */
     int64_t row_bytes, n, k;
     const float *bias;   /* fp32 or NULL */
+    LoRAStack lora;
 } GGMLLinear;
 
 typedef struct {
@@ -213,18 +227,76 @@ typedef struct {
     float *logits;            /* [T, head.n] */
     argmax_fn argmax;         /* ggml_argmax, for a burst's tokens where head_norms is set */
     const float *head_norms;  /* upper bounds of the head's row norms, or NULL */
+    const int32_t *row_slots; /* [T]: each row's adapter slot (0: none), or NULL: no adapters in the step */
 } DecodeStep;
 
 /* The step's own per-row stages, split as above (row t of the step s in scope) */
 #define EACH_ROW(...) FOR_ROWS(s->T, s->threads, __VA_ARGS__)
 
+/* sum of a[i] b[i] for i < n, a and b in fp32 or bf16 (a_bf16, b_bf16), in fp32 */
+static inline float dot(const void *a, int a_bf16, const void *b, int b_bf16, int64_t n) {
+    vn acc[2] = {{0}, {0}};
+    int64_t i = 0;
+    for (; i + 2 * NATIVE <= n; i += 2 * NATIVE)
+        for (int h = 0; h < 2; h++)
+            acc[h] += load_native(a, i + h * NATIVE, a_bf16) * load_native(b, i + h * NATIVE, b_bf16);
+    float sum = 0;
+    for (int l = 0; l < NATIVE; l++)
+        sum += acc[0][l] + acc[1][l];
+    for (; i < n; i++)
+        sum += load(a, i, a_bf16) * load(b, i, b_bf16);
+    return sum;
+}
+
+/* y[t] += B_s (A_s x[t]) for each row t whose slot s has an adapter on the linear l ([T, k] -> [T, n]), each product
+ * rounded to the activations' dtype and then the sum, as LoRAWeights.add_delta computes it in PyTorch (up to the
+ * order of each dot product's terms): every row's A products first, then its B products by output rows, each
+ * shared by the threads. B's zero blocks are skipped. Returns 1 when out of memory. */
+static int lora_add(const DecodeStep *s, const LoRAStack *l, const void *x, void *y, int64_t k, int64_t n) {
+    const int64_t T = s->T, R = l->R, es = s->bf16 ? 2 : 4;
+    const int bf16 = s->bf16;
+    float *ax = malloc(sizeof(float) * (T * R + 1));   /* [T, R]: A_s x[t], each rounded */
+    if (!ax)
+        return 1;
+#pragma omp parallel num_threads(s->threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < T * R; i++) {
+            const int64_t t = i / R, j = i % R;
+            const int slot = s->row_slots[t];
+            if (slot > 0 && j < l->ranks[slot])
+                ax[i] = round_to(dot((const char *)l->a + ((slot * R + j) * k) * es, bf16,
+                                     (const char *)x + t * k * es, bf16, k), bf16);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < T * n; i++) {
+            const int64_t t = i / n, o = i % n;
+            const int slot = s->row_slots[t];
+            if (slot <= 0 || l->ranks[slot] == 0)
+                continue;
+            const int64_t r = l->ranks[slot] / l->parts;
+            int part = 0;
+            while (part + 1 < l->parts && o >= l->starts[part + 1])
+                part++;
+            const float delta = round_to(dot((const char *)l->b + ((slot * n + o) * R + part * r) * es, bf16,
+                                             ax + t * R + part * r, 0, r), bf16);
+            store(y, t * n + o, load(y, t * n + o, bf16) + delta, bf16);
+        }
+    }
+    free(ax);
+    return 0;
+}
+
 /* y = x W^T (+ b) for T rows of x in the activations' dtype, into y in fp32 or in that dtype (as
- * GGMLLinear.small: in fp32, rounded once at the end) */
+ * GGMLLinear.small: in fp32, rounded once at the end), plus the rows' LoRA deltas (in that dtype) */
 static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, int y_fp32) {
     const int flags = (l->int8 ? MATMUL_INT8 : 0) | (s->bf16 ? MATMUL_X_BF16 : 0)
                       | (s->bf16 && !y_fp32 ? MATMUL_Y_BF16 : 0);
-    return s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, x, l->k, s->T, y, l->n, l->bias,
-                     s->threads, flags);
+    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, x, l->k, s->T, y, l->n, l->bias,
+                           s->threads, flags);
+    if (!failed && l->lora.a && s->row_slots && !y_fp32)
+        failed = lora_add(s, &l->lora, x, y, l->k, l->n);
+    return failed;
 }
 
 /* logits [T, V] of the normed hidden states h in fp32, rounded to bf16 where the activations are bf16: the
