@@ -235,23 +235,57 @@ typedef struct {
 
 /* sum of a[i] b[i] for i < n, a and b in fp32 or bf16 (a_bf16, b_bf16), in fp32 */
 static inline float dot(const void *a, int a_bf16, const void *b, int b_bf16, int64_t n) {
-    vn acc[2] = {{0}, {0}};
+    vn acc = {0};
     int64_t i = 0;
-    for (; i + 2 * NATIVE <= n; i += 2 * NATIVE)
-        for (int h = 0; h < 2; h++)
-            acc[h] += load_native(a, i + h * NATIVE, a_bf16) * load_native(b, i + h * NATIVE, b_bf16);
-    float sum = 0;
-    for (int l = 0; l < NATIVE; l++)
-        sum += acc[0][l] + acc[1][l];
+    for (; i + NATIVE <= n; i += NATIVE)
+        acc += load_native(a, i, a_bf16) * load_native(b, i, b_bf16);
+    float lanes[NATIVE], sum = 0;
+    memcpy(lanes, &acc, sizeof lanes);
+    for (int w = NATIVE / 2; w > 0; w /= 2)   /* a tree: the lanes' sums do not wait on one another */
+        for (int l = 0; l < w; l++)
+            lanes[l] += lanes[l + w];
+    sum = lanes[0];
     for (; i < n; i++)
         sum += load(a, i, a_bf16) * load(b, i, b_bf16);
     return sum;
 }
 
+/* out lane i = a[i] . x for 8 rows a[i] = b + i * stride of r elements (the activations' dtype) and x fp32: each row's
+ * products in 8 lanes, then one transpose-and-add tree for the 8 sums (not 8 reductions of a register each) */
+static inline v8 dots8(const void *b, int bf16, int64_t stride, const float *x, int64_t r) {
+    v8 a[8];
+    for (int i = 0; i < 8; i++) {
+        v8 acc = {0};
+        int64_t c = 0;
+        for (; c + 8 <= r; c += 8) {
+            v8 xc;
+            memcpy(&xc, x + c, sizeof xc);
+            acc += load8(b, i * stride + c, bf16) * xc;
+        }
+        for (; c < r; c++)
+            acc[0] += load(b, i * stride + c, bf16) * x[c];
+        a[i] = acc;
+    }
+    v8 h[4], q[2];
+    for (int i = 0; i < 4; i++)
+        h[i] = SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14)
+               + SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
+    for (int i = 0; i < 2; i++)
+        q[i] = SHUFFLE(h[2 * i], h[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14)
+               + SHUFFLE(h[2 * i], h[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
+    return SHUFFLE(q[0], q[1], v8i, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(q[0], q[1], v8i, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* this thread's share [*i0, *i1) of [0, n) */
+static inline void share(int64_t n, int64_t *i0, int64_t *i1) {
+    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+    *i0 = n * id / threads, *i1 = n * (id + 1) / threads;
+}
+
 /* y[t] += B_s (A_s x[t]) for each row t whose slot s has an adapter on the linear l ([T, k] -> [T, n]), each product
  * rounded to the activations' dtype and then the sum, as LoRAWeights.add_delta computes it in PyTorch (up to the
- * order of each dot product's terms): every row's A products first, then its B products by output rows, each
- * shared by the threads. B's zero blocks are skipped. Returns 1 when out of memory. */
+ * order of each dot product's terms): every row's A products, then its B products by output rows (B's zero blocks
+ * skipped), each split over the threads. Returns 1 when out of memory. */
 static int lora_add(const DecodeStep *s, const LoRAStack *l, const void *x, void *y, int64_t k, int64_t n) {
     const int64_t T = s->T, R = l->R, es = s->bf16 ? 2 : 4;
     const int bf16 = s->bf16;
@@ -260,27 +294,33 @@ static int lora_add(const DecodeStep *s, const LoRAStack *l, const void *x, void
         return 1;
 #pragma omp parallel num_threads(s->threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < T * R; i++) {
-            const int64_t t = i / R, j = i % R;
+        int64_t i0, i1;
+        for (int64_t t = 0; t < T; t++) {
             const int slot = s->row_slots[t];
-            if (slot > 0 && j < l->ranks[slot])
-                ax[i] = round_to(dot((const char *)l->a + ((slot * R + j) * k) * es, bf16,
-                                     (const char *)x + t * k * es, bf16, k), bf16);
+            share(slot > 0 ? l->ranks[slot] : 0, &i0, &i1);
+            for (int64_t j = i0; j < i1; j++)
+                ax[t * R + j] = round_to(dot((const char *)l->a + (slot * R + j) * k * es, bf16,
+                                             (const char *)x + t * k * es, bf16, k), bf16);
         }
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < T * n; i++) {
-            const int64_t t = i / n, o = i % n;
+#pragma omp barrier
+        for (int64_t t = 0; t < T; t++) {
             const int slot = s->row_slots[t];
-            if (slot <= 0 || l->ranks[slot] == 0)
-                continue;
-            const int64_t r = l->ranks[slot] / l->parts;
-            int part = 0;
-            while (part + 1 < l->parts && o >= l->starts[part + 1])
-                part++;
-            const float delta = round_to(dot((const char *)l->b + ((slot * n + o) * R + part * r) * es, bf16,
-                                             ax + t * R + part * r, 0, r), bf16);
-            store(y, t * n + o, load(y, t * n + o, bf16) + delta, bf16);
+            const int64_t r = slot > 0 ? l->ranks[slot] / l->parts : 0;
+            for (int part = 0; r && part < l->parts; part++) {
+                const int64_t first = l->starts[part], end = part + 1 < l->parts ? l->starts[part + 1] : n;
+                share((end - first) / 8, &i0, &i1);   /* 8 rows at a time; the last ones below */
+                for (int64_t o = first + 8 * i0; o < first + 8 * i1; o += 8) {
+                    const v8 delta = dots8((const char *)l->b + ((slot * n + o) * R + part * r) * es, bf16, R,
+                                           ax + t * R + part * r, r);
+                    store8(y, t * n + o, round8(load8(y, t * n + o, bf16) + round8(delta, bf16), bf16), bf16);
+                }
+                if (omp_get_thread_num() == 0)
+                    for (int64_t o = first + (end - first) / 8 * 8; o < end; o++) {
+                        const float delta = round_to(dot((const char *)l->b + ((slot * n + o) * R + part * r) * es,
+                                                         bf16, ax + t * R + part * r, 0, r), bf16);
+                        store(y, t * n + o, load(y, t * n + o, bf16) + delta, bf16);
+                    }
+            }
         }
     }
     free(ax);
