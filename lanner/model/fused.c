@@ -235,10 +235,14 @@ typedef struct {
 
 /* sum of a[i] b[i] for i < n, a and b in fp32 or bf16 (a_bf16, b_bf16), in fp32 */
 static inline float dot(const void *a, int a_bf16, const void *b, int b_bf16, int64_t n) {
-    vn acc = {0};
+    vn part[4] = {{0}, {0}, {0}, {0}};   /* four chains: each FMA waited on the previous one's result */
     int64_t i = 0;
+    for (; i + 4 * NATIVE <= n; i += 4 * NATIVE)
+        for (int c = 0; c < 4; c++)
+            part[c] += load_native(a, i + c * NATIVE, a_bf16) * load_native(b, i + c * NATIVE, b_bf16);
     for (; i + NATIVE <= n; i += NATIVE)
-        acc += load_native(a, i, a_bf16) * load_native(b, i, b_bf16);
+        part[0] += load_native(a, i, a_bf16) * load_native(b, i, b_bf16);
+    vn acc = (part[0] + part[1]) + (part[2] + part[3]);
     float lanes[NATIVE], sum = 0;
     memcpy(lanes, &acc, sizeof lanes);
     for (int w = NATIVE / 2; w > 0; w /= 2)   /* a tree: the lanes' sums do not wait on one another */
