@@ -80,34 +80,36 @@ def record_adapter_steps(monkeypatch) -> list[bool]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_lora_rows_run_in_the_step_as_on_the_pytorch_path(base_dir, tmp_path, dtype, monkeypatch):
-    """LoRA rows run in the one-call step, each linear adding their deltas as LoRAWeights.add_delta does: a batch of
-    two adapters (one of a lower rank on q and v only) and a base row gives the PyTorch path's tokens and its
-    logprobs up to the order of the deltas' sums (the base row's bitwise), and bursts of such rows the tokens of single
-    steps. An IA3 row keeps the PyTorch path."""
+def test_lora_and_ia3_rows_run_in_the_step_as_on_the_pytorch_path(base_dir, tmp_path, dtype, monkeypatch):
+    """LoRA and IA3 rows run in the one-call step, each linear applying them as Linear.forward does: a batch of two
+    LoRAs (one of a lower rank on q and v only), an IA3 adapter (scaling k and v's outputs and down's input) and a
+    base row gives the PyTorch path's tokens, and its logprobs up to the order of the LoRA deltas' sums (the IA3 and
+    base rows' bitwise). LLaMA-Adapter rows keep the PyTorch path."""
+    from test_adaption_prompt import make_adaption_prompt
     from test_ia3 import SPECS, make_ia3, tiny_base
-    requests = [LoRARequest("a", 1, str(tmp_path / "a")), LoRARequest("b", 2, str(tmp_path / "b"))]
+    requests = [LoRARequest(name, i + 1, str(tmp_path / name)) for i, name in enumerate(("a", "b", "ia3", "prompt"))]
     make_adapter(base_dir, requests[0].lora_path, seed=3)
     make_adapter(base_dir, requests[1].lora_path, seed=4, r=4, target_modules=["q_proj", "v_proj"])
-    llm = make_llm(str(base_dir), quantization="q8_0", dtype=dtype, enable_lora=True, max_loras=2, max_lora_rank=8,
+    make_ia3(tiny_base(base_dir), requests[2].lora_path, 0, **SPECS["kv-down"])
+    make_adaption_prompt(tiny_base(base_dir), requests[3].lora_path, 0, adapter_len=4, adapter_layers=1)
+    llm = make_llm(str(base_dir), quantization="q8_0", dtype=dtype, enable_lora=True, max_loras=3, max_lora_rank=8,
                    kv_cache_memory=0.02, enable_prefix_caching=False)
     adapter_steps = record_adapter_steps(monkeypatch)
-    lean, torch_path = both_paths(llm, PROMPTS, lora_request=[*requests, None])
+    prompts = PROMPTS + PROMPTS[:1]
+    lean, torch_path = both_paths(llm, prompts, lora_request=[*requests[:3], None])
     assert any(adapter_steps)
     for (tokens, logprobs), (tokens_ref, logprobs_ref) in zip(lean, torch_path):
         assert tokens == tokens_ref
         for top, top_ref in zip(logprobs, logprobs_ref):
             assert top.keys() == top_ref.keys()
             assert all(abs(top[t] - top_ref[t]) <= 1e-5 for t in top)
-    assert lean[2] == torch_path[2]
-    base = both_paths(llm, PROMPTS[:2])[0]
-    assert lean[0][0] != base[0][0] and lean[1][0] != base[1][0]   # each adapter changes its row's tokens
+    assert lean[2:] == torch_path[2:]
+    base = both_paths(llm, prompts[:3])[0]
+    assert all(lean[i][0] != base[i][0] for i in range(3))   # each adapter changes its row's tokens
     assert_all_blocks_free(llm)
 
-    ia3 = LoRARequest("ia3", 3, str(tmp_path / "ia3"))
-    make_ia3(tiny_base(base_dir), ia3.lora_path, 0, **SPECS["kv-down"])
     adapter_steps.clear()
-    llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False, lora_request=ia3)
+    llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False, lora_request=requests[3])
     assert not any(adapter_steps)
 
 

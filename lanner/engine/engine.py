@@ -264,7 +264,7 @@ class LLMEngine:
     def burst_steps(self, scheduled: list[tuple[Sequence, int]]) -> int:
         """How many decode steps this batch runs in one call: up to num_scheduler_steps (> 1: bursts are on) when
         every row is a decode row whose token its logits, history and sampling parameters alone decide (greedy, or
-        temperature, top-k, top-p, min-p and penalties; no logprobs, grammar, drafts or adapter other than a LoRA), no
+        temperature, top-k, top-p, min-p and penalties; no logprobs, grammar, drafts or adapter but LoRA and IA3), no
         request waits to join, the model's one-call step takes the batch, and the KV blocks of every step are free
         (they are allocated here);
         else 0, a plain step. Never past a row's max_tokens or max_model_len: a row one token from its end makes a
@@ -278,7 +278,7 @@ class LLMEngine:
             p = seq.params
             if (num != 1 or seq.spec_token_ids or p.logprobs is not None
                     or seq.num_output_tokens < max(p.min_tokens, 1) or seq.grammar is not None
-                    or (seq.slot_lora_id and not self.runner.lora.is_lora(seq.slot_lora_id))
+                    or (seq.slot_lora_id and not self.runner.lora.linear_adapter(seq.slot_lora_id))
                     or (p.stop and len(scheduled) > 1)):
                 return 0
             steps = min(steps, self.max_model_len - seq.num_verified_tokens)

@@ -30,7 +30,7 @@ class LoRAManager:
         self.slot_of: OrderedDict[int, int] = OrderedDict()          # adapter id -> slot (1-based), LRU
         self.weights: dict[tuple[int, str], LoRAWeights] = {}
         self.batch = None                                            # per-step token -> slot segments
-        self.lora_slots: set[int] = set()                            # slots holding a LoRA (not IA3, not prompts)
+        self.linear_slots: set[int] = set()                          # slots whose adapter acts on linears only
         self.prefix_pool: PrefixPool | None = None                   # set by the engine once the KV pool exists
         for i, layer in enumerate(model.layers):
             for fused, subs in FUSED.items():
@@ -121,7 +121,7 @@ class LoRAManager:
             w.clear(slot)
         for slots in self.adaptions:
             slots.by_slot.pop(slot, None)
-        self.lora_slots.discard(slot)
+        self.linear_slots.discard(slot)
         if isinstance(adapter, IA3Adapter):
             self.write_ia3(slot, adapter)
         elif isinstance(adapter, AdaptionPromptAdapter):
@@ -129,16 +129,22 @@ class LoRAManager:
                 self.adaptions[layer].write(slot, prompt, gate)
         else:
             self.write_lora(slot, adapter)
-            self.lora_slots.add(slot)
+        if self.acts_on_linears(adapter):
+            self.linear_slots.add(slot)
 
-    def only_loras(self) -> bool:
-        """Whether every adapter of the step's batch is a LoRA: its rows then differ from base rows only by each
-        linear's delta (what the one-call decode step adds)."""
-        return all(slot in self.lora_slots for slot, _ in self.batch or ())
+    def only_linear_adapters(self) -> bool:
+        """Whether every adapter of the step's batch acts on linears only (LoRA, IA3): its rows then differ from base
+        rows only inside each linear (what the one-call decode step applies)."""
+        return all(slot in self.linear_slots for slot, _ in self.batch or ())
 
-    def is_lora(self, lora_id: int) -> bool:
-        """Whether the adapter (loaded) is a LoRA."""
-        return isinstance(self.loaded.get(lora_id), LoRAAdapter)
+    @staticmethod
+    def acts_on_linears(adapter) -> bool:
+        """A LoRA or IA3 adapter (not LLaMA-Adapter's prompts, nor prefix or prompt tuning's virtual tokens)."""
+        return isinstance(adapter, (LoRAAdapter, IA3Adapter))
+
+    def linear_adapter(self, lora_id: int) -> bool:
+        """Whether the adapter of this id is loaded and acts on linears only."""
+        return self.acts_on_linears(self.loaded.get(lora_id))
 
     def write_lora(self, slot: int, adapter: LoRAAdapter) -> None:
         """Lay the adapter's pairs out block-diagonally over each fused linear's output slices."""

@@ -12,7 +12,9 @@ class LoRAWeights:
         self.a = torch.zeros(max_loras + 1, max_rank, d_in, dtype=dtype)
         self.b = torch.zeros(max_loras + 1, d_out, max_rank, dtype=dtype)
         self.ranks = [0] * (max_loras + 1)
-        self.rank_table = torch.zeros(max_loras + 1, dtype=torch.int32)   # the same, for the one-call decode step
+        # the same and the IA3 vectors' addresses (0: none; input, output) for the one-call decode step
+        self.rank_table = torch.zeros(max_loras + 1, dtype=torch.int32)
+        self.scale_table = torch.zeros(2, max_loras + 1, dtype=torch.int64)
         self.input_scales: dict[int, torch.Tensor] = {}    # slot -> [in]
         self.output_scales: dict[int, torch.Tensor] = {}   # slot -> [out], ones outside its modules' slices
 
@@ -22,6 +24,7 @@ class LoRAWeights:
         self.set_rank(slot, 0)
         self.input_scales.pop(slot, None)
         self.output_scales.pop(slot, None)
+        self.scale_table[:, slot] = 0
 
     def set_rank(self, slot: int, rank: int) -> None:
         """The rows of A (columns of B) the slot uses."""
@@ -35,9 +38,11 @@ class LoRAWeights:
 
     def write_output_scale(self, slot: int, vector: torch.Tensor, cols: slice) -> None:
         self.output_scales.setdefault(slot, torch.ones(self.b.shape[1]))[cols] = vector
+        self.scale_table[1, slot] = self.output_scales[slot].data_ptr()
 
     def write_input_scale(self, slot: int, vector: torch.Tensor) -> None:
-        self.input_scales[slot] = vector
+        self.input_scales[slot] = vector.float().contiguous()
+        self.scale_table[0, slot] = self.input_scales[slot].data_ptr()
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         """x, or a copy with the rows of IA3 slots that scale this linear's input scaled."""

@@ -7,9 +7,9 @@ cost more than its kernels (a batch's 64-row step ran ~900 small ops one after a
 one call, and its per-row stages run on every thread.
 
 Taken only where everything is plain: GGML weights on the kernels' small-row path, the compiled attention,
-no adapter rows in the step other than LoRA ones (each linear adds their deltas: LoRAWeights.add_delta in C), and
-an architecture without q/k norms, sandwich norms, partial rotary, GeGLU or SSM layers. Anything else takes the
-PyTorch path, which stays the reference (tests compare the two)."""
+no adapter rows in the step other than LoRA and IA3 ones (each linear applies them: LoRAWeights.adapt_input and
+adapt_output in C), and an architecture without q/k norms, sandwich norms, partial rotary, GeGLU or SSM layers.
+Anything else takes the PyTorch path, which stays the reference (tests compare the two)."""
 from __future__ import annotations
 
 import ctypes
@@ -30,7 +30,7 @@ PLAIN_DTYPES = (torch.float32, torch.bfloat16)   # activations and caches the C 
 
 class LoRAArgs(ctypes.Structure):
     _fields_ = [("a", c_void_p), ("b", c_void_p), ("ranks", c_void_p), ("R", c_int64), ("parts", c_int),
-                ("starts", c_int64 * 4)]
+                ("starts", c_int64 * 4), ("in_scales", c_void_p), ("out_scales", c_void_p)]
 
 
 class LinearArgs(ctypes.Structure):
@@ -121,7 +121,7 @@ class DecodeStep:
         lora = attn.qkv_proj.lora   # set by the LoRA manager, which is built after the weights are packed
         return (1 <= rows <= self.max_rows and dtype in PLAIN_DTYPES
                 and attn.k_cache.dtype in PLAIN_DTYPES and self.model.norm.weight.dtype == dtype
-                and (lora is None or lora.manager.only_loras()))
+                and (lora is None or lora.manager.only_linear_adapters()))
 
     def bursts(self, rows: int) -> bool:
         """Whether burst() runs greedy decode steps of this many rows: the LM head and the embedding lookup are
@@ -249,15 +249,17 @@ class DecodeStep:
                          attention_native.MAX_PIECE_KEYS)
 
     def lora_args(self, fused_name: str, lora) -> LoRAArgs:
-        """A linear's LoRA slots as the C step reads them (none without LoRA): its PEFT modules' output slices are
-        the blocks of the slots' block-diagonal layout (LoRAManager.write_lora)."""
+        """A linear's adapter slots as the C step reads them (none without adapters): its PEFT modules' output slices
+        are the blocks of LoRA slots' block-diagonal layout (LoRAManager.write_lora)."""
         if lora is None:
             return LoRAArgs()
         from lanner.lora.adapter import FUSED, output_slices
         slices = output_slices(self.model.config)
         starts = [slices[sub].start for sub in FUSED[fused_name]]
+        scales = lora.scale_table
         return LoRAArgs(lora.a.data_ptr(), lora.b.data_ptr(), lora.rank_table.data_ptr(), lora.a.shape[1],
-                        len(starts), (c_int64 * 4)(*starts, *[lora.b.shape[1]] * (4 - len(starts))))
+                        len(starts), (c_int64 * 4)(*starts, *[lora.b.shape[1]] * (4 - len(starts))),
+                        scales[0].data_ptr(), scales[1].data_ptr())
 
     def linear_args(self, q: ggml.GGMLLinear, lora: LoRAArgs | None = None) -> LinearArgs:
         return LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(), q.weight.row_bytes,

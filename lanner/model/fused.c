@@ -182,17 +182,19 @@ typedef int (*attention_fn)(const float *, const uint16_t *, const void *, const
                             const int32_t *, const int32_t *, const int64_t *, int, const uint8_t *, int, int, int,
                             int, int, float, int, float, int, float *, float *, int);
 
-/* A linear's LoRA slots (lanner.lora.ops.LoRAWeights): A [slots + 1, R, k] and B [slots + 1, n, R] in the activations'
- * dtype, ranks[slot] rows of A in use, laid out block-diagonally over `parts` output slices (the fused linear's
- * modules: q | k | v, gate | up) of equal rank: part i's output rows from starts[i] (to the next part's start, or
- * n) take A's rows and B's columns i r .. (i + 1) r for r = ranks[slot] / parts (B's other columns there are
- * zeros). a NULL: none. */
+/* A linear's adapter slots (lanner.lora.ops.LoRAWeights). LoRA: A [slots + 1, R, k] and B [slots + 1, n, R] in the
+ * activations' dtype, ranks[slot] rows of A in use, laid out block-diagonally over `parts` output slices (the fused
+ * linear's modules: q | k | v, gate | up) of equal rank: part i's output rows from starts[i] (to the next part's
+ * start, or n) take A's rows and B's columns i r .. (i + 1) r for r = ranks[slot] / parts (B's other columns there
+ * are zeros). IA3: in_scales[slot] ([k] fp32) scales a row's input, out_scales[slot] ([n]) its output (NULL: not
+ * this slot). a NULL: no adapters on this linear. */
 typedef struct {
     const void *a, *b;
     const int32_t *ranks;
     int64_t R;
     int parts;
     int64_t starts[4];
+    const float *const *in_scales, *const *out_scales;
 } LoRAStack;
 
 typedef struct {
@@ -331,15 +333,44 @@ static int lora_add(const DecodeStep *s, const LoRAStack *l, const void *x, void
     return 0;
 }
 
+/* rows [T, n] (n values a row, the activations' dtype) times each row's vector scales[slot] where its slot has one,
+ * in fp32 and rounded back, as lanner.lora.ops.scale_rows computes it */
+static void scale_rows(const DecodeStep *s, const float *const *scales, void *rows, int64_t n) {
+    for (int64_t t = 0; t < s->T; t++) {
+        const float *v = s->row_slots[t] > 0 ? scales[s->row_slots[t]] : NULL;
+        for (int64_t i = 0; v && i < n; i++)
+            store(rows, t * n + i, load(rows, t * n + i, s->bf16) * v[i], s->bf16);
+    }
+}
+
 /* y = x W^T (+ b) for T rows of x in the activations' dtype, into y in fp32 or in that dtype (as
- * GGMLLinear.small: in fp32, rounded once at the end), plus the rows' LoRA deltas (in that dtype) */
+ * GGMLLinear.small: in fp32, rounded once at the end), with the rows' adapters applied as Linear.forward applies
+ * them: IA3 input scales on a copy of x, then LoRA deltas (from x unscaled) and IA3 output scales */
 static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, int y_fp32) {
     const int flags = (l->int8 ? MATMUL_INT8 : 0) | (s->bf16 ? MATMUL_X_BF16 : 0)
                       | (s->bf16 && !y_fp32 ? MATMUL_Y_BF16 : 0);
-    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, x, l->k, s->T, y, l->n, l->bias,
-                           s->threads, flags);
-    if (!failed && l->lora.a && s->row_slots && !y_fp32)
+    int ranks = 0, inputs = 0, outputs = 0;   /* rows with each kind of adapter on this linear */
+    for (int64_t t = 0; l->lora.a && s->row_slots && !y_fp32 && t < s->T; t++) {
+        const int slot = s->row_slots[t];
+        ranks += slot > 0 && l->lora.ranks[slot] > 0;
+        inputs += slot > 0 && l->lora.in_scales[slot] != NULL;
+        outputs += slot > 0 && l->lora.out_scales[slot] != NULL;
+    }
+    const int64_t bytes = s->T * l->k * (s->bf16 ? 2 : 4);
+    void *scaled = inputs ? malloc(bytes) : NULL;
+    if (inputs && !scaled)
+        return 1;
+    if (scaled) {
+        memcpy(scaled, x, bytes);
+        scale_rows(s, l->lora.in_scales, scaled, l->k);
+    }
+    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, scaled ? scaled : x, l->k, s->T, y,
+                           l->n, l->bias, s->threads, flags);
+    free(scaled);
+    if (!failed && ranks)
         failed = lora_add(s, &l->lora, x, y, l->k, l->n);
+    if (!failed && outputs)
+        scale_rows(s, l->lora.out_scales, y, l->n);
     return failed;
 }
 
