@@ -174,11 +174,11 @@ def count_bursts(llm, rows: list | None = None) -> list[int]:
     runner, asked = llm.engine.runner, []
     run_burst = runner.run_burst
 
-    def counted(scheduled, steps, stops, sampling=None):
+    def counted(scheduled, steps, stops, sampling=None, keep_logits=()):
         asked.append(steps)
         if rows is not None:
             rows.append(len(scheduled))
-        return run_burst(scheduled, steps, stops, sampling)
+        return run_burst(scheduled, steps, stops, sampling, keep_logits)
     runner.run_burst = counted
     return asked
 
@@ -245,14 +245,32 @@ def test_sampled_bursts_give_the_tokens_of_single_steps(default_model_path, dtyp
     assert max(asked) == 8
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logprob_rows_burst_with_the_logprobs_of_single_steps(default_model_path, dtype):
+    """Rows that ask logprobs (greedy or sampled, beside a row that does not) burst: each step's logprobs come from
+    the logits the call kept, bitwise those of steps run one by one, and so does the cumulative logprob."""
+    llm = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False)
+    asked = count_bursts(llm)
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, ignore_eos=True, seed=1, logprobs=0,
+                             repetition_penalty=1.2),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
+    outputs = {}
+    for steps in (1, 8):
+        llm.engine.cfg.num_scheduler_steps = steps
+        outputs[steps] = [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.outputs[0].cumulative_logprob)
+                          for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    assert outputs[8] == outputs[1] and max(asked) == 8
+    assert [len(logprobs or ()) for _, logprobs, _ in outputs[8]] == [20, 20, 0]
+    assert_all_blocks_free(llm)
+
+
 def test_bursts_only_where_logits_history_and_sampling_alone_decide(default_model_path):
-    """Logprobs and grammars take a step at a time; so does a batch while a request waits to join."""
+    """Grammars take a step at a time; so does a batch while a request waits to join."""
     llm = make_llm(default_model_path, kv_cache_memory=0.05, enable_prefix_caching=False, max_num_seqs=1)
     asked = count_bursts(llm)
-    for params in (SamplingParams(temperature=0.8, max_tokens=12, seed=1, logprobs=1),
-                   SamplingParams(temperature=0, max_tokens=12, logprobs=1),
-                   SamplingParams(temperature=0, max_tokens=12, structured_outputs={"regex": "[a-z ]+"})):
-        llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=12, structured_outputs={"regex": "[a-z ]+"}),
+                 use_tqdm=False)
     assert not asked
     llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert asked == [8, 3]   # the first prompt's steps one by one while the second waits (max_num_seqs=1)

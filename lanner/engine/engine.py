@@ -264,9 +264,9 @@ class LLMEngine:
     def burst_steps(self, scheduled: list[tuple[Sequence, int]]) -> int:
         """How many decode steps this batch runs in one call: up to num_scheduler_steps (> 1: bursts are on) when
         every row is a decode row whose token its logits, history and sampling parameters alone decide (greedy, or
-        temperature, top-k, top-p, min-p and penalties; no logprobs, grammar, drafts or adapter but LoRA and IA3), no
-        request waits to join, the model's one-call step takes the batch, and the KV blocks of every step are free
-        (they are allocated here);
+        temperature, top-k, top-p, min-p and penalties, with or without logprobs; no grammar, drafts or adapter but
+        LoRA and IA3), no request waits to join, the model's one-call step takes the batch, and the KV blocks of
+        every step are free (they are allocated here);
         else 0, a plain step. Never past a row's max_tokens or max_model_len: a row one token from its end makes a
         burst of 1, still cheaper than a step (a greedy batch: no logits, the head's argmax in C). A row with stop
         strings bursts only alone: a stop string is found after the call, and the other rows' later steps would have
@@ -276,7 +276,7 @@ class LLMEngine:
             return 0
         for seq, num in scheduled:
             p = seq.params
-            if (num != 1 or seq.spec_token_ids or p.logprobs is not None
+            if (num != 1 or seq.spec_token_ids
                     or seq.num_output_tokens < max(p.min_tokens, 1) or seq.grammar is not None
                     or (seq.slot_lora_id and not self.runner.lora.linear_adapter(seq.slot_lora_id))
                     or (p.stop and len(scheduled) > 1)):
@@ -291,15 +291,17 @@ class LLMEngine:
         return steps
 
     def run_burst(self, scheduled: list[tuple[Sequence, int]], steps: int) -> list[RequestOutput]:
-        """The batch's next `steps` tokens from one call, each appended as a step's would be. The call ends after a
-        step that gave a row its stop token, so each step runs the batch steps one by one would; a stop string (a row
-        alone), found only here, drops the tokens after it."""
+        """The batch's next `steps` tokens from one call, each appended as a step's would be (with its logprobs, from
+        the step's logits the call keeps for rows that ask them). The call ends after a step that gave a row its stop
+        token, so each step runs the batch steps one by one would; a stop string (a row alone), found only here, drops
+        the tokens after it."""
         self.runner.copy_blocks(self.blocks.pop_copies())
         stops, eos = set(), set(self.tokenizer.stop_token_ids)
         for seq, _ in scheduled:
             stops |= set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else eos)
         sampling, generators = burst_sampling([seq for seq, _ in scheduled], steps)
-        tokens = self.runner.run_burst(scheduled, steps, sorted(stops), sampling)
+        keep = [r for r, (seq, _) in enumerate(scheduled) if seq.params.logprobs is not None]
+        tokens, kept = self.runner.run_burst(scheduled, steps, sorted(stops), sampling, keep)
         if len(tokens) < steps:   # a burst cut short: each generator as if it had drawn for the steps run only
             for generator, state in generators:
                 generator.set_state(state)
@@ -307,9 +309,11 @@ class LLMEngine:
                     torch.rand(1, generator=generator)
         now = time.perf_counter()
         for r, (seq, _) in enumerate(scheduled):
-            for step_tokens in tokens:
+            for i, step_tokens in enumerate(tokens):
                 seq.num_computed_tokens += 1
                 self.num_computed_tokens_total += 1
+                if r in keep:
+                    self.record_logprobs(seq, kept[i, keep.index(r)][None], [step_tokens[r]])
                 self.append_token(seq, step_tokens[r], now)
                 if seq.is_finished:
                     break

@@ -200,11 +200,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_burst(self, scheduled: list[tuple[Sequence, int]], steps: int, stops: list[int],
-                  sampling=None) -> list[list[int]]:
+                  sampling=None, keep_logits: list[int] = ()) -> tuple[list[list[int]], torch.Tensor | None]:
         """Up to `steps` decode steps of the scheduled sequences (one new token each, the KV blocks of every step
-        allocated) in one call: each step's tokens, in scheduled order (sampling: DecodeStep.burst's)."""
+        allocated) in one call: each step's tokens, in scheduled order, and the logits of the rows keep_logits
+        names (sampling, keep_logits: DecodeStep.burst's)."""
         input_ids, positions, meta, _, _, _, _ = self.prepare(scheduled)
-        return self.model.decode_burst(input_ids, positions, meta, steps, stops, sampling)
+        return self.model.decode_burst(input_ids, positions, meta, steps, stops, sampling, keep_logits)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: every layer's K and V of each (source, destination) block."""

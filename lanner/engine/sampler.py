@@ -110,11 +110,11 @@ def uniforms(seqs: list[Sequence]) -> torch.Tensor:
 def burst_sampling(seqs: list[Sequence], steps: int) -> tuple[tuple | None, list]:
     """A burst's sampling (DecodeStep.burst's: the rows' parameters, [steps, R] uniform numbers, each step's drawn
     by uniforms() as that step would draw them, and with penalties theirs and the rows' token histories), None where
-    every row is greedy without penalties; and the rows' generators with their states before, to rewind a burst
-    that runs fewer steps."""
+    every row is greedy without penalties or logprobs (whose logits every step then needs); and the rows' generators
+    with their states before, to rewind a burst that runs fewer steps."""
     penalized = any(seq.params.has_penalties for seq in seqs)
     rows = [r for r, seq in enumerate(seqs) if not seq.params.greedy]
-    if not rows and not penalized:
+    if not rows and not penalized and all(seq.params.logprobs is None for seq in seqs):
         return None, []
     sampling = [seqs[r] for r in rows]
     generators = [(seq.generator, seq.generator.get_state()) for seq in sampling if seq.generator is not None]

@@ -59,7 +59,8 @@ class BurstArgs(ctypes.Structure):
                 ("rotary", c_void_p), ("positions", c_void_p), ("stops", c_void_p), ("num_stops", c_int),
                 ("steps", c_int), ("tokens", c_void_p), ("temps", c_void_p), ("top_p", c_void_p),
                 ("min_p", c_void_p), ("top_k", c_void_p), ("uniforms", c_void_p), ("repetition", c_void_p),
-                ("presence", c_void_p), ("frequency", c_void_p), ("seen", c_void_p), ("counts", c_void_p)]
+                ("presence", c_void_p), ("frequency", c_void_p), ("seen", c_void_p), ("counts", c_void_p),
+                ("keep", c_void_p), ("num_kept", c_int64), ("kept", c_void_p)]
 
 
 def penalty_state(histories: list[tuple[list[int], list[int]]], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +150,8 @@ class DecodeStep:
         return out, logits
 
     def burst(self, x: torch.Tensor, cos_sin: torch.Tensor, meta, positions: torch.Tensor, steps: int,
-              stops: list[int], sampling: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
+              stops: list[int], sampling: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+              keep_logits: list[int] = ()) -> tuple[list[list[int]], torch.Tensor | None]:
         """Up to `steps` decode steps of rows x [T, H] (embeddings of each sequence's last token, at positions),
         each row's token fed back as its next one, in one C call: the tokens of each step run, [T] per step, those
         the steps one by one would sample (a greedy batch's from ggml_argmax, which finds the exact head's argmax
@@ -157,7 +159,9 @@ class DecodeStep:
         allocated (meta's block tables hold them). sampling: where a row samples or has penalties, the rows'
         fused.sampling_arrays, uniform numbers [steps, T] and (with penalties) their fused.penalty_arrays and each
         row's (prompt + output tokens, output tokens); then every row's logits are computed, penalized as Sampler
-        penalizes them, and each step's tokens drawn as fused.sample_rows draws them (a greedy row's: its argmax)."""
+        penalizes them, and each step's tokens drawn as fused.sample_rows draws them (a greedy row's: its argmax).
+        keep_logits: rows (sampling given) whose logits of each step come back, before penalties, [steps run,
+        len(keep_logits), V] (else None): what a step's logprobs are taken from."""
         x = x.contiguous()
         step, keep = self.step_args(x, cos_sin, meta)
         logits = torch.empty(x.shape[0], self.head.out_features)
@@ -181,11 +185,17 @@ class DecodeStep:
                 seen, counts = penalty_state(histories, self.head.out_features)
                 burst.repetition, burst.presence, burst.frequency = rep.data_ptr(), pres.data_ptr(), freq.data_ptr()
                 burst.seen, burst.counts = seen.data_ptr(), counts.data_ptr()
+        kept = None
+        if keep_logits:
+            keep = torch.full((x.shape[0],), -1, dtype=torch.int32)
+            keep[list(keep_logits)] = torch.arange(len(keep_logits), dtype=torch.int32)
+            kept = torch.empty(steps, len(keep_logits), self.head.out_features)
+            burst.keep, burst.num_kept, burst.kept = keep.data_ptr(), len(keep_logits), kept.data_ptr()
         layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)
         ran = self.lib.decode_burst(ctypes.byref(step), layers, len(layers), ctypes.byref(burst), x.data_ptr(),
                                     residual.data_ptr(), out.data_ptr())
         ggml.check(int(ran < 0), "decode burst")
-        return tokens[:ran].tolist()
+        return tokens[:ran].tolist(), None if kept is None else kept[:ran]
 
     def step_args(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[StepArgs, tuple]:
         """decode_layers' arguments for a step of rows x, and the tensors they point into (kept alive through the

@@ -473,6 +473,9 @@ typedef struct {
     const float *repetition, *presence, *frequency;   /* each row's penalties, or NULL: none */
     uint8_t *seen;              /* [T, V]: the tokens of each row's prompt and output, updated step by step */
     int32_t *counts;            /* [T, V]: how often each token is in the row's output, the same */
+    const int32_t *keep;        /* [T]: where each row's logits go in kept (rows asking logprobs), -1: nowhere; or NULL */
+    int64_t num_kept;
+    float *kept;                /* [steps, num_kept, V]: those rows' logits of each step, before penalties */
 } Burst;
 
 static int64_t argmax(const float *row, int64_t n) {
@@ -697,6 +700,9 @@ int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers
         } else if (b->temps) {   /* rows that sample or have penalties: every row's logits */
             const int64_t V = s->head.n;
             failed |= decode_layers(&step, layers, num_layers, x, residual, out);
+            for (int64_t t = 0; b->keep && t < T; t++)
+                if (b->keep[t] >= 0)
+                    memcpy(b->kept + (i * b->num_kept + b->keep[t]) * V, s->logits + t * V, V * sizeof(float));
             if (b->seen && !failed)
                 penalize(b, s->logits, T, V);
             failed = failed || sample_rows(s->logits, V, T, V, b->temps, b->top_k, b->top_p, b->min_p,

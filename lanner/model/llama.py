@@ -155,12 +155,12 @@ class LlamaForCausalLM(nn.Module):
         return self.decode_step is not None and self.decode_step.bursts(rows)
 
     def decode_burst(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, steps: int,
-                     stops: list[int], sampling=None) -> list[list[int]]:
+                     stops: list[int], sampling=None, keep_logits: list[int] = ()):
         """Up to `steps` decode steps from each sequence's last token (one row each) in one call: the tokens
-        of each step (DecodeStep.burst)."""
+        of each step, and the kept rows' logits (DecodeStep.burst)."""
         x = self.embed_tokens(input_ids)
         return self.decode_step.burst(x, self.rotary.table(positions, x.dtype), meta, positions, steps, stops,
-                                      sampling)
+                                      sampling, keep_logits)
 
     @property
     def mixers(self) -> list[nn.Module]:
