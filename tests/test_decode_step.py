@@ -46,8 +46,9 @@ def test_default_model_equals_the_pytorch_path(default_model_path, dtype, exact,
 @pytest.mark.parametrize("arch, config_class, config", [
     ("Qwen2ForCausalLM", "Qwen2Config", {}),                                               # q/k/v biases
     ("MistralForCausalLM", "MistralConfig", dict(sliding_window=8, head_dim=16)),         # a window in the kernel
+    ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=16)),                               # q/k head norms
 ])
-def test_biases_and_windows_equal_the_pytorch_path(tmp_path, llm, arch, config_class, config):
+def test_biases_windows_and_head_norms_equal_the_pytorch_path(tmp_path, llm, arch, config_class, config):
     save_tiny_model(tmp_path, arch, config_class, llm.tokenizer, weight_std=0.2, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **config)
     tiny = make_llm(str(tmp_path), quantization="q8_0", kv_cache_memory=0.02, block_size=4, enable_prefix_caching=False)
@@ -57,8 +58,9 @@ def test_biases_and_windows_equal_the_pytorch_path(tmp_path, llm, arch, config_c
 
 
 def test_models_it_cannot_run_keep_the_pytorch_path(tmp_path, llm):
-    save_tiny_model(tmp_path, "Qwen3ForCausalLM", "Qwen3Config", llm.tokenizer, hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    save_tiny_model(tmp_path, "Gemma2ForCausalLM", "Gemma2Config", llm.tokenizer, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    query_pre_attn_scalar=16)   # sandwich norms, GeGLU
     assert make_llm(str(tmp_path), quantization="q8_0", kv_cache_memory=0.02).engine.runner.model.decode_step is None
     assert make_llm(str(tmp_path), kv_cache_memory=0.02).engine.runner.model.decode_step is None   # dense weights
 

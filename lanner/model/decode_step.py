@@ -8,8 +8,8 @@ one call, and its per-row stages run on every thread.
 
 Taken only where everything is plain: GGML weights on the kernels' small-row path, the compiled attention,
 no adapter rows in the step other than LoRA and IA3 ones (each linear applies them: LoRAWeights.adapt_input and
-adapt_output in C), and an architecture without q/k norms, sandwich norms, partial rotary, GeGLU or SSM layers.
-Anything else takes the PyTorch path, which stays the reference (tests compare the two)."""
+adapt_output in C), and an architecture without sandwich norms, partial rotary, GeGLU or SSM layers (q/k head norms,
+Qwen3's, it runs). Anything else takes the PyTorch path, which stays the reference (tests compare the two)."""
 from __future__ import annotations
 
 import ctypes
@@ -44,7 +44,7 @@ class LinearArgs(ctypes.Structure):
 class LayerArgs(ctypes.Structure):
     _fields_ = [("input_norm", c_void_p), ("post_norm", c_void_p), ("qkv", LinearArgs), ("o", LinearArgs),
                 ("gate_up", LinearArgs), ("down", LinearArgs), ("k_cache", c_void_p), ("v_cache", c_void_p),
-                ("window", c_int), ("split", c_int)]
+                ("window", c_int), ("split", c_int), ("q_norm", c_void_p), ("k_norm", c_void_p)]
 
 
 class StepArgs(ctypes.Structure):
@@ -105,7 +105,7 @@ class DecodeStep:
         if cfg.ssm_layers:
             return None
         attn = model.layers[0].self_attn
-        plain = (not cfg.qk_norm and not cfg.sandwich_norms and cfg.hidden_act == "silu" and attn.fused_rope
+        plain = (not cfg.sandwich_norms and cfg.hidden_act == "silu" and attn.fused_rope
                  and model.local_rotary is model.rotary and attention_native.fits(cfg.head_dim)
                  and getattr(attn.backend, "__name__", "") == "lanner.attention.cpu")
         if not plain or lib is None or ggml.kernels() is None or attention_native.paged_attention() is None:
@@ -260,7 +260,8 @@ class DecodeStep:
         return LayerArgs(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                          *[self.linear_args(q, self.lora_args(name, m.lora)) for q, (name, m) in zip(linears, modules)],
                          attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), attn.options.get("window") or 0,
-                         attention_native.MAX_PIECE_KEYS)
+                         attention_native.MAX_PIECE_KEYS, *((attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr())
+                                                             if attn.qk_norm else (None, None)))
 
     def lora_args(self, fused_name: str, lora) -> LoRAArgs:
         """A linear's adapter slots as the C step reads them (none without adapters): its PEFT modules' output slices

@@ -52,9 +52,10 @@ static inline void store(void *p, int64_t i, float f, int bf16) {
     ((uint16_t *)p)[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-void rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t T, int64_t H, float eps,
-              int bf16) {
-    FOR_ROWS(T, omp_get_max_threads(), {
+/* row t of rms_norm */
+static void rms_norm_row(const void *x, void *residual, const void *weight, void *out, int64_t t, int64_t H,
+                         float eps, int bf16) {
+    {
         const int64_t row = t * H;
         float sum = 0;
         for (int64_t i = 0; i < H; i++) {
@@ -74,7 +75,12 @@ void rms_norm(const void *x, void *residual, const void *weight, void *out, int6
             float n = bf16 ? load(&normed, 0, 1) : load(src, row + i, 0) * scale;
             store(out, row + i, n * load(weight, i, bf16), bf16);
         }
-    });
+    }
+}
+
+void rms_norm(const void *x, void *residual, const void *weight, void *out, int64_t T, int64_t H, float eps,
+              int bf16) {
+    FOR_ROWS(T, omp_get_max_threads(), rms_norm_row(x, residual, weight, out, t, H, eps, bf16));
 }
 
 static inline float round_to(float f, int bf16) {   /* f as the activations' dtype holds it */
@@ -210,6 +216,7 @@ typedef struct {
     GGMLLinear qkv, o, gate_up, down;
     void *k_cache, *v_cache;              /* [blocks, block_size, hkv, D], activations' dtype */
     int window, split;                    /* the attention kernel's sliding window and keys per work item */
+    const void *q_norm, *k_norm;          /* RMSNorm weights of each q and k head (Qwen3), or NULL */
 } DecoderLayer;
 
 typedef struct {
@@ -394,6 +401,19 @@ static int head_logits(const DecodeStep *s, const void *h) {
     return failed;
 }
 
+/* RMSNorm of every q and k head of qkv [T, (hq + 2 hkv) D] in place, each head as rms_norm normalizes a row
+ * (Attention.norm_heads: Qwen3's, before rotary) */
+static void norm_heads(const DecodeStep *s, const DecoderLayer *l, void *qkv) {
+    const int64_t D = s->D, width = (s->hq + 2 * s->hkv) * D, es = s->bf16 ? 2 : 4;
+    EACH_ROW({
+        char *q = (char *)qkv + t * width * es, *k = q + s->hq * D * es;
+        for (int h = 0; h < s->hq; h++)
+            rms_norm_row(q, NULL, l->q_norm, q, h, D, s->eps, s->bf16);
+        for (int h = 0; h < s->hkv; h++)
+            rms_norm_row(k, NULL, l->k_norm, k, h, D, s->eps, s->bf16);
+    });
+}
+
 static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, void *out, float *qf, uint16_t *qb,
                   float *of, float *lse) {
     const int64_t width = (int64_t)(s->hq + 2 * s->hkv) * s->D, qn = (int64_t)s->hq * s->D;
@@ -436,6 +456,8 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
         const DecoderLayer *l = &layers[i];
         rms_norm(x, i ? residual : NULL, l->input_norm, h, T, H, s->eps, s->bf16);
         failed |= linear(s, &l->qkv, h, qkv, 0);
+        if (l->q_norm)
+            norm_heads(s, l, qkv);
         rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache, s->bf16, s->kv_bf16);
         failed |= attend(s, l, qkv, attn, qf, qb, of, lse);
         failed |= linear(s, &l->o, attn, x, 0);
