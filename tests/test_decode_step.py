@@ -117,8 +117,8 @@ def test_lora_and_ia3_rows_run_in_the_step_as_on_the_pytorch_path(base_dir, tmp_
 
 
 def test_lora_rows_burst_with_the_tokens_of_single_steps(default_model_path, hf_default, tmp_path, monkeypatch):
-    """Greedy LoRA rows (beside base rows) of the default model run num_scheduler_steps at a time in one call, with
-    the tokens of steps run one by one."""
+    """Greedy LoRA rows (beside base rows; one asking logprobs) of the default model run num_scheduler_steps at a
+    time in one call, with the tokens and logprobs of steps run one by one."""
     from peft import LoraConfig, get_peft_model
     from test_lora import ALL_LINEAR
     torch.manual_seed(0)
@@ -133,13 +133,14 @@ def test_lora_rows_burst_with_the_tokens_of_single_steps(default_model_path, hf_
                    enable_prefix_caching=False)
     adapter_steps, asked = record_adapter_steps(monkeypatch), count_bursts(llm)
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    params = [greedy, greedy, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)]
     outputs = {}
     for steps in (1, 8):
         llm.engine.cfg.num_scheduler_steps = steps
-        outputs[steps] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False,
-                                                                       lora_request=[request, None, request])]
+        outputs[steps] = [(o.outputs[0].token_ids, o.outputs[0].logprobs)
+                          for o in llm.generate(PROMPTS, params, use_tqdm=False, lora_request=[request, None, request])]
     assert outputs[8] == outputs[1] and max(asked) == 8 and all(adapter_steps)
-    assert outputs[8][0] != llm.generate(PROMPTS[:1], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert outputs[8][0][0] != llm.generate(PROMPTS[:1], greedy, use_tqdm=False)[0].outputs[0].token_ids
     assert_all_blocks_free(llm)
 
 

@@ -97,7 +97,7 @@ class DecodeStep:
         # the LM head in the same call where it runs on the same kernels (a GGUF's; an HF model's stays dense)
         self.head = head if isinstance(head, ggml.GGMLLinear) and head.lib is linears[0][0].lib else None
         self.head_args = None if self.head is None else self.linear_args(self.head)
-        self.layers, self.cache_ptr = None, None
+        self.layers, self.layers_key = None, None
 
     @classmethod
     def build(cls, model) -> DecodeStep | None:
@@ -191,10 +191,10 @@ class DecodeStep:
                 burst.seen, burst.counts = seen.data_ptr(), counts.data_ptr()
         kept = None
         if keep_logits:
-            keep = torch.full((x.shape[0],), -1, dtype=torch.int32)
-            keep[list(keep_logits)] = torch.arange(len(keep_logits), dtype=torch.int32)
+            kept_at = torch.full((x.shape[0],), -1, dtype=torch.int32)
+            kept_at[list(keep_logits)] = torch.arange(len(keep_logits), dtype=torch.int32)
             kept = torch.empty(steps, len(keep_logits), self.head.out_features)
-            burst.keep, burst.num_kept, burst.kept = keep.data_ptr(), len(keep_logits), kept.data_ptr()
+            burst.keep, burst.num_kept, burst.kept = kept_at.data_ptr(), len(keep_logits), kept.data_ptr()
         layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)
         ran = self.lib.decode_burst(ctypes.byref(step), layers, len(layers), ctypes.byref(burst), x.data_ptr(),
                                     residual.data_ptr(), out.data_ptr())
@@ -244,24 +244,25 @@ class DecodeStep:
         return meta.derived[key]
 
     def layer_structs(self) -> ctypes.Array:
-        """Per-layer pointers, built once the runner has set the KV caches (again if it replaced them); weights and
-        flags are fixed once pack_weights has built this step."""
+        """Per-layer pointers, built once the runner has set the KV caches (again if it replaced them, or once the
+        LoRA manager has given the linears their adapter slots); weights and flags are fixed once pack_weights has
+        built this step."""
         layers = self.model.layers
         key = (layers[0].self_attn.k_cache.data_ptr(), layers[0].self_attn.qkv_proj.lora is not None)
-        if self.layers is None or self.cache_ptr != key:
+        if self.layers is None or self.layers_key != key:
             self.layers = (LayerArgs * len(layers))(*[self.layer(layer, qs) for layer, qs in zip(layers, self.linears)])
-            self.cache_ptr = key
+            self.layers_key = key
         return self.layers
 
     def layer(self, layer, linears) -> LayerArgs:
         attn, mlp = layer.self_attn, layer.mlp
         modules = (("self_attn.qkv_proj", attn.qkv_proj), ("self_attn.o_proj", attn.o_proj),
                    ("mlp.gate_up_proj", mlp.gate_up_proj), ("mlp.down_proj", mlp.down_proj))
+        head_norms = (attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr()) if attn.qk_norm else (None, None)
         return LayerArgs(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                          *[self.linear_args(q, self.lora_args(name, m.lora)) for q, (name, m) in zip(linears, modules)],
                          attn.k_cache.data_ptr(), attn.v_cache.data_ptr(), attn.options.get("window") or 0,
-                         attention_native.MAX_PIECE_KEYS, *((attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr())
-                                                             if attn.qk_norm else (None, None)))
+                         attention_native.MAX_PIECE_KEYS, *head_norms)
 
     def lora_args(self, fused_name: str, lora) -> LoRAArgs:
         """A linear's adapter slots as the C step reads them (none without adapters): its PEFT modules' output slices
