@@ -55,26 +55,24 @@ static inline void store(void *p, int64_t i, float f, int bf16) {
 /* row t of rms_norm */
 static void rms_norm_row(const void *x, void *residual, const void *weight, void *out, int64_t t, int64_t H,
                          float eps, int bf16) {
-    {
-        const int64_t row = t * H;
-        float sum = 0;
-        for (int64_t i = 0; i < H; i++) {
-            float v = load(x, row + i, bf16);
-            if (residual) {
-                v += load(residual, row + i, bf16);
-                store(residual, row + i, v, bf16);
-                v = load(residual, row + i, bf16);   /* the sum as stored, rounded like HF's */
-            }
-            sum += v * v;
+    const int64_t row = t * H;
+    float sum = 0;
+    for (int64_t i = 0; i < H; i++) {
+        float v = load(x, row + i, bf16);
+        if (residual) {
+            v += load(residual, row + i, bf16);
+            store(residual, row + i, v, bf16);
+            v = load(residual, row + i, bf16);   /* the sum as stored, rounded like HF's */
         }
-        float scale = 1.0f / sqrtf(sum / H + eps);
-        const void *src = residual ? residual : x;
-        for (int64_t i = 0; i < H; i++) {
-            uint16_t normed;   /* HF rounds the normalized row to the model dtype before the weight */
-            store(&normed, 0, load(src, row + i, bf16) * scale, 1);
-            float n = bf16 ? load(&normed, 0, 1) : load(src, row + i, 0) * scale;
-            store(out, row + i, n * load(weight, i, bf16), bf16);
-        }
+        sum += v * v;
+    }
+    float scale = 1.0f / sqrtf(sum / H + eps);
+    const void *src = residual ? residual : x;
+    for (int64_t i = 0; i < H; i++) {
+        uint16_t normed;   /* HF rounds the normalized row to the model dtype before the weight */
+        store(&normed, 0, load(src, row + i, bf16) * scale, 1);
+        float n = bf16 ? load(&normed, 0, 1) : load(src, row + i, 0) * scale;
+        store(out, row + i, n * load(weight, i, bf16), bf16);
     }
 }
 
@@ -495,7 +493,7 @@ typedef struct {
     const float *repetition, *presence, *frequency;   /* each row's penalties, or NULL: none */
     uint8_t *seen;              /* [T, V]: the tokens of each row's prompt and output, updated step by step */
     int32_t *counts;            /* [T, V]: how often each token is in the row's output, the same */
-    const int32_t *keep;        /* [T]: where each row's logits go in kept (rows asking logprobs), -1: nowhere; or NULL */
+    const int32_t *keep;        /* [T]: where each row's logits go in kept (rows asking logprobs), -1: nowhere */
     int64_t num_kept;
     float *kept;                /* [steps, num_kept, V]: those rows' logits of each step, before penalties */
 } Burst;
