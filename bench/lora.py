@@ -1,10 +1,12 @@
-"""Throughput with LoRA adapters: the 64-request workload with 0, 1, 4 and 8 distinct adapters in the batch.
+"""Throughput with LoRA adapters: the 64-request workload with 0, 1, 4 and 8 distinct adapters in the batch, or
+(--single-stream) one request at a time, base and with the first adapter: its decode tok/s after a 128-token prompt.
 
 Adapters are random rank-16 PEFT-format adapters on all linear layers of the default model (non-zero B, so
 every delta is really computed). One JSON line per setting, with the ratio to the base-only run.
 
     python bench/lora.py [--quick] [--threads 1] [--adapters 0,1,4,8]
     python bench/lora.py --adapters 0,8 --adapter-dirs DIR,DIR,...   # given PEFT adapters of any kind instead
+    python bench/lora.py --single-stream --dtype float32 [--adapter-dirs DIR]
 """
 import argparse
 import json
@@ -46,6 +48,22 @@ def run(llm, work, loras) -> tuple[float, int]:
     return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
+def single_stream(llm, request, reps: int = 3) -> float:
+    """Median decode tok/s of one request at a time: a random 128-token prompt, 128 greedy tokens."""
+    import random
+    import statistics
+
+    from common import random_prompt
+
+    from lanner import SamplingParams
+    rng, params = random.Random(0), SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    rates = []
+    for _ in range(reps):
+        out = llm.generate([random_prompt(rng, 128)], params, use_tqdm=False, lora_request=request)[0]
+        rates.append((len(out.outputs[0].token_ids) - 1) / out.metrics.decode_time)
+    return statistics.median(rates)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", default="0,1,4,8")
@@ -54,6 +72,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="16 requests, short outputs")
+    ap.add_argument("--single-stream", action="store_true", help="one request at a time, base and one adapter")
     ap.add_argument("--adapter-dirs", default="",
                     help="comma-separated PEFT adapter directories (LoRA, IA3, prefix, prompt, LLaMA-Adapter, ...) "
                          "used instead of random LoRAs")
@@ -66,7 +85,7 @@ def main() -> None:
     llm = LLM(model_path(None), dtype=args.dtype, enable_lora=True, max_loras=8, max_lora_rank=args.rank,
               enable_prefix_caching=False)
     with tempfile.TemporaryDirectory() as tmp:
-        counts = [int(c) for c in args.adapters.split(",")]
+        counts = [1] if args.single_stream else [int(c) for c in args.adapters.split(",")]
         given = [d for d in args.adapter_dirs.split(",") if d]
         if given and max(counts) > len(given):
             raise SystemExit(f"--adapters asks for {max(counts)} distinct adapters, --adapter-dirs gives {len(given)}")
@@ -75,6 +94,15 @@ def main() -> None:
         for i, r in enumerate(requests[:0 if given else None]):
             write_adapter(r.lora_path, llm.engine.model_config, args.rank, seed=i)
         run(llm, work[:2], [requests[0] if requests else None, None])   # warm up
+        if args.single_stream:
+            base = single_stream(llm, None)
+            for request in (None, requests[0]):
+                rate = base if request is None else single_stream(llm, request)
+                print(json.dumps({"bench": "lora_single_stream", "adapter": request and request.lora_path,
+                                  "dtype": args.dtype, "decode_tok_per_s": round(rate, 2),
+                                  "ratio_vs_base": round(rate / base, 3), "threads": torch.get_num_threads(),
+                                  **memory_fields("cpu")}), flush=True)
+            return
         base = None
         for count in counts:
             loras = [requests[i % count] if count else None for i in range(n)]
