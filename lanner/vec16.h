@@ -205,4 +205,38 @@ NATIVE_WIDTH(8)
 INLINE vn select_native(vni mask, vn a, vn b) {
     return (vn)(((vni)a & mask) | ((vni)b & ~mask));
 }
+
+/* The first and the last 8 lanes of a native vector (the same 8 where it holds 8). */
+INLINE v8 low8(vn x) {
+    v8 y;
+    memcpy(&y, &x, sizeof y);
+    return y;
+}
+
+INLINE v8 high8(vn x) {
+    v8 y;
+    memcpy(&y, (const char *)&x + sizeof x - sizeof y, sizeof y);
+    return y;
+}
+
+/* The total of the lanes, by halving (the 16 lanes of AVX-512 folded to 8 first): log2(NATIVE) steps. */
+INLINE float sum_lanes(vn x) {
+    v8 y = NATIVE == 16 ? low8(x) + high8(x) : low8(x);
+    y += SHUFFLE(y, y, v8i, 4, 5, 6, 7, 0, 1, 2, 3);
+    y += SHUFFLE(y, y, v8i, 2, 3, 0, 1, 6, 7, 4, 5);
+    return y[0] + y[1];
+}
+
+/* Lane c: the sum of the lanes of a[c], for 8 vectors: a transpose-and-add tree, 21 in-lane shuffles and adds for
+ * the 8 sums instead of 8 separate horizontal reductions. */
+INLINE v8 sum_each8(const v8 *a) {
+    v8 b[4], c[2];
+    for (int i = 0; i < 4; i++)   /* lanes: [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67] */
+        b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14)
+               + SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
+    for (int i = 0; i < 2; i++)   /* [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | the same of lanes 4-7] */
+        c[i] = SHUFFLE(b[2 * i], b[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14)
+               + SHUFFLE(b[2 * i], b[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
+    return SHUFFLE(c[0], c[1], v8i, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(c[0], c[1], v8i, 4, 5, 6, 7, 12, 13, 14, 15);
+}
 #endif

@@ -52,43 +52,17 @@ typedef struct {
     float softcap;  /* 0: none */
 } Problem;
 
-/* Lane c of out (16 lanes: two v8) is the sum of the lanes of a[c]: a transpose-and-add tree, 42 in-lane shuffles
- * and adds of 8 lanes for 16 sums instead of 16 separate horizontal reductions. */
+/* Lane c of out (16 lanes: two v8) is the sum of the lanes of a[c]: sum_each8's tree for each half. */
 INLINE void sum_each(const v8 *a, v8 *out) {
-    v8 b[8], c[4];
-    for (int i = 0; i < 8; i++)   /* lanes: [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67] */
-        b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
-    for (int i = 0; i < 4; i++)   /* [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | the same of lanes 4-7] */
-        c[i] = SHUFFLE(b[2 * i], b[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE(b[2 * i], b[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
-    for (int i = 0; i < 2; i++)   /* [a0 .. a7] */
-        out[i] = SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(c[2 * i], c[2 * i + 1], v8i, 4, 5, 6, 7, 12, 13, 14, 15);
+    out[0] = sum_each8(a), out[1] = sum_each8(a + 8);
 }
 
-/* Largest and total of the lanes, by halving (the 16 lanes of AVX-512 folded to 8 first): log2(NATIVE) steps. */
-INLINE v8 low8(vn x) {
-    v8 y;
-    memcpy(&y, &x, sizeof y);
-    return y;
-}
-
-INLINE v8 high8(vn x) {
-    v8 y;
-    memcpy(&y, (const char *)&x + sizeof x - sizeof y, sizeof y);
-    return y;
-}
-
+/* Largest of the lanes, by halving as sum_lanes does. */
 INLINE float max_lanes(vn x) {
     v8 y = NATIVE == 16 ? max8v(low8(x), high8(x)) : low8(x);
     y = max8v(y, SHUFFLE(y, y, v8i, 4, 5, 6, 7, 0, 1, 2, 3));
     y = max8v(y, SHUFFLE(y, y, v8i, 2, 3, 0, 1, 6, 7, 4, 5));
     return y[0] > y[1] ? y[0] : y[1];
-}
-
-INLINE float sum_lanes(vn x) {
-    v8 y = NATIVE == 16 ? low8(x) + high8(x) : low8(x);
-    y += SHUFFLE(y, y, v8i, 4, 5, 6, 7, 0, 1, 2, 3);
-    y += SHUFFLE(y, y, v8i, 2, 3, 0, 1, 6, 7, 4, 5);
-    return y[0] + y[1];
 }
 
 /* cap * tanh(x / cap): tanh|y| = (1 - e) / (1 + e) with e = exp(-2|y|) <= 1, the sign put back. Absolute error

@@ -302,6 +302,7 @@ class LLMEngine:
         sampling, generators = burst_sampling([seq for seq, _ in scheduled], steps)
         keep = [r for r, (seq, _) in enumerate(scheduled) if seq.params.logprobs is not None]
         tokens, kept = self.runner.run_burst(scheduled, steps, sorted(stops), sampling, keep)
+        kept_at = {r: k for k, r in enumerate(keep)}   # row -> its place in kept
         if len(tokens) < steps:   # a burst cut short: each generator as if it had drawn for the steps run only
             for generator, state in generators:
                 generator.set_state(state)
@@ -312,8 +313,8 @@ class LLMEngine:
             for i, step_tokens in enumerate(tokens):
                 seq.num_computed_tokens += 1
                 self.num_computed_tokens_total += 1
-                if r in keep:
-                    self.record_logprobs(seq, kept[i, keep.index(r)][None], [step_tokens[r]])
+                if r in kept_at:
+                    self.record_logprobs(seq, kept[i, kept_at[r]][None], [step_tokens[r]])
                 self.append_token(seq, step_tokens[r], now)
                 if seq.is_finished:
                     break

@@ -154,7 +154,7 @@ class LoRAManager:
                 pair = adapter.weights.get((layer, sub))
                 if pair is not None:
                     w.write(slot, i * rank, *pair, slices[sub].start)
-            w.set_rank(slot, rank * len(FUSED[fused]))
+            w.ranks[slot] = rank * len(FUSED[fused])
 
     def write_ia3(self, slot: int, adapter: IA3Adapter) -> None:
         """Each vector on its fused linear: over the module's output slice, or over the whole input."""

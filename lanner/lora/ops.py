@@ -11,9 +11,8 @@ class LoRAWeights:
         self.manager = manager
         self.a = torch.zeros(max_loras + 1, max_rank, d_in, dtype=dtype)
         self.b = torch.zeros(max_loras + 1, d_out, max_rank, dtype=dtype)
-        self.ranks = [0] * (max_loras + 1)
-        # the same and the IA3 vectors' addresses (0: none; input, output) for the one-call decode step
-        self.rank_table = torch.zeros(max_loras + 1, dtype=torch.int32)
+        self.ranks = torch.zeros(max_loras + 1, dtype=torch.int32)   # rows of A (columns of B) each slot uses
+        # the IA3 vectors' addresses (0: none; input, output) for the one-call decode step
         self.scale_table = torch.zeros(2, max_loras + 1, dtype=torch.int64)
         self.input_scales: dict[int, torch.Tensor] = {}    # slot -> [in]
         self.output_scales: dict[int, torch.Tensor] = {}   # slot -> [out], ones outside its modules' slices
@@ -21,15 +20,10 @@ class LoRAWeights:
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
         self.b[slot].zero_()
-        self.set_rank(slot, 0)
+        self.ranks[slot] = 0
         self.input_scales.pop(slot, None)
         self.output_scales.pop(slot, None)
         self.scale_table[:, slot] = 0
-
-    def set_rank(self, slot: int, rank: int) -> None:
-        """The rows of A (columns of B) the slot uses."""
-        self.ranks[slot] = rank
-        self.rank_table[slot] = rank
 
     def write(self, slot: int, row: int, a: torch.Tensor, b: torch.Tensor, out_offset: int) -> None:
         r = a.shape[0]
@@ -67,7 +61,7 @@ class LoRAWeights:
         return y
 
     def add_delta(self, slot: int, rows: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> None:
-        r = self.ranks[slot]
+        r = int(self.ranks[slot])
         if rows is None:
             y += (x @ self.a[slot, :r].T) @ self.b[slot, :, :r].T
         else:

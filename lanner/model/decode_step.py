@@ -18,6 +18,7 @@ import torch
 
 from lanner.attention import native as attention_native
 from lanner.attention.cpu import KERNEL_QUERY
+from lanner.lora.adapter import FUSED, output_slices
 from lanner.model import fused
 from lanner.quant import ggml
 
@@ -269,11 +270,10 @@ class DecodeStep:
         are the blocks of LoRA slots' block-diagonal layout (LoRAManager.write_lora)."""
         if lora is None:
             return LoRAArgs()
-        from lanner.lora.adapter import FUSED, output_slices
         slices = output_slices(self.model.config)
         starts = [slices[sub].start for sub in FUSED[fused_name]]
         scales = lora.scale_table
-        return LoRAArgs(lora.a.data_ptr(), lora.b.data_ptr(), lora.rank_table.data_ptr(), lora.a.shape[1],
+        return LoRAArgs(lora.a.data_ptr(), lora.b.data_ptr(), lora.ranks.data_ptr(), lora.a.shape[1],
                         len(starts), (c_int64 * 4)(*starts, *[lora.b.shape[1]] * (4 - len(starts))),
                         scales[0].data_ptr(), scales[1].data_ptr())
 

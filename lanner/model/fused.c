@@ -249,20 +249,14 @@ static inline float dot(const void *a, int a_bf16, const void *b, int b_bf16, in
             part[c] += load_native(a, i + c * NATIVE, a_bf16) * load_native(b, i + c * NATIVE, b_bf16);
     for (; i + NATIVE <= n; i += NATIVE)
         part[0] += load_native(a, i, a_bf16) * load_native(b, i, b_bf16);
-    vn acc = (part[0] + part[1]) + (part[2] + part[3]);
-    float lanes[NATIVE], sum = 0;
-    memcpy(lanes, &acc, sizeof lanes);
-    for (int w = NATIVE / 2; w > 0; w /= 2)   /* a tree: the lanes' sums do not wait on one another */
-        for (int l = 0; l < w; l++)
-            lanes[l] += lanes[l + w];
-    sum = lanes[0];
+    float sum = sum_lanes((part[0] + part[1]) + (part[2] + part[3]));
     for (; i < n; i++)
         sum += load(a, i, a_bf16) * load(b, i, b_bf16);
     return sum;
 }
 
 /* out lane i = a[i] . x for 8 rows a[i] = b + i * stride of r elements (the activations' dtype) and x fp32: each row's
- * products in 8 lanes, then one transpose-and-add tree for the 8 sums (not 8 reductions of a register each) */
+ * products in 8 lanes, then sum_each8 for the 8 sums */
 static inline v8 dots8(const void *b, int bf16, int64_t stride, const float *x, int64_t r) {
     v8 a[8];
     for (int i = 0; i < 8; i++) {
@@ -277,14 +271,7 @@ static inline v8 dots8(const void *b, int bf16, int64_t stride, const float *x, 
             acc[0] += load(b, i * stride + c, bf16) * x[c];
         a[i] = acc;
     }
-    v8 h[4], q[2];
-    for (int i = 0; i < 4; i++)
-        h[i] = SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14)
-               + SHUFFLE(a[2 * i], a[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
-    for (int i = 0; i < 2; i++)
-        q[i] = SHUFFLE(h[2 * i], h[2 * i + 1], v8i, 0, 2, 8, 10, 4, 6, 12, 14)
-               + SHUFFLE(h[2 * i], h[2 * i + 1], v8i, 1, 3, 9, 11, 5, 7, 13, 15);
-    return SHUFFLE(q[0], q[1], v8i, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(q[0], q[1], v8i, 4, 5, 6, 7, 12, 13, 14, 15);
+    return sum_each8(a);
 }
 
 /* this thread's share [*i0, *i1) of [0, n) */
