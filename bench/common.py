@@ -245,7 +245,7 @@ def common_args(parser) -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--systems", default="lanner,hf,llamacpp")
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--quantization", default="none", help="an HF model's linears at load: none|q8_0|q4_0|q4_1|q5_0|q5_1|nf4")
+    parser.add_argument("--quantization", default="none", help="an HF model's linears at load: none|q8_0|q4_0|q4_1|q5_0|q5_1|bf16|nf4")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,

@@ -91,9 +91,10 @@ def hf_dir(tmp_path_factory, hf_default):
 
 
 def save_tiny_model(path, arch: str, config_class: str, tokenizer=None, seed: int = 0, weight_std: float | None = None,
-                    **config):
+                    dtype: torch.dtype = torch.float32, **config):
     """A random HF model of arch built and saved by the installed transformers (its own config.json), with
-    the default model's tokenizer when given; weight_std redraws every parameter (norms too) from N(0, std)."""
+    the default model's tokenizer when given; weight_std redraws every parameter (norms too) from N(0, std);
+    dtype: the checkpoint's (a bf16 one is what most hubs hold)."""
     import transformers
     vocab = {"vocab_size": tokenizer.vocab_size} if tokenizer is not None else {}
     config = getattr(transformers, config_class)(**{**vocab, **config})
@@ -104,7 +105,7 @@ def save_tiny_model(path, arch: str, config_class: str, tokenizer=None, seed: in
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, weight_std)
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path)
     if tokenizer is not None:
         tokenizer.tokenizer.save(os.path.join(path, "tokenizer.json"))
     return model

@@ -58,6 +58,29 @@ def test_biases_windows_and_head_norms_equal_the_pytorch_path(tmp_path, llm, arc
     assert len({tuple(ids) for ids, _ in lean}) > 1
 
 
+def test_bf16_weights_run_the_step_with_the_head_and_keep_a_bf16_checkpoints_tokens(tmp_path, llm):
+    """quantization="bf16": an HF model's linears and LM head kept as GGML BF16 rows (lossless for a bf16 checkpoint)
+    run the one-call step, head included, bitwise as the PyTorch path; tokens as the dense fp32 weights give."""
+    save_tiny_model(tmp_path, "LlamaForCausalLM", "LlamaConfig", llm.tokenizer, weight_std=0.2, dtype=torch.bfloat16,
+                    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)
+    kw = dict(kv_cache_memory=0.02, block_size=4, enable_prefix_caching=False)
+    tiny = make_llm(str(tmp_path), quantization="bf16", **kw)
+    model = tiny.engine.runner.model
+    assert model.decode_step.head is not None
+    assert model.lm_head.quantized.nbytes() == 2 * model.lm_head.in_features * model.lm_head.out_features
+    lean, torch_path = both_paths(tiny, PROMPTS)
+    assert lean == torch_path
+    assert len({tuple(ids) for ids, _ in lean}) > 1
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    dense = [o.outputs[0] for o in make_llm(str(tmp_path), **kw).generate(PROMPTS, params, use_tqdm=False)]
+    for (ids, logprobs), d in zip(lean, dense):
+        assert ids == d.token_ids
+        for step, dense_step in zip(logprobs, d.logprobs):
+            for token, lp in step.items():
+                assert abs(lp - dense_step[token]) < 1e-4
+
+
 def test_models_it_cannot_run_keep_the_pytorch_path(tmp_path, llm):
     save_tiny_model(tmp_path, "Gemma2ForCausalLM", "Gemma2Config", llm.tokenizer, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -214,7 +214,9 @@ def test_quantize_at_load_round_trips_through_gguf_reference():
         lin = ggml.quantize_linear(weight, None, name)
         deq = lin.dequantize()
         assert torch.equal(deq, reference(lin.weight))
-        assert (deq - weight).abs().max() < {"q8_0": 0.02, "q5_0": 0.2, "q5_1": 0.2}.get(name, 0.5)
+        assert (deq - weight).abs().max() < {"q8_0": 0.02, "q5_0": 0.2, "q5_1": 0.2, "bf16": 0.02}.get(name, 0.5)
+    assert torch.equal(ggml.quantize_linear(weight.bfloat16().float(), None, "bf16").dequantize(),
+                       weight.bfloat16().float())   # lossless for a bf16 checkpoint
 
 
 def test_fused_rows_keep_their_values():

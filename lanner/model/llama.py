@@ -10,6 +10,7 @@ from lanner.config import ModelConfig
 from lanner.model import fused
 from lanner.model.decode_step import DecodeStep
 from lanner.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
+from lanner.quant import head_format
 from lanner.quant.ggml import GGMLTensor
 
 
@@ -173,13 +174,11 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_weights(self, quantization: str = "none", dense_gemm: bool | None = None) -> None:
         """Inference layouts for every linear. An HF model's LM head is not quantized at load (it is the
-        most sensitive linear); a GGUF model's keeps the format its file gives it, as llama.cpp's does."""
+        most sensitive linear; head_format); a GGUF model's keeps the format its file gives it, as llama.cpp's does."""
         for name, module in self.named_modules():
             if isinstance(module, Linear):
-                # int8 activations' error flips near ties of the logits themselves ("The" vs "L'" for France's
-                # capital): the head, a quarter of the default model's bytes, multiplies exactly
                 head = name == "lm_head"
-                module.pack("none" if head else quantization, dense_gemm, int8=not head)
+                module.pack(head_format(quantization) if head else quantization, dense_gemm, int8=not head)
         self.decode_step = DecodeStep.build(self)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from torch import nn
 from lanner.config import ModelConfig
 from lanner.model.layers import Linear
 from lanner.model.llama import place
+from lanner.quant import head_format
+
 
 def state_shapes(cfg: ModelConfig) -> tuple[tuple, tuple]:
     """Per slot and layer: the conv state's shape (channels, kernel - 1) and the SSM state's."""
@@ -94,4 +96,5 @@ class MambaForCausalLM(nn.Module):
         """Every linear in its inference layout (the mixers' quantized at load if asked; the head stays exact)."""
         for name, module in self.named_modules():
             if isinstance(module, Linear):
-                module.pack("none" if name == "lm_head" else quantization, dense_gemm, int8=name != "lm_head")
+                head = name == "lm_head"
+                module.pack(head_format(quantization) if head else quantization, dense_gemm, int8=not head)

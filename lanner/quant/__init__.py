@@ -8,3 +8,10 @@ def quantize_linear(weight, bias, mode: str):
         return quantize_linear_nf4(weight, bias)
     from lanner.quant.ggml import quantize_linear as ggml_linear
     return ggml_linear(weight, bias, mode)
+
+
+def head_format(quantization: str) -> str:
+    """The LM head's format at load: int8 activations' error flips near ties of the logits themselves ("The" vs "L'"
+    for France's capital), so the head stays dense unless the format multiplies exact activations (bf16)."""
+    from lanner.quant.ggml import EXACT_FORMATS
+    return quantization if quantization in EXACT_FORMATS else "none"

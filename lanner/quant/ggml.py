@@ -9,7 +9,8 @@ LANNER_EXACT_LINEARS=1 activations stay fp32 (exact: dequantize-then-matmul up t
 SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step, as do formats
 without an int8 path (and any weight given dense_gemm_weights=True); without one, chunks of rows are
 dequantized into a scratch buffer per call.
-HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1).
+HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1), or kept
+as BF16 rows (bf16).
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml.c")
 BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
           "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
           "Q6_K": (14, 256, 210), "BF16": (30, 32, 64)}
-QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")   # formats an HF model can be quantized into at load
+QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "bf16")   # formats an HF model can be stored in at load
+# formats whose linears multiply exact fp32 activations (no int8 path): the LM head takes them too
+EXACT_FORMATS = ("bf16",)
 # activation rows up to which the exact kernel multiplies directly: beyond 4 rows oneDNN's GEMM on a dense copy
 # is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16. The int8
 # GEMM on packed weights beats oneDNN's fp32 2-5x and its native bf16 (AVX512-BF16) 1.1-1.3x: it takes every
@@ -285,7 +288,8 @@ class GGMLLinear:
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, type_name: str) -> GGMLLinear:
-    """An HF weight quantized at load into a GGML format (q8_0, q4_0, q4_1, q5_0, q5_1)."""
+    """An HF weight stored at load in a GGML format (q8_0, q4_0, q4_1, q5_0, q5_1; bf16: BF16 rows, lossless for
+    a bf16 checkpoint)."""
     if type_name.lower() not in QUANTIZE_TO:
         raise ValueError(f"cannot quantize into {type_name!r}; choose one of {QUANTIZE_TO}")
     if weight.shape[1] % 32:
