@@ -80,10 +80,12 @@ def best_time(fn, reps: int) -> float:
     return min(times)
 
 
-def read_bandwidth() -> float:
-    """GB/s of a torch.sum over 400 MB: the machine's read bandwidth, the roof for a weight-streaming step."""
+def read_bandwidth(megabytes: float = 400) -> float:
+    """GB/s of a torch.sum over `megabytes` read again and again: the machine's read bandwidth for a buffer that
+    size, the roof for a step streaming that many bytes of weights. Give the weights' size: where they fit in the
+    last-level cache (a 480 MB L3 held the default model's 96 MB), 400 MB from memory read 25 GB/s and 96 MB 53."""
     import torch
-    x = torch.ones(100_000_000)
+    x = torch.ones(int(megabytes * 1e6 / 4))
     return x.numel() * 4 / best_time(lambda: x.sum(), 5) / 1e9
 
 

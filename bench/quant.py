@@ -6,7 +6,8 @@ shapes: effective weight bandwidth per format, rows M and ISA path. JSON lines, 
 One decode step's linears (30 layers of qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536, plus the
 49152x576 LM head) are multiplied in turn, so the weights stream from memory as in a real step (96 MB in
 Q4_1; 536 MB dense fp32, which is what lanner multiplied with before it kept GGUF blocks). K-quants take widths rounded up to 256. `read_gb_s` is a
-torch.sum over 400 MB in the same run: the machine's read bandwidth, the roof for GEMV. Paths: `int8`, the
+torch.sum over as many bytes as the weights, in the same run: the machine's read bandwidth for that size (from
+the L3 where they fit), the roof for GEMV. Paths: `int8`, the
 kernel on int8 activations (the default of up to 4 rows); `kernel`, the exact one on fp32 activations;
 `gemm`, dequantize + PyTorch GEMM. The isa `native` is the -march=native build (AVX512-VNNI where the CPU
 has it; the forced avx512 level has none).
@@ -128,7 +129,6 @@ def main():
         common.emit(logit_error(), args.out)
         return
     common.warn_if_busy()
-    roof = read_bandwidth()
     records = []
     for rows in [int(r) for r in args.rows.split(",")]:
         for isa in args.isas.split(","):
@@ -138,7 +138,11 @@ def main():
                         records.append(dict(bench_format(fmt, rows, args.reps, path), isa=isa))
         for dtype in filter(None, args.dense.split(",")):
             records.append(dict(bench_dense(getattr(torch, dtype), rows, args.reps), isa=native.isa()))
+    roofs = {}   # the read bandwidth for each size of weights: a model that fits in the L3 reads from it
     for r in records:
+        if r["weight_mb"] not in roofs:
+            roofs[r["weight_mb"]] = read_bandwidth(r["weight_mb"])
+        roof = roofs[r["weight_mb"]]
         r.update(read_gb_s=round(roof, 1), of_read_bw=round(r["weight_gb_s"] / roof, 2),
                  threads=torch.get_num_threads(), **common.machine_fields())
         common.emit(r, args.out)
