@@ -11,6 +11,7 @@ import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 VOCAB_RANGE = (100, 49000)     # random prompt ids: clear of the special tokens at the start of the 49152 vocab
 
@@ -113,10 +114,22 @@ def _call_with_stdout_on_stderr(fn, args):
     return fn(*args)
 
 
+class Crashed(RuntimeError):
+    """A system's process died (a crash in native code, or the OOM killer)."""
+
+
+# what a llama-cpp-python that crashes should be rebuilt with
+LLAMA_CPP_BUILD = "rebuild llama-cpp-python with `bash bench/llama_cpp_build.sh` (its native build crashed on CPUs with AMX)"
+
+
 def run_isolated(fn, *args):
-    """fn(*args) in a fresh spawned process; returns its result (fn must be a module-level function)."""
+    """fn(*args) in a fresh spawned process; returns its result (fn must be a module-level function). Raises
+    Crashed when that process dies, so that a peer's crash ends its own runs only."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_call_with_stdout_on_stderr, fn, args).result()
+        try:
+            return pool.submit(_call_with_stdout_on_stderr, fn, args).result()
+        except BrokenProcessPool as e:
+            raise Crashed(f"{fn.__name__}: its process died (a crash in native code, or out of memory)") from e
 
 
 # ---- peers ------------------------------------------------------------------------------------------

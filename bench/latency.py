@@ -143,9 +143,12 @@ def main():
     peer = {}   # (system, dtype or None, prompt_len) -> record
     if "llamacpp" in systems:
         if common.have_llama_cpp():
-            for rec in common.run_isolated(run_llama_cpp, path, args.device, cases, warmups, n_out):
-                peer["llamacpp", None, rec["prompt_len"]] = rec
-                out(rec)
+            try:
+                for rec in common.run_isolated(run_llama_cpp, path, args.device, cases, warmups, n_out):
+                    peer["llamacpp", None, rec["prompt_len"]] = rec
+                    out(rec)
+            except common.Crashed as e:
+                out({"system": "llamacpp", "note": f"crashed: {e}; {common.LLAMA_CPP_BUILD}"})
         else:
             out({"system": "llamacpp", "note": "skipped: llama_cpp (llama-cpp-python) is not installed"})
     for dtype in dtypes:

@@ -200,9 +200,12 @@ def main():
     if "llamacpp" in systems:
         if common.have_llama_cpp():
             n = min(args.llamacpp_requests or num_requests, num_requests)
-            rec = common.run_isolated(run_llama_cpp, path, args.device, work[:n], f"first {n} of {num_requests}")
-            llama_rate = rec["output_tok_per_s"]
-            out(rec)
+            try:
+                rec = common.run_isolated(run_llama_cpp, path, args.device, work[:n], f"first {n} of {num_requests}")
+                llama_rate = rec["output_tok_per_s"]
+                out(rec)
+            except common.Crashed as e:
+                out({"system": "llamacpp", "note": f"crashed: {e}; {common.LLAMA_CPP_BUILD}"})
         else:
             out({"system": "llamacpp", "note": "skipped: llama_cpp (llama-cpp-python) is not installed"})
     for dtype in dtypes:
