@@ -38,9 +38,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="also hold a GGUF model's weights as a dense oneDNN copy for prefill and big batches (by "
                         "default only those the int8 GEMM does not take); --no-dense-gemm-weights: blocks only, "
                         "dequantized per step where the int8 GEMM does not run (less memory, slower)")
-    p.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS) + list(QUANTIZATION_ALIASES),
+    p.add_argument("--quantization", default=d.quantization, choices=list(QUANTIZATIONS) + list(QUANTIZATION_ALIASES),
                    help="an HF model's linears quantized at load into a GGML block format (int8 = q8_0, "
-                        "int4 = q4_1) or nf4 as in QLoRA; a GGUF model keeps its file's formats")
+                        "int4 = q4_1) or nf4 as in QLoRA; auto: bf16 rows where they hold bf16 values (a bf16 "
+                        "checkpoint), else as loaded; a GGUF model keeps its file's formats")
     p.add_argument("--limit-images-per-prompt", type=int, default=4,
                    help="images one prompt may carry (vision-language models)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",

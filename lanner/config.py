@@ -227,7 +227,7 @@ class SpeculativeConfig:
         return cls(method, int(k), path)
 
 
-QUANTIZATIONS = ("none", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "bf16", "nf4")   # weight formats an HF model loads into
+QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "bf16", "nf4")   # weight formats an HF model loads into
 QUANTIZATION_ALIASES = {"int8": "q8_0", "int4": "q4_1"}
 
 
@@ -249,8 +249,9 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     speculative: SpeculativeConfig | dict | str | None = None
-    quantization: str = "none"                # none | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | bf16 | nf4 (int8 = q8_0,
-    #                                           int4 = q4_1; bf16: GGML BF16 rows, the LM head too)
+    quantization: str = "auto"                # auto | none | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | bf16 | nf4 (int8 =
+    #                                           q8_0, int4 = q4_1; bf16: GGML BF16 rows, the LM head too; auto: bf16
+    #                                           where the linears hold bf16 values, else none: resolve_quantization)
     dense_gemm_weights: bool | None = None   # GGUF blocks also held dense (oneDNN, made at the first big step)
     #                                          for big steps; None: where the int8 GEMM does not run
     enable_lora: bool = False

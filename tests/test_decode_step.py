@@ -73,12 +73,42 @@ def test_bf16_weights_run_the_step_with_the_head_and_keep_a_bf16_checkpoints_tok
     assert lean == torch_path
     assert len({tuple(ids) for ids, _ in lean}) > 1
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
-    dense = [o.outputs[0] for o in make_llm(str(tmp_path), **kw).generate(PROMPTS, params, use_tqdm=False)]
-    for (ids, logprobs), d in zip(lean, dense):
-        assert ids == d.token_ids
-        for step, dense_step in zip(logprobs, d.logprobs):
+    dense = make_llm(str(tmp_path), quantization="none", **kw)
+    assert dense.engine.runner.model.lm_head.quantized is None
+    assert_same_tokens_and_logprobs(lean, [o.outputs[0] for o in dense.generate(PROMPTS, params, use_tqdm=False)])
+
+
+def assert_same_tokens_and_logprobs(got: list, want: list) -> None:
+    """got: (token ids, logprobs) per prompt; want: the CompletionOutputs of the same prompts"""
+    for (ids, logprobs), w in zip(got, want):
+        assert ids == w.token_ids
+        for step, want_step in zip(logprobs, w.logprobs):
             for token, lp in step.items():
-                assert abs(lp - dense_step[token]) < 1e-4
+                assert abs(lp - want_step[token]) < 1e-4
+
+
+def test_auto_takes_bf16_rows_where_the_linears_hold_bf16_values(tmp_path, llm):
+    """The default quantization="auto": a bf16 checkpoint's linears and head become GGML BF16 rows, so the one-call
+    step runs them (tokens and logprobs as the dense weights give); an fp32 checkpoint run in fp32 stays dense (its
+    exact values), run in bf16 (rounded by the dtype) it takes the rows too; a GGUF model keeps its file's formats."""
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        save_tiny_model(tmp_path / name, "LlamaForCausalLM", "LlamaConfig", llm.tokenizer, weight_std=0.2, dtype=dtype,
+                        **shape)
+    kw = dict(kv_cache_memory=0.02, block_size=4, enable_prefix_caching=False)
+    auto = make_llm(str(tmp_path / "bf16"), **kw)
+    assert auto.engine.runner.quantization == "bf16"
+    model = auto.engine.runner.model
+    assert model.decode_step is not None and model.decode_step.head is not None
+    assert {m.quantized.weight.type_name for m in (model.lm_head, model.layers[0].mlp.down_proj)} == {"BF16"}
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    got = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in auto.generate(PROMPTS, params, use_tqdm=False)]
+    dense = make_llm(str(tmp_path / "bf16"), quantization="none", **kw).generate(PROMPTS, params, use_tqdm=False)
+    assert_same_tokens_and_logprobs(got, [o.outputs[0] for o in dense])
+    assert make_llm(str(tmp_path / "fp32"), **kw).engine.runner.quantization == "none"
+    assert make_llm(str(tmp_path / "fp32"), dtype="bfloat16", **kw).engine.runner.quantization == "bf16"
+    assert llm.engine.runner.quantization == "none"
 
 
 def test_models_it_cannot_run_keep_the_pytorch_path(tmp_path, llm):

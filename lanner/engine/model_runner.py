@@ -11,6 +11,7 @@ from lanner.engine.sequence import Sequence
 from lanner.engine.state_cache import StateCache
 from lanner.model.llama import LlamaForCausalLM
 from lanner.model.mamba import MambaForCausalLM, state_shapes
+from lanner.quant import resolve_quantization
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -61,7 +62,8 @@ class ModelRunner:
             self.model.to(cfg.device, self.dtype).eval()
         for rotary in {getattr(self.model, "rotary", None), getattr(self.model, "local_rotary", None)} - {None}:
             rotary.cos_sin = rotary.cos_sin.float()   # tables stay fp32, rounded per lookup as HF
-        self.model.pack_weights(cfg.quantization, cfg.dense_gemm_weights)
+        self.quantization = resolve_quantization(cfg.quantization, self.model, cfg.device)
+        self.model.pack_weights(self.quantization, cfg.dense_gemm_weights)
         self.states = self.make_state_cache() if model_cfg.ssm else None
         state_gib = self.states.nbytes / 2**30 if self.states is not None else 0.0
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(max(cfg.kv_cache_memory - state_gib, 0.0))
