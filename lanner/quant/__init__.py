@@ -19,9 +19,9 @@ def head_format(quantization: str) -> str:
 
 def resolve_quantization(quantization: str, model, device: str) -> str:
     """The format `quantization="auto"` (the default) stands for in this model: "bf16" where every dense linear
-    holds bf16 values (a bf16 checkpoint, as most on the hub are, or any model run in bf16) and is one GGML rows
-    take, on the CPU with the kernels built: the same weights as GGML BF16 rows, so that the one-call decode step
-    and its bursts run them, in half the memory of fp32 (the default model's HF export, saved in bf16: decode
+    holds bf16 values (a bf16 checkpoint, as most on the hub are, or any model run in bf16) and has a multiple of
+    32 inputs, on the CPU with the kernels built: the same weights as GGML BF16 rows, so that the one-call decode
+    step and its bursts run them, in half the memory of fp32 (the default model's HF export, saved in bf16: decode
     2.1-2.2x on AVX2 in fp32, 1.4x in bf16 with AVX512-BF16; docs/quantization.md). "none" otherwise: an fp32
     checkpoint run in fp32 keeps its exact values, and a GGUF model its file's formats."""
     if quantization != "auto":
