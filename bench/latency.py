@@ -58,11 +58,15 @@ def run_lanner(path, dtype, device, options, cases, warmups, n_out):
             samples.append((m.ttft, m.decode_time))
         config = backend if options["quantization"] == "none" else f"{backend},{options['quantization']}"
         r = summarize("lanner", dtype, config, prompt_len, n_out, samples, device)
-        # the weights a batch-1 step streams, per second, against the read bandwidth: median of the repetitions
+        # the weights a batch-1 step streams, per second, against the read bandwidth: median of the repetitions;
+        # and with the KV its attention reads too (the mean context of the decode), which long prompts add
         gb_s = [weight_mb * (n_out - 1) / d / 1e3 for _, d in samples]
+        kv_mb = step_kv_bytes(llm.engine.runner, prompt_len + n_out / 2) / 1e6
         r.update(options=options, weight_mb=round(weight_mb, 1), weight_gb_s=round(statistics.median(gb_s), 1),
                  read_gb_s=round(statistics.median(reads), 1), read_gb_s_all=[round(b, 1) for b in reads],
-                 of_read_bandwidth=round(statistics.median(g / b for g, b in zip(gb_s, reads)), 3))
+                 of_read_bandwidth=round(statistics.median(g / b for g, b in zip(gb_s, reads)), 3),
+                 kv_mb=round(kv_mb, 1), of_read_bandwidth_with_kv=round(
+                     statistics.median(g * (1 + kv_mb / weight_mb) / b for g, b in zip(gb_s, reads)), 3))
         records.append(r)
     return [dict(r, **common.memory_fields(device)) for r in records]
 
@@ -72,6 +76,12 @@ def step_weight_bytes(model) -> float:
     from lanner.model.layers import Linear
     from lanner.profiling.profile import bytes_per_weight
     return sum(bytes_per_weight(m) * m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear))
+
+
+def step_kv_bytes(runner, context: float) -> float:
+    """Bytes of K and V a batch-1 decode step reads at this context: every attention layer's (no sliding windows)."""
+    cfg = runner.model_cfg
+    return len(runner.model.attention_layers) * 2 * context * cfg.num_kv_heads * cfg.head_dim * runner.kv_dtype.itemsize
 
 
 class TimingStreamer:
@@ -165,7 +175,7 @@ def main():
                 out(rec)
     common.summary_table(records, ["system", "dtype", "prompt_len", "output_len", "reps", "ttft_s",
                                    "decode_tok_per_s", "peak_rss_mb", "ttft_speedup_vs_hf", "decode_speedup_vs_hf",
-                                   "decode_speedup_vs_llamacpp", "of_read_bandwidth"])
+                                   "decode_speedup_vs_llamacpp", "of_read_bandwidth", "of_read_bandwidth_with_kv"])
 
 
 if __name__ == "__main__":
