@@ -33,5 +33,12 @@ def resolve_quantization(quantization: str, model, device: str) -> str:
         return "none"
     dense = [m.weight for m in model.modules() if isinstance(m, Linear) and m.ggml is None]
     takes = bool(dense) and all(w.shape[1] % 32 == 0 for w in dense)
-    exact = takes and all(w.dtype == torch.bfloat16 or torch.equal(w, w.bfloat16().to(w.dtype)) for w in dense)
+    exact = takes and all(w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and not low_halves(w).any())
+                          for w in dense)
     return "bf16" if exact else "none"
+
+
+def low_halves(w):
+    """The low 16 bits of each fp32 value of w, read in place (x86 is little-endian): all zero where it is bf16's."""
+    import torch
+    return w.contiguous().view(torch.int16)[..., 0::2]
