@@ -83,8 +83,9 @@ def best_time(fn, reps: int) -> float:
 
 def read_bandwidth(megabytes: float = 400) -> float:
     """GB/s of a torch.sum over `megabytes` read again and again: the machine's read bandwidth for a buffer that
-    size, the roof for a step streaming that many bytes of weights. Give the weights' size: where they fit in the
-    last-level cache (a 480 MB L3 held the default model's 96 MB), 400 MB from memory read 25 GB/s and 96 MB 53."""
+    size, the roof for a step streaming that many bytes of weights. Give the weights' size (up to 400 MB, which
+    reads from memory): where they fit in the last-level cache (a 480 MB L3 held the default model's 96 MB), 400 MB
+    read 25 GB/s and 96 MB 53."""
     import torch
     x = torch.ones(int(megabytes * 1e6 / 4))
     return x.numel() * 4 / best_time(lambda: x.sum(), 5) / 1e9
@@ -260,7 +261,9 @@ def common_args(parser) -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--systems", default="lanner,hf,llamacpp")
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--quantization", default="none", help="an HF model's linears at load: none|q8_0|q4_0|q4_1|q5_0|q5_1|bf16|nf4")
+    parser.add_argument("--quantization", default="auto",
+                        help="an HF model's linears at load: auto|none|q8_0|q4_0|q4_1|q5_0|q5_1|bf16|nf4 (auto: the "
+                             "engine's default, bf16 rows where they hold bf16 values)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,

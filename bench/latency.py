@@ -52,11 +52,12 @@ def run_lanner(path, dtype, device, options, cases, warmups, n_out):
         for prompt in prompts:
             # the machine's read bandwidth next to each repetition: on a shared host it moved 52 -> 88 GB/s
             # between seconds, so one reading against minutes of decoding gave a ratio by chance
-            reads.append(common.read_bandwidth(weight_mb))
+            reads.append(common.read_bandwidth(min(weight_mb, 400)))   # (no bigger than a 400 MB read from memory)
             m = llm.generate([prompt], params, use_tqdm=False)[0].metrics
             assert m.num_output_tokens == n_out
             samples.append((m.ttft, m.decode_time))
-        config = backend if options["quantization"] == "none" else f"{backend},{options['quantization']}"
+        quantization = llm.engine.runner.quantization   # what auto resolved to
+        config = backend if quantization == "none" else f"{backend},{quantization}"
         r = summarize("lanner", dtype, config, prompt_len, n_out, samples, device)
         # the weights a batch-1 step streams, per second, against the read bandwidth: median of the repetitions;
         # and with the KV its attention reads too (the mean context of the decode), which long prompts add

@@ -68,8 +68,8 @@ def run_lanner(path, dtype, device, options: dict, work, subset_note, sampling: 
     config = f"{backend},seqs={options['max_num_seqs']},tokens={options['max_num_batched_tokens']}"
     if device == "cpu":   # (elsewhere the pool is allocated zeroed anyway)
         config += ",prefault"
-    if options["quantization"] != "none":
-        config += f",{options['quantization']}"
+    if llm.engine.runner.quantization != "none":   # what auto resolved to
+        config += f",{llm.engine.runner.quantization}"
     return record("lanner", dtype, config, work, seconds, requests=subset_note, options=options, sampling=sampling,
                   device=device, threads=common.num_threads(), **common.memory_fields(device))
 

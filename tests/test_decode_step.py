@@ -80,8 +80,9 @@ def test_bf16_weights_run_the_step_with_the_head_and_keep_a_bf16_checkpoints_tok
 
 def assert_same_tokens_and_logprobs(got: list, want: list) -> None:
     """got: (token ids, logprobs) per prompt; want: the CompletionOutputs of the same prompts"""
+    assert len(got) == len(want)
     for (ids, logprobs), w in zip(got, want):
-        assert ids == w.token_ids
+        assert ids == w.token_ids and len(logprobs) == len(w.logprobs) == len(ids)
         for step, want_step in zip(logprobs, w.logprobs):
             for token, lp in step.items():
                 assert abs(lp - want_step[token]) < 1e-4

@@ -66,11 +66,12 @@ def test_draft_length_follows_measured_costs_and_acceptance():
 # ---- the served head equals the trained one -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, llm):
-    """A small random Llama with the default tokenizer, and a random head for it (GQA: 4 heads, 2 KV heads)."""
+    """A small random Llama with the default tokenizer, saved in bf16 as hub checkpoints are (so its linears and
+    LM head load as BF16 rows, quantization="auto"), and a random head for it (GQA: 4 heads, 2 KV heads)."""
     path = tmp_path_factory.mktemp("eagle-small")
     save_tiny_model(path, "LlamaForCausalLM", "LlamaConfig", llm.tokenizer, vocab_size=llm.tokenizer.vocab_size,
                     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256, seed=5)
+                    num_key_value_heads=2, max_position_embeddings=256, seed=5, dtype=torch.bfloat16)
     model = make_llm(str(path))
     head = random_head(tmp_path_factory.mktemp("eagle-small-head"), model, torch.arange(0, 4000, 3), seed=1, std=0.2)
     return str(path), head

@@ -46,6 +46,13 @@ class Linear(nn.Linear):
         """None: every weight comes from a checkpoint (and initializing meta tensors imports torch's compiler
         stack, seconds of start-up)."""
 
+    @property
+    def blocks(self):
+        """The GGML blocks this linear multiplies with (the checkpoint's, or those it was quantized into at load), or
+        None (dense or NF4 weights)."""
+        from lanner.quant.ggml import GGMLLinear
+        return self.quantized.weight if isinstance(self.quantized, GGMLLinear) else self.ggml
+
     def pack(self, quantization: str = "none", dense_gemm: bool | None = None, int8: bool = True) -> None:
         """dense_gemm: a GGML weight also keeps a dense oneDNN copy (made at the first big step) for big steps
         (None: where the int8 GEMM does not run); int8: it may run on int8 activations (unless

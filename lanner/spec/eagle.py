@@ -491,6 +491,6 @@ def draft_generator(seq):
 def lm_head_rows(model, vocab_ids: torch.Tensor) -> torch.Tensor:
     """The target's LM head rows of vocab_ids, dense fp32 (GGML blocks dequantized)."""
     head = model.lm_head
-    if head.ggml is not None:
-        return head.ggml.rows(vocab_ids, torch.float32)
+    if head.blocks is not None:
+        return head.blocks.rows(vocab_ids, torch.float32)
     return head.weight.detach()[vocab_ids].float()

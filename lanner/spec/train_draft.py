@@ -135,7 +135,7 @@ def target_features(engine, token_lists: list[list[int]], lora_id: int = 0, budg
 
 def dense_lm_head(model) -> torch.Tensor:
     head = model.lm_head
-    return (head.ggml.dequantize() if head.ggml is not None else head.weight.detach()).float()
+    return (head.blocks.dequantize() if head.blocks is not None else head.weight.detach()).float()
 
 
 # ---- training --------------------------------------------------------------------------------------------
