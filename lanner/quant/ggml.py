@@ -258,6 +258,8 @@ class GGMLLinear:
             return onednn_linear(x, self.dense, None if self.bias is None else self.bias.to(x.dtype))
         dt, n, step = x.dtype, self.out_features, self.chunk_rows
         bias = None if self.bias is None else self.bias.to(dt)
+        if self.weight.type_name == "BF16" and dt == torch.bfloat16:   # BF16 rows are the dense weight, as stored
+            return torch.nn.functional.linear(x, self.weight.data.view(dt).view(n, self.in_features), bias)
         if n <= step:
             return torch.nn.functional.linear(x, self._chunk(0, n, dt), bias)
         y = torch.empty(x.shape[0], n, dtype=dt)
