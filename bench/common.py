@@ -83,11 +83,11 @@ def best_time(fn, reps: int) -> float:
 
 def read_bandwidth(megabytes: float = 400) -> float:
     """GB/s of a torch.sum over `megabytes` read again and again: the machine's read bandwidth for a buffer that
-    size, the roof for a step streaming that many bytes of weights. Give the weights' size (up to 400 MB, which
+    size, the roof for a step streaming that many bytes of weights. Give the weights' size (capped at 400 MB, which
     reads from memory): where they fit in the last-level cache (a 480 MB L3 held the default model's 96 MB), 400 MB
     read 25 GB/s and 96 MB 53."""
     import torch
-    x = torch.ones(int(megabytes * 1e6 / 4))
+    x = torch.ones(int(min(megabytes, 400) * 1e6 / 4))
     return x.numel() * 4 / best_time(lambda: x.sum(), 5) / 1e9
 
 

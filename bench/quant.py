@@ -141,7 +141,7 @@ def main():
     roofs = {}   # the read bandwidth for each size of weights: a model that fits in the L3 reads from it
     for r in records:
         if r["weight_mb"] not in roofs:
-            roofs[r["weight_mb"]] = read_bandwidth(min(r["weight_mb"], 400))   # no bigger than a read from memory
+            roofs[r["weight_mb"]] = read_bandwidth(r["weight_mb"])
         roof = roofs[r["weight_mb"]]
         r.update(read_gb_s=round(roof, 1), of_read_bw=round(r["weight_gb_s"] / roof, 2),
                  threads=torch.get_num_threads(), **common.machine_fields())
