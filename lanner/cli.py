@@ -36,7 +36,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     p.add_argument("--dense-gemm-weights", action=argparse.BooleanOptionalAction, default=d.dense_gemm_weights,
                    help="also hold a GGUF model's weights as a dense oneDNN copy for prefill and big batches (by "
-                        "default only those the int8 GEMM does not take); --no-dense-gemm-weights: blocks only, "
+                        "default only those the int8 GEMM does not take, and a bf16 model's where oneDNN runs bf16 on AMX); "
+                        "--no-dense-gemm-weights: blocks only, "
                         "dequantized per step where the int8 GEMM does not run (less memory, slower)")
     p.add_argument("--quantization", default=d.quantization, choices=list(QUANTIZATIONS) + list(QUANTIZATION_ALIASES),
                    help="an HF model's linears quantized at load into a GGML block format (int8 = q8_0, "

@@ -253,7 +253,8 @@ class EngineConfig:
     #                                           q8_0, int4 = q4_1; bf16: GGML BF16 rows, the LM head too; auto: bf16
     #                                           where the linears hold bf16 values, else none: resolve_quantization)
     dense_gemm_weights: bool | None = None   # GGUF blocks also held dense (oneDNN, made at the first big step)
-    #                                          for big steps; None: where the int8 GEMM does not run
+    #                                          for big steps; None: where the int8 GEMM does not run, and in bf16
+    #                                          where oneDNN runs bf16 on AMX tiles
     enable_lora: bool = False
     max_loras: int = 8                        # distinct adapters in one step
     max_lora_rank: int = 64

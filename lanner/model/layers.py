@@ -1,5 +1,6 @@
 """Building blocks of a Llama-family decoder."""
 import math
+import os
 
 import torch
 from torch import nn
@@ -17,6 +18,14 @@ def onednn_runs(dtype: torch.dtype) -> bool:
     """Whether oneDNN runs a linear of this dtype natively (bf16 needs AVX512BW: on AVX2 the reorder raises)."""
     return (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()
             and (dtype != torch.bfloat16 or bf16_matmul_native()))
+
+
+def onednn_amx_bf16() -> bool:
+    """Whether oneDNN's bf16 GEMM runs on AMX tiles here: the CPU has them and no lower ISA level is forced
+    (LANNER_ISA stands in for a CPU without them)."""
+    from lanner import native
+    return ({"amx_tile", "amx_bf16"} <= native.cpu_flags() and not os.environ.get("LANNER_ISA")
+            and onednn_runs(torch.bfloat16))
 
 
 def onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -55,13 +64,14 @@ class Linear(nn.Linear):
 
     def pack(self, quantization: str = "none", dense_gemm: bool | None = None, int8: bool = True) -> None:
         """dense_gemm: a GGML weight also keeps a dense oneDNN copy (made at the first big step) for big steps
-        (None: where the int8 GEMM does not run); int8: it may run on int8 activations (unless
-        LANNER_EXACT_LINEARS=1)."""
+        (None: where the int8 GEMM does not run, or a bf16 model's where oneDNN runs bf16 on AMX); int8: it may run
+        on int8 activations (unless LANNER_EXACT_LINEARS=1)."""
         if self.ggml is not None:
             from lanner.quant.ggml import GGMLLinear
             self.quantized = GGMLLinear(self.ggml, self.bias, None, int8)
-            if dense_gemm is None:
-                dense_gemm = not self.quantized.int8_gemm
+            if dense_gemm is None:   # AMX's bf16 tiles beat the int8 GEMM past INT8_GEMM_ROWS (ggml.py)
+                dense_gemm = not self.quantized.int8_gemm or (self.weight.dtype == torch.bfloat16
+                                                              and onednn_amx_bf16())
             # no copy where oneDNN would not run it: the kernel then takes more rows from the start, so a
             # decode step's row limit (fixed when it is built) is the same before and after the first big step
             self.quantized.dense_dtype = self.weight.dtype if dense_gemm and onednn_runs(self.weight.dtype) else None

@@ -36,9 +36,11 @@ EXACT_FORMATS = ("bf16",)
 # activation rows up to which the exact kernel multiplies directly: beyond 4 rows oneDNN's GEMM on a dense copy
 # is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16. The int8
 # GEMM on packed weights beats oneDNN's fp32 2-5x and its native bf16 (AVX512-BF16) 1.1-1.3x: it takes every
-# step, or those up to INT8_GEMM_ROWS where a dense copy is asked for (dense_gemm_weights=True: oneDNN's AMX
-# bf16 GEMM, which this kernel does not use, on CPUs that have AMX).
-SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 32, 1 << 62
+# step, or those up to INT8_GEMM_ROWS where a dense copy is kept (dense_gemm_weights=True, and by default a bf16
+# model's where oneDNN runs bf16 on AMX tiles). AMX crossover, the default model's 120 layer linears one after
+# another (weights from L3, 2 threads, bf16 dense vs Q4_1): 16 rows 16.4 vs 10.4-11.3 ms, 48 even, 64 23.5-23.9
+# vs 27.0-29.3, 128 34.6-35.9 vs 50.7-77.2, 512 70-71 vs 179-185.
+SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 64, 1 << 62
 # rows of fp32 activations up to which the exact kernel on the packed copy (each group's blocks reused from L1 by
 # every 4 rows) beats oneDNN's fp32 GEMM on the dense copy, by weight format (2 threads: the default model's Q8_0 LM
 # head 3.7 vs 7.0 ms at 16 rows, 7.1 vs 9.1 at 32, caches flushed; its Q4_1 layer shapes 1.2x at 16, even at 32; on
