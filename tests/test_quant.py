@@ -115,34 +115,30 @@ def test_int8_activations_answer_right_and_stay_close_to_the_exact_path(default_
     assert gate_up(exact).dense is not None   # fp32: oneDNN runs it everywhere
 
 
-def test_bf16_steps_past_the_int8_gemm_rows_take_onednn_where_it_runs_amx(default_model_path):
-    """A bf16 model where oneDNN runs bf16 on AMX tiles: steps of more than INT8_GEMM_ROWS rows take its GEMM on a
-    dense copy, made at the first such step (bench/throughput.py's bf16 workload 1.45x); smaller ones stay on the
-    int8 GEMM, bitwise as without AMX. Elsewhere no copy is made."""
-    from lanner.model.layers import onednn_runs
-    from lanner.quant.ggml import INT8_GEMM_ROWS
+def test_bf16_steps_past_32_rows_take_amx_tiles_where_the_cpu_has_them(default_model_path):
+    """A bf16 model on a CPU with AMX: steps of more than 32 rows multiply the Q4_1 / Q8_0 blocks rounded to bf16 on
+    the tiles (ggml.c's amx_bf16_matmul; bench/throughput.py's bf16 workload 1.5x), and no dense copy is kept;
+    smaller steps stay on the int8 GEMM, bitwise as without the tiles."""
     gate_up = lambda m: m.engine.runner.model.layers[0].mlp.gate_up_proj.quantized
     with mock.patch.dict(os.environ, {"LANNER_EXACT_LINEARS": "0"}):
-        with mock.patch("lanner.model.layers.onednn_amx_bf16", lambda: False):
-            plain = make_llm(default_model_path, dtype="bfloat16")
-        with mock.patch("lanner.model.layers.onednn_amx_bf16", lambda: True):
-            amx = make_llm(default_model_path, dtype="bfloat16")
-    assert gate_up(plain).dense_dtype is None and gate_up(plain).kernel_rows(torch.bfloat16) > 1 << 30
+        amx, plain = make_llm(default_model_path, dtype="bfloat16"), make_llm(default_model_path, dtype="bfloat16")
+    if not gate_up(amx).amx_bf16:
+        pytest.skip("no AMX bf16 path in this build or on this CPU")
+    for module in plain.engine.runner.model.modules():   # the int8 GEMM for every step (before the first)
+        if isinstance(getattr(module, "quantized", None), GGMLLinear):
+            module.quantized.amx_bf16 = False
     ids = amx.tokenizer.encode((PROMPTS[0] + " Paris, and the capital of Germany is Berlin. " + PROMPTS[2]) * 3)
-    assert len(ids) > INT8_GEMM_ROWS
-    short = ids[:INT8_GEMM_ROWS]
+    short = ids[:32]
     torch.testing.assert_close(prefill_logits(amx, short), prefill_logits(plain, short), rtol=0, atol=0)
-    assert gate_up(amx).dense is None   # not made before a step needs it
     want, got = prefill_logits(plain, ids), prefill_logits(amx, ids)
-    if not (native.isa() != "scalar" and onednn_runs(torch.bfloat16)):
-        return   # no int8 GEMM, or no native bf16 GEMM: no copy either way
-    assert gate_up(amx).dense is not None and gate_up(amx).dense.dtype == torch.bfloat16
-    assert gate_up(amx).kernel_rows(torch.bfloat16) == INT8_GEMM_ROWS
-    # bf16 weights and activations against int8 activations: the int8 path's own distance from the exact one
+    assert len(ids) > 32 and not torch.equal(got, want)   # the tiles took the long prefill
+    # bf16 weights and activations against int8 activations: within the int8 path's own distance from the exact one
     assert (got - want).abs().max() < 0.1 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
-    out = amx.generate([ids], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0]
-    assert len(out.token_ids) == 4
+    assert gate_up(amx).dense is None and gate_up(amx).dense_dtype is None
+    prompts = [ids[:40], ids[:8], ids]   # the decode steps' 3 rows take the int8 GEMM
+    outs = amx.generate(prompts, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4, 4]
 
 
 def test_bfloat16_runs_where_onednn_has_no_native_bf16(default_model_path):

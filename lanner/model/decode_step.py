@@ -38,7 +38,7 @@ class LoRAArgs(ctypes.Structure):
 
 
 class LinearArgs(ctypes.Structure):
-    _fields_ = [("type", c_int), ("int8", c_int), ("w", c_void_p), ("packed", c_void_p), ("row_bytes", c_int64),
+    _fields_ = [("type", c_int), ("flags", c_int), ("w", c_void_p), ("packed", c_void_p), ("row_bytes", c_int64),
                 ("n", c_int64), ("k", c_int64), ("bias", c_void_p), ("lora", LoRAArgs)]
 
 
@@ -278,6 +278,6 @@ class DecodeStep:
                         scales[0].data_ptr(), scales[1].data_ptr())
 
     def linear_args(self, q: ggml.GGMLLinear, lora: LoRAArgs | None = None) -> LinearArgs:
-        return LinearArgs(q.weight.type_id, int(q.int8), q.weight.data_ptr, q.packed_ptr(), q.weight.row_bytes,
+        return LinearArgs(q.weight.type_id, q.flags, q.weight.data_ptr, q.packed_ptr(), q.weight.row_bytes,
                           q.out_features, q.in_features, None if q.bias is None else q.bias_fp32.data_ptr(),
                           lora or LoRAArgs())

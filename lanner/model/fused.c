@@ -202,7 +202,7 @@ typedef struct {
 } LoRAStack;
 
 typedef struct {
-    int type, int8;
+    int type, flags;   /* the matmul flags it may take: MATMUL_INT8, MATMUL_AMX_BF16 */
     const uint8_t *w, *packed;   /* packed: the int8 kernel's layout of w, or NULL */
     int64_t row_bytes, n, k;
     const float *bias;   /* fp32 or NULL */
@@ -339,7 +339,7 @@ static void scale_rows(const DecodeStep *s, const float *const *scales, void *ro
  * GGMLLinear.small: in fp32, rounded once at the end), with the rows' adapters applied as Linear.forward applies
  * them: IA3 input scales on a copy of x, then LoRA deltas (from x unscaled) and IA3 output scales */
 static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, int y_fp32) {
-    const int flags = (l->int8 ? MATMUL_INT8 : 0) | (s->bf16 ? MATMUL_X_BF16 : 0)
+    const int flags = l->flags | (s->bf16 ? MATMUL_X_BF16 : 0)
                       | (s->bf16 && !y_fp32 ? MATMUL_Y_BF16 : 0);
     int ranks = 0, inputs = 0, outputs = 0;   /* rows with each kind of adapter on this linear */
     for (int64_t t = 0; l->lora.a && s->row_slots && !y_fp32 && t < s->T; t++) {

@@ -1073,6 +1073,177 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     return 0;
 }
 
+#define AMX_BF16_ROWS 32   /* rows from which MATMUL_AMX_BF16 takes the tiles (fewer: the int8 kernel) */
+/* ---- bf16 activations on AMX tiles ------------------------------------------------------------------------- *
+ * A bf16 model's big steps (MATMUL_AMX_BF16): each packed block of 16 weight rows is dequantized into bf16 as a B
+ * tile (tile row r: every weight row's values 2r and 2r + 1, side by side), once per chunk of activation rows, and
+ * TDPBF16PS multiplies it with 16 bf16 activation rows read in place (16 x 16 x 32 products, fp32 sums that stay in
+ * the tile across the whole of K). The weights are those of a dense bf16 copy (each value rounded to bf16 once),
+ * so the results are oneDNN's on that copy up to summation order, with no copy kept: the packed blocks stream. */
+#if GB == 2 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_BF16 1
+#define AMX_ACT_BYTES (1 << 20)   /* activation rows a chunk takes against every group: they stay in L2 */
+
+/* Whether this process may use the tile registers (Linux grants them per process, on request). */
+static int tiles_granted(void) {
+    static int granted = -1;
+    if (granted < 0)
+        granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return granted;
+}
+
+/* tiles 0-3: C, 16 x 16 fp32 (rows m..m+15 and m+16.., against groups g and g + 1); 4-5: A, 16 rows x 32 bf16;
+ * 6-7: B, 16 rows x 16 pairs. Set on every call: oneDNN sets its own between ours. */
+static void amx_bf16_configure(void) {
+    struct __attribute__((packed, aligned(64))) {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } cfg = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+    _tile_loadconfig(&cfg);
+}
+
+/* Two B tile rows from 64 bytes q holding 4 values of each of 16 weight rows (row n's at 4n, as unsigned or signed
+ * bytes): values (0, 1) of every row into tile row out, (2, 3) into the next; times d plus m per weight row, lanes
+ * as the tile's (row n in lanes 2n and 2n + 1 of the pair of halves dh, mh). */
+INLINE __m512 b_values(__m128i bytes, const int sign, __m512 d, __m512 m) {
+    const __m512i ints = sign ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), d, m);
+}
+
+INLINE void b_rows(__m512i q, const int sign, const __m512 *dh, const __m512 *mh, uint16_t *out) {
+    /* bytes 4n, 4n + 1 of rows 0-7, then of rows 8-15; then bytes 4n + 2, 4n + 3 the same way */
+    const __m512i order = _mm512_set_epi8(
+        63, 62, 59, 58, 55, 54, 51, 50, 47, 46, 43, 42, 39, 38, 35, 34, 31, 30, 27, 26, 23, 22, 19, 18, 15, 14, 11, 10, 7, 6, 3, 2,
+        61, 60, 57, 56, 53, 52, 49, 48, 45, 44, 41, 40, 37, 36, 33, 32, 29, 28, 25, 24, 21, 20, 17, 16, 13, 12, 9, 8, 5, 4, 1, 0);
+    const __m512i v = _mm512_permutexvar_epi8(order, q);
+    _mm512_store_si512(out, (__m512i)_mm512_cvtne2ps_pbh(b_values(_mm512_extracti32x4_epi32(v, 1), sign, dh[1], mh[1]),
+                                                         b_values(_mm512_extracti32x4_epi32(v, 0), sign, dh[0], mh[0])));
+    _mm512_store_si512(out + 32, (__m512i)_mm512_cvtne2ps_pbh(b_values(_mm512_extracti32x4_epi32(v, 3), sign, dh[1], mh[1]),
+                                                              b_values(_mm512_extracti32x4_epi32(v, 2), sign, dh[0], mh[0])));
+}
+
+/* Block b of a packed group (16 weight rows) as a B tile: 16 rows x 64 bytes into bt. */
+INLINE void b_tile(const int type, const uint8_t *blk, uint16_t *restrict bt) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+    __m512 m = type == Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
+             : type == Q4_0 ? _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)) : _mm512_setzero_ps();
+    const __m512i lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+    const __m512 dh[2] = {_mm512_permutexvar_ps(lo, d), _mm512_permutexvar_ps(hi, d)};
+    const __m512 mh[2] = {_mm512_permutexvar_ps(lo, m), _mm512_permutexvar_ps(hi, m)};
+    const uint8_t *vals = blk + (type == Q4_1 ? 64 : 32);
+    if (type == Q8_0) {   /* chunk c: values 4c..4c+3 of every row -> tile rows 2c, 2c + 1 */
+        for (int c = 0; c < 8; c++)
+            b_rows(_mm512_loadu_si512(vals + 64 * c), 1, dh, mh, bt + 64 * c);
+        return;
+    }
+    for (int c = 0; c < 4; c++) {   /* chunk c's nibbles: values 4c.. (low) and 16 + 4c.. (high) */
+        const __m512i q = _mm512_loadu_si512(vals + 64 * c), mask = _mm512_set1_epi8(15);
+        b_rows(_mm512_and_si512(q, mask), 0, dh, mh, bt + 64 * c);
+        b_rows(_mm512_and_si512(_mm512_srli_epi16(q, 4), mask), 0, dh, mh, bt + 64 * (c + 4));
+    }
+}
+
+/* rows [m, m + 32) of x (ld elements apart) against groups g, g + 1 (their B tiles bt, one per block, 1 KB each,
+ * the second group's blocks after the first's) into t [32, 32] */
+INLINE void amx_pair(const uint16_t *x, int64_t ld, const uint16_t *bt, int64_t blocks, float *t) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    /* a tile is loaded again right after its last product: the tile unit has no renaming, so a load waits for
+     * the products that read the tile it overwrites */
+    _tile_loadd(4, x, ld * 2);
+    _tile_loadd(6, bt, 64);
+    _tile_loadd(5, x + 16 * ld, ld * 2);
+    _tile_loadd(7, bt + 512 * blocks, 64);
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t next = b + 1 < blocks ? b + 1 : b;
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_loadd(6, bt + 512 * next, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(4, x + 32 * next, ld * 2);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(5, x + 16 * ld + 32 * next, ld * 2);
+        _tile_loadd(7, bt + 512 * (blocks + next), 64);
+    }
+    _tile_stored(0, t, 128);
+    _tile_stored(1, t + 16, 128);
+    _tile_stored(2, t + 16 * 32, 128);
+    _tile_stored(3, t + 16 * 32 + 16, 128);
+}
+
+/* y = W x for bf16 x [M, ldx] and packed W (N a multiple of 32), on the tile unit. Rows go a chunk at a time
+ * (AMX_ACT_BYTES) against every pair of groups, whose B tiles are made once per chunk; a last partial 32 rows
+ * from a zero-padded copy. 1: out of memory */
+static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                           const uint16_t *x, int64_t ldx, int64_t M, out_rows o, int threads) {
+    const int64_t blocks = K / 32, bytes = row_bytes / blocks, pairs = N / 32, whole = M / 32 * 32;
+    int64_t chunk = AMX_ACT_BYTES / (2 * K) / 32 * 32;
+    chunk = chunk < 32 ? 32 : chunk;
+    uint16_t *tail = M > whole ? aligned_alloc(64, 32 * K * 2) : NULL;
+    if (M > whole && !tail)
+        return 1;
+    if (tail) {
+        memset(tail, 0, 32 * K * 2);
+        for (int64_t m = whole; m < M; m++)
+            memcpy(tail + (m - whole) * K, x + m * ldx, K * 2);
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        uint16_t *bt = aligned_alloc(64, 2 * blocks * 1024);
+        float t[32 * 32] __attribute__((aligned(64)));
+        if (!bt) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        amx_bf16_configure();
+        for (int64_t m0 = 0; m0 < M && bt; m0 += chunk) {
+            const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
+#pragma omp for schedule(static) nowait
+            for (int64_t p = 0; p < pairs; p++) {
+                for (int g = 0; g < 2; g++) {
+                    const uint8_t *grp = packed + (2 * p + g) * PACK_ROWS * row_bytes;
+                    for (int64_t b = 0; b < blocks; b++)
+                        b_tile(type, grp + b * PACK_ROWS * bytes, bt + 512 * (g * blocks + b));
+                }
+                for (int64_t m = m0; m < m1; m += 32) {
+                    const int64_t rows = m1 - m < 32 ? m1 - m : 32;
+                    if (m + 32 <= whole)
+                        amx_pair(x + m * ldx, ldx, bt, blocks, t);
+                    else
+                        amx_pair(tail, K, bt, blocks, t);
+                    store_tile(t, 32, rows, 32, o, m, 32 * p);
+                }
+            }
+        }
+        _tile_release();
+        free(bt);
+    }
+    free(tail);
+    return failed;
+}
+#else
+#define AMX_BF16 0
+static int tiles_granted(void) { return 0; }
+static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                           const uint16_t *x, int64_t ldx, int64_t M, out_rows o, int threads) {
+    (void)type, (void)packed, (void)row_bytes, (void)N, (void)K, (void)x, (void)ldx, (void)M, (void)o, (void)threads;
+    return 2;
+}
+#endif
+
+/* Whether ggml_matmul takes MATMUL_AMX_BF16 for packed weights of this type and shape (this build has the tile
+ * unit's bf16 path and the process may use it). */
+int ggml_amx_bf16(int type, int64_t N, int64_t K) {
+    return AMX_BF16 && packable(type) && N % 32 == 0 && K % 32 == 0 && N >= 32 && tiles_granted();
+}
+
 /* ---- exported ---------------------------------------------------------------------------------------- */
 
 /* Elements per block of a type (0: not a type this file handles). */
@@ -1148,6 +1319,8 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
     const int x_bf16 = !!(flags & MATMUL_X_BF16);
     const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias};
     int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
+    if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && M > AMX_BF16_ROWS && ggml_amx_bf16(type, N, K))
+        return amx_bf16_matmul(type, packed, row_bytes, N, K, x, ldx, M, o, threads);
     if (flags & MATMUL_INT8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
     /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round

@@ -49,7 +49,7 @@ SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 64, 1 << 62
 EXACT_PACKED_ROWS = {(torch.float32, "Q8_0"): 64, (torch.float32, "Q4_0"): 32, (torch.float32, "Q4_1"): 32}
 # ggml_matmul's flags (matmul.h): int8 activations; bf16 rows in and out (results in fp32 plus the bias, then
 # rounded once, as y.to(bfloat16) rounds)
-MATMUL_INT8, MATMUL_BF16_IO = 1, 2 | 4
+MATMUL_INT8, MATMUL_BF16_IO, MATMUL_AMX_BF16 = 1, 2 | 4, 8
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 # rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
 FEW_ROWS = 16
@@ -72,6 +72,8 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ggml_argmax.argtypes = [i, p, p, i64, i64, i64, p, i64, i64, i, p, i, p, i, p]
     lib.ggml_matmul.restype = lib.ggml_dequantize.restype = lib.ggml_pack.restype = ctypes.c_int
     lib.ggml_argmax.restype = ctypes.c_int
+    lib.ggml_amx_bf16.argtypes = [i, i64, i64]
+    lib.ggml_amx_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -179,7 +181,15 @@ class GGMLLinear:
         self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
         self.int8 = int8 and int8_activations()
         self.packed = self._pack() if self.lib is not None else None
+        # bf16 steps past the kernel's AMX_BF16_ROWS on AMX tiles (where this build and the CPU have them)
+        self.amx_bf16 = self.int8 and self.packed is not None and bool(self.lib.ggml_amx_bf16(weight.type_id,
+                                                                                             *weight.shape))
         self._row_norms = None
+
+    @property
+    def flags(self) -> int:
+        """The ggml_matmul flags its calls may take (the dtypes' aside)."""
+        return (MATMUL_INT8 if self.int8 else 0) | (MATMUL_AMX_BF16 if self.amx_bf16 else 0)
 
     @property
     def int8_gemm(self) -> bool:
@@ -222,7 +232,8 @@ class GGMLLinear:
         m, (n, k), w = xk.shape[0], self.weight.shape, self.weight
         y = torch.empty(m, n, dtype=xk.dtype)
         packed = self.packed_ptr() if lib is self.lib else None
-        flags = (MATMUL_INT8 if int8 else 0) | (MATMUL_BF16_IO if xk.dtype == torch.bfloat16 else 0)
+        flags = ((MATMUL_INT8 | (MATMUL_AMX_BF16 if self.amx_bf16 and lib is self.lib else 0) if int8 else 0)
+                 | (MATMUL_BF16_IO if xk.dtype == torch.bfloat16 else 0))
         bias = None if self.bias_fp32 is None else self.bias_fp32.data_ptr()
         check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xk.data_ptr(), k, m, y.data_ptr(),
                               n, bias, torch.get_num_threads(), flags), "matmul")

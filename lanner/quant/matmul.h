@@ -8,6 +8,8 @@
 #define MATMUL_INT8 1     /* may run on int8 activations (formats that have the path) */
 #define MATMUL_X_BF16 2   /* x is bf16, else fp32 */
 #define MATMUL_Y_BF16 4   /* y is bf16 (rounded to nearest even after the bias), else fp32 */
+#define MATMUL_AMX_BF16 8   /* bf16 x: steps of more than AMX_BF16_ROWS rows multiply the weights rounded to bf16
+                            * on AMX tiles, fp32 sums (where ggml_amx_bf16 says so) */
 
 /* type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, bias, threads, flags */
 typedef int (*matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
