@@ -4,7 +4,9 @@ A GGUF model's weights are not dequantized at load: each stays as its rows of bl
 a weight, 6.4x fewer than fp32), and ggml.c multiplies with them directly. By default on int8 activations
 (integer dot products, as llama.cpp): small steps (decode) dot each weight group with every activation row,
 so the step streams the quantized bytes once; larger ones (prefill, big batches: compute-bound) run the same
-kernel as a GEMM, tiles of rows against each group of packed weights while it is in L1. With
+kernel as a GEMM, tiles of rows against each group of packed weights while it is in L1; on a CPU with AMX, bf16
+steps of more than 32 rows of Q4_0 / Q4_1 / Q8_0 run on the tile unit instead (the packed blocks dequantized into
+bf16 tiles: the numerics of a dense bf16 copy, docs/quantization.md "AMX"). With
 LANNER_EXACT_LINEARS=1 activations stay fp32 (exact: dequantize-then-matmul up to summation order) up to
 SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step, as do formats
 without an int8 path (and any weight given dense_gemm_weights=True); without one, chunks of rows are
@@ -37,9 +39,9 @@ EXACT_FORMATS = ("bf16",)
 # is faster (bench/quant.py); without a dense copy, the per-call dequantize pays off only past 16. The int8
 # GEMM on packed weights beats oneDNN's fp32 2-5x and its native bf16 (AVX512-BF16) 1.1-1.3x: it takes every
 # step, or those up to INT8_GEMM_ROWS where a dense copy is kept (dense_gemm_weights=True, and by default a bf16
-# model's where oneDNN runs bf16 on AMX tiles). AMX crossover, the default model's 120 layer linears one after
-# another (weights from L3, 2 threads, bf16 dense vs Q4_1): 16 rows 16.4 vs 10.4-11.3 ms, 48 even, 64 23.5-23.9
-# vs 27.0-29.3, 128 34.6-35.9 vs 50.7-77.2, 512 70-71 vs 179-185.
+# model's formats that ggml.c's AMX kernel does not take, where oneDNN runs bf16 on AMX tiles). The crossover with
+# oneDNN's AMX bf16, the default model's 120 layer linears one after another (weights from L3, 2 threads, bf16 dense
+# vs Q4_1): 16 rows 16.4 vs 10.4-11.3 ms, 48 even, 64 23.5-23.9 vs 27.0-29.3, 128 34.6-35.9 vs 50.7-77.2.
 SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 64, 1 << 62
 # rows of fp32 activations up to which the exact kernel on the packed copy (each group's blocks reused from L1 by
 # every 4 rows) beats oneDNN's fp32 GEMM on the dense copy, by weight format (2 threads: the default model's Q8_0 LM
