@@ -34,6 +34,8 @@ def test_default_model_equals_the_pytorch_path(default_model_path, dtype, exact,
     assert lean == torch_path
     lean, torch_path = both_paths(llm, PROMPTS)   # three rows a step
     assert lean == torch_path
+    lean, torch_path = both_paths(llm, PROMPTS * 14)   # 42 rows: past AMX_BF16_ROWS (bf16 on AMX CPUs: the tiles)
+    assert lean == torch_path
     llm.engine.cfg.num_scheduler_steps = 1   # a plain decode step last (a burst keeps its logits to itself; a
     llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)   # prompt may exceed the head's rows)
     assert llm.engine.runner.model.step_logits is not None   # the LM head ran in the same call

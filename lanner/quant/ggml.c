@@ -1081,6 +1081,7 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
  * the tile across the whole of K). The weights are those of a dense bf16 copy (each value rounded to bf16 once),
  * so the results are oneDNN's on that copy up to summation order, with no copy kept: the packed blocks stream. */
 #if GB == 2 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_BF16 1
@@ -1193,17 +1194,18 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
         for (int64_t m = whole; m < M; m++)
             memcpy(tail + (m - whole) * K, x + m * ldx, K * 2);
     }
-    int failed = 0;
+    /* each thread's B tiles for a pair of groups (allocated here: every thread must reach every omp for) */
+    uint16_t *tiles = aligned_alloc(64, threads * 2 * blocks * 1024);
+    if (!tiles) {
+        free(tail);
+        return 1;
+    }
 #pragma omp parallel num_threads(threads)
     {
-        uint16_t *bt = aligned_alloc(64, 2 * blocks * 1024);
+        uint16_t *bt = tiles + omp_get_thread_num() * 2 * blocks * 512;
         float t[32 * 32] __attribute__((aligned(64)));
-        if (!bt) {
-#pragma omp atomic write
-            failed = 1;
-        }
         amx_bf16_configure();
-        for (int64_t m0 = 0; m0 < M && bt; m0 += chunk) {
+        for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
 #pragma omp for schedule(static) nowait
             for (int64_t p = 0; p < pairs; p++) {
@@ -1223,10 +1225,9 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
             }
         }
         _tile_release();
-        free(bt);
     }
-    free(tail);
-    return failed;
+    free(tiles), free(tail);
+    return 0;
 }
 #else
 #define AMX_BF16 0
