@@ -159,6 +159,19 @@ def test_half_precision_caches(backend, dtype):
     assert_matches_reference(backend, batch, dtype)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (37, 30.0)])
+def test_bf16_prompts_on_every_path_of_the_cpu_kernel(head_dim, group, window, softcap):
+    """bf16 prompts (AMX tiles where the CPU has them, else dot products on turned keys): 16-row tiles with a partial
+    last one, a causal chunk edge, a cached context, windows and softcaps, against the reference."""
+    batch = capped_batch(make_batch([150, 9, 40], [150, 9, 100], num_heads=2 * group, num_kv_heads=2,
+                                    head_dim=head_dim, dtype=torch.bfloat16, seed=group), softcap)
+    assert_matches_reference("cpu", batch, torch.bfloat16, window=window or None, softcap=softcap or None)
+    if {"amx_tile", "amx_bf16", "avx512_bf16"} <= lanner.native.cpu_flags() and not os.environ.get("LANNER_ISA"):
+        assert lanner.native.library(native.SOURCE).attention_tiles()   # the tiles took them
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size, head_dim", [(8, 64), (32, 80)])
 def test_other_block_sizes_and_head_dims(backend, block_size, head_dim):

@@ -7,8 +7,9 @@
  * first read through in address order; then, KV head by KV head, the rows that read that head (GQA group times
  * new tokens) go ROWS at a time, each row also prefetching a few lines of the next chunk: 16 scores per
  * shuffle-tree reduction, one online-softmax step per row, and P @ V with the rows' accumulators in registers,
- * so each K and V row is fetched once for all of them. Pieces run in parallel and are merged by their
- * log-sum-exp, so one long sequence still keeps every core busy (Flash-Decoding).
+ * so each K and V row is fetched once for all of them (a bf16 prompt on a CPU with AMX: 16 rows at a time on the
+ * tiles, amx_chunk). Pieces run in parallel and are merged by their log-sum-exp, so one long sequence still keeps
+ * every core busy (Flash-Decoding).
  *
  * Layouts: q [T, Hq, D] fp32 (and the same in bf16 with a bf16 cache, or NULL); caches
  * [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D] fp32;
@@ -407,6 +408,125 @@ INLINE int row_of(int i, int head, int group, int Hq) {
     return i / group * Hq + head * group + i % group;
 }
 
+#if HAVE_DPBF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* ---- a prompt's chunk on AMX tiles ----------------------------------------------------------------------------- *
+ * A bf16 prompt's wide chunk, KV head by KV head, 16 rows at a time: the scores as TDPBF16PS of the rows' bf16 queries
+ * (A tiles: 32 dims of 16 rows) with the turned keys (B tiles: kt's dim pairs of 16 keys, as the unit wants them),
+ * each row's online-softmax step as on the vector path, then P V as TDPBF16PS of the weights in bf16 (A tiles: 32
+ * keys of 16 rows) with the chunk's V rows interleaved by key pairs (B tiles: accumulate_bf16's pair order, which
+ * pair_order_to_dims undoes at the end). The same products, exact, in fp32 sums of another order. */
+#include "../amx.h"
+#define AMX_ATTENTION 1
+
+/* The chunk's V rows of one head as B tiles: for 32 keys (a K step) and 16 of accumulate_bf16's pair-ordered dims,
+ * tile row r holds keys 2r and 2r + 1 of each dim; tile (step, group) at vt + (step * D / 16 + group) * 512. */
+INLINE void v_tiles(const Problem *p, const int64_t *offs, int head, uint16_t *restrict vt, const int D) {
+    const uint16_t *v = p->v_cache;
+    for (int c = 0; c < WIDE_CHUNK; c += 2)
+        for (int j = 0; j < D / 32; j++) {
+            const __m512i even = _mm512_loadu_si512(v + offs[c] + head + 32 * j);
+            const __m512i odd = _mm512_loadu_si512(v + offs[c + 1] + head + 32 * j);
+            uint16_t *row = vt + ((int64_t)(c / 32) * (D / 16) + 2 * j) * 512 + (c % 32) / 2 * 32;
+            _mm512_store_si512(row, _mm512_unpacklo_epi16(even, odd));
+            _mm512_store_si512(row + 512, _mm512_unpackhi_epi16(even, odd));
+        }
+}
+
+/* Rows [first_row, per_head) reading KV head `head` against the chunk's keys from c0 (turned into kt, V rows at offs):
+ * their running max, normalizer and (pair-ordered) accumulators updated. */
+INLINE void amx_chunk(const Problem *p, const int64_t *offs, int head, int c0, int q0, int group, int ctx_len,
+                      int first_row, int per_head, int k1, const uint32_t *kt, float *acc, float *m, float *l,
+                      Ahead *ahead, int quota, const int D) {
+    const int Hq = p->num_heads;
+    uint16_t vt[(WIDE_CHUNK / 32) * (D / 16) * 512] __attribute__((aligned(64)));
+    uint16_t qa[16 * D] __attribute__((aligned(64))), pa[16 * WIDE_CHUNK] __attribute__((aligned(64)));
+    float sc[16 * WIDE_CHUNK] __attribute__((aligned(64))), ob[16 * D] __attribute__((aligned(64)));
+    v_tiles(p, offs, head * D, vt, D);
+    for (int i0 = first_row; i0 < per_head; i0 += 16) {
+        const int rows = per_head - i0 < 16 ? per_head - i0 : 16;
+        int rs[16];
+        for (int i = 0; i < 16; i++) {
+            if (i < rows) {
+                rs[i] = row_of(i0 + i, head, group, Hq);
+                memcpy(qa + i * D, p->q_bf16 + ((int64_t)q0 * Hq + rs[i]) * D, 2 * D);
+            } else memset(qa + i * D, 0, 2 * D);
+        }
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int d = 0; d < D; d += 32) {   /* scores: 16 rows x 64 keys in C 0-3 */
+            _tile_loadd(4, qa + d, 2 * D);
+            _tile_loadd(6, kt + d / 2 * WIDE_CHUNK, 4 * WIDE_CHUNK);
+            _tile_loadd(7, kt + d / 2 * WIDE_CHUNK + 16, 4 * WIDE_CHUNK);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(6, kt + d / 2 * WIDE_CHUNK + 32, 4 * WIDE_CHUNK);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(7, kt + d / 2 * WIDE_CHUNK + 48, 4 * WIDE_CHUNK);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_dpbf16ps(3, 4, 7);
+        }
+        _tile_stored(0, sc, 4 * WIDE_CHUNK);
+        _tile_stored(1, sc + 16, 4 * WIDE_CHUNK);
+        _tile_stored(2, sc + 32, 4 * WIDE_CHUNK);
+        _tile_stored(3, sc + 48, 4 * WIDE_CHUNK);
+        for (int i = 0; i < 16; i++) {   /* each row's softmax step; its weights in bf16, its accumulator scaled */
+            if (i >= rows) {
+                memset(pa + i * WIDE_CHUNK, 0, 2 * WIDE_CHUNK);
+                continue;
+            }
+            const int t = (i0 + i) / group, r = rs[i];
+            vn s[WIDE_CHUNK / NATIVE];
+            memcpy(s, sc + i * WIDE_CHUNK, sizeof s);
+            for (int v = 0; v < WIDE_CHUNK / NATIVE; v++) {
+                s[v] *= p->scale;
+                if (p->softcap > 0.0f) s[v] = softcap_native(s[v], p->softcap);
+            }
+            const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;
+            const int window_start = p->window > 0 ? ctx_len + t - p->window + 1 : c0;
+            const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
+            float w[WIDE_CHUNK] __attribute__((aligned(64)));
+            prefetch_some(p, ahead, quota, 1);
+            const float alpha = softmax_step(s, window_start - c0, last - c0, tree, ctx_len - c0, m + r, l + r, w,
+                                             WIDE_CHUNK);
+            for (int c = 0; c < WIDE_CHUNK; c += 32)
+                _mm512_store_si512(pa + i * WIDE_CHUNK + c, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(w + c + 16),
+                                                                                          _mm512_load_ps(w + c)));
+            for (int d = 0; d < D; d += 16)
+                _mm512_store_ps(ob + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + (int64_t)r * D + d),
+                                                              _mm512_set1_ps(alpha)));
+        }
+        for (int g0 = 0; g0 < D / 16; g0 += 4) {   /* P V: 16 rows x 64 pair-ordered dims at a time in C 0-3 */
+            _tile_loadd(0, ob + 16 * g0, 4 * D);
+            _tile_loadd(1, ob + 16 * (g0 + 1), 4 * D);
+            _tile_loadd(2, ob + 16 * (g0 + 2), 4 * D);
+            _tile_loadd(3, ob + 16 * (g0 + 3), 4 * D);
+            for (int k = 0; k < WIDE_CHUNK / 32; k++) {
+                const uint16_t *b = vt + ((int64_t)k * (D / 16) + g0) * 512;
+                _tile_loadd(4, pa + 32 * k, 2 * WIDE_CHUNK);
+                _tile_loadd(6, b, 64);
+                _tile_loadd(7, b + 512, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_loadd(6, b + 1024, 64);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_loadd(7, b + 1536, 64);
+                _tile_dpbf16ps(2, 4, 6);
+                _tile_dpbf16ps(3, 4, 7);
+            }
+            _tile_stored(0, ob + 16 * g0, 4 * D);
+            _tile_stored(1, ob + 16 * (g0 + 1), 4 * D);
+            _tile_stored(2, ob + 16 * (g0 + 2), 4 * D);
+            _tile_stored(3, ob + 16 * (g0 + 3), 4 * D);
+        }
+        for (int i = 0; i < rows; i++)
+            memcpy(acc + (int64_t)rs[i] * D, ob + i * D, 4 * D);
+    }
+}
+#else
+#define AMX_ATTENTION 0
+static int tiles_granted(void) { return 0; }
+#endif
+
 /* One work item: keys [k0, k1) of sequence seq for all its rows; acc [R, D] unnormalized, m/l the
  * running max and normalizer per row. A chunk is done KV head by KV head, the rows reading that head
  * (its query heads times the new tokens) ROWS at a time. While the last chunk is read, the first of the
@@ -422,6 +542,12 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     float w[ROWS][WIDE_CHUNK], alpha[ROWS];
     /* a prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows */
     const int turned = chunk == WIDE_CHUNK && turns(bf16, direct);
+    /* a bf16 prompt on AMX tiles: D a whole number of 64-dim C passes */
+    const int tiles = turned && direct && D % 64 == 0 && tiles_granted();
+#if AMX_ATTENTION
+    if (tiles) amx_configure();
+#endif
+    (void)tiles;
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
@@ -441,6 +567,13 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
         for (int head = 0; head < p->num_kv_heads; head++) {
 #if defined(__AVX512F__)
             if (turned) turn_keys(p, offs, head * D, (uint32_t *)kt, direct ? D / 2 : D, direct ? 2 : 4);
+#endif
+#if AMX_ATTENTION
+            if (tiles) {
+                amx_chunk(p, offs, head, c0, q0, group, ctx_len, first_row, per_head, k1, (const uint32_t *)kt, acc,
+                          m, l, &ahead_rows, quota, D);
+                continue;
+            }
 #endif
             for (int i0 = first_row; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;
@@ -611,6 +744,11 @@ int attention_pieces(const int32_t *seq_lens, const int32_t *cu_seqlens_q, const
         done += keys_work(keys, first, ctx_len, q_len);
     }
     return count;
+}
+
+/* Whether bf16 prompts run on AMX tiles here (this build has them and the process may use them). */
+int attention_tiles(void) {
+    return tiles_granted();
 }
 
 /* Whether prompts on a cache of this kind are scored by turned keys (a bf16 cache with AVX512-BF16, an fp32 one

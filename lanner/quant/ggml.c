@@ -1082,29 +1082,12 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
  * so the results are oneDNN's on that copy up to summation order, with no copy kept: the packed blocks stream. */
 #if GB == 2 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "../amx.h"
 #define AMX_BF16 1
 #define AMX_ACT_BYTES (1 << 20)   /* activation rows a chunk takes against every group: they stay in L2 */
 
-/* Whether this process may use the tile registers (Linux grants them per process, on request). */
-static int tiles_granted(void) {
-    static int granted = -1;
-    if (granted < 0)
-        granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-    return granted;
-}
-
-/* tiles 0-3: C, 16 x 16 fp32 (rows m..m+15 and m+16.., against groups g and g + 1); 4-5: A, 16 rows x 32 bf16;
- * 6-7: B, 16 rows x 16 pairs. Set on every call: oneDNN sets its own between ours. */
-static void amx_bf16_configure(void) {
-    struct __attribute__((packed, aligned(64))) {
-        uint8_t palette, start_row, reserved[14];
-        uint16_t colsb[16];
-        uint8_t rows[16];
-    } cfg = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
-    _tile_loadconfig(&cfg);
-}
+/* tiles (amx.h): 0-3 C, 16 x 16 fp32 (rows m..m+15 and m+16.., against groups g and g + 1); 4-5 A, 16 rows x 32
+ * bf16; 6-7 B, 16 rows x 16 pairs */
 
 /* Two B tile rows from 64 bytes q holding 4 values of each of 16 weight rows (row n's at 4n, as unsigned or signed
  * bytes): values (0, 1) of every row into tile row out, (2, 3) into the next; times d plus m per weight row, lanes
@@ -1204,7 +1187,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
     {
         uint16_t *bt = tiles + omp_get_thread_num() * 2 * blocks * 512;
         float t[32 * 32] __attribute__((aligned(64)));
-        amx_bf16_configure();
+        amx_configure();
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
 #pragma omp for schedule(static) nowait

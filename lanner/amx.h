@@ -1,0 +1,28 @@
+/* AMX tiles for the kernels that use them (each includes this inside its own test of the compiler's AMX macros;
+ * the build hashes included files with the source). */
+#ifndef LANNER_AMX_H
+#define LANNER_AMX_H
+#include <stdint.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Whether this process may use the tile registers (Linux grants them per process, on request). */
+static int tiles_granted(void) {
+    static int granted = -1;
+    if (granted < 0)
+        granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return granted;
+}
+
+/* Every tile 16 rows of 64 bytes (the kernels use C 0-3, A 4-5, B 6-7). Set per call or work item: oneDNN and the
+ * other kernels set their own between ours. */
+static void amx_configure(void) {
+    struct __attribute__((packed, aligned(64))) {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } cfg = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+    _tile_loadconfig(&cfg);
+}
+#endif
