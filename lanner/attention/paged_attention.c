@@ -627,6 +627,9 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     if (direct)
         for (int r = 0; r < R; r++) pair_order_to_dims(acc + (int64_t)r * D, D);
 #endif
+#if AMX_ATTENTION
+    if (tiles) _tile_release();   /* the tiles' state back to init: a context switch need not save it */
+#endif
 }
 
 /* Copies specialized by cache dtype, bf16 scoring, the common head sizes and the chunk: constants let the
