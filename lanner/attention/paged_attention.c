@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../amx.h"
 #include "../vec16.h"
 
 #define CHUNK 32        /* keys per online-softmax step */
@@ -270,6 +271,21 @@ INLINE float softmax_step(vn *s, int start, int limit, const uint8_t *tree, int 
     return alpha;
 }
 
+/* softmax_step for the row of query token t (the sequence's new tokens from q0, after ctx_len cached ones) over the
+ * chunk of keys from c0 in a split ending at k1: its scores s scaled (and soft-capped) first, then masked by
+ * causality and the split's end, its window and its tree branch. */
+INLINE float row_step(const Problem *p, vn *s, int t, int q0, int ctx_len, int c0, int k1, float *m, float *l,
+                      float *restrict w, const int chunk) {
+    for (int v = 0; v < chunk / NATIVE; v++) {
+        s[v] *= p->scale;
+        if (p->softcap > 0.0f) s[v] = softcap_native(s[v], p->softcap);
+    }
+    const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;   /* causal, and the split */
+    const int window_start = p->window > 0 ? ctx_len + t - p->window + 1 : c0;
+    const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
+    return softmax_step(s, window_start - c0, last - c0, tree, ctx_len - c0, m, l, w, chunk);
+}
+
 /* acc[i] = acc[i] * alpha[i] + sum_c w[i][c] v[c] for `rows` accumulators, V rows at offs + head: each
  * register's worth of a V row is loaded (and widened) once for all of them, `slices` registers' worth of every
  * accumulator at a time so that they stay in registers (16-lane vectors on AVX2 went through the stack: 4x
@@ -415,7 +431,6 @@ INLINE int row_of(int i, int head, int group, int Hq) {
  * each row's online-softmax step as on the vector path, then P V as TDPBF16PS of the weights in bf16 (A tiles: 32
  * keys of 16 rows) with the chunk's V rows interleaved by key pairs (B tiles: accumulate_bf16's pair order, which
  * pair_order_to_dims undoes at the end). The same products, exact, in fp32 sums of another order. */
-#include "../amx.h"
 #define AMX_ATTENTION 1
 
 /* The chunk's V rows of one head as B tiles: for 32 keys (a K step) and 16 of accumulate_bf16's pair-ordered dims,
@@ -478,17 +493,9 @@ INLINE void amx_chunk(const Problem *p, const int64_t *offs, int head, int c0, i
             const int t = (i0 + i) / group, r = rs[i];
             vn s[WIDE_CHUNK / NATIVE];
             memcpy(s, sc + i * WIDE_CHUNK, sizeof s);
-            for (int v = 0; v < WIDE_CHUNK / NATIVE; v++) {
-                s[v] *= p->scale;
-                if (p->softcap > 0.0f) s[v] = softcap_native(s[v], p->softcap);
-            }
-            const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;
-            const int window_start = p->window > 0 ? ctx_len + t - p->window + 1 : c0;
-            const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
             float w[WIDE_CHUNK] __attribute__((aligned(64)));
             prefetch_some(p, ahead, quota, 1);
-            const float alpha = softmax_step(s, window_start - c0, last - c0, tree, ctx_len - c0, m + r, l + r, w,
-                                             WIDE_CHUNK);
+            const float alpha = row_step(p, s, t, q0, ctx_len, c0, k1, m + r, l + r, w, WIDE_CHUNK);
             for (int c = 0; c < WIDE_CHUNK; c += 32)
                 _mm512_store_si512(pa + i * WIDE_CHUNK + c, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(w + c + 16),
                                                                                           _mm512_load_ps(w + c)));
@@ -524,7 +531,6 @@ INLINE void amx_chunk(const Problem *p, const int64_t *offs, int head, int c0, i
 }
 #else
 #define AMX_ATTENTION 0
-static int tiles_granted(void) { return 0; }
 #endif
 
 /* One work item: keys [k0, k1) of sequence seq for all its rows; acc [R, D] unnormalized, m/l the
@@ -602,16 +608,8 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
                             chunk_scores(p, p->q + row * D, p->q_bf16 + row * D, offs + 16 * v, head * D, D, bf16,
                                          direct, s + v * (16 / NATIVE));
                     }
-                    for (int v = 0; v < chunk / NATIVE; v++) {
-                        s[v] *= p->scale;
-                        if (p->softcap > 0.0f) s[v] = softcap_native(s[v], p->softcap);
-                    }
-                    const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;   /* causal, and the split */
-                    const int window_start = p->window > 0 ? ctx_len + t - p->window + 1 : c0;
-                    const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
                     prefetch_some(p, &ahead_rows, quota, bf16);
-                    alpha[i] = softmax_step(s, window_start - c0, last - c0, tree, ctx_len - c0, m + r, l + r, w[i],
-                                            chunk);
+                    alpha[i] = row_step(p, s, t, q0, ctx_len, c0, k1, m + r, l + r, w[i], chunk);
                     acc_rows[i] = acc + (int64_t)r * D;
                 }
                 switch (rows) {

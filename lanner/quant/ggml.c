@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include "../amx.h"
 #include "matmul.h"
 
 #define TILE 4   /* activation rows dotted with one decoded weight row together */
@@ -1082,21 +1083,21 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
  * so the results are oneDNN's on that copy up to summation order, with no copy kept: the packed blocks stream. */
 #if GB == 2 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #include <omp.h>
-#include "../amx.h"
 #define AMX_BF16 1
 #define AMX_ACT_BYTES (1 << 20)   /* activation rows a chunk takes against every group: they stay in L2 */
 
 /* tiles (amx.h): 0-3 C, 16 x 16 fp32 (rows m..m+15 and m+16.., against groups g and g + 1); 4-5 A, 16 rows x 32
  * bf16; 6-7 B, 16 rows x 16 pairs */
 
-/* Two B tile rows from 64 bytes q holding 4 values of each of 16 weight rows (row n's at 4n, as unsigned or signed
- * bytes): values (0, 1) of every row into tile row out, (2, 3) into the next; times d plus m per weight row, lanes
- * as the tile's (row n in lanes 2n and 2n + 1 of the pair of halves dh, mh). */
+/* 16 bytes (signed or not) as fp32, times d plus m */
 INLINE __m512 b_values(__m128i bytes, const int sign, __m512 d, __m512 m) {
     const __m512i ints = sign ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), d, m);
 }
 
+/* Two B tile rows from 64 bytes q holding 4 values of each of 16 weight rows (row n's at 4n, as unsigned or signed
+ * bytes): values (0, 1) of every row into tile row out, (2, 3) into the next; times d plus m per weight row, lanes
+ * as the tile's (row n in lanes 2n and 2n + 1 of the pair of halves dh, mh). */
 INLINE void b_rows(__m512i q, const int sign, const __m512 *dh, const __m512 *mh, uint16_t *out) {
     /* bytes 4n, 4n + 1 of rows 0-7, then of rows 8-15; then bytes 4n + 2, 4n + 3 the same way */
     const __m512i order = _mm512_set_epi8(
@@ -1214,7 +1215,6 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
 }
 #else
 #define AMX_BF16 0
-static int tiles_granted(void) { return 0; }
 static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                            const uint16_t *x, int64_t ldx, int64_t M, out_rows o, int threads) {
     (void)type, (void)packed, (void)row_bytes, (void)N, (void)K, (void)x, (void)ldx, (void)M, (void)o, (void)threads;

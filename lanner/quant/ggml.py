@@ -234,7 +234,7 @@ class GGMLLinear:
         m, (n, k), w = xk.shape[0], self.weight.shape, self.weight
         y = torch.empty(m, n, dtype=xk.dtype)
         packed = self.packed_ptr() if lib is self.lib else None
-        flags = ((MATMUL_INT8 | (MATMUL_AMX_BF16 if self.amx_bf16 and lib is self.lib else 0) if int8 else 0)
+        flags = ((MATMUL_INT8 | (self.flags if lib is self.lib else 0) if int8 else 0)
                  | (MATMUL_BF16_IO if xk.dtype == torch.bfloat16 else 0))
         bias = None if self.bias_fp32 is None else self.bias_fp32.data_ptr()
         check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xk.data_ptr(), k, m, y.data_ptr(),
