@@ -115,8 +115,8 @@ def test_int8_activations_answer_right_and_stay_close_to_the_exact_path(default_
     assert gate_up(exact).dense is not None   # fp32: oneDNN runs it everywhere
 
 
-def test_bf16_steps_past_32_rows_take_amx_tiles_where_the_cpu_has_them(default_model_path):
-    """A bf16 model on a CPU with AMX: steps of more than 32 rows multiply the Q4_1 / Q8_0 blocks rounded to bf16 on
+def test_bf16_steps_past_16_rows_take_amx_tiles_where_the_cpu_has_them(default_model_path):
+    """A bf16 model on a CPU with AMX: steps of more than 16 rows multiply the Q4_1 / Q8_0 blocks rounded to bf16 on
     the tiles (ggml.c's amx_bf16_matmul; bench/throughput.py's bf16 workload 1.5x), and no dense copy is kept;
     smaller steps stay on the int8 GEMM, bitwise as without the tiles."""
     gate_up = lambda m: m.engine.runner.model.layers[0].mlp.gate_up_proj.quantized
@@ -129,10 +129,10 @@ def test_bf16_steps_past_32_rows_take_amx_tiles_where_the_cpu_has_them(default_m
         if isinstance(getattr(module, "quantized", None), GGMLLinear):
             module.quantized.amx_bf16 = False
     ids = amx.tokenizer.encode((PROMPTS[0] + " Paris, and the capital of Germany is Berlin. " + PROMPTS[2]) * 3)
-    short = ids[:32]
+    short = ids[:16]
     torch.testing.assert_close(prefill_logits(amx, short), prefill_logits(plain, short), rtol=0, atol=0)
     want, got = prefill_logits(plain, ids), prefill_logits(amx, ids)
-    assert len(ids) > 32 and not torch.equal(got, want)   # the tiles took the long prefill
+    assert len(ids) > 16 and not torch.equal(got, want)   # the tiles took the long prefill
     # bf16 weights and activations against int8 activations: within the int8 path's own distance from the exact one
     assert (got - want).abs().max() < 0.1 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9

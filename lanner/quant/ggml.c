@@ -1074,7 +1074,7 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     return 0;
 }
 
-#define AMX_BF16_ROWS 32   /* rows from which MATMUL_AMX_BF16 takes the tiles (fewer: the int8 kernel) */
+#define AMX_BF16_ROWS 16   /* rows from which MATMUL_AMX_BF16 takes the tiles (fewer: the int8 kernel) */
 /* ---- bf16 activations on AMX tiles ------------------------------------------------------------------------- *
  * A bf16 model's big steps (MATMUL_AMX_BF16): each packed block of 16 weight rows is dequantized into bf16 as a B
  * tile (tile row r: every weight row's values 2r and 2r + 1, side by side), once per chunk of activation rows, and
@@ -1089,25 +1089,38 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
 /* tiles (amx.h): 0-3 C, 16 x 16 fp32 (rows m..m+15 and m+16.., against groups g and g + 1); 4-5 A, 16 rows x 32
  * bf16; 6-7 B, 16 rows x 16 pairs */
 
-/* 16 bytes (signed or not) as fp32, times d plus m */
-INLINE __m512 b_values(__m128i bytes, const int sign, __m512 d, __m512 m) {
-    const __m512i ints = sign ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+/* Where the tile wants each byte of 64 bytes q holding 4 values of each of 16 weight rows (row n's at 4n): tile
+ * row 2c takes values (0, 1) of every row, row 2c + 1 values (2, 3); as 16 lanes j of a tile row's half h (rows
+ * 8h..8h + 7, value pairs side by side), lane j of half h in tile row e takes byte B(e, h, j) = 4(8h + j / 2) + 2e
+ * + j % 2 */
+static const uint8_t b_order[4][16] = {
+    {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {32, 33, 36, 37, 40, 41, 44, 45, 48, 49, 52, 53, 56, 57, 60, 61},
+    {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}, {34, 35, 38, 39, 42, 43, 46, 47, 50, 51, 54, 55, 58, 59, 62, 63}};
+
+/* vpermb indices that put byte B(e, h, j) of q in lane j (its low byte; its high byte for signed values, which a
+ * shift then extends): one shuffle per 16 values, no extract or widening */
+INLINE void b_indices(const int sign, __m512i idx[4]) {
+    for (int i = 0; i < 4; i++) {
+        const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b_order[i]));
+        idx[i] = sign ? _mm512_slli_epi32(lanes, 24) : lanes;
+    }
+}
+
+/* the bytes idx picks from q, as fp32 times d plus m */
+INLINE __m512 b_values(__m512i q, __m512i idx, const int sign, __m512 d, __m512 m) {
+    __m512i ints = _mm512_maskz_permutexvar_epi8(sign ? 0x8888888888888888ull : 0x1111111111111111ull, idx, q);
+    if (sign)
+        ints = _mm512_srai_epi32(ints, 24);
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), d, m);
 }
 
-/* Two B tile rows from 64 bytes q holding 4 values of each of 16 weight rows (row n's at 4n, as unsigned or signed
- * bytes): values (0, 1) of every row into tile row out, (2, 3) into the next; times d plus m per weight row, lanes
- * as the tile's (row n in lanes 2n and 2n + 1 of the pair of halves dh, mh). */
-INLINE void b_rows(__m512i q, const int sign, const __m512 *dh, const __m512 *mh, uint16_t *out) {
-    /* bytes 4n, 4n + 1 of rows 0-7, then of rows 8-15; then bytes 4n + 2, 4n + 3 the same way */
-    const __m512i order = _mm512_set_epi8(
-        63, 62, 59, 58, 55, 54, 51, 50, 47, 46, 43, 42, 39, 38, 35, 34, 31, 30, 27, 26, 23, 22, 19, 18, 15, 14, 11, 10, 7, 6, 3, 2,
-        61, 60, 57, 56, 53, 52, 49, 48, 45, 44, 41, 40, 37, 36, 33, 32, 29, 28, 25, 24, 21, 20, 17, 16, 13, 12, 9, 8, 5, 4, 1, 0);
-    const __m512i v = _mm512_permutexvar_epi8(order, q);
-    _mm512_store_si512(out, (__m512i)_mm512_cvtne2ps_pbh(b_values(_mm512_extracti32x4_epi32(v, 1), sign, dh[1], mh[1]),
-                                                         b_values(_mm512_extracti32x4_epi32(v, 0), sign, dh[0], mh[0])));
-    _mm512_store_si512(out + 32, (__m512i)_mm512_cvtne2ps_pbh(b_values(_mm512_extracti32x4_epi32(v, 3), sign, dh[1], mh[1]),
-                                                              b_values(_mm512_extracti32x4_epi32(v, 2), sign, dh[0], mh[0])));
+/* Two B tile rows from 64 bytes q holding 4 values of each of 16 weight rows (as unsigned or signed bytes): values
+ * (0, 1) of every row into tile row out, (2, 3) into the next; times d plus m per weight row, lanes as the tile's
+ * (row n in lanes 2n and 2n + 1 of the pair of halves dh, mh). */
+INLINE void b_rows(__m512i q, const int sign, const __m512i *idx, const __m512 *dh, const __m512 *mh, uint16_t *out) {
+    for (int e = 0; e < 2; e++)
+        _mm512_store_si512(out + 32 * e, (__m512i)_mm512_cvtne2ps_pbh(b_values(q, idx[2 * e + 1], sign, dh[1], mh[1]),
+                                                                      b_values(q, idx[2 * e], sign, dh[0], mh[0])));
 }
 
 /* Block b of a packed group (16 weight rows) as a B tile: 16 rows x 64 bytes into bt. */
@@ -1120,25 +1133,40 @@ INLINE void b_tile(const int type, const uint8_t *blk, uint16_t *restrict bt) {
     const __m512 dh[2] = {_mm512_permutexvar_ps(lo, d), _mm512_permutexvar_ps(hi, d)};
     const __m512 mh[2] = {_mm512_permutexvar_ps(lo, m), _mm512_permutexvar_ps(hi, m)};
     const uint8_t *vals = blk + (type == Q4_1 ? 64 : 32);
+    __m512i idx[4];
+    b_indices(type == Q8_0, idx);
     if (type == Q8_0) {   /* chunk c: values 4c..4c+3 of every row -> tile rows 2c, 2c + 1 */
         for (int c = 0; c < 8; c++)
-            b_rows(_mm512_loadu_si512(vals + 64 * c), 1, dh, mh, bt + 64 * c);
+            b_rows(_mm512_loadu_si512(vals + 64 * c), 1, idx, dh, mh, bt + 64 * c);
         return;
     }
     for (int c = 0; c < 4; c++) {   /* chunk c's nibbles: values 4c.. (low) and 16 + 4c.. (high) */
         const __m512i q = _mm512_loadu_si512(vals + 64 * c), mask = _mm512_set1_epi8(15);
-        b_rows(_mm512_and_si512(q, mask), 0, dh, mh, bt + 64 * c);
-        b_rows(_mm512_and_si512(_mm512_srli_epi16(q, 4), mask), 0, dh, mh, bt + 64 * (c + 4));
+        b_rows(_mm512_and_si512(q, mask), 0, idx, dh, mh, bt + 64 * c);
+        b_rows(_mm512_and_si512(_mm512_srli_epi16(q, 4), mask), 0, idx, dh, mh, bt + 64 * (c + 4));
     }
 }
 
+/* The B tiles a pair of groups (w: its packed blocks, the second group's `group` bytes after the first's) makes for
+ * block b in bt, where w is given (NULL: made already) */
+typedef struct { int type; const uint8_t *w; int64_t group, block; } b_source;
+
+INLINE void b_make(b_source src, int g, int64_t b, int64_t blocks, uint16_t *bt) {
+    if (src.w && b < blocks)
+        b_tile(src.type, src.w + g * src.group + b * src.block, bt + 512 * (g * blocks + b));
+}
+
 /* rows [m, m + 32) of x (ld elements apart) against groups g, g + 1 (their B tiles bt, one per block, 1 KB each,
- * the second group's blocks after the first's) into t [32, 32] */
-INLINE void amx_pair(const uint16_t *x, int64_t ld, const uint16_t *bt, int64_t blocks, float *t) {
+ * the second group's blocks after the first's) into t [32, 32]. With a source, the B tiles are made as the products
+ * go, block b + 1's while block b's run on the tile unit: the unit works apart from the vector units, so making
+ * them costs little more than the products alone, where making them all first cost as much again. */
+INLINE void amx_pair(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks, float *t, b_source src) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
+    b_make(src, 0, 0, blocks, bt);
+    b_make(src, 1, 0, blocks, bt);
     /* a tile is loaded again right after its last product: the tile unit has no renaming, so a load waits for
      * the products that read the tile it overwrites */
     _tile_loadd(4, x, ld * 2);
@@ -1149,17 +1177,39 @@ INLINE void amx_pair(const uint16_t *x, int64_t ld, const uint16_t *bt, int64_t 
         const int64_t next = b + 1 < blocks ? b + 1 : b;
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
+        b_make(src, 0, b + 1, blocks, bt);
         _tile_loadd(6, bt + 512 * next, 64);
         _tile_dpbf16ps(1, 4, 7);
         _tile_loadd(4, x + 32 * next, ld * 2);
         _tile_dpbf16ps(3, 5, 7);
         _tile_loadd(5, x + 16 * ld + 32 * next, ld * 2);
+        b_make(src, 1, b + 1, blocks, bt);
         _tile_loadd(7, bt + 512 * (blocks + next), 64);
     }
     _tile_stored(0, t, 128);
     _tile_stored(1, t + 16, 128);
     _tile_stored(2, t + 16 * 32, 128);
     _tile_stored(3, t + 16 * 32 + 16, 128);
+}
+
+/* rows [m, m + 16) of x against groups g, g + 1 into t [16, 32]: a step's last 16 rows or fewer, half amx_pair's
+ * products */
+INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks, float *t, b_source src) {
+    _tile_zero(0);
+    _tile_zero(1);
+    b_make(src, 0, 0, blocks, bt);
+    b_make(src, 1, 0, blocks, bt);
+    for (int64_t b = 0; b < blocks; b++) {
+        _tile_loadd(4, x + 32 * b, ld * 2);
+        _tile_loadd(6, bt + 512 * b, 64);
+        _tile_loadd(7, bt + 512 * (blocks + b), 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        b_make(src, 0, b + 1, blocks, bt);
+        b_make(src, 1, b + 1, blocks, bt);
+    }
+    _tile_stored(0, t, 128);
+    _tile_stored(1, t + 16, 128);
 }
 
 /* y = W x for bf16 x [M, ldx] and packed W (N a multiple of 32), on the tile unit. Rows go a chunk at a time
@@ -1193,17 +1243,17 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
             const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
 #pragma omp for schedule(static) nowait
             for (int64_t p = 0; p < pairs; p++) {
-                for (int g = 0; g < 2; g++) {
-                    const uint8_t *grp = packed + (2 * p + g) * PACK_ROWS * row_bytes;
-                    for (int64_t b = 0; b < blocks; b++)
-                        b_tile(type, grp + b * PACK_ROWS * bytes, bt + 512 * (g * blocks + b));
-                }
                 for (int64_t m = m0; m < m1; m += 32) {
                     const int64_t rows = m1 - m < 32 ? m1 - m : 32;
+                    /* the chunk's first rows make the pair's B tiles, the others reuse them */
+                    const b_source src = {type, m == m0 ? packed + 2 * p * PACK_ROWS * row_bytes : NULL,
+                                          PACK_ROWS * row_bytes, PACK_ROWS * bytes};
                     if (m + 32 <= whole)
-                        amx_pair(x + m * ldx, ldx, bt, blocks, t);
+                        amx_pair(x + m * ldx, ldx, bt, blocks, t, src);
+                    else if (rows <= 16)
+                        amx_single(tail, K, bt, blocks, t, src);
                     else
-                        amx_pair(tail, K, bt, blocks, t);
+                        amx_pair(tail, K, bt, blocks, t, src);
                     store_tile(t, 32, rows, 32, o, m, 32 * p);
                 }
             }
