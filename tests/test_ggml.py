@@ -231,6 +231,25 @@ def test_bf16_rows_past_16_on_amx_tiles_equal_bf16_weights_times_them(type_name,
     assert torch.equal(lin.small(x[:16], lin.lib, int8=True), plain.small(x[:16], plain.lib, int8=True))
 
 
+@pytest.mark.parametrize("type_name", PACKED_FORMATS)
+def test_exact_bf16_rows_past_16_take_the_tiles_not_a_dense_copy(type_name):
+    """An exact linear of a bf16 model (the LM head) on AMX: more than 16 rows multiply on the tiles, the numerics
+    of the dense bf16 copy they would otherwise take, and the copy is not made for them; 5-16 rows still take it."""
+    with mock.patch.dict(os.environ, {"LANNER_ISA": ""}):   # the native build
+        lin = GGMLLinear(random_weight(type_name, 96, 1056, seed=5), None, None, int8=False)
+    if not lin.amx_bf16:
+        pytest.skip("this build or CPU has no AMX bf16 tiles")
+    lin.dense_dtype = torch.bfloat16   # as Linear.pack sets it for a bf16 model's head
+    x = (torch.randn(40, 1056, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
+    got = lin(x)
+    assert lin.dense is None
+    want = x.float() @ reference(lin.weight).bfloat16().float().T
+    assert (got == want.bfloat16()).float().mean() > 0.99
+    assert torch.equal(lin(x[:4]), lin.small(x[:4], lin.lib))   # the exact kernel
+    lin(x[:8])
+    assert lin.dense is not None
+
+
 def test_quantize_at_load_round_trips_through_gguf_reference():
     weight = torch.randn(40, 64)
     for name in ggml.QUANTIZE_TO:

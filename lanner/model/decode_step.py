@@ -146,7 +146,7 @@ class DecodeStep:
         lora = self.model.lm_head.lora
         logits = None
         adapted = lora is not None and lora.manager.batch
-        if self.head is not None and x.shape[0] <= self.head.kernel_rows(x.dtype) and not adapted:
+        if self.head is not None and self.head.takes(x.shape[0], x.dtype) and not adapted:
             logits = torch.empty(x.shape[0], self.head.out_features)
             step.head, step.logits = self.head_args, logits.data_ptr()
         layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)

@@ -1272,10 +1272,10 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
 }
 #endif
 
-/* Whether ggml_matmul takes MATMUL_AMX_BF16 for packed weights of this type and shape (this build has the tile
- * unit's bf16 path and the process may use it). */
+/* The rows past which ggml_matmul takes MATMUL_AMX_BF16 calls of packed weights of this type and shape to the
+ * tiles, or 0 where it never does (this build lacks the tile unit's bf16 path, or the process may not use it). */
 int ggml_amx_bf16(int type, int64_t N, int64_t K) {
-    return AMX_BF16 && packable(type) && N % 32 == 0 && K % 32 == 0 && N >= 32 && tiles_granted();
+    return AMX_BF16 && packable(type) && N % 32 == 0 && K % 32 == 0 && N >= 32 && tiles_granted() ? AMX_BF16_ROWS : 0;
 }
 
 /* ---- exported ---------------------------------------------------------------------------------------- */

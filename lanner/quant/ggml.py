@@ -183,9 +183,10 @@ class GGMLLinear:
         self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
         self.int8 = int8 and int8_activations()
         self.packed = self._pack() if self.lib is not None else None
-        # bf16 steps past the kernel's AMX_BF16_ROWS on AMX tiles (where this build and the CPU have them)
-        self.amx_bf16 = self.int8 and self.packed is not None and bool(self.lib.ggml_amx_bf16(weight.type_id,
-                                                                                             *weight.shape))
+        # bf16 steps of more than amx_rows rows on AMX tiles (where this build and the CPU have them): the weights
+        # rounded to bf16, fp32 sums -- a dense bf16 copy's numerics, so the exact path's large steps take them too
+        self.amx_rows = self.lib.ggml_amx_bf16(weight.type_id, *weight.shape) if self.packed is not None else 0
+        self.amx_bf16 = self.amx_rows > 0
         self._row_norms = None
 
     @property
@@ -209,11 +210,15 @@ class GGMLLinear:
             return EXACT_PACKED_ROWS.get((dtype, self.weight.type_name), SMALL_M)
         return ALL_ROWS if self.int8_gemm else SMALL_M_WITHOUT_DENSE
 
+    def takes(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether a call of this many rows of dtype runs on the kernel (small) rather than a dense copy (large)."""
+        return rows <= self.kernel_rows(dtype) or (self.amx_bf16 and dtype == torch.bfloat16 and rows > self.amx_rows)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         lib = self.lib
-        small = x2.shape[0] <= self.kernel_rows(x2.dtype) and lib is not None
-        y = self.small(x2, lib, self.int8) if small else self.large(x2)
+        small = lib is not None and self.takes(x2.shape[0], x2.dtype)
+        y = self.small(x2, lib, self.int8, tiles=True) if small else self.large(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _pack(self) -> torch.Tensor | None:
@@ -228,13 +233,15 @@ class GGMLLinear:
         """What the kernel takes as `packed`: int8 and exact calls both read it."""
         return None if self.packed is None else self.packed.data_ptr()
 
-    def small(self, x: torch.Tensor, lib, int8: bool = False) -> torch.Tensor:
-        """The kernel path; int8: on int8 activations (else exact: dequantize-then-matmul up to order)."""
+    def small(self, x: torch.Tensor, lib, int8: bool = False, tiles: bool = False) -> torch.Tensor:
+        """The kernel path; int8: on int8 activations (else exact: dequantize-then-matmul up to order), and on AMX
+        tiles past amx_rows bf16 rows; tiles: those rows on the tiles without int8 (a dense bf16 copy's numerics)."""
         xk = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()   # the kernel's dtypes
         m, (n, k), w = xk.shape[0], self.weight.shape, self.weight
         y = torch.empty(m, n, dtype=xk.dtype)
         packed = self.packed_ptr() if lib is self.lib else None
-        flags = ((MATMUL_INT8 | (self.flags if lib is self.lib else 0) if int8 else 0)
+        own = self.flags if lib is self.lib else 0
+        flags = ((MATMUL_INT8 | own if int8 else own & MATMUL_AMX_BF16 if tiles else 0)
                  | (MATMUL_BF16_IO if xk.dtype == torch.bfloat16 else 0))
         bias = None if self.bias_fp32 is None else self.bias_fp32.data_ptr()
         check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xk.data_ptr(), k, m, y.data_ptr(),
