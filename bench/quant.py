@@ -9,7 +9,12 @@ Q4_1; 536 MB dense fp32, which is what lanner multiplied with before it kept GGU
 torch.sum over as many bytes as the weights, in the same run: the machine's read bandwidth for that size (from
 the L3 where they fit), the roof for GEMV. Paths: `int8`, the
 kernel on int8 activations (the default of up to 4 rows); `kernel`, the exact one on fp32 activations;
-`gemm`, dequantize + PyTorch GEMM. The isa `native` is the -march=native build (AVX512-VNNI where the CPU
+`gemm`, dequantize + PyTorch GEMM; `bf16`, a bf16 model's calls (int8 activations; on a CPU with AMX, past 16 rows
+of Q4_0 / Q4_1 / Q8_0 the tiles: `amx_tiles`). Against `--dense bfloat16` (oneDNN, AMX too where it has it):
+
+    python bench/quant.py --formats Q4_1 --paths int8,bf16 --rows 16,33,64,512,2048 --isas native
+
+The isa `native` is the -march=native build (AVX512-VNNI where the CPU
 has it; the forced avx512 level has none).
 
     python bench/quant.py --logits
@@ -42,14 +47,17 @@ timed, read_bandwidth = common.best_time, common.read_bandwidth
 def bench_format(fmt: str, rows: int, reps: int, path: str = "kernel") -> dict:
     block = ggml.BLOCKS[fmt][1]   # K-quants' 256-value blocks need widths of 768 where the model has 576
     linears = [ggml.GGMLLinear(random_weight(fmt, n, -(-k // block) * block, i)) for i, (n, k) in enumerate(STEP_SHAPES)]
-    xs = {lin.in_features: torch.randn(rows, lin.in_features) for lin in linears}
+    dtype = torch.bfloat16 if path == "bf16" else torch.float32
+    xs = {lin.in_features: torch.randn(rows, lin.in_features, dtype=dtype) for lin in linears}
     nbytes = sum(lin.nbytes() for lin in linears)
     calls = {"int8": lambda lin, x: lin.small(x, lin.lib, int8=True), "kernel": lambda lin, x: lin.small(x, lin.lib),
-             "gemm": lambda lin, x: lin.large(x)}
+             "gemm": lambda lin, x: lin.large(x), "bf16": lambda lin, x: lin.small(x, lin.lib, int8=True)}
     call = calls[path]
     seconds = timed(lambda: [call(lin, xs[lin.in_features]) for lin in linears], reps)
+    # a bf16 call past amx_rows multiplies on AMX tiles where the build and CPU have them (the int8 kernel else)
+    tiles = path == "bf16" and all(lin.amx_bf16 and rows > lin.amx_rows for lin in linears)
     return {"format": fmt, "path": path, "rows": rows, "ms": round(seconds * 1e3, 2), "weight_mb": round(nbytes / 1e6, 1),
-            "weight_gb_s": round(nbytes / seconds / 1e9, 2)}
+            "weight_gb_s": round(nbytes / seconds / 1e9, 2), "amx_tiles": tiles}
 
 
 def bench_dense(dtype: torch.dtype, rows: int, reps: int) -> dict:
@@ -117,7 +125,8 @@ def main():
     p.add_argument("--isas", default=",".join(["native"] + native.supported_isas()[:2]))
     p.add_argument("--dense", default="float32,bfloat16", help="PyTorch dtypes to compare with ('' for none)")
     p.add_argument("--paths", default="int8,kernel,gemm",
-                   help="int8 / kernel: ggml_matmul on int8 / fp32 activations; gemm: dequantize + PyTorch GEMM")
+                   help="int8 / kernel: ggml_matmul on int8 / fp32 activations; gemm: dequantize + PyTorch GEMM; "
+                        "bf16: a bf16 model's calls (int8 activations, or AMX tiles past 16 rows where the CPU has them)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None)
