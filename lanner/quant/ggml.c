@@ -1085,9 +1085,7 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
 #include <omp.h>
 #define AMX_BF16 1
 #define AMX_ACT_BYTES (1 << 20)   /* activation rows a chunk takes against every group: they stay in L2 */
-#ifndef AMX_SLICE
-#define AMX_SLICE 8   /* blocks of K a slice takes (its B tiles: 16 KB) */
-#endif
+#define AMX_SLICE 8   /* blocks of K a slice takes past AMX_FEW_ROWS rows (its B tiles: 16 KB) */
 #define AMX_FEW_ROWS 64   /* rows of a chunk up to which K goes in one slice (no sums kept between slices) */
 
 /* tiles (amx.h): 0-3 C, 16 x 16 fp32 (rows m..m+15 and m+16.., against groups g and g + 1); 4-5 A, 16 rows x 32
