@@ -1085,8 +1085,6 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
 #include <omp.h>
 #define AMX_BF16 1
 #define AMX_ACT_BYTES (1 << 20)   /* activation rows a chunk takes against every group: they stay in L2 */
-#define AMX_SLICE 8   /* blocks of K a slice takes past AMX_FEW_ROWS rows (its B tiles: 16 KB) */
-#define AMX_FEW_ROWS 64   /* rows of a chunk up to which K goes in one slice (no sums kept between slices) */
 
 /* tiles (amx.h): 0-3 C, 16 x 16 fp32 (rows m..m+15 and m+16.., against groups g and g + 1); 4-5 A, 16 rows x 32
  * bf16; 6-7 B, 16 rows x 16 pairs */
@@ -1153,91 +1151,70 @@ INLINE void b_tile(const int type, const uint8_t *blk, uint16_t *restrict bt) {
  * block b in bt, where w is given (NULL: made already) */
 typedef struct { int type; const uint8_t *w; int64_t group, block; } b_source;
 
-/* A slice of K: blocks [b0, b1) of blocks; the C tiles start from zero (first) or from acc, and end in acc */
-typedef struct { int64_t blocks, b0, b1; float *acc; int first; } k_slice;
-
-INLINE void b_make(b_source src, int g, int64_t b, k_slice k, uint16_t *bt) {
-    if (src.w && b < k.b1)
-        b_tile(src.type, src.w + g * src.group + b * src.block, bt + 512 * (g * k.blocks + b));
+INLINE void b_make(b_source src, int g, int64_t b, int64_t blocks, uint16_t *bt) {
+    if (src.w && b < blocks)
+        b_tile(src.type, src.w + g * src.group + b * src.block, bt + 512 * (g * blocks + b));
 }
 
 /* rows [m, m + 32) of x (ld elements apart) against groups g, g + 1 (their B tiles bt, one per block, 1 KB each,
- * the second group's blocks after the first's) over a slice of K, the sums in acc [32, 32]. With a source, the B
- * tiles are made as the products go, block b + 1's while block b's run on the tile unit: the unit works apart from
- * the vector units, so making them costs little more than the products alone, where making them all first cost
- * as much again. */
-INLINE void amx_pair(const uint16_t *x, int64_t ld, uint16_t *bt, k_slice k, b_source src) {
-    const int64_t blocks = k.blocks;
-    float *acc = k.acc;
-    if (k.first) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-    } else {
-        _tile_loadd(0, acc, 128);
-        _tile_loadd(1, acc + 16, 128);
-        _tile_loadd(2, acc + 16 * 32, 128);
-        _tile_loadd(3, acc + 16 * 32 + 16, 128);
-    }
-    b_make(src, 0, k.b0, k, bt);
-    b_make(src, 1, k.b0, k, bt);
+ * the second group's blocks after the first's) into t [32, 32]. With a source, the B tiles are made as the products
+ * go, block b + 1's while block b's run on the tile unit: the unit works apart from the vector units, so making
+ * them costs little more than the products alone, where making them all first cost as much again. */
+INLINE void amx_pair(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks, float *t, b_source src) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    b_make(src, 0, 0, blocks, bt);
+    b_make(src, 1, 0, blocks, bt);
     /* a tile is loaded again right after its last product: the tile unit has no renaming, so a load waits for
      * the products that read the tile it overwrites */
-    _tile_loadd(4, x + 32 * k.b0, ld * 2);
-    _tile_loadd(6, bt + 512 * k.b0, 64);
-    _tile_loadd(5, x + 16 * ld + 32 * k.b0, ld * 2);
-    _tile_loadd(7, bt + 512 * (blocks + k.b0), 64);
-    for (int64_t b = k.b0; b < k.b1; b++) {
-        const int64_t next = b + 1 < k.b1 ? b + 1 : b;
+    _tile_loadd(4, x, ld * 2);
+    _tile_loadd(6, bt, 64);
+    _tile_loadd(5, x + 16 * ld, ld * 2);
+    _tile_loadd(7, bt + 512 * blocks, 64);
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t next = b + 1 < blocks ? b + 1 : b;
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
-        b_make(src, 0, b + 1, k, bt);
+        b_make(src, 0, b + 1, blocks, bt);
         _tile_loadd(6, bt + 512 * next, 64);
         _tile_dpbf16ps(1, 4, 7);
         _tile_loadd(4, x + 32 * next, ld * 2);
         _tile_dpbf16ps(3, 5, 7);
         _tile_loadd(5, x + 16 * ld + 32 * next, ld * 2);
-        b_make(src, 1, b + 1, k, bt);
+        b_make(src, 1, b + 1, blocks, bt);
         _tile_loadd(7, bt + 512 * (blocks + next), 64);
     }
-    _tile_stored(0, acc, 128);
-    _tile_stored(1, acc + 16, 128);
-    _tile_stored(2, acc + 16 * 32, 128);
-    _tile_stored(3, acc + 16 * 32 + 16, 128);
+    _tile_stored(0, t, 128);
+    _tile_stored(1, t + 16, 128);
+    _tile_stored(2, t + 16 * 32, 128);
+    _tile_stored(3, t + 16 * 32 + 16, 128);
 }
 
-/* rows [m, m + 16) of x against groups g, g + 1, the sums in acc [16, 32]: a step's last 16 rows or fewer, half
- * amx_pair's products */
-INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, k_slice k, b_source src) {
-    if (k.first) {
-        _tile_zero(0);
-        _tile_zero(1);
-    } else {
-        _tile_loadd(0, k.acc, 128);
-        _tile_loadd(1, k.acc + 16, 128);
-    }
-    b_make(src, 0, k.b0, k, bt);
-    b_make(src, 1, k.b0, k, bt);
-    for (int64_t b = k.b0; b < k.b1; b++) {
+/* rows [m, m + 16) of x against groups g, g + 1 into t [16, 32]: a step's last 16 rows or fewer, half amx_pair's
+ * products */
+INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks, float *t, b_source src) {
+    _tile_zero(0);
+    _tile_zero(1);
+    b_make(src, 0, 0, blocks, bt);
+    b_make(src, 1, 0, blocks, bt);
+    for (int64_t b = 0; b < blocks; b++) {
         _tile_loadd(4, x + 32 * b, ld * 2);
         _tile_loadd(6, bt + 512 * b, 64);
-        _tile_loadd(7, bt + 512 * (k.blocks + b), 64);
+        _tile_loadd(7, bt + 512 * (blocks + b), 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
-        b_make(src, 0, b + 1, k, bt);
-        b_make(src, 1, b + 1, k, bt);
+        b_make(src, 0, b + 1, blocks, bt);
+        b_make(src, 1, b + 1, blocks, bt);
     }
-    _tile_stored(0, k.acc, 128);
-    _tile_stored(1, k.acc + 16, 128);
+    _tile_stored(0, t, 128);
+    _tile_stored(1, t + 16, 128);
 }
 
 /* y = W x for bf16 x [M, ldx] and packed W (N a multiple of 32), on the tile unit. Rows go a chunk at a time
  * (AMX_ACT_BYTES) against every pair of groups, whose B tiles are made once per chunk; a last partial 32 rows
- * from a zero-padded copy. A chunk of more than AMX_FEW_ROWS rows goes through K a slice of AMX_SLICE blocks at a
- * time, every row of the chunk against the slice's B tiles while they are in L1 (the sums kept in acc between
- * slices): a pair's B tiles whole (36-96 KB) and the rows' A tiles do not fit L1 together, and tile loads from L2
- * made the products wait. 1: out of memory */
+ * from a zero-padded copy. 1: out of memory */
 static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                            const uint16_t *x, int64_t ldx, int64_t M, out_rows o, int threads) {
     const int64_t blocks = K / 32, bytes = row_bytes / blocks, pairs = N / 32, whole = M / 32 * 32;
@@ -1251,46 +1228,39 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
         for (int64_t m = whole; m < M; m++)
             memcpy(tail + (m - whole) * K, x + m * ldx, K * 2);
     }
-    /* each thread's B tiles for a pair of groups and sums for a chunk of rows (allocated here: every thread must
-     * reach every omp for) */
-    const int64_t per_thread = 2 * blocks * 1024 + (chunk < M ? chunk : (M + 31) / 32 * 32) * 32 * 4;
-    uint8_t *room = aligned_alloc(64, threads * per_thread);
-    if (!room) {
+    /* each thread's B tiles for a pair of groups (allocated here: every thread must reach every omp for) */
+    uint16_t *tiles = aligned_alloc(64, threads * 2 * blocks * 1024);
+    if (!tiles) {
         free(tail);
         return 1;
     }
 #pragma omp parallel num_threads(threads)
     {
-        uint16_t *bt = (uint16_t *)(room + omp_get_thread_num() * per_thread);
-        float *accs = (float *)(bt + 2 * blocks * 512);
+        uint16_t *bt = tiles + omp_get_thread_num() * 2 * blocks * 512;
+        float t[32 * 32] __attribute__((aligned(64)));
         amx_configure();
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
-            const int64_t slice = m1 - m0 > AMX_FEW_ROWS ? AMX_SLICE : blocks;
 #pragma omp for schedule(static) nowait
-            for (int64_t p = 0; p < pairs; p++)
-                for (int64_t b0 = 0; b0 < blocks; b0 += slice) {
-                    const int64_t b1 = b0 + slice < blocks ? b0 + slice : blocks;
-                    for (int64_t m = m0; m < m1; m += 32) {
-                        const int64_t rows = m1 - m < 32 ? m1 - m : 32;
-                        const k_slice k = {blocks, b0, b1, accs + (m - m0) * 32, b0 == 0};
-                        /* the chunk's first rows make the slice's B tiles, the others reuse them */
-                        const b_source src = {type, m == m0 ? packed + 2 * p * PACK_ROWS * row_bytes : NULL,
-                                              PACK_ROWS * row_bytes, PACK_ROWS * bytes};
-                        if (m + 32 <= whole)
-                            amx_pair(x + m * ldx, ldx, bt, k, src);
-                        else if (rows <= 16)
-                            amx_single(tail, K, bt, k, src);
-                        else
-                            amx_pair(tail, K, bt, k, src);
-                        if (b1 == blocks)
-                            store_tile(k.acc, 32, rows, 32, o, m, 32 * p);
-                    }
+            for (int64_t p = 0; p < pairs; p++) {
+                for (int64_t m = m0; m < m1; m += 32) {
+                    const int64_t rows = m1 - m < 32 ? m1 - m : 32;
+                    /* the chunk's first rows make the pair's B tiles, the others reuse them */
+                    const b_source src = {type, m == m0 ? packed + 2 * p * PACK_ROWS * row_bytes : NULL,
+                                          PACK_ROWS * row_bytes, PACK_ROWS * bytes};
+                    if (m + 32 <= whole)
+                        amx_pair(x + m * ldx, ldx, bt, blocks, t, src);
+                    else if (rows <= 16)
+                        amx_single(tail, K, bt, blocks, t, src);
+                    else
+                        amx_pair(tail, K, bt, blocks, t, src);
+                    store_tile(t, 32, rows, 32, o, m, 32 * p);
                 }
+            }
         }
         _tile_release();
     }
-    free(room), free(tail);
+    free(tiles), free(tail);
     return 0;
 }
 #else
