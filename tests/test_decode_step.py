@@ -39,6 +39,8 @@ def test_default_model_equals_the_pytorch_path(default_model_path, dtype, exact,
     llm.engine.cfg.num_scheduler_steps = 1   # a plain decode step last (a burst keeps its logits to itself; a
     llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)   # prompt may exceed the head's rows)
     assert llm.engine.runner.model.step_logits is not None   # the LM head ran in the same call
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=1), use_tqdm=False)   # the prompt's step alone samples one
+    assert llm.engine.runner.model.step_logits is None   # of its rows: the head runs on that row only, not in the call
     spec = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False,
                     speculative={"method": "ngram", "num_speculative_tokens": 3})
     lean, torch_path = both_paths(spec, PROMPTS[2:])   # verify steps of 4 rows

@@ -22,6 +22,7 @@ class AttentionMetadata:
     max_seqlen_k: int
     tree_mask: torch.Tensor | None = None  # optional [T, max_seqlen_q] bool: draft row -> visible draft rows
     ssm: object = None                     # lanner.model.ssm.SSMBatch: state slots of a state-space model's rows
+    every_row_sampled: bool = False        # the caller samples every row (decode, verify): the LM head may run on all
     # what a backend derives from the above once per step and reuses in every layer
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -37,7 +38,7 @@ class AttentionMetadata:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return AttentionMetadata(move(self.cu_seqlens_q), move(self.seq_lens), move(self.block_tables),
                                  move(self.slot_mapping), self.max_seqlen_q, self.max_seqlen_k,
-                                 move(self.tree_mask), self.ssm)
+                                 move(self.tree_mask), self.ssm, self.every_row_sampled)
 
     @staticmethod
     def build(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],

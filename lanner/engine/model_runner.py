@@ -148,6 +148,7 @@ class ModelRunner:
                 logit_seqs.append(seq)
                 logit_tokens.append(start + r - seq.num_virtual_tokens)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
+        meta.every_row_sampled = len(logit_rows) == len(input_ids)
         if self.states is not None:
             meta.ssm = self.ssm_batch(scheduled)
         if self.lora is not None:

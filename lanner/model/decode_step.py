@@ -133,20 +133,23 @@ class DecodeStep:
         """Whether burst() runs greedy decode steps of this many rows: the LM head and the embedding lookup are
         GGML kernels it can call (a GGUF model's) and nothing scales the embeddings."""
         model = self.model
-        return (self.head is not None and rows <= self.head.kernel_rows(model.norm.weight.dtype)
+        dtype = model.norm.weight.dtype   # the burst's argmax is the exact kernel's: not the tiles'
+        return (self.head is not None and rows <= self.head.kernel_rows(dtype) and not self.head.on_tiles(rows, dtype)
                 and model.embed_tokens.ggml is not None
-                and model.config.embedding_scale is None and self.takes(rows, model.norm.weight.dtype))
+                and model.config.embedding_scale is None and self.takes(rows, dtype))
 
     def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The final hidden states (after the model's last norm) for embeddings x [T, H], [T, H] in x's dtype, and
-        every row's fp32 logits [T, V] as compute_logits gives them (None where the head is not ours to run, or its
-        kernel would not take this many rows: then the PyTorch path's head takes the rows it samples)."""
+        every row's fp32 logits [T, V] as compute_logits gives them (None where the head is not ours to run, its
+        kernel would not take this many rows, or the caller samples only some of them (meta.every_row_sampled): then
+        the PyTorch path's head takes the rows it samples)."""
         x = x.contiguous()   # (the call writes its residual stream there)
         step, keep = self.step_args(x, cos_sin, meta)
         lora = self.model.lm_head.lora
         logits = None
         adapted = lora is not None and lora.manager.batch
-        if self.head is not None and self.head.takes(x.shape[0], x.dtype) and not adapted:
+        # the head where its logits are all used (a prompt chunk samples its last row: compute_logits takes that)
+        if self.head is not None and meta.every_row_sampled and self.head.takes(x.shape[0], x.dtype) and not adapted:
             logits = torch.empty(x.shape[0], self.head.out_features)
             step.head, step.logits = self.head_args, logits.data_ptr()
         layers, residual, out = self.layer_structs(), torch.empty_like(x), torch.empty_like(x)

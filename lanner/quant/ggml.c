@@ -1074,7 +1074,7 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     return 0;
 }
 
-#define AMX_BF16_ROWS 16   /* rows from which MATMUL_AMX_BF16 takes the tiles (fewer: the int8 kernel) */
+#define AMX_BF16_ROWS 16   /* rows past which MATMUL_AMX_BF16 takes the tiles (up to them: the int8 or exact kernel) */
 /* ---- bf16 activations on AMX tiles ------------------------------------------------------------------------- *
  * A bf16 model's big steps (MATMUL_AMX_BF16): each packed block of 16 weight rows is dequantized into bf16 as a B
  * tile (tile row r: every weight row's values 2r and 2r + 1, side by side), once per chunk of activation rows, and

@@ -8,9 +8,10 @@ kernel as a GEMM, tiles of rows against each group of packed weights while it is
 steps of more than 16 rows of Q4_0 / Q4_1 / Q8_0 run on the tile unit instead (the packed blocks dequantized into
 bf16 tiles: the numerics of a dense bf16 copy, docs/quantization.md "AMX"). With
 LANNER_EXACT_LINEARS=1 activations stay fp32 (exact: dequantize-then-matmul up to summation order) up to
-SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step, as do formats
-without an int8 path (and any weight given dense_gemm_weights=True); without one, chunks of rows are
-dequantized into a scratch buffer per call.
+SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step (bf16 steps past 16
+rows: the AMX tiles, the same numerics), as do formats without an int8 path (and any weight given
+dense_gemm_weights=True, the tiles then left out); without one, chunks of rows are dequantized into a scratch
+buffer per call. The LM head (exact) takes the same routes.
 HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1), or kept
 as BF16 rows (bf16).
 """
@@ -210,9 +211,13 @@ class GGMLLinear:
             return EXACT_PACKED_ROWS.get((dtype, self.weight.type_name), SMALL_M)
         return ALL_ROWS if self.int8_gemm else SMALL_M_WITHOUT_DENSE
 
+    def on_tiles(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether a call of this many rows of dtype multiplies on the AMX tiles."""
+        return self.amx_bf16 and dtype == torch.bfloat16 and rows > self.amx_rows
+
     def takes(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether a call of this many rows of dtype runs on the kernel (small) rather than a dense copy (large)."""
-        return rows <= self.kernel_rows(dtype) or (self.amx_bf16 and dtype == torch.bfloat16 and rows > self.amx_rows)
+        return rows <= self.kernel_rows(dtype) or self.on_tiles(rows, dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
