@@ -55,7 +55,7 @@ def bench_format(fmt: str, rows: int, reps: int, path: str = "kernel") -> dict:
     call = calls[path]
     seconds = timed(lambda: [call(lin, xs[lin.in_features]) for lin in linears], reps)
     # a bf16 call past amx_rows multiplies on AMX tiles where the build and CPU have them (the int8 kernel else)
-    tiles = path == "bf16" and all(lin.amx_bf16 and rows > lin.amx_rows for lin in linears)
+    tiles = path == "bf16" and all(lin.on_tiles(rows, torch.bfloat16) for lin in linears)
     return {"format": fmt, "path": path, "rows": rows, "ms": round(seconds * 1e3, 2), "weight_mb": round(nbytes / 1e6, 1),
             "weight_gb_s": round(nbytes / seconds / 1e9, 2), "amx_tiles": tiles}
 

@@ -127,7 +127,7 @@ def test_bf16_steps_past_16_rows_take_amx_tiles_where_the_cpu_has_them(default_m
     assert gate_up(amx).amx_bf16
     for module in plain.engine.runner.model.modules():   # the int8 GEMM for every step (before the first)
         if isinstance(getattr(module, "quantized", None), GGMLLinear):
-            module.quantized.amx_bf16 = False
+            module.quantized.amx_rows = 0
     ids = amx.tokenizer.encode((PROMPTS[0] + " Paris, and the capital of Germany is Berlin. " + PROMPTS[2]) * 3)
     short = ids[:16]
     torch.testing.assert_close(prefill_logits(amx, short), prefill_logits(plain, short), rtol=0, atol=0)

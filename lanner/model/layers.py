@@ -73,7 +73,7 @@ class Linear(nn.Linear):
                 dense_gemm = not self.quantized.int8_gemm or (self.weight.dtype == torch.bfloat16
                                                               and not self.quantized.amx_bf16 and onednn_amx_bf16())
             elif dense_gemm:   # a copy asked for takes the big steps, not the tiles
-                self.quantized.amx_bf16 = False
+                self.quantized.amx_rows = 0
             # no copy where oneDNN would not run it: the kernel then takes more rows from the start, so a
             # decode step's row limit (fixed when it is built) is the same before and after the first big step
             self.quantized.dense_dtype = self.weight.dtype if dense_gemm and onednn_runs(self.weight.dtype) else None

@@ -187,8 +187,12 @@ class GGMLLinear:
         # bf16 steps of more than amx_rows rows on AMX tiles (where this build and the CPU have them): the weights
         # rounded to bf16, fp32 sums -- a dense bf16 copy's numerics, so the exact path's large steps take them too
         self.amx_rows = self.lib.ggml_amx_bf16(weight.type_id, *weight.shape) if self.packed is not None else 0
-        self.amx_bf16 = self.amx_rows > 0
         self._row_norms = None
+
+    @property
+    def amx_bf16(self) -> bool:
+        """Whether bf16 calls past amx_rows rows take the AMX tiles (0 rows: never)."""
+        return self.amx_rows > 0
 
     @property
     def flags(self) -> int:
@@ -246,8 +250,8 @@ class GGMLLinear:
         y = torch.empty(m, n, dtype=xk.dtype)
         packed = self.packed_ptr() if lib is self.lib else None
         own = self.flags if lib is self.lib else 0
-        flags = ((MATMUL_INT8 | own if int8 else own & MATMUL_AMX_BF16 if tiles else 0)
-                 | (MATMUL_BF16_IO if xk.dtype == torch.bfloat16 else 0))
+        flags = ((MATMUL_INT8 | own) if int8 else (own & MATMUL_AMX_BF16 if tiles else 0))
+        flags |= MATMUL_BF16_IO if xk.dtype == torch.bfloat16 else 0
         bias = None if self.bias_fp32 is None else self.bias_fp32.data_ptr()
         check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xk.data_ptr(), k, m, y.data_ptr(),
                               n, bias, torch.get_num_threads(), flags), "matmul")
