@@ -60,18 +60,23 @@ INLINE void sum_each(const v8 *a, v8 *out) {
 }
 
 #if defined(__AVX512F__)
-/* Lane c of the result: the sum of the 16 lanes of a[c]. A transpose-and-add tree: pairs of vectors interleave
- * within 128-bit lanes (two rounds), then whole 128-bit lanes move (two more); 45 operations for the 16 sums. */
-INLINE vn sum_each16(const __m512 *a) {
+/* Lane c of the result: the sum (take_max: the largest) of the 16 lanes of a[c]. A transpose-and-fold tree: pairs
+ * of vectors interleave within 128-bit lanes (two rounds), then whole 128-bit lanes move (two more); 45 operations
+ * for the 16 results. */
+INLINE vn fold_each16(const __m512 *a, const int take_max) {
+#define FOLD(x, y) (take_max ? _mm512_max_ps(x, y) : _mm512_add_ps(x, y))
     __m512 b[8], c[4], d[2];
-    for (int i = 0; i < 8; i++)   /* per 128-bit lane: a[2i] and a[2i + 1], two partial sums each */
-        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-    for (int i = 0; i < 4; i++)   /* per 128-bit lane: a[4i] .. a[4i + 3], one partial sum each */
-        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xee));
+    for (int i = 0; i < 8; i++)   /* per 128-bit lane: a[2i] and a[2i + 1], two partial results each */
+        b[i] = FOLD(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++)   /* per 128-bit lane: a[4i] .. a[4i + 3], one partial result each */
+        c[i] = FOLD(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xee));
     for (int i = 0; i < 2; i++)   /* 128-bit lanes: a[8i..8i+3] twice, a[8i+4..8i+7] twice */
-        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88), _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
-    return (vn)_mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
+        d[i] = FOLD(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88), _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+    return (vn)FOLD(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
+#undef FOLD
 }
+
+INLINE vn sum_each16(const __m512 *a) { return fold_each16(a, 0); }
 #endif
 
 /* Largest of the lanes, by halving as sum_lanes does. */
@@ -262,11 +267,9 @@ INLINE void tile_scores(const uint32_t *kt, const uint16_t *const *q, v16 (*s)[W
 }
 #endif
 
-/* One row's online-softmax step over a chunk (scores s: chunk / NATIVE vectors): the keys' weights exp(s - m) into
- * w (0 where masked: lanes outside [start, limit], the row's window, and draft keys outside its tree branch), the
- * running max m and normalizer l updated; returns the factor the row's accumulator must be scaled by. */
-INLINE float softmax_step(vn *s, int start, int limit, const uint8_t *tree, int first_draft, float *m, float *l,
-                          float *restrict w, const int chunk) {
+/* A row's scores s (chunk / NATIVE vectors) masked: -inf for lanes outside [start, limit] (the row's window and
+ * causality) and for draft keys outside its tree branch. Returns the lanes' maxima. */
+INLINE vn mask_scores(vn *s, int start, int limit, const uint8_t *tree, int first_draft, const int chunk) {
     vni lane;
     for (int c = 0; c < NATIVE; c++) lane[c] = c;
     vn best = (vn){0} - INFINITY;
@@ -278,6 +281,13 @@ INLINE float softmax_step(vn *s, int start, int limit, const uint8_t *tree, int 
                 if (!tree[c - first_draft]) s[v][c - NATIVE * v] = -INFINITY;
         best = max_native(s[v], best);
     }
+    return best;
+}
+
+/* One row's online-softmax step over a chunk (scores s, masked; best: their lanes' maxima): the keys' weights
+ * exp(s - m) into w (0 where masked), the running max m and normalizer l updated; returns the factor the row's
+ * accumulator must be scaled by. */
+INLINE float softmax_step(vn *s, vn best, float *m, float *l, float *restrict w, const int chunk) {
     float new_max = max_lanes(best);
     new_max = new_max > *m ? new_max : *m;
     if (new_max == -INFINITY) {   /* nothing visible yet */
@@ -297,11 +307,10 @@ INLINE float softmax_step(vn *s, int start, int limit, const uint8_t *tree, int 
     return alpha;
 }
 
-/* softmax_step for the row of query token t (the sequence's new tokens from q0, after ctx_len cached ones) over the
- * chunk of keys from c0 in a split ending at k1: its scores s scaled (and soft-capped) first, then masked by
- * causality and the split's end, its window and its tree branch. */
-INLINE float row_step(const Problem *p, vn *s, int t, int q0, int ctx_len, int c0, int k1, float *m, float *l,
-                      float *restrict w, const int chunk) {
+/* The scores s of the row of query token t (the sequence's new tokens from q0, after ctx_len cached ones) over the
+ * chunk of keys from c0 in a split ending at k1: scaled (and soft-capped), then masked by causality and the split's
+ * end, its window and its tree branch (mask_scores). */
+INLINE vn row_scores(const Problem *p, vn *s, int t, int q0, int ctx_len, int c0, int k1, const int chunk) {
     for (int v = 0; v < chunk / NATIVE; v++) {
         s[v] *= p->scale;
         if (p->softcap > 0.0f) s[v] = softcap_native(s[v], p->softcap);
@@ -309,7 +318,13 @@ INLINE float row_step(const Problem *p, vn *s, int t, int q0, int ctx_len, int c
     const int last = ctx_len + t < k1 - 1 ? ctx_len + t : k1 - 1;   /* causal, and the split */
     const int window_start = p->window > 0 ? ctx_len + t - p->window + 1 : c0;
     const uint8_t *tree = p->tree_mask ? p->tree_mask + (int64_t)(q0 + t) * p->tree_width : NULL;
-    return softmax_step(s, window_start - c0, last - c0, tree, ctx_len - c0, m, l, w, chunk);
+    return mask_scores(s, window_start - c0, last - c0, tree, ctx_len - c0, chunk);
+}
+
+/* softmax_step for the row of query token t (row_scores) */
+INLINE float row_step(const Problem *p, vn *s, int t, int q0, int ctx_len, int c0, int k1, float *m, float *l,
+                      float *restrict w, const int chunk) {
+    return softmax_step(s, row_scores(p, s, t, q0, ctx_len, c0, k1, chunk), m, l, w, chunk);
 }
 
 /* acc[i] = acc[i] * alpha[i] + sum_c w[i][c] v[c] for `rows` accumulators, V rows at offs + head: each
@@ -473,86 +488,147 @@ INLINE void v_tiles(const Problem *p, const int64_t *offs, int head, uint16_t *r
         }
 }
 
-/* Rows [first_row, per_head) reading KV head `head` against the chunk's keys from c0 (turned into kt, V rows at offs):
- * their running max, normalizer and (pair-ordered) accumulators updated. */
-INLINE void amx_chunk(const Problem *p, const int64_t *offs, int head, int c0, int q0, int group, int ctx_len,
-                      int first_row, int per_head, int k1, const uint32_t *kt, float *acc, float *m, float *l,
-                      Ahead *ahead, int quota, const int D) {
-    const int Hq = p->num_heads;
-    uint16_t vt[(WIDE_CHUNK / 32) * (D / 16) * 512] __attribute__((aligned(64)));
-    uint16_t qa[16 * D] __attribute__((aligned(64))), pa[16 * WIDE_CHUNK] __attribute__((aligned(64)));
-    float sc[16 * WIDE_CHUNK] __attribute__((aligned(64))), ob[16 * D] __attribute__((aligned(64)));
-    v_tiles(p, offs, head * D, vt, D);
-    for (int i0 = first_row; i0 < per_head; i0 += 16) {
-        const int rows = per_head - i0 < 16 ? per_head - i0 : 16;
-        int rs[16];
-        for (int i = 0; i < 16; i++) {
-            if (i < rows) {
-                rs[i] = row_of(i0 + i, head, group, Hq);
-                memcpy(qa + i * D, p->q_bf16 + ((int64_t)q0 * Hq + rs[i]) * D, 2 * D);
-            } else memset(qa + i * D, 0, 2 * D);
-        }
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int d = 0; d < D; d += 32) {   /* scores: 16 rows x 64 keys in C 0-3 */
-            _tile_loadd(4, qa + d, 2 * D);
-            _tile_loadd(6, kt + d / 2 * WIDE_CHUNK, 4 * WIDE_CHUNK);
-            _tile_loadd(7, kt + d / 2 * WIDE_CHUNK + 16, 4 * WIDE_CHUNK);
+/* A group of up to 16 rows (from i0 of those reading `head`): their rows of the partial results (rs) and their bf16
+ * queries as an A tile source (qa: 16 rows, zeros past the group); returns how many rows it has. */
+INLINE int group_rows(const Problem *p, int i0, int per_head, int head, int group, int q0, int *rs, uint16_t *qa,
+                      const int D) {
+    const int Hq = p->num_heads, rows = per_head - i0 < 16 ? per_head - i0 : 16;
+    for (int i = 0; i < 16; i++) {
+        if (i < rows) {
+            rs[i] = row_of(i0 + i, head, group, Hq);
+            memcpy(qa + i * D, p->q_bf16 + ((int64_t)q0 * Hq + rs[i]) * D, 2 * D);
+        } else memset(qa + i * D, 0, 2 * D);
+    }
+    return rows;
+}
+
+/* A group's scores against the chunk's turned keys: 16 rows x 64 keys (C 0-3) into sc */
+INLINE void tile_group_scores(const uint16_t *qa, const uint32_t *kt, float *sc, const int D) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int d = 0; d < D; d += 32) {
+        _tile_loadd(4, qa + d, 2 * D);
+        _tile_loadd(6, kt + d / 2 * WIDE_CHUNK, 4 * WIDE_CHUNK);
+        _tile_loadd(7, kt + d / 2 * WIDE_CHUNK + 16, 4 * WIDE_CHUNK);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(6, kt + d / 2 * WIDE_CHUNK + 32, 4 * WIDE_CHUNK);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(7, kt + d / 2 * WIDE_CHUNK + 48, 4 * WIDE_CHUNK);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_dpbf16ps(3, 4, 7);
+    }
+    _tile_stored(0, sc, 4 * WIDE_CHUNK);
+    _tile_stored(1, sc + 16, 4 * WIDE_CHUNK);
+    _tile_stored(2, sc + 32, 4 * WIDE_CHUNK);
+    _tile_stored(3, sc + 48, 4 * WIDE_CHUNK);
+}
+
+/* ob (16 rows x D, the accumulators scaled) += pa (the weights in bf16) times the chunk's V tiles */
+INLINE void tile_group_pv(const uint16_t *pa, const uint16_t *vt, float *ob, const int D) {
+    for (int g0 = 0; g0 < D / 16; g0 += 4) {   /* 16 rows x 64 pair-ordered dims at a time in C 0-3 */
+        _tile_loadd(0, ob + 16 * g0, 4 * D);
+        _tile_loadd(1, ob + 16 * (g0 + 1), 4 * D);
+        _tile_loadd(2, ob + 16 * (g0 + 2), 4 * D);
+        _tile_loadd(3, ob + 16 * (g0 + 3), 4 * D);
+        for (int k = 0; k < WIDE_CHUNK / 32; k++) {
+            const uint16_t *b = vt + ((int64_t)k * (D / 16) + g0) * 512;
+            _tile_loadd(4, pa + 32 * k, 2 * WIDE_CHUNK);
+            _tile_loadd(6, b, 64);
+            _tile_loadd(7, b + 512, 64);
             _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(6, kt + d / 2 * WIDE_CHUNK + 32, 4 * WIDE_CHUNK);
+            _tile_loadd(6, b + 1024, 64);
             _tile_dpbf16ps(1, 4, 7);
-            _tile_loadd(7, kt + d / 2 * WIDE_CHUNK + 48, 4 * WIDE_CHUNK);
+            _tile_loadd(7, b + 1536, 64);
             _tile_dpbf16ps(2, 4, 6);
             _tile_dpbf16ps(3, 4, 7);
         }
-        _tile_stored(0, sc, 4 * WIDE_CHUNK);
-        _tile_stored(1, sc + 16, 4 * WIDE_CHUNK);
-        _tile_stored(2, sc + 32, 4 * WIDE_CHUNK);
-        _tile_stored(3, sc + 48, 4 * WIDE_CHUNK);
-        for (int i = 0; i < 16; i++) {   /* each row's softmax step; its weights in bf16, its accumulator scaled */
-            if (i >= rows) {
-                memset(pa + i * WIDE_CHUNK, 0, 2 * WIDE_CHUNK);
-                continue;
-            }
-            const int t = (i0 + i) / group, r = rs[i];
-            vn s[WIDE_CHUNK / NATIVE];
-            memcpy(s, sc + i * WIDE_CHUNK, sizeof s);
-            float w[WIDE_CHUNK] __attribute__((aligned(64)));
+        _tile_stored(0, ob + 16 * g0, 4 * D);
+        _tile_stored(1, ob + 16 * (g0 + 1), 4 * D);
+        _tile_stored(2, ob + 16 * (g0 + 2), 4 * D);
+        _tile_stored(3, ob + 16 * (g0 + 3), 4 * D);
+    }
+}
+
+/* The online-softmax steps of a group's rows at once (scores sc [16, WIDE_CHUNK], rows of them real; their token
+ * t = (i0 + i) / group): each row's scores masked as row_step masks them, then the rows' maxima, old and new maxima,
+ * normalizers and scale factors (alpha) as vectors of 16 rows -- one tree each instead of a reduction and a branch
+ * per row, which took half of a long prompt's attention -- and the weights in bf16 into pa (zeros past the rows). */
+INLINE void group_softmax(const Problem *p, float *sc, int rows, const int *rs, int i0, int group, int q0, int ctx_len,
+                          int c0, int k1, float *m, float *l, uint16_t *pa, float *alpha, Ahead *ahead, int quota) {
+    __m512 best[16], sums[16];
+    float old_m[16], old_l[16], new_m[16], new_l[16];
+    for (int i = 0; i < 16; i++) {
+        best[i] = _mm512_set1_ps(-INFINITY);
+        old_m[i] = i < rows ? m[rs[i]] : -INFINITY;
+        old_l[i] = i < rows ? l[rs[i]] : 0.0f;
+        if (i < rows) {
             prefetch_some(p, ahead, quota, 1);
-            const float alpha = row_step(p, s, t, q0, ctx_len, c0, k1, m + r, l + r, w, WIDE_CHUNK);
-            for (int c = 0; c < WIDE_CHUNK; c += 32)
-                _mm512_store_si512(pa + i * WIDE_CHUNK + c, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(w + c + 16),
-                                                                                          _mm512_load_ps(w + c)));
-            for (int d = 0; d < D; d += 16)
-                _mm512_store_ps(ob + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + (int64_t)r * D + d),
-                                                              _mm512_set1_ps(alpha)));
+            best[i] = (__m512)row_scores(p, (vn *)(sc + i * WIDE_CHUNK), (i0 + i) / group, q0, ctx_len, c0, k1,
+                                         WIDE_CHUNK);
         }
-        for (int g0 = 0; g0 < D / 16; g0 += 4) {   /* P V: 16 rows x 64 pair-ordered dims at a time in C 0-3 */
-            _tile_loadd(0, ob + 16 * g0, 4 * D);
-            _tile_loadd(1, ob + 16 * (g0 + 1), 4 * D);
-            _tile_loadd(2, ob + 16 * (g0 + 2), 4 * D);
-            _tile_loadd(3, ob + 16 * (g0 + 3), 4 * D);
-            for (int k = 0; k < WIDE_CHUNK / 32; k++) {
-                const uint16_t *b = vt + ((int64_t)k * (D / 16) + g0) * 512;
-                _tile_loadd(4, pa + 32 * k, 2 * WIDE_CHUNK);
-                _tile_loadd(6, b, 64);
-                _tile_loadd(7, b + 512, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_loadd(6, b + 1024, 64);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_loadd(7, b + 1536, 64);
-                _tile_dpbf16ps(2, 4, 6);
-                _tile_dpbf16ps(3, 4, 7);
+    }
+    const __m512 prev = _mm512_loadu_ps(old_m), top = _mm512_max_ps((__m512)fold_each16(best, 1), prev);
+    _mm512_storeu_ps(new_m, top);
+    for (int i = 0; i < 16; i++) {
+        const vn *s = (const vn *)(sc + i * WIDE_CHUNK);
+        __m512 total = _mm512_setzero_ps();
+        for (int v = 0; v < WIDE_CHUNK / 16; v += 2) {
+            __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
+            if (new_m[i] != -INFINITY) {   /* not a row past the group's, nor one that sees nothing yet */
+                e0 = (__m512)exp_native(s[v] - new_m[i]), e1 = (__m512)exp_native(s[v + 1] - new_m[i]);
+                total = _mm512_add_ps(_mm512_add_ps(total, e0), e1);
             }
-            _tile_stored(0, ob + 16 * g0, 4 * D);
-            _tile_stored(1, ob + 16 * (g0 + 1), 4 * D);
-            _tile_stored(2, ob + 16 * (g0 + 2), 4 * D);
-            _tile_stored(3, ob + 16 * (g0 + 3), 4 * D);
+            _mm512_store_si512(pa + i * WIDE_CHUNK + 16 * v, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
         }
-        for (int i = 0; i < rows; i++)
-            memcpy(acc + (int64_t)rs[i] * D, ob + i * D, 4 * D);
+        sums[i] = total;
+    }
+    /* 1 where the max did not move (rows that see nothing yet included), else exp(old - new) (0 from -inf) */
+    const __m512 a = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(prev, top, _CMP_EQ_OQ),
+                                          (__m512)exp_native((vn)_mm512_sub_ps(prev, top)), _mm512_set1_ps(1.0f));
+    _mm512_storeu_ps(alpha, a);
+    _mm512_storeu_ps(new_l, _mm512_fmadd_ps(_mm512_loadu_ps(old_l), a, (__m512)sum_each16(sums)));
+    for (int i = 0; i < rows; i++) m[rs[i]] = new_m[i], l[rs[i]] = new_l[i];
+}
+
+/* Rows [first_row, per_head) reading KV head `head` against the chunk's keys from c0 (turned into kt, V rows at offs):
+ * their running max, normalizer and (pair-ordered) accumulators updated. The groups of 16 rows go as a pipeline, so
+ * that the tile unit and the vector units work at once: group g + 1's scores are asked for before group g's softmax
+ * steps run, and group g - 1's results are copied out while they do (one group after another, each waited for the
+ * other's work: a 2,048-token prompt's attention 1.xx x). */
+INLINE void amx_chunk(const Problem *p, const int64_t *offs, int head, int c0, int q0, int group, int ctx_len,
+                      int first_row, int per_head, int k1, const uint32_t *kt, float *acc, float *m, float *l,
+                      Ahead *ahead, int quota, const int D) {
+    uint16_t vt[(WIDE_CHUNK / 32) * (D / 16) * 512] __attribute__((aligned(64)));
+    uint16_t qa[2][16 * D] __attribute__((aligned(64))), pa[2][16 * WIDE_CHUNK] __attribute__((aligned(64)));
+    float sc[2][16 * WIDE_CHUNK] __attribute__((aligned(64))), ob[2][16 * D] __attribute__((aligned(64)));
+    int rs[3][16], rows[3];   /* group n's in slot n % 3: the one before, this one and the next are live at once */
+    v_tiles(p, offs, head * D, vt, D);
+    if (first_row >= per_head)
+        return;
+    const int groups = (per_head - first_row + 15) / 16;
+    rows[0] = group_rows(p, first_row, per_head, head, group, q0, rs[0], qa[0], D);
+    tile_group_scores(qa[0], kt, sc[0], D);
+    for (int n = 0; n < groups; n++) {
+        const int i0 = first_row + 16 * n, g = n % 2, here = n % 3, next = (n + 1) % 3, before = (n + 2) % 3;
+        if (n + 1 < groups) {   /* the next group's scores */
+            rows[next] = group_rows(p, i0 + 16, per_head, head, group, q0, rs[next], qa[!g], D);
+            tile_group_scores(qa[!g], kt, sc[!g], D);
+        }
+        if (n > 0)   /* the group before's results */
+            for (int i = 0; i < rows[before]; i++)
+                memcpy(acc + (int64_t)rs[before][i] * D, ob[!g] + i * D, 4 * D);
+        float alpha[16];
+        group_softmax(p, sc[g], rows[here], rs[here], i0, group, q0, ctx_len, c0, k1, m, l, pa[g], alpha, ahead, quota);
+        for (int i = 0; i < rows[here]; i++)   /* the accumulators scaled */
+            for (int d = 0; d < D; d += 16)
+                _mm512_store_ps(ob[g] + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + (int64_t)rs[here][i] * D + d),
+                                                                 _mm512_set1_ps(alpha[i])));
+        tile_group_pv(pa[g], vt, ob[g], D);
+        if (n + 1 == groups)   /* the last group's results */
+            for (int i = 0; i < rows[here]; i++)
+                memcpy(acc + (int64_t)rs[here][i] * D, ob[g] + i * D, 4 * D);
     }
 }
 #else
