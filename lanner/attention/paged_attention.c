@@ -593,42 +593,28 @@ INLINE void group_softmax(const Problem *p, float *sc, int rows, const int *rs, 
 }
 
 /* Rows [first_row, per_head) reading KV head `head` against the chunk's keys from c0 (turned into kt, V rows at offs):
- * their running max, normalizer and (pair-ordered) accumulators updated. The groups of 16 rows go as a pipeline, so
- * that the tile unit and the vector units work at once: group g + 1's scores are asked for before group g's softmax
- * steps run, and group g - 1's results are copied out while they do (one group after another, each waited for the
- * other's work: a 2,048-token prompt's attention 1.xx x). */
+ * their running max, normalizer and (pair-ordered) accumulators updated, 16 rows at a time. (A pipeline of groups,
+ * the next group's scores asked for before this one's softmax, measured 0.94x: the vector units are the bound.) */
 INLINE void amx_chunk(const Problem *p, const int64_t *offs, int head, int c0, int q0, int group, int ctx_len,
                       int first_row, int per_head, int k1, const uint32_t *kt, float *acc, float *m, float *l,
                       Ahead *ahead, int quota, const int D) {
     uint16_t vt[(WIDE_CHUNK / 32) * (D / 16) * 512] __attribute__((aligned(64)));
-    uint16_t qa[2][16 * D] __attribute__((aligned(64))), pa[2][16 * WIDE_CHUNK] __attribute__((aligned(64)));
-    float sc[2][16 * WIDE_CHUNK] __attribute__((aligned(64))), ob[2][16 * D] __attribute__((aligned(64)));
-    int rs[3][16], rows[3];   /* group n's in slot n % 3: the one before, this one and the next are live at once */
+    uint16_t qa[16 * D] __attribute__((aligned(64))), pa[16 * WIDE_CHUNK] __attribute__((aligned(64)));
+    float sc[16 * WIDE_CHUNK] __attribute__((aligned(64))), ob[16 * D] __attribute__((aligned(64)));
     v_tiles(p, offs, head * D, vt, D);
-    if (first_row >= per_head)
-        return;
-    const int groups = (per_head - first_row + 15) / 16;
-    rows[0] = group_rows(p, first_row, per_head, head, group, q0, rs[0], qa[0], D);
-    tile_group_scores(qa[0], kt, sc[0], D);
-    for (int n = 0; n < groups; n++) {
-        const int i0 = first_row + 16 * n, g = n % 2, here = n % 3, next = (n + 1) % 3, before = (n + 2) % 3;
-        if (n + 1 < groups) {   /* the next group's scores */
-            rows[next] = group_rows(p, i0 + 16, per_head, head, group, q0, rs[next], qa[!g], D);
-            tile_group_scores(qa[!g], kt, sc[!g], D);
-        }
-        if (n > 0)   /* the group before's results */
-            for (int i = 0; i < rows[before]; i++)
-                memcpy(acc + (int64_t)rs[before][i] * D, ob[!g] + i * D, 4 * D);
+    for (int i0 = first_row; i0 < per_head; i0 += 16) {
+        int rs[16];
         float alpha[16];
-        group_softmax(p, sc[g], rows[here], rs[here], i0, group, q0, ctx_len, c0, k1, m, l, pa[g], alpha, ahead, quota);
-        for (int i = 0; i < rows[here]; i++)   /* the accumulators scaled */
+        const int rows = group_rows(p, i0, per_head, head, group, q0, rs, qa, D);
+        tile_group_scores(qa, kt, sc, D);
+        group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, c0, k1, m, l, pa, alpha, ahead, quota);
+        for (int i = 0; i < rows; i++)   /* the accumulators scaled */
             for (int d = 0; d < D; d += 16)
-                _mm512_store_ps(ob[g] + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + (int64_t)rs[here][i] * D + d),
-                                                                 _mm512_set1_ps(alpha[i])));
-        tile_group_pv(pa[g], vt, ob[g], D);
-        if (n + 1 == groups)   /* the last group's results */
-            for (int i = 0; i < rows[here]; i++)
-                memcpy(acc + (int64_t)rs[here][i] * D, ob[g] + i * D, 4 * D);
+                _mm512_store_ps(ob + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + (int64_t)rs[i] * D + d),
+                                                              _mm512_set1_ps(alpha[i])));
+        tile_group_pv(pa, vt, ob, D);
+        for (int i = 0; i < rows; i++)
+            memcpy(acc + (int64_t)rs[i] * D, ob + i * D, 4 * D);
     }
 }
 #else
