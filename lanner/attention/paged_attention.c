@@ -7,8 +7,8 @@
  * first read through in address order; then, KV head by KV head, the rows that read that head (GQA group times
  * new tokens) go ROWS at a time, each row also prefetching a few lines of the next chunk: 16 scores per
  * shuffle-tree reduction, one online-softmax step per row, and P @ V with the rows' accumulators in registers,
- * so each K and V row is fetched once for all of them (a bf16 prompt on a CPU with AMX: 16 rows at a time on the
- * tiles, amx_chunk). Pieces run in parallel and are merged by their log-sum-exp, so one long sequence still keeps
+ * so each K and V row is fetched once for all of them (a bf16 prompt on a CPU with AMX: on the tiles, 16 rows at a
+ * time through all the chunks they see, attend_tiles). Pieces run in parallel and are merged by their log-sum-exp, so one long sequence still keeps
  * every core busy (Flash-Decoding).
  *
  * Layouts: q [T, Hq, D] fp32 (and the same in bf16 with a bf16 cache, or NULL); caches
@@ -592,30 +592,61 @@ INLINE void group_softmax(const Problem *p, float *sc, int rows, const int *rs, 
     for (int i = 0; i < rows; i++) m[rs[i]] = new_m[i], l[rs[i]] = new_l[i];
 }
 
-/* Rows [first_row, per_head) reading KV head `head` against the chunk's keys from c0 (turned into kt, V rows at offs):
- * their running max, normalizer and (pair-ordered) accumulators updated, 16 rows at a time. (A pipeline of groups,
- * the next group's scores asked for before this one's softmax, measured 0.94x: the vector units are the bound.) */
-INLINE void amx_chunk(const Problem *p, const int64_t *offs, int head, int c0, int q0, int group, int ctx_len,
-                      int first_row, int per_head, int k1, const uint32_t *kt, float *acc, float *m, float *l,
-                      Ahead *ahead, int quota, const int D) {
-    uint16_t vt[(WIDE_CHUNK / 32) * (D / 16) * 512] __attribute__((aligned(64)));
+/* Keys [k0, k1) of sequence seq for all its rows on the tiles, in FlashAttention's order: a KV head's keys are turned
+ * and its V rows made B tiles once (kt, vt: a chunk's after another), then each group of 16 rows goes through the
+ * chunks it sees with its accumulators in L1 (ob), written to acc once at the end. Chunks outermost instead (every
+ * row's accumulator read and written once a chunk, a 2,048-token prompt's 4.7 MB of them from L3) took 1.75x as long.
+ * acc, m, l: as attend_split_d's, set up by it. Returns 1 (nothing done) where kt and vt could not be allocated. */
+static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, float *m, float *l, const int D) {
+    const int Hq = p->num_heads, group = Hq / p->num_kv_heads;
+    const int q0 = p->cu_seqlens_q[seq], q_len = p->cu_seqlens_q[seq + 1] - q0;
+    const int ctx_len = p->seq_lens[seq] - q_len, per_head = q_len * group;
+    const int32_t *table = p->block_tables + (int64_t)seq * p->table_width;
+    const int chunks = (k1 - k0 + WIDE_CHUNK - 1) / WIDE_CHUNK;
+    const int64_t kt_chunk = (int64_t)D / 2 * WIDE_CHUNK, vt_chunk = (int64_t)(WIDE_CHUNK / 32) * (D / 16) * 512;
+    uint32_t *kt = aligned_alloc(64, sizeof(uint32_t) * kt_chunk * chunks);
+    uint16_t *vt = aligned_alloc(64, sizeof(uint16_t) * vt_chunk * chunks);
+    if (kt == NULL || vt == NULL) {
+        free(kt), free(vt);
+        return 1;
+    }
     uint16_t qa[16 * D] __attribute__((aligned(64))), pa[16 * WIDE_CHUNK] __attribute__((aligned(64)));
     float sc[16 * WIDE_CHUNK] __attribute__((aligned(64))), ob[16 * D] __attribute__((aligned(64)));
-    v_tiles(p, offs, head * D, vt, D);
-    for (int i0 = first_row; i0 < per_head; i0 += 16) {
-        int rs[16];
-        float alpha[16];
-        const int rows = group_rows(p, i0, per_head, head, group, q0, rs, qa, D);
-        tile_group_scores(qa, kt, sc, D);
-        group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, c0, k1, m, l, pa, alpha, ahead, quota);
-        for (int i = 0; i < rows; i++)   /* the accumulators scaled */
-            for (int d = 0; d < D; d += 16)
-                _mm512_store_ps(ob + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + (int64_t)rs[i] * D + d),
-                                                              _mm512_set1_ps(alpha[i])));
-        tile_group_pv(pa, vt, ob, D);
-        for (int i = 0; i < rows; i++)
-            memcpy(acc + (int64_t)rs[i] * D, ob + i * D, 4 * D);
+    Ahead none = {NULL, 0, 0, 0, 0};   /* the hardware's prefetchers see the turns' block-by-block reads */
+    /* rows are token-major: those of tokens before k0 - ctx_len see none of these keys */
+    const int first_row = k0 - ctx_len > 0 ? (k0 - ctx_len) * group : 0;
+    for (int head = 0; head < p->num_kv_heads; head++) {
+        for (int c = 0; c < chunks; c++) {
+            const int c0 = k0 + c * WIDE_CHUNK, n = k1 - c0 < WIDE_CHUNK ? k1 - c0 : WIDE_CHUNK;
+            int64_t offs[WIDE_CHUNK];
+            row_offsets(p, table, c0, n, offs);
+            for (int j = n; j < WIDE_CHUNK; j++) offs[j] = offs[0];   /* past the split: real rows, weight 0 */
+            turn_keys(p, offs, head * D, kt + c * kt_chunk, D / 2, 2);
+            v_tiles(p, offs, head * D, vt + c * vt_chunk, D);
+        }
+        for (int i0 = first_row; i0 < per_head; i0 += 16) {
+            int rs[16];
+            const int rows = group_rows(p, i0, per_head, head, group, q0, rs, qa, D);
+            /* the chunks the group's last row sees (causal: its own key the last) */
+            const int seen = ctx_len + (i0 + rows - 1) / group - k0 + 1, last = (seen < k1 - k0 ? seen : k1 - k0);
+            memset(ob, 0, sizeof ob);
+            for (int c = 0; c * WIDE_CHUNK < last; c++) {
+                float alpha[16];
+                tile_group_scores(qa, kt + c * kt_chunk, sc, D);
+                group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, k0 + c * WIDE_CHUNK, k1, m, l, pa, alpha,
+                              &none, 0);
+                for (int i = 0; i < rows; i++)   /* the accumulators scaled */
+                    for (int d = 0; d < D; d += 16)
+                        _mm512_store_ps(ob + i * D + d, _mm512_mul_ps(_mm512_load_ps(ob + i * D + d),
+                                                                      _mm512_set1_ps(alpha[i])));
+                tile_group_pv(pa, vt + c * vt_chunk, ob, D);
+            }
+            for (int i = 0; i < rows; i++)
+                memcpy(acc + (int64_t)rs[i] * D, ob + i * D, 4 * D);
+        }
     }
+    free(kt), free(vt);
+    return 0;
 }
 #else
 #define AMX_ATTENTION 0
@@ -637,16 +668,19 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     /* a prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows */
     const int turned = chunk == WIDE_CHUNK && turns(bf16, direct);
     /* a bf16 prompt on AMX tiles: D a whole number of 64-dim C passes */
-    const int tiles = turned && direct && D % 64 == 0 && tiles_granted();
-#if AMX_ATTENTION
-    if (tiles) amx_configure();
-#endif
-    (void)tiles;
+    int tiles = turned && direct && D % 64 == 0 && tiles_granted();
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
+#if AMX_ATTENTION
+    if (tiles) {
+        amx_configure();
+        tiles = attend_tiles(p, seq, k0, k1, acc, m, l, D) == 0;   /* else (no memory) the vector path below */
+        if (!tiles) _tile_release();
+    }
+#endif
     const Span here = {seq, k0, k1};
-    for (int c0 = k0; c0 < k1; c0 += chunk) {
+    for (int c0 = tiles ? k1 : k0; c0 < k1; c0 += chunk) {   /* (none where the tiles did them) */
         const int n = k1 - c0 < chunk ? k1 - c0 : chunk, ahead = c0 + AHEAD * chunk;
         row_offsets(p, table, c0, n, offs);
         for (int c = n; c < chunk; c++) offs[c] = offs[0];   /* past the split: real rows, weight 0 */
@@ -661,13 +695,6 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
         for (int head = 0; head < p->num_kv_heads; head++) {
 #if defined(__AVX512F__)
             if (turned) turn_keys(p, offs, head * D, (uint32_t *)kt, direct ? D / 2 : D, direct ? 2 : 4);
-#endif
-#if AMX_ATTENTION
-            if (tiles) {
-                amx_chunk(p, offs, head, c0, q0, group, ctx_len, first_row, per_head, k1, (const uint32_t *)kt, acc,
-                          m, l, &ahead_rows, quota, D);
-                continue;
-            }
 #endif
             for (int i0 = first_row; i0 < per_head; i0 += ROWS) {
                 const int rows = per_head - i0 < ROWS ? per_head - i0 : ROWS;
