@@ -8,8 +8,8 @@
  * new tokens) go ROWS at a time, each row also prefetching a few lines of the next chunk: 16 scores per
  * shuffle-tree reduction, one online-softmax step per row, and P @ V with the rows' accumulators in registers,
  * so each K and V row is fetched once for all of them (a bf16 prompt on a CPU with AMX: on the tiles, 16 rows at a
- * time through all the chunks they see, attend_tiles). Pieces run in parallel and are merged by their log-sum-exp, so one long sequence still keeps
- * every core busy (Flash-Decoding).
+ * time through all the chunks they see, attend_tiles). Pieces run in parallel and are merged by their log-sum-exp,
+ * so one long sequence still keeps every core busy (Flash-Decoding).
  *
  * Layouts: q [T, Hq, D] fp32 (and the same in bf16 with a bf16 cache, or NULL); caches
  * [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D] fp32;
@@ -54,10 +54,12 @@ typedef struct {
     float softcap;  /* 0: none */
 } Problem;
 
+#if NATIVE == 8
 /* Lane c of out (16 lanes: two v8) is the sum of the lanes of a[c]: sum_each8's tree for each half. */
 INLINE void sum_each(const v8 *a, v8 *out) {
     out[0] = sum_each8(a), out[1] = sum_each8(a + 8);
 }
+#endif
 
 #if defined(__AVX512F__)
 /* Lane c of the result: the sum (take_max: the largest) of the 16 lanes of a[c]. A transpose-and-fold tree: pairs
@@ -69,9 +71,11 @@ INLINE vn fold_each16(const __m512 *a, const int take_max) {
     for (int i = 0; i < 8; i++)   /* per 128-bit lane: a[2i] and a[2i + 1], two partial results each */
         b[i] = FOLD(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
     for (int i = 0; i < 4; i++)   /* per 128-bit lane: a[4i] .. a[4i + 3], one partial result each */
-        c[i] = FOLD(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xee));
+        c[i] = FOLD(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                    _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xee));
     for (int i = 0; i < 2; i++)   /* 128-bit lanes: a[8i..8i+3] twice, a[8i+4..8i+7] twice */
-        d[i] = FOLD(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88), _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+        d[i] = FOLD(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                    _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
     return (vn)FOLD(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
 #undef FOLD
 }
@@ -154,7 +158,8 @@ INLINE void chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf1
             const uint16_t *k = (const uint16_t *)p->k_cache + offs[c] + head;
             __m512 sum = _mm512_setzero_ps();
             for (int d = 0; d < D; d += 32)
-                sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(q_bf16 + d), (__m512bh)_mm512_loadu_si512(k + d));
+                sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(q_bf16 + d),
+                                       (__m512bh)_mm512_loadu_si512(k + d));
             acc = (v16)sum;
         } else
 #endif
@@ -466,12 +471,13 @@ INLINE int row_of(int i, int head, int group, int Hq) {
 }
 
 #if HAVE_DPBF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-/* ---- a prompt's chunk on AMX tiles ----------------------------------------------------------------------------- *
- * A bf16 prompt's wide chunk, KV head by KV head, 16 rows at a time: the scores as TDPBF16PS of the rows' bf16 queries
- * (A tiles: 32 dims of 16 rows) with the turned keys (B tiles: kt's dim pairs of 16 keys, as the unit wants them),
- * each row's online-softmax step as on the vector path, then P V as TDPBF16PS of the weights in bf16 (A tiles: 32
- * keys of 16 rows) with the chunk's V rows interleaved by key pairs (B tiles: accumulate_bf16's pair order, which
- * pair_order_to_dims undoes at the end). The same products, exact, in fp32 sums of another order. */
+/* ---- a prompt on AMX tiles ------------------------------------------------------------------------------------- *
+ * A bf16 prompt's piece, KV head by KV head, 16 rows at a time through every wide chunk they see: the scores as
+ * TDPBF16PS of the rows' bf16 queries (A tiles: 32 dims of 16 rows) with the turned keys (B tiles: kt's dim pairs of 16
+ * keys, as the unit wants them), the 16 rows' online-softmax steps together (group_softmax), then P V as TDPBF16PS of
+ * the weights in bf16 (A tiles: 32 keys of 16 rows) with the chunk's V rows interleaved by key pairs (B tiles:
+ * accumulate_bf16's pair order, which pair_order_to_dims undoes at the end). The same products, exact, in fp32 sums
+ * of another order. */
 #define AMX_ATTENTION 1
 
 /* The chunk's V rows of one head as B tiles: for 32 keys (a K step) and 16 of accumulate_bf16's pair-ordered dims,
@@ -556,18 +562,16 @@ INLINE void tile_group_pv(const uint16_t *pa, const uint16_t *vt, float *ob, con
  * normalizers and scale factors (alpha) as vectors of 16 rows -- one tree each instead of a reduction and a branch
  * per row, which took half of a long prompt's attention -- and the weights in bf16 into pa (zeros past the rows). */
 INLINE void group_softmax(const Problem *p, float *sc, int rows, const int *rs, int i0, int group, int q0, int ctx_len,
-                          int c0, int k1, float *m, float *l, uint16_t *pa, float *alpha, Ahead *ahead, int quota) {
+                          int c0, int k1, float *m, float *l, uint16_t *pa, float *alpha) {
     __m512 best[16], sums[16];
     float old_m[16], old_l[16], new_m[16], new_l[16];
     for (int i = 0; i < 16; i++) {
         best[i] = _mm512_set1_ps(-INFINITY);
         old_m[i] = i < rows ? m[rs[i]] : -INFINITY;
         old_l[i] = i < rows ? l[rs[i]] : 0.0f;
-        if (i < rows) {
-            prefetch_some(p, ahead, quota, 1);
+        if (i < rows)
             best[i] = (__m512)row_scores(p, (vn *)(sc + i * WIDE_CHUNK), (i0 + i) / group, q0, ctx_len, c0, k1,
                                          WIDE_CHUNK);
-        }
     }
     const __m512 prev = _mm512_loadu_ps(old_m), top = _mm512_max_ps((__m512)fold_each16(best, 1), prev);
     _mm512_storeu_ps(new_m, top);
@@ -612,11 +616,11 @@ static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, f
     }
     uint16_t qa[16 * D] __attribute__((aligned(64))), pa[16 * WIDE_CHUNK] __attribute__((aligned(64)));
     float sc[16 * WIDE_CHUNK] __attribute__((aligned(64))), ob[16 * D] __attribute__((aligned(64)));
-    Ahead none = {NULL, 0, 0, 0, 0};   /* the hardware's prefetchers see the turns' block-by-block reads */
     /* rows are token-major: those of tokens before k0 - ctx_len see none of these keys */
     const int first_row = k0 - ctx_len > 0 ? (k0 - ctx_len) * group : 0;
+    amx_configure();
     for (int head = 0; head < p->num_kv_heads; head++) {
-        for (int c = 0; c < chunks; c++) {
+        for (int c = 0; c < chunks; c++) {   /* block by block: the hardware's prefetchers see these reads */
             const int c0 = k0 + c * WIDE_CHUNK, n = k1 - c0 < WIDE_CHUNK ? k1 - c0 : WIDE_CHUNK;
             int64_t offs[WIDE_CHUNK];
             row_offsets(p, table, c0, n, offs);
@@ -627,14 +631,13 @@ static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, f
         for (int i0 = first_row; i0 < per_head; i0 += 16) {
             int rs[16];
             const int rows = group_rows(p, i0, per_head, head, group, q0, rs, qa, D);
-            /* the chunks the group's last row sees (causal: its own key the last) */
-            const int seen = ctx_len + (i0 + rows - 1) / group - k0 + 1, last = (seen < k1 - k0 ? seen : k1 - k0);
+            /* the keys the group's last row sees (causal: its own key the last) */
+            const int seen = ctx_len + (i0 + rows - 1) / group - k0 + 1, visible = seen < k1 - k0 ? seen : k1 - k0;
             memset(ob, 0, sizeof ob);
-            for (int c = 0; c * WIDE_CHUNK < last; c++) {
+            for (int c = 0; c * WIDE_CHUNK < visible; c++) {
                 float alpha[16];
                 tile_group_scores(qa, kt + c * kt_chunk, sc, D);
-                group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, k0 + c * WIDE_CHUNK, k1, m, l, pa, alpha,
-                              &none, 0);
+                group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, k0 + c * WIDE_CHUNK, k1, m, l, pa, alpha);
                 for (int i = 0; i < rows; i++)   /* the accumulators scaled */
                     for (int d = 0; d < D; d += 16)
                         _mm512_store_ps(ob + i * D + d, _mm512_mul_ps(_mm512_load_ps(ob + i * D + d),
@@ -645,6 +648,7 @@ static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, f
                 memcpy(acc + (int64_t)rs[i] * D, ob + i * D, 4 * D);
         }
     }
+    _tile_release();   /* the tiles' state back to init: a context switch need not save it */
     free(kt), free(vt);
     return 0;
 }
@@ -653,10 +657,10 @@ static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, f
 #endif
 
 /* One work item: keys [k0, k1) of sequence seq for all its rows; acc [R, D] unnormalized, m/l the
- * running max and normalizer per row. A chunk is done KV head by KV head, the rows reading that head
- * (its query heads times the new tokens) ROWS at a time. While the last chunk is read, the first of the
- * run's next item (after) is prefetched: a batch's decode sequences are a few chunks each, and with no
- * prefetch across them every sequence's first chunk came from memory cold. */
+ * running max and normalizer per row. A bf16 prompt on AMX goes to attend_tiles; otherwise a chunk is done KV head by
+ * KV head, the rows reading that head (its query heads times the new tokens) ROWS at a time, and while the last chunk
+ * is read, the first of the run's next item (after) is prefetched: a batch's decode sequences are a few chunks each,
+ * and with no prefetch across them every sequence's first chunk came from memory cold. */
 INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after, float *acc, float *m, float *l,
                            float *kt, const int D, const int bf16, const int direct, const int chunk) {
     const int Hq = p->num_heads, group = Hq / p->num_kv_heads;
@@ -667,20 +671,19 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     float w[ROWS][WIDE_CHUNK], alpha[ROWS];
     /* a prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows */
     const int turned = chunk == WIDE_CHUNK && turns(bf16, direct);
-    /* a bf16 prompt on AMX tiles: D a whole number of 64-dim C passes */
-    int tiles = turned && direct && D % 64 == 0 && tiles_granted();
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
 #if AMX_ATTENTION
-    if (tiles) {
-        amx_configure();
-        tiles = attend_tiles(p, seq, k0, k1, acc, m, l, D) == 0;   /* else (no memory) the vector path below */
-        if (!tiles) _tile_release();
+    /* a bf16 prompt on AMX tiles (D a whole number of 64-dim C passes); where its buffers cannot be had, the vector
+     * path below */
+    if (turned && direct && D % 64 == 0 && tiles_granted() && attend_tiles(p, seq, k0, k1, acc, m, l, D) == 0) {
+        for (int r = 0; r < R; r++) pair_order_to_dims(acc + (int64_t)r * D, D);
+        return;
     }
 #endif
     const Span here = {seq, k0, k1};
-    for (int c0 = tiles ? k1 : k0; c0 < k1; c0 += chunk) {   /* (none where the tiles did them) */
+    for (int c0 = k0; c0 < k1; c0 += chunk) {
         const int n = k1 - c0 < chunk ? k1 - c0 : chunk, ahead = c0 + AHEAD * chunk;
         row_offsets(p, table, c0, n, offs);
         for (int c = n; c < chunk; c++) offs[c] = offs[0];   /* past the split: real rows, weight 0 */
@@ -739,9 +742,6 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
 #if HAVE_DPBF16
     if (direct)
         for (int r = 0; r < R; r++) pair_order_to_dims(acc + (int64_t)r * D, D);
-#endif
-#if AMX_ATTENTION
-    if (tiles) _tile_release();   /* the tiles' state back to init: a context switch need not save it */
 #endif
 }
 

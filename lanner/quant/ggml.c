@@ -1260,6 +1260,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
         uint16_t *bt = tiles + omp_get_thread_num() * 2 * blocks * 512;
         float t[2][32 * 32] __attribute__((aligned(64)));   /* a pair's results, and the one before's */
         pending before = {t[1], 0, 0, 0, 0};
+        int cur = 0;   /* the buffer this pair's results go to: the other one's are pending */
         amx_configure();
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
@@ -1270,7 +1271,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
                     /* the chunk's first rows make the pair's B tiles, the others reuse them */
                     const b_source src = {type, m == m0 ? packed + 2 * p * PACK_ROWS * row_bytes : NULL,
                                           PACK_ROWS * row_bytes, PACK_ROWS * bytes};
-                    float *out = t[before.t == t[0]];
+                    float *out = t[cur];
                     if (m + 32 <= whole)
                         amx_pair(x + m * ldx, ldx, bt, blocks, out, src, &before, o);
                     else if (rows <= 16)
@@ -1278,6 +1279,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
                     else
                         amx_pair(tail, K, bt, blocks, out, src, &before, o);
                     before = (pending){out, rows, m, 32 * p, 0};
+                    cur ^= 1;
                 }
             }
         }
