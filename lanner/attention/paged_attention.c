@@ -631,10 +631,11 @@ static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, f
         for (int i0 = first_row; i0 < per_head; i0 += 16) {
             int rs[16];
             const int rows = group_rows(p, i0, per_head, head, group, q0, rs, qa, D);
-            /* the keys the group's last row sees (causal: its own key the last) */
+            /* the keys the group's last row sees (causal: its own key the last), from its first row's window on */
             const int seen = ctx_len + (i0 + rows - 1) / group - k0 + 1, visible = seen < k1 - k0 ? seen : k1 - k0;
+            const int start = p->window > 0 ? ctx_len + i0 / group - p->window + 1 - k0 : 0;
             memset(ob, 0, sizeof ob);
-            for (int c = 0; c * WIDE_CHUNK < visible; c++) {
+            for (int c = start > 0 ? start / WIDE_CHUNK : 0; c * WIDE_CHUNK < visible; c++) {
                 float alpha[16];
                 tile_group_scores(qa, kt + c * kt_chunk, sc, D);
                 group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, k0 + c * WIDE_CHUNK, k1, m, l, pa, alpha);
