@@ -30,6 +30,8 @@ PLAIN_DTYPES = (torch.float32, torch.bfloat16)   # activations and caches the C 
 # the most rows of a step with adapter rows: the deltas' per-row dot products here lose to the PyTorch path's GEMMs
 # past it (a 250-row LoRA prompt chunk 1.1x slower; 8-row decode steps 4x faster here)
 ADAPTER_ROWS = 128
+# the parts of a step decode_layers times when asked (DecodeStep.timings), in its order: the profiler's components
+STEP_PARTS = ("norms", "qkv_proj", "rotary", "attention", "o_proj", "gate_up_proj", "mlp_act", "down_proj", "lm_head")
 
 
 class LoRAArgs(ctypes.Structure):
@@ -55,7 +57,8 @@ class StepArgs(ctypes.Structure):
                 ("slots", c_void_p), ("cos_sin", c_void_p), ("tables", c_void_p), ("seq_lens", c_void_p),
                 ("cu", c_void_p), ("table_width", c_int), ("num_seqs", c_int), ("tree_width", c_int),
                 ("seqs", c_void_p), ("tree", c_void_p), ("final_norm", c_void_p), ("head", LinearArgs),
-                ("logits", c_void_p), ("argmax", c_void_p), ("head_norms", c_void_p), ("row_slots", c_void_p)]
+                ("logits", c_void_p), ("argmax", c_void_p), ("head_norms", c_void_p), ("row_slots", c_void_p),
+                ("timings", c_void_p)]
 
 
 class BurstArgs(ctypes.Structure):
@@ -99,6 +102,7 @@ class DecodeStep:
         self.head = head if isinstance(head, ggml.GGMLLinear) and head.lib is linears[0][0].lib else None
         self.head_args = None if self.head is None else self.linear_args(self.head)
         self.layers, self.layers_key = None, None
+        self.timings = None   # float64 [len(STEP_PARTS)]: where set, each step adds its parts' seconds there
 
     @classmethod
     def build(cls, model) -> DecodeStep | None:
@@ -223,6 +227,7 @@ class DecodeStep:
                         launch.seqs.data_ptr(), None if tree is None else tree.data_ptr(),
                         self.model.norm.weight.data_ptr())
         step.row_slots = None if row_slots is None else row_slots.data_ptr()
+        step.timings = None if self.timings is None else self.timings.data_ptr()
         return step, (launch, cos_sin, slots, row_slots)
 
     @staticmethod

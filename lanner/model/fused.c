@@ -235,7 +235,20 @@ typedef struct {
     argmax_fn argmax;         /* ggml_argmax, for a burst's tokens where head_norms is set */
     const float *head_norms;  /* upper bounds of the head's row norms, or NULL */
     const int32_t *row_slots; /* [T]: each row's adapter slot (0: none), or NULL: no adapters in the step */
+    double *timings;          /* [parts below]: each part's seconds added up (the profiler's), or NULL */
 } DecodeStep;
+
+/* the parts of a step the profiler sees (decode_step.STEP_PARTS names them in this order) */
+enum { NORMS, QKV_PROJ, ROTARY, ATTENTION, O_PROJ, GATE_UP_PROJ, MLP_ACT, DOWN_PROJ, LM_HEAD };
+
+/* run `call`, its seconds added to part's timing where the step is timed */
+#define TIMED(part, call)                                                                                             \
+    do {                                                                                                              \
+        const double start_ = s->timings ? omp_get_wtime() : 0;                                                       \
+        call;                                                                                                         \
+        if (s->timings)                                                                                               \
+            s->timings[part] += omp_get_wtime() - start_;                                                             \
+    } while (0)
 
 /* The step's own per-row stages, split as above (row t of the step s in scope) */
 #define EACH_ROW(...) FOR_ROWS(s->T, s->threads, __VA_ARGS__)
@@ -439,21 +452,22 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
     memcpy(residual, x, T * H * es);
     for (int i = 0; i < num_layers && !failed; i++) {
         const DecoderLayer *l = &layers[i];
-        rms_norm(x, i ? residual : NULL, l->input_norm, h, T, H, s->eps, s->bf16);
-        failed |= linear(s, &l->qkv, h, qkv, 0);
+        TIMED(NORMS, rms_norm(x, i ? residual : NULL, l->input_norm, h, T, H, s->eps, s->bf16));
+        TIMED(QKV_PROJ, failed |= linear(s, &l->qkv, h, qkv, 0));
         if (l->q_norm)
-            norm_heads(s, l, qkv);
-        rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache, s->bf16, s->kv_bf16);
-        failed |= attend(s, l, qkv, attn, qf, qb, of, lse);
-        failed |= linear(s, &l->o, attn, x, 0);
-        rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16);
-        failed |= linear(s, &l->gate_up, h, gu, 0);
-        silu_mul(gu, a, T, I, s->bf16);
-        failed |= linear(s, &l->down, a, x, 0);
+            TIMED(NORMS, norm_heads(s, l, qkv));
+        TIMED(ROTARY, rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache, s->bf16,
+                                 s->kv_bf16));
+        TIMED(ATTENTION, failed |= attend(s, l, qkv, attn, qf, qb, of, lse));
+        TIMED(O_PROJ, failed |= linear(s, &l->o, attn, x, 0));
+        TIMED(NORMS, rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16));
+        TIMED(GATE_UP_PROJ, failed |= linear(s, &l->gate_up, h, gu, 0));
+        TIMED(MLP_ACT, silu_mul(gu, a, T, I, s->bf16));
+        TIMED(DOWN_PROJ, failed |= linear(s, &l->down, a, x, 0));
     }
-    rms_norm(x, residual, s->final_norm, out, T, H, s->eps, s->bf16);
+    TIMED(NORMS, rms_norm(x, residual, s->final_norm, out, T, H, s->eps, s->bf16));
     if (s->logits && !failed)
-        failed |= head_logits(s, out);
+        TIMED(LM_HEAD, failed |= head_logits(s, out));
     free(act), free(f), free(qb);
     return failed;
 }

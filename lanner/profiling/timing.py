@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from lanner.model import fused
+from lanner.model.decode_step import STEP_PARTS
 
 # component -> what it is; the engine's step is the outermost timed call ("engine_other" = its own code).
 COMPONENTS = {
@@ -84,6 +85,13 @@ class Timer:
         timed.__wrapped__ = fn
         return timed
 
+    def add(self, name: str, seconds: float) -> None:
+        """seconds of a part timed elsewhere (inside native code) within the open timed call: its parent's exclusive
+        time loses them."""
+        self.seconds[name] += seconds
+        self._stack[-1] += seconds
+        self.calls[name] += 1
+
     def total(self) -> float:
         return sum(self.seconds.values())
 
@@ -99,6 +107,27 @@ class _TimedSampler:
 
     def __getattr__(self, name):
         return getattr(self._sampler, name)
+
+
+class _TimedDecodeStep:
+    """The model's DecodeStep, its steps timed by part in C (decode_layers' timings) into the timer; every other
+    attribute passes through."""
+
+    def __init__(self, step, timer: Timer):
+        self._step, self._timer = step, timer
+
+    def __call__(self, *args, **kwargs):
+        step = self._step
+        step.timings = torch.zeros(len(STEP_PARTS), dtype=torch.float64)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            for name, seconds in zip(STEP_PARTS, step.timings.tolist()):
+                self._timer.add(name, seconds)
+            step.timings = None
+
+    def __getattr__(self, name):
+        return getattr(self._step, name)
 
 
 @contextmanager
@@ -138,6 +167,8 @@ def instrument(engine, timer: Timer):
 
 def instrument_transformer(model, timer: Timer, patch, time_forward) -> None:
     time_forward(model.embed_tokens, "embedding")
+    if model.decode_step is not None:   # a step it runs is timed by part inside (decode_layers)
+        patch(model, "decode_step", _TimedDecodeStep(model.decode_step, timer))
     time_forward(model.norm, "norms")
     patch(fused, "rope_store", timer.wrap(fused.rope_store, "rotary"))
     rotaries = {}
