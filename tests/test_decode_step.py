@@ -273,6 +273,25 @@ def test_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
     assert max(rows) == (6 if head_rows >= 6 else 3)   # the LM head's kernel: 32 fp32 rows on packed weights, else 4
 
 
+def test_bursts_past_the_exact_heads_rows_give_the_tokens_of_single_steps(default_model_path, monkeypatch):
+    """A bf16 batch past the exact head's rows (on AMX hosts the head's tiles take it) bursts where its head does
+    (every logit, then their argmax, as a step takes them) and gives the tokens of steps run one by one."""
+    monkeypatch.setenv("LANNER_EXACT_LINEARS", "0")   # the default: the one-call step takes batches
+    llm = make_llm(default_model_path, dtype="bfloat16", kv_cache_memory=0.1, enable_prefix_caching=False)
+    rows = []
+    asked = count_bursts(llm, rows)
+    prompts = [f"{p} ({i})" for i in range(8) for p in PROMPTS]
+    params = [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    outputs = {}
+    for steps in (1, 8):
+        llm.engine.cfg.num_scheduler_steps = steps
+        outputs[steps] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert_all_blocks_free(llm)
+    assert outputs[8] == outputs[1]
+    head = llm.engine.runner.model.lm_head.quantized
+    assert (max(rows) == len(prompts)) == head.takes(len(prompts), torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sampled_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
     """Rows that sample (temperature, top-k, top-p, min-p; seeded) or have penalties burst beside greedy ones and

@@ -137,9 +137,8 @@ class DecodeStep:
         """Whether burst() runs greedy decode steps of this many rows: the LM head and the embedding lookup are
         GGML kernels it can call (a GGUF model's) and nothing scales the embeddings."""
         model = self.model
-        dtype = model.norm.weight.dtype   # the burst's argmax is the exact kernel's: not the tiles'
-        return (self.head is not None and rows <= self.head.kernel_rows(dtype) and not self.head.on_tiles(rows, dtype)
-                and model.embed_tokens.ggml is not None
+        dtype = model.norm.weight.dtype
+        return (self.head is not None and self.head.takes(rows, dtype) and model.embed_tokens.ggml is not None
                 and model.config.embedding_scale is None and self.takes(rows, dtype))
 
     def __call__(self, x: torch.Tensor, cos_sin: torch.Tensor, meta) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -179,8 +178,9 @@ class DecodeStep:
         logits = torch.empty(x.shape[0], self.head.out_features)
         tokens = torch.empty(steps, x.shape[0], dtype=torch.int64)
         step.head, step.logits = self.head_args, logits.data_ptr()
-        if sampling is None and self.head.bias is None:   # the int8 head's tokens; the exact one recomputes the
-            # groups that could win
+        if sampling is None and self.head.bias is None and not self.head.on_tiles(x.shape[0], x.dtype):
+            # the int8 head's tokens, the exact one recomputing the groups that could win (on the tiles, as a step
+            # there: every logit, then their argmax)
             step.argmax, step.head_norms = self.argmax, self.head.row_norms().data_ptr()
         embed = self.model.embed_tokens.ggml
         positions, stops = positions.to(torch.int64).contiguous(), torch.tensor(stops, dtype=torch.int64)
