@@ -206,6 +206,14 @@ INLINE vn select_native(vni mask, vn a, vn b) {
     return (vn)(((vni)a & mask) | ((vni)b & ~mask));
 }
 
+/* silu(g) = g * sigmoid(g), from e = exp(-|g|) <= 1 (no overflow): sigmoid is 1 / (1 + e) for g >= 0 and
+ * e / (1 + e) below */
+INLINE vn silu_native(vn g) {
+    vn e = exp_native((vn)((vni)g | ((vni){0} + INT32_MIN)));
+    vn sigmoid = 1 / (1 + e);
+    return g * select_native((vni)g >> 31, e * sigmoid, sigmoid);
+}
+
 /* The first and the last 8 lanes of a native vector (the same 8 where it holds 8). */
 INLINE v8 low8(vn x) {
     v8 y;

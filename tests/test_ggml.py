@@ -232,6 +232,31 @@ def test_bf16_rows_past_16_on_amx_tiles_equal_bf16_weights_times_them(type_name,
     assert torch.equal(lin.small(x[:16], lin.lib, int8=True), plain.small(x[:16], plain.lib, int8=True))
 
 
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("int8", [True, False])
+# 1-16 rows on the int8 or exact kernel; past 16 bf16 rows the tiles' pairs (a gate group and its up group): a
+# partial 32 alone, 32 and a last 16 or fewer, several chunks of rows
+@pytest.mark.parametrize("m", [1, 5, 17, 47, 300])
+def test_silu_mul_in_the_matmul_equals_the_two_calls_on_every_level(level, type_name, dtype, int8, m):
+    """MATMUL_SILU_MUL (a gate | up linear's silu(gate) * up from one call that never writes gate | up) is bitwise
+    the matmul then fused.silu_mul, on every path and level; with a bias it is refused."""
+    from lanner.model import fused
+    cols = 512 if BLOCKS[type_name][1] == 256 else 192
+    lin = GGMLLinear(random_weight(type_name, 96, cols, seed=m), None, None, int8)   # gate: 48 rows, up: 48
+    x = (torch.randn(m, cols, generator=torch.Generator().manual_seed(m)) * 3).to(dtype)
+    fused.library.cache_clear()   # fused.c at this level too (a process builds it once, at its own level)
+    try:
+        with torch.no_grad():
+            want = fused.silu_mul(lin.small(x, lin.lib, int8=int8, tiles=True))
+    finally:
+        fused.library.cache_clear()
+    assert torch.equal(lin.small(x, lin.lib, int8=int8, tiles=True, silu=True), want)
+    biased = GGMLLinear(lin.weight, torch.randn(96), None, int8)
+    with pytest.raises(ValueError, match="does not take"):
+        biased.small(x, biased.lib, int8=int8, silu=True)
+
+
 @pytest.mark.parametrize("type_name", PACKED_FORMATS)
 def test_exact_bf16_rows_past_16_take_the_tiles_not_a_dense_copy(type_name):
     """An exact linear of a bf16 model (the LM head) on AMX: more than 16 rows multiply on the tiles, the numerics

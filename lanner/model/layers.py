@@ -89,6 +89,13 @@ class Linear(nn.Linear):
             return self.base_forward(x)
         return self.lora.adapt_output(x, self.base_forward(self.lora.adapt_input(x)))
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this gate | up linear for x in one GGML kernel call (GGMLLinear.silu_mul), where no
+        adapter is in the batch; else None."""
+        from lanner.quant.ggml import GGMLLinear
+        plain = not torch.is_grad_enabled() and (self.lora is None or not self.lora.manager.batch)
+        return self.quantized.silu_mul(x) if plain and isinstance(self.quantized, GGMLLinear) else None
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return super().forward(x)

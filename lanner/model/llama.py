@@ -65,6 +65,9 @@ class MLP(nn.Module):
         self.silu = cfg.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.gate_up_proj.silu_mul(x) if self.silu else None
+        if act is not None:
+            return self.down_proj(act)
         gate_up = self.gate_up_proj(x)
         act = fused.silu_mul(gate_up) if self.silu else None
         if act is None:

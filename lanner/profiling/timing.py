@@ -28,8 +28,8 @@ COMPONENTS = {
     "kv_store": "backend.store_kv: new K/V into the paged cache (0 where fused.rope_store stores them)",
     "attention": "backend.attention: the attention core over the paged cache",
     "o_proj": "attention output projection",
-    "gate_up_proj": "fused gate/up projection",
-    "mlp_act": "silu(gate) * up (the MLP's own code)",
+    "gate_up_proj": "fused gate/up projection (and silu(gate) * up where one GGML kernel call does both)",
+    "mlp_act": "silu(gate) * up (the MLP's own code), where the projection does not",
     "down_proj": "MLP down projection",
     "attn_glue": "Attention.forward's own code (split, views)",
     "ssm_in_proj": "SSM mixer input projection (Mamba-2: x, z, B, C and dt in one)",
@@ -179,6 +179,7 @@ def instrument_transformer(model, timer: Timer, patch, time_forward) -> None:
         time_forward(layer.post_attention_layernorm, "norms")
         time_forward(mlp, "mlp_act")
         time_forward(mlp.gate_up_proj, "gate_up_proj")
+        patch(mlp.gate_up_proj, "silu_mul", timer.wrap(mlp.gate_up_proj.silu_mul, "gate_up_proj"))
         time_forward(mlp.down_proj, "down_proj")
         if layer.mamba is not None:   # a hybrid's SSM layer
             instrument_mixer(layer.mamba, timer, patch, time_forward)

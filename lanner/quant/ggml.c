@@ -17,6 +17,7 @@
 #include <string.h>
 #include <math.h>
 #include "../amx.h"
+#include "../vec16.h"
 #include "matmul.h"
 
 #define TILE 4   /* activation rows dotted with one decoded weight row together */
@@ -396,8 +397,8 @@ INLINE li dot(li acc, lb w, lb x) {   /* on plain arrays: GCC vectorizes these, 
 INLINE lb loadlb(const void *p) { lb v; memcpy(&v, p, sizeof v); return v; }
 INLINE li loadli(const void *p) { li v; memcpy(&v, p, sizeof v); return v; }
 INLINE lf loadlf(const void *p) { lf v; memcpy(&v, p, sizeof v); return v; }
-INLINE b16 load16(const uint8_t *p) { b16 v; memcpy(&v, p, 16); return v; }
-INLINE b32 load32(const uint8_t *p) { b32 v; memcpy(&v, p, 32); return v; }
+INLINE b16 load_bytes16(const uint8_t *p) { b16 v; memcpy(&v, p, 16); return v; }
+INLINE b32 load_bytes32(const uint8_t *p) { b32 v; memcpy(&v, p, 32); return v; }
 
 /* Per target, for the GB blocks of a group, stride bytes apart: their values from 16 bytes of nibble pairs
  * each (low nibbles first), the 0x10 bits of Q5_0 / Q5_1's fifth bits, their 32 bytes (Q8_0), their fp16
@@ -454,14 +455,14 @@ INLINE b32 fifth_bits(uint32_t qh) {
     return v;
 }
 #endif
-INLINE lb nibble_group(const uint8_t *qs, int stride) { (void)stride; return nibbles(load16(qs)); }
+INLINE lb nibble_group(const uint8_t *qs, int stride) { (void)stride; return nibbles(load_bytes16(qs)); }
 INLINE lb fifth_group(const uint8_t *qh, int stride) {
     uint32_t bits;
     (void)stride;
     memcpy(&bits, qh, 4);
     return fifth_bits(bits);
 }
-INLINE lb byte_group(const uint8_t *p, int stride) { (void)stride; return load32(p); }
+INLINE lb byte_group(const uint8_t *p, int stride) { (void)stride; return load_bytes32(p); }
 INLINE void scale_lanes(const uint8_t *p, int stride, lf *d, lf *m) {
     (void)stride;
     *d = (lf){0} + h2f(p);
@@ -518,12 +519,14 @@ static inline const void *row_of(const void *x, int64_t i, int64_t ld, int bf16)
 }
 
 /* Where a matmul's results go: y [M, ld], fp32 or bf16 (rounded to nearest even, as torch's .to() rounds), each
- * plus bias (fp32, or NULL) before the rounding */
+ * plus bias (fp32, or NULL) before the rounding; silu: the results are gate | up halves that go out as
+ * silu(gate) * up (silu_rows) */
 typedef struct {
     void *y;
     int64_t ld;
     int bf16;
     const float *bias;
+    int silu;
 } out_rows;
 
 /* results t [rows, width] (ldt apart) of output rows m.., columns n.. into o: the kernels work in fp32 tiles
@@ -540,6 +543,30 @@ static void store_tile(const float *t, int64_t ldt, int64_t rows, int64_t width,
             float *dst = (float *)o.y + at;
             for (int64_t i = 0; i < width; i++)
                 dst[i] = o.bias ? src[i] + o.bias[n + i] : src[i];
+        }
+    }
+}
+
+/* y[m + r, n + i] = silu(g) * u for r < rows, i < width: g = t[r * ldt + i] and u = t[r * ldt + up + i] (fp32 sums of
+ * a gate row and its up row) rounded as the separate ops round them -- to y's dtype (the gate_up output), then
+ * silu(g) to it again before the product (fused.c's silu_mul) -- so the fused call's results are theirs, bitwise */
+static void silu_rows(const float *t, int64_t ldt, int64_t up, int64_t rows, int64_t width, out_rows o, int64_t m,
+                      int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = t + r * ldt, *u = g + up;
+        const int64_t at = (m + r) * o.ld + n;
+        int64_t i = 0;
+        for (; i + NATIVE <= width; i += NATIVE) {
+            const vn gate = round_native(load_native(g, i, 0), o.bf16), upv = round_native(load_native(u, i, 0), o.bf16);
+            store_native(o.y, at + i, round_native(silu_native(gate), o.bf16) * upv, o.bf16);
+        }
+        for (; i < width; i++) {
+            const vn gate = round_native((vn){0} + g[i], o.bf16), upv = round_native((vn){0} + u[i], o.bf16);
+            const float v = (round_native(silu_native(gate), o.bf16) * upv)[0];
+            if (o.bf16)
+                ((uint16_t *)o.y)[at + i] = f2bf(v);
+            else
+                ((float *)o.y)[at + i] = v;
         }
     }
 }
@@ -1156,7 +1183,7 @@ INLINE void b_make(b_source src, int g, int64_t b, int64_t blocks, uint16_t *bt)
         b_tile(src.type, src.w + g * src.group + b * src.block, bt + 512 * (g * blocks + b));
 }
 
-/* A pair's results (t [rows, 32]: rows m.., columns n..) waiting to be stored. They go out a few rows at a time
+/* A pair's results (t [rows, 32]: rows m.., columns n.. of y) waiting to be stored. They go out a few rows at a time
  * while the next pair's first products run: loading them right after the tile stores waited for the tile unit to
  * drain, then left it idle while they were converted (bf16 TTFT at 512-2,048 tokens 1.01-1.04x). */
 typedef struct { const float *t; int64_t rows, m, n, done; } pending;
@@ -1164,10 +1191,13 @@ typedef struct { const float *t; int64_t rows, m, n, done; } pending;
 /* pending rows up to `upto` stored */
 INLINE void store_some(pending *s, out_rows o, int64_t upto) {
     const int64_t end = upto < s->rows ? upto : s->rows;
-    if (end > s->done) {
+    if (end <= s->done)
+        return;
+    if (o.silu)   /* the pair's groups are gate rows and their up rows: 16 outputs */
+        silu_rows(s->t + s->done * 32, 32, 16, end - s->done, 16, o, s->m + s->done, s->n);
+    else
         store_tile(s->t + s->done * 32, 32, end - s->done, 32, o, s->m + s->done, s->n);
-        s->done = end;
-    }
+    s->done = end;
 }
 
 /* rows [m, m + 32) of x (ld elements apart) against groups g, g + 1 (their B tiles bt, one per block, 1 KB each,
@@ -1239,6 +1269,8 @@ INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t bloc
 static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                            const uint16_t *x, int64_t ldx, int64_t M, out_rows o, int threads) {
     const int64_t blocks = K / 32, bytes = row_bytes / blocks, pairs = N / 32, whole = M / 32 * 32;
+    /* pair p: groups 2p and 2p + 1, or with silu group p of the gate rows and its up rows (N / 2 rows on) */
+    const int64_t first = o.silu ? 1 : 2, second = o.silu ? N / 2 : PACK_ROWS;
     int64_t chunk = AMX_ACT_BYTES / (2 * K) / 32 * 32;
     chunk = chunk < 32 ? 32 : chunk;
     uint16_t *tail = M > whole ? aligned_alloc(64, 32 * K * 2) : NULL;
@@ -1269,8 +1301,8 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
                 for (int64_t m = m0; m < m1; m += 32) {
                     const int64_t rows = m1 - m < 32 ? m1 - m : 32;
                     /* the chunk's first rows make the pair's B tiles, the others reuse them */
-                    const b_source src = {type, m == m0 ? packed + 2 * p * PACK_ROWS * row_bytes : NULL,
-                                          PACK_ROWS * row_bytes, PACK_ROWS * bytes};
+                    const b_source src = {type, m == m0 ? packed + first * p * PACK_ROWS * row_bytes : NULL,
+                                          second * row_bytes, PACK_ROWS * bytes};
                     float *out = t[cur];
                     if (m + 32 <= whole)
                         amx_pair(x + m * ldx, ldx, bt, blocks, out, src, &before, o);
@@ -1278,7 +1310,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
                         amx_single(tail, K, bt, blocks, out, src, &before, o);
                     else
                         amx_pair(tail, K, bt, blocks, out, src, &before, o);
-                    before = (pending){out, rows, m, 32 * p, 0};
+                    before = (pending){out, rows, m, first * PACK_ROWS * p, 0};
                     cur ^= 1;
                 }
             }
@@ -1366,21 +1398,43 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
     return failed;
 }
 
+int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
+                int flags);
+
+/* MATMUL_SILU_MUL where the kernel's tiles do not take it: gate | up [M, N] in fp32, then silu_rows. 1: out of memory */
+static int matmul_then_silu(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                            const void *x, int64_t ldx, int64_t M, out_rows o, int threads, int flags) {
+    float *sums = malloc(sizeof(float) * (M * N + 1));
+    int failed = !sums || ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, sums, N, NULL, threads,
+                                      flags & ~(MATMUL_SILU_MUL | MATMUL_Y_BF16));
+#pragma omp parallel for num_threads(threads) schedule(static) if (!failed && M > 1)
+    for (int64_t m = 0; m < (failed ? 0 : M); m++)
+        silu_rows(sums + m * N, N, N / 2, 1, N / 2, o, m, 0);
+    free(sums);
+    return failed;
+}
+
 /* y[m, n] = sum_k W[n, k] x[m, k] (+ bias[n]) for m < M, n < N; x [M, ldx] and y [M, ldy] fp32 or bf16 (flags),
  * bias fp32 or NULL. MATMUL_INT8: the rows of a format with an int8 path (and K a whole number of groups) run
  * on int8 activations, on `packed` (W as ggml_pack wrote it, or NULL) where given; else (or without it) the
  * result equals dequantize-then-matmul up to summation order, also reading `packed` where given. Returns 1 when
- * a buffer cannot be allocated, 2 for a type or K this file cannot take. */
+ * a buffer cannot be allocated, 2 for a type or K this file cannot take (or MATMUL_SILU_MUL with a bias). */
 int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                 const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
                 int flags) {
     if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
         return 2;
-    const int x_bf16 = !!(flags & MATMUL_X_BF16);
-    const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias};
+    const int x_bf16 = !!(flags & MATMUL_X_BF16), silu = !!(flags & MATMUL_SILU_MUL);
+    if (silu && (bias || N % 2))
+        return 2;
+    const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias, silu};
     int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
-    if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && M > AMX_BF16_ROWS && ggml_amx_bf16(type, N, K))
+    if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && M > AMX_BF16_ROWS && ggml_amx_bf16(type, N, K)
+        && (!silu || N / 2 % PACK_ROWS == 0))   /* (a pair takes a group of gate rows and its up rows) */
         return amx_bf16_matmul(type, packed, row_bytes, N, K, x, ldx, M, o, threads);
+    if (silu)   /* elsewhere the fp32 sums first, as the separate calls make them */
+        return matmul_then_silu(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
     if (flags & MATMUL_INT8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
     /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round

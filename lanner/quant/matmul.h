@@ -10,6 +10,8 @@
 #define MATMUL_Y_BF16 4   /* y is bf16 (rounded to nearest even after the bias), else fp32 */
 #define MATMUL_AMX_BF16 8   /* bf16 x: steps of more than AMX_BF16_ROWS rows multiply the weights rounded to bf16
                             * on AMX tiles, fp32 sums (where ggml_amx_bf16 says so) */
+#define MATMUL_SILU_MUL 16  /* W's rows are gate | up (N = 2I): y [M, I] = silu(gate) * up, rounded as the separate
+                             * ops round (gate and up to y's dtype, then silu to it); no bias */
 
 /* type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, bias, threads, flags */
 typedef int (*matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
