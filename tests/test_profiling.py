@@ -92,6 +92,20 @@ def test_component_times_add_up_to_an_independently_timed_step(profiled):
         assert r.model_ms + r.components_ms["sampling"] + r.overhead_ms == pytest.approx(r.step_ms)
 
 
+def test_a_one_call_decode_step_is_timed_by_part(profiled):
+    """A decode step the model runs in one C call (DecodeStep) is timed inside it, part by part (decode_layers'
+    timings): attention and the linears show as themselves, not as one opaque call in the model's glue."""
+    engine, results, _, _ = profiled
+    step = engine.runner.model.decode_step
+    assert type(step).__name__ == "DecodeStep" and step.timings is None   # the timed wrapper is gone
+    timed = [r for r in results if r.phase == "decode" and step.takes(r.batch, engine.runner.dtype)]
+    assert timed
+    for r in timed:
+        parts = r.components_ms
+        assert min(parts["attention"], parts["qkv_proj"], parts["o_proj"], parts["down_proj"], parts["norms"]) > 0
+        assert parts["model_glue"] < 0.25 * r.measured_ms, f"decode B={r.batch}: {parts}"
+
+
 def test_instrumentation_is_undone_and_the_engine_left_idle(profiled):
     engine, _, _, _ = profiled
     model = engine.runner.model
