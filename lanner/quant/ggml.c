@@ -1101,7 +1101,9 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     return 0;
 }
 
-#define AMX_BF16_ROWS 16   /* rows past which MATMUL_AMX_BF16 takes the tiles (up to them: the int8 or exact kernel) */
+#define AMX_BF16_ROWS 16   /* rows past which MATMUL_AMX_BF16 takes the tiles (up to them: the int8 kernel) */
+#define AMX_EXACT_ROWS 4   /* the same for calls without MATMUL_INT8: the exact kernel past 4 rows loses to the tiles
+                            * (the LM head at 5-16 rows 1.6-4.5 ms against 1.3, oneDNN's dense bf16 copy's time) */
 /* ---- bf16 activations on AMX tiles ------------------------------------------------------------------------- *
  * A bf16 model's big steps (MATMUL_AMX_BF16): each packed block of 16 weight rows is dequantized into bf16 as a B
  * tile (tile row r: every weight row's values 2r and 2r + 1, side by side), once per chunk of activation rows, and
@@ -1332,8 +1334,9 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
 
 /* The rows past which ggml_matmul takes MATMUL_AMX_BF16 calls of packed weights of this type and shape to the
  * tiles, or 0 where it never does (this build lacks the tile unit's bf16 path, or the process may not use it). */
-int ggml_amx_bf16(int type, int64_t N, int64_t K) {
-    return AMX_BF16 && packable(type) && N % 32 == 0 && K % 32 == 0 && N >= 32 && tiles_granted() ? AMX_BF16_ROWS : 0;
+int ggml_amx_bf16(int type, int64_t N, int64_t K, int int8) {
+    const int tiles = AMX_BF16 && packable(type) && N % 32 == 0 && K % 32 == 0 && N >= 32 && tiles_granted();
+    return tiles ? (int8 ? AMX_BF16_ROWS : AMX_EXACT_ROWS) : 0;
 }
 
 /* ---- exported ---------------------------------------------------------------------------------------- */
@@ -1430,7 +1433,8 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         return 2;
     const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias, silu};
     int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
-    if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && M > AMX_BF16_ROWS && ggml_amx_bf16(type, N, K)
+    const int tile_rows = ggml_amx_bf16(type, N, K, !!(flags & MATMUL_INT8));
+    if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && tile_rows && M > tile_rows
         && (!silu || N / 2 % PACK_ROWS == 0))   /* (a pair takes a group of gate rows and its up rows) */
         return amx_bf16_matmul(type, packed, row_bytes, N, K, x, ldx, M, o, threads);
     if (silu)   /* elsewhere the fp32 sums first, as the separate calls make them */

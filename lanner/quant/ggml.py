@@ -75,7 +75,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ggml_argmax.argtypes = [i, p, p, i64, i64, i64, p, i64, i64, i, p, i, p, i, p]
     lib.ggml_matmul.restype = lib.ggml_dequantize.restype = lib.ggml_pack.restype = ctypes.c_int
     lib.ggml_argmax.restype = ctypes.c_int
-    lib.ggml_amx_bf16.argtypes = [i, i64, i64]
+    lib.ggml_amx_bf16.argtypes = [i, i64, i64, i]
     lib.ggml_amx_bf16.restype = ctypes.c_int
     return lib
 
@@ -185,8 +185,9 @@ class GGMLLinear:
         self.int8 = int8 and int8_activations()
         self.packed = self._pack() if self.lib is not None else None
         # bf16 steps of more than amx_rows rows on AMX tiles (where this build and the CPU have them): the weights
-        # rounded to bf16, fp32 sums -- a dense bf16 copy's numerics, so the exact path's large steps take them too
-        self.amx_rows = self.lib.ggml_amx_bf16(weight.type_id, *weight.shape) if self.packed is not None else 0
+        # rounded to bf16, fp32 sums -- a dense bf16 copy's numerics, so the exact path's steps past 4 rows take them
+        # too (and no copy is made for them)
+        self.amx_rows = self.lib.ggml_amx_bf16(weight.type_id, *weight.shape, self.int8) if self.packed is not None else 0
         self._row_norms = None
 
     @property
