@@ -238,12 +238,13 @@ def test_bf16_rows_past_16_on_amx_tiles_equal_bf16_weights_times_them(type_name,
 # 1-16 rows on the int8 or exact kernel; past 16 bf16 rows the tiles' pairs (a gate group and its up group): a
 # partial 32 alone, 32 and a last 16 or fewer, several chunks of rows
 @pytest.mark.parametrize("m", [1, 5, 17, 47, 300])
-def test_silu_mul_in_the_matmul_equals_the_two_calls_on_every_level(level, type_name, dtype, int8, m):
-    """MATMUL_SILU_MUL (a gate | up linear's silu(gate) * up from one call that never writes gate | up) is bitwise
-    the matmul then fused.silu_mul, on every path and level; with a bias it is refused."""
+@pytest.mark.parametrize("rows", [96, 72])   # gate and up of 48 rows (the tiles' pairs), of 36 (rows past the groups)
+def test_silu_mul_in_the_matmul_equals_the_two_calls_on_every_level(level, type_name, dtype, int8, m, rows):
+    """MATMUL_SILU_MUL (a gate | up linear's silu(gate) * up from one call; on the tiles gate | up is never written)
+    is bitwise the matmul then fused.silu_mul, on every path and level; with a bias it is refused."""
     from lanner.model import fused
     cols = 512 if BLOCKS[type_name][1] == 256 else 192
-    lin = GGMLLinear(random_weight(type_name, 96, cols, seed=m), None, None, int8)   # gate: 48 rows, up: 48
+    lin = GGMLLinear(random_weight(type_name, rows, cols, seed=m), None, None, int8)
     x = (torch.randn(m, cols, generator=torch.Generator().manual_seed(m)) * 3).to(dtype)
     fused.library.cache_clear()   # fused.c at this level too (a process builds it once, at its own level)
     try:
@@ -252,7 +253,8 @@ def test_silu_mul_in_the_matmul_equals_the_two_calls_on_every_level(level, type_
     finally:
         fused.library.cache_clear()
     assert torch.equal(lin.small(x, lin.lib, int8=int8, tiles=True, silu=True), want)
-    biased = GGMLLinear(lin.weight, torch.randn(96), None, int8)
+    assert lin.silu_mul(x.half()) is None   # fp16 rows: the two calls (their fp16 roundings)
+    biased = GGMLLinear(lin.weight, torch.randn(rows), None, int8)
     with pytest.raises(ValueError, match="does not take"):
         biased.small(x, biased.lib, int8=int8, silu=True)
 

@@ -13,26 +13,6 @@
 #include "../quant/matmul.h"
 #include "../vec16.h"
 
-/* Rows from which a per-row step splits its rows over the threads (OpenMP's, which PyTorch's thread count sets):
- * below, the fork costs more than it saves. A batch's decode step of 64 rows spent more time in its serial norms,
- * conversions and rotary than in its GEMMs. Each row is computed as alone, so results do not depend on the split. */
-#define PAR_ROWS 8
-
-/* body for rows t = 0 .. T-1, split over `threads` threads from PAR_ROWS rows. Fewer run on the calling thread
- * without entering OpenMP at all: a region whose if clause is false still builds and frees a team of one, 0.8 us
- * a call on Zen 3, and a batch-1 decode step made six such calls a layer. */
-#define FOR_ROWS(T, threads, ...)                                                                                \
-    do {                                                                                                        \
-        const int64_t rows_ = (T);                                                                              \
-        const int threads_ = (threads);                                                                         \
-        if (rows_ >= PAR_ROWS) {                                                                                \
-            _Pragma("omp parallel for schedule(static) num_threads(threads_)")                                 \
-            for (int64_t t = 0; t < rows_; t++) { __VA_ARGS__; }                                                \
-        } else {                                                                                                \
-            for (int64_t t = 0; t < rows_; t++) { __VA_ARGS__; }                                                \
-        }                                                                                                       \
-    } while (0)
-
 static inline float load(const void *p, int64_t i, int bf16) {
     if (!bf16)
         return ((const float *)p)[i];
@@ -142,11 +122,11 @@ void silu_mul(const void *x, void *out, int64_t T, int64_t I, int bf16) {
         int64_t i = 0;
         for (; i + NATIVE <= I; i += NATIVE) {
             vn g = load_native(x, t * 2 * I + i, bf16), u = load_native(x, t * 2 * I + I + i, bf16);
-            store_native(out, t * I + i, round_native(silu_native(g), bf16) * u, bf16);
+            store_native(out, t * I + i, silu_times(g, u, bf16), bf16);
         }
         for (; i < I; i++) {
-            vn g = (vn){0} + load(x, t * 2 * I + i, bf16);
-            store(out, t * I + i, round_to(silu_native(g)[0], bf16) * load(x, t * 2 * I + I + i, bf16), bf16);
+            vn g = (vn){0} + load(x, t * 2 * I + i, bf16), u = (vn){0} + load(x, t * 2 * I + I + i, bf16);
+            store(out, t * I + i, silu_times(g, u, bf16)[0], bf16);
         }
     });
 }
@@ -231,7 +211,7 @@ typedef struct {
 } DecodeStep;
 
 /* the parts of a step the profiler sees (decode_step.STEP_PARTS names them in this order) */
-enum { NORMS, QKV_PROJ, ROTARY, ATTENTION, O_PROJ, GATE_UP_PROJ, MLP_ACT, DOWN_PROJ, LM_HEAD };
+enum { PART_NORMS, PART_QKV, PART_ROTARY, PART_ATTENTION, PART_O, PART_GATE_UP, PART_MLP_ACT, PART_DOWN, PART_HEAD };
 
 /* run `call`, its seconds added to part's timing where the step is timed */
 #define TIMED(part, call)                                                                                             \
@@ -350,16 +330,20 @@ static void adapter_rows(const DecodeStep *s, const GGMLLinear *l, int *ranks, i
     }
 }
 
-/* silu(gate) * up of the MLP's input h into a [T, I] in one matmul call (MATMUL_SILU_MUL: the gate_up output is
- * never written), where no row adapts gate_up and it has no bias; else 0 and nothing done */
+/* the matmul flags of linear l's call in step s: its own, and the activations' dtype in and (unless y_fp32) out */
+static int matmul_flags(const DecodeStep *s, const GGMLLinear *l, int y_fp32) {
+    return l->flags | (s->bf16 ? MATMUL_X_BF16 : 0) | (s->bf16 && !y_fp32 ? MATMUL_Y_BF16 : 0);
+}
+
+/* silu(gate) * up of the MLP's input h into a [T, I] in one matmul call (MATMUL_SILU_MUL: on the tiles the gate_up
+ * output is never written), where no row adapts gate_up and it has no bias; else 0 and nothing done */
 static int fused_silu(const DecodeStep *s, const GGMLLinear *l, const void *h, void *a, int *failed) {
     int ranks = 0, inputs = 0, outputs = 0;
     adapter_rows(s, l, &ranks, &inputs, &outputs);
     if (ranks || inputs || outputs || l->bias)
         return 0;
-    const int flags = l->flags | MATMUL_SILU_MUL | (s->bf16 ? MATMUL_X_BF16 | MATMUL_Y_BF16 : 0);
     *failed |= s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, h, l->k, s->T, a, l->n / 2, NULL,
-                         s->threads, flags);
+                         s->threads, matmul_flags(s, l, 0) | MATMUL_SILU_MUL);
     return 1;
 }
 
@@ -367,8 +351,7 @@ static int fused_silu(const DecodeStep *s, const GGMLLinear *l, const void *h, v
  * GGMLLinear.small: in fp32, rounded once at the end), with the rows' adapters applied as Linear.forward applies
  * them: IA3 input scales on a copy of x, then LoRA deltas (from x unscaled) and IA3 output scales */
 static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, int y_fp32) {
-    const int flags = l->flags | (s->bf16 ? MATMUL_X_BF16 : 0)
-                      | (s->bf16 && !y_fp32 ? MATMUL_Y_BF16 : 0);
+    const int flags = matmul_flags(s, l, y_fp32);
     int ranks = 0, inputs = 0, outputs = 0;   /* rows with each kind of adapter on this linear (not the head's) */
     if (!y_fp32)
         adapter_rows(s, l, &ranks, &inputs, &outputs);
@@ -463,26 +446,26 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
     memcpy(residual, x, T * H * es);
     for (int i = 0; i < num_layers && !failed; i++) {
         const DecoderLayer *l = &layers[i];
-        TIMED(NORMS, rms_norm(x, i ? residual : NULL, l->input_norm, h, T, H, s->eps, s->bf16));
-        TIMED(QKV_PROJ, failed |= linear(s, &l->qkv, h, qkv, 0));
+        TIMED(PART_NORMS, rms_norm(x, i ? residual : NULL, l->input_norm, h, T, H, s->eps, s->bf16));
+        TIMED(PART_QKV, failed |= linear(s, &l->qkv, h, qkv, 0));
         if (l->q_norm)
-            TIMED(NORMS, norm_heads(s, l, qkv));
-        TIMED(ROTARY, rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache, s->bf16,
-                                 s->kv_bf16));
-        TIMED(ATTENTION, failed |= attend(s, l, qkv, attn, qf, qb, of, lse));
-        TIMED(O_PROJ, failed |= linear(s, &l->o, attn, x, 0));
-        TIMED(NORMS, rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16));
+            TIMED(PART_NORMS, norm_heads(s, l, qkv));
+        TIMED(PART_ROTARY, rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache,
+                                      s->bf16, s->kv_bf16));
+        TIMED(PART_ATTENTION, failed |= attend(s, l, qkv, attn, qf, qb, of, lse));
+        TIMED(PART_O, failed |= linear(s, &l->o, attn, x, 0));
+        TIMED(PART_NORMS, rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16));
         int fused = 0;   /* (the profiler then sees the activation inside gate_up's time) */
-        TIMED(GATE_UP_PROJ, fused = fused_silu(s, &l->gate_up, h, a, &failed));
+        TIMED(PART_GATE_UP, fused = fused_silu(s, &l->gate_up, h, a, &failed));
         if (!fused) {
-            TIMED(GATE_UP_PROJ, failed |= linear(s, &l->gate_up, h, gu, 0));
-            TIMED(MLP_ACT, silu_mul(gu, a, T, I, s->bf16));
+            TIMED(PART_GATE_UP, failed |= linear(s, &l->gate_up, h, gu, 0));
+            TIMED(PART_MLP_ACT, silu_mul(gu, a, T, I, s->bf16));
         }
-        TIMED(DOWN_PROJ, failed |= linear(s, &l->down, a, x, 0));
+        TIMED(PART_DOWN, failed |= linear(s, &l->down, a, x, 0));
     }
-    TIMED(NORMS, rms_norm(x, residual, s->final_norm, out, T, H, s->eps, s->bf16));
+    TIMED(PART_NORMS, rms_norm(x, residual, s->final_norm, out, T, H, s->eps, s->bf16));
     if (s->logits && !failed)
-        TIMED(LM_HEAD, failed |= head_logits(s, out));
+        TIMED(PART_HEAD, failed |= head_logits(s, out));
     free(act), free(f), free(qb);
     return failed;
 }

@@ -65,15 +65,19 @@ class MLP(nn.Module):
         self.silu = cfg.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation(x))
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up (GeGLU's gelu): from the gate_up call itself where its kernel gives it, else after it"""
         act = self.gate_up_proj.silu_mul(x) if self.silu else None
         if act is not None:
-            return self.down_proj(act)
+            return act
         gate_up = self.gate_up_proj(x)
         act = fused.silu_mul(gate_up) if self.silu else None
-        if act is None:
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = (nn.functional.silu(gate) if self.silu else nn.functional.gelu(gate, approximate="tanh")) * up
-        return self.down_proj(act)
+        if act is not None:
+            return act
+        gate, up = gate_up.chunk(2, dim=-1)
+        return (nn.functional.silu(gate) if self.silu else nn.functional.gelu(gate, approximate="tanh")) * up
 
 
 class DecoderLayer(nn.Module):

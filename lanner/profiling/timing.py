@@ -22,7 +22,7 @@ COMPONENTS = {
     "schedule": "Scheduler.schedule",
     "prepare_inputs": "ModelRunner.prepare: packed inputs + AttentionMetadata",
     "embedding": "embed_tokens",
-    "norms": "input / post-attention / final RMSNorm (with the residual add)",
+    "norms": "input / post-attention / final RMSNorm (with the residual add; q/k head norms in the one-call step)",
     "qkv_proj": "fused QKV projection",
     "rotary": "rotary embedding of q and k (and the KV store, where fused.rope_store does both)",
     "kv_store": "backend.store_kv: new K/V into the paged cache (0 where fused.rope_store stores them)",
@@ -123,7 +123,8 @@ class _TimedDecodeStep:
             return step(*args, **kwargs)
         finally:
             for name, seconds in zip(STEP_PARTS, step.timings.tolist()):
-                self._timer.add(name, seconds)
+                if seconds:   # (a part the step did not run: no call)
+                    self._timer.add(name, seconds)
             step.timings = None
 
     def __getattr__(self, name):

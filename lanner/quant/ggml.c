@@ -547,22 +547,25 @@ static void store_tile(const float *t, int64_t ldt, int64_t rows, int64_t width,
     }
 }
 
-/* y[m + r, n + i] = silu(g) * u for r < rows, i < width: g = t[r * ldt + i] and u = t[r * ldt + up + i] (fp32 sums of
- * a gate row and its up row) rounded as the separate ops round them -- to y's dtype (the gate_up output), then
- * silu(g) to it again before the product (fused.c's silu_mul) -- so the fused call's results are theirs, bitwise */
-static void silu_rows(const float *t, int64_t ldt, int64_t up, int64_t rows, int64_t width, out_rows o, int64_t m,
-                      int64_t n) {
+/* y[m + r, n + i] = silu(g) * u for r < rows, i < width: g and u the sums of a gate row and its up row at t + r * ldt
+ * + i and up elements on (fp32, or bf16: t_bf16), rounded to y's dtype first as the gate_up output is, so the
+ * results are the separate calls', bitwise (silu_times) */
+static void silu_rows(const void *t, int t_bf16, int64_t ldt, int64_t up, int64_t rows, int64_t width, out_rows o,
+                      int64_t m, int64_t n) {
     for (int64_t r = 0; r < rows; r++) {
-        const float *g = t + r * ldt, *u = g + up;
-        const int64_t at = (m + r) * o.ld + n;
+        const int64_t g = r * ldt, at = (m + r) * o.ld + n;
         int64_t i = 0;
         for (; i + NATIVE <= width; i += NATIVE) {
-            const vn gate = round_native(load_native(g, i, 0), o.bf16), upv = round_native(load_native(u, i, 0), o.bf16);
-            store_native(o.y, at + i, round_native(silu_native(gate), o.bf16) * upv, o.bf16);
+            const vn gate = round_native(load_native(t, g + i, t_bf16), o.bf16);
+            const vn upv = round_native(load_native(t, g + up + i, t_bf16), o.bf16);
+            store_native(o.y, at + i, silu_times(gate, upv, o.bf16), o.bf16);
         }
         for (; i < width; i++) {
-            const vn gate = round_native((vn){0} + g[i], o.bf16), upv = round_native((vn){0} + u[i], o.bf16);
-            const float v = (round_native(silu_native(gate), o.bf16) * upv)[0];
+            const uint16_t *tb = t;
+            const float *tf = t;
+            const vn gate = round_native((vn){0} + (t_bf16 ? bf2f(tb[g + i]) : tf[g + i]), o.bf16);
+            const vn upv = round_native((vn){0} + (t_bf16 ? bf2f(tb[g + up + i]) : tf[g + up + i]), o.bf16);
+            const float v = silu_times(gate, upv, o.bf16)[0];
             if (o.bf16)
                 ((uint16_t *)o.y)[at + i] = f2bf(v);
             else
@@ -1102,8 +1105,8 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
 }
 
 #define AMX_BF16_ROWS 16   /* rows past which MATMUL_AMX_BF16 takes the tiles (up to them: the int8 kernel) */
-#define AMX_EXACT_ROWS 4   /* the same for calls without MATMUL_INT8: the exact kernel past 4 rows loses to the tiles
-                            * (the LM head at 5-16 rows 1.6-4.5 ms against 1.3, oneDNN's dense bf16 copy's time) */
+#define AMX_EXACT_ROWS 4   /* the same for calls without MATMUL_INT8: past 4 rows the exact kernel loses to the tiles
+                            * (the LM head at 5-16 rows 1.6-4.5 ms, on the tiles 1.27-1.31) */
 /* ---- bf16 activations on AMX tiles ------------------------------------------------------------------------- *
  * A bf16 model's big steps (MATMUL_AMX_BF16): each packed block of 16 weight rows is dequantized into bf16 as a B
  * tile (tile row r: every weight row's values 2r and 2r + 1, side by side), once per chunk of activation rows, and
@@ -1185,9 +1188,10 @@ INLINE void b_make(b_source src, int g, int64_t b, int64_t blocks, uint16_t *bt)
         b_tile(src.type, src.w + g * src.group + b * src.block, bt + 512 * (g * blocks + b));
 }
 
-/* A pair's results (t [rows, 32]: rows m.., columns n.. of y) waiting to be stored. They go out a few rows at a time
- * while the next pair's first products run: loading them right after the tile stores waited for the tile unit to
- * drain, then left it idle while they were converted (bf16 TTFT at 512-2,048 tokens 1.01-1.04x). */
+/* A pair's results (t [rows, 32]: rows m.., columns n.. of y; with silu the pair's gates and ups, for 16 outputs)
+ * waiting to be stored. They go out a few rows at a time while the next pair's first products run: loading them
+ * right after the tile stores waited for the tile unit to drain, then left it idle while they were converted (bf16
+ * TTFT at 512-2,048 tokens 1.01-1.04x). */
 typedef struct { const float *t; int64_t rows, m, n, done; } pending;
 
 /* pending rows up to `upto` stored */
@@ -1196,7 +1200,7 @@ INLINE void store_some(pending *s, out_rows o, int64_t upto) {
     if (end <= s->done)
         return;
     if (o.silu)   /* the pair's groups are gate rows and their up rows: 16 outputs */
-        silu_rows(s->t + s->done * 32, 32, 16, end - s->done, 16, o, s->m + s->done, s->n);
+        silu_rows(s->t + s->done * 32, 0, 32, 16, end - s->done, 16, o, s->m + s->done, s->n);
     else
         store_tile(s->t + s->done * 32, 32, end - s->done, 32, o, s->m + s->done, s->n);
     s->done = end;
@@ -1265,14 +1269,15 @@ INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t bloc
     _tile_stored(1, t + 16, 128);
 }
 
-/* y = W x for bf16 x [M, ldx] and packed W (N a multiple of 32), on the tile unit. Rows go a chunk at a time
- * (AMX_ACT_BYTES) against every pair of groups, whose B tiles are made once per chunk; a last partial 32 rows
- * from a zero-padded copy. 1: out of memory */
+/* y = W x for bf16 x [M, ldx] and packed W (N a multiple of 32), on the tile unit (o.silu: silu(gate) * up of its
+ * gate | up rows). Rows go a chunk at a time (AMX_ACT_BYTES) against every pair of groups, whose B tiles are made
+ * once per chunk; a last partial 32 rows from a zero-padded copy. 1: out of memory */
 static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                            const uint16_t *x, int64_t ldx, int64_t M, out_rows o, int threads) {
     const int64_t blocks = K / 32, bytes = row_bytes / blocks, pairs = N / 32, whole = M / 32 * 32;
-    /* pair p: groups 2p and 2p + 1, or with silu group p of the gate rows and its up rows (N / 2 rows on) */
-    const int64_t first = o.silu ? 1 : 2, second = o.silu ? N / 2 : PACK_ROWS;
+    /* pair p: groups 2p and 2p + 1 (outputs 32p..), or with silu group p of the gate rows and its up rows N / 2 rows
+     * on (outputs 16p..) */
+    const int64_t groups_per_pair = o.silu ? 1 : 2, partner_rows = o.silu ? N / 2 : PACK_ROWS;
     int64_t chunk = AMX_ACT_BYTES / (2 * K) / 32 * 32;
     chunk = chunk < 32 ? 32 : chunk;
     uint16_t *tail = M > whole ? aligned_alloc(64, 32 * K * 2) : NULL;
@@ -1303,8 +1308,8 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
                 for (int64_t m = m0; m < m1; m += 32) {
                     const int64_t rows = m1 - m < 32 ? m1 - m : 32;
                     /* the chunk's first rows make the pair's B tiles, the others reuse them */
-                    const b_source src = {type, m == m0 ? packed + first * p * PACK_ROWS * row_bytes : NULL,
-                                          second * row_bytes, PACK_ROWS * bytes};
+                    const b_source src = {type, m == m0 ? packed + groups_per_pair * p * PACK_ROWS * row_bytes : NULL,
+                                          partner_rows * row_bytes, PACK_ROWS * bytes};
                     float *out = t[cur];
                     if (m + 32 <= whole)
                         amx_pair(x + m * ldx, ldx, bt, blocks, out, src, &before, o);
@@ -1312,7 +1317,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
                         amx_single(tail, K, bt, blocks, out, src, &before, o);
                     else
                         amx_pair(tail, K, bt, blocks, out, src, &before, o);
-                    before = (pending){out, rows, m, first * PACK_ROWS * p, 0};
+                    before = (pending){out, rows, m, groups_per_pair * PACK_ROWS * p, 0};
                     cur ^= 1;
                 }
             }
@@ -1334,6 +1339,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
 
 /* The rows past which ggml_matmul takes MATMUL_AMX_BF16 calls of packed weights of this type and shape to the
  * tiles, or 0 where it never does (this build lacks the tile unit's bf16 path, or the process may not use it). */
+/* (int8: for calls with MATMUL_INT8, which the int8 kernel takes up to more rows than the exact one) */
 int ggml_amx_bf16(int type, int64_t N, int64_t K, int int8) {
     const int tiles = AMX_BF16 && packable(type) && N % 32 == 0 && K % 32 == 0 && N >= 32 && tiles_granted();
     return tiles ? (int8 ? AMX_BF16_ROWS : AMX_EXACT_ROWS) : 0;
@@ -1405,15 +1411,16 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
                 const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
                 int flags);
 
-/* MATMUL_SILU_MUL where the kernel's tiles do not take it: gate | up [M, N] in fp32, then silu_rows. 1: out of memory */
+/* MATMUL_SILU_MUL where the tiles do not take it: gate | up [M, N] in y's dtype (as the separate call writes it),
+ * then silu_rows row by row. 1: out of memory */
 static int matmul_then_silu(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                             const void *x, int64_t ldx, int64_t M, out_rows o, int threads, int flags) {
-    float *sums = malloc(sizeof(float) * (M * N + 1));
-    int failed = !sums || ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, sums, N, NULL, threads,
-                                      flags & ~(MATMUL_SILU_MUL | MATMUL_Y_BF16));
-#pragma omp parallel for num_threads(threads) schedule(static) if (!failed && M > 1)
-    for (int64_t m = 0; m < (failed ? 0 : M); m++)
-        silu_rows(sums + m * N, N, N / 2, 1, N / 2, o, m, 0);
+    const int64_t es = o.bf16 ? 2 : 4;
+    char *sums = malloc(es * (M * N + 1));
+    const int failed = sums ? ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, sums, N, NULL, threads,
+                                          flags & ~MATMUL_SILU_MUL) : 1;
+    if (!failed)
+        FOR_ROWS(M, threads, silu_rows(sums + t * N * es, o.bf16, N, N / 2, 1, N / 2, o, t, 0));
     free(sums);
     return failed;
 }

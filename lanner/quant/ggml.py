@@ -8,8 +8,8 @@ kernel as a GEMM, tiles of rows against each group of packed weights while it is
 steps of more than 16 rows of Q4_0 / Q4_1 / Q8_0 run on the tile unit instead (the packed blocks dequantized into
 bf16 tiles: the numerics of a dense bf16 copy, docs/quantization.md "AMX"). With
 LANNER_EXACT_LINEARS=1 activations stay fp32 (exact: dequantize-then-matmul up to summation order) up to
-SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step (bf16 steps past 16
-rows: the AMX tiles, the same numerics), as do formats without an int8 path (and any weight given
+SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step (bf16 steps on a CPU
+with AMX: the tiles instead, the same numerics, and no copy), as do formats without an int8 path (and any weight given
 dense_gemm_weights=True, the tiles then left out); without one, chunks of rows are dequantized into a scratch
 buffer per call. The LM head (exact) takes the same routes.
 HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1), or kept
@@ -51,7 +51,7 @@ SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 64, 1 << 62
 # the one-call decode step, whose rows the head's limit sets). oneDNN's native bf16 wins from 4-8 rows.
 EXACT_PACKED_ROWS = {(torch.float32, "Q8_0"): 64, (torch.float32, "Q4_0"): 32, (torch.float32, "Q4_1"): 32}
 # ggml_matmul's flags (matmul.h): int8 activations; bf16 rows in and out (results in fp32 plus the bias, then
-# rounded once, as y.to(bfloat16) rounds)
+# rounded once, as y.to(bfloat16) rounds); bf16 steps on AMX tiles; silu(gate) * up of a gate | up linear
 MATMUL_INT8, MATMUL_BF16_IO, MATMUL_AMX_BF16, MATMUL_SILU_MUL = 1, 2 | 4, 8, 16
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 # rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
@@ -186,8 +186,9 @@ class GGMLLinear:
         self.packed = self._pack() if self.lib is not None else None
         # bf16 steps of more than amx_rows rows on AMX tiles (where this build and the CPU have them): the weights
         # rounded to bf16, fp32 sums -- a dense bf16 copy's numerics, so the exact path's steps past 4 rows take them
-        # too (and no copy is made for them)
-        self.amx_rows = self.lib.ggml_amx_bf16(weight.type_id, *weight.shape, self.int8) if self.packed is not None else 0
+        # too (and no copy is made for them). (The rows of calls as this linear makes them: int8 or exact.)
+        tiles = self.packed is not None
+        self.amx_rows = self.lib.ggml_amx_bf16(weight.type_id, *weight.shape, self.int8) if tiles else 0
         self._row_norms = None
 
     @property
@@ -261,11 +262,12 @@ class GGMLLinear:
         return y.to(x.dtype)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(gate) * up of this gate | up linear's output for x, in one kernel call that never writes the output
-        (1.2-1.5x the two calls at 24-2,048 bf16 rows on AMX tiles), bitwise theirs; None where the kernel does not
-        take these rows or there is a bias."""
+        """silu(gate) * up of this gate | up linear's output for fp32 or bf16 rows x in one kernel call, bitwise the
+        two calls' (on AMX tiles the output is never written: 1.2-1.5x the two calls at 24-2,048 bf16 rows); None
+        where the kernel does not take these rows or dtype, or there is a bias."""
         x2 = x.reshape(-1, x.shape[-1])
-        if self.lib is None or self.bias is not None or not self.takes(x2.shape[0], x2.dtype):
+        if (self.lib is None or self.bias is not None or x2.dtype not in (torch.float32, torch.bfloat16)
+                or not self.takes(x2.shape[0], x2.dtype)):
             return None
         y = self.small(x2, self.lib, self.int8, tiles=True, silu=True)
         return y.view(*x.shape[:-1], y.shape[-1])

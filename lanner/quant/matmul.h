@@ -8,8 +8,8 @@
 #define MATMUL_INT8 1     /* may run on int8 activations (formats that have the path) */
 #define MATMUL_X_BF16 2   /* x is bf16, else fp32 */
 #define MATMUL_Y_BF16 4   /* y is bf16 (rounded to nearest even after the bias), else fp32 */
-#define MATMUL_AMX_BF16 8   /* bf16 x: steps of more than AMX_BF16_ROWS rows multiply the weights rounded to bf16
-                            * on AMX tiles, fp32 sums (where ggml_amx_bf16 says so) */
+#define MATMUL_AMX_BF16 8   /* bf16 x: steps of more rows than ggml_amx_bf16 gives (16 with MATMUL_INT8, else 4)
+                            * multiply the weights rounded to bf16 on AMX tiles, fp32 sums */
 #define MATMUL_SILU_MUL 16  /* W's rows are gate | up (N = 2I): y [M, I] = silu(gate) * up, rounded as the separate
                              * ops round (gate and up to y's dtype, then silu to it); no bias */
 
