@@ -1441,10 +1441,9 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
     const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias, silu};
     int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
     const int tile_rows = ggml_amx_bf16(type, N, K, !!(flags & MATMUL_INT8));
-    if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && tile_rows && M > tile_rows
-        && (!silu || N / 2 % PACK_ROWS == 0))   /* (a pair takes a group of gate rows and its up rows) */
+    if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && tile_rows && M > tile_rows)   /* (N / 2: whole groups) */
         return amx_bf16_matmul(type, packed, row_bytes, N, K, x, ldx, M, o, threads);
-    if (silu)   /* elsewhere the fp32 sums first, as the separate calls make them */
+    if (silu)   /* elsewhere gate | up first, as the separate call writes it */
         return matmul_then_silu(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
     if (flags & MATMUL_INT8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
