@@ -1188,10 +1188,23 @@ INLINE void b_make(b_source src, int g, int64_t b, int64_t blocks, uint16_t *bt)
         b_tile(src.type, src.w + g * src.group + b * src.block, bt + 512 * (g * blocks + b));
 }
 
+/* Activation rows (ld elements apart) into tile t. Read once per pair, they come with the streaming hint where the
+ * pair's B tiles (2 KB a block) fit L1 beside them, so they no longer push those out (K = 576 at 2,048 rows
+ * 1.2-1.3x); past that (K = 1,536: 96 KB) the B tiles live in L2 either way and the hint cost 1.04x. */
+#define STREAM_BLOCKS 20
+#define load_rows(t, x, ld, blocks)                \
+    do {                                           \
+        if ((blocks) <= STREAM_BLOCKS)             \
+            _tile_stream_loadd(t, x, (ld) * 2);    \
+        else                                       \
+            _tile_loadd(t, x, (ld) * 2);           \
+    } while (0)
+
 /* A pair's results (t [rows, 32]: rows m.., columns n.. of y; with silu the pair's gates and ups, for 16 outputs)
- * waiting to be stored. They go out a few rows at a time while the next pair's first products run: loading them
- * right after the tile stores waited for the tile unit to drain, then left it idle while they were converted (bf16
- * TTFT at 512-2,048 tokens 1.01-1.04x). */
+ * waiting to be stored. They go out a few rows at a time while the next pair's products run, spread over all its
+ * blocks: loading them right after the tile stores waited for the tile unit to drain, then left it idle while they
+ * were converted (bf16 TTFT at 512-2,048 tokens 1.01-1.04x); spread over the first 4 blocks only, the silu's
+ * vector work outran the products there (30 layers' gate_up + silu at 2,048 rows 1.16x spread over all). */
 typedef struct { const float *t; int64_t rows, m, n, done; } pending;
 
 /* pending rows up to `upto` stored */
@@ -1221,9 +1234,9 @@ INLINE void amx_pair(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks
     b_make(src, 1, 0, blocks, bt);
     /* a tile is loaded again right after its last product: the tile unit has no renaming, so a load waits for
      * the products that read the tile it overwrites */
-    _tile_loadd(4, x, ld * 2);
+    load_rows(4, x, ld, blocks);
     _tile_loadd(6, bt, 64);
-    _tile_loadd(5, x + 16 * ld, ld * 2);
+    load_rows(5, x + 16 * ld, ld, blocks);
     _tile_loadd(7, bt + 512 * blocks, 64);
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t next = b + 1 < blocks ? b + 1 : b;
@@ -1232,12 +1245,12 @@ INLINE void amx_pair(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks
         b_make(src, 0, b + 1, blocks, bt);
         _tile_loadd(6, bt + 512 * next, 64);
         _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(4, x + 32 * next, ld * 2);
+        load_rows(4, x + 32 * next, ld, blocks);
         _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(5, x + 16 * ld + 32 * next, ld * 2);
+        load_rows(5, x + 16 * ld + 32 * next, ld, blocks);
         b_make(src, 1, b + 1, blocks, bt);
         _tile_loadd(7, bt + 512 * (blocks + next), 64);
-        store_some(before, o, 8 * (b + 1));
+        store_some(before, o, (32 * (b + 1) + blocks - 1) / blocks);
     }
     store_some(before, o, 32);
     _tile_stored(0, t, 128);
@@ -1255,14 +1268,14 @@ INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t bloc
     b_make(src, 0, 0, blocks, bt);
     b_make(src, 1, 0, blocks, bt);
     for (int64_t b = 0; b < blocks; b++) {
-        _tile_loadd(4, x + 32 * b, ld * 2);
+        load_rows(4, x + 32 * b, ld, blocks);
         _tile_loadd(6, bt + 512 * b, 64);
         _tile_loadd(7, bt + 512 * (blocks + b), 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         b_make(src, 0, b + 1, blocks, bt);
         b_make(src, 1, b + 1, blocks, bt);
-        store_some(before, o, 8 * (b + 1));
+        store_some(before, o, (32 * (b + 1) + blocks - 1) / blocks);
     }
     store_some(before, o, 32);
     _tile_stored(0, t, 128);
