@@ -51,7 +51,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     """q [T, Hq, D] -> out [T, Hq, D] (and lse [T, Hq] in fp32 when asked). Fully masked rows give 0.
     window (sliding-window attention) and softcap (score soft-capping) as in reference.attention."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = torch.empty(q.shape, dtype=torch.float32)
+    # out in q's dtype where the kernel writes it (fp32 or bf16): no fp32 copy to convert after
+    out = torch.empty(q.shape, dtype=q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     short, prompts, launch = _step_plan(q, k_cache, meta, window)
     if launch is not None:

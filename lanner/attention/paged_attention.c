@@ -34,6 +34,7 @@
 #define WIDE_ROWS 8     /* rows a KV head from which an item takes WIDE_CHUNK */
 #define AHEAD 1     /* chunks between the one being prefetched and the one being read */
 #define ROWS 4     /* query rows of one KV head done together: each K/V row is fetched once for all of them */
+#define MAX_HEAD_DIM 256   /* head sizes the kernel takes (attention.native.MAX_HEAD_DIM): whole 16-lane vectors */
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 #define HAVE_DPBF16 1
 #else
@@ -41,7 +42,7 @@
 #endif
 
 typedef struct {
-    const float *q;
+    const float *q;           /* fp32 q, or NULL where the scores take q_bf16 only (query_in_bf16) */
     const uint16_t *q_bf16;   /* q as bf16 (bf16 models), or NULL */
     const void *k_cache, *v_cache;
     int kv_bf16;
@@ -724,8 +725,8 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
                         if (turned) s[v] = tile[i][v];
                         else
 #endif
-                            chunk_scores(p, p->q + row * D, p->q_bf16 + row * D, offs + 16 * v, head * D, D, bf16,
-                                         direct, s + v * (16 / NATIVE));
+                            chunk_scores(p, direct ? NULL : p->q + row * D, p->q_bf16 + row * D, offs + 16 * v,
+                                         head * D, D, bf16, direct, s + v * (16 / NATIVE));
                     }
                     prefetch_some(p, &ahead_rows, quota, bf16);
                     alpha[i] = row_step(p, s, t, q0, ctx_len, c0, k1, m + r, l + r, w[i], chunk);
@@ -773,21 +774,27 @@ static void attend_split(const Problem *p, int seq, int k0, int k1, Span after, 
     else { HEAD_SIZES(0, 0) }
 }
 
-/* Combine the splits' partial results of row r (S splits, `row_stride` rows apart) into out/lse. */
+/* Combine the splits' partial results of row r (S splits, `row_stride` rows apart) into out (bf16, rounded to nearest
+ * even as torch rounds, where out_bf16) and lse. */
 static void merge_row(const float *acc, const float *m, const float *l, int splits, int64_t row_stride,
-                      int D, float *restrict out, float *lse) {
-    float big = -INFINITY, total = 0.0f;
+                      int D, void *out, int out_bf16, float *lse) {
+    float big = -INFINITY, total = 0.0f, row[MAX_HEAD_DIM];
     for (int sp = 0; sp < splits; sp++) big = m[sp * row_stride] > big ? m[sp * row_stride] : big;
-    memset(out, 0, sizeof(float) * D);
-    if (big == -INFINITY) { *lse = -INFINITY; return; }   /* fully masked row: zeros */
-    for (int sp = 0; sp < splits; sp++) {
-        if (m[sp * row_stride] == -INFINITY) continue;
-        float w = expf(m[sp * row_stride] - big);
-        total += l[sp * row_stride] * w;
-        for (int d = 0; d < D; d++) out[d] += w * acc[sp * row_stride * D + d];
+    memset(row, 0, sizeof(float) * D);
+    if (big == -INFINITY)   /* fully masked row: zeros */
+        *lse = -INFINITY;
+    else {
+        for (int sp = 0; sp < splits; sp++) {
+            if (m[sp * row_stride] == -INFINITY) continue;
+            float w = expf(m[sp * row_stride] - big);
+            total += l[sp * row_stride] * w;
+            for (int d = 0; d < D; d++) row[d] += w * acc[sp * row_stride * D + d];
+        }
+        for (int d = 0; d < D; d++) row[d] /= total;
+        *lse = big + logf(total);
     }
-    for (int d = 0; d < D; d++) out[d] /= total;
-    *lse = big + logf(total);
+    for (int d = 0; d < D; d += 16)   /* (D a multiple of 16) */
+        store16(out, d, load16(row, d, 0), out_bf16);
 }
 
 /* Rows of partial results an item of R rows takes: whole cache lines of floats. Items run on different
@@ -874,14 +881,20 @@ int turns_keys(int kv_bf16, int head_dim) {
     return turns(kv_bf16, bf16_scores(kv_bf16, head_dim));
 }
 
-/* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts.
+/* Whether the scores multiply q_bf16 alone on a cache of this kind (the fp32 q may then be NULL). */
+int query_in_bf16(int kv_bf16, int head_dim) {
+    return bf16_scores(kv_bf16, head_dim);
+}
+
+/* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts: out [T, Hq, D] in bf16 where
+ * out_bf16, else fp32; lse [T, Hq] fp32.
  * Returns 0, or 1 when the pieces' partial results could not be allocated (nothing written then). */
 int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_bf16,
                     const int32_t *block_tables, int table_width, const int32_t *seq_lens,
                     const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
                     const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
-                    int block_size, float scale, int window, float softcap, int split_keys, float *out, float *lse,
-                    int num_threads) {
+                    int block_size, float scale, int window, float softcap, int split_keys, void *out, int out_bf16,
+                    float *lse, int num_threads) {
     Problem p = {q, q_bf16, k_cache, v_cache, kv_bf16, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
                  tree_width, num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap};
     const int D = head_dim;
@@ -932,7 +945,8 @@ int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache,
             int R = (cu_seqlens_q[seq + 1] - q0) * num_heads, splits = first_piece[i + 1] - first_piece[i];
             for (int r = 0; r < R; r++) {
                 int64_t k = row_at[first_piece[i]] + r, row = (int64_t)q0 * num_heads + r;
-                merge_row(acc + k * D, mx + k, nz + k, splits, padded_rows(R), D, out + row * D, lse + row);
+                merge_row(acc + k * D, mx + k, nz + k, splits, padded_rows(R), D,
+                          (char *)out + row * D * (out_bf16 ? 2 : 4), out_bf16, lse + row);
             }
         }
     }

@@ -156,7 +156,7 @@ void mask_logits(float *logits, int64_t stride, const uint32_t *bits, int64_t R,
  * their outputs rounded back to the activations' dtype as the PyTorch path rounds them. */
 typedef int (*attention_fn)(const float *, const uint16_t *, const void *, const void *, int, const int32_t *, int,
                             const int32_t *, const int32_t *, const int64_t *, int, const uint8_t *, int, int, int,
-                            int, int, float, int, float, int, float *, float *, int);
+                            int, int, float, int, float, int, void *, int, float *, int);
 
 /* A linear's adapter slots (lanner.lora.ops.LoRAWeights). LoRA: A [slots + 1, R, k] and B [slots + 1, n, R] in the
  * activations' dtype, ranks[slot] rows of A in use, laid out block-diagonally over `parts` output slices (the fused
@@ -407,7 +407,7 @@ static void norm_heads(const DecodeStep *s, const DecoderLayer *l, void *qkv) {
 }
 
 static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, void *out, float *qf, uint16_t *qb,
-                  float *of, float *lse) {
+                  float *lse) {
     const int64_t width = (int64_t)(s->hq + 2 * s->hkv) * s->D, qn = (int64_t)s->hq * s->D;
     EACH_ROW({
         convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qf + t * qn, qn, s->bf16, 0);
@@ -417,9 +417,8 @@ static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, v
     /* with a bf16 cache the query scores in bf16 (rounded where it is fp32), as attention.native passes it */
     int failed = s->attention(qf, s->kv_bf16 ? qb : NULL, l->k_cache, l->v_cache, s->kv_bf16, s->tables,
                               s->table_width, s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq,
-                              s->hkv, s->D, s->block_size, s->scale, l->window, s->softcap, l->split, of, lse,
-                              s->threads);
-    EACH_ROW(convert(of + t * qn, (char *)out + t * qn * (s->bf16 ? 2 : 4), qn, 0, s->bf16));
+                              s->hkv, s->D, s->block_size, s->scale, l->window, s->softcap, l->split, out, s->bf16,
+                              lse, s->threads);
     return failed;
 }
 
@@ -430,8 +429,8 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
                   void *out) {
     const int64_t T = s->T, es = s->bf16 ? 2 : 4, qn = (int64_t)s->hq * s->D, H = s->H, I = s->I;
     const int64_t width = qn + 2 * (int64_t)s->hkv * s->D;
-    /* act: normed input | qkv | attention out | gate_up | silu * up; fp32: q, attention out, lse */
-    const int64_t act_n = T * (s->H + width + qn + 2 * s->I + s->I), f_n = T * (2 * qn + s->hq);
+    /* act: normed input | qkv | attention out | gate_up | silu * up; fp32: q, lse */
+    const int64_t act_n = T * (s->H + width + qn + 2 * s->I + s->I), f_n = T * (qn + s->hq);
     char *act = malloc(act_n * es);
     float *f = malloc(f_n * 4);
     uint16_t *qb = malloc(T * qn * 2);
@@ -441,7 +440,7 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
     }
     void *h = act, *qkv = act + T * s->H * es, *attn = (char *)qkv + T * width * es;
     void *gu = (char *)attn + T * qn * es, *a = (char *)gu + T * 2 * s->I * es;
-    float *qf = f, *of = qf + T * qn, *lse = of + T * qn;
+    float *qf = f, *lse = qf + T * qn;
     int failed = 0;
     memcpy(residual, x, T * H * es);
     for (int i = 0; i < num_layers && !failed; i++) {
@@ -452,7 +451,7 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
             TIMED(PART_NORMS, norm_heads(s, l, qkv));
         TIMED(PART_ROTARY, rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache,
                                       s->bf16, s->kv_bf16));
-        TIMED(PART_ATTENTION, failed |= attend(s, l, qkv, attn, qf, qb, of, lse));
+        TIMED(PART_ATTENTION, failed |= attend(s, l, qkv, attn, qf, qb, lse));
         TIMED(PART_O, failed |= linear(s, &l->o, attn, x, 0));
         TIMED(PART_NORMS, rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16));
         int fused = 0;   /* (the profiler then sees the activation inside gate_up's time) */
