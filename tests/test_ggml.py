@@ -209,9 +209,10 @@ def test_bf16_rows_in_and_out_equal_fp32_then_rounded_on_every_level(level, type
 
 
 @pytest.mark.parametrize("type_name", PACKED_FORMATS)
-# past AMX_BF16_ROWS: a partial 32 rows alone; a last 16 rows or fewer after 32 (1 and 15 of them); a last 18 after
-# 32; two chunks of rows (480 a chunk here), the second of 40 or of 8 (one A tile that makes the B tiles itself)
-@pytest.mark.parametrize("m", [17, 33, 47, 50, 520, 488])
+# past AMX_BF16_ROWS, A tiles of fewer rows (a_tile_rows): a partial pair alone (17: 2 x 9), whole pairs of 12 and
+# 10 rows (24, 40), a last partial pair (33, 47, 50); past 64 rows whole tiles: a last 6 rows alone (70); two chunks
+# of rows (480 a chunk here), the second of 40 or of 8 (one A tile that makes the B tiles itself)
+@pytest.mark.parametrize("m", [17, 24, 33, 40, 47, 50, 70, 520, 488])
 def test_bf16_rows_past_16_on_amx_tiles_equal_bf16_weights_times_them(type_name, m):
     """Where this build and CPU have AMX, a bf16 call of more than 16 rows multiplies the weights rounded to bf16
     with the rows on the tiles, fp32 sums: a dense bf16 copy's GEMM up to summation order (a bias added before the

@@ -1219,12 +1219,11 @@ INLINE void store_some(pending *s, out_rows o, int64_t upto) {
     s->done = end;
 }
 
-/* rows [m, m + 32) of x (ld elements apart) against groups g, g + 1 (their B tiles bt, one per block, 1 KB each,
- * the second group's blocks after the first's) into t [32, 32]. With a source, the B tiles are made as the products
- * go, block b + 1's while block b's run on the tile unit: the unit works apart from the vector units, so making
- * them costs little more than the products alone, where making them all first cost as much again. The pair before's
- * results (before) go out meanwhile. */
-INLINE void amx_pair(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks, float *t, b_source src,
+/* 2r rows of x (ld elements apart; r the rows of a tile, amx_configure_rows) against groups g, g + 1 (their B tiles
+ * bt, one per block, 1 KB each, the second group's blocks after the first's) into t [2r, 32]. With a source, the B
+ * tiles are made as the products go, block b + 1's while block b's run on the tile unit. The pair before's results
+ * (before) go out meanwhile. */
+INLINE void amx_pair(const uint16_t *x, int64_t ld, int r, uint16_t *bt, int64_t blocks, float *t, b_source src,
                      pending *before, out_rows o) {
     _tile_zero(0);
     _tile_zero(1);
@@ -1236,7 +1235,7 @@ INLINE void amx_pair(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks
      * the products that read the tile it overwrites */
     load_rows(4, x, ld, blocks);
     _tile_loadd(6, bt, 64);
-    load_rows(5, x + 16 * ld, ld, blocks);
+    load_rows(5, x + r * ld, ld, blocks);
     _tile_loadd(7, bt + 512 * blocks, 64);
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t next = b + 1 < blocks ? b + 1 : b;
@@ -1247,7 +1246,7 @@ INLINE void amx_pair(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks
         _tile_dpbf16ps(1, 4, 7);
         load_rows(4, x + 32 * next, ld, blocks);
         _tile_dpbf16ps(3, 5, 7);
-        load_rows(5, x + 16 * ld + 32 * next, ld, blocks);
+        load_rows(5, x + r * ld + 32 * next, ld, blocks);
         b_make(src, 1, b + 1, blocks, bt);
         _tile_loadd(7, bt + 512 * (blocks + next), 64);
         store_some(before, o, (32 * (b + 1) + blocks - 1) / blocks);
@@ -1255,12 +1254,12 @@ INLINE void amx_pair(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks
     store_some(before, o, 32);
     _tile_stored(0, t, 128);
     _tile_stored(1, t + 16, 128);
-    _tile_stored(2, t + 16 * 32, 128);
-    _tile_stored(3, t + 16 * 32 + 16, 128);
+    _tile_stored(2, t + r * 32, 128);
+    _tile_stored(3, t + r * 32 + 16, 128);
 }
 
-/* rows [m, m + 16) of x against groups g, g + 1 into t [16, 32]: a step's last 16 rows or fewer, half amx_pair's
- * products (the pair before's results stored as there) */
+/* r rows of x against groups g, g + 1 into t [r, 32]: a step's last r rows or fewer, half amx_pair's products (the
+ * pair before's results stored as there) */
 INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t blocks, float *t, b_source src,
                        pending *before, out_rows o) {
     _tile_zero(0);
@@ -1282,22 +1281,35 @@ INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t bloc
     _tile_stored(1, t + 16, 128);
 }
 
+/* The rows of an A tile for M rows: as few tiles as 16 rows give, in pairs past one (amx_single's products wait on
+ * its loads), their rows shared out evenly, since a product's time goes with its rows: 24 rows as 2 x 12, not
+ * 16 + 8 and 8 of zeros; 40 as 4 x 10, not 16 + 16 + 8 (the 4 linears of 30 layers at 17 / 24 / 40 rows 1.14x /
+ * 1.3x / 1.12x). Past 64 rows the tiles are whole: the few rows saved are not worth chunks of an odd size. */
+static int a_tile_rows(int64_t M) {
+    int64_t tiles = (M + 15) / 16;
+    if (M > 64)
+        return 16;
+    tiles += tiles > 1 && tiles % 2;
+    return (int)((M + tiles - 1) / tiles);
+}
+
 /* y = W x for bf16 x [M, ldx] and packed W (N a multiple of 32), on the tile unit (o.silu: silu(gate) * up of its
  * gate | up rows). Rows go a chunk at a time (AMX_ACT_BYTES) against every pair of groups, whose B tiles are made
- * once per chunk; a last partial 32 rows from a zero-padded copy. 1: out of memory */
+ * once per chunk, 2r at a time (r = a_tile_rows); a last partial 2r rows from a zero-padded copy. 1: out of memory */
 static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                            const uint16_t *x, int64_t ldx, int64_t M, out_rows o, int threads) {
-    const int64_t blocks = K / 32, bytes = row_bytes / blocks, pairs = N / 32, whole = M / 32 * 32;
+    const int r = a_tile_rows(M);
+    const int64_t blocks = K / 32, bytes = row_bytes / blocks, pairs = N / 32, whole = M / (2 * r) * (2 * r);
     /* pair p: groups 2p and 2p + 1 (outputs 32p..), or with silu group p of the gate rows and its up rows N / 2 rows
      * on (outputs 16p..) */
     const int64_t groups_per_pair = o.silu ? 1 : 2, partner_rows = o.silu ? N / 2 : PACK_ROWS;
-    int64_t chunk = AMX_ACT_BYTES / (2 * K) / 32 * 32;
-    chunk = chunk < 32 ? 32 : chunk;
-    uint16_t *tail = M > whole ? aligned_alloc(64, 32 * K * 2) : NULL;
+    int64_t chunk = AMX_ACT_BYTES / (2 * K) / (2 * r) * (2 * r);
+    chunk = chunk < 2 * r ? 2 * r : chunk;
+    uint16_t *tail = M > whole ? aligned_alloc(64, 2 * r * K * 2) : NULL;
     if (M > whole && !tail)
         return 1;
     if (tail) {
-        memset(tail, 0, 32 * K * 2);
+        memset(tail, 0, 2 * r * K * 2);
         for (int64_t m = whole; m < M; m++)
             memcpy(tail + (m - whole) * K, x + m * ldx, K * 2);
     }
@@ -1313,23 +1325,23 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
         float t[2][32 * 32] __attribute__((aligned(64)));   /* a pair's results, and the one before's */
         pending before = {t[1], 0, 0, 0, 0};
         int cur = 0;   /* the buffer this pair's results go to: the other one's are pending */
-        amx_configure();
+        amx_configure_rows(r);
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
 #pragma omp for schedule(static) nowait
             for (int64_t p = 0; p < pairs; p++) {
-                for (int64_t m = m0; m < m1; m += 32) {
-                    const int64_t rows = m1 - m < 32 ? m1 - m : 32;
+                for (int64_t m = m0; m < m1; m += 2 * r) {
+                    const int64_t rows = m1 - m < 2 * r ? m1 - m : 2 * r;
                     /* the chunk's first rows make the pair's B tiles, the others reuse them */
                     const b_source src = {type, m == m0 ? packed + groups_per_pair * p * PACK_ROWS * row_bytes : NULL,
                                           partner_rows * row_bytes, PACK_ROWS * bytes};
                     float *out = t[cur];
-                    if (m + 32 <= whole)
-                        amx_pair(x + m * ldx, ldx, bt, blocks, out, src, &before, o);
-                    else if (rows <= 16)
+                    if (m + 2 * r <= whole)
+                        amx_pair(x + m * ldx, ldx, r, bt, blocks, out, src, &before, o);
+                    else if (rows <= r)
                         amx_single(tail, K, bt, blocks, out, src, &before, o);
                     else
-                        amx_pair(tail, K, bt, blocks, out, src, &before, o);
+                        amx_pair(tail, K, r, bt, blocks, out, src, &before, o);
                     before = (pending){out, rows, m, groups_per_pair * PACK_ROWS * p, 0};
                     cur ^= 1;
                 }
