@@ -56,7 +56,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     short, prompts, launch = _step_plan(q, k_cache, meta, window)
     if launch is not None:
-        launch(q, k_cache, v_cache, scale, out, lse, softcap)
+        launch(q, k_cache, v_cache, scale, out, lse if return_lse else None, softcap)
     else:
         q_lens = meta.query_lens
         for seqs in (short[q_lens[short] == 1], short[q_lens[short] > 1]):  # decode, then verify-sized rows

@@ -59,10 +59,10 @@ class Launch:
         self.window = window or 0
         self.threads = torch.get_num_threads()
 
-    def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor,
+    def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor | None,
                  softcap: float | None = None) -> None:
-        """Attention rows of the sequences into out [T, Hq, D] (fp32 or bf16) / lse [T, Hq] (fp32), both
-        contiguous."""
+        """Attention rows of the sequences into out [T, Hq, D] (fp32 or bf16) / lse [T, Hq] (fp32; None: not
+        asked), both contiguous."""
         # with a bf16 cache q goes in bf16 too (an fp32 model's rounded, as with kv_cache_dtype=bfloat16): the
         # kernel takes its dot products in bf16, and where it takes them from q_bf16 alone no fp32 copy is made
         # (with the bf16 output, a 2,048-token prompt step's attention 1.6x its kernel before)
@@ -77,6 +77,6 @@ class Launch:
             self.seqs.data_ptr(), self.seqs.numel(), None if tree is None else tree.data_ptr(),
             0 if tree is None else tree.shape[1], out.shape[1], k_cache.shape[2], out.shape[2], k_cache.shape[1], scale,
             self.window, softcap or 0.0, MAX_PIECE_KEYS, out.data_ptr(), int(out.dtype == torch.bfloat16),
-            lse.data_ptr(), self.threads)
+            None if lse is None else lse.data_ptr(), self.threads)
         if failed:
             raise MemoryError("paged attention: out of memory for the pieces' partial results")

@@ -775,15 +775,17 @@ static void attend_split(const Problem *p, int seq, int k0, int k1, Span after, 
 }
 
 /* Combine the splits' partial results of row r (S splits, `row_stride` rows apart) into out (bf16, rounded to nearest
- * even as torch rounds, where out_bf16) and lse. */
+ * even as torch rounds, where out_bf16) and lse (where given). A row of one split is its accumulator over its
+ * normalizer: no exp, and no log where no lse is asked (16 prompts of 128 tokens, 30 layers: 1.04-1.08x). */
 static void merge_row(const float *acc, const float *m, const float *l, int splits, int64_t row_stride,
                       int D, void *out, int out_bf16, float *lse) {
     float big = -INFINITY, total = 0.0f, row[MAX_HEAD_DIM];
     for (int sp = 0; sp < splits; sp++) big = m[sp * row_stride] > big ? m[sp * row_stride] : big;
     memset(row, 0, sizeof(float) * D);
-    if (big == -INFINITY)   /* fully masked row: zeros */
-        *lse = -INFINITY;
-    else {
+    if (big != -INFINITY && splits == 1) {
+        total = l[0];
+        for (int d = 0; d < D; d++) row[d] = acc[d] / total;
+    } else if (big != -INFINITY) {
         for (int sp = 0; sp < splits; sp++) {
             if (m[sp * row_stride] == -INFINITY) continue;
             float w = expf(m[sp * row_stride] - big);
@@ -791,8 +793,9 @@ static void merge_row(const float *acc, const float *m, const float *l, int spli
             for (int d = 0; d < D; d++) row[d] += w * acc[sp * row_stride * D + d];
         }
         for (int d = 0; d < D; d++) row[d] /= total;
-        *lse = big + logf(total);
     }
+    if (lse)   /* a fully masked row: -inf (and zeros) */
+        *lse = big == -INFINITY ? -INFINITY : big + logf(total);
     for (int d = 0; d < D; d += 16)   /* (D a multiple of 16) */
         store16(out, d, load16(row, d, 0), out_bf16);
 }
@@ -887,7 +890,7 @@ int query_in_bf16(int kv_bf16, int head_dim) {
 }
 
 /* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts: out [T, Hq, D] in bf16 where
- * out_bf16, else fp32; lse [T, Hq] fp32.
+ * out_bf16, else fp32; lse [T, Hq] fp32, or NULL where not asked.
  * Returns 0, or 1 when the pieces' partial results could not be allocated (nothing written then). */
 int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_bf16,
                     const int32_t *block_tables, int table_width, const int32_t *seq_lens,
@@ -946,7 +949,7 @@ int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache,
             for (int r = 0; r < R; r++) {
                 int64_t k = row_at[first_piece[i]] + r, row = (int64_t)q0 * num_heads + r;
                 merge_row(acc + k * D, mx + k, nz + k, splits, padded_rows(R), D,
-                          (char *)out + row * D * (out_bf16 ? 2 : 4), out_bf16, lse + row);
+                          (char *)out + row * D * (out_bf16 ? 2 : 4), out_bf16, lse ? lse + row : NULL);
             }
         }
     }

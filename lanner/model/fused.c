@@ -406,8 +406,7 @@ static void norm_heads(const DecodeStep *s, const DecoderLayer *l, void *qkv) {
     });
 }
 
-static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, void *out, float *qf, uint16_t *qb,
-                  float *lse) {
+static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, void *out, float *qf, uint16_t *qb) {
     const int64_t width = (int64_t)(s->hq + 2 * s->hkv) * s->D, qn = (int64_t)s->hq * s->D;
     EACH_ROW({
         convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qf + t * qn, qn, s->bf16, 0);
@@ -418,7 +417,7 @@ static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, v
     int failed = s->attention(qf, s->kv_bf16 ? qb : NULL, l->k_cache, l->v_cache, s->kv_bf16, s->tables,
                               s->table_width, s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq,
                               s->hkv, s->D, s->block_size, s->scale, l->window, s->softcap, l->split, out, s->bf16,
-                              lse, s->threads);
+                              NULL, s->threads);
     return failed;
 }
 
@@ -429,8 +428,8 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
                   void *out) {
     const int64_t T = s->T, es = s->bf16 ? 2 : 4, qn = (int64_t)s->hq * s->D, H = s->H, I = s->I;
     const int64_t width = qn + 2 * (int64_t)s->hkv * s->D;
-    /* act: normed input | qkv | attention out | gate_up | silu * up; fp32: q, lse */
-    const int64_t act_n = T * (s->H + width + qn + 2 * s->I + s->I), f_n = T * (qn + s->hq);
+    /* act: normed input | qkv | attention out | gate_up | silu * up; fp32: q */
+    const int64_t act_n = T * (s->H + width + qn + 2 * s->I + s->I), f_n = T * qn;
     char *act = malloc(act_n * es);
     float *f = malloc(f_n * 4);
     uint16_t *qb = malloc(T * qn * 2);
@@ -440,7 +439,7 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
     }
     void *h = act, *qkv = act + T * s->H * es, *attn = (char *)qkv + T * width * es;
     void *gu = (char *)attn + T * qn * es, *a = (char *)gu + T * 2 * s->I * es;
-    float *qf = f, *lse = qf + T * qn;
+    float *qf = f;
     int failed = 0;
     memcpy(residual, x, T * H * es);
     for (int i = 0; i < num_layers && !failed; i++) {
@@ -451,7 +450,7 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
             TIMED(PART_NORMS, norm_heads(s, l, qkv));
         TIMED(PART_ROTARY, rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache,
                                       s->bf16, s->kv_bf16));
-        TIMED(PART_ATTENTION, failed |= attend(s, l, qkv, attn, qf, qb, lse));
+        TIMED(PART_ATTENTION, failed |= attend(s, l, qkv, attn, qf, qb));
         TIMED(PART_O, failed |= linear(s, &l->o, attn, x, 0));
         TIMED(PART_NORMS, rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16));
         int fused = 0;   /* (the profiler then sees the activation inside gate_up's time) */
