@@ -385,6 +385,20 @@ def test_native_window_and_softcap_on_every_isa(isa, dtype):
             assert_matches_reference("cpu", capped_batch(batch, softcap), dtype, window=window, softcap=softcap)
 
 
+@pytest.mark.skipif("avx2" not in lanner.native.supported_isas(), reason="no AVX2 level to build for")
+def test_the_build_that_runs_the_calls_decides_whether_q_goes_in_fp32():
+    """A kernel built for AVX2 scores a bf16 cache in fp32: it gets the fp32 query even once LANNER_ISA names
+    another level (asking the current level's build instead passed it none, and the process crashed)."""
+    native.paged_attention.cache_clear()
+    try:
+        with mock.patch.dict(os.environ, {"LANNER_ISA": "avx2"}):
+            assert native.paged_attention() is not None
+        assert not native.query_in_bf16(torch.bfloat16, 64)   # the cached AVX2 build's answer
+        assert_matches_reference("cpu", make_batch([1, 3, 40], [9, 50, 40], dtype=torch.bfloat16), torch.bfloat16)
+    finally:
+        native.paged_attention.cache_clear()
+
+
 @pytest.mark.parametrize("backend", ["cpu", TRITON])
 def test_only_the_window_is_read(backend):
     """NaN in every block wholly before a sequence's first window leaves the answer alone: the CPU kernel

@@ -236,8 +236,9 @@ def test_bf16_rows_past_16_on_amx_tiles_equal_bf16_weights_times_them(type_name,
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("int8", [True, False])
-# 1-16 rows on the int8 or exact kernel; past 16 bf16 rows the tiles' pairs (a gate group and its up group): a
-# partial 32 alone, 32 and a last 16 or fewer, several chunks of rows
+# 1-16 rows on the int8 kernel (without it, past 4 bf16 rows the tiles: 5 rows one A tile alone), the exact one up to
+# 4; past 16 bf16 rows the tiles' pairs (a gate group and its up group) of fewer rows: 17 a partial pair of 2 x 9,
+# 47 a pair of 2 x 12 and a partial one; 300 several chunks of rows
 @pytest.mark.parametrize("m", [1, 5, 17, 47, 300])
 @pytest.mark.parametrize("rows", [96, 72])   # gate and up of 48 rows (the tiles' pairs), of 36 (rows past the groups)
 def test_silu_mul_in_the_matmul_equals_the_two_calls_on_every_level(level, type_name, dtype, int8, m, rows):

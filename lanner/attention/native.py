@@ -30,13 +30,14 @@ def paged_attention():
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     fn.argtypes = [p, p, p, p, i, p, i, p, p, p, i, p, i, i, i, i, i, f, i, f, i, p, i, p, i]
     fn.restype = ctypes.c_int
+    fn.lib = lib   # (query_in_bf16 asks this build, the one the calls run, whatever LANNER_ISA says later)
     return fn
 
 
 def query_in_bf16(cache_dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the kernel scores a cache of this kind with the bf16 query alone (no fp32 copy of q needed)."""
-    lib = native.library(SOURCE)
-    return lib is not None and bool(lib.query_in_bf16(int(cache_dtype == torch.bfloat16), head_dim))
+    fn = paged_attention()
+    return fn is not None and bool(fn.lib.query_in_bf16(int(cache_dtype == torch.bfloat16), head_dim))
 
 
 def turns_keys(cache_dtype: torch.dtype, head_dim: int) -> bool:
@@ -78,5 +79,7 @@ class Launch:
             0 if tree is None else tree.shape[1], out.shape[1], k_cache.shape[2], out.shape[2], k_cache.shape[1], scale,
             self.window, softcap or 0.0, MAX_PIECE_KEYS, out.data_ptr(), int(out.dtype == torch.bfloat16),
             None if lse is None else lse.data_ptr(), self.threads)
-        if failed:
+        if failed == 1:
             raise MemoryError("paged attention: out of memory for the pieces' partial results")
+        if failed:
+            raise ValueError("paged attention: this build scores in fp32 and was given no fp32 query")

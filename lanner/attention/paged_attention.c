@@ -11,9 +11,10 @@
  * time through all the chunks they see, attend_tiles). Pieces run in parallel and are merged by their log-sum-exp,
  * so one long sequence still keeps every core busy (Flash-Decoding).
  *
- * Layouts: q [T, Hq, D] fp32 (and the same in bf16 with a bf16 cache, or NULL); caches
- * [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D] fp32;
- * lse [T, Hq] fp32; tree_mask, when given, [T, tree_width] bytes: draft row -> visible draft rows.
+ * Layouts: q [T, Hq, D] fp32, or NULL where the scores take the bf16 query alone (query_in_bf16), and q_bf16 the
+ * same in bf16 with a bf16 cache (else NULL); caches [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D]
+ * fp32 or bf16 (out_bf16); lse [T, Hq] fp32 or NULL; tree_mask, when given, [T, tree_width] bytes: draft row ->
+ * visible draft rows.
  * Row r of a sequence is query token r / Hq, query head r % Hq; it reads KV head (r % Hq) / group.
  * With a sliding window (window > 0) the query at position t sees keys (t - window, t] only, and a
  * sequence's splits start at its first row's window: keys before it are never read. With softcap > 0 the
@@ -891,13 +892,16 @@ int query_in_bf16(int kv_bf16, int head_dim) {
 
 /* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts: out [T, Hq, D] in bf16 where
  * out_bf16, else fp32; lse [T, Hq] fp32, or NULL where not asked.
- * Returns 0, or 1 when the pieces' partial results could not be allocated (nothing written then). */
+ * Returns 0, 1 when the pieces' partial results could not be allocated, 2 when q is NULL and this build scores in
+ * fp32 (nothing written then). */
 int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_bf16,
                     const int32_t *block_tables, int table_width, const int32_t *seq_lens,
                     const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
                     const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
                     int block_size, float scale, int window, float softcap, int split_keys, void *out, int out_bf16,
                     float *lse, int num_threads) {
+    if (q == NULL && !(q_bf16 != NULL && bf16_scores(kv_bf16, head_dim)))
+        return 2;   /* this build scores in fp32 and has no fp32 query */
     Problem p = {q, q_bf16, k_cache, v_cache, kv_bf16, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
                  tree_width, num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap};
     const int D = head_dim;

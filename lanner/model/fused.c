@@ -152,8 +152,8 @@ void mask_logits(float *logits, int64_t stride, const uint32_t *bits, int64_t R,
  * What the PyTorch path does for a layer of GGML linears, in the same order and with the same roundings, so
  * the results are bitwise equal: per op, PyTorch's dispatch and the Python around it cost more than the op
  * at decode sizes. The matmul (ggml.c) and attention (paged_attention.c) come as function pointers: each
- * library keeps its own ISA build. Activations are fp32 or bf16 (bf16 1); linears and attention run in fp32,
- * their outputs rounded back to the activations' dtype as the PyTorch path rounds them. */
+ * library keeps its own ISA build. Activations are fp32 or bf16 (bf16 1); linears and attention sum in fp32 and
+ * write their outputs in the activations' dtype, rounded as the PyTorch path rounds them. */
 typedef int (*attention_fn)(const float *, const uint16_t *, const void *, const void *, int, const int32_t *, int,
                             const int32_t *, const int32_t *, const int64_t *, int, const uint8_t *, int, int, int,
                             int, int, float, int, float, int, void *, int, float *, int);

@@ -1110,16 +1110,16 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
 /* ---- bf16 activations on AMX tiles ------------------------------------------------------------------------- *
  * A bf16 model's big steps (MATMUL_AMX_BF16): each packed block of 16 weight rows is dequantized into bf16 as a B
  * tile (tile row r: every weight row's values 2r and 2r + 1, side by side), once per chunk of activation rows, and
- * TDPBF16PS multiplies it with 16 bf16 activation rows read in place (16 x 16 x 32 products, fp32 sums that stay in
- * the tile across the whole of K). The weights are those of a dense bf16 copy (each value rounded to bf16 once),
+ * TDPBF16PS multiplies it with r <= 16 bf16 activation rows read in place, a partial last tile's from a zero-padded
+ * copy (r x 16 x 32 products, fp32 sums that stay in the tile across the whole of K). The weights are those of a dense bf16 copy (each value rounded to bf16 once),
  * so the results are oneDNN's on that copy up to summation order, with no copy kept: the packed blocks stream. */
 #if GB == 2 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #include <omp.h>
 #define AMX_BF16 1
 #define AMX_ACT_BYTES (1 << 20)   /* activation rows a chunk takes against every group: they stay in L2 */
 
-/* tiles (amx.h): 0-3 C, 16 x 16 fp32 (rows m..m+15 and m+16.., against groups g and g + 1); 4-5 A, 16 rows x 32
- * bf16; 6-7 B, 16 rows x 16 pairs */
+/* tiles (amx.h, r rows: a_tile_rows): 0-3 C, r x 16 fp32 (rows m..m+r-1 and m+r.., against groups g and g + 1);
+ * 4-5 A, r rows x 32 bf16; 6-7 B, 16 rows x 16 pairs */
 
 /* Where the tile wants each byte of 64 bytes q holding 4 values of each of 16 weight rows (row n's at 4n): tile
  * row 2c takes values (0, 1) of every row, row 2c + 1 values (2, 3); as 16 lanes j of a tile row's half h (rows
@@ -1249,7 +1249,7 @@ INLINE void amx_pair(const uint16_t *x, int64_t ld, int r, uint16_t *bt, int64_t
         load_rows(5, x + r * ld + 32 * next, ld, blocks);
         b_make(src, 1, b + 1, blocks, bt);
         _tile_loadd(7, bt + 512 * (blocks + next), 64);
-        store_some(before, o, (32 * (b + 1) + blocks - 1) / blocks);
+        store_some(before, o, (before->rows * (b + 1) + blocks - 1) / blocks);
     }
     store_some(before, o, 32);
     _tile_stored(0, t, 128);
@@ -1274,7 +1274,7 @@ INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t bloc
         _tile_dpbf16ps(1, 4, 7);
         b_make(src, 0, b + 1, blocks, bt);
         b_make(src, 1, b + 1, blocks, bt);
-        store_some(before, o, (32 * (b + 1) + blocks - 1) / blocks);
+        store_some(before, o, (before->rows * (b + 1) + blocks - 1) / blocks);
     }
     store_some(before, o, 32);
     _tile_stored(0, t, 128);
