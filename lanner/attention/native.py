@@ -59,6 +59,7 @@ class Launch:
         self.tree = None if meta.tree_mask is None else meta.tree_mask.to(torch.uint8).contiguous()
         self.window = window or 0
         self.threads = torch.get_num_threads()
+        self.bf16_query_only = None   # query_in_bf16 for this step's cache, asked by its first layer
 
     def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor | None,
                  softcap: float | None = None) -> None:
@@ -69,7 +70,9 @@ class Launch:
         # (with the bf16 output, a 2,048-token prompt step's attention 1.6x its kernel before)
         bf16_cache = k_cache.dtype == torch.bfloat16
         q_bf16 = q.to(torch.bfloat16).contiguous() if bf16_cache else None
-        q = None if bf16_cache and query_in_bf16(k_cache.dtype, q.shape[2]) else q.float().contiguous()
+        if self.bf16_query_only is None:   # (every layer of a step has the same cache dtype and head size)
+            self.bf16_query_only = bf16_cache and query_in_bf16(k_cache.dtype, q.shape[2])
+        q = None if self.bf16_query_only else q.float().contiguous()
         tree = self.tree
         failed = paged_attention()(
             None if q is None else q.data_ptr(), None if q_bf16 is None else q_bf16.data_ptr(), k_cache.data_ptr(),

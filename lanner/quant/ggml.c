@@ -1111,8 +1111,9 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
  * A bf16 model's big steps (MATMUL_AMX_BF16): each packed block of 16 weight rows is dequantized into bf16 as a B
  * tile (tile row r: every weight row's values 2r and 2r + 1, side by side), once per chunk of activation rows, and
  * TDPBF16PS multiplies it with r <= 16 bf16 activation rows read in place, a partial last tile's from a zero-padded
- * copy (r x 16 x 32 products, fp32 sums that stay in the tile across the whole of K). The weights are those of a dense bf16 copy (each value rounded to bf16 once),
- * so the results are oneDNN's on that copy up to summation order, with no copy kept: the packed blocks stream. */
+ * copy (r x 16 x 32 products, fp32 sums that stay in the tile across the whole of K). The weights are those of a
+ * dense bf16 copy (each value rounded to bf16 once), so the results are oneDNN's on that copy up to summation order,
+ * with no copy kept: the packed blocks stream. */
 #if GB == 2 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #include <omp.h>
 #define AMX_BF16 1
@@ -1251,7 +1252,7 @@ INLINE void amx_pair(const uint16_t *x, int64_t ld, int r, uint16_t *bt, int64_t
         _tile_loadd(7, bt + 512 * (blocks + next), 64);
         store_some(before, o, (before->rows * (b + 1) + blocks - 1) / blocks);
     }
-    store_some(before, o, 32);
+    store_some(before, o, before->rows);
     _tile_stored(0, t, 128);
     _tile_stored(1, t + 16, 128);
     _tile_stored(2, t + r * 32, 128);
@@ -1276,7 +1277,7 @@ INLINE void amx_single(const uint16_t *x, int64_t ld, uint16_t *bt, int64_t bloc
         b_make(src, 1, b + 1, blocks, bt);
         store_some(before, o, (before->rows * (b + 1) + blocks - 1) / blocks);
     }
-    store_some(before, o, 32);
+    store_some(before, o, before->rows);
     _tile_stored(0, t, 128);
     _tile_stored(1, t + 16, 128);
 }
@@ -1347,7 +1348,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
                 }
             }
         }
-        store_some(&before, o, 32);
+        store_some(&before, o, before.rows);
         _tile_release();
     }
     free(tiles), free(tail);
