@@ -143,6 +143,18 @@ def near_copies(w: GGMLTensor, seed: int) -> GGMLTensor:
     return GGMLTensor(w.type_name, w.shape, raw)
 
 
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q6_K"])
+def test_row_norms_bound_the_rows_norms_from_above_and_tightly(type_name):
+    """ggml_argmax's error bounds rest on row_norms being at least each dequantized row's norm (here its float64
+    value), and a loose bound would send every row to the exact recheck."""
+    w = random_weight(type_name, 300, 2048 if type_name == "Q6_K" else 1056, seed=3)
+    w.data[7] = 0   # a zero row's bound: the least positive float
+    exact = w.dequantize(torch.float32).double().norm(dim=1)
+    bound = GGMLLinear(w, int8=False).row_norms().double()
+    assert (bound >= exact).all() and 0 < bound[7] < 1e-40
+    assert (bound <= exact * (1 + 1e-3) + 1e-40).all()
+
+
 @pytest.mark.parametrize("type_name", PACKED_FORMATS + ["Q6_K"])   # Q6_K: no int8 path, argmax of the exact one
 @pytest.mark.parametrize("m", [1, 3, 6, 19])   # tiles of rows, the last one partial
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
