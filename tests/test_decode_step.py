@@ -275,7 +275,8 @@ def test_bursts_give_the_tokens_of_single_steps(default_model_path, dtype):
 
 def test_bursts_past_the_exact_heads_rows_give_the_tokens_of_single_steps(default_model_path, monkeypatch):
     """A bf16 batch past the exact head's rows (on AMX hosts the head's tiles take it) bursts where its head does
-    (every logit, then their argmax, as a step takes them) and gives the tokens of steps run one by one."""
+    (the argmax of the logits a step takes, kept on the tiles: MATMUL_ARGMAX) and gives the tokens of steps run one
+    by one."""
     monkeypatch.setenv("LANNER_EXACT_LINEARS", "0")   # the default: the one-call step takes batches
     llm = make_llm(default_model_path, dtype="bfloat16", kv_cache_memory=0.1, enable_prefix_caching=False)
     rows = []

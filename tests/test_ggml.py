@@ -273,6 +273,37 @@ def test_silu_mul_in_the_matmul_equals_the_two_calls_on_every_level(level, type_
         biased.small(x, biased.lib, int8=int8, silu=True)
 
 
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("int8", [True, False])
+# up to 16 rows the int8 or exact kernel, then the results' argmax; past them (bf16) the tiles' pairs, each row's
+# argmax kept by each thread: 17 a partial pair, 47 a pair and a partial one, 300 several chunks of rows
+@pytest.mark.parametrize("m", [3, 17, 47, 300])
+@pytest.mark.parametrize("biased", [False, True])
+def test_argmax_in_the_matmul_is_the_argmax_of_its_results_on_every_level(level, type_name, dtype, int8, m, biased):
+    """MATMUL_ARGMAX (a greedy step's tokens; on the tiles no logit is written) gives numpy's argmax of the results
+    the call would write (rounded to bf16 for bf16 rows): the first largest, a NaN counting as largest, on exact
+    ties in a group and half the outputs apart, rows of equal results and rows of NaN."""
+    cols, rows = (512 if BLOCKS[type_name][1] == 256 else 192), 96
+    seeded = torch.Generator().manual_seed(m)
+    w = random_weight(type_name, rows, cols, seed=m)
+    top = int(reference(w).norm(dim=1).argmax())   # the row whose own direction makes it the largest result
+    copies = [top, top ^ 1, (top + 48) % rows]   # exact ties in its group, and half the outputs away
+    w.data[copies[1:]] = w.data[top].clone()
+    bias = torch.randn(rows, generator=seeded)
+    bias[copies] = bias[top].item()
+    lin = GGMLLinear(w, bias if biased else None, None, int8)
+    x = (torch.randn(m, cols, generator=seeded) * 3)
+    x[0] = 0   # every result the bias (or 0)
+    x[1, 7] = float("nan")   # every result NaN
+    x[2] = reference(w)[top]
+    x = x.to(dtype)
+    want = lin.small(x, lin.lib, int8=int8, tiles=True).float().numpy().argmax(axis=1)
+    assert want[0] == (lin.bias.float().numpy().argmax() if biased else 0) and want[1] == 0
+    assert want[2] == min(copies)
+    assert lin.small(x, lin.lib, int8=int8, tiles=True, argmax=True).tolist() == want.tolist()
+
+
 @pytest.mark.parametrize("type_name", PACKED_FORMATS)
 def test_exact_bf16_rows_past_4_take_the_tiles_not_a_dense_copy(type_name):
     """An exact linear of a bf16 model (the LM head) on AMX: more than 4 rows multiply on the tiles, the numerics

@@ -712,8 +712,9 @@ int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers
             step.logits = NULL;
             failed |= decode_layers(&step, layers, num_layers, x, residual, out);
             const GGMLLinear *h = &s->head;
-            failed = failed || s->argmax(h->type, h->w, h->packed, h->row_bytes, h->n, h->k, out, h->k, T, s->bf16,
-                                         s->head_norms, s->bf16, s->logits, s->threads, tokens);
+            if (!failed)
+                TIMED(PART_HEAD, failed = s->argmax(h->type, h->w, h->packed, h->row_bytes, h->n, h->k, out, h->k, T,
+                                                    s->bf16, s->head_norms, s->bf16, s->logits, s->threads, tokens));
         } else if (b->temps) {   /* rows that sample or have penalties: every row's logits */
             const int64_t V = s->head.n;
             failed |= decode_layers(&step, layers, num_layers, x, residual, out);
@@ -726,9 +727,14 @@ int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers
                                            b->uniforms + i * T, s->threads, tokens);
             for (int64_t t = 0; b->seen && !failed && t < T; t++)   /* the new tokens are history for the next step */
                 b->seen[t * V + tokens[t]] = 1, b->counts[t * V + tokens[t]]++;
-        } else {
+        } else {   /* the head's argmax as its logits give it (rounded where they are), no logit written */
+            step.logits = NULL;
             failed |= decode_layers(&step, layers, num_layers, x, residual, out);
-            EACH_ROW(tokens[t] = argmax(s->logits + t * s->head.n, s->head.n));
+            const GGMLLinear *h = &s->head;
+            const int flags = matmul_flags(s, h, 1) | MATMUL_ARGMAX | (s->bf16 ? MATMUL_Y_BF16 : 0);
+            if (!failed)
+                TIMED(PART_HEAD, failed = s->matmul(h->type, h->w, h->packed, h->row_bytes, h->n, h->k, out, h->k, T,
+                                                    tokens, 1, h->bias, s->threads, flags));
         }
         if (failed)
             break;

@@ -527,7 +527,24 @@ typedef struct {
     int bf16;
     const float *bias;
     int silu;
+    int argmax;    /* MATMUL_ARGMAX: y the rows' tokens; on the tiles each thread's running argmax in best, at */
+    float *best;   /* (each row's largest result so far and its index, < 0: none yet) */
+    int64_t *at;
 } out_rows;
+
+/* a ranks before b (at indices ia, ib) in argmax order: larger, a NaN counting as largest, then the lower index */
+static int ranks_before(float a, int64_t ia, float b, int64_t ib) {
+    if (a != a)
+        return b == b || ia < ib;
+    return b == b && (a > b || (a == b && ia < ib));
+}
+
+/* value v at index j (rounded to bf16 first where round_bf16) into a running argmax: best, *token (< 0: none yet) */
+static void take(float v, int64_t j, int round_bf16, float *best, int64_t *token) {
+    v = round_bf16 ? bf2f(f2bf(v)) : v;
+    if (*token < 0 || ranks_before(v, j, *best, *token))
+        *best = v, *token = j;
+}
 
 /* results t [rows, width] (ldt apart) of output rows m.., columns n.. into o: the kernels work in fp32 tiles
  * and each tile goes out as written, so a bf16 result needs no fp32 copy of the whole output */
@@ -1201,6 +1218,27 @@ INLINE void b_make(b_source src, int g, int64_t b, int64_t blocks, uint16_t *bt)
             _tile_loadd(t, x, (ld) * 2);           \
     } while (0)
 
+/* A pair's results (t [rows, 32]: rows m.., outputs n..) into each row's running argmax (o.best, o.at), as y would
+ * hold them (plus the bias, rounded to bf16 where o.bf16): for a greedy step's LM head no logit is written. Rounding
+ * keeps order and a best is a rounded value, so a row none of whose sums is NaN or above its best (later outputs win
+ * no ties) is passed over unrounded: two compares. */
+static void argmax_rows(const float *t, int64_t rows, out_rows o, int64_t m, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        __m512 v[2];
+        __mmask16 wins = 0;
+        const __m512 best = _mm512_set1_ps(o.best[m + r]);
+        for (int h = 0; h < 2; h++) {
+            v[h] = _mm512_load_ps(t + r * 32 + 16 * h);
+            if (o.bias)
+                v[h] = _mm512_add_ps(v[h], _mm512_loadu_ps(o.bias + n + 16 * h));
+            wins |= _mm512_cmp_ps_mask(v[h], best, _CMP_NLE_UQ);   /* above, or NaN */
+        }
+        if (wins || o.at[m + r] < 0)
+            for (int i = 0; i < 32; i++)
+                take(v[i / 16][i % 16], n + i, o.bf16, o.best + m + r, o.at + m + r);
+    }
+}
+
 /* A pair's results (t [rows, 32]: rows m.., columns n.. of y; with silu the pair's gates and ups, for 16 outputs)
  * waiting to be stored. They go out a few rows at a time while the next pair's products run, spread over all its
  * blocks: loading them right after the tile stores waited for the tile unit to drain, then left it idle while they
@@ -1213,7 +1251,9 @@ INLINE void store_some(pending *s, out_rows o, int64_t upto) {
     const int64_t end = upto < s->rows ? upto : s->rows;
     if (end <= s->done)
         return;
-    if (o.silu)   /* the pair's groups are gate rows and their up rows: 16 outputs */
+    if (o.argmax)
+        argmax_rows(s->t + s->done * 32, end - s->done, o, s->m + s->done, s->n);
+    else if (o.silu)   /* the pair's groups are gate rows and their up rows: 16 outputs */
         silu_rows(s->t + s->done * 32, 0, 32, 16, end - s->done, 16, o, s->m + s->done, s->n);
     else
         store_tile(s->t + s->done * 32, 32, end - s->done, 32, o, s->m + s->done, s->n);
@@ -1320,9 +1360,20 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
         free(tail);
         return 1;
     }
-#pragma omp parallel num_threads(threads)
+    /* MATMUL_ARGMAX: each thread's running argmax of each row, merged after */
+    float *best = o.argmax ? malloc(sizeof(float) * threads * M) : NULL;
+    int64_t *at = o.argmax ? malloc(sizeof(int64_t) * threads * M) : NULL;
+    if (o.argmax && (!best || !at)) {
+        free(tiles), free(tail), free(best), free(at);
+        return 1;
+    }
+    for (int64_t i = 0; at && i < threads * M; i++)
+        at[i] = -1;
+#pragma omp parallel num_threads(threads) firstprivate(o)
     {
         uint16_t *bt = tiles + omp_get_thread_num() * 2 * blocks * 512;
+        if (o.argmax)
+            o.best = best + omp_get_thread_num() * M, o.at = at + omp_get_thread_num() * M;
         float t[2][32 * 32] __attribute__((aligned(64)));   /* a pair's results, and the one before's */
         pending before = {t[1], 0, 0, 0, 0};
         int cur = 0;   /* the buffer this pair's results go to: the other one's are pending */
@@ -1351,7 +1402,15 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
         store_some(&before, o, before.rows);
         _tile_release();
     }
-    free(tiles), free(tail);
+    for (int64_t m = 0; at && m < M; m++) {
+        int64_t *token = (int64_t *)o.y + m;
+        float top = 0;
+        *token = -1;
+        for (int th = 0; th < threads; th++)
+            if (at[th * M + m] >= 0)
+                take(best[th * M + m], at[th * M + m], 0, &top, token);
+    }
+    free(tiles), free(tail), free(best), free(at);
     return 0;
 }
 #else
@@ -1456,19 +1515,42 @@ static int matmul_then_silu(int type, const uint8_t *w, const uint8_t *packed, i
  * on int8 activations, on `packed` (W as ggml_pack wrote it, or NULL) where given; else (or without it) the
  * result equals dequantize-then-matmul up to summation order, also reading `packed` where given. Returns 1 when
  * a buffer cannot be allocated, 2 for a type or K this file cannot take (or MATMUL_SILU_MUL with a bias). */
+/* MATMUL_ARGMAX where the tiles do not take it: the results [M, N] in y's dtype, then each row's argmax into
+ * tokens. 1: out of memory */
+static int matmul_then_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N,
+                              int64_t K, const void *x, int64_t ldx, int64_t M, out_rows o, int threads, int flags) {
+    const int64_t es = o.bf16 ? 2 : 4;
+    char *sums = malloc(es * (M * N + 1));
+    const int failed = sums ? ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, sums, N, o.bias, threads,
+                                          flags & ~MATMUL_ARGMAX) : 1;
+    for (int64_t m = 0; m < M && !failed; m++) {
+        int64_t *token = (int64_t *)o.y + m;
+        float top = 0;
+        *token = -1;
+        for (int64_t j = 0; j < N; j++)
+            take(o.bf16 ? bf2f(((const uint16_t *)sums)[m * N + j]) : ((const float *)sums)[m * N + j], j, 0, &top,
+                 token);
+    }
+    free(sums);
+    return failed;
+}
+
 int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                 const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
                 int flags) {
     if (!ggml_block_size(type) || K % ggml_block_size(type) || K % 32)
         return 2;
     const int x_bf16 = !!(flags & MATMUL_X_BF16), silu = !!(flags & MATMUL_SILU_MUL);
-    if (silu && (bias || N % 2))
+    const int argmax = !!(flags & MATMUL_ARGMAX);
+    if ((silu && (bias || N % 2)) || (silu && argmax))
         return 2;
-    const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias, silu};
+    const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias, silu, argmax, NULL, NULL};
     int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
     const int tile_rows = ggml_amx_bf16(type, N, K, !!(flags & MATMUL_INT8));
     if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && tile_rows && M > tile_rows)   /* (N / 2: whole groups) */
         return amx_bf16_matmul(type, packed, row_bytes, N, K, x, ldx, M, o, threads);
+    if (argmax)
+        return matmul_then_argmax(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
     if (silu)   /* elsewhere gate | up first, as the separate call writes it */
         return matmul_then_silu(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
     if (flags & MATMUL_INT8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
@@ -1497,20 +1579,6 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
  * by the very call it makes on the tile of activation rows that holds this one (its values, bitwise). The default
  * model's LM head (49,152 rows): 1-2 candidates for a median row, 0.1-0.2 % of the groups on average. */
 #define SCAN 64   /* values a candidate scan takes at a time: most chunks hold none */
-
-/* a ranks before b (at indices ia, ib) in argmax order: larger, a NaN counting as largest, then the lower index */
-static int ranks_before(float a, int64_t ia, float b, int64_t ib) {
-    if (a != a)
-        return b == b || ia < ib;
-    return b == b && (a > b || (a == b && ia < ib));
-}
-
-/* value v at index j (rounded to bf16 first where round_bf16) into a running argmax: best, *token (< 0: none yet) */
-static void take(float v, int64_t j, int round_bf16, float *best, int64_t *token) {
-    v = round_bf16 ? bf2f(f2bf(v)) : v;
-    if (*token < 0 || ranks_before(v, j, *best, *token))
-        *best = v, *token = j;
-}
 
 INLINE float lane_max(vf v) {
     float best = v[0];

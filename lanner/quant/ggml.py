@@ -51,8 +51,9 @@ SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 64, 1 << 62
 # the one-call decode step, whose rows the head's limit sets). oneDNN's native bf16 wins from 4-8 rows.
 EXACT_PACKED_ROWS = {(torch.float32, "Q8_0"): 64, (torch.float32, "Q4_0"): 32, (torch.float32, "Q4_1"): 32}
 # ggml_matmul's flags (matmul.h): int8 activations; bf16 rows in and out (results in fp32 plus the bias, then
-# rounded once, as y.to(bfloat16) rounds); bf16 steps on AMX tiles; silu(gate) * up of a gate | up linear
-MATMUL_INT8, MATMUL_BF16_IO, MATMUL_AMX_BF16, MATMUL_SILU_MUL = 1, 2 | 4, 8, 16
+# rounded once, as y.to(bfloat16) rounds); bf16 steps on AMX tiles; silu(gate) * up of a gate | up linear; each
+# row's argmax of the results (a greedy step's tokens: on the tiles no logit is written)
+MATMUL_INT8, MATMUL_BF16_IO, MATMUL_AMX_BF16, MATMUL_SILU_MUL, MATMUL_ARGMAX = 1, 2 | 4, 8, 16, 32
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 # rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
 FEW_ROWS = 16
@@ -244,22 +245,25 @@ class GGMLLinear:
         """What the kernel takes as `packed`: int8 and exact calls both read it."""
         return None if self.packed is None else self.packed.data_ptr()
 
-    def small(self, x: torch.Tensor, lib, int8: bool = False, tiles: bool = False, silu: bool = False) -> torch.Tensor:
+    def small(self, x: torch.Tensor, lib, int8: bool = False, tiles: bool = False, silu: bool = False,
+              argmax: bool = False) -> torch.Tensor:
         """The kernel path; int8: on int8 activations (else exact: dequantize-then-matmul up to order), and on AMX
         tiles past amx_rows bf16 rows; tiles: those rows on the tiles without int8 (a dense bf16 copy's numerics);
-        silu: the rows are gate | up, and silu(gate) * up comes out (MATMUL_SILU_MUL; no bias)."""
+        silu: the rows are gate | up, and silu(gate) * up comes out (MATMUL_SILU_MUL; no bias); argmax: each row's
+        argmax of what would come out, int64 [rows] (MATMUL_ARGMAX)."""
         xk = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()   # the kernel's dtypes
         m, (n, k), w = xk.shape[0], self.weight.shape, self.weight
         width = n // 2 if silu else n
-        y = torch.empty(m, width, dtype=xk.dtype)
+        y = torch.empty(m, dtype=torch.int64) if argmax else torch.empty(m, width, dtype=xk.dtype)
         packed = self.packed_ptr() if lib is self.lib else None
         own = self.flags if lib is self.lib else 0
         flags = ((MATMUL_INT8 | own) if int8 else (own & MATMUL_AMX_BF16 if tiles else 0))
         flags |= (MATMUL_BF16_IO if xk.dtype == torch.bfloat16 else 0) | (MATMUL_SILU_MUL if silu else 0)
+        flags |= MATMUL_ARGMAX if argmax else 0
         bias = None if self.bias_fp32 is None else self.bias_fp32.data_ptr()
         check(lib.ggml_matmul(w.type_id, w.data_ptr, packed, w.row_bytes, n, k, xk.data_ptr(), k, m, y.data_ptr(),
                               width, bias, torch.get_num_threads(), flags), "matmul")
-        return y.to(x.dtype)
+        return y if argmax else y.to(x.dtype)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this gate | up linear's output for fp32 or bf16 rows x in one kernel call, bitwise the

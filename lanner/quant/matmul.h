@@ -12,6 +12,8 @@
                             * multiply the weights rounded to bf16 on AMX tiles, fp32 sums */
 #define MATMUL_SILU_MUL 16  /* W's rows are gate | up (N = 2I): y [M, I] = silu(gate) * up, rounded as the separate
                              * ops round (gate and up to y's dtype, then silu to it); no bias */
+#define MATMUL_ARGMAX 32    /* y is int64 [M]: each row's argmax (numpy's: the first largest, a NaN counting as
+                             * largest) of the results as y would hold them (MATMUL_Y_BF16: rounded to bf16) */
 
 /* type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, bias, threads, flags */
 typedef int (*matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
