@@ -250,7 +250,7 @@ def test_bf16_rows_past_16_on_amx_tiles_equal_bf16_weights_times_them(type_name,
 @pytest.mark.parametrize("int8", [True, False])
 # 1-16 rows on the int8 kernel (without it, past 4 bf16 rows the tiles: 5 rows one A tile alone), the exact one up to
 # 4; past 16 bf16 rows the tiles' pairs (a gate group and its up group) of fewer rows: 17 a partial pair of 2 x 9,
-# 47 a pair of 2 x 12 and a partial one; 300 several chunks of rows
+# 47 a pair of 2 x 12 and a partial one; 300 nine pairs of 16-row tiles and 12 rows alone
 @pytest.mark.parametrize("m", [1, 5, 17, 47, 300])
 @pytest.mark.parametrize("rows", [96, 72])   # gate and up of 48 rows (the tiles' pairs), of 36 (rows past the groups)
 def test_silu_mul_in_the_matmul_equals_the_two_calls_on_every_level(level, type_name, dtype, int8, m, rows):
@@ -277,7 +277,8 @@ def test_silu_mul_in_the_matmul_equals_the_two_calls_on_every_level(level, type_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("int8", [True, False])
 # up to 16 rows the int8 or exact kernel, then the results' argmax; past them (bf16) the tiles' pairs, each row's
-# argmax kept by each thread: 17 a partial pair, 47 a pair and a partial one, 300 several chunks of rows
+# argmax kept by each thread: 17 a partial pair, 47 a pair and a partial one, 300 nine pairs of 16-row tiles and 12
+# rows alone
 @pytest.mark.parametrize("m", [3, 17, 47, 300])
 @pytest.mark.parametrize("biased", [False, True])
 def test_argmax_in_the_matmul_is_the_argmax_of_its_results_on_every_level(level, type_name, dtype, int8, m, biased):
@@ -302,6 +303,26 @@ def test_argmax_in_the_matmul_is_the_argmax_of_its_results_on_every_level(level,
     assert want[0] == (lin.bias.float().numpy().argmax() if biased else 0) and want[1] == 0
     assert want[2] == min(copies)
     assert lin.small(x, lin.lib, int8=int8, tiles=True, argmax=True).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("nan_rows", [(), (80,), (40, 80)])
+def test_argmax_on_the_tiles_over_chunks_and_threads_with_nan_weights(type_name, nan_rows):
+    """MATMUL_ARGMAX on the AMX tiles over two chunks of rows (2,800 rows of K = 192), each thread's running argmax
+    merged: with a bias, and NaN results arriving after larger finite ones, in the second thread's pair of groups
+    (outputs 64-95) alone or in the first's too -- numpy's argmax of the results the call would write."""
+    with mock.patch.dict(os.environ, {"LANNER_ISA": "", "LANNER_EXACT_LINEARS": "0"}):   # the native build
+        w = random_weight(type_name, 96, 192, seed=7)
+        for row in nan_rows:   # a NaN scale in the row's first block
+            w.data[row, SCALE_OFFSETS[type_name][0]:SCALE_OFFSETS[type_name][0] + 2] = torch.tensor(
+                [0x00, 0x7E], dtype=torch.uint8)
+        lin = GGMLLinear(w, torch.randn(96, generator=torch.Generator().manual_seed(7)), None, int8=True)
+    if not lin.amx_bf16:
+        pytest.skip("this build or CPU has no AMX bf16 tiles")
+    x = (torch.randn(2800, 192, generator=torch.Generator().manual_seed(7)) * 3).bfloat16()
+    want = lin.small(x, lin.lib, int8=True, tiles=True).float().numpy().argmax(axis=1)
+    assert (want == nan_rows[0]).all() if nan_rows else len(set(want.tolist())) > 10
+    assert lin.small(x, lin.lib, int8=True, tiles=True, argmax=True).tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("type_name", PACKED_FORMATS)

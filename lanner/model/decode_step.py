@@ -166,8 +166,8 @@ class DecodeStep:
         """Up to `steps` decode steps of rows x [T, H] (embeddings of each sequence's last token, at positions),
         each row's token fed back as its next one, in one C call: the tokens of each step run, [T] per step, those
         the steps one by one would sample (a greedy batch's from ggml_argmax, which finds the exact head's argmax
-        without computing all of it; where the head runs on the AMX tiles, the argmax of the logits a step takes,
-        kept as the tiles give them, none written: MATMUL_ARGMAX). Stops
+        without computing all of it; where the head runs on the AMX tiles or has a bias, the argmax of the logits
+        a step takes: MATMUL_ARGMAX, on the tiles none written). Stops
         after a step where a row gave one of stops. The KV slots of every step must be allocated (meta's block tables
         hold them). sampling: where a row samples or has penalties, the rows'
         fused.sampling_arrays, uniform numbers [steps, T] and (with penalties) their fused.penalty_arrays and each

@@ -202,7 +202,7 @@ typedef struct {
     const int64_t *seqs;
     const uint8_t *tree;
     const void *final_norm;   /* the model's last RMSNorm weight, activations' dtype */
-    GGMLLinear head;          /* the LM head, used when logits is not NULL */
+    GGMLLinear head;          /* the LM head: decode_layers' logits where logits is not NULL, a burst's tokens */
     float *logits;            /* [T, head.n] */
     argmax_fn argmax;         /* ggml_argmax, for a burst's tokens where head_norms is set */
     const float *head_norms;  /* upper bounds of the head's row norms, or NULL */
@@ -727,11 +727,11 @@ int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers
                                            b->uniforms + i * T, s->threads, tokens);
             for (int64_t t = 0; b->seen && !failed && t < T; t++)   /* the new tokens are history for the next step */
                 b->seen[t * V + tokens[t]] = 1, b->counts[t * V + tokens[t]]++;
-        } else {   /* the head's argmax as its logits give it (rounded where they are), no logit written */
+        } else {   /* the argmax of the head's logits as a step has them (on the tiles none is written) */
             step.logits = NULL;
             failed |= decode_layers(&step, layers, num_layers, x, residual, out);
             const GGMLLinear *h = &s->head;
-            const int flags = matmul_flags(s, h, 1) | MATMUL_ARGMAX | (s->bf16 ? MATMUL_Y_BF16 : 0);
+            const int flags = matmul_flags(s, h, 0) | MATMUL_ARGMAX;   /* (bf16: the logits' rounding) */
             if (!failed)
                 TIMED(PART_HEAD, failed = s->matmul(h->type, h->w, h->packed, h->row_bytes, h->n, h->k, out, h->k, T,
                                                     tokens, 1, h->bias, s->threads, flags));

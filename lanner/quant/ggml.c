@@ -1222,7 +1222,7 @@ INLINE void b_make(b_source src, int g, int64_t b, int64_t blocks, uint16_t *bt)
  * hold them (plus the bias, rounded to bf16 where o.bf16): for a greedy step's LM head no logit is written. Rounding
  * keeps order and a best is a rounded value, so a row none of whose sums is NaN or above its best (later outputs win
  * no ties) is passed over unrounded: two compares. */
-static void argmax_rows(const float *t, int64_t rows, out_rows o, int64_t m, int64_t n) {
+__attribute__((noinline)) static void argmax_rows(const float *t, int64_t rows, out_rows o, int64_t m, int64_t n) {
     for (int64_t r = 0; r < rows; r++) {
         __m512 v[2];
         __mmask16 wins = 0;
@@ -1368,7 +1368,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
         return 1;
     }
     for (int64_t i = 0; at && i < threads * M; i++)
-        at[i] = -1;
+        at[i] = -1, best[i] = 0;
 #pragma omp parallel num_threads(threads) firstprivate(o)
     {
         uint16_t *bt = tiles + omp_get_thread_num() * 2 * blocks * 512;
@@ -1510,11 +1510,6 @@ static int matmul_then_silu(int type, const uint8_t *w, const uint8_t *packed, i
     return failed;
 }
 
-/* y[m, n] = sum_k W[n, k] x[m, k] (+ bias[n]) for m < M, n < N; x [M, ldx] and y [M, ldy] fp32 or bf16 (flags),
- * bias fp32 or NULL. MATMUL_INT8: the rows of a format with an int8 path (and K a whole number of groups) run
- * on int8 activations, on `packed` (W as ggml_pack wrote it, or NULL) where given; else (or without it) the
- * result equals dequantize-then-matmul up to summation order, also reading `packed` where given. Returns 1 when
- * a buffer cannot be allocated, 2 for a type or K this file cannot take (or MATMUL_SILU_MUL with a bias). */
 /* MATMUL_ARGMAX where the tiles do not take it: the results [M, N] in y's dtype, then each row's argmax into
  * tokens. 1: out of memory */
 static int matmul_then_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N,
@@ -1535,6 +1530,12 @@ static int matmul_then_argmax(int type, const uint8_t *w, const uint8_t *packed,
     return failed;
 }
 
+/* y[m, n] = sum_k W[n, k] x[m, k] (+ bias[n]) for m < M, n < N; x [M, ldx] and y [M, ldy] fp32 or bf16 (flags),
+ * bias fp32 or NULL. MATMUL_INT8: the rows of a format with an int8 path (and K a whole number of groups) run
+ * on int8 activations, on `packed` (W as ggml_pack wrote it, or NULL) where given; else (or without it) the
+ * result equals dequantize-then-matmul up to summation order, also reading `packed` where given. Returns 1 when
+ * a buffer cannot be allocated, 2 for a type or K this file cannot take (or MATMUL_SILU_MUL with a bias or with
+ * MATMUL_ARGMAX). */
 int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                 const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
                 int flags) {

@@ -294,8 +294,9 @@ class GGMLLinear:
         """Upper bounds of W's row norms, fp32 [out] (made at first use): ggml_argmax's error bounds."""
         if self._row_norms is None:
             n, step = self.out_features, self.chunk_rows
-            # fp32 sums of K squares err by under K + 1 units of 2^-24: twice that covers them and the rounding
-            # (float64 sums took 55 ms for the default model's head, at the first greedy step of <= 4 rows)
+            # fp32 sums of K squares err by under K + 1 units of 2^-24, their square roots by about half that: a
+            # margin of 2 (K + 2) units covers both and its own rounding (float64 sums took 55 ms for the default
+            # model's head, at the first greedy step of <= 4 rows)
             norms = torch.cat([self._chunk(a, min(n, a + step), torch.float32).norm(dim=1) for a in range(0, n, step)])
             margin = 1 + 2 * (self.in_features + 2) * 2.0 ** -24
             self._row_norms = torch.nextafter(norms * margin, torch.tensor(float("inf")))
