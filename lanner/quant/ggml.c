@@ -1510,21 +1510,19 @@ static int matmul_then_silu(int type, const uint8_t *w, const uint8_t *packed, i
     return failed;
 }
 
-/* MATMUL_ARGMAX where the tiles do not take it: the results [M, N] in y's dtype, then each row's argmax into
- * tokens. 1: out of memory */
+/* MATMUL_ARGMAX where the tiles do not take it: the results [M, N] in fp32, then each row's argmax into tokens
+ * (take rounds them as a bf16 y would hold them). 1: out of memory */
 static int matmul_then_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N,
                               int64_t K, const void *x, int64_t ldx, int64_t M, out_rows o, int threads, int flags) {
-    const int64_t es = o.bf16 ? 2 : 4;
-    char *sums = malloc(es * (M * N + 1));
+    float *sums = malloc(sizeof(float) * (M * N + 1));
     const int failed = sums ? ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, sums, N, o.bias, threads,
-                                          flags & ~MATMUL_ARGMAX) : 1;
+                                          flags & ~(MATMUL_ARGMAX | MATMUL_Y_BF16)) : 1;
     for (int64_t m = 0; m < M && !failed; m++) {
         int64_t *token = (int64_t *)o.y + m;
         float top = 0;
         *token = -1;
         for (int64_t j = 0; j < N; j++)
-            take(o.bf16 ? bf2f(((const uint16_t *)sums)[m * N + j]) : ((const float *)sums)[m * N + j], j, 0, &top,
-                 token);
+            take(sums[m * N + j], j, o.bf16, &top, token);
     }
     free(sums);
     return failed;
