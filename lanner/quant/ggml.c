@@ -23,7 +23,7 @@
 #define TILE 4   /* activation rows dotted with one decoded weight row together */
 #define ROWS_PER_TASK 16   /* weight rows a thread takes at a time */
 #define AHEAD_BYTES (8 << 10)   /* how far ahead a GEMV prefetches its weights (docs/quantization.md: 4 KB left a
-                                 * batch-1 step 1.06-1.1x slower on an AMX host; 2-12 KB were even on Zen 4) */
+                                 * batch-1 step 1.07-1.1x slower on an AMX host; 2-12 KB were even on Zen 4) */
 
 /* GGML type ids (ggml.h) */
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14,
