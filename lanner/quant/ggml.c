@@ -547,6 +547,15 @@ static void take(float v, int64_t j, int round_bf16, float *best, int64_t *token
         *best = v, *token = j;
 }
 
+/* the argmax of n values v (each rounded to bf16 first where round_bf16), -1 where n is 0 */
+static int64_t row_argmax(const float *v, int64_t n, int round_bf16) {
+    int64_t token = -1;
+    float best = 0;
+    for (int64_t j = 0; j < n; j++)
+        take(v[j], j, round_bf16, &best, &token);
+    return token;
+}
+
 /* results t [rows, width] (ldt apart) of output rows m.., columns n.. into o: the kernels work in fp32 tiles
  * and each tile goes out as written, so a bf16 result needs no fp32 copy of the whole output */
 static void store_tile(const float *t, int64_t ldt, int64_t rows, int64_t width, out_rows o, int64_t m, int64_t n) {
@@ -1518,13 +1527,8 @@ static int matmul_then_argmax(int type, const uint8_t *w, const uint8_t *packed,
     float *sums = malloc(sizeof(float) * (M * N + 1));
     const int failed = sums ? ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, sums, N, o.bias, threads,
                                           flags & ~(MATMUL_ARGMAX | MATMUL_Y_BF16)) : 1;
-    for (int64_t m = 0; m < M && !failed; m++) {
-        int64_t *token = (int64_t *)o.y + m;
-        float top = 0;
-        *token = -1;
-        for (int64_t j = 0; j < N; j++)
-            take(sums[m * N + j], j, o.bf16, &top, token);
-    }
+    for (int64_t m = 0; m < M && !failed; m++)
+        ((int64_t *)o.y)[m] = row_argmax(sums + m * N, N, o.bf16);
     free(sums);
     return failed;
 }
@@ -1681,12 +1685,8 @@ int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
     if (failed)
         return failed;
     if (!bounded) {
-        for (int64_t m = 0; m < M; m++) {
-            float best = 0;
-            tokens[m] = -1;
-            for (int64_t j = 0; j < N; j++)
-                take(scratch[m * N + j], j, round_bf16, &best, &tokens[m]);
-        }
+        for (int64_t m = 0; m < M; m++)
+            tokens[m] = row_argmax(scratch + m * N, N, round_bf16);
         return 0;
     }
     /* the exact path's fp32 rows and (Q4_1) block sums */
