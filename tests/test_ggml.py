@@ -16,7 +16,7 @@ from lanner.quant.ggml import BLOCKS, GGMLLinear, GGMLTensor
 
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
 INT8_FORMATS = FORMATS[:5]   # K-quants and floats multiply fp32 activations on either path
-PACKED_FORMATS = ["Q4_0", "Q4_1", "Q8_0"]   # repacked for the int8 kernel
+PACKED_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]   # repacked for the int8 kernel
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
                  "Q5_K": [0, 2], "Q6_K": [208]}   # where a block keeps its f16 scales
 
@@ -134,7 +134,7 @@ def near_copies(w: GGMLTensor, seed: int) -> GGMLTensor:
     """Every row w's first with four quant bits flipped, none at a block's first value (where the test's
     activations put their outliers): logits so close that int8 activations misorder them."""
     rng, (_, block, nbytes) = np.random.default_rng(seed), BLOCKS[w.type_name]
-    first_quant = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2, "Q6_K": 0}[w.type_name]
+    first_quant = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6, "Q5_1": 8, "Q8_0": 2, "Q6_K": 0}[w.type_name]   # its first value's byte
     raw = w.data.clone()
     raw[:] = raw[0]
     for row in range(1, w.shape[0]):

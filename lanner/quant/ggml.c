@@ -767,10 +767,11 @@ static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t 
 }
 
 /* ---- int8 activations on packed weights ---------------------------------------------------------------- */
-/* Q4_0, Q4_1 and Q8_0 weights repacked at load (ggml_pack) so that one integer dot product advances LANES rows:
- * a group of LANES rows is stored block by block, each block as the rows' fp16 scales, then their fp16 mins
- * (Q4_1), then their values in columns of 4 bytes: column c holds bytes 4c..4c+3 of every row's block, row r
- * in lane r (a 4-bit column: values 4c..4c+3 in the low nibbles, 16+4c..19+4c in the high ones). Each 4
+/* Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights repacked at load (ggml_pack) so that one integer dot product advances
+ * LANES rows: a group of LANES rows is stored block by block, each block as the rows' fp16 scales, then their fp16
+ * mins (Q4_1, Q5_1), then their values in columns of 4 bytes: column c holds bytes 4c..4c+3 of every row's block,
+ * row r in lane r (a 4-bit column: values 4c..4c+3 in the low nibbles, 16+4c..19+4c in the high ones; Q5's first
+ * column is each row's qh, the fifth bits). Each 4
  * activation values are broadcast to every lane, so a block's LANES sums end in LANES lanes and its scales
  * convert LANES at a time: no horizontal sums per row, no scalar scale loads per block, about a quarter of
  * the instructions per weight of the row-major kernel above. Rows past the last whole group stay in GGML's
@@ -813,20 +814,41 @@ INLINE void stream_ahead(const uint8_t *p, int64_t bytes) {
         __builtin_prefetch(p + AHEAD_BYTES + l, 0, 3);
 }
 
-/* a block's 4-bit values of groups groups (gstride bytes apart) against rows activation rows: d[g][m] lane r = row
- * r's integer dot product. Without VNNI the 16-bit pair sums of a block add up before widening: 8 of at most
- * 2 * 15 * 127 fit. */
-INLINE void dot_q4_block(const uint8_t *vals, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
-                         int64_t b, li d[SIDE][PTILE]) {
+/* Q5_0 / Q5_1 packed: a row's qh (bit j: value j's fifth bit) is its lane of the block's first column. The 0x10
+ * bits of the 4 values a nibble column holds in a lane (values shift.. shift + 3: the low nibbles' at 4c, the high
+ * ones' at 16 + 4c), each at bit 4 of its byte: one multishift on AVX512-VBMI, else a multiply that puts bit i of
+ * the 4 at bit 8i + 4 (no two of its partial products overlap, so nothing carries) */
+INLINE lb fifth_column(li h, const int shift) {
+#if defined(__AVX512VBMI__) && GB == 2
+    uint64_t at = 0;   /* byte i of lane 2q + s takes qword q's bits from 32s + shift + i - 4 */
+    for (int i = 0; i < 8; i++)
+        at |= (uint64_t)((32 * (i / 4) + shift + i % 4 - 4) & 63) << (8 * i);
+    return (lb)_mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_set1_epi64((int64_t)at), (__m512i)h),
+                                _mm512_set1_epi8(16));
+#else
+    return (lb)((((h >> shift) & 15) * 0x02040810) & 0x10101010);
+#endif
+}
+
+/* a block's 4-bit values (bits 5: with their fifth bits, the qh column first) of groups groups (gstride bytes apart)
+ * against rows activation rows: d[g][m] lane r = row r's integer dot product. Without VNNI the 16-bit pair sums
+ * of a block add up before widening: 8 of at most 2 * 15 * 127 fit, 4 of 2 * 31 * 127. */
+INLINE void dot_q4_block(const int bits, const uint8_t *vals, int64_t gstride, const int groups, qacts a,
+                         const int rows, int64_t K, int64_t b, li d[SIDE][PTILE]) {
     lh s[SIDE][PTILE];
+    const uint8_t *nibbles = vals + (bits == 5 ? 4 * LANES : 0);
     for (int g = 0; g < groups; g++)
         for (int m = 0; m < rows; m++)
             d[g][m] = (li){0}, s[g][m] = (lh){0};
     for (int c = 0; c < 4; c++) {
         lb lo[SIDE], hi[SIDE];
         for (int g = 0; g < groups; g++) {
-            lb v = loadlb(vals + g * gstride + c * 4 * LANES);
+            lb v = loadlb(nibbles + g * gstride + c * 4 * LANES);
             lo[g] = v & 15, hi[g] = (lb)((li)v >> 4) & 15;
+            if (bits == 5) {
+                li h = loadli(vals + g * gstride);
+                lo[g] |= fifth_column(h, 4 * c), hi[g] |= fifth_column(h, 16 + 4 * c);
+            }
         }
         for (int m = 0; m < rows; m++) {
             const int8_t *x = a.q + m * K + 32 * b + 4 * c;
@@ -840,11 +862,11 @@ INLINE void dot_q4_block(const uint8_t *vals, int64_t gstride, const int groups,
                 }
             }
         }
+        if (!VNNI && (c == 3 || (bits == 5 && c == 1)))
+            for (int g = 0; g < groups; g++)
+                for (int m = 0; m < rows; m++)
+                    d[g][m] += widen16(s[g][m]), s[g][m] = (lh){0};
     }
-    if (!VNNI)
-        for (int g = 0; g < groups; g++)
-            for (int m = 0; m < rows; m++)
-                d[g][m] = widen16(s[g][m]);
 }
 
 /* x with the sign of the weights whose sign mask (all ones where negative) is neg: vpsignb on AVX2 (a zero
@@ -909,8 +931,8 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
         li d[SIDE][PTILE];
         for (int g = 0; g < groups && stream; g++)
             stream_ahead(blk + g * gstride, bytes);
-        if (bits == 4)
-            dot_q4_block(blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
+        if (bits != 8)
+            dot_q4_block(bits, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
         else
             dot_q8_block(blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
         for (int g = 0; g < groups; g++) {
@@ -953,6 +975,8 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int gro
     switch (type) {
     case Q4_0: PACKED_OF(4, 0, 8)
     case Q4_1: PACKED_OF(4, 1, 0)
+    case Q5_0: PACKED_OF(5, 0, 16)
+    case Q5_1: PACKED_OF(5, 1, 0)
     case Q8_0: PACKED_OF(8, 0, Q8_ZERO)
     }
 }
@@ -972,12 +996,13 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = grp + b * bytes, *vals = blk + 2 * scales * LANES;
         const float *xb = x + 32 * b;
+        const li h = bits == 5 ? loadli(vals) : (li){0};   /* Q5: the fifth bits' column, then the nibbles' */
         stream_ahead(blk, bytes);
         lf sum[TILE][2];   /* two chains a row: the FMAs of one would wait on each other */
         for (int m = 0; m < rows; m++)
             sum[m][0] = sum[m][1] = (lf){0};
-        for (int c = 0; c < bits; c++) {   /* Q8_0: 8 columns of 4 bytes a row; Q4: 4 columns of 4 byte pairs */
-            li v = loadli(vals + c * 4 * LANES);
+        for (int c = 0; c < (bits == 8 ? 8 : 4); c++) {   /* Q8_0: 8 columns of 4 bytes a row; Q4, Q5: 4 of byte pairs */
+            li v = loadli(vals + (c + (bits == 5)) * 4 * LANES);
             for (int j = 0; j < 4; j++) {
                 if (bits == 8) {
                     lf w = __builtin_convertvector((v << (24 - 8 * j)) >> 24, lf);
@@ -986,8 +1011,10 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
                         KEEP_IN_REGISTER(sum[m][j & 1]);
                     }
                 } else {
-                    lf lo = __builtin_convertvector(((v >> 8 * j) & 15) - zero, lf);
-                    lf hi = __builtin_convertvector(((v >> (8 * j + 4)) & 15) - zero, lf);
+                    li qlo = (v >> 8 * j) & 15, qhi = (v >> (8 * j + 4)) & 15;
+                    if (bits == 5)
+                        qlo |= ((h >> (4 * c + j)) & 1) << 4, qhi |= ((h >> (16 + 4 * c + j)) & 1) << 4;
+                    lf lo = __builtin_convertvector(qlo - zero, lf), hi = __builtin_convertvector(qhi - zero, lf);
                     for (int m = 0; m < rows; m++) {
                         sum[m][0] += lo * xb[m * ldx + 4 * c + j];
                         sum[m][1] += hi * xb[m * ldx + 16 + 4 * c + j];
@@ -1022,6 +1049,8 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
     switch (type) {
     case Q4_0: FPACKED_OF(4, 0, 8)
     case Q4_1: FPACKED_OF(4, 1, 0)
+    case Q5_0: FPACKED_OF(5, 0, 16)
+    case Q5_1: FPACKED_OF(5, 1, 0)
     case Q8_0: FPACKED_OF(8, 0, 0)
     }
 }
@@ -1039,7 +1068,12 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 
 /* the formats ggml_pack interleaves (a packed pointer with another format is ignored) */
 static int packable(int type) {
-    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q8_0);
+    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0);
+}
+
+/* whether a format's blocks carry a min (fp16, after the scale) */
+static int with_min(int type) {
+    return type == Q4_1 || type == Q5_1;
 }
 
 /* the zero point a format's weight bytes carry, or -1 for a format without an int8 path (the K-quants: decoding
@@ -1186,13 +1220,14 @@ INLINE void b_rows(__m512i q, const int sign, const __m512i *idx, const __m512 *
 /* Block b of a packed group (16 weight rows) as a B tile: 16 rows x 64 bytes into bt. */
 INLINE void b_tile(const int type, const uint8_t *blk, uint16_t *restrict bt) {
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-    __m512 m = type == Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
-             : type == Q4_0 ? _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)) : _mm512_setzero_ps();
+    __m512 m = with_min(type) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
+             : type == Q4_0 || type == Q5_0 ? _mm512_mul_ps(d, _mm512_set1_ps(type == Q4_0 ? -8.0f : -16.0f))
+             : _mm512_setzero_ps();
     const __m512i lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
     const __m512 dh[2] = {_mm512_permutexvar_ps(lo, d), _mm512_permutexvar_ps(hi, d)};
     const __m512 mh[2] = {_mm512_permutexvar_ps(lo, m), _mm512_permutexvar_ps(hi, m)};
-    const uint8_t *vals = blk + (type == Q4_1 ? 64 : 32);
+    const uint8_t *vals = blk + (with_min(type) ? 64 : 32);
     __m512i idx[4];
     b_indices(type == Q8_0, idx);
     if (type == Q8_0) {   /* chunk c: values 4c..4c+3 of every row -> tile rows 2c, 2c + 1 */
@@ -1200,10 +1235,16 @@ INLINE void b_tile(const int type, const uint8_t *blk, uint16_t *restrict bt) {
             b_rows(_mm512_loadu_si512(vals + 64 * c), 1, idx, dh, mh, bt + 64 * c);
         return;
     }
+    const int five = type == Q5_0 || type == Q5_1;   /* the fifth bits' 64 bytes before the nibbles */
+    const li h = five ? (li)_mm512_loadu_si512(vals) : (li){0};
     for (int c = 0; c < 4; c++) {   /* chunk c's nibbles: values 4c.. (low) and 16 + 4c.. (high) */
-        const __m512i q = _mm512_loadu_si512(vals + 64 * c), mask = _mm512_set1_epi8(15);
-        b_rows(_mm512_and_si512(q, mask), 0, idx, dh, mh, bt + 64 * c);
-        b_rows(_mm512_and_si512(_mm512_srli_epi16(q, 4), mask), 0, idx, dh, mh, bt + 64 * (c + 4));
+        const __m512i q = _mm512_loadu_si512(vals + 64 * (c + five)), mask = _mm512_set1_epi8(15);
+        __m512i lo = _mm512_and_si512(q, mask), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), mask);
+        if (five)
+            lo = _mm512_or_si512(lo, (__m512i)fifth_column(h, 4 * c)),
+            hi = _mm512_or_si512(hi, (__m512i)fifth_column(h, 16 + 4 * c));
+        b_rows(lo, 0, idx, dh, mh, bt + 64 * c);
+        b_rows(hi, 0, idx, dh, mh, bt + 64 * (c + 4));
     }
 }
 
@@ -1469,8 +1510,8 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
      * the rows after them row-major */
     int64_t groups = packed && packable(type) && M >= 1 ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    float *xsum = groups && type == Q4_1 ? block_sums(x, ldx, M, K) : NULL;
-    if (groups && type == Q4_1 && !xsum)
+    float *xsum = groups && with_min(type) ? block_sums(x, ldx, M, K) : NULL;
+    if (groups && with_min(type) && !xsum)
         return 1;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -1695,8 +1736,8 @@ int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         widen(x, m * ldx, K, xf + m * K);
     const float *xs = x_bf16 ? xf : x;
     const int64_t lds = x_bf16 ? K : ldx;
-    float *xsum = type == Q4_1 && (xf || !x_bf16) ? block_sums(xs, lds, M, K) : NULL;
-    if ((x_bf16 && !xf) || (type == Q4_1 && !xsum)) {
+    float *xsum = with_min(type) && (xf || !x_bf16) ? block_sums(xs, lds, M, K) : NULL;
+    if ((x_bf16 && !xf) || (with_min(type) && !xsum)) {
         free(xf), free(xsum);
         return 1;
     }
@@ -1750,7 +1791,7 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
     if (!packable(type) || K % 32 || block_shape(type, &bytes) != 32 || N < PACK_ROWS
         || (N % PACK_ROWS && K % (32 * GB)))   /* rows left over run row-major, which takes whole groups of K */
         return 0;
-    const int head = type == Q4_1 ? 4 : 2, R = PACK_ROWS;
+    const int head = with_min(type) ? 4 : 2, R = PACK_ROWS;
     int64_t groups = N / R;
     for (int64_t g = 0; g < groups; g++)
         for (int64_t b = 0; b < K / 32; b++) {
