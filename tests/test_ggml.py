@@ -16,7 +16,7 @@ from lanner.quant.ggml import BLOCKS, GGMLLinear, GGMLTensor
 
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
 INT8_FORMATS = FORMATS[:5]   # K-quants and floats multiply fp32 activations on either path
-PACKED_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]   # repacked for the int8 kernel
+PACKED_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]   # repacked for the int8 kernel, the tiles, exact rows (+ Q4_K: int8)
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
                  "Q5_K": [0, 2], "Q6_K": [208]}   # where a block keeps its f16 scales
 
@@ -103,12 +103,14 @@ def test_int8_activations_equal_their_reference_on_every_level(level, type_name,
     x = torch.randn(m, cols, generator=seeded) * torch.linspace(0.1, 3, cols)   # blocks of different scales
     lin = GGMLLinear(w)
     assert lin.int8 == (level != "scalar")   # the portable build's int8 path is the slower one
-    assert (lin.packed is not None) == (lin.int8 and type_name in PACKED_FORMATS)
+    packs = type_name in PACKED_FORMATS or (type_name == "Q4_K" and rows % 16 == 0)   # Q4_K: whole groups only
+    assert (lin.packed is not None) == (lin.int8 and packs)
     got = lin.small(x, lin.lib, int8=True).double()
     exact = x.double() @ reference(w).double().T
     # row-major int8 takes whole vectors of blocks (2 on AVX-512): a K of 3 blocks runs exact there unless packed
     whole = cols % 64 == 0 or native.isa() != "avx512" or lin.packed is not None
-    want = int8_blocks(x) @ reference(w).double().T if type_name in INT8_FORMATS and whole else exact
+    int8 = (type_name in INT8_FORMATS and whole) or (type_name == "Q4_K" and lin.packed is not None)
+    want = int8_blocks(x) @ reference(w).double().T if int8 else exact
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert (got - exact).norm() < 0.02 * exact.norm()   # int8 rounding: 0.4-0.8 % measured
 

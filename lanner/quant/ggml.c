@@ -969,6 +969,95 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
         PACKED_ROWS(bits, has_min, zero, 2, )                                                              \
     PACKED_ROWS(bits, has_min, zero, 1, PACKED_WIDE(bits, has_min, zero, 1))
 
+/* Q4_K packed (ggml_pack, the same bytes): a group's super-block is its rows' fp16 d, then their dmin, then 3
+ * columns of their 12 scale bytes, then 32 columns of their 128 value bytes (chunk c's 32 bytes in columns 8c..8c+7:
+ * the low nibbles sub-block 2c's values, the high ones sub-block 2c + 1's). Sub-block j's 6-bit scale and min in
+ * each lane, as scale_min_k4 reads them from the bytes s0 = 0..3, s1 = 4..7, s2 = 8..11. */
+INLINE void k4_scale_min(li s0, li s1, li s2, const int j, lf *sc, lf *mn) {
+    const int i = 8 * (j % 4);
+    li a = j < 4 ? (s0 >> i) & 63 : ((s2 >> i) & 15) | (((s0 >> (i + 6)) & 3) << 4);
+    li b = j < 4 ? (s1 >> i) & 63 : ((s2 >> (i + 4)) & 15) | (((s1 >> (i + 6)) & 3) << 4);
+    *sc = __builtin_convertvector(a, lf), *mn = __builtin_convertvector(b, lf);
+}
+
+/* qdot_packed for Q4_K: each 32-value sub-block's integer sums times its scale d * sc, less its min dmin * mn times
+ * the activations' block sum: Q4_1's arithmetic, the scale and min made from the super-block's. Without VNNI a
+ * sub-block's 8 pair sums of at most 2 * 15 * 127 add up in 16 bits. */
+INLINE void qdot_packed_k4(const uint8_t *grp, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                           float *restrict y, int64_t ldy, const int stream) {
+    const int64_t bytes = LANES * 144;
+    lf acc[SIDE][PTILE];
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            acc[g][m] = (lf){0};
+    for (int64_t b = 0; b < K / 256; b++) {
+        const uint8_t *blk = grp + b * bytes;
+        for (int g = 0; g < groups && stream; g++)
+            stream_ahead(blk + g * gstride, bytes);
+        for (int c = 0; c < 4; c++) {
+            li dl[SIDE][PTILE], dh[SIDE][PTILE];
+            lh sl[SIDE][PTILE], sh[SIDE][PTILE];
+            for (int g = 0; g < groups; g++)
+                for (int m = 0; m < rows; m++)
+                    dl[g][m] = dh[g][m] = (li){0}, sl[g][m] = sh[g][m] = (lh){0};
+            for (int j = 0; j < 8; j++) {
+                lb lo[SIDE], hi[SIDE];
+                for (int g = 0; g < groups; g++) {
+                    lb v = loadlb(blk + g * gstride + (16 + 4 * (8 * c + j)) * LANES);
+                    lo[g] = v & 15, hi[g] = (lb)((li)v >> 4) & 15;
+                }
+                for (int m = 0; m < rows; m++) {
+                    const int8_t *x = a.q + m * K + 256 * b + 64 * c + 4 * j;
+                    lb xlo = bcast4(x), xhi = bcast4(x + 32);
+                    for (int g = 0; g < groups; g++) {
+                        if (VNNI)
+                            dl[g][m] = dot(dl[g][m], lo[g], xlo), dh[g][m] = dot(dh[g][m], hi[g], xhi);
+                        else {
+                            sl[g][m] += dot16(lo[g], xlo), sh[g][m] += dot16(hi[g], xhi);
+                            KEEP_IN_REGISTER(sl[g][m]);
+                            KEEP_IN_REGISTER(sh[g][m]);
+                        }
+                    }
+                }
+            }
+            for (int g = 0; g < groups; g++) {
+                const uint8_t *head = blk + g * gstride;
+                const lf d = halves(head), dmin = halves(head + 2 * LANES);
+                const li s0 = loadli(head + 4 * LANES), s1 = loadli(head + 8 * LANES), s2 = loadli(head + 12 * LANES);
+                lf sc[2], mn[2];
+                k4_scale_min(s0, s1, s2, 2 * c, &sc[0], &mn[0]);
+                k4_scale_min(s0, s1, s2, 2 * c + 1, &sc[1], &mn[1]);
+                for (int m = 0; m < rows; m++) {
+                    const int64_t o = m * (K / 32) + 8 * b + 2 * c;
+                    if (!VNNI)
+                        dl[g][m] = widen16(sl[g][m]), dh[g][m] = widen16(sh[g][m]);
+                    acc[g][m] = fmadd(__builtin_convertvector(dl[g][m], lf), d * sc[0] * a.bd[o], acc[g][m]);
+                    acc[g][m] = fmadd(dmin * mn[0], (lf){0} - a.bs[o], acc[g][m]);
+                    acc[g][m] = fmadd(__builtin_convertvector(dh[g][m], lf), d * sc[1] * a.bd[o + 1], acc[g][m]);
+                    acc[g][m] = fmadd(dmin * mn[1], (lf){0} - a.bs[o + 1], acc[g][m]);
+                }
+            }
+        }
+    }
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
+}
+
+#define K4_ROWS(groups, wide)                                                                              \
+    switch (M) {                                                                                           \
+    wide                                                                                                   \
+    case 4: qdot_packed_k4(grp, gstride, groups, a, 4, K, y, ldy, stream); return;                          \
+    case 3: qdot_packed_k4(grp, gstride, groups, a, 3, K, y, ldy, stream); return;                          \
+    case 2: qdot_packed_k4(grp, gstride, groups, a, 2, K, y, ldy, stream); return;                          \
+    default: qdot_packed_k4(grp, gstride, groups, a, 1, K, y, ldy, stream); return;                         \
+    }
+#define K4_WIDE                                                                                            \
+    case 8: qdot_packed_k4(grp, gstride, 1, a, 8, K, y, ldy, stream); return;                               \
+    case 7: qdot_packed_k4(grp, gstride, 1, a, 7, K, y, ldy, stream); return;                               \
+    case 6: qdot_packed_k4(grp, gstride, 1, a, 6, K, y, ldy, stream); return;                               \
+    case 5: qdot_packed_k4(grp, gstride, 1, a, 5, K, y, ldy, stream); return;
+
 /* groups (<= SIDE) packed groups gstride bytes apart, M <= PTILE / groups rows (their outputs at y, side by side) */
 static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, qacts a, int64_t M,
                           float *y, int64_t ldy, int stream) {
@@ -978,6 +1067,10 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int gro
     case Q5_0: PACKED_OF(5, 0, 16)
     case Q5_1: PACKED_OF(5, 1, 0)
     case Q8_0: PACKED_OF(8, 0, Q8_ZERO)
+    case Q4_K:
+        if (groups == 2)
+            K4_ROWS(2, )
+        K4_ROWS(1, K4_WIDE)
     }
 }
 /* y[m * ldy + r] = W[r] . x[m * ldx] in fp32 for the group's rows r < LANES and m < rows: the exact path's
@@ -1066,9 +1159,14 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 }
 #endif
 
-/* the formats ggml_pack interleaves (a packed pointer with another format is ignored) */
+/* the formats ggml_pack interleaves for the int8 kernel (a packed pointer with another format is ignored) */
 static int packable(int type) {
-    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0);
+    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q4_K);
+}
+
+/* those of them (32-value blocks) the exact kernel's decode rows and the AMX tiles read packed too */
+static int packed_blocks(int type) {
+    return packable(type) && type != Q4_K;
 }
 
 /* whether a format's blocks carry a min (fp16, after the scale) */
@@ -1083,7 +1181,7 @@ static int int8_zero(int type) {
     case Q4_0: return 8;
     case Q5_0: return 16;
     case Q8_0: return Q8_ZERO;
-    case Q4_1: case Q5_1: return 0;
+    case Q4_1: case Q5_1: case Q4_K: return 0;   /* (Q4_K: packed only) */
     default: return -1;
     }
 }
@@ -1477,7 +1575,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
  * tiles, or 0 where it never does (this build lacks the tile unit's bf16 path, or the process may not use it). */
 /* (int8: for calls with MATMUL_INT8, which the int8 kernel takes up to more rows than the exact one) */
 int ggml_amx_bf16(int type, int64_t N, int64_t K, int int8) {
-    const int tiles = AMX_BF16 && packable(type) && N % 32 == 0 && K % 32 == 0 && N >= 32 && tiles_granted();
+    const int tiles = AMX_BF16 && packed_blocks(type) && N % 32 == 0 && K % 32 == 0 && N >= 32 && tiles_granted();
     return tiles ? (int8 ? AMX_BF16_ROWS : AMX_EXACT_ROWS) : 0;
 }
 
@@ -1508,7 +1606,7 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
                         const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
     /* packed weights: whole groups on fp32 activations, TILE rows at a time while the group's blocks are in L1;
      * the rows after them row-major */
-    int64_t groups = packed && packable(type) && M >= 1 ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
+    int64_t groups = packed && packed_blocks(type) && M >= 1 ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     float *xsum = groups && with_min(type) ? block_sums(x, ldx, M, K) : NULL;
     if (groups && with_min(type) && !xsum)
@@ -1598,7 +1696,8 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         return matmul_then_argmax(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
     if (silu)   /* elsewhere gate | up first, as the separate call writes it */
         return matmul_then_silu(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
-    if (flags & MATMUL_INT8 && M > 0 && int8_zero(type) >= 0 && whole_groups)
+    const int int8 = int8_zero(type) >= 0 && whole_groups && (type != Q4_K || (packed && packable(type)));
+    if (flags & MATMUL_INT8 && M > 0 && int8)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
     /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round
      * (+ 1: no zero-byte requests for a step without rows) */
@@ -1720,7 +1819,7 @@ static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes
 int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                 const void *x, int64_t ldx, int64_t M, int x_bf16, const float *norms, int round_bf16, float *scratch,
                 int threads, int64_t *tokens) {
-    const int bounded = packed && packable(type) && int8_zero(type) >= 0 && N % PACK_ROWS == 0 && K % 32 == 0;
+    const int bounded = packed && packed_blocks(type) && int8_zero(type) >= 0 && N % PACK_ROWS == 0 && K % 32 == 0;
     const int flags = (bounded ? MATMUL_INT8 : 0) | (x_bf16 ? MATMUL_X_BF16 : 0);
     int failed = ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, scratch, N, NULL, threads, flags);
     if (failed)
@@ -1788,13 +1887,14 @@ int ggml_dequantize(int type, const uint8_t *w, int64_t row_bytes, int64_t K, co
  * per group, or 0 (nothing written) where this build or type has no packed path */
 int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, uint8_t *dst) {
     int bytes;
-    if (!packable(type) || K % 32 || block_shape(type, &bytes) != 32 || N < PACK_ROWS
-        || (N % PACK_ROWS && K % (32 * GB)))   /* rows left over run row-major, which takes whole groups of K */
-        return 0;
-    const int head = with_min(type) ? 4 : 2, R = PACK_ROWS;
+    const int qk = block_shape(type, &bytes);
+    if (!packable(type) || !qk || K % qk || N < PACK_ROWS
+        || (N % PACK_ROWS && (K % (32 * GB) || qk != 32)))   /* rows left over run row-major: whole groups of K, */
+        return 0;                                              /* and a kernel (Q4_K has none) */
+    const int head = with_min(type) || type == Q4_K ? 4 : 2, R = PACK_ROWS;
     int64_t groups = N / R;
     for (int64_t g = 0; g < groups; g++)
-        for (int64_t b = 0; b < K / 32; b++) {
+        for (int64_t b = 0; b < K / qk; b++) {
             uint8_t *out = dst + g * R * row_bytes + b * R * bytes;
             for (int r = 0; r < R; r++) {
                 const uint8_t *blk = w + (g * R + r) * row_bytes + b * bytes;
