@@ -913,62 +913,6 @@ INLINE lf fmadd(lf a, lf b, lf c) { return (lf)_mm512_fmadd_ps((__m512)a, (__m51
 INLINE lf fmadd(lf a, lf b, lf c) { return (lf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 #endif
 
-/* y[m * ldy + g * LANES + r] = W[r] . x[m] for the rows r < LANES of groups groups (gstride bytes apart) and
- * m < rows. stream: the first tile against the groups, which reads their weights from memory (or L3), asks for
- * them ahead; later tiles find them in L1. Without it a GEMM's first tile waited on each group: 30 layers' linears
- * at 16-64 rows ran 1.2-1.45x slower. */
-INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, int64_t gstride,
-                        const int groups, qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy,
-                        const int stream) {
-    const int scales = has_min ? 2 : 1;
-    const int64_t bytes = LANES * (2 * scales + bits * 4);   /* one block of a group */
-    lf acc[SIDE][PTILE];
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            acc[g][m] = (lf){0};
-    for (int64_t b = 0; b < K / 32; b++) {
-        const uint8_t *blk = grp + b * bytes;
-        li d[SIDE][PTILE];
-        for (int g = 0; g < groups && stream; g++)
-            stream_ahead(blk + g * gstride, bytes);
-        if (bits != 8)
-            dot_q4_block(bits, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
-        else
-            dot_q8_block(blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
-        for (int g = 0; g < groups; g++) {
-            /* a zero point is a min of -zero * d: w = d (q - zero) */
-            lf wd = halves(blk + g * gstride), wm = has_min ? halves(blk + g * gstride + 2 * LANES) : wd * (float)-zero;
-            for (int m = 0; m < rows; m++) {
-                int64_t o = m * (K / 32) + b;
-                acc[g][m] = fmadd(__builtin_convertvector(d[g][m], lf), wd * a.bd[o], acc[g][m]);
-                if (has_min || zero)
-                    acc[g][m] = fmadd(wm, (lf){0} + a.bs[o], acc[g][m]);
-            }
-        }
-    }
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
-}
-
-#define PACKED_WIDE(bits, has_min, zero, groups)                                                            \
-    case 8: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 8, K, y, ldy, stream); return;         \
-    case 7: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 7, K, y, ldy, stream); return;         \
-    case 6: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 6, K, y, ldy, stream); return;         \
-    case 5: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 5, K, y, ldy, stream); return;
-#define PACKED_ROWS(bits, has_min, zero, groups, wide)                                                      \
-    switch (M) {                                                                                           \
-    wide                                                                                                   \
-    case 4: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 4, K, y, ldy, stream); return;         \
-    case 3: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 3, K, y, ldy, stream); return;         \
-    case 2: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 2, K, y, ldy, stream); return;         \
-    default: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 1, K, y, ldy, stream); return;        \
-    }
-#define PACKED_OF(bits, has_min, zero)                                                                      \
-    if (groups == 2)                                                                                       \
-        PACKED_ROWS(bits, has_min, zero, 2, )                                                              \
-    PACKED_ROWS(bits, has_min, zero, 1, PACKED_WIDE(bits, has_min, zero, 1))
-
 /* Q4_K packed (ggml_pack, the same bytes): a group's super-block is its rows' fp16 d, then their dmin, then 3
  * columns of their 12 scale bytes, then 32 columns of their 128 value bytes (chunk c's 32 bytes in columns 8c..8c+7:
  * the low nibbles sub-block 2c's values, the high ones sub-block 2c + 1's). Sub-block j's 6-bit scale and min in
@@ -1044,19 +988,67 @@ INLINE void qdot_packed_k4(const uint8_t *grp, int64_t gstride, const int groups
             memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
 }
 
-#define K4_ROWS(groups, wide)                                                                              \
+#define K_SCALES 2   /* qdot_packed's has_min for a super-block's scales and mins (Q4_K) */
+
+/* y[m * ldy + g * LANES + r] = W[r] . x[m] for the rows r < LANES of groups groups (gstride bytes apart) and
+ * m < rows. stream: the first tile against the groups, which reads their weights from memory (or L3), asks for
+ * them ahead; later tiles find them in L1. Without it a GEMM's first tile waited on each group: 30 layers' linears
+ * at 16-64 rows ran 1.2-1.45x slower. */
+INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, int64_t gstride,
+                        const int groups, qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy,
+                        const int stream) {
+    if (has_min == K_SCALES) {
+        qdot_packed_k4(grp, gstride, groups, a, rows, K, y, ldy, stream);
+        return;
+    }
+    const int scales = has_min ? 2 : 1;
+    const int64_t bytes = LANES * (2 * scales + bits * 4);   /* one block of a group */
+    lf acc[SIDE][PTILE];
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            acc[g][m] = (lf){0};
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t *blk = grp + b * bytes;
+        li d[SIDE][PTILE];
+        for (int g = 0; g < groups && stream; g++)
+            stream_ahead(blk + g * gstride, bytes);
+        if (bits != 8)
+            dot_q4_block(bits, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
+        else
+            dot_q8_block(blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
+        for (int g = 0; g < groups; g++) {
+            /* a zero point is a min of -zero * d: w = d (q - zero) */
+            lf wd = halves(blk + g * gstride), wm = has_min ? halves(blk + g * gstride + 2 * LANES) : wd * (float)-zero;
+            for (int m = 0; m < rows; m++) {
+                int64_t o = m * (K / 32) + b;
+                acc[g][m] = fmadd(__builtin_convertvector(d[g][m], lf), wd * a.bd[o], acc[g][m]);
+                if (has_min || zero)
+                    acc[g][m] = fmadd(wm, (lf){0} + a.bs[o], acc[g][m]);
+            }
+        }
+    }
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
+}
+
+#define PACKED_WIDE(bits, has_min, zero, groups)                                                            \
+    case 8: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 8, K, y, ldy, stream); return;         \
+    case 7: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 7, K, y, ldy, stream); return;         \
+    case 6: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 6, K, y, ldy, stream); return;         \
+    case 5: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 5, K, y, ldy, stream); return;
+#define PACKED_ROWS(bits, has_min, zero, groups, wide)                                                      \
     switch (M) {                                                                                           \
     wide                                                                                                   \
-    case 4: qdot_packed_k4(grp, gstride, groups, a, 4, K, y, ldy, stream); return;                          \
-    case 3: qdot_packed_k4(grp, gstride, groups, a, 3, K, y, ldy, stream); return;                          \
-    case 2: qdot_packed_k4(grp, gstride, groups, a, 2, K, y, ldy, stream); return;                          \
-    default: qdot_packed_k4(grp, gstride, groups, a, 1, K, y, ldy, stream); return;                         \
+    case 4: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 4, K, y, ldy, stream); return;         \
+    case 3: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 3, K, y, ldy, stream); return;         \
+    case 2: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 2, K, y, ldy, stream); return;         \
+    default: qdot_packed(bits, has_min, zero, grp, gstride, groups, a, 1, K, y, ldy, stream); return;        \
     }
-#define K4_WIDE                                                                                            \
-    case 8: qdot_packed_k4(grp, gstride, 1, a, 8, K, y, ldy, stream); return;                               \
-    case 7: qdot_packed_k4(grp, gstride, 1, a, 7, K, y, ldy, stream); return;                               \
-    case 6: qdot_packed_k4(grp, gstride, 1, a, 6, K, y, ldy, stream); return;                               \
-    case 5: qdot_packed_k4(grp, gstride, 1, a, 5, K, y, ldy, stream); return;
+#define PACKED_OF(bits, has_min, zero)                                                                      \
+    if (groups == 2)                                                                                       \
+        PACKED_ROWS(bits, has_min, zero, 2, )                                                              \
+    PACKED_ROWS(bits, has_min, zero, 1, PACKED_WIDE(bits, has_min, zero, 1))
 
 /* groups (<= SIDE) packed groups gstride bytes apart, M <= PTILE / groups rows (their outputs at y, side by side) */
 static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, qacts a, int64_t M,
@@ -1067,10 +1059,7 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int gro
     case Q5_0: PACKED_OF(5, 0, 16)
     case Q5_1: PACKED_OF(5, 1, 0)
     case Q8_0: PACKED_OF(8, 0, Q8_ZERO)
-    case Q4_K:
-        if (groups == 2)
-            K4_ROWS(2, )
-        K4_ROWS(1, K4_WIDE)
+    case Q4_K: PACKED_OF(4, K_SCALES, 0)
     }
 }
 /* y[m * ldy + r] = W[r] . x[m * ldx] in fp32 for the group's rows r < LANES and m < rows: the exact path's
