@@ -16,7 +16,8 @@ from lanner.quant.ggml import BLOCKS, GGMLLinear, GGMLTensor
 
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
 INT8_FORMATS = FORMATS[:5]   # K-quants and floats multiply fp32 activations on either path
-PACKED_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]   # repacked for the int8 kernel, the tiles, exact rows (+ Q4_K: int8)
+PACKED_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]   # repacked for the int8 kernel, the tiles, exact rows
+K_PACKED = ["Q4_K", "Q6_K"]   # repacked for the int8 kernel alone
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
                  "Q5_K": [0, 2], "Q6_K": [208]}   # where a block keeps its f16 scales
 
@@ -103,13 +104,13 @@ def test_int8_activations_equal_their_reference_on_every_level(level, type_name,
     x = torch.randn(m, cols, generator=seeded) * torch.linspace(0.1, 3, cols)   # blocks of different scales
     lin = GGMLLinear(w)
     assert lin.int8 == (level != "scalar")   # the portable build's int8 path is the slower one
-    packs = type_name in PACKED_FORMATS or (type_name == "Q4_K" and rows % 16 == 0)   # Q4_K: whole groups only
+    packs = type_name in PACKED_FORMATS or (type_name in K_PACKED and rows % 16 == 0)   # K-quants: whole groups only
     assert (lin.packed is not None) == (lin.int8 and packs)
     got = lin.small(x, lin.lib, int8=True).double()
     exact = x.double() @ reference(w).double().T
     # row-major int8 takes whole vectors of blocks (2 on AVX-512): a K of 3 blocks runs exact there unless packed
     whole = cols % 64 == 0 or native.isa() != "avx512" or lin.packed is not None
-    int8 = (type_name in INT8_FORMATS and whole) or (type_name == "Q4_K" and lin.packed is not None)
+    int8 = (type_name in INT8_FORMATS and whole) or (type_name in K_PACKED and lin.packed is not None)
     want = int8_blocks(x) @ reference(w).double().T if int8 else exact
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert (got - exact).norm() < 0.02 * exact.norm()   # int8 rounding: 0.4-0.8 % measured
@@ -157,7 +158,7 @@ def test_row_norms_bound_the_rows_norms_from_above_and_tightly(type_name):
     assert (bound <= exact * (1 + 1e-3) + 1e-40).all()
 
 
-@pytest.mark.parametrize("type_name", PACKED_FORMATS + ["Q6_K"])   # Q6_K: no int8 path, argmax of the exact one
+@pytest.mark.parametrize("type_name", PACKED_FORMATS + ["Q6_K"])   # Q6_K: argmax of the exact path
 @pytest.mark.parametrize("m", [1, 3, 6, 19])   # tiles of rows, the last one partial
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [2048, 2044])   # 2044: not whole packed groups, the exact path's argmax
@@ -183,7 +184,8 @@ def test_argmax_is_the_exact_paths_argmax_on_every_level(level, type_name, m, dt
     x = x.to(dtype)
     want = lin.small(x, lin.lib).float().numpy().argmax(axis=1)   # the exact path, in x's dtype
     assert lin.argmax(x).tolist() == want.tolist()
-    if lin.packed is not None and rows == 2048 and m > 1 and dtype == torch.float32:   # int8 alone misorders
+    bounded = type_name in PACKED_FORMATS and lin.packed is not None   # (K-quants: the exact path's argmax)
+    if bounded and rows == 2048 and m > 1 and dtype == torch.float32:   # int8 alone misorders
         assert (lin.small(x, lin.lib, int8=True).float().numpy().argmax(axis=1) != want).any()
 
 

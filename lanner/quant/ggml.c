@@ -602,10 +602,10 @@ static void silu_rows(const void *t, int t_bf16, int64_t ldt, int64_t up, int64_
 }
 
 /* the activations quantized: q [rows, K] int8; per block ([rows, K / 32]) its scale bd and bs = bd * the sum of
- * its values (the packed kernel's); for the row-major kernel (NULL where it does not run) per lane (4 values,
- * [rows, K / 4]) the block's scale d, its share s = d * block sum / 8 of the min term, and -zero * the lane's
- * sum */
-typedef struct { int8_t *q; float *d, *s; int32_t *z; float *bd, *bs; } qacts;
+ * its values (the packed kernel's), and for Q6_K's scales of 16 values hs = bd * the sum of its first 16 (else
+ * NULL); for the row-major kernel (NULL where it does not run) per lane (4 values, [rows, K / 4]) the block's
+ * scale d, its share s = d * block sum / 8 of the min term, and -zero * the lane's sum */
+typedef struct { int8_t *q; float *d, *s; int32_t *z; float *bd, *bs, *hs; } qacts;
 
 typedef int8_t qv __attribute__((vector_size(VW)));
 
@@ -699,6 +699,12 @@ static void quantize_rows(const void *x, int64_t ldx, int bf16, int64_t M, int64
             const int n = blocks - b < VW ? (int)(blocks - b) : VW;
             const float *xb = bf16 ? widen(x, m * ldx + 32 * b, 32 * n, wide) : (const float *)x + m * ldx + 32 * b;
             quantize_blocks(xb, n, a.q + m * K + 32 * b, a.bd + m * blocks + b, a.bs + m * blocks + b);
+        }
+        for (int64_t b = 0; b < blocks && a.hs; b++) {
+            int32_t sum = 0;
+            for (int i = 0; i < 16; i++)
+                sum += a.q[m * K + 32 * b + i];
+            a.hs[m * blocks + b] = a.bd[m * blocks + b] * (float)sum;
         }
         for (int64_t b = 0; b < blocks && a.d; b++) {
             const float d = a.bd[m * blocks + b], sum = a.bs[m * blocks + b];
@@ -988,6 +994,70 @@ INLINE void qdot_packed_k4(const uint8_t *grp, int64_t gstride, const int groups
             memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
 }
 
+/* qdot_packed for Q6_K (ggml_pack, the same bytes): a group's super-block is its rows' fp16 d, then 4 columns of
+ * their 16 int8 scales, then 32 columns of their 128 ql bytes and 16 of their 64 qh bytes. ql column j of a half
+ * (128 values) holds values 4j.. in its low nibbles, 64 + 4j.. in its high ones; column 8 + j values 32 + 4j.. and
+ * 96 + 4j..; qh column j their 2 high bits each, in that order. A 16-value group k's integer sums of q x less 32
+ * times the activations' sum (hs, or bs - hs for a block's second 16), times d * scale k. */
+INLINE void qdot_packed_k6(const uint8_t *grp, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                           float *restrict y, int64_t ldy, const int stream) {
+    const int64_t bytes = LANES * 210;
+    lf acc[SIDE][PTILE];
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            acc[g][m] = (lf){0};
+    for (int64_t b = 0; b < K / 256; b++) {
+        const uint8_t *blk = grp + b * bytes;
+        for (int g = 0; g < groups && stream; g++)
+            stream_ahead(blk + g * gstride, bytes);
+        for (int half = 0; half < 2; half++)
+            for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of each 32: one scale each */
+                li s[SIDE][PTILE][4];
+                for (int g = 0; g < groups; g++)
+                    for (int m = 0; m < rows; m++)
+                        for (int q = 0; q < 4; q++)
+                            s[g][m][q] = (li){0};
+                for (int j = 4 * jh; j < 4 * jh + 4; j++) {
+                    lb v[SIDE][4];
+                    for (int g = 0; g < groups; g++) {
+                        const uint8_t *cols = blk + g * gstride + 18 * LANES;
+                        const li A = loadli(cols + 4 * (16 * half + j) * LANES);
+                        const li B = loadli(cols + 4 * (16 * half + 8 + j) * LANES);
+                        const li H = loadli(cols + 4 * (32 + 8 * half + j) * LANES);
+                        v[g][0] = (lb)((A & 0x0F0F0F0F) | ((H << 4) & 0x30303030));
+                        v[g][1] = (lb)((B & 0x0F0F0F0F) | ((H << 2) & 0x30303030));
+                        v[g][2] = (lb)(((A >> 4) & 0x0F0F0F0F) | (H & 0x30303030));
+                        v[g][3] = (lb)(((B >> 4) & 0x0F0F0F0F) | ((H >> 2) & 0x30303030));
+                    }
+                    for (int m = 0; m < rows; m++)
+                        for (int q = 0; q < 4; q++) {
+                            lb x = bcast4(a.q + m * K + 256 * b + 128 * half + 32 * q + 4 * j);
+                            for (int g = 0; g < groups; g++)
+                                s[g][m][q] = dot(s[g][m][q], v[g][q], x);
+                        }
+                }
+                for (int g = 0; g < groups; g++) {
+                    const uint8_t *head = blk + g * gstride;
+                    const lf d = halves(head);
+                    for (int q = 0; q < 4; q++) {
+                        const int k = 8 * half + 2 * q + jh;
+                        const li col = loadli(head + 2 * LANES + 4 * (k / 4) * LANES);
+                        const lf w = d * __builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf);
+                        for (int m = 0; m < rows; m++) {
+                            const int64_t o = m * (K / 32) + 8 * b + 4 * half + q;
+                            const float sum = jh ? a.bs[o] - a.hs[o] : a.hs[o];
+                            acc[g][m] = fmadd(__builtin_convertvector(s[g][m][q], lf), w * a.bd[o], acc[g][m]);
+                            acc[g][m] = fmadd(w, (lf){0} - 32.0f * sum, acc[g][m]);
+                        }
+                    }
+                }
+            }
+    }
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
+}
+
 #define K_SCALES 2   /* qdot_packed's has_min for a super-block's scales and mins (Q4_K) */
 
 /* y[m * ldy + g * LANES + r] = W[r] . x[m] for the rows r < LANES of groups groups (gstride bytes apart) and
@@ -999,6 +1069,10 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
                         const int stream) {
     if (has_min == K_SCALES) {
         qdot_packed_k4(grp, gstride, groups, a, rows, K, y, ldy, stream);
+        return;
+    }
+    if (bits == 6) {
+        qdot_packed_k6(grp, gstride, groups, a, rows, K, y, ldy, stream);
         return;
     }
     const int scales = has_min ? 2 : 1;
@@ -1060,6 +1134,7 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int gro
     case Q5_1: PACKED_OF(5, 1, 0)
     case Q8_0: PACKED_OF(8, 0, Q8_ZERO)
     case Q4_K: PACKED_OF(4, K_SCALES, 0)
+    case Q6_K: PACKED_OF(6, 0, 32)
     }
 }
 /* y[m * ldy + r] = W[r] . x[m * ldx] in fp32 for the group's rows r < LANES and m < rows: the exact path's
@@ -1150,12 +1225,13 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 
 /* the formats ggml_pack interleaves for the int8 kernel (a packed pointer with another format is ignored) */
 static int packable(int type) {
-    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q4_K);
+    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q4_K
+                           || type == Q6_K);
 }
 
 /* those of them (32-value blocks) the exact kernel's decode rows and the AMX tiles read packed too */
 static int packed_blocks(int type) {
-    return packable(type) && type != Q4_K;
+    return packable(type) && type != Q4_K && type != Q6_K;
 }
 
 /* whether a format's blocks carry a min (fp16, after the scale) */
@@ -1170,7 +1246,8 @@ static int int8_zero(int type) {
     case Q4_0: return 8;
     case Q5_0: return 16;
     case Q8_0: return Q8_ZERO;
-    case Q4_1: case Q5_1: case Q4_K: return 0;   /* (Q4_K: packed only) */
+    case Q4_1: case Q5_1: case Q4_K: return 0;   /* (Q4_K, Q6_K: packed only) */
+    case Q6_K: return 32;
     default: return -1;
     }
 }
@@ -1179,6 +1256,8 @@ static int int8_zero(int type) {
 static qacts rows_from(qacts a, int64_t m, int64_t K) {
     qacts r = a;
     r.q += m * K, r.bd += m * (K / 32), r.bs += m * (K / 32);
+    if (a.hs)
+        r.hs += m * (K / 32);
     if (a.d)
         r.d += m * (K / 4), r.s += m * (K / 4), r.z += m * (K / 4);
     return r;
@@ -1196,12 +1275,14 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int64_t lanes = tasks ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane values: the row-major kernel's */
-    char *buf = malloc(lanes * 12 + blocks * 8 + M * K);
+    const int halves16 = groups && type == Q6_K;   /* (M * K: whole blocks, so hs is aligned) */
+    char *buf = malloc(lanes * 12 + blocks * 8 + M * K + (halves16 ? blocks * 4 : 0));
     if (!buf)
         return 1;
     float *f = (float *)buf;
     qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 8), lanes ? f : NULL, lanes ? f + lanes : NULL,
-               lanes ? (int32_t *)f + 2 * lanes : NULL, f + 3 * lanes, f + 3 * lanes + blocks};
+               lanes ? (int32_t *)f + 2 * lanes : NULL, f + 3 * lanes, f + 3 * lanes + blocks,
+               halves16 ? (float *)(buf + lanes * 12 + blocks * 8 + M * K) : NULL};
     const int zero = int8_zero(type), plain = !o.bf16 && !o.bias;
     /* groups a tile takes: two where enough rows make the GEMM compute-bound. Below, one group's 8-row tile reads
      * the weights from memory at twice the work per byte: 30 layers' linears at 8 rows ran 1.37x slower in pairs */
@@ -1685,7 +1766,8 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         return matmul_then_argmax(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
     if (silu)   /* elsewhere gate | up first, as the separate call writes it */
         return matmul_then_silu(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
-    const int int8 = int8_zero(type) >= 0 && whole_groups && (type != Q4_K || (packed && packable(type)));
+    /* (K-quants: packed only) */
+    const int int8 = int8_zero(type) >= 0 && whole_groups && (ggml_block_size(type) == 32 || (packed && packable(type)));
     if (flags & MATMUL_INT8 && M > 0 && int8)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
     /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round
@@ -1732,7 +1814,7 @@ static float error_scale(const float *x, int64_t K, int zero) {
     if (!q)
         return NAN;
     float *bd = (float *)(q + K), *bs = bd + K / 32;
-    qacts a = {q, NULL, NULL, NULL, bd, bs};
+    qacts a = {q, NULL, NULL, NULL, bd, bs, NULL};
     quantize_rows(x, K, 0, 1, K, zero, a);
     double e2 = 0, x2 = 0;
     for (int64_t i = 0; i < K; i++) {
@@ -1881,6 +1963,8 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
         || (N % PACK_ROWS && (K % (32 * GB) || qk != 32)))   /* rows left over run row-major: whole groups of K, */
         return 0;                                              /* and a kernel (Q4_K has none) */
     const int head = with_min(type) || type == Q4_K ? 4 : 2, R = PACK_ROWS;
+    /* where a block's scale(s) and its columns start: Q6_K keeps d last, its 16 scales after its 192 value bytes */
+    const int six = type == Q6_K, head_at = six ? 208 : 0, values_at = six ? 0 : head, scale_columns = six ? 4 : 0;
     int64_t groups = N / R;
     for (int64_t g = 0; g < groups; g++)
         for (int64_t b = 0; b < K / qk; b++) {
@@ -1888,9 +1972,10 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
             for (int r = 0; r < R; r++) {
                 const uint8_t *blk = w + (g * R + r) * row_bytes + b * bytes;
                 for (int h = 0; h < head; h += 2)
-                    memcpy(out + h * R + 2 * r, blk + h, 2);
+                    memcpy(out + h * R + 2 * r, blk + head_at + h, 2);
                 for (int c = 0; c < (bytes - head) / 4; c++)
-                    memcpy(out + head * R + c * 4 * R + 4 * r, blk + head + 4 * c, 4);
+                    memcpy(out + head * R + c * 4 * R + 4 * r,
+                           blk + (c < scale_columns ? 192 + 4 * c : values_at + 4 * (c - scale_columns)), 4);
             }
         }
     memcpy(dst + groups * R * row_bytes, w + groups * R * row_bytes, (N - groups * R) * row_bytes);
