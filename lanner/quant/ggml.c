@@ -930,128 +930,123 @@ INLINE void k4_scale_min(li s0, li s1, li s2, const int j, lf *sc, lf *mn) {
     *sc = __builtin_convertvector(a, lf), *mn = __builtin_convertvector(b, lf);
 }
 
-/* qdot_packed for Q4_K: each 32-value sub-block's integer sums times its scale d * sc, less its min dmin * mn times
+/* Q4_K's super-block (qdot_packed_super): each 32-value sub-block's integer sums times its scale d * sc, less its min dmin * mn times
  * the activations' block sum: Q4_1's arithmetic, the scale and min made from the super-block's. Without VNNI a
  * sub-block's 8 pair sums of at most 2 * 15 * 127 add up in 16 bits. */
-INLINE void qdot_packed_k4(const uint8_t *grp, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
-                           float *restrict y, int64_t ldy, const int stream) {
-    const int64_t bytes = LANES * 144;
-    lf acc[SIDE][PTILE];
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            acc[g][m] = (lf){0};
-    for (int64_t b = 0; b < K / 256; b++) {
-        const uint8_t *blk = grp + b * bytes;
-        for (int g = 0; g < groups && stream; g++)
-            stream_ahead(blk + g * gstride, bytes);
-        for (int c = 0; c < 4; c++) {
-            li dl[SIDE][PTILE], dh[SIDE][PTILE];
-            lh sl[SIDE][PTILE], sh[SIDE][PTILE];
-            for (int g = 0; g < groups; g++)
-                for (int m = 0; m < rows; m++)
-                    dl[g][m] = dh[g][m] = (li){0}, sl[g][m] = sh[g][m] = (lh){0};
-            for (int j = 0; j < 8; j++) {
-                lb lo[SIDE], hi[SIDE];
+INLINE void k4_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                     int64_t b, lf acc[SIDE][PTILE]) {
+    for (int c = 0; c < 4; c++) {
+        li dl[SIDE][PTILE], dh[SIDE][PTILE];
+        lh sl[SIDE][PTILE], sh[SIDE][PTILE];
+        for (int g = 0; g < groups; g++)
+            for (int m = 0; m < rows; m++)
+                dl[g][m] = dh[g][m] = (li){0}, sl[g][m] = sh[g][m] = (lh){0};
+        for (int j = 0; j < 8; j++) {
+            lb lo[SIDE], hi[SIDE];
+            for (int g = 0; g < groups; g++) {
+                lb v = loadlb(blk + g * gstride + (16 + 4 * (8 * c + j)) * LANES);
+                lo[g] = v & 15, hi[g] = (lb)((li)v >> 4) & 15;
+            }
+            for (int m = 0; m < rows; m++) {
+                const int8_t *x = a.q + m * K + 256 * b + 64 * c + 4 * j;
+                lb xlo = bcast4(x), xhi = bcast4(x + 32);
                 for (int g = 0; g < groups; g++) {
-                    lb v = loadlb(blk + g * gstride + (16 + 4 * (8 * c + j)) * LANES);
-                    lo[g] = v & 15, hi[g] = (lb)((li)v >> 4) & 15;
-                }
-                for (int m = 0; m < rows; m++) {
-                    const int8_t *x = a.q + m * K + 256 * b + 64 * c + 4 * j;
-                    lb xlo = bcast4(x), xhi = bcast4(x + 32);
-                    for (int g = 0; g < groups; g++) {
-                        if (VNNI)
-                            dl[g][m] = dot(dl[g][m], lo[g], xlo), dh[g][m] = dot(dh[g][m], hi[g], xhi);
-                        else {
-                            sl[g][m] += dot16(lo[g], xlo), sh[g][m] += dot16(hi[g], xhi);
-                            KEEP_IN_REGISTER(sl[g][m]);
-                            KEEP_IN_REGISTER(sh[g][m]);
-                        }
+                    if (VNNI)
+                        dl[g][m] = dot(dl[g][m], lo[g], xlo), dh[g][m] = dot(dh[g][m], hi[g], xhi);
+                    else {
+                        sl[g][m] += dot16(lo[g], xlo), sh[g][m] += dot16(hi[g], xhi);
+                        KEEP_IN_REGISTER(sl[g][m]);
+                        KEEP_IN_REGISTER(sh[g][m]);
                     }
                 }
             }
-            for (int g = 0; g < groups; g++) {
-                const uint8_t *head = blk + g * gstride;
-                const lf d = halves(head), dmin = halves(head + 2 * LANES);
-                const li s0 = loadli(head + 4 * LANES), s1 = loadli(head + 8 * LANES), s2 = loadli(head + 12 * LANES);
-                lf sc[2], mn[2];
-                k4_scale_min(s0, s1, s2, 2 * c, &sc[0], &mn[0]);
-                k4_scale_min(s0, s1, s2, 2 * c + 1, &sc[1], &mn[1]);
-                for (int m = 0; m < rows; m++) {
-                    const int64_t o = m * (K / 32) + 8 * b + 2 * c;
-                    if (!VNNI)
-                        dl[g][m] = widen16(sl[g][m]), dh[g][m] = widen16(sh[g][m]);
-                    acc[g][m] = fmadd(__builtin_convertvector(dl[g][m], lf), d * sc[0] * a.bd[o], acc[g][m]);
-                    acc[g][m] = fmadd(dmin * mn[0], (lf){0} - a.bs[o], acc[g][m]);
-                    acc[g][m] = fmadd(__builtin_convertvector(dh[g][m], lf), d * sc[1] * a.bd[o + 1], acc[g][m]);
-                    acc[g][m] = fmadd(dmin * mn[1], (lf){0} - a.bs[o + 1], acc[g][m]);
-                }
+        }
+        for (int g = 0; g < groups; g++) {
+            const uint8_t *head = blk + g * gstride;
+            const lf d = halves(head), dmin = halves(head + 2 * LANES);
+            const li s0 = loadli(head + 4 * LANES), s1 = loadli(head + 8 * LANES), s2 = loadli(head + 12 * LANES);
+            lf sc[2], mn[2];
+            k4_scale_min(s0, s1, s2, 2 * c, &sc[0], &mn[0]);
+            k4_scale_min(s0, s1, s2, 2 * c + 1, &sc[1], &mn[1]);
+            for (int m = 0; m < rows; m++) {
+                const int64_t o = m * (K / 32) + 8 * b + 2 * c;
+                if (!VNNI)
+                    dl[g][m] = widen16(sl[g][m]), dh[g][m] = widen16(sh[g][m]);
+                acc[g][m] = fmadd(__builtin_convertvector(dl[g][m], lf), d * sc[0] * a.bd[o], acc[g][m]);
+                acc[g][m] = fmadd(dmin * mn[0], (lf){0} - a.bs[o], acc[g][m]);
+                acc[g][m] = fmadd(__builtin_convertvector(dh[g][m], lf), d * sc[1] * a.bd[o + 1], acc[g][m]);
+                acc[g][m] = fmadd(dmin * mn[1], (lf){0} - a.bs[o + 1], acc[g][m]);
             }
         }
     }
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
 }
 
-/* qdot_packed for Q6_K (ggml_pack, the same bytes): a group's super-block is its rows' fp16 d, then 4 columns of
+/* Q6_K's super-block (qdot_packed_super; ggml_pack, the same bytes): a group's super-block is its rows' fp16 d, then 4 columns of
  * their 16 int8 scales, then 32 columns of their 128 ql bytes and 16 of their 64 qh bytes. ql column j of a half
  * (128 values) holds values 4j.. in its low nibbles, 64 + 4j.. in its high ones; column 8 + j values 32 + 4j.. and
  * 96 + 4j..; qh column j their 2 high bits each, in that order. A 16-value group k's integer sums of q x less 32
  * times the activations' sum (hs, or bs - hs for a block's second 16), times d * scale k. */
-INLINE void qdot_packed_k6(const uint8_t *grp, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
-                           float *restrict y, int64_t ldy, const int stream) {
-    const int64_t bytes = LANES * 210;
+INLINE void k6_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                     int64_t b, lf acc[SIDE][PTILE]) {
+    for (int half = 0; half < 2; half++)
+        for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of each 32: one scale each */
+            li s[SIDE][PTILE][4];
+            for (int g = 0; g < groups; g++)
+                for (int m = 0; m < rows; m++)
+                    for (int q = 0; q < 4; q++)
+                        s[g][m][q] = (li){0};
+            for (int j = 4 * jh; j < 4 * jh + 4; j++) {
+                lb v[SIDE][4];
+                for (int g = 0; g < groups; g++) {
+                    const uint8_t *cols = blk + g * gstride + 18 * LANES;
+                    const li A = loadli(cols + 4 * (16 * half + j) * LANES);
+                    const li B = loadli(cols + 4 * (16 * half + 8 + j) * LANES);
+                    const li H = loadli(cols + 4 * (32 + 8 * half + j) * LANES);
+                    v[g][0] = (lb)((A & 0x0F0F0F0F) | ((H << 4) & 0x30303030));
+                    v[g][1] = (lb)((B & 0x0F0F0F0F) | ((H << 2) & 0x30303030));
+                    v[g][2] = (lb)(((A >> 4) & 0x0F0F0F0F) | (H & 0x30303030));
+                    v[g][3] = (lb)(((B >> 4) & 0x0F0F0F0F) | ((H >> 2) & 0x30303030));
+                }
+                for (int m = 0; m < rows; m++)
+                    for (int q = 0; q < 4; q++) {
+                        lb x = bcast4(a.q + m * K + 256 * b + 128 * half + 32 * q + 4 * j);
+                        for (int g = 0; g < groups; g++)
+                            s[g][m][q] = dot(s[g][m][q], v[g][q], x);
+                    }
+            }
+            for (int g = 0; g < groups; g++) {
+                const uint8_t *head = blk + g * gstride;
+                const lf d = halves(head);
+                for (int q = 0; q < 4; q++) {
+                    const int k = 8 * half + 2 * q + jh;
+                    const li col = loadli(head + 2 * LANES + 4 * (k / 4) * LANES);
+                    const lf w = d * __builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf);
+                    for (int m = 0; m < rows; m++) {
+                        const int64_t o = m * (K / 32) + 8 * b + 4 * half + q;
+                        const float sum = jh ? a.bs[o] - a.hs[o] : a.hs[o];
+                        acc[g][m] = fmadd(__builtin_convertvector(s[g][m][q], lf), w * a.bd[o], acc[g][m]);
+                        acc[g][m] = fmadd(w, (lf){0} - 32.0f * sum, acc[g][m]);
+                    }
+                }
+            }
+        }
+}
+
+/* a super-block's work of a K-quant (k4_super, k6_super): its products added to acc */
+typedef void (*super_block)(const uint8_t *, int64_t, int, qacts, int, int64_t, int64_t, lf[SIDE][PTILE]);
+
+/* qdot_packed for the K-quants: super-blocks of 256 values, bytes each a row */
+INLINE void qdot_packed_super(super_block work, const int bytes, const uint8_t *grp, int64_t gstride, const int groups,
+                              qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy, const int stream) {
     lf acc[SIDE][PTILE];
     for (int g = 0; g < groups; g++)
         for (int m = 0; m < rows; m++)
             acc[g][m] = (lf){0};
     for (int64_t b = 0; b < K / 256; b++) {
-        const uint8_t *blk = grp + b * bytes;
+        const uint8_t *blk = grp + b * LANES * bytes;
         for (int g = 0; g < groups && stream; g++)
-            stream_ahead(blk + g * gstride, bytes);
-        for (int half = 0; half < 2; half++)
-            for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of each 32: one scale each */
-                li s[SIDE][PTILE][4];
-                for (int g = 0; g < groups; g++)
-                    for (int m = 0; m < rows; m++)
-                        for (int q = 0; q < 4; q++)
-                            s[g][m][q] = (li){0};
-                for (int j = 4 * jh; j < 4 * jh + 4; j++) {
-                    lb v[SIDE][4];
-                    for (int g = 0; g < groups; g++) {
-                        const uint8_t *cols = blk + g * gstride + 18 * LANES;
-                        const li A = loadli(cols + 4 * (16 * half + j) * LANES);
-                        const li B = loadli(cols + 4 * (16 * half + 8 + j) * LANES);
-                        const li H = loadli(cols + 4 * (32 + 8 * half + j) * LANES);
-                        v[g][0] = (lb)((A & 0x0F0F0F0F) | ((H << 4) & 0x30303030));
-                        v[g][1] = (lb)((B & 0x0F0F0F0F) | ((H << 2) & 0x30303030));
-                        v[g][2] = (lb)(((A >> 4) & 0x0F0F0F0F) | (H & 0x30303030));
-                        v[g][3] = (lb)(((B >> 4) & 0x0F0F0F0F) | ((H >> 2) & 0x30303030));
-                    }
-                    for (int m = 0; m < rows; m++)
-                        for (int q = 0; q < 4; q++) {
-                            lb x = bcast4(a.q + m * K + 256 * b + 128 * half + 32 * q + 4 * j);
-                            for (int g = 0; g < groups; g++)
-                                s[g][m][q] = dot(s[g][m][q], v[g][q], x);
-                        }
-                }
-                for (int g = 0; g < groups; g++) {
-                    const uint8_t *head = blk + g * gstride;
-                    const lf d = halves(head);
-                    for (int q = 0; q < 4; q++) {
-                        const int k = 8 * half + 2 * q + jh;
-                        const li col = loadli(head + 2 * LANES + 4 * (k / 4) * LANES);
-                        const lf w = d * __builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf);
-                        for (int m = 0; m < rows; m++) {
-                            const int64_t o = m * (K / 32) + 8 * b + 4 * half + q;
-                            const float sum = jh ? a.bs[o] - a.hs[o] : a.hs[o];
-                            acc[g][m] = fmadd(__builtin_convertvector(s[g][m][q], lf), w * a.bd[o], acc[g][m]);
-                            acc[g][m] = fmadd(w, (lf){0} - 32.0f * sum, acc[g][m]);
-                        }
-                    }
-                }
-            }
+            stream_ahead(blk + g * gstride, LANES * bytes);
+        work(blk, gstride, groups, a, rows, K, b, acc);
     }
     for (int g = 0; g < groups; g++)
         for (int m = 0; m < rows; m++)
@@ -1067,12 +1062,9 @@ INLINE void qdot_packed_k6(const uint8_t *grp, int64_t gstride, const int groups
 INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, int64_t gstride,
                         const int groups, qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy,
                         const int stream) {
-    if (has_min == K_SCALES) {
-        qdot_packed_k4(grp, gstride, groups, a, rows, K, y, ldy, stream);
-        return;
-    }
-    if (bits == 6) {
-        qdot_packed_k6(grp, gstride, groups, a, rows, K, y, ldy, stream);
+    if (has_min == K_SCALES || bits == 6) {   /* Q4_K, Q6_K */
+        qdot_packed_super(bits == 6 ? k6_super : k4_super, bits == 6 ? 210 : 144, grp, gstride, groups, a, rows, K, y,
+                          ldy, stream);
         return;
     }
     const int scales = has_min ? 2 : 1;
