@@ -360,11 +360,22 @@ def test_quantize_at_load_round_trips_through_gguf_reference():
                        weight.bfloat16().float())   # lossless for a bf16 checkpoint
 
 
-def test_fused_rows_keep_their_values():
-    a, b = random_weight("Q8_0", 8, 64, 1), random_weight("Q8_0", 4, 64, 2)
-    assert torch.equal(GGMLTensor.cat([a, b]).dequantize(), torch.cat([reference(a), reference(b)]))
+@pytest.mark.parametrize("names, fused", [(["Q8_0", "Q8_0"], "Q8_0"), (["Q5_0", "Q5_0", "Q8_0"], "Q8_0"),
+                                          (["Q4_0", "Q5_0"], "Q5_0"), (["Q4_0", "Q8_0"], "Q8_0"),
+                                          (["Q4_1", "Q5_1", "Q4_1"], "Q5_1")])
+def test_fused_rows_keep_their_values(names, fused):
+    """Parts of mixed formats (a GGUF's q, k in Q5_0 and v in Q8_0) go into the one that holds them all, bitwise."""
+    parts = [random_weight(name, 8 + i, 64, seed=i) for i, name in enumerate(names)]
+    cat = GGMLTensor.cat(parts)
+    assert cat.type_name == fused
+    assert torch.equal(cat.dequantize(), torch.cat([reference(p) for p in parts]))
+
+
+def test_rows_of_formats_none_holds_exactly_are_not_fused():
     with pytest.raises(ValueError, match="one type"):
-        GGMLTensor.cat([a, random_weight("Q4_0", 4, 64)])
+        GGMLTensor.cat([random_weight("Q8_0", 8, 64), random_weight("Q4_1", 4, 64)])
+    with pytest.raises(ValueError, match="one width"):
+        GGMLTensor.cat([random_weight("Q8_0", 8, 64), random_weight("Q8_0", 4, 96)])
 
 
 def test_a_block_that_does_not_fit_the_row_is_refused():

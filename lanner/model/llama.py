@@ -11,7 +11,7 @@ from lanner.model import fused
 from lanner.model.decode_step import DecodeStep
 from lanner.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from lanner.quant import head_format
-from lanner.quant.ggml import GGMLTensor
+from lanner.quant.ggml import GGMLTensor, common_format
 
 
 class Attention(nn.Module):
@@ -242,8 +242,8 @@ def place(module: nn.Module, attr: str, tensor) -> None:
 
 
 def concat(parts: list):
-    """Row-wise concatenation of a fused weight's parts: GGML blocks stay blocks when they share a format."""
-    if all(isinstance(p, GGMLTensor) for p in parts) and len({p.type_name for p in parts}) == 1:
+    """Row-wise concatenation of a fused weight's parts: GGML blocks stay blocks in a format that holds them all."""
+    if all(isinstance(p, GGMLTensor) for p in parts) and common_format([p.type_name for p in parts]):
         return GGMLTensor.cat(parts)
     return torch.cat([p.dequantize() if isinstance(p, GGMLTensor) else p for p in parts])
 

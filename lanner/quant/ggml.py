@@ -33,6 +33,11 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml.c")
 BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
           "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
           "Q6_K": (14, 256, 210), "BF16": (30, 32, 64)}
+# formats whose values each next one holds exactly (same block scale, and min; a wider integer): what fused parts of
+# mixed formats are stored in
+FORMAT_CHAINS = (("Q4_0", "Q5_0", "Q8_0"), ("Q4_1", "Q5_1"))
+ZERO_POINTS = {"Q4_0": 8, "Q5_0": 16}   # a block's values are scale * (q - zero point) (+ min)
+MIN_FORMATS = ("Q4_1", "Q5_1")
 QUANTIZE_TO = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "bf16")   # formats an HF model can be stored in at load
 # formats whose linears multiply exact fp32 activations (no int8 path): the LM head takes them too
 EXACT_FORMATS = ("bf16",)
@@ -95,6 +100,37 @@ def check(code: int, what: str) -> None:
         raise ValueError(f"{what}: the kernel does not take this type or shape")
 
 
+def common_format(names: list[str]) -> str | None:
+    """The format of FORMAT_CHAINS that holds the values of every one of names exactly, or None."""
+    for chain in FORMAT_CHAINS:
+        if set(names) <= set(chain):
+            return max(names, key=chain.index)
+    return None if len(set(names)) > 1 else names[0]
+
+
+def block_values(name: str, raw: np.ndarray) -> np.ndarray:
+    """The integer values q [..., 32] (int16) of blocks raw [..., bytes] of a 32-value format of FORMAT_CHAINS."""
+    if name == "Q8_0":
+        return raw[..., 2:].view(np.int8).astype(np.int16)
+    qs = raw[..., -16:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int16)
+    if name in ("Q5_0", "Q5_1"):
+        qh = raw[..., -20:-16].copy().view("<u4")
+        q |= (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int16)
+    return q
+
+
+def block_bytes(name: str, q: np.ndarray) -> np.ndarray:
+    """block_values' inverse: the bytes after a block's scale (and min) for values q [..., 32]."""
+    if name == "Q8_0":
+        return q.astype(np.int8).view(np.uint8)
+    qs = ((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).astype(np.uint8)
+    if name not in ("Q5_0", "Q5_1"):
+        return qs
+    qh = (((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+    return np.concatenate([qh[..., None].astype("<u4").view(np.uint8), qs], axis=-1)
+
+
 class GGMLTensor:
     """A 2-D weight [rows, cols] as rows of GGML blocks: data is uint8 [rows, row_bytes]."""
 
@@ -120,11 +156,24 @@ class GGMLTensor:
 
     @staticmethod
     def cat(parts: list["GGMLTensor"]) -> "GGMLTensor":
-        """Row-wise concatenation (a fused qkv or gate_up weight): blocks never straddle rows."""
-        if len({(p.type_name, p.shape[1]) for p in parts}) != 1:
-            raise ValueError("only weights of one type and width concatenate")
-        data = torch.cat([p.data for p in parts])
-        return GGMLTensor(parts[0].type_name, (data.shape[0], parts[0].shape[1]), data)
+        """Row-wise concatenation (a fused qkv or gate_up weight): blocks never straddle rows. Parts of different
+        formats go into the one among them that holds all their values exactly (common_format: llama.cpp's
+        mixes put Q8_0 beside Q5_0 where a width is not a multiple of 256)."""
+        target = common_format([p.type_name for p in parts])
+        if target is None or len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("only weights of one width, and of one type or of types one holds exactly, concatenate")
+        data = torch.cat([p.to_format(target).data for p in parts])
+        return GGMLTensor(target, (data.shape[0], parts[0].shape[1]), data)
+
+    def to_format(self, target: str) -> "GGMLTensor":
+        """The same values in target, a format of common_format's chains that holds them all exactly."""
+        if target == self.type_name:
+            return self
+        raw = self.data.numpy().reshape(self.shape[0], -1, self.block_bytes)
+        scales = raw[..., :4 if self.type_name in MIN_FORMATS else 2]
+        values = block_values(self.type_name, raw) - ZERO_POINTS.get(self.type_name, 0) + ZERO_POINTS.get(target, 0)
+        blocks = np.concatenate([scales, block_bytes(target, values)], axis=-1)
+        return GGMLTensor.from_numpy(target, self.shape, np.ascontiguousarray(blocks))
 
     def permute_rows(self, order: np.ndarray) -> "GGMLTensor":
         return GGMLTensor(self.type_name, self.shape, self.data[torch.from_numpy(order)].contiguous())
