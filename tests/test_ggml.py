@@ -17,7 +17,7 @@ from lanner.quant.ggml import BLOCKS, GGMLLinear, GGMLTensor
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
 INT8_FORMATS = FORMATS[:5]   # K-quants and floats multiply fp32 activations on either path
 PACKED_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]   # repacked for the int8 kernel, the tiles, exact rows
-K_PACKED = ["Q4_K", "Q6_K"]   # repacked for the int8 kernel alone
+K_PACKED = ["Q4_K", "Q5_K", "Q6_K"]   # repacked for the int8 kernel alone
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
                  "Q5_K": [0, 2], "Q6_K": [208]}   # where a block keeps its f16 scales
 

@@ -930,11 +930,14 @@ INLINE void k4_scale_min(li s0, li s1, li s2, const int j, lf *sc, lf *mn) {
     *sc = __builtin_convertvector(a, lf), *mn = __builtin_convertvector(b, lf);
 }
 
-/* Q4_K's super-block (qdot_packed_super): each 32-value sub-block's integer sums times its scale d * sc, less its min dmin * mn times
- * the activations' block sum: Q4_1's arithmetic, the scale and min made from the super-block's. Without VNNI a
- * sub-block's 8 pair sums of at most 2 * 15 * 127 add up in 16 bits. */
-INLINE void k4_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
-                     int64_t b, lf acc[SIDE][PTILE]) {
+/* A Q4_K or (five) Q5_K super-block (qdot_packed_super): each 32-value sub-block's integer sums times its scale
+ * d * sc, less its min dmin * mn times the activations' block sum: Q4_1's arithmetic, the scale and min made from the
+ * super-block's. Q5_K's 32 qh bytes are 8 columns after the scales' (column j: bit 2c of each byte the fifth bit of
+ * sub-block 2c's value, bit 2c + 1 sub-block 2c + 1's). Without VNNI a sub-block's pair sums add up in 16 bits, 8
+ * of at most 2 * 15 * 127 (4 of 2 * 31 * 127). */
+INLINE void k_super(const int five, const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows,
+                    int64_t K, int64_t b, lf acc[SIDE][PTILE]) {
+    const int values = 16 + (five ? 32 : 0);   /* where the nibble columns start, in bytes a lane */
     for (int c = 0; c < 4; c++) {
         li dl[SIDE][PTILE], dh[SIDE][PTILE];
         lh sl[SIDE][PTILE], sh[SIDE][PTILE];
@@ -944,8 +947,12 @@ INLINE void k4_super(const uint8_t *blk, int64_t gstride, const int groups, qact
         for (int j = 0; j < 8; j++) {
             lb lo[SIDE], hi[SIDE];
             for (int g = 0; g < groups; g++) {
-                lb v = loadlb(blk + g * gstride + (16 + 4 * (8 * c + j)) * LANES);
+                lb v = loadlb(blk + g * gstride + (values + 4 * (8 * c + j)) * LANES);
                 lo[g] = v & 15, hi[g] = (lb)((li)v >> 4) & 15;
+                if (five) {
+                    const li h = loadli(blk + g * gstride + (16 + 4 * j) * LANES);
+                    lo[g] |= (lb)(((h >> 2 * c) & 0x01010101) << 4), hi[g] |= (lb)(((h >> (2 * c + 1)) & 0x01010101) << 4);
+                }
             }
             for (int m = 0; m < rows; m++) {
                 const int8_t *x = a.q + m * K + 256 * b + 64 * c + 4 * j;
@@ -960,6 +967,12 @@ INLINE void k4_super(const uint8_t *blk, int64_t gstride, const int groups, qact
                     }
                 }
             }
+            if (!VNNI && (j == 7 || (five && j == 3)))
+                for (int g = 0; g < groups; g++)
+                    for (int m = 0; m < rows; m++) {
+                        dl[g][m] += widen16(sl[g][m]), dh[g][m] += widen16(sh[g][m]);
+                        sl[g][m] = sh[g][m] = (lh){0};
+                    }
         }
         for (int g = 0; g < groups; g++) {
             const uint8_t *head = blk + g * gstride;
@@ -970,8 +983,6 @@ INLINE void k4_super(const uint8_t *blk, int64_t gstride, const int groups, qact
             k4_scale_min(s0, s1, s2, 2 * c + 1, &sc[1], &mn[1]);
             for (int m = 0; m < rows; m++) {
                 const int64_t o = m * (K / 32) + 8 * b + 2 * c;
-                if (!VNNI)
-                    dl[g][m] = widen16(sl[g][m]), dh[g][m] = widen16(sh[g][m]);
                 acc[g][m] = fmadd(__builtin_convertvector(dl[g][m], lf), d * sc[0] * a.bd[o], acc[g][m]);
                 acc[g][m] = fmadd(dmin * mn[0], (lf){0} - a.bs[o], acc[g][m]);
                 acc[g][m] = fmadd(__builtin_convertvector(dh[g][m], lf), d * sc[1] * a.bd[o + 1], acc[g][m]);
@@ -979,6 +990,16 @@ INLINE void k4_super(const uint8_t *blk, int64_t gstride, const int groups, qact
             }
         }
     }
+}
+
+INLINE void k4_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                     int64_t b, lf acc[SIDE][PTILE]) {
+    k_super(0, blk, gstride, groups, a, rows, K, b, acc);
+}
+
+INLINE void k5_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                     int64_t b, lf acc[SIDE][PTILE]) {
+    k_super(1, blk, gstride, groups, a, rows, K, b, acc);
 }
 
 /* Q6_K's super-block (qdot_packed_super; ggml_pack, the same bytes): a group's super-block is its rows' fp16 d, then 4 columns of
@@ -1062,9 +1083,9 @@ INLINE void qdot_packed_super(super_block work, const int bytes, const uint8_t *
 INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, int64_t gstride,
                         const int groups, qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy,
                         const int stream) {
-    if (has_min == K_SCALES || bits == 6) {   /* Q4_K, Q6_K */
-        qdot_packed_super(bits == 6 ? k6_super : k4_super, bits == 6 ? 210 : 144, grp, gstride, groups, a, rows, K, y,
-                          ldy, stream);
+    if (has_min == K_SCALES || bits == 6) {   /* Q4_K, Q5_K, Q6_K */
+        qdot_packed_super(bits == 6 ? k6_super : bits == 5 ? k5_super : k4_super, bits == 6 ? 210 : bits == 5 ? 176 : 144,
+                          grp, gstride, groups, a, rows, K, y, ldy, stream);
         return;
     }
     const int scales = has_min ? 2 : 1;
@@ -1126,6 +1147,7 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int gro
     case Q5_1: PACKED_OF(5, 1, 0)
     case Q8_0: PACKED_OF(8, 0, Q8_ZERO)
     case Q4_K: PACKED_OF(4, K_SCALES, 0)
+    case Q5_K: PACKED_OF(5, K_SCALES, 0)
     case Q6_K: PACKED_OF(6, 0, 32)
     }
 }
@@ -1218,12 +1240,13 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 /* the formats ggml_pack interleaves for the int8 kernel (a packed pointer with another format is ignored) */
 static int packable(int type) {
     return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q4_K
-                           || type == Q6_K);
+                           || type == Q5_K || type == Q6_K);
 }
 
 /* those of them (32-value blocks) the exact kernel's decode rows and the AMX tiles read packed too */
 static int packed_blocks(int type) {
-    return packable(type) && type != Q4_K && type != Q6_K;
+    int bytes;
+    return packable(type) && block_shape(type, &bytes) == 32;
 }
 
 /* whether a format's blocks carry a min (fp16, after the scale) */
@@ -1238,7 +1261,7 @@ static int int8_zero(int type) {
     case Q4_0: return 8;
     case Q5_0: return 16;
     case Q8_0: return Q8_ZERO;
-    case Q4_1: case Q5_1: case Q4_K: return 0;   /* (Q4_K, Q6_K: packed only) */
+    case Q4_1: case Q5_1: case Q4_K: case Q5_K: return 0;   /* (the K-quants: packed only) */
     case Q6_K: return 32;
     default: return -1;
     }
@@ -1954,7 +1977,7 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
     if (!packable(type) || !qk || K % qk || N < PACK_ROWS
         || (N % PACK_ROWS && (K % (32 * GB) || qk != 32)))   /* rows left over run row-major: whole groups of K, */
         return 0;                                              /* and a kernel (Q4_K has none) */
-    const int head = with_min(type) || type == Q4_K ? 4 : 2, R = PACK_ROWS;
+    const int head = with_min(type) || type == Q4_K || type == Q5_K ? 4 : 2, R = PACK_ROWS;
     /* where a block's scale(s) and its columns start: Q6_K keeps d last, its 16 scales after its 192 value bytes */
     const int six = type == Q6_K, head_at = six ? 208 : 0, values_at = six ? 0 : head, scale_columns = six ? 4 : 0;
     int64_t groups = N / R;
