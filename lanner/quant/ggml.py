@@ -252,20 +252,27 @@ class GGMLLinear:
         return (MATMUL_INT8 if self.int8 else 0) | (MATMUL_AMX_BF16 if self.amx_bf16 else 0)
 
     @property
-    def int8_gemm(self) -> bool:
-        """Whether steps of any size run on the kernel's int8 GEMM (packed weights): no dense copy needed."""
+    def int8_packed(self) -> bool:
+        """Whether calls on int8 activations read the packed copy (decode rows, and GEMMs up to INT8_GEMM_ROWS)."""
         return self.int8 and self.packed is not None
+
+    @property
+    def int8_gemm(self) -> bool:
+        """Whether steps of any size run on the kernel's int8 GEMM (packed weights): no dense copy needed. Not the
+        K-quants': past 64 rows a dense copy's GEMM beats it (Q6_K at 512 rows: 783 vs 579 ms with VNNI, 1,476 on
+        AVX2; docs/quantization.md, "Session 37")."""
+        return self.int8_packed and self.weight.block == 32
 
     def kernel_rows(self, dtype: torch.dtype) -> int:
         """The most activation rows of dtype a call multiplies on the kernel rather than on the dense copy (or,
         without either, on rows dequantized per call)."""
         if self.dense is not None or self.dense_dtype is not None:
-            if self.int8_gemm:
+            if self.int8_packed:
                 return INT8_GEMM_ROWS
             if self.packed is None:
                 return SMALL_M
             return EXACT_PACKED_ROWS.get((dtype, self.weight.type_name), SMALL_M)
-        return ALL_ROWS if self.int8_gemm else SMALL_M_WITHOUT_DENSE
+        return ALL_ROWS if self.int8_packed else SMALL_M_WITHOUT_DENSE
 
     def on_tiles(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether a call of this many rows of dtype multiplies on the AMX tiles."""
