@@ -137,7 +137,8 @@ def near_copies(w: GGMLTensor, seed: int) -> GGMLTensor:
     """Every row w's first with four quant bits flipped, none at a block's first value (where the test's
     activations put their outliers): logits so close that int8 activations misorder them."""
     rng, (_, block, nbytes) = np.random.default_rng(seed), BLOCKS[w.type_name]
-    first_quant = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6, "Q5_1": 8, "Q8_0": 2, "Q6_K": 0}[w.type_name]   # its first value's byte
+    # the byte of a block's first value
+    first_quant = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6, "Q5_1": 8, "Q8_0": 2, "Q6_K": 0}[w.type_name]
     raw = w.data.clone()
     raw[:] = raw[0]
     for row in range(1, w.shape[0]):

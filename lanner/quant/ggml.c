@@ -951,7 +951,8 @@ INLINE void k_super(const int five, const uint8_t *blk, int64_t gstride, const i
                 lo[g] = v & 15, hi[g] = (lb)((li)v >> 4) & 15;
                 if (five) {
                     const li h = loadli(blk + g * gstride + (16 + 4 * j) * LANES);
-                    lo[g] |= (lb)(((h >> 2 * c) & 0x01010101) << 4), hi[g] |= (lb)(((h >> (2 * c + 1)) & 0x01010101) << 4);
+                    lo[g] |= (lb)(((h >> 2 * c) & 0x01010101) << 4);
+                    hi[g] |= (lb)(((h >> (2 * c + 1)) & 0x01010101) << 4);
                 }
             }
             for (int m = 0; m < rows; m++) {
@@ -1002,8 +1003,8 @@ INLINE void k5_super(const uint8_t *blk, int64_t gstride, const int groups, qact
     k_super(1, blk, gstride, groups, a, rows, K, b, acc);
 }
 
-/* Q6_K's super-block (qdot_packed_super; ggml_pack, the same bytes): a group's super-block is its rows' fp16 d, then 4 columns of
- * their 16 int8 scales, then 32 columns of their 128 ql bytes and 16 of their 64 qh bytes. ql column j of a half
+/* A Q6_K super-block (qdot_packed_super; ggml_pack, the same bytes): a group's is its rows' fp16 d, then 4 columns
+ * of their 16 int8 scales, then 32 columns of their 128 ql bytes and 16 of their 64 qh bytes. ql column j of a half
  * (128 values) holds values 4j.. in its low nibbles, 64 + 4j.. in its high ones; column 8 + j values 32 + 4j.. and
  * 96 + 4j..; qh column j their 2 high bits each, in that order. A 16-value group k's integer sums of q x less 32
  * times the activations' sum (hs, or bs - hs for a block's second 16), times d * scale k. */
@@ -1053,7 +1054,7 @@ INLINE void k6_super(const uint8_t *blk, int64_t gstride, const int groups, qact
         }
 }
 
-/* a super-block's work of a K-quant (k4_super, k6_super): its products added to acc */
+/* a super-block's work of a K-quant (k4_super, k5_super, k6_super): its products added to acc */
 typedef void (*super_block)(const uint8_t *, int64_t, int, qacts, int, int64_t, int64_t, lf[SIDE][PTILE]);
 
 /* qdot_packed for the K-quants: super-blocks of 256 values, bytes each a row */
@@ -1084,8 +1085,8 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
                         const int groups, qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy,
                         const int stream) {
     if (has_min == K_SCALES || bits == 6) {   /* Q4_K, Q5_K, Q6_K */
-        qdot_packed_super(bits == 6 ? k6_super : bits == 5 ? k5_super : k4_super, bits == 6 ? 210 : bits == 5 ? 176 : 144,
-                          grp, gstride, groups, a, rows, K, y, ldy, stream);
+        qdot_packed_super(bits == 6 ? k6_super : bits == 5 ? k5_super : k4_super,
+                          bits == 6 ? 210 : bits == 5 ? 176 : 144, grp, gstride, groups, a, rows, K, y, ldy, stream);
         return;
     }
     const int scales = has_min ? 2 : 1;
@@ -1172,7 +1173,7 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
         lf sum[TILE][2];   /* two chains a row: the FMAs of one would wait on each other */
         for (int m = 0; m < rows; m++)
             sum[m][0] = sum[m][1] = (lf){0};
-        for (int c = 0; c < (bits == 8 ? 8 : 4); c++) {   /* Q8_0: 8 columns of 4 bytes a row; Q4, Q5: 4 of byte pairs */
+        for (int c = 0; c < (bits == 8 ? 8 : 4); c++) {   /* Q8_0: 8 columns of 4 bytes a row; Q4, Q5: 4 of pairs */
             li v = loadli(vals + (c + (bits == 5)) * 4 * LANES);
             for (int j = 0; j < 4; j++) {
                 if (bits == 8) {
@@ -1254,14 +1255,15 @@ static int with_min(int type) {
     return type == Q4_1 || type == Q5_1;
 }
 
-/* the zero point a format's weight bytes carry, or -1 for a format without an int8 path (the K-quants: decoding
- * their 6-bit scales per group of 64 made them slower than their fp32 path) */
+/* the zero point a format's weight bytes carry, or -1 for a format without an int8 path (F16, BF16, F32; the
+ * K-quants have one on their packed copy alone: decoding their scales per group in the row-major kernel made them
+ * slower than their fp32 path) */
 static int int8_zero(int type) {
     switch (type) {
     case Q4_0: return 8;
     case Q5_0: return 16;
     case Q8_0: return Q8_ZERO;
-    case Q4_1: case Q5_1: case Q4_K: case Q5_K: return 0;   /* (the K-quants: packed only) */
+    case Q4_1: case Q5_1: case Q4_K: case Q5_K: return 0;
     case Q6_K: return 32;
     default: return -1;
     }
@@ -1781,8 +1783,8 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         return matmul_then_argmax(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
     if (silu)   /* elsewhere gate | up first, as the separate call writes it */
         return matmul_then_silu(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
-    /* (K-quants: packed only) */
-    const int int8 = int8_zero(type) >= 0 && whole_groups && (ggml_block_size(type) == 32 || (packed && packable(type)));
+    const int int8 = int8_zero(type) >= 0 && whole_groups
+                     && (ggml_block_size(type) == 32 || (packed && packable(type)));   /* K-quants: packed only */
     if (flags & MATMUL_INT8 && M > 0 && int8)
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
     /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round
@@ -1976,7 +1978,7 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
     const int qk = block_shape(type, &bytes);
     if (!packable(type) || !qk || K % qk || N < PACK_ROWS
         || (N % PACK_ROWS && (K % (32 * GB) || qk != 32)))   /* rows left over run row-major: whole groups of K, */
-        return 0;                                              /* and a kernel (Q4_K has none) */
+        return 0;                                              /* and a kernel (the K-quants have none) */
     const int head = with_min(type) || type == Q4_K || type == Q5_K ? 4 : 2, R = PACK_ROWS;
     /* where a block's scale(s) and its columns start: Q6_K keeps d last, its 16 scales after its 192 value bytes */
     const int six = type == Q6_K, head_at = six ? 208 : 0, values_at = six ? 0 : head, scale_columns = six ? 4 : 0;
