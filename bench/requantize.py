@@ -15,9 +15,13 @@ import common  # noqa: E402
 
 def requantized(preset: str) -> str:
     """The default model in llama.cpp's preset (Q4_K_M, Q5_K_M, Q6_K, Q4_0, ...), written once beside it."""
-    import llama_cpp
     source = common.model_path(None)
-    target = source.replace(".Q4_1.gguf", f".{preset}.gguf")
+    return quantize_file(source, source.replace(".Q4_1.gguf", f".{preset}.gguf"), preset)
+
+
+def quantize_file(source: str, target: str, preset: str) -> str:
+    """source written by llama.cpp into preset at target (once; target == source: nothing to do)."""
+    import llama_cpp
     if target == source or os.path.exists(target):
         return target
     params = llama_cpp.llama_model_quantize_default_params()

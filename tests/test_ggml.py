@@ -17,7 +17,7 @@ from lanner.quant.ggml import BLOCKS, GGMLLinear, GGMLTensor
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
 INT8_FORMATS = FORMATS[:5]   # K-quants and floats multiply fp32 activations on either path
 PACKED_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]   # repacked for the int8 kernel, the tiles, exact rows
-K_PACKED = ["Q4_K", "Q5_K", "Q6_K"]   # repacked for the int8 kernel alone
+K_PACKED = ["Q4_K", "Q5_K", "Q6_K"]   # repacked for the int8 kernel and the tiles
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
                  "Q5_K": [0, 2], "Q6_K": [208]}   # where a block keeps its f16 scales
 
@@ -225,23 +225,24 @@ def test_bf16_rows_in_and_out_equal_fp32_then_rounded_on_every_level(level, type
     assert torch.equal(got, (fp32 + lin.bias).bfloat16())
 
 
-@pytest.mark.parametrize("type_name", PACKED_FORMATS)
+@pytest.mark.parametrize("type_name", PACKED_FORMATS + K_PACKED)
 # past AMX_BF16_ROWS, A tiles of fewer rows (a_tile_rows): a partial pair alone (17: 2 x 9), whole pairs of 12 and
 # 10 rows (24, 40), a last partial pair (33, 47, 50); past 64 rows whole tiles: a last 6 rows alone (70); two chunks
-# of rows (480 a chunk here), the second of 40 or of 8 (one A tile that makes the B tiles itself)
+# of rows (480 a chunk here; K-quants 400), the second of 40 or of 8 (one A tile that makes the B tiles itself)
 @pytest.mark.parametrize("m", [17, 24, 33, 40, 47, 50, 70, 520, 488])
 def test_bf16_rows_past_16_on_amx_tiles_equal_bf16_weights_times_them(type_name, m):
     """Where this build and CPU have AMX, a bf16 call of more than 16 rows multiplies the weights rounded to bf16
     with the rows on the tiles, fp32 sums: a dense bf16 copy's GEMM up to summation order (a bias added before the
     result's rounding); 16 rows or fewer stay on the int8 kernel."""
+    cols = 1280 if type_name in K_PACKED else 1056   # 33 blocks; a K-quant's 5 super-blocks
     with mock.patch.dict(os.environ, {"LANNER_ISA": "", "LANNER_EXACT_LINEARS": "0"}):   # the native build
-        lin = GGMLLinear(random_weight(type_name, 96, 1056, seed=m), torch.randn(96))   # 3 pairs of groups, 33 blocks
+        lin = GGMLLinear(random_weight(type_name, 96, cols, seed=m), torch.randn(96))   # 3 pairs of groups
         plain = GGMLLinear(lin.weight, lin.bias)
     plain.amx_rows = 0   # no tiles
     if not {"amx_tile", "amx_bf16", "avx512_bf16", "avx512vbmi"} <= native.cpu_flags():
         pytest.skip("this CPU has no AMX bf16 tiles")
     assert lin.amx_bf16   # the native build has the kernel and the process was granted the tiles
-    x = (torch.randn(m, 1056, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
+    x = (torch.randn(m, cols, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
     got = lin.small(x, lin.lib, int8=True)
     want = x.float() @ reference(lin.weight).bfloat16().float().T + lin.bias
     torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())

@@ -110,7 +110,7 @@ def test_int8_activations_answer_right_and_stay_close_to_the_exact_path(default_
     assert prefill.shape[0] == len(ids) > 16   # more rows than any decode path takes
     # memory: the int8 GEMM took that prefill without a dense copy; the exact path made one at its first
     gate_up = lambda m: m.engine.runner.model.layers[0].mlp.gate_up_proj.quantized
-    assert (gate_up(llm).dense is None) == gate_up(llm).int8_gemm == (native.isa() != "scalar")
+    assert (gate_up(llm).dense is None) == gate_up(llm).int8_packed == (native.isa() != "scalar")
     assert len(twice) > gate_up(exact).kernel_rows(torch.float32)
     assert gate_up(exact).dense is not None   # fp32: oneDNN runs it everywhere
 

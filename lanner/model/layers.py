@@ -70,7 +70,7 @@ class Linear(nn.Linear):
             from lanner.quant.ggml import GGMLLinear
             self.quantized = GGMLLinear(self.ggml, self.bias, None, int8)
             if dense_gemm is None:   # AMX's bf16 tiles beat the int8 GEMM past INT8_GEMM_ROWS (ggml.py)
-                dense_gemm = not self.quantized.int8_gemm or (self.weight.dtype == torch.bfloat16
+                dense_gemm = not self.quantized.int8_packed or (self.weight.dtype == torch.bfloat16
                                                               and not self.quantized.amx_bf16 and onednn_amx_bf16())
             elif dense_gemm:   # a copy asked for takes the big steps, not the tiles
                 self.quantized.amx_rows = 0

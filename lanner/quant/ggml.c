@@ -234,6 +234,12 @@ static int block_shape(int type, int *bytes) {
     }
 }
 
+/* Elements per block of a type (0: not a type this file handles). */
+int ggml_block_size(int type) {
+    int bytes;
+    return block_shape(type, &bytes);
+}
+
 /* A whole row (K values, a whole number of blocks) -> fp32. The switch sits outside the block loop so
  * each loop inlines its decoder. */
 #define DECODE_ROW(fn)                                        \
@@ -1433,13 +1439,68 @@ INLINE void b_tile(const int type, const uint8_t *blk, uint16_t *restrict bt) {
     }
 }
 
-/* The B tiles a pair of groups (w: its packed blocks, the second group's `group` bytes after the first's) makes for
- * block b in bt, where w is given (NULL: made already) */
-typedef struct { int type; const uint8_t *w; int64_t group, block; } b_source;
+/* 16 per-row values v as the tile's lanes: row n's in lanes 2n and 2n + 1 of the pair of halves */
+INLINE void b_lanes(__m512 v, __m512 out[2]) {
+    const __m512i lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    out[0] = _mm512_permutexvar_ps(lo, v);
+    out[1] = _mm512_permutexvar_ps(_mm512_add_epi32(lo, _mm512_set1_epi32(8)), v);
+}
+
+/* Sub-block j (values 32j..32j + 31) of a packed K-quant super-block (k_super, k6_super read the same bytes) as a
+ * B tile: each weight row's sub-block scale and min made from the super-block's, then its values' columns as
+ * b_tile's (column c: values 4c..4c + 3 of every row -> tile rows 2c, 2c + 1). */
+INLINE void b_tile_k(const int type, const uint8_t *blk, const int j, uint16_t *restrict bt) {
+    __m512i idx[4];
+    __m512 dh[2][2], mh[2][2];   /* [scale of values 0-15, 16-31] (Q4_K / Q5_K: one scale) */
+    b_indices(0, idx);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+    if (type == Q6_K) {   /* values 16i.. of the sub-block: scale 2j + i, w = d scale (q - 32) */
+        for (int i = 0; i < 2; i++) {
+            const int k = 2 * j + i;
+            const li col = loadli(blk + 2 * LANES + 4 * (k / 4) * LANES);
+            const __m512 scale = _mm512_mul_ps(d, (__m512)__builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf));
+            b_lanes(scale, dh[i]);
+            b_lanes(_mm512_mul_ps(scale, _mm512_set1_ps(-32.0f)), mh[i]);
+        }
+        const uint8_t *cols = blk + 18 * LANES;
+        const int half = j / 4, q = j % 4;
+        for (int c = 0; c < 8; c++) {
+            const li low = loadli(cols + 4 * (16 * half + 8 * (q % 2) + c) * LANES);
+            const li high = loadli(cols + 4 * (32 + 8 * half + c) * LANES);
+            const li nibbles = q < 2 ? low & 0x0F0F0F0F : (low >> 4) & 0x0F0F0F0F;
+            const li top = (q == 0 ? high << 4 : q == 1 ? high << 2 : q == 2 ? high : high >> 2) & 0x30303030;
+            b_rows((__m512i)(nibbles | top), 0, idx, dh[c / 4], mh[c / 4], bt + 64 * c);
+        }
+        return;
+    }
+    const int five = type == Q5_K, values = 16 + (five ? 32 : 0);   /* as k_super */
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 2 * LANES)));
+    lf sc, mn;
+    k4_scale_min(loadli(blk + 4 * LANES), loadli(blk + 8 * LANES), loadli(blk + 12 * LANES), j, &sc, &mn);
+    b_lanes(_mm512_mul_ps(d, (__m512)sc), dh[0]);
+    b_lanes(_mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), (__m512)mn)), mh[0]);
+    for (int c = 0; c < 8; c++) {
+        const li v = loadli(blk + (values + 4 * (8 * (j / 2) + c)) * LANES);
+        li q = (j % 2 ? v >> 4 : v) & 0x0F0F0F0F;
+        if (five)
+            q |= ((loadli(blk + (16 + 4 * c) * LANES) >> j) & 0x01010101) << 4;
+        b_rows((__m512i)q, 0, idx, dh[0], mh[0], bt + 64 * c);
+    }
+}
+
+/* The B tiles a pair of groups (w: its packed blocks, the second group's `group` bytes after the first's; a packed
+ * block is `block` bytes, of `per` 32-value blocks: 8 for a K-quant's super-block) makes for 32-value block b in bt,
+ * where w is given (NULL: made already) */
+typedef struct { int type; const uint8_t *w; int64_t group, block; int per; } b_source;
 
 INLINE void b_make(b_source src, int g, int64_t b, int64_t blocks, uint16_t *bt) {
-    if (src.w && b < blocks)
-        b_tile(src.type, src.w + g * src.group + b * src.block, bt + 512 * (g * blocks + b));
+    if (!src.w || b >= blocks)
+        return;
+    const uint8_t *blk = src.w + g * src.group + b / src.per * src.block;
+    if (src.per == 1)
+        b_tile(src.type, blk, bt + 512 * (g * blocks + b));
+    else
+        b_tile_k(src.type, blk, (int)(b % src.per), bt + 512 * (g * blocks + b));
 }
 
 /* Activation rows (ld elements apart) into tile t. Read once per pair, they come with the streaming hint where the
@@ -1576,7 +1637,8 @@ static int a_tile_rows(int64_t M) {
 static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                            const uint16_t *x, int64_t ldx, int64_t M, out_rows o, int threads) {
     const int r = a_tile_rows(M);
-    const int64_t blocks = K / 32, bytes = row_bytes / blocks, pairs = N / 32, whole = M / (2 * r) * (2 * r);
+    const int per = ggml_block_size(type) / 32;   /* 32-value blocks a packed block holds */
+    const int64_t blocks = K / 32, bytes = row_bytes / (blocks / per), pairs = N / 32, whole = M / (2 * r) * (2 * r);
     /* pair p: groups 2p and 2p + 1 (outputs 32p..), or with silu group p of the gate rows and its up rows N / 2 rows
      * on (outputs 16p..) */
     const int64_t groups_per_pair = o.silu ? 1 : 2, partner_rows = o.silu ? N / 2 : PACK_ROWS;
@@ -1622,7 +1684,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
                     const int64_t rows = m1 - m < 2 * r ? m1 - m : 2 * r;
                     /* the chunk's first rows make the pair's B tiles, the others reuse them */
                     const b_source src = {type, m == m0 ? packed + groups_per_pair * p * PACK_ROWS * row_bytes : NULL,
-                                          partner_rows * row_bytes, PACK_ROWS * bytes};
+                                          partner_rows * row_bytes, PACK_ROWS * bytes, per};
                     float *out = t[cur];
                     if (m + 2 * r <= whole)
                         amx_pair(x + m * ldx, ldx, r, bt, blocks, out, src, &before, o);
@@ -1662,17 +1724,12 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
  * tiles, or 0 where it never does (this build lacks the tile unit's bf16 path, or the process may not use it). */
 /* (int8: for calls with MATMUL_INT8, which the int8 kernel takes up to more rows than the exact one) */
 int ggml_amx_bf16(int type, int64_t N, int64_t K, int int8) {
-    const int tiles = AMX_BF16 && packed_blocks(type) && N % 32 == 0 && K % 32 == 0 && N >= 32 && tiles_granted();
+    const int tiles = AMX_BF16 && packable(type) && N % 32 == 0 && K % ggml_block_size(type) == 0 && N >= 32
+                      && tiles_granted();
     return tiles ? (int8 ? AMX_BF16_ROWS : AMX_EXACT_ROWS) : 0;
 }
 
 /* ---- exported ---------------------------------------------------------------------------------------- */
-
-/* Elements per block of a type (0: not a type this file handles). */
-int ggml_block_size(int type) {
-    int bytes;
-    return block_shape(type, &bytes);
-}
 
 /* the 32-value block sums [M, K / 32] of fp32 rows x (Q4_1's min term on the packed exact path), or NULL (out of
  * memory) */

@@ -253,15 +253,12 @@ class GGMLLinear:
 
     @property
     def int8_packed(self) -> bool:
-        """Whether calls on int8 activations read the packed copy (decode rows, and GEMMs up to INT8_GEMM_ROWS)."""
+        """Whether calls on int8 activations read the packed copy: decode rows, and GEMMs of any size (no dense copy
+        needed; up to INT8_GEMM_ROWS where one is asked for). The K-quants' too, though past 64 rows a dense copy's
+        GEMM beats theirs (Q6_K at 512 rows: 783 vs 579 ms with VNNI): a 1B model's copy took 2.1 GB in bf16 beside
+        its 0.67 GB Q4_K_M file, and a 7B one's would not fit this machine in fp32 (docs/quantization.md,
+        "Session 38")."""
         return self.int8 and self.packed is not None
-
-    @property
-    def int8_gemm(self) -> bool:
-        """Whether steps of any size run on the kernel's int8 GEMM (packed weights): no dense copy needed. Not the
-        K-quants': past 64 rows a dense copy's GEMM beats it (Q6_K at 512 rows: 783 vs 579 ms with VNNI, 1,476 on
-        AVX2; docs/quantization.md, "Session 37")."""
-        return self.int8_packed and self.weight.block == 32
 
     def kernel_rows(self, dtype: torch.dtype) -> int:
         """The most activation rows of dtype a call multiplies on the kernel rather than on the dense copy (or,
