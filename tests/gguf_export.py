@@ -45,10 +45,11 @@ GRANITE_OPTIONAL_KEYS = {   # config key -> the GGUFWriter method the Granite hy
 MAMBA_CONTEXT_LENGTH = 2 ** 20   # the converter's placeholder: a state-space model has no context limit
 
 
-def write_gguf(model, path, tokenizer_source_gguf: str, dtype: str | list[str] = "F32") -> None:
+def write_gguf(model, path, tokenizer_source_gguf: str, dtype="F32") -> None:
     """Write `model` (a save_pretrained directory, or a transformers model) as a GGUF at `path`. `dtype`: the
-    type of every matrix, or a list of types the matrices cycle through; vectors stay F32 as the converter
-    keeps them. general.name is the directory's name, as the converter derives it."""
+    type of every matrix, a list of types the matrices cycle through, or a function of a matrix's GGUF name that
+    gives its type; vectors stay F32 as the converter keeps them. general.name is the directory's name, as the
+    converter derives it."""
     if not isinstance(model, (str, os.PathLike)):
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp) / (Path(model.name_or_path).name or type(model).__name__)
@@ -60,9 +61,10 @@ def write_gguf(model, path, tokenizer_source_gguf: str, dtype: str | list[str] =
     writer.add_name(Path(model).name)
     add_hparams(writer, arch, config)
     copy_tokenizer(writer, tokenizer_source_gguf)
-    matrix_types = cycle([dtype] if isinstance(dtype, str) else dtype)
+    matrix_types = cycle([dtype] if isinstance(dtype, str) else [] if callable(dtype) else dtype)
     for name, data in gguf_tensors(arch, config, weights):
-        add_tensor(writer, name, data, next(matrix_types) if quantizable(name, data) else "F32")
+        type_name = (dtype(name) if callable(dtype) else next(matrix_types)) if quantizable(name, data) else "F32"
+        add_tensor(writer, name, data, type_name)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -344,8 +346,60 @@ def add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, type_name: str) 
         writer.add_tensor(name, data)
         return
     try:
-        packed = quantize(data, qtype)
+        packed = quantized(data, qtype)
     except QuantError:   # rows that are not whole blocks: the converter falls back to F16
         qtype = GGMLQuantizationType.F16
         packed = quantize(data, qtype)
     writer.add_tensor(name, packed, raw_dtype=None if qtype == GGMLQuantizationType.F16 else qtype)
+
+
+def quantized(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """data [rows, cols] in qtype's blocks: the gguf package's quantizer, and ours for Q4_K and Q6_K (which it
+    lacks; plain absmax scales, not llama.cpp's search, but blocks its dequantizer reads as llama.cpp's)."""
+    if qtype not in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K):
+        return quantize(data, qtype)
+    if data.shape[-1] % 256:
+        raise QuantError(f"rows of {data.shape[-1]} values are not whole super-blocks")
+    x = data.reshape(-1, 256).astype(np.float32)
+    blocks = quantize_q4_k(x) if qtype == GGMLQuantizationType.Q4_K else quantize_q6_k(x)
+    return blocks.reshape(*data.shape[:-1], -1)
+
+
+def f16(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.float16).astype(np.float32)
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """Super-blocks x [n, 256] as Q4_K: d, dmin (f16), 12 bytes of 8 sub-blocks' 6-bit scales and mins, 128 bytes
+    of 4-bit values (32-byte chunk c: sub-block 2c in the low nibbles, 2c + 1 in the high ones); w = d sc q - dmin m."""
+    sub = x.reshape(-1, 8, 32)
+    mins = np.maximum(-sub.min(axis=2), 0)
+    scales = (sub.max(axis=2) + mins) / 15
+    d, dmin = f16(scales.max(axis=1) / 63), f16(mins.max(axis=1) / 63)
+    sc = np.clip(np.round(scales / np.where(d > 0, d, 1)[:, None]), 0, 63).astype(np.uint8)
+    m = np.clip(np.round(mins / np.where(dmin > 0, dmin, 1)[:, None]), 0, 63).astype(np.uint8)
+    step = (d[:, None] * sc)[:, :, None]
+    q = np.clip(np.round((sub + (dmin[:, None] * m)[:, :, None]) / np.where(step > 0, step, 1)), 0, 15)
+    q = np.where(step > 0, q, 0).astype(np.uint8)
+    packed_scales = np.concatenate([sc[:, :4] | (sc[:, 4:] >> 4) << 6, m[:, :4] | (m[:, 4:] >> 4) << 6,
+                                    (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4], axis=1)
+    values = (q[:, 0::2] | q[:, 1::2] << 4).reshape(-1, 128)
+    return np.concatenate([d.astype(np.float16)[:, None].view(np.uint8), dmin.astype(np.float16)[:, None].view(np.uint8),
+                           packed_scales, values], axis=1)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """Super-blocks x [n, 256] as Q6_K: 128 bytes of low nibbles (half h's byte i: values 128h + i and 128h + 64 + i),
+    64 of high bit pairs (half h's byte i: values 128h + 32k + i at bits 2k), 16 int8 scales of 16 values, d (f16);
+    w = d scale (q - 32)."""
+    groups = x.reshape(-1, 16, 16)
+    scales = np.abs(groups).max(axis=2) / 31
+    d = f16(scales.max(axis=1) / 127)
+    sc = np.clip(np.round(scales / np.where(d > 0, d, 1)[:, None]), 0, 127).astype(np.int8)
+    step = (d[:, None] * sc)[:, :, None]
+    q = np.clip(np.round(groups / np.where(step > 0, step, 1)) + 32, 0, 63)
+    q = np.where(step > 0, q, 32).astype(np.uint8).reshape(-1, 2, 4, 32)   # [half, k, i]
+    low = (q[:, :, :2] & 15) | (q[:, :, 2:] & 15) << 4                        # [half, 2, 32]: bytes i, 32 + i
+    high = sum((q[:, :, k] >> 4) << 2 * k for k in range(4)).astype(np.uint8)  # [half, 32]
+    return np.concatenate([low.reshape(-1, 128), high.reshape(-1, 64), sc.view(np.uint8),
+                           d.astype(np.float16)[:, None].view(np.uint8)], axis=1)

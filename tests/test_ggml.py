@@ -373,9 +373,33 @@ def test_fused_rows_keep_their_values(names, fused):
     assert torch.equal(cat.dequantize(), torch.cat([reference(p) for p in parts]))
 
 
-def test_rows_of_formats_none_holds_exactly_are_not_fused():
-    with pytest.raises(ValueError, match="one type"):
-        GGMLTensor.cat([random_weight("Q8_0", 8, 64), random_weight("Q4_1", 4, 64)])
+@pytest.mark.parametrize("names, formats", [(["Q4_K", "Q4_K", "Q6_K"], ["Q4_K", "Q6_K"]),
+                                            (["Q5_0", "Q8_0", "Q4_1"], ["Q8_0", "Q4_1"]),
+                                            (["F16", "Q8_0", "BF16"], ["F16", "Q8_0", "BF16"])])
+def test_rows_of_formats_none_holds_exactly_stay_parts(names, formats):
+    """Fused parts with no format that holds them all (llama.cpp's Q4_K_M: Q4_K q, k beside a Q6_K v) keep their own
+    formats, consecutive parts one format holds joined in it; a linear of them (GGMLParts) is the reference's, with
+    its bias, in fp32 and bf16, int8 or exact, from 1 row to the GEMM's."""
+    parts = [random_weight(name, 16 * (i + 1), 256, seed=i) for i, name in enumerate(names)]
+    cat = GGMLTensor.cat(parts)
+    assert isinstance(cat, ggml.GGMLRows) and [p.type_name for p in cat.parts] == formats
+    want_w = torch.cat([reference(p) for p in parts])
+    assert torch.equal(cat.dequantize(), want_w)
+    bias = torch.randn(cat.shape[0])
+    for int8 in (False, True):
+        lin = ggml.ggml_linear(cat, bias, int8=int8)
+        assert isinstance(lin, ggml.GGMLParts) and lin.out_features == cat.shape[0] == 96
+        for m, dtype in [(1, torch.float32), (3, torch.bfloat16), (70, torch.float32)]:
+            x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(dtype)
+            want = x.float() @ want_w.T + bias
+            got = lin(x)
+            assert got.dtype == dtype and got.shape == want.shape
+            exact = not int8 and dtype == torch.float32
+            torch.testing.assert_close(got.float(), want, rtol=1e-4 if exact else 0.05,
+                                       atol=(1e-4 if exact else 0.05) * want.abs().max().item())
+
+
+def test_rows_of_different_widths_are_not_fused():
     with pytest.raises(ValueError, match="one width"):
         GGMLTensor.cat([random_weight("Q8_0", 8, 64), random_weight("Q8_0", 4, 96)])
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import hf_greedy, hf_model_from, make_llm, our_logits, save_tiny_model
+from test_decode_step import PROMPTS, both_paths
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
-from gguf_export import write_gguf
+from gguf_export import quantized, write_gguf
 
 from lanner import SamplingParams
 from lanner.model.gguf import GGUFFile, hf_name, load_gguf
@@ -157,7 +158,7 @@ def as_stored(tensor: torch.Tensor, type_name: str) -> torch.Tensor:
     """The values a matrix keeps through quantization (q/k row permutation does not change any row)."""
     qtype = Q[type_name]
     data = tensor.numpy()
-    back = data if qtype == Q.F32 else dequantize(quantize(data, qtype), qtype).reshape(data.shape)
+    back = data if qtype == Q.F32 else dequantize(quantized(data, qtype), qtype).reshape(data.shape)
     return torch.from_numpy(np.array(back, dtype=np.float32))
 
 
@@ -263,6 +264,55 @@ def test_string_arrays_decode_each_string_alone(tmp_path, with_nul):
     fields = GGUFFile(str(tmp_path / "s.gguf")).fields
     assert fields["test.strings"] == [str(r, "utf-8", "replace") for r in raw]
     assert fields["test.after"] == 7
+
+
+# llama.cpp's Q4_K_M mix at widths of 256 (its v and down Q6_K beside Q4_K), and an up beside its Q4_K gate
+K_MIX = {"attn_v": "Q6_K", "ffn_up": "Q6_K", "ffn_down": "Q6_K", "token_embd": "Q8_0", "output": "Q8_0"}
+
+
+@pytest.fixture(scope="module")
+def k_quant_mix(tmp_path_factory, default_model_path):
+    """A 2-layer Llama GGUF of K-quants (hidden 256): Q4_K q, k, o, gate beside Q6_K v, up, down; (its path, the
+    weights as stored, dequantized)."""
+    import transformers
+    cfg = transformers.LlamaConfig(**{**SHAPE, "hidden_size": 256, "intermediate_size": 512}, num_hidden_layers=2,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("gguf") / "k-mix.gguf"
+    write_gguf(model, path, default_model_path, dtype=lambda name: next(
+        (t for key, t in K_MIX.items() if key in name), "Q4_K"))
+    types = {hf_name(t.name, "llama"): t.type_name for t in GGUFFile(str(path)).tensors}
+    assert {types["model.layers.0.self_attn.q_proj.weight"], types["model.layers.0.self_attn.v_proj.weight"]} == {
+        "Q4_K", "Q6_K"}
+    return path, {key: as_stored(tensor, types[key]) for key, tensor in model.state_dict().items()}
+
+
+def test_k_quant_mixes_multiply_as_parts_and_generate_like_hf(k_quant_mix):
+    """Fused weights of K-quants no one format holds (Q4_K q, k beside a Q6_K v) stay blocks, one linear a format,
+    and greedy tokens are HF's on the same weights; the one-call decode step takes them."""
+    path, stored = k_quant_mix
+    config, _, _ = load_gguf(str(path))
+    ours = make_llm(str(path), kv_cache_memory=0.01)
+    model = ours.engine.runner.model
+    for fused in (model.layers[0].self_attn.qkv_proj, model.layers[1].mlp.gate_up_proj):
+        assert [p.weight.type_name for p in fused.quantized.parts] == ["Q4_K", "Q6_K"]
+    assert model.decode_step is not None
+    ids = [5, 300, 42, 9, 1000]
+    out = ours.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_k_quant_mixes_in_the_decode_step_equal_the_pytorch_path(k_quant_mix, dtype, monkeypatch):
+    """The one-call step's chained parts (fused.c's matmul_parts) give bitwise the PyTorch path's tokens and
+    logprobs, on int8 activations, from 1 row to past the AMX tiles' 16."""
+    monkeypatch.setenv("LANNER_EXACT_LINEARS", "0")
+    ours = make_llm(str(k_quant_mix[0]), dtype=dtype, kv_cache_memory=0.02, enable_prefix_caching=False)
+    for prompts in (PROMPTS[:1], PROMPTS * 7):
+        lean, torch_path = both_paths(ours, prompts)
+        assert lean == torch_path
+    assert len({tuple(ids) for ids, _ in lean}) > 1
 
 
 def test_dense_loading_dequantizes_every_type_exactly(mixed_types):

@@ -41,7 +41,8 @@ class LoRAArgs(ctypes.Structure):
 
 class LinearArgs(ctypes.Structure):
     _fields_ = [("type", c_int), ("flags", c_int), ("w", c_void_p), ("packed", c_void_p), ("row_bytes", c_int64),
-                ("n", c_int64), ("k", c_int64), ("bias", c_void_p), ("lora", LoRAArgs)]
+                ("n", c_int64), ("k", c_int64), ("bias", c_void_p), ("lora", LoRAArgs), ("rows", c_int64),
+                ("next", c_void_p)]
 
 
 class LayerArgs(ctypes.Structure):
@@ -97,6 +98,7 @@ class DecodeStep:
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
         dtype = model.norm.weight.dtype
         self.max_rows = min([MAX_ROWS] + [q.kernel_rows(dtype) for qs in linears for q in qs])
+        self.chains = {}   # id(GGMLParts): the LinearArgs of its parts after the first (the structs point at them)
         head = model.lm_head.quantized
         # the LM head in the same call where it runs on the same kernels (a GGUF's; an HF model's stays dense)
         self.head = head if isinstance(head, ggml.GGMLLinear) and head.lib is linears[0][0].lib else None
@@ -117,7 +119,7 @@ class DecodeStep:
             return None
         linears = [[m.quantized for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                           layer.mlp.down_proj)] for layer in model.layers]
-        if not all(isinstance(q, ggml.GGMLLinear) and q.lib is not None for qs in linears for q in qs):
+        if not all(isinstance(q, (ggml.GGMLLinear, ggml.GGMLParts)) and q.lib is not None for qs in linears for q in qs):
             return None
         return cls(model, lib, linears)
 
@@ -287,7 +289,18 @@ class DecodeStep:
                         len(starts), (c_int64 * 4)(*starts, *[lora.b.shape[1]] * (4 - len(starts))),
                         scales[0].data_ptr(), scales[1].data_ptr())
 
-    def linear_args(self, q: ggml.GGMLLinear, lora: LoRAArgs | None = None) -> LinearArgs:
-        return LinearArgs(q.weight.type_id, q.flags, q.weight.data_ptr, q.packed_ptr(), q.weight.row_bytes,
-                          q.out_features, q.in_features, None if q.bias is None else q.bias_fp32.data_ptr(),
-                          lora or LoRAArgs())
+    def linear_args(self, q: ggml.GGMLLinear | ggml.GGMLParts, lora: LoRAArgs | None = None) -> LinearArgs:
+        """q's arguments: its first part's, the parts after it chained by `next` (made once)."""
+        first, *rest = q.parts
+        if rest and id(q) not in self.chains:
+            chain = []
+            for p in reversed(rest):
+                chain.append(self.part_args(q, p, None, ctypes.addressof(chain[-1]) if chain else None))
+            self.chains[id(q)] = chain
+        return self.part_args(q, first, lora, ctypes.addressof(self.chains[id(q)][-1]) if rest else None)
+
+    @staticmethod
+    def part_args(q, p: ggml.GGMLLinear, lora: LoRAArgs | None, next_part: int | None) -> LinearArgs:
+        return LinearArgs(p.weight.type_id, p.flags, p.weight.data_ptr, p.packed_ptr(), p.weight.row_bytes,
+                          q.out_features, q.in_features, None if p.bias is None else p.bias_fp32.data_ptr(),
+                          lora or LoRAArgs(), p.out_features, next_part)

@@ -173,12 +173,16 @@ typedef struct {
     const float *const *in_scales, *const *out_scales;
 } LoRAStack;
 
-typedef struct {
+typedef struct GGMLLinear {
     int type, flags;   /* the matmul flags it may take: MATMUL_INT8, MATMUL_AMX_BF16 */
     const uint8_t *w, *packed;   /* packed: the int8 kernel's layout of w, or NULL */
-    int64_t row_bytes, n, k;
+    int64_t row_bytes, n, k;     /* n: the linear's outputs, all its parts' */
     const float *bias;   /* fp32 or NULL */
     LoRAStack lora;
+    /* a linear of parts in formats no one of them holds (a fused qkv of Q4_K q, k and a Q6_K v): this part's
+     * outputs (the first ones), and the next part (its type, weights and bias; its outputs next in y), or NULL */
+    int64_t rows;
+    const struct GGMLLinear *next;
 } GGMLLinear;
 
 typedef struct {
@@ -335,12 +339,23 @@ static int matmul_flags(const DecodeStep *s, const GGMLLinear *l, int y_fp32) {
     return l->flags | (s->bf16 ? MATMUL_X_BF16 : 0) | (s->bf16 && !y_fp32 ? MATMUL_Y_BF16 : 0);
 }
 
+/* y [T, l->n] = x W^T (+ b) of linear l, part by part (one call each, into its columns of y) */
+static int matmul_parts(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, int y_fp32) {
+    const int64_t es = s->bf16 && !y_fp32 ? 2 : 4;
+    int failed = 0;
+    int64_t at = 0;
+    for (const GGMLLinear *p = l; p && !failed; at += p->rows, p = p->next)
+        failed = s->matmul(p->type, p->w, p->packed, p->row_bytes, p->rows, p->k, x, p->k, s->T, (char *)y + at * es,
+                           l->n, p->bias, s->threads, matmul_flags(s, p, y_fp32));
+    return failed;
+}
+
 /* silu(gate) * up of the MLP's input h into a [T, I] in one matmul call (MATMUL_SILU_MUL: on the tiles the gate_up
  * output is never written), where no row adapts gate_up and it has no bias; else 0 and nothing done */
 static int fused_silu(const DecodeStep *s, const GGMLLinear *l, const void *h, void *a, int *failed) {
     int ranks = 0, inputs = 0, outputs = 0;
     adapter_rows(s, l, &ranks, &inputs, &outputs);
-    if (ranks || inputs || outputs || l->bias)
+    if (ranks || inputs || outputs || l->bias || l->next)
         return 0;
     *failed |= s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, h, l->k, s->T, a, l->n / 2, NULL,
                          s->threads, matmul_flags(s, l, 0) | MATMUL_SILU_MUL);
@@ -351,7 +366,6 @@ static int fused_silu(const DecodeStep *s, const GGMLLinear *l, const void *h, v
  * GGMLLinear.small: in fp32, rounded once at the end), with the rows' adapters applied as Linear.forward applies
  * them: IA3 input scales on a copy of x, then LoRA deltas (from x unscaled) and IA3 output scales */
 static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y, int y_fp32) {
-    const int flags = matmul_flags(s, l, y_fp32);
     int ranks = 0, inputs = 0, outputs = 0;   /* rows with each kind of adapter on this linear (not the head's) */
     if (!y_fp32)
         adapter_rows(s, l, &ranks, &inputs, &outputs);
@@ -363,8 +377,7 @@ static int linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void 
         memcpy(scaled, x, bytes);
         scale_rows(s, l->lora.in_scales, scaled, l->k);
     }
-    int failed = s->matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, scaled ? scaled : x, l->k, s->T, y,
-                           l->n, l->bias, s->threads, flags);
+    int failed = matmul_parts(s, l, scaled ? scaled : x, y, y_fp32);
     free(scaled);
     if (!failed && ranks)
         failed = lora_add(s, &l->lora, x, y, l->k, l->n);

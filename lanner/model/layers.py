@@ -48,7 +48,7 @@ class Linear(nn.Linear):
     """
     packed: torch.Tensor | None = None
     quantized = None   # callable x -> x @ W^T + b from a quantized weight, set by pack()
-    ggml = None        # lanner.quant.ggml.GGMLTensor, when the checkpoint stored the weight in blocks
+    ggml = None        # lanner.quant.ggml.GGMLTensor (or GGMLRows), when the checkpoint stored the weight in blocks
     lora = None        # lanner.lora.ops.LoRAWeights (LoRA and IA3 slots) when LoRA is enabled
 
     def reset_parameters(self) -> None:
@@ -59,30 +59,35 @@ class Linear(nn.Linear):
     def blocks(self):
         """The GGML blocks this linear multiplies with (the checkpoint's, or those it was quantized into at load), or
         None (dense or NF4 weights)."""
-        from lanner.quant.ggml import GGMLLinear
-        return self.quantized.weight if isinstance(self.quantized, GGMLLinear) else self.ggml
+        from lanner.quant.ggml import GGMLLinear, GGMLParts
+        return self.quantized.weight if isinstance(self.quantized, (GGMLLinear, GGMLParts)) else self.ggml
 
     def pack(self, quantization: str = "none", dense_gemm: bool | None = None, int8: bool = True) -> None:
         """dense_gemm: a GGML weight also keeps a dense oneDNN copy (made at the first big step) for big steps
         (None: where the int8 GEMM does not run, or a bf16 model's where oneDNN runs bf16 on AMX); int8: it may run
         on int8 activations (unless LANNER_EXACT_LINEARS=1)."""
         if self.ggml is not None:
-            from lanner.quant.ggml import GGMLLinear
-            self.quantized = GGMLLinear(self.ggml, self.bias, None, int8)
-            if dense_gemm is None:   # AMX's bf16 tiles beat the int8 GEMM past INT8_GEMM_ROWS (ggml.py)
-                dense_gemm = not self.quantized.int8_packed or (self.weight.dtype == torch.bfloat16
-                                                              and not self.quantized.amx_bf16 and onednn_amx_bf16())
-            elif dense_gemm:   # a copy asked for takes the big steps, not the tiles
-                self.quantized.amx_rows = 0
-            # no copy where oneDNN would not run it: the kernel then takes more rows from the start, so a
-            # decode step's row limit (fixed when it is built) is the same before and after the first big step
-            self.quantized.dense_dtype = self.weight.dtype if dense_gemm and onednn_runs(self.weight.dtype) else None
+            from lanner.quant.ggml import ggml_linear
+            self.quantized = ggml_linear(self.ggml, self.bias, int8)
+            for part in self.quantized.parts:
+                self.pack_dense(part, dense_gemm)
         elif quantization != "none":
             from lanner.quant import quantize_linear
             self.quantized = quantize_linear(self.weight.detach(), self.bias, quantization)
             self.weight = nn.Parameter(self.weight.detach().to("meta"), requires_grad=False)
         elif self.weight.device.type == "cpu":
             self.packed = onednn_pack(self.weight.detach())
+
+    def pack_dense(self, q, dense_gemm: bool | None) -> None:
+        """Whether GGMLLinear q also keeps a dense copy for big steps (pack's dense_gemm)."""
+        if dense_gemm is None:   # AMX's bf16 tiles beat the int8 GEMM past INT8_GEMM_ROWS (ggml.py)
+            dense_gemm = not q.int8_packed or (self.weight.dtype == torch.bfloat16 and not q.amx_bf16
+                                               and onednn_amx_bf16())
+        elif dense_gemm:   # a copy asked for takes the big steps, not the tiles
+            q.amx_rows = 0
+        # no copy where oneDNN would not run it: the kernel then takes more rows from the start, so a
+        # decode step's row limit (fixed when it is built) is the same before and after the first big step
+        q.dense_dtype = self.weight.dtype if dense_gemm and onednn_runs(self.weight.dtype) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora is None or not self.lora.manager.batch:
@@ -92,9 +97,9 @@ class Linear(nn.Linear):
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this gate | up linear for x in one GGML kernel call (GGMLLinear.silu_mul), where no
         adapter is in the batch; else None."""
-        from lanner.quant.ggml import GGMLLinear
+        from lanner.quant.ggml import GGMLLinear, GGMLParts
         plain = not torch.is_grad_enabled() and (self.lora is None or not self.lora.manager.batch)
-        return self.quantized.silu_mul(x) if plain and isinstance(self.quantized, GGMLLinear) else None
+        return self.quantized.silu_mul(x) if plain and isinstance(self.quantized, (GGMLLinear, GGMLParts)) else None
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():

@@ -11,7 +11,7 @@ from lanner.model import fused
 from lanner.model.decode_step import DecodeStep
 from lanner.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from lanner.quant import head_format
-from lanner.quant.ggml import GGMLTensor, common_format
+from lanner.quant.ggml import GGMLRows, GGMLTensor
 
 
 class Attention(nn.Module):
@@ -233,7 +233,7 @@ BAMBA_RENAMES_PATTERN = "|".join(re.escape(k) for k in BAMBA_RENAMES)
 def place(module: nn.Module, attr: str, tensor) -> None:
     """A loaded tensor in module.attr: GGML blocks beside a meta placeholder, dense ones as the parameter."""
     param = getattr(module, attr)
-    if isinstance(tensor, GGMLTensor):
+    if isinstance(tensor, (GGMLTensor, GGMLRows)):
         module.ggml = tensor
     elif param.device.type == "meta":
         setattr(module, attr, nn.Parameter(tensor.detach().to(param.dtype), requires_grad=False))
@@ -242,8 +242,9 @@ def place(module: nn.Module, attr: str, tensor) -> None:
 
 
 def concat(parts: list):
-    """Row-wise concatenation of a fused weight's parts: GGML blocks stay blocks in a format that holds them all."""
-    if all(isinstance(p, GGMLTensor) for p in parts) and common_format([p.type_name for p in parts]):
+    """Row-wise concatenation of a fused weight's parts: GGML blocks stay blocks, in a format that holds them all or
+    as parts in their own (GGMLTensor.cat)."""
+    if all(isinstance(p, GGMLTensor) for p in parts):
         return GGMLTensor.cat(parts)
     return torch.cat([p.dequantize() if isinstance(p, GGMLTensor) else p for p in parts])
 

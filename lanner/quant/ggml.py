@@ -155,15 +155,25 @@ class GGMLTensor:
         return cls.from_numpy(type_name, weight.shape, np.ascontiguousarray(raw).view(np.uint8))
 
     @staticmethod
-    def cat(parts: list["GGMLTensor"]) -> "GGMLTensor":
+    def cat(parts: list["GGMLTensor"]) -> "GGMLTensor | GGMLRows":
         """Row-wise concatenation (a fused qkv or gate_up weight): blocks never straddle rows. Parts of different
         formats go into the one among them that holds all their values exactly (common_format: llama.cpp's
-        mixes put Q8_0 beside Q5_0 where a width is not a multiple of 256)."""
-        target = common_format([p.type_name for p in parts])
-        if target is None or len({p.shape[1] for p in parts}) != 1:
-            raise ValueError("only weights of one width, and of one type or of types one holds exactly, concatenate")
-        data = torch.cat([p.to_format(target).data for p in parts])
-        return GGMLTensor(target, (data.shape[0], parts[0].shape[1]), data)
+        mixes put Q8_0 beside Q5_0 where a width is not a multiple of 256), or where none does (Q4_K beside Q6_K)
+        stay parts, each in its own format (GGMLRows)."""
+        if len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("only weights of one width concatenate")
+        runs = []   # consecutive parts that one format holds: one part of a GGMLRows each
+        for p in parts:
+            if runs and common_format([q.type_name for q in runs[-1]] + [p.type_name]):
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        joined = []
+        for run in runs:
+            target = common_format([p.type_name for p in run])
+            data = torch.cat([p.to_format(target).data for p in run])
+            joined.append(GGMLTensor(target, (data.shape[0], run[0].shape[1]), data))
+        return joined[0] if len(joined) == 1 else GGMLRows(joined)
 
     def to_format(self, target: str) -> "GGMLTensor":
         """The same values in target, a format of common_format's chains that holds them all exactly."""
@@ -216,6 +226,27 @@ class GGMLTensor:
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dtype)
 
 
+class GGMLRows:
+    """One weight as row-wise parts in formats no one of them holds exactly (a fused qkv of llama.cpp's Q4_K_M:
+    Q4_K q and k beside a Q6_K v): each part multiplies in its own format (GGMLParts)."""
+
+    def __init__(self, parts: list[GGMLTensor]):
+        self.parts = parts
+        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts])
+
+
+def ggml_linear(weight: GGMLTensor | GGMLRows, bias: torch.Tensor | None = None, int8: bool = True):
+    """The linear that multiplies with weight: a GGMLLinear, or for parts (GGMLRows) a GGMLParts."""
+    return (GGMLParts if isinstance(weight, GGMLRows) else GGMLLinear)(weight, bias, int8=int8)
+
+
 class GGMLLinear:
     """x[..., in] -> x @ W^T + b for a GGMLTensor W [out, in], in x's dtype (fp32 or bf16)."""
     mode = "ggml"
@@ -240,6 +271,11 @@ class GGMLLinear:
         tiles = self.packed is not None
         self.amx_rows = self.lib.ggml_amx_bf16(weight.type_id, *weight.shape, self.int8) if tiles else 0
         self._row_norms = None
+
+    @property
+    def parts(self) -> list["GGMLLinear"]:
+        """The linears whose outputs make this one's, in order: itself (GGMLParts: one a part)."""
+        return [self]
 
     @property
     def amx_bf16(self) -> bool:
@@ -387,6 +423,36 @@ class GGMLLinear:
             return self.weight._dequantize_numpy(None, b - a, dtype, a)
         w = self.weight._dequantize(None, b - a, dt, out=out, first_row=a)
         return w if w.dtype == dtype else w.to(dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.dequantize(dtype)
+
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+class GGMLParts:
+    """x[..., in] -> x @ W^T + b for W of parts in different formats (GGMLRows): one GGMLLinear a part, each
+    computing its columns of the output (in the one-call decode step, straight into them: fused.c's
+    matmul_parts). A gate | up of parts runs its silu apart."""
+    mode = "ggml"
+
+    def __init__(self, weight: GGMLRows, bias: torch.Tensor | None = None, int8: bool = True):
+        self.weight, self.bias = weight, None if bias is None else bias.detach()
+        self.out_features, self.in_features = weight.shape
+        ends = np.cumsum([p.shape[0] for p in weight.parts]).tolist()
+        self.parts = [GGMLLinear(p, None if bias is None else self.bias[end - p.shape[0]:end], int8=int8)
+                      for p, end in zip(weight.parts, ends)]
+        self.lib = self.parts[0].lib
+
+    def kernel_rows(self, dtype: torch.dtype) -> int:
+        return min(p.kernel_rows(dtype) for p in self.parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def silu_mul(self, x: torch.Tensor) -> None:
+        return None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.dequantize(dtype)
