@@ -137,13 +137,17 @@ def near_copies(w: GGMLTensor, seed: int) -> GGMLTensor:
     """Every row w's first with four quant bits flipped, none at a block's first value (where the test's
     activations put their outliers): logits so close that int8 activations misorder them."""
     rng, (_, block, nbytes) = np.random.default_rng(seed), BLOCKS[w.type_name]
-    # the byte of a block's first value
-    first_quant = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6, "Q5_1": 8, "Q8_0": 2, "Q6_K": 0}[w.type_name]
+    # the bytes whose lowest bit is a value's, but not that of the first of 32 values: after a block's first value
+    # (its byte's low bits), or a K-quant's value bytes but those whose low nibbles hold the first of 32
+    flippable = {"Q4_0": range(3, 18), "Q4_1": range(5, 20), "Q5_0": range(7, 22), "Q5_1": range(9, 24),
+                 "Q8_0": range(3, 34), "Q4_K": [b for b in range(16, 144) if (b - 16) % 32],
+                 "Q5_K": [b for b in range(48, 176) if (b - 48) % 32], "Q6_K": [b for b in range(128) if b % 32]}
+    bytes_at = np.array(flippable[w.type_name])
     raw = w.data.clone()
     raw[:] = raw[0]
     for row in range(1, w.shape[0]):
         for _ in range(4):
-            raw[row, rng.integers(w.shape[1] // block) * nbytes + rng.integers(first_quant + 1, nbytes)] ^= 1
+            raw[row, rng.integers(w.shape[1] // block) * nbytes + rng.choice(bytes_at)] ^= 1
     return GGMLTensor(w.type_name, w.shape, raw)
 
 
@@ -159,7 +163,7 @@ def test_row_norms_bound_the_rows_norms_from_above_and_tightly(type_name):
     assert (bound <= exact * (1 + 1e-3) + 1e-40).all()
 
 
-@pytest.mark.parametrize("type_name", PACKED_FORMATS + ["Q6_K"])   # Q6_K: argmax of the exact path
+@pytest.mark.parametrize("type_name", PACKED_FORMATS + K_PACKED)
 @pytest.mark.parametrize("m", [1, 3, 6, 19])   # tiles of rows, the last one partial
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [2048, 2044])   # 2044: not whole packed groups, the exact path's argmax
@@ -168,7 +172,7 @@ def test_argmax_is_the_exact_paths_argmax_on_every_level(level, type_name, m, dt
     that the exact path's outputs (rounded to bf16 for bf16 rows) give, ties to the first index, a NaN counting as
     largest: on logits the int8 path misorders, exact ties, rows of equal logits (zeros: every one a candidate)
     and non-finite rows."""
-    cols = 256 if type_name == "Q6_K" else 96
+    cols = 256 if type_name in K_PACKED else 96
     seeded = torch.Generator().manual_seed(m)
     x = torch.randn(m, cols, generator=seeded)
     x[:, ::32] = 300   # coarse int8 steps in every block
@@ -185,7 +189,7 @@ def test_argmax_is_the_exact_paths_argmax_on_every_level(level, type_name, m, dt
     x = x.to(dtype)
     want = lin.small(x, lin.lib).float().numpy().argmax(axis=1)   # the exact path, in x's dtype
     assert lin.argmax(x).tolist() == want.tolist()
-    bounded = type_name in PACKED_FORMATS and lin.packed is not None   # (K-quants: the exact path's argmax)
+    bounded = lin.packed is not None
     if bounded and rows == 2048 and m > 1 and dtype == torch.float32:   # int8 alone misorders
         assert (lin.small(x, lin.lib, int8=True).float().numpy().argmax(axis=1) != want).any()
 

@@ -1746,6 +1746,20 @@ static float *block_sums(const float *x, int64_t ldx, int64_t M, int64_t K) {
 }
 
 /* ggml_matmul's exact path on fp32 rows */
+/* W's row-major rows n0..n1 against M rows of x into y [M, ldy] (columns n0..n1), as the exact path computes them:
+ * each weight row decoded once into buf where given (more rows than a tile), else block by block */
+static void exact_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
+                       const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, float *buf) {
+    for (int64_t n = n0; n < n1; n++) {
+        if (buf) {
+            decode_row(type, w + n * row_bytes, K, buf);
+            matmul_rows(F32, (const uint8_t *)buf, 0, 0, 1, K, x, ldx, M, y + n, ldy);
+        } else {
+            matmul_rows(type, w, row_bytes, n, n + 1, K, x, ldx, M, y, ldy);
+        }
+    }
+}
+
 static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                         const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
     /* packed weights: whole groups on fp32 activations, TILE rows at a time while the group's blocks are in L1;
@@ -1770,14 +1784,8 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
 #pragma omp for schedule(static) nowait   /* the region's end waits */
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-            for (int64_t n = n0; n < n1 && !failed; n++) {
-                if (buf) {
-                    decode_row(type, w + n * row_bytes, K, buf);
-                    matmul_rows(F32, (const uint8_t *)buf, 0, 0, 1, K, x, ldx, M, y + n, ldy);
-                } else {
-                    matmul_rows(type, w, row_bytes, n, n + 1, K, x, ldx, M, y, ldy);
-                }
-            }
+            if (!failed)
+                exact_rows(type, w, row_bytes, n0, n1, K, x, ldx, M, y, ldy, buf);
         }
         free(buf);
     }
@@ -1921,10 +1929,11 @@ static float candidate_threshold(const float *y, const float *norms, int64_t N, 
 }
 
 /* the tokens of the tile of activation rows m0.. (rows of them) from their int8 results approx: the exact values of
- * every group holding a candidate of any of them, computed once for the tile as the exact path computes it */
-static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
-                              const float *x, int64_t ldx, const float *xsum, int64_t m0, int rows,
-                              const float *approx, const float *norms, int round_bf16, int64_t *tokens) {
+ * every group holding a candidate of any of them, computed once for the tile as the exact path computes it (the
+ * K-quants': row-major, from w; buf: K floats where the step has more rows than a tile, else NULL) */
+static void exact_argmax_tile(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N,
+                              int64_t K, const float *x, int64_t ldx, const float *xsum, int64_t m0, int rows,
+                              const float *approx, const float *norms, int round_bf16, int64_t *tokens, float *buf) {
     float E[TILE], threshold[TILE], best[TILE], tile[TILE * PACK_ROWS];
     for (int r = 0; r < rows; r++) {
         E[r] = error_scale(x + (m0 + r) * ldx, K, int8_zero(type));
@@ -1948,8 +1957,12 @@ static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes
             if (!wanted)
                 continue;
             /* every value of the group: the values that are not candidates cannot win, exact or not */
-            fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m0 * ldx, ldx,
-                          xsum ? xsum + m0 * (K / 32) : NULL, rows, tile, PACK_ROWS);
+            if (packed_blocks(type))
+                fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m0 * ldx, ldx,
+                              xsum ? xsum + m0 * (K / 32) : NULL, rows, tile, PACK_ROWS);
+            else
+                exact_rows(type, w + g * PACK_ROWS * row_bytes, row_bytes, 0, PACK_ROWS, K, x + m0 * ldx, ldx, rows,
+                           tile, PACK_ROWS, buf);
             for (int r = 0; r < rows; r++)
                 for (int64_t j = g * PACK_ROWS; j < (g + 1) * PACK_ROWS; j++)
                     take(tile[r * PACK_ROWS + j % PACK_ROWS], j, round_bf16, &best[r], &tokens[m0 + r]);
@@ -1964,7 +1977,8 @@ static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes
 int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                 const void *x, int64_t ldx, int64_t M, int x_bf16, const float *norms, int round_bf16, float *scratch,
                 int threads, int64_t *tokens) {
-    const int bounded = packed && packed_blocks(type) && int8_zero(type) >= 0 && N % PACK_ROWS == 0 && K % 32 == 0;
+    const int bounded = packed && packable(type) && int8_zero(type) >= 0 && N % PACK_ROWS == 0
+                        && K % ggml_block_size(type) == 0;
     const int flags = (bounded ? MATMUL_INT8 : 0) | (x_bf16 ? MATMUL_X_BF16 : 0);
     int failed = ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, scratch, N, NULL, threads, flags);
     if (failed)
@@ -1985,16 +1999,26 @@ int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         free(xf), free(xsum);
         return 1;
     }
+    int lost = 0;   /* a thread's row buffer not allocated */
     if (M <= TILE)   /* one tile (a batch-1 step): no fork for a second thread that would wait */
-        exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, 0, (int)M, scratch, norms, round_bf16, tokens);
+        exact_argmax_tile(type, w, packed, row_bytes, N, K, xs, lds, xsum, 0, (int)M, scratch, norms, round_bf16, tokens,
+                          NULL);
     else {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int64_t m0 = 0; m0 < M; m0 += TILE)
-            exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, m0, M - m0 < TILE ? M - m0 : TILE,
-                              scratch, norms, round_bf16, tokens);
+#pragma omp parallel num_threads(threads) reduction(| : lost)
+        {
+            /* the K-quants' exact rows decoded once for every tile, as exact_matmul decodes them */
+            float *buf = packed_blocks(type) ? NULL : aligned_alloc(64, ((K * sizeof(float) + 63) / 64) * 64);
+            lost = !packed_blocks(type) && !buf;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t m0 = 0; m0 < M; m0 += TILE)
+                if (!lost)
+                    exact_argmax_tile(type, w, packed, row_bytes, N, K, xs, lds, xsum, m0, M - m0 < TILE ? M - m0 : TILE,
+                                      scratch, norms, round_bf16, tokens, buf);
+            free(buf);
+        }
     }
     free(xf), free(xsum);
-    return 0;
+    return lost;
 }
 
 /* out[i, :] = W[ids[i], :] as fp32, or as bf16 (round to nearest even) when out_bf16; ids NULL: every row.
