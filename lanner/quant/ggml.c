@@ -1250,7 +1250,8 @@ static int packable(int type) {
                            || type == Q5_K || type == Q6_K);
 }
 
-/* those of them (32-value blocks) the exact kernel's decode rows and the AMX tiles read packed too */
+/* those of them (32-value blocks) the exact kernel's decode rows read packed too (the K-quants' exact path reads
+ * their rows as stored) */
 static int packed_blocks(int type) {
     int bytes;
     return packable(type) && block_shape(type, &bytes) == 32;

@@ -5,8 +5,8 @@ a weight, 6.4x fewer than fp32), and ggml.c multiplies with them directly. By de
 (integer dot products, as llama.cpp): small steps (decode) dot each weight group with every activation row,
 so the step streams the quantized bytes once; larger ones (prefill, big batches: compute-bound) run the same
 kernel as a GEMM, tiles of rows against each group of packed weights while it is in L1; on a CPU with AMX, bf16
-steps of more than 16 rows of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 run on the tile unit instead (the packed blocks
-dequantized into bf16 tiles: the numerics of a dense bf16 copy, docs/quantization.md "AMX"). With
+steps of more than 16 rows of the packed formats (Q4_0 .. Q8_0, Q4_K / Q5_K / Q6_K) run on the tile unit instead
+(the packed blocks dequantized into bf16 tiles: the numerics of a dense bf16 copy, docs/quantization.md "AMX"). With
 LANNER_EXACT_LINEARS=1 activations stay fp32 (exact: dequantize-then-matmul up to summation order) up to
 SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step (bf16 steps on a CPU
 with AMX: the tiles instead, the same numerics, and no copy), as do formats without an int8 path (and any weight given
