@@ -70,15 +70,18 @@ def test_dequantize_equals_gguf_reference_on_every_isa(isa, type_name):
 
 @pytest.mark.parametrize("type_name", FORMATS)
 @pytest.mark.parametrize("m", [1, 3, 17, 300])
-def test_matmul_equals_dequantize_then_matmul_on_every_isa(isa, type_name, m):
-    cols = 256 if BLOCKS[type_name][1] == 256 else 96   # rows not a multiple of the threads' tasks either
-    w = random_weight(type_name, 45, cols, seed=m)
+@pytest.mark.parametrize("rows", [45, 48])   # rows not a multiple of the threads' tasks either; whole groups alone
+def test_matmul_equals_dequantize_then_matmul_on_every_isa(isa, type_name, m, rows):
+    cols = 256 if BLOCKS[type_name][1] == 256 else 96
+    w = random_weight(type_name, rows, cols, seed=m)
     x = torch.randn(m, cols)
     want = x.double() @ reference(w).double().T
     with mock.patch.dict(os.environ, {"LANNER_EXACT_LINEARS": "1"}):
         lin = GGMLLinear(w)
         got = lin(x)
-    assert got.dtype == torch.float32 and got.shape == (m, 45)
+    assert got.dtype == torch.float32 and got.shape == (m, rows)
+    if type_name in K_PACKED and rows == 48 and isa != "scalar":   # the exact packed kernel (whole groups only)
+        assert lin.packed is not None
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     kernel = lin.small(x, lin.lib)   # the kernel at any size (packed formats: 4 rows at a time on each group)
     torch.testing.assert_close(kernel.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -1213,6 +1213,73 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
         memcpy(y + m * ldy, &acc[m], sizeof acc[m]);
 }
 
+/* fdot_packed for the K-quants (super-blocks of 256 values, bytes each a row, the layouts k_super and k6_super
+ * read): each 32-value sub-block's (Q6_K: 16-value group's) sums of q x in fp32, times its scale, plus (Q4_K,
+ * Q5_K) its min times the activations' block sum -- fdot_packed's arithmetic, the scales made per sub-block */
+INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, int64_t ldx, const float *xsum,
+                          const int rows, int64_t K, float *restrict y, int64_t ldy) {
+    const int six = type == Q6_K, five = type == Q5_K;
+    const int64_t bytes = LANES * (six ? 210 : five ? 176 : 144);
+    lf acc[TILE];
+    for (int m = 0; m < rows; m++)
+        acc[m] = (lf){0};
+    for (int64_t b = 0; b < K / 256; b++) {
+        const uint8_t *blk = grp + b * bytes;
+        stream_ahead(blk, bytes);
+        const lf d = halves(blk);
+        for (int j = 0; j < 8; j++) {   /* sub-block j: values 32j.. of the super-block */
+            const float *xb = x + 256 * b + 32 * j;
+            /* four chains a row (one FMA's latency would bound them); Q6_K: two for values 0-15, two for 16-31 */
+            lf sum[TILE][4];
+            for (int m = 0; m < rows; m++)
+                sum[m][0] = sum[m][1] = sum[m][2] = sum[m][3] = (lf){0};
+#pragma GCC unroll 8   /* (constant chains: a sum indexed at run time lives on the stack) */
+            for (int c = 0; c < 8; c++) {   /* column c: values 4c..4c + 3 of every row */
+                li q;
+                if (six) {
+                    const uint8_t *cols = blk + 18 * LANES;
+                    const int half = j / 4, s = j % 4;
+                    const li low = loadli(cols + 4 * (16 * half + 8 * (s % 2) + c) * LANES);
+                    const li high = loadli(cols + 4 * (32 + 8 * half + c) * LANES);
+                    q = ((s < 2 ? low : low >> 4) & 0x0F0F0F0F) | (((high >> 2 * s) & 0x03030303) << 4);
+                } else {
+                    const li v = loadli(blk + (16 + 32 * five + 4 * (8 * (j / 2) + c)) * LANES);
+                    q = (j % 2 ? v >> 4 : v) & 0x0F0F0F0F;
+                    if (five)
+                        q |= ((loadli(blk + (16 + 4 * c) * LANES) >> j) & 0x01010101) << 4;
+                }
+#pragma GCC unroll 4
+                for (int e = 0; e < 4; e++) {
+                    const lf w = __builtin_convertvector(((q >> 8 * e) & 255) - (six ? 32 : 0), lf);
+                    const int chain = six ? 2 * (c / 4) + (e & 1) : e;
+                    for (int m = 0; m < rows; m++) {
+                        sum[m][chain] += w * xb[m * ldx + 4 * c + e];
+                        KEEP_IN_REGISTER(sum[m][chain]);
+                    }
+                }
+            }
+            if (six) {
+                for (int i = 0; i < 2; i++) {
+                    const int k = 2 * j + i;
+                    const li col = loadli(blk + 2 * LANES + 4 * (k / 4) * LANES);
+                    const lf scale = d * __builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf);
+                    for (int m = 0; m < rows; m++)
+                        acc[m] += scale * (sum[m][2 * i] + sum[m][2 * i + 1]);
+                }
+            } else {
+                lf sc, mn;
+                k4_scale_min(loadli(blk + 4 * LANES), loadli(blk + 8 * LANES), loadli(blk + 12 * LANES), j, &sc, &mn);
+                const lf scale = d * sc, min = halves(blk + 2 * LANES) * mn;
+                for (int m = 0; m < rows; m++)
+                    acc[m] += scale * ((sum[m][0] + sum[m][1]) + (sum[m][2] + sum[m][3]))
+                              - min * xsum[m * (K / 32) + 8 * b + j];
+            }
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        memcpy(y + m * ldy, &acc[m], sizeof acc[m]);
+}
+
 #define FPACKED_OF(bits, has_min, zero)                                                                     \
     switch (M) {                                                                                           \
     case 4: fdot_packed(bits, has_min, zero, grp, x, ldx, xsum, 4, K, y, ldy); return;                    \
@@ -1230,6 +1297,13 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
     case Q5_0: FPACKED_OF(5, 0, 16)
     case Q5_1: FPACKED_OF(5, 1, 0)
     case Q8_0: FPACKED_OF(8, 0, 0)
+    case Q4_K: case Q5_K: case Q6_K:
+        switch (M) {
+        case 4: fdot_packed_k(type, grp, x, ldx, xsum, 4, K, y, ldy); return;
+        case 3: fdot_packed_k(type, grp, x, ldx, xsum, 3, K, y, ldy); return;
+        case 2: fdot_packed_k(type, grp, x, ldx, xsum, 2, K, y, ldy); return;
+        default: fdot_packed_k(type, grp, x, ldx, xsum, 1, K, y, ldy); return;
+        }
     }
 }
 #else
@@ -1250,16 +1324,14 @@ static int packable(int type) {
                            || type == Q5_K || type == Q6_K);
 }
 
-/* those of them (32-value blocks) the exact kernel's decode rows read packed too (the K-quants' exact path reads
- * their rows as stored) */
-static int packed_blocks(int type) {
-    int bytes;
-    return packable(type) && block_shape(type, &bytes) == 32;
-}
-
 /* whether a format's blocks carry a min (fp16, after the scale) */
 static int with_min(int type) {
     return type == Q4_1 || type == Q5_1;
+}
+
+/* whether the exact packed kernel takes the activations' 32-value block sums (a min's term) */
+static int takes_sums(int type) {
+    return with_min(type) || type == Q4_K || type == Q5_K;
 }
 
 /* the zero point a format's weight bytes carry, or -1 for a format without an int8 path (F16, BF16, F32; the
@@ -1747,28 +1819,14 @@ static float *block_sums(const float *x, int64_t ldx, int64_t M, int64_t K) {
 }
 
 /* ggml_matmul's exact path on fp32 rows */
-/* W's row-major rows n0..n1 against M rows of x into y [M, ldy] (columns n0..n1), as the exact path computes them:
- * each weight row decoded once into buf where given (more rows than a tile), else block by block */
-static void exact_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
-                       const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, float *buf) {
-    for (int64_t n = n0; n < n1; n++) {
-        if (buf) {
-            decode_row(type, w + n * row_bytes, K, buf);
-            matmul_rows(F32, (const uint8_t *)buf, 0, 0, 1, K, x, ldx, M, y + n, ldy);
-        } else {
-            matmul_rows(type, w, row_bytes, n, n + 1, K, x, ldx, M, y, ldy);
-        }
-    }
-}
-
 static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                         const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy, int threads) {
     /* packed weights: whole groups on fp32 activations, TILE rows at a time while the group's blocks are in L1;
      * the rows after them row-major */
-    int64_t groups = packed && packed_blocks(type) && M >= 1 ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
+    int64_t groups = packed && packable(type) && M >= 1 ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    float *xsum = groups && with_min(type) ? block_sums(x, ldx, M, K) : NULL;
-    if (groups && with_min(type) && !xsum)
+    float *xsum = groups && takes_sums(type) ? block_sums(x, ldx, M, K) : NULL;
+    if (groups && takes_sums(type) && !xsum)
         return 1;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -1785,8 +1843,14 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
 #pragma omp for schedule(static) nowait   /* the region's end waits */
         for (int64_t t = 0; t < tasks; t++) {
             int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-            if (!failed)
-                exact_rows(type, w, row_bytes, n0, n1, K, x, ldx, M, y, ldy, buf);
+            for (int64_t n = n0; n < n1 && !failed; n++) {
+                if (buf) {
+                    decode_row(type, w + n * row_bytes, K, buf);
+                    matmul_rows(F32, (const uint8_t *)buf, 0, 0, 1, K, x, ldx, M, y + n, ldy);
+                } else {
+                    matmul_rows(type, w, row_bytes, n, n + 1, K, x, ldx, M, y, ldy);
+                }
+            }
         }
         free(buf);
     }
@@ -1930,11 +1994,10 @@ static float candidate_threshold(const float *y, const float *norms, int64_t N, 
 }
 
 /* the tokens of the tile of activation rows m0.. (rows of them) from their int8 results approx: the exact values of
- * every group holding a candidate of any of them, computed once for the tile as the exact path computes it (the
- * K-quants': row-major, from w; buf: K floats where the step has more rows than a tile, else NULL) */
-static void exact_argmax_tile(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N,
-                              int64_t K, const float *x, int64_t ldx, const float *xsum, int64_t m0, int rows,
-                              const float *approx, const float *norms, int round_bf16, int64_t *tokens, float *buf) {
+ * every group holding a candidate of any of them, computed once for the tile as the exact path computes it */
+static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                              const float *x, int64_t ldx, const float *xsum, int64_t m0, int rows,
+                              const float *approx, const float *norms, int round_bf16, int64_t *tokens) {
     float E[TILE], threshold[TILE], best[TILE], tile[TILE * PACK_ROWS];
     for (int r = 0; r < rows; r++) {
         E[r] = error_scale(x + (m0 + r) * ldx, K, int8_zero(type));
@@ -1958,12 +2021,8 @@ static void exact_argmax_tile(int type, const uint8_t *w, const uint8_t *packed,
             if (!wanted)
                 continue;
             /* every value of the group: the values that are not candidates cannot win, exact or not */
-            if (packed_blocks(type))
-                fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m0 * ldx, ldx,
-                              xsum ? xsum + m0 * (K / 32) : NULL, rows, tile, PACK_ROWS);
-            else
-                exact_rows(type, w + g * PACK_ROWS * row_bytes, row_bytes, 0, PACK_ROWS, K, x + m0 * ldx, ldx, rows,
-                           tile, PACK_ROWS, buf);
+            fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m0 * ldx, ldx,
+                          xsum ? xsum + m0 * (K / 32) : NULL, rows, tile, PACK_ROWS);
             for (int r = 0; r < rows; r++)
                 for (int64_t j = g * PACK_ROWS; j < (g + 1) * PACK_ROWS; j++)
                     take(tile[r * PACK_ROWS + j % PACK_ROWS], j, round_bf16, &best[r], &tokens[m0 + r]);
@@ -1995,31 +2054,21 @@ int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         widen(x, m * ldx, K, xf + m * K);
     const float *xs = x_bf16 ? xf : x;
     const int64_t lds = x_bf16 ? K : ldx;
-    float *xsum = with_min(type) && (xf || !x_bf16) ? block_sums(xs, lds, M, K) : NULL;
-    if ((x_bf16 && !xf) || (with_min(type) && !xsum)) {
+    float *xsum = takes_sums(type) && (xf || !x_bf16) ? block_sums(xs, lds, M, K) : NULL;
+    if ((x_bf16 && !xf) || (takes_sums(type) && !xsum)) {
         free(xf), free(xsum);
         return 1;
     }
-    int lost = 0;   /* a thread's row buffer not allocated */
     if (M <= TILE)   /* one tile (a batch-1 step): no fork for a second thread that would wait */
-        exact_argmax_tile(type, w, packed, row_bytes, N, K, xs, lds, xsum, 0, (int)M, scratch, norms, round_bf16, tokens,
-                          NULL);
+        exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, 0, (int)M, scratch, norms, round_bf16, tokens);
     else {
-#pragma omp parallel num_threads(threads) reduction(| : lost)
-        {
-            /* the K-quants' exact rows decoded once for every tile, as exact_matmul decodes them */
-            float *buf = packed_blocks(type) ? NULL : aligned_alloc(64, ((K * sizeof(float) + 63) / 64) * 64);
-            lost = !packed_blocks(type) && !buf;
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t m0 = 0; m0 < M; m0 += TILE)
-                if (!lost)
-                    exact_argmax_tile(type, w, packed, row_bytes, N, K, xs, lds, xsum, m0, M - m0 < TILE ? M - m0 : TILE,
-                                      scratch, norms, round_bf16, tokens, buf);
-            free(buf);
-        }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t m0 = 0; m0 < M; m0 += TILE)
+            exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, m0, M - m0 < TILE ? M - m0 : TILE,
+                              scratch, norms, round_bf16, tokens);
     }
     free(xf), free(xsum);
-    return lost;
+    return 0;
 }
 
 /* out[i, :] = W[ids[i], :] as fp32, or as bf16 (round to nearest even) when out_bf16; ids NULL: every row.
