@@ -79,7 +79,7 @@ class Linear(nn.Linear):
             self.packed = onednn_pack(self.weight.detach())
 
     def pack_dense(self, q, dense_gemm: bool | None) -> None:
-        """Whether GGMLLinear q also keeps a dense copy for big steps (pack's dense_gemm)."""
+        """Set whether GGMLLinear q also keeps a dense copy for big steps (pack's dense_gemm)."""
         if dense_gemm is None:   # AMX's bf16 tiles beat the int8 GEMM past INT8_GEMM_ROWS (ggml.py)
             dense_gemm = not q.int8_packed or (self.weight.dtype == torch.bfloat16 and not q.amx_bf16
                                                and onednn_amx_bf16())
@@ -97,9 +97,9 @@ class Linear(nn.Linear):
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this gate | up linear for x in one GGML kernel call (GGMLLinear.silu_mul), where no
         adapter is in the batch; else None."""
-        from lanner.quant.ggml import GGMLLinear, GGMLParts
+        from lanner.quant.ggml import GGMLLinear
         plain = not torch.is_grad_enabled() and (self.lora is None or not self.lora.manager.batch)
-        return self.quantized.silu_mul(x) if plain and isinstance(self.quantized, (GGMLLinear, GGMLParts)) else None
+        return self.quantized.silu_mul(x) if plain and isinstance(self.quantized, GGMLLinear) else None
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():

@@ -434,7 +434,7 @@ class GGMLLinear:
 class GGMLParts:
     """x[..., in] -> x @ W^T + b for W of parts in different formats (GGMLRows): one GGMLLinear a part, each
     computing its columns of the output (in the one-call decode step, straight into them: fused.c's
-    matmul_parts). A gate | up of parts runs its silu apart."""
+    matmul_parts). A gate | up of parts runs its silu apart (no silu_mul: Linear.silu_mul gives None)."""
     mode = "ggml"
 
     def __init__(self, weight: GGMLRows, bias: torch.Tensor | None = None, int8: bool = True):
@@ -450,9 +450,6 @@ class GGMLParts:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
-
-    def silu_mul(self, x: torch.Tensor) -> None:
-        return None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.dequantize(dtype)
