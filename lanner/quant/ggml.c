@@ -936,6 +936,29 @@ INLINE void k4_scale_min(li s0, li s1, li s2, const int j, lf *sc, lf *mn) {
     *sc = __builtin_convertvector(a, lf), *mn = __builtin_convertvector(b, lf);
 }
 
+/* Column c (values 4c..4c + 3 of every row) of 32-value sub-block j of a packed K-quant super-block, as integers
+ * q: Q6_K 0..63 (w = d scale (q - 32); ql and qh columns as k6_super reads them), Q4_K / Q5_K 0..15 / 0..31 (w = d sc
+ * q - dmin mn; chunk j / 2's nibbles, Q5_K's fifth bits bit j of its qh columns) */
+INLINE li k_column(const int type, const uint8_t *blk, const int j, const int c) {
+    if (type == Q6_K) {
+        const uint8_t *cols = blk + 18 * LANES;
+        const int half = j / 4, s = j % 4;
+        const li low = loadli(cols + 4 * (16 * half + 8 * (s % 2) + c) * LANES);
+        const li high = loadli(cols + 4 * (32 + 8 * half + c) * LANES);
+        return ((s < 2 ? low : low >> 4) & 0x0F0F0F0F) | (((high >> 2 * s) & 0x03030303) << 4);
+    }
+    const int five = type == Q5_K;
+    const li v = loadli(blk + (16 + 32 * five + 4 * (8 * (j / 2) + c)) * LANES);
+    const li q = (j % 2 ? v >> 4 : v) & 0x0F0F0F0F;
+    return five ? q | ((loadli(blk + (16 + 4 * c) * LANES) >> j) & 0x01010101) << 4 : q;
+}
+
+/* the int8 scale of 16-value group k of a packed Q6_K super-block's rows, as floats */
+INLINE lf k6_scale(const uint8_t *blk, const int k) {
+    const li col = loadli(blk + 2 * LANES + 4 * (k / 4) * LANES);
+    return __builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf);
+}
+
 /* A Q4_K or (five) Q5_K super-block (qdot_packed_super): each 32-value sub-block's integer sums times its scale
  * d * sc, less its min dmin * mn times the activations' block sum: Q4_1's arithmetic, the scale and min made from the
  * super-block's. Q5_K's 32 qh bytes are 8 columns after the scales' (column j: bit 2c of each byte the fifth bit of
@@ -1047,8 +1070,7 @@ INLINE void k6_super(const uint8_t *blk, int64_t gstride, const int groups, qact
                 const lf d = halves(head);
                 for (int q = 0; q < 4; q++) {
                     const int k = 8 * half + 2 * q + jh;
-                    const li col = loadli(head + 2 * LANES + 4 * (k / 4) * LANES);
-                    const lf w = d * __builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf);
+                    const lf w = d * k6_scale(head, k);
                     for (int m = 0; m < rows; m++) {
                         const int64_t o = m * (K / 32) + 8 * b + 4 * half + q;
                         const float sum = jh ? a.bs[o] - a.hs[o] : a.hs[o];
@@ -1218,8 +1240,8 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
  * Q5_K) its min times the activations' block sum -- fdot_packed's arithmetic, the scales made per sub-block */
 INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, int64_t ldx, const float *xsum,
                           const int rows, int64_t K, float *restrict y, int64_t ldy) {
-    const int six = type == Q6_K, five = type == Q5_K;
-    const int64_t bytes = LANES * (six ? 210 : five ? 176 : 144);
+    const int six = type == Q6_K;
+    const int64_t bytes = LANES * (six ? 210 : type == Q5_K ? 176 : 144);
     lf acc[TILE];
     for (int m = 0; m < rows; m++)
         acc[m] = (lf){0};
@@ -1235,19 +1257,7 @@ INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, in
                 sum[m][0] = sum[m][1] = sum[m][2] = sum[m][3] = (lf){0};
 #pragma GCC unroll 8   /* (constant chains: a sum indexed at run time lives on the stack) */
             for (int c = 0; c < 8; c++) {   /* column c: values 4c..4c + 3 of every row */
-                li q;
-                if (six) {
-                    const uint8_t *cols = blk + 18 * LANES;
-                    const int half = j / 4, s = j % 4;
-                    const li low = loadli(cols + 4 * (16 * half + 8 * (s % 2) + c) * LANES);
-                    const li high = loadli(cols + 4 * (32 + 8 * half + c) * LANES);
-                    q = ((s < 2 ? low : low >> 4) & 0x0F0F0F0F) | (((high >> 2 * s) & 0x03030303) << 4);
-                } else {
-                    const li v = loadli(blk + (16 + 32 * five + 4 * (8 * (j / 2) + c)) * LANES);
-                    q = (j % 2 ? v >> 4 : v) & 0x0F0F0F0F;
-                    if (five)
-                        q |= ((loadli(blk + (16 + 4 * c) * LANES) >> j) & 0x01010101) << 4;
-                }
+                const li q = k_column(type, blk, j, c);
 #pragma GCC unroll 4
                 for (int e = 0; e < 4; e++) {
                     const lf w = __builtin_convertvector(((q >> 8 * e) & 255) - (six ? 32 : 0), lf);
@@ -1260,9 +1270,7 @@ INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, in
             }
             if (six) {
                 for (int i = 0; i < 2; i++) {
-                    const int k = 2 * j + i;
-                    const li col = loadli(blk + 2 * LANES + 4 * (k / 4) * LANES);
-                    const lf scale = d * __builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf);
+                    const lf scale = d * k6_scale(blk, 2 * j + i);
                     for (int m = 0; m < rows; m++)
                         acc[m] += scale * (sum[m][2 * i] + sum[m][2 * i + 1]);
                 }
@@ -1529,36 +1537,21 @@ INLINE void b_tile_k(const int type, const uint8_t *blk, const int j, uint16_t *
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
     if (type == Q6_K) {   /* values 16i.. of the sub-block: scale 2j + i, w = d scale (q - 32) */
         for (int i = 0; i < 2; i++) {
-            const int k = 2 * j + i;
-            const li col = loadli(blk + 2 * LANES + 4 * (k / 4) * LANES);
-            const __m512 scale = _mm512_mul_ps(d, (__m512)__builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf));
+            const __m512 scale = _mm512_mul_ps(d, (__m512)k6_scale(blk, 2 * j + i));
             b_lanes(scale, dh[i]);
             b_lanes(_mm512_mul_ps(scale, _mm512_set1_ps(-32.0f)), mh[i]);
         }
-        const uint8_t *cols = blk + 18 * LANES;
-        const int half = j / 4, q = j % 4;
-        for (int c = 0; c < 8; c++) {
-            const li low = loadli(cols + 4 * (16 * half + 8 * (q % 2) + c) * LANES);
-            const li high = loadli(cols + 4 * (32 + 8 * half + c) * LANES);
-            const li nibbles = q < 2 ? low & 0x0F0F0F0F : (low >> 4) & 0x0F0F0F0F;
-            const li top = (q == 0 ? high << 4 : q == 1 ? high << 2 : q == 2 ? high : high >> 2) & 0x30303030;
-            b_rows((__m512i)(nibbles | top), 0, idx, dh[c / 4], mh[c / 4], bt + 64 * c);
-        }
+        for (int c = 0; c < 8; c++)
+            b_rows((__m512i)k_column(type, blk, j, c), 0, idx, dh[c / 4], mh[c / 4], bt + 64 * c);
         return;
     }
-    const int five = type == Q5_K, values = 16 + (five ? 32 : 0);   /* as k_super */
     const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 2 * LANES)));
     lf sc, mn;
     k4_scale_min(loadli(blk + 4 * LANES), loadli(blk + 8 * LANES), loadli(blk + 12 * LANES), j, &sc, &mn);
     b_lanes(_mm512_mul_ps(d, (__m512)sc), dh[0]);
     b_lanes(_mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), (__m512)mn)), mh[0]);
-    for (int c = 0; c < 8; c++) {
-        const li v = loadli(blk + (values + 4 * (8 * (j / 2) + c)) * LANES);
-        li q = (j % 2 ? v >> 4 : v) & 0x0F0F0F0F;
-        if (five)
-            q |= ((loadli(blk + (16 + 4 * c) * LANES) >> j) & 0x01010101) << 4;
-        b_rows((__m512i)q, 0, idx, dh[0], mh[0], bt + 64 * c);
-    }
+    for (int c = 0; c < 8; c++)
+        b_rows((__m512i)k_column(type, blk, j, c), 0, idx, dh[0], mh[0], bt + 64 * c);
 }
 
 /* The B tiles a pair of groups (w: its packed blocks, the second group's `group` bytes after the first's; a packed
