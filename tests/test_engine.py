@@ -138,22 +138,26 @@ def vm_flags_at(address: int) -> list[str] | None:
     return None
 
 
-def test_packed_weights_are_carved_from_huge_page_memory():
+def test_packed_weights_are_advised_for_huge_pages_once_written(llm):
     from lanner.engine.memory import WeightMemory
-    from lanner.quant.ggml import GGMLLinear, GGMLTensor
+    from lanner.quant.ggml import GGMLLinear
     memory = WeightMemory()
     a, b = memory.take(100), memory.take(5000)
     assert a.data_ptr() % 64 == 0 and b.data_ptr() == a.data_ptr() + 128
     assert not a.any() and not b.any()
     big = memory.take(WeightMemory.CHUNK + 1)   # more than a chunk holds: a mapping of its own
     assert big.numel() == WeightMemory.CHUNK + 1 and big.data_ptr() % HUGE_PAGE == 0
-    lin = GGMLLinear(GGMLTensor.quantize(torch.randn(64, 128), "Q4_1"))
-    if lin.packed is None:
-        pytest.skip("no packed layout on this build")
-    flags = vm_flags_at(lin.packed.data_ptr())
+    flags = vm_flags_at(a.data_ptr())
     if flags is None:
         pytest.skip("the kernel does not report VmFlags")
-    assert "hg" in flags   # advised for transparent huge pages
+    assert "hg" not in flags and "hg" not in vm_flags_at(big.data_ptr())   # written first on 4 KiB pages
+    memory.advise_huge_pages()
+    assert "hg" in vm_flags_at(a.data_ptr()) and "hg" in vm_flags_at(big.data_ptr())
+    linears = [getattr(m, "quantized", None) for m in llm.engine.runner.model.modules()]
+    packed = [q.packed for q in linears if isinstance(q, GGMLLinear) and q.packed is not None]
+    if not packed:
+        pytest.skip("no packed layout on this build")
+    assert all("hg" in vm_flags_at(p.data_ptr()) for p in packed)   # the engine advised its own once loaded
 
 
 def page_faults_of(action) -> int:

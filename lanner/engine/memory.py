@@ -50,16 +50,25 @@ def anonymous_memory(nbytes: int, huge_pages: bool) -> torch.Tensor:
     """nbytes (uint8) on an anonymous private mapping, zero-filled by the OS and touched only when written,
     starting on a huge-page boundary; advised for transparent huge pages where asked (THP's madvise mode, the
     usual default, gives none otherwise)."""
-    if not hasattr(mmap, "MAP_PRIVATE"):   # not a POSIX system
-        return torch.zeros(nbytes, dtype=torch.uint8)
-    memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # shared maps get no THP
+    memory, tensor = _anonymous_mapping(nbytes)
     if huge_pages:
-        try:
-            memory.madvise(mmap.MADV_HUGEPAGE)
-        except (AttributeError, OSError):   # no such advice here, or a kernel without THP: 4 KiB pages then
-            pass
+        _advise_huge_pages(memory)
+    return tensor
+
+
+def _anonymous_mapping(nbytes: int) -> tuple[mmap.mmap | None, torch.Tensor]:
+    if not hasattr(mmap, "MAP_PRIVATE"):   # not a POSIX system
+        return None, torch.zeros(nbytes, dtype=torch.uint8)
+    memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # shared maps get no THP
     start = torch.frombuffer(memory, dtype=torch.uint8, count=1).data_ptr()
-    return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=-start % HUGE_PAGE)
+    return memory, torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=-start % HUGE_PAGE)
+
+
+def _advise_huge_pages(memory: mmap.mmap | None) -> None:
+    try:
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):   # no mapping or no such advice here, or a kernel without THP: 4 KiB pages
+        pass
 
 
 def zeroed_kv_memory(shape: tuple[int, ...], dtype: torch.dtype, prefault: bool = False) -> torch.Tensor:
@@ -74,24 +83,36 @@ def zeroed_kv_memory(shape: tuple[int, ...], dtype: torch.dtype, prefault: bool 
 
 class WeightMemory:
     """Memory for the weights a decode step streams (GGML linears' packed copies), carved from mappings of
-    CHUNK bytes or more advised for transparent huge pages. A step reads ~96 MB of them: on 4 KiB pages ~24k
-    TLB misses a step, each a walk of the host's page tables too on a VM; on 2 MiB pages ~50. 30 layers' Q4_1
-    GEMVs, caches flushed, 40 alternating sweeps: 1.02-1.06x at 1 row, 1.01-1.08x at 4 (whole decode steps
-    within this VM's noise). A chunk's untouched pages cost nothing."""
+    CHUNK bytes or more, advised for transparent huge pages once written (advise_huge_pages). A step reads ~96 MB
+    of them: on 4 KiB pages ~24k TLB misses a step, each a walk of the host's page tables too on a VM; on 2 MiB
+    pages ~50. 30 layers' Q4_1 GEMVs, caches flushed, 40 alternating sweeps: 1.02-1.06x at 1 row, 1.01-1.08x at 4
+    (whole decode steps within this VM's noise). Advised before the packing wrote them, each huge page's first
+    write waited for the kernel to compact memory for it (THP defrag=madvise): packing the default model took
+    0.27-0.40 s against 0.09-0.13 on 4 KiB pages (Zen 3, 4 alternating runs each), a sixth of `lanner generate`.
+    Advised after, khugepaged merges them in the background. A chunk's untouched pages cost nothing."""
     CHUNK = 64 << 20
     ALIGN = 64
 
     def __init__(self):
-        self.chunk, self.used, self.lock = None, 0, threading.Lock()
+        self.chunk, self.used, self.lock, self.mappings = None, 0, threading.Lock(), []
 
     def take(self, nbytes: int) -> torch.Tensor:
         """nbytes (uint8, zero-filled), ALIGN-aligned."""
         size = -(-nbytes // self.ALIGN) * self.ALIGN
         with self.lock:
             if self.chunk is None or self.used + size > self.chunk.numel():
-                self.chunk, self.used = anonymous_memory(max(self.CHUNK, size), huge_pages=True), 0
+                memory, self.chunk = _anonymous_mapping(max(self.CHUNK, size))
+                self.used = 0
+                self.mappings.append(memory)
             out, self.used = self.chunk[self.used:self.used + nbytes], self.used + size
         return out
+
+    def advise_huge_pages(self) -> None:
+        """The mappings taken so far, written by now, advised for huge pages (khugepaged merges them later)."""
+        with self.lock:
+            for memory in self.mappings:
+                _advise_huge_pages(memory)
+            self.mappings.clear()
 
 
 weight_memory = WeightMemory()

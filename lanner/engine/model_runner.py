@@ -5,7 +5,7 @@ import torch
 
 from lanner.attention import AttentionMetadata, get_backend
 from lanner.config import EngineConfig, ModelConfig
-from lanner.engine.memory import keep_freed_memory, zeroed_kv_memory
+from lanner.engine.memory import keep_freed_memory, weight_memory, zeroed_kv_memory
 from lanner.engine.sampler import rows_of
 from lanner.engine.sequence import Sequence
 from lanner.engine.state_cache import StateCache
@@ -64,6 +64,7 @@ class ModelRunner:
             rotary.cos_sin = rotary.cos_sin.float()   # tables stay fp32, rounded per lookup as HF
         self.quantization = resolve_quantization(cfg.quantization, self.model, cfg.device)
         self.model.pack_weights(self.quantization, cfg.dense_gemm_weights)
+        weight_memory.advise_huge_pages()
         self.states = self.make_state_cache() if model_cfg.ssm else None
         state_gib = self.states.nbytes / 2**30 if self.states is not None else 0.0
         self.num_blocks = cfg.num_kv_blocks or self.blocks_for_memory(max(cfg.kv_cache_memory - state_gib, 0.0))

@@ -2097,7 +2097,7 @@ int ggml_dequantize(int type, const uint8_t *w, int64_t row_bytes, int64_t K, co
 
 /* W [N, K] rows of GGML blocks into dst (N * row_bytes bytes) in the packed layout of qmatmul_group: the rows
  * per group, or 0 (nothing written) where this build or type has no packed path */
-int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, uint8_t *dst) {
+int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, uint8_t *dst, int threads) {
     int bytes;
     const int qk = block_shape(type, &bytes);
     if (!packable(type) || !qk || K % qk || N < PACK_ROWS
@@ -2107,6 +2107,8 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
     /* where a block's scale(s) and its columns start: Q6_K keeps d last, its 16 scales after its 192 value bytes */
     const int six = type == Q6_K, head_at = six ? 208 : 0, values_at = six ? 0 : head, scale_columns = six ? 4 : 0;
     int64_t groups = N / R;
+    /* threads: the pages both sides fault in at load (the file's and the fresh copy's) more than the copying */
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < groups; g++)
         for (int64_t b = 0; b < K / qk; b++) {
             uint8_t *out = dst + g * R * row_bytes + b * R * bytes;

@@ -77,7 +77,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.ggml_matmul.argtypes = [i, p, p, i64, i64, i64, p, i64, i64, p, i64, p, i, i]
     lib.ggml_dequantize.argtypes = [i, p, i64, i64, p, i64, p, i, i]
-    lib.ggml_pack.argtypes = [i, p, i64, i64, i64, p]
+    lib.ggml_pack.argtypes = [i, p, i64, i64, i64, p, i]
     lib.ggml_argmax.argtypes = [i, p, p, i64, i64, i64, p, i64, i64, i, p, i, p, i, p]
     lib.ggml_matmul.restype = lib.ggml_dequantize.restype = lib.ggml_pack.restype = ctypes.c_int
     lib.ggml_argmax.restype = ctypes.c_int
@@ -328,7 +328,8 @@ class GGMLLinear:
         or format has none."""
         w = self.weight
         packed = weight_memory.take(w.data.nbytes).view(w.data.dtype).view(w.data.shape)
-        return packed if self.lib.ggml_pack(w.type_id, w.data_ptr, w.row_bytes, *w.shape, packed.data_ptr()) else None
+        return packed if self.lib.ggml_pack(w.type_id, w.data_ptr, w.row_bytes, *w.shape, packed.data_ptr(),
+                                             torch.get_num_threads()) else None
 
     def packed_ptr(self):
         """What the kernel takes as `packed`: int8 and exact calls both read it."""
