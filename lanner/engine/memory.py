@@ -108,11 +108,31 @@ class WeightMemory:
         return out
 
     def advise_huge_pages(self) -> None:
-        """The mappings taken so far, written by now, advised for huge pages (khugepaged merges them later)."""
+        """The mappings taken so far, written by now, advised for huge pages and merged into them by a thread in the
+        background (MADV_COLLAPSE, Linux 6.1 on; else khugepaged merges them, within a minute or so)."""
         with self.lock:
-            for memory in self.mappings:
-                _advise_huge_pages(memory)
-            self.mappings.clear()
+            mappings, self.mappings = self.mappings, []
+        for memory in mappings:
+            _advise_huge_pages(memory)
+        threading.Thread(target=_collapse, args=(mappings,), daemon=True, name="lanner-huge-pages").start()
+
+
+MADV_COLLAPSE = 25
+
+
+def _collapse(mappings: list) -> None:
+    """Each mapping's pages merged into huge pages now: through libc (ctypes lets go of the GIL), so the engine's
+    thread runs on while the kernel compacts and copies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for memory in mappings:
+        if memory is not None:
+            start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+            madvise(start, len(memory), MADV_COLLAPSE)   # fails harmlessly on older kernels (EINVAL)
 
 
 weight_memory = WeightMemory()
