@@ -2,10 +2,10 @@
  * so a call costs what it costs inside fused.c's step, without the ~5 us of ctypes argument conversion that a
  * Python loop adds to each call.
  *
- *     attention_ab B CONTEXT LAYERS THREADS ROUNDS HEADS KV_HEADS HEAD_DIM
+ *     attention_ab B CONTEXT LAYERS THREADS ROUNDS HEADS KV_HEADS HEAD_DIM KV_TYPE
  *
- * B sequences of CONTEXT cached tokens decode one token each, through LAYERS layers' caches (fp32, blocks of 16
- * in a shuffled table, as after churn) in turn, 3 MB of "weights" read between calls (a step's linears evict the
+ * B sequences of CONTEXT cached tokens decode one token each, through LAYERS layers' caches (KV_TYPE: vec16.h's
+ * ELEM_*, 0 fp32, 1 bf16, 2 fp16; blocks of 16 in a shuffled table, as after churn) in turn, 3 MB of "weights" read between calls (a step's linears evict the
  * caches between layers). Prints the median and the minimum over ROUNDS of the mean microseconds a call, and a
  * checksum of the first layer's output (variants that should agree print the same one). */
 #include KERNEL
@@ -27,13 +27,25 @@ static int ascending(const void *a, const void *b) {
 }
 
 /* a layer's caches, query and block table, filled from state */
-typedef struct { float *k, *v, *q; int32_t *table; } Layer;
+typedef struct { void *k, *v; float *q; int32_t *table; } Layer;
 
-static Layer make_layer(int B, int blocks, int block_size, int H, int Hkv, int D, unsigned *state) {
-    const size_t n = (size_t)blocks * block_size * Hkv * D;
-    Layer l = {aligned_alloc(64, n * 4), aligned_alloc(64, n * 4), aligned_alloc(64, (size_t)B * H * D * 4),
+/* x into element i of a cache of element type kind (numbers, not ELEM_*: older kernels, fp32 only, lack them) */
+static void put(void *cache, size_t i, float x, int kind) {
+    if (kind == 2)
+        ((_Float16 *)cache)[i] = (_Float16)x;
+    else if (kind == 1) {
+        uint32_t u;
+        memcpy(&u, &x, 4);
+        ((uint16_t *)cache)[i] = (uint16_t)(u >> 16);
+    } else
+        ((float *)cache)[i] = x;
+}
+
+static Layer make_layer(int B, int blocks, int block_size, int H, int Hkv, int D, int kind, unsigned *state) {
+    const size_t n = (size_t)blocks * block_size * Hkv * D, bytes = n * (kind ? 2 : 4);
+    Layer l = {aligned_alloc(64, bytes), aligned_alloc(64, bytes), aligned_alloc(64, (size_t)B * H * D * 4),
                malloc(sizeof(int32_t) * blocks)};
-    for (size_t i = 0; i < n; i++) l.k[i] = uniform(state), l.v[i] = uniform(state);
+    for (size_t i = 0; i < n; i++) put(l.k, i, uniform(state), kind), put(l.v, i, uniform(state), kind);
     for (int i = 0; i < B * H * D; i++) l.q[i] = uniform(state);
     for (int i = 0; i < blocks; i++) l.table[i] = i;
     for (int i = blocks - 1; i > 0; i--) {
@@ -44,16 +56,17 @@ static Layer make_layer(int B, int blocks, int block_size, int H, int Hkv, int D
 }
 
 int main(int argc, char **argv) {
-    if (argc != 9) {
-        fprintf(stderr, "usage: %s B CONTEXT LAYERS THREADS ROUNDS HEADS KV_HEADS HEAD_DIM\n", argv[0]);
+    if (argc != 10) {
+        fprintf(stderr, "usage: %s B CONTEXT LAYERS THREADS ROUNDS HEADS KV_HEADS HEAD_DIM KV_TYPE\n", argv[0]);
         return 2;
     }
     const int B = atoi(argv[1]), ctx = atoi(argv[2]), L = atoi(argv[3]), threads = atoi(argv[4]);
     const int rounds = atoi(argv[5]), H = atoi(argv[6]), Hkv = atoi(argv[7]), D = atoi(argv[8]), block_size = 16;
+    const int kind = atoi(argv[9]);
     const int width = (ctx + block_size - 1) / block_size, blocks = B * width;
     unsigned state = 1;
     Layer *layers = malloc(sizeof(Layer) * L);
-    for (int l = 0; l < L; l++) layers[l] = make_layer(B, blocks, block_size, H, Hkv, D, &state);
+    for (int l = 0; l < L; l++) layers[l] = make_layer(B, blocks, block_size, H, Hkv, D, kind, &state);
     int32_t *seq_lens = malloc(4 * B), *cu = malloc(4 * (B + 1));
     int64_t *seqs = malloc(8 * B);
     for (int b = 0; b < B; b++) seq_lens[b] = ctx, cu[b] = b, seqs[b] = b;
@@ -70,7 +83,7 @@ int main(int argc, char **argv) {
             for (int i = 0; i < 3 << 18; i += 16) s += weights[i];
             sink = s;
             const double start = omp_get_wtime();
-            if (paged_attention(layers[l].q, NULL, layers[l].k, layers[l].v, 0, layers[l].table, width, seq_lens,
+            if (paged_attention(layers[l].q, NULL, layers[l].k, layers[l].v, kind, layers[l].table, width, seq_lens,
                                 cu, seqs, B, NULL, 0, H, Hkv, D, block_size, 1.0f / sqrtf((float)D), 0, 0.0f, 1 << 30,
                                 out, 0, NULL, threads)) {
                 fprintf(stderr, "paged_attention failed\n");

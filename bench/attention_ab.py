@@ -3,6 +3,7 @@ kernel against the same file at git revisions or other paths, built as lanner.na
 alternation so that a shared host's drift hits every variant alike. JSON lines, then a table.
 
     python bench/attention_ab.py [--against HEAD~1,/tmp/variant/paged_attention.c] [--cases 1x128,1x1024,64x200]
+                                 [--kv-cache-dtype float32|bfloat16|float16]
 
 A case BxC is B sequences with C cached tokens decoding one token each, through --layers layers' caches in turn with
 3 MB of other memory read between calls (as a step's linears do), so the KV comes from memory as in a real step.
@@ -26,6 +27,7 @@ import common  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL = os.path.join("lanner", "attention", "paged_attention.c")
 HEADERS = (os.path.join("lanner", "vec16.h"), os.path.join("lanner", "amx.h"))
+KV_TYPES = {"float32": 0, "bfloat16": 1, "float16": 2}   # vec16.h's ELEM_*
 
 
 def checkout(rev: str, into: str) -> str:
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--against", default="HEAD", help="git revisions or kernel paths, comma-separated")
     ap.add_argument("--cases", default="1x128,1x1024,64x200")
     ap.add_argument("--shape", default="9,3,64", help="query heads, KV heads, head size (default: the default model)")
+    ap.add_argument("--kv-cache-dtype", default="float32", choices=list(KV_TYPES))
     ap.add_argument("--layers", type=int, default=30, help="layers' caches a round goes through (default 30)")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--pairs", type=int, default=5)
@@ -77,13 +80,15 @@ def main() -> None:
             for _ in range(args.pairs):
                 for (name, _), binary in zip(variants, binaries):
                     out = subprocess.run([binary, str(batch), str(context), str(layers), str(threads),
-                                          str(args.rounds), str(heads), str(kv_heads), str(head_dim)],
+                                          str(args.rounds), str(heads), str(kv_heads), str(head_dim),
+                                          str(KV_TYPES[args.kv_cache_dtype])],
                                          check=True, capture_output=True, text=True).stdout.split()
                     times[name].append(float(out[0]))
                     sums[name] = float(out[2])
             first = statistics.median(times[variants[0][0]])
             for name, _ in variants:
-                record = {"case": case, "variant": name, "shape": args.shape, "threads": threads,
+                record = {"case": case, "variant": name, "shape": args.shape, "kv_cache_dtype": args.kv_cache_dtype,
+                          "threads": threads,
                           "us_per_call": round(statistics.median(times[name]), 2),
                           "us_all": [round(t, 2) for t in times[name]],
                           "ratio": round(first / statistics.median(times[name]), 3),

@@ -264,6 +264,8 @@ def common_args(parser) -> None:
     parser.add_argument("--quantization", default="auto",
                         help="an HF model's linears at load: auto|none|q8_0|q4_0|q4_1|q5_0|q5_1|bf16|nf4 (auto: the "
                              "engine's default, bf16 rows where they hold bf16 values)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="lanner's KV cache (auto: the model's dtype; float16 halves an fp32 model's KV bytes)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,

@@ -144,7 +144,7 @@ def main():
     path = common.model_path(args.model)
     systems, dtypes = args.systems.split(","), args.dtypes.split(",")
     options = {"attention_backend": args.attention_backend, "kv_cache_memory": args.kv_cache_memory,
-               "quantization": args.quantization}
+               "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype}
     records = []
 
     def out(rec):

@@ -70,6 +70,8 @@ def run_lanner(path, dtype, device, options: dict, work, subset_note, sampling: 
         config += ",prefault"
     if llm.engine.runner.quantization != "none":   # what auto resolved to
         config += f",{llm.engine.runner.quantization}"
+    if options["kv_cache_dtype"] != "auto":
+        config += f",kv={options['kv_cache_dtype']}"
     return record("lanner", dtype, config, work, seconds, requests=subset_note, options=options, sampling=sampling,
                   device=device, threads=common.num_threads(), **common.memory_fields(device))
 
@@ -187,7 +189,7 @@ def main():
     all_note = f"all {num_requests}"
     options = {"attention_backend": args.attention_backend, "max_num_seqs": args.max_num_seqs,
                "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_memory": args.kv_cache_memory,
-               "quantization": args.quantization}
+               "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype}
     print(f"workload: {num_requests} requests, prompts {prompt_range}, outputs {output_range}, seed {args.seed}; "
           f"{sum(n for _, n in work)} output tokens; model {path}", file=sys.stderr)
     records = []

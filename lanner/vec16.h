@@ -25,8 +25,14 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef _Float16 v8f16 __attribute__((vector_size(16)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* Element types of the arrays the loads below take (their `kind`; the stores take fp32 and bf16): activations are
+ * fp32 or bf16 (a flag that is 0 or 1 is a kind), a KV cache is also fp16 (kv_cache_dtype="float16"). fp16 widens in
+ * one instruction with F16C (every x86 kind this runs on has it), in library code without. */
+enum { ELEM_F32 = 0, ELEM_BF16 = 1, ELEM_F16 = 2 };
 
 /* Lanes of a where mask is set, else of b. */
 INLINE v16 select16(v16i mask, v16 a, v16 b) {
@@ -100,10 +106,19 @@ EXP_NONPOSITIVE(exp16_nonpositive, v16, v16i)
 EXP_NONPOSITIVE(exp8_nonpositive, v8, v8i)
 #endif
 
-/* Elements [at, at + 8) of a cache as fp32 (bf16 widens exactly: its bits are fp32's top half). */
-INLINE v8 load8(const void *cache, int64_t at, const int bf16) {
+/* Elements [at, at + 8) of a cache of element type `kind` as fp32 (bf16 and fp16 widen exactly; bf16's bits are
+ * fp32's top half). */
+INLINE v8 load8(const void *cache, int64_t at, const int kind) {
     v8 x;
-    if (bf16) {
+    if (kind == ELEM_F16) {
+#if defined(__F16C__)   /* one VCVTPH2PS: GCC 12 converts _Float16 vectors lane by lane */
+        x = (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + at)));
+#else
+        v8f16 half;
+        memcpy(&half, (const _Float16 *)cache + at, sizeof half);
+        x = __builtin_convertvector(half, v8);
+#endif
+    } else if (kind) {
         v8h half;
         memcpy(&half, (const uint16_t *)cache + at, sizeof half);
         x = (v8)(__builtin_convertvector(half, v8i) << 16);
@@ -123,8 +138,15 @@ INLINE v16 concat(v8 lo, v8 hi) {
 }
 
 /* The same for 16 elements. */
-INLINE v16 load16(const void *cache, int64_t at, const int bf16) {
-    if (!bf16) {
+INLINE v16 load16(const void *cache, int64_t at, const int kind) {
+    if (kind == ELEM_F16) {
+#if defined(__AVX512F__)
+        return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)cache + at)));
+#else
+        return CONCAT(load8(cache, at, ELEM_F16), load8(cache, at + 8, ELEM_F16));
+#endif
+    }
+    if (!kind) {
         v16 x;
         memcpy(&x, (const float *)cache + at, sizeof x);
         return x;
@@ -189,7 +211,7 @@ INLINE v8 max8v(v8 a, v8 b) {
 #define NATIVE_WIDTH(n)                                                                                         \
     typedef v##n vn;                                                                                            \
     typedef v##n##i vni;                                                                                        \
-    INLINE vn load_native(const void *src, int64_t at, const int bf16) { return load##n(src, at, bf16); }      \
+    INLINE vn load_native(const void *src, int64_t at, const int kind) { return load##n(src, at, kind); }      \
     INLINE void store_native(void *dst, int64_t at, vn x, const int bf16) { store##n(dst, at, x, bf16); }      \
     INLINE vn round_native(vn x, const int bf16) { return round##n(x, bf16); }                                  \
     INLINE vn exp_native(vn x) { return exp##n##_nonpositive(x); }                                              \

@@ -376,7 +376,7 @@ def isa(request):
         yield level
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_window_and_softcap_on_every_isa(isa, dtype):
     q_lens, seq_lens = [1, 1, 1, 5, 20, 3, 12], [1, 17, 130, 90, 76, 3, 40]
     for window in WINDOWS:

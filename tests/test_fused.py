@@ -78,7 +78,8 @@ def test_dense_twin_answers_like_the_blocks(dtype):
 
 
 @pytest.mark.parametrize("dtype, kv_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float16), (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("d", [64, 40])   # 40: 16 lanes at a time, then 4 one by one
 def test_rope_store_equals_rotary_then_store_kv_on_every_isa(isa, dtype, kv_dtype, d):
     """Also into a cache of another dtype (kv_cache_dtype): rounded as store_kv's .to() rounds."""
@@ -88,7 +89,10 @@ def test_rope_store_equals_rotary_then_store_kv_on_every_isa(isa, dtype, kv_dtyp
     rotary = RotaryEmbedding(d, 64, 100000.0, None)
     positions = torch.tensor([3, 9, 10, 40, 63])
     table = rotary.table(positions, dtype)
-    qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d)
+    # v values an fp16 cache holds as subnormals, rounds to zero or overflows to infinity
+    qkv[:, -hkv * d:] *= torch.tensor([1.0, 1e-5, 1e-8, 1e5, 1.0])[:, None]
+    qkv = qkv.to(dtype)
     slots = torch.tensor([7, -1, 0, 12, 3])
     caches = [torch.zeros(4, 4, hkv, d, dtype=kv_dtype) for _ in range(4)]
     # the PyTorch ops the fused call replaces

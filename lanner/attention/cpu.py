@@ -1,9 +1,9 @@
 """The fast CPU path, equal to reference.py within tolerance.
 
 Sequences with up to KERNEL_QUERY new tokens (decode, spec-verify, short prompt chunks) go to the
-compiled kernel of paged_attention.c (native.py builds it at first use), and so do those up to TURNED_QUERY
-where it scores them by turned keys (native.turns_keys: AVX-512). Where it cannot be built, or for
-fp16 caches, rows of sequences with few new tokens run in plain PyTorch, for all such sequences at once,
+compiled kernel of paged_attention.c (native.py builds it at first use; fp32, bf16 and fp16 caches), and so do
+those up to TURNED_QUERY where it scores them by turned keys (native.turns_keys: AVX-512). Where it cannot be
+built, rows of sequences with few new tokens run in plain PyTorch, for all such sequences at once,
 a segment of context at a time: one index_select gathers every sequence's blocks for the segment
 ([S, seg, Hkv, D], whole blocks, so the gather runs at memory bandwidth) into a buffer small enough to
 still be in cache when the matmuls read it; per KV head, K is then a strided [S, seg, D] view and
@@ -73,7 +73,7 @@ def _step_plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata, 
     worked out by the first layer of a step with this window and kept on its metadata for the others."""
     plan = meta.derived.get(("cpu", window))
     if plan is None:
-        native_ok = (q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16)
+        native_ok = (q.device.type == "cpu" and k_cache.dtype in native.CACHE_KINDS
                      and native.fits(q.shape[-1]) and native.paged_attention() is not None)   # a compiler built it
         q_lens = meta.query_lens
         if not native_ok:

@@ -15,6 +15,10 @@ MAX_HEAD_DIM = 256   # the kernel's per-row registers
 MAX_PIECE_KEYS = 1 << 30   # the kernel cuts work items by work per thread; this caps their keys (tests lower it)
 
 
+# the KV cache dtypes the C kernels take, as their element types (vec16.h's ELEM_*)
+CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def fits(head_dim: int) -> bool:
     """Whether the kernel takes this head size: it works in whole 16-lane vectors."""
     return head_dim <= MAX_HEAD_DIM and head_dim % 16 == 0
@@ -37,14 +41,14 @@ def paged_attention():
 def query_in_bf16(cache_dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the kernel scores a cache of this kind with the bf16 query alone (no fp32 copy of q needed)."""
     fn = paged_attention()
-    return fn is not None and bool(fn.lib.query_in_bf16(int(cache_dtype == torch.bfloat16), head_dim))
+    return fn is not None and bool(fn.lib.query_in_bf16(CACHE_KINDS[cache_dtype], head_dim))
 
 
 def turns_keys(cache_dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the kernel scores prompts on this cache by turned keys (a bf16 cache with AVX512-BF16, an fp32 one
     with AVX-512), where it beats torch's flash attention on prompts up to thousands of tokens (attention.cpu)."""
     lib = native.library(SOURCE)
-    return lib is not None and bool(lib.turns_keys(int(cache_dtype == torch.bfloat16), head_dim))
+    return lib is not None and bool(lib.turns_keys(CACHE_KINDS[cache_dtype], head_dim))
 
 
 class Launch:
@@ -64,7 +68,7 @@ class Launch:
     def __call__(self, q, k_cache, v_cache, scale: float, out: torch.Tensor, lse: torch.Tensor | None,
                  softcap: float | None = None) -> None:
         """Attention rows of the sequences into out [T, Hq, D] (fp32 or bf16) / lse [T, Hq] (fp32; None: not
-        asked), both contiguous."""
+        asked), both contiguous; the caches fp32, bf16 or fp16 (CACHE_KINDS)."""
         # with a bf16 cache q goes in bf16 too (an fp32 model's rounded, as with kv_cache_dtype=bfloat16): the
         # kernel takes its dot products in bf16, and where it takes them from q_bf16 alone no fp32 copy is made
         # (with the bf16 output, a 2,048-token prompt step's attention 1.6x its kernel before)
@@ -76,7 +80,7 @@ class Launch:
         tree = self.tree
         failed = paged_attention()(
             None if q is None else q.data_ptr(), None if q_bf16 is None else q_bf16.data_ptr(), k_cache.data_ptr(),
-            v_cache.data_ptr(), int(bf16_cache),
+            v_cache.data_ptr(), CACHE_KINDS[k_cache.dtype],
             self.tables.data_ptr(), self.tables.shape[1], self.seq_lens.data_ptr(), self.cu.data_ptr(),
             self.seqs.data_ptr(), self.seqs.numel(), None if tree is None else tree.data_ptr(),
             0 if tree is None else tree.shape[1], out.shape[1], k_cache.shape[2], out.shape[2], k_cache.shape[1], scale,

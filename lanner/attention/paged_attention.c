@@ -12,7 +12,8 @@
  * so one long sequence still keeps every core busy (Flash-Decoding).
  *
  * Layouts: q [T, Hq, D] fp32, or NULL where the scores take the bf16 query alone (query_in_bf16), and q_bf16 the
- * same in bf16 with a bf16 cache (else NULL); caches [num_blocks, block_size, Hkv, D] fp32 or bf16; out [T, Hq, D]
+ * same in bf16 with a bf16 cache (else NULL); caches [num_blocks, block_size, Hkv, D] of element type kv_type (fp32,
+ * bf16 or fp16: vec16.h's ELEM_*; the 2-byte ones widened to fp32 as they are read); out [T, Hq, D]
  * fp32 or bf16 (out_bf16); lse [T, Hq] fp32 or NULL; tree_mask, when given, [T, tree_width] bytes: draft row ->
  * visible draft rows.
  * Row r of a sequence is query token r / Hq, query head r % Hq; it reads KV head (r % Hq) / group.
@@ -46,7 +47,7 @@ typedef struct {
     const float *q;           /* fp32 q, or NULL where the scores take q_bf16 only (query_in_bf16) */
     const uint16_t *q_bf16;   /* q as bf16 (bf16 models), or NULL */
     const void *k_cache, *v_cache;
-    int kv_bf16;
+    int kv_type;
     const int32_t *block_tables, *seq_lens, *cu_seqlens_q;
     int table_width;
     const uint8_t *tree_mask;
@@ -119,8 +120,8 @@ INLINE void row_offsets(const Problem *p, const int32_t *table, int k0, int n, i
  * on full miss queues while nothing computes. The cursor walks the rows in address order, K and V. */
 typedef struct { const int64_t *offs; int keys, row_lines, key, line; } Ahead;
 
-INLINE void prefetch_some(const Problem *p, Ahead *a, int lines, const int bf16) {
-    const int elem = bf16 ? 2 : 4;
+INLINE void prefetch_some(const Problem *p, Ahead *a, int lines, const int kv) {
+    const int elem = kv ? 2 : 4;
     for (; lines > 0 && a->key < a->keys; lines--) {
         const int64_t at = a->offs[a->key] * elem + 64 * a->line;
         __builtin_prefetch((const char *)p->k_cache + at, 0, 1);
@@ -131,7 +132,8 @@ INLINE void prefetch_some(const Problem *p, Ahead *a, int lines, const int bf16)
 
 /* Loads the chunk's K and V rows (all heads) of an fp32 cache in address order. The per-head passes that
  * follow hop between lines of each row; measured, reading the rows through once first made an fp32 cache
- * ~15 % faster, where a bf16 cache (half the bytes: its chunk fits L1) came out 5-10 % slower. */
+ * ~15 % faster, where a bf16 cache (half the bytes: its chunk fits L1) came out 5-10 % slower; an fp16 one skips
+ * it too. */
 INLINE void touch_rows(const Problem *p, const int64_t *offs, int n) {
     const int floats = p->num_kv_heads * p->head_dim;   /* whole 64-byte vectors: head_dim % 16 == 0 */
     float any = 0;   /* one float of each 64-byte line brings the line in (a 16-lane sum spilled on AVX2) */
@@ -147,7 +149,7 @@ INLINE void touch_rows(const Problem *p, const int64_t *offs, int n) {
  * A bf16 model with a bf16 cache on a CPU with AVX512-BF16 multiplies the bf16 query (q_bf16) with the
  * cache's bf16 rows directly (VDPBF16PS: exact products, fp32 sums); otherwise the fp32 query q in fp32. */
 INLINE void chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf16, const int64_t *offs, int head,
-                         const int D, const int bf16, const int direct, vn *out) {
+                         const int D, const int kv, const int direct, vn *out) {
 #if NATIVE == 16
     /* 16-lane products (a bf16 query with a bf16 cache: 32 dims a VDPBF16PS), one tree for the 16 sums: 8-lane ones
      * folded by two 8-way trees took a fifth more time over a decode step's attention */
@@ -168,7 +170,7 @@ INLINE void chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf1
             for (int d = 0; d < D; d += 16) {
                 v16 qd;
                 memcpy(&qd, q + d, sizeof qd);
-                acc += qd * load_native(p->k_cache, offs[c] + head + d, bf16);
+                acc += qd * load_native(p->k_cache, offs[c] + head + d, kv);
             }
         dots[c] = (__m512)acc;
     }
@@ -181,7 +183,7 @@ INLINE void chunk_scores(const Problem *p, const float *q, const uint16_t *q_bf1
         for (int d = 0; d < D; d += 8) {
             v8 qd;
             memcpy(&qd, q + d, sizeof qd);
-            acc += qd * load8(p->k_cache, offs[c] + head + d, bf16);
+            acc += qd * load8(p->k_cache, offs[c] + head + d, kv);
         }
         dots[c] = acc;
     }
@@ -343,7 +345,7 @@ INLINE float row_step(const Problem *p, vn *s, int t, int q0, int ctx_len, int c
 #define SLICES (NATIVE == 16 ? 4 : 2)
 INLINE void accumulate_slices(const Problem *p, const int64_t *offs, int head, int j, float *const *acc,
                               const float *alpha, float (*w)[WIDE_CHUNK], const int rows, const int slices,
-                              const int bf16, const int chunk) {
+                              const int kv, const int chunk) {
     vn a[ROWS][SLICES];
     for (int i = 0; i < rows; i++)
         for (int s = 0; s < slices; s++) {
@@ -354,7 +356,7 @@ INLINE void accumulate_slices(const Problem *p, const int64_t *offs, int head, i
     for (int c = 0; c < chunk; c++) {
         vn v[SLICES];
         for (int s = 0; s < slices; s++)
-            v[s] = load_native(p->v_cache, offs[c] + head + j + s * NATIVE, bf16);
+            v[s] = load_native(p->v_cache, offs[c] + head + j + s * NATIVE, kv);
         for (int i = 0; i < rows; i++) {
             const float weight = w[i][c];
             for (int s = 0; s < slices; s++)
@@ -368,12 +370,12 @@ INLINE void accumulate_slices(const Problem *p, const int64_t *offs, int head, i
 
 /* acc[i] = alpha[i] * acc[i] + sum over the chunk's keys c of w[i][c] * V[c] (the head's dims at `head`) */
 INLINE void accumulate(const Problem *p, const int64_t *offs, int head, float *const *acc, const float *alpha,
-                       float (*w)[WIDE_CHUNK], const int rows, const int D, const int bf16, const int chunk) {
+                       float (*w)[WIDE_CHUNK], const int rows, const int D, const int kv, const int chunk) {
     int j = 0;
     for (; j + SLICES * NATIVE <= D; j += SLICES * NATIVE)
-        accumulate_slices(p, offs, head, j, acc, alpha, w, rows, SLICES, bf16, chunk);
+        accumulate_slices(p, offs, head, j, acc, alpha, w, rows, SLICES, kv, chunk);
     for (; j < D; j += NATIVE)   /* head sizes that are not a whole number of passes */
-        accumulate_slices(p, offs, head, j, acc, alpha, w, rows, 1, bf16, chunk);
+        accumulate_slices(p, offs, head, j, acc, alpha, w, rows, 1, kv, chunk);
 }
 
 #if HAVE_DPBF16
@@ -420,7 +422,7 @@ INLINE void pair_order_to_dims(float *row, const int D) {
 
 /* The accumulate of the variant: rows a constant, so the accumulators get registers. */
 INLINE void accumulate_rows(const Problem *p, const int64_t *offs, int head, float *const *acc, const float *alpha,
-                            float (*w)[WIDE_CHUNK], const int rows, const int D, const int bf16, const int direct,
+                            float (*w)[WIDE_CHUNK], const int rows, const int D, const int kv, const int direct,
                             const int chunk) {
 #if HAVE_DPBF16
     if (direct) {
@@ -428,7 +430,7 @@ INLINE void accumulate_rows(const Problem *p, const int64_t *offs, int head, flo
         return;
     }
 #endif
-    accumulate(p, offs, head, acc, alpha, w, rows, D, bf16, chunk);
+    accumulate(p, offs, head, acc, alpha, w, rows, D, kv, chunk);
 }
 
 /* A run's next work item: keys [k0, k1) of sequence seq (seq < 0: none) */
@@ -461,9 +463,9 @@ INLINE void turned_scores(const Problem *p, const float *kt, const int64_t *q_ro
 
 /* Whether a wide chunk's scores come from turned keys: bf16 scoring with AVX512-BF16 (direct), fp32 on AVX-512.
  * Not on AVX2, where turning keys one value at a time and 8-lane tiles came out at 0.96-1.08x on prompts, nor for
- * a bf16 cache widened to fp32. */
-INLINE int turns(const int bf16, const int direct) {
-    return direct ? HAVE_DPBF16 : !bf16 && NATIVE == 16;
+ * a bf16 or fp16 cache widened to fp32. */
+INLINE int turns(const int kv, const int direct) {
+    return direct ? HAVE_DPBF16 : !kv && NATIVE == 16;
 }
 
 /* Row of a sequence's partial results for the i-th row reading a KV head (token i / group, that head's i % group-th
@@ -665,7 +667,7 @@ static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, f
  * is read, the first of the run's next item (after) is prefetched: a batch's decode sequences are a few chunks each,
  * and with no prefetch across them every sequence's first chunk came from memory cold. */
 INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after, float *acc, float *m, float *l,
-                           float *kt, const int D, const int bf16, const int direct, const int chunk) {
+                           float *kt, const int D, const int kv, const int direct, const int chunk) {
     const int Hq = p->num_heads, group = Hq / p->num_kv_heads;
     const int q0 = p->cu_seqlens_q[seq], q_len = p->cu_seqlens_q[seq + 1] - q0;
     const int ctx_len = p->seq_lens[seq] - q_len, R = q_len * Hq, per_head = q_len * group;
@@ -673,7 +675,7 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     int64_t offs[WIDE_CHUNK], next[WIDE_CHUNK];
     float w[ROWS][WIDE_CHUNK], alpha[ROWS];
     /* a prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows */
-    const int turned = chunk == WIDE_CHUNK && turns(bf16, direct);
+    const int turned = chunk == WIDE_CHUNK && turns(kv, direct);
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
@@ -692,10 +694,10 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
         for (int c = n; c < chunk; c++) offs[c] = offs[0];   /* past the split: real rows, weight 0 */
         const int n_ahead = ahead < k1 ? chunk_offsets(p, here, ahead, next, chunk)
                                        : chunk_offsets(p, after, after.k0, next, chunk);
-        if (!bf16) touch_rows(p, offs, n);
+        if (!kv) touch_rows(p, offs, n);
         /* rows are token-major: those of tokens before c0 - ctx_len cannot see this chunk (prompts) */
         const int first_row = c0 - ctx_len > 0 ? (c0 - ctx_len) * group : 0;
-        Ahead ahead_rows = {next, n_ahead, (p->num_kv_heads * D * (bf16 ? 2 : 4) + 63) / 64, 0, 0};
+        Ahead ahead_rows = {next, n_ahead, (p->num_kv_heads * D * (kv ? 2 : 4) + 63) / 64, 0, 0};
         const int slots = p->num_kv_heads * (per_head - first_row);   /* rows of this chunk: one call each */
         const int quota = (n_ahead * ahead_rows.row_lines + slots - 1) / slots;
         for (int head = 0; head < p->num_kv_heads; head++) {
@@ -727,17 +729,17 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
                         else
 #endif
                             chunk_scores(p, direct ? NULL : p->q + row * D, p->q_bf16 + row * D, offs + 16 * v,
-                                         head * D, D, bf16, direct, s + v * (16 / NATIVE));
+                                         head * D, D, kv, direct, s + v * (16 / NATIVE));
                     }
-                    prefetch_some(p, &ahead_rows, quota, bf16);
+                    prefetch_some(p, &ahead_rows, quota, kv);
                     alpha[i] = row_step(p, s, t, q0, ctx_len, c0, k1, m + r, l + r, w[i], chunk);
                     acc_rows[i] = acc + (int64_t)r * D;
                 }
                 switch (rows) {
-                    case 4: accumulate_rows(p, offs, head * D, acc_rows, alpha, w, 4, D, bf16, direct, chunk); break;
-                    case 3: accumulate_rows(p, offs, head * D, acc_rows, alpha, w, 3, D, bf16, direct, chunk); break;
-                    case 2: accumulate_rows(p, offs, head * D, acc_rows, alpha, w, 2, D, bf16, direct, chunk); break;
-                    default: accumulate_rows(p, offs, head * D, acc_rows, alpha, w, 1, D, bf16, direct, chunk); break;
+                    case 4: accumulate_rows(p, offs, head * D, acc_rows, alpha, w, 4, D, kv, direct, chunk); break;
+                    case 3: accumulate_rows(p, offs, head * D, acc_rows, alpha, w, 3, D, kv, direct, chunk); break;
+                    case 2: accumulate_rows(p, offs, head * D, acc_rows, alpha, w, 2, D, kv, direct, chunk); break;
+                    default: accumulate_rows(p, offs, head * D, acc_rows, alpha, w, 1, D, kv, direct, chunk); break;
                 }
             }
         }
@@ -751,28 +753,29 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
 /* Copies specialized by cache dtype, bf16 scoring, the common head sizes and the chunk: constants let the
  * loops unroll. A bf16 cache with a bf16 query (an fp32 model's rounded) on a CPU with AVX512-BF16 scores in
  * bf16 (see chunk_scores). */
-#define CHUNKS(D, bf16, direct) \
+#define CHUNKS(D, kv, direct) \
     if (wide) { \
         float kt[(D) * WIDE_CHUNK] __attribute__((aligned(64)));   /* a chunk's turned keys */ \
-        attend_split_d(p, seq, k0, k1, after, acc, m, l, kt, D, bf16, direct, WIDE_CHUNK); \
-    } else attend_split_d(p, seq, k0, k1, after, acc, m, l, NULL, D, bf16, direct, CHUNK);
-#define HEAD_SIZES(bf16, direct) \
-    if (D == 64) { CHUNKS(64, bf16, direct) } \
-    else if (D == 128) { CHUNKS(128, bf16, direct) } \
-    else { CHUNKS(D, bf16, direct) }
+        attend_split_d(p, seq, k0, k1, after, acc, m, l, kt, D, kv, direct, WIDE_CHUNK); \
+    } else attend_split_d(p, seq, k0, k1, after, acc, m, l, NULL, D, kv, direct, CHUNK);
+#define HEAD_SIZES(kv, direct) \
+    if (D == 64) { CHUNKS(64, kv, direct) } \
+    else if (D == 128) { CHUNKS(128, kv, direct) } \
+    else { CHUNKS(D, kv, direct) }
 
 /* Whether scores multiply a bf16 query with a bf16 cache's rows directly (VDPBF16PS; a query in bf16 given) */
-INLINE int bf16_scores(int kv_bf16, int head_dim) {
-    return HAVE_DPBF16 && kv_bf16 && head_dim % 32 == 0;
+INLINE int bf16_scores(int kv_type, int head_dim) {
+    return HAVE_DPBF16 && kv_type == ELEM_BF16 && head_dim % 32 == 0;
 }
 
 static void attend_split(const Problem *p, int seq, int k0, int k1, Span after, float *acc, float *m, float *l) {
     const int D = p->head_dim;
     const int rows_a_head = (p->cu_seqlens_q[seq + 1] - p->cu_seqlens_q[seq]) * (p->num_heads / p->num_kv_heads);
     const int wide = rows_a_head >= WIDE_ROWS;
-    if (bf16_scores(p->kv_bf16, D) && p->q_bf16 != NULL) { HEAD_SIZES(1, 1) }
-    else if (p->kv_bf16) { HEAD_SIZES(1, 0) }
-    else { HEAD_SIZES(0, 0) }
+    if (bf16_scores(p->kv_type, D) && p->q_bf16 != NULL) { HEAD_SIZES(ELEM_BF16, 1) }
+    else if (p->kv_type == ELEM_BF16) { HEAD_SIZES(ELEM_BF16, 0) }
+    else if (p->kv_type == ELEM_F16) { HEAD_SIZES(ELEM_F16, 0) }
+    else { HEAD_SIZES(ELEM_F32, 0) }
 }
 
 /* Combine the splits' partial results of row r (S splits, `row_stride` rows apart) into out (bf16, rounded to nearest
@@ -881,28 +884,28 @@ int attention_tiles(void) {
 
 /* Whether prompts on a cache of this kind are scored by turned keys (a bf16 cache with AVX512-BF16, an fp32 one
  * with AVX-512): then the kernel beats torch's flash attention on prompts of any length (attention.cpu). */
-int turns_keys(int kv_bf16, int head_dim) {
-    return turns(kv_bf16, bf16_scores(kv_bf16, head_dim));
+int turns_keys(int kv_type, int head_dim) {
+    return turns(kv_type, bf16_scores(kv_type, head_dim));
 }
 
 /* Whether the scores multiply q_bf16 alone on a cache of this kind (the fp32 q may then be NULL). */
-int query_in_bf16(int kv_bf16, int head_dim) {
-    return bf16_scores(kv_bf16, head_dim);
+int query_in_bf16(int kv_type, int head_dim) {
+    return bf16_scores(kv_type, head_dim);
 }
 
 /* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts: out [T, Hq, D] in bf16 where
  * out_bf16, else fp32; lse [T, Hq] fp32, or NULL where not asked.
  * Returns 0, 1 when the pieces' partial results could not be allocated, 2 when q is NULL and this build scores in
  * fp32 (nothing written then). */
-int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_bf16,
+int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_type,
                     const int32_t *block_tables, int table_width, const int32_t *seq_lens,
                     const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
                     const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
                     int block_size, float scale, int window, float softcap, int split_keys, void *out, int out_bf16,
                     float *lse, int num_threads) {
-    if (q == NULL && !(q_bf16 != NULL && bf16_scores(kv_bf16, head_dim)))
+    if (q == NULL && !(q_bf16 != NULL && bf16_scores(kv_type, head_dim)))
         return 2;   /* this build scores in fp32 and has no fp32 query */
-    Problem p = {q, q_bf16, k_cache, v_cache, kv_bf16, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
+    Problem p = {q, q_bf16, k_cache, v_cache, kv_type, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
                  tree_width, num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap};
     const int D = head_dim;
     const int n = attention_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, window, split_keys, num_threads, NULL, 0);

@@ -18,6 +18,7 @@ import torch
 
 from lanner.attention import native as attention_native
 from lanner.attention.cpu import KERNEL_QUERY
+from lanner.attention.native import CACHE_KINDS
 from lanner.lora.adapter import FUSED, output_slices
 from lanner.model import fused
 from lanner.quant import ggml
@@ -26,7 +27,7 @@ c_int, c_int64, c_float, c_void_p = ctypes.c_int, ctypes.c_int64, ctypes.c_float
 # the most rows a step runs here: each of its sequences then fits the compiled attention kernel. A batch's 64-row
 # decode step took 48 ms on the PyTorch path, most of it ~900 small ops run one after another.
 MAX_ROWS = KERNEL_QUERY
-PLAIN_DTYPES = (torch.float32, torch.bfloat16)   # activations and caches the C kernels take
+PLAIN_DTYPES = (torch.float32, torch.bfloat16)   # activations the C kernels take (caches: CACHE_KINDS)
 # the most rows of a step with adapter rows: the deltas' per-row dot products here lose to the PyTorch path's GEMMs
 # past it (a 250-row LoRA prompt chunk 1.1x slower; 8-row decode steps 4x faster here)
 ADAPTER_ROWS = 128
@@ -53,7 +54,7 @@ class LayerArgs(ctypes.Structure):
 
 class StepArgs(ctypes.Structure):
     _fields_ = [("matmul", c_void_p), ("attention", c_void_p), ("threads", c_int), ("bf16", c_int),
-                ("kv_bf16", c_int), ("hq", c_int), ("hkv", c_int), ("D", c_int), ("H", c_int), ("I", c_int),
+                ("kv_type", c_int), ("hq", c_int), ("hkv", c_int), ("D", c_int), ("H", c_int), ("I", c_int),
                 ("block_size", c_int), ("eps", c_float), ("scale", c_float), ("softcap", c_float), ("T", c_int64),
                 ("slots", c_void_p), ("cos_sin", c_void_p), ("tables", c_void_p), ("seq_lens", c_void_p),
                 ("cu", c_void_p), ("table_width", c_int), ("num_seqs", c_int), ("tree_width", c_int),
@@ -132,7 +133,7 @@ class DecodeStep:
         lora = attn.qkv_proj.lora   # set by the LoRA manager, which is built after the weights are packed
         adapted = lora is not None and lora.manager.batch
         return (1 <= rows <= (min(self.max_rows, ADAPTER_ROWS) if adapted else self.max_rows)
-                and dtype in PLAIN_DTYPES and attn.k_cache.dtype in PLAIN_DTYPES
+                and dtype in PLAIN_DTYPES and attn.k_cache.dtype in CACHE_KINDS
                 and self.model.norm.weight.dtype == dtype and (not adapted or lora.manager.only_linear_adapters()))
 
     def bursts(self, rows: int) -> bool:
@@ -223,7 +224,7 @@ class DecodeStep:
         lora = attn.qkv_proj.lora
         row_slots = None if lora is None or not lora.manager.batch else self.row_slots(lora.manager.batch, x.shape[0])
         step = StepArgs(self.matmul, self.attention, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
-                        int(attn.k_cache.dtype == torch.bfloat16), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        CACHE_KINDS[attn.k_cache.dtype], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                         cfg.hidden_size, cfg.intermediate_size, attn.k_cache.shape[1], cfg.rms_norm_eps, self.scale,
                         cfg.attn_softcap or 0.0, x.shape[0], slots.data_ptr(), cos_sin.data_ptr(),
                         launch.tables.data_ptr(), launch.seq_lens.data_ptr(), launch.cu.data_ptr(),

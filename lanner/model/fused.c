@@ -13,8 +13,11 @@
 #include "../quant/matmul.h"
 #include "../vec16.h"
 
-static inline float load(const void *p, int64_t i, int bf16) {
-    if (!bf16)
+/* element i of an array of element type `kind` (vec16.h's ELEM_*), as fp32 */
+static inline float load(const void *p, int64_t i, int kind) {
+    if (kind == ELEM_F16)
+        return (float)((const _Float16 *)p)[i];
+    if (!kind)
         return ((const float *)p)[i];
     uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
     float f;
@@ -22,8 +25,13 @@ static inline float load(const void *p, int64_t i, int bf16) {
     return f;
 }
 
-static inline void store(void *p, int64_t i, float f, int bf16) {
-    if (!bf16) {
+/* f into element i of such an array, rounded to nearest even where it holds 2-byte values (as torch's .to()) */
+static inline void store(void *p, int64_t i, float f, int kind) {
+    if (kind == ELEM_F16) {
+        ((_Float16 *)p)[i] = (_Float16)f;
+        return;
+    }
+    if (!kind) {
         ((float *)p)[i] = f;
         return;
     }
@@ -69,22 +77,22 @@ static inline float round_to(float f, int bf16) {   /* f as the activations' dty
     return load(&h, 0, 1);
 }
 
-/* n values from src to dst in dst's dtype (bf16 rounded to nearest even, as torch's .to() rounds) */
-static void convert(const void *src, void *dst, int64_t n, int from_bf16, int to_bf16) {
-    if (from_bf16 == to_bf16) {
-        memcpy(dst, src, n * (from_bf16 ? 2 : 4));
+/* n values from src to dst in dst's element type (2-byte ones rounded to nearest even, as torch's .to() rounds) */
+static void convert(const void *src, void *dst, int64_t n, int from, int to) {
+    if (from == to) {
+        memcpy(dst, src, n * (from ? 2 : 4));
         return;
     }
     for (int64_t i = 0; i < n; i++)
-        store(dst, i, load(src, i, from_bf16), to_bf16);
+        store(dst, i, load(src, i, from), to);
 }
 
 /* Rotary on the q and k heads of qkv [T, (hq + 2 hkv) * D] in place (HF's half-split layout; cos_sin
  * [T, D] = cos | sin in the activations' dtype; every product and sum rounded as HF's bf16 ops round),
  * then k and v of token t written to row slots[t] of the caches [slots, hkv, D] (slot < 0: skipped), in
- * the caches' dtype (kv_bf16: bf16, else fp32). */
+ * the caches' element type (kv_type: vec16.h's ELEM_F32, ELEM_BF16 or ELEM_F16). */
 void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int D, const int64_t *slots,
-                void *k_cache, void *v_cache, int bf16, int kv_bf16) {
+                void *k_cache, void *v_cache, int bf16, int kv_type) {
     const int half = D / 2, width = (hq + 2 * hkv) * D, es = bf16 ? 2 : 4;
     FOR_ROWS(T, omp_get_max_threads(), {
         const int64_t row = t * width;
@@ -109,10 +117,10 @@ void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int 
         }
         if (slots[t] < 0)
             continue;
-        const int64_t kv = (int64_t)hkv * D, kv_es = kv_bf16 ? 2 : 4;
+        const int64_t kv = (int64_t)hkv * D, kv_es = kv_type ? 2 : 4;
         const char *k = (char *)qkv + (row + (int64_t)hq * D) * es, *v = k + kv * es;
-        convert(k, (char *)k_cache + slots[t] * kv * kv_es, kv, bf16, kv_bf16);
-        convert(v, (char *)v_cache + slots[t] * kv * kv_es, kv, bf16, kv_bf16);
+        convert(k, (char *)k_cache + slots[t] * kv * kv_es, kv, bf16, kv_type);
+        convert(v, (char *)v_cache + slots[t] * kv * kv_es, kv, bf16, kv_type);
     });
 }
 
@@ -196,7 +204,7 @@ typedef struct {
 typedef struct {
     matmul_fn matmul;
     attention_fn attention;
-    int threads, bf16, kv_bf16, hq, hkv, D, H, I, block_size;   /* kv_bf16: the caches' dtype */
+    int threads, bf16, kv_type, hq, hkv, D, H, I, block_size;   /* kv_type: the caches' ELEM_* */
     float eps, scale, softcap;
     int64_t T;
     const int64_t *slots;
@@ -423,11 +431,11 @@ static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, v
     const int64_t width = (int64_t)(s->hq + 2 * s->hkv) * s->D, qn = (int64_t)s->hq * s->D;
     EACH_ROW({
         convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qf + t * qn, qn, s->bf16, 0);
-        if (s->kv_bf16)
+        if (s->kv_type == ELEM_BF16)
             convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qb + t * qn, qn, s->bf16, 1);
     });
     /* with a bf16 cache the query scores in bf16 (rounded where it is fp32), as attention.native passes it */
-    int failed = s->attention(qf, s->kv_bf16 ? qb : NULL, l->k_cache, l->v_cache, s->kv_bf16, s->tables,
+    int failed = s->attention(qf, s->kv_type == ELEM_BF16 ? qb : NULL, l->k_cache, l->v_cache, s->kv_type, s->tables,
                               s->table_width, s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq,
                               s->hkv, s->D, s->block_size, s->scale, l->window, s->softcap, l->split, out, s->bf16,
                               NULL, s->threads);
@@ -462,7 +470,7 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
         if (l->q_norm)
             TIMED(PART_NORMS, norm_heads(s, l, qkv));
         TIMED(PART_ROTARY, rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache,
-                                      s->bf16, s->kv_bf16));
+                                      s->bf16, s->kv_type));
         TIMED(PART_ATTENTION, failed |= attend(s, l, qkv, attn, qf, qb));
         TIMED(PART_O, failed |= linear(s, &l->o, attn, x, 0));
         TIMED(PART_NORMS, rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16));

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from lanner import native
+from lanner.attention.native import CACHE_KINDS
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused.c")
 
@@ -44,12 +45,12 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     return out
 
 
-def _fits(*tensors: torch.Tensor) -> bool:
-    """Inference, fp32/bf16 throughout, contiguous on the CPU: any number of rows. From 8 rows the kernels split
+def _fits(*tensors: torch.Tensor, dtypes=(torch.float32, torch.bfloat16)) -> bool:
+    """Inference, one of dtypes throughout, contiguous on the CPU: any number of rows. From 8 rows the kernels split
     them over the threads; at prefill sizes that was 13-17 % faster per 2,048-token step than PyTorch's several
     ops for each (one pass, and the KV cache's first-touch page faults taken on both cores)."""
     dtype = tensors[0].dtype
-    return not torch.is_grad_enabled() and dtype in (torch.float32, torch.bfloat16) \
+    return not torch.is_grad_enabled() and dtype in dtypes \
         and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
 
 
@@ -58,12 +59,12 @@ def rope_store(qkv: torch.Tensor, cos_sin: torch.Tensor, k_cache: torch.Tensor, 
     """Rotary on qkv's q and k heads in place, k and v stored at their slots; False where it does not
     apply (the caller then runs the PyTorch ops)."""
     lib = library()
-    caches_fit = k_cache.dtype == v_cache.dtype and _fits(k_cache, v_cache)   # fp32 or bf16, whatever qkv's
+    caches_fit = _fits(k_cache, v_cache, dtypes=CACHE_KINDS)   # whatever qkv's
     if lib is None or not _fits(qkv, cos_sin) or not caches_fit or slots.dtype != torch.int64:
         return False
     lib.rope_store(qkv.data_ptr(), cos_sin.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, k_cache.shape[-1],
                    slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(qkv.dtype == torch.bfloat16),
-                   int(k_cache.dtype == torch.bfloat16))
+                   CACHE_KINDS[k_cache.dtype])
     return True
 
 
