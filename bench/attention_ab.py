@@ -15,7 +15,6 @@ inside fused.c's decode step.
 """
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,9 +41,8 @@ def checkout(rev: str, into: str) -> str:
 
 def build(kernel: str, binary: str) -> None:
     from lanner import native
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     flags = [f for f in native.COMMON_FLAGS if f not in ("-shared", "-fPIC")] + native.isa_flags()
-    subprocess.run([compiler, *flags, f'-DKERNEL="{os.path.abspath(kernel)}"',
+    subprocess.run([native.compiler(), *flags, f'-DKERNEL="{os.path.abspath(kernel)}"',
                     os.path.join(REPO, "bench", "attention_ab.c"), "-o", binary, "-lm"], check=True)
 
 

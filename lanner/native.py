@@ -97,15 +97,21 @@ def _flags(forced: str | None) -> tuple:
     return tuple(isa_flags())
 
 
-def _build(source: str, isa_flags: list[str]) -> str:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+def compiler() -> str:
+    """The C compiler the kernels are built with: $CC, else cc or gcc."""
+    found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if found is None:
         raise OSError("no C compiler found (install gcc)")
+    return found
+
+
+def _build(source: str, isa_flags: list[str]) -> str:
+    cc = compiler()
     flags = COMMON_FLAGS + isa_flags
     text = open(source, "rb").read()
     for header in re.findall(rb'^#include "([^"]+)"', text, re.M):   # our own headers change the build too
         text += open(os.path.join(os.path.dirname(source), header.decode()), "rb").read()
-    key = hashlib.sha256(text + " ".join([compiler] + flags).encode() + " ".join(sorted(cpu_flags())).encode())
+    key = hashlib.sha256(text + " ".join([cc] + flags).encode() + " ".join(sorted(cpu_flags())).encode())
     name = os.path.splitext(os.path.basename(source))[0]
     target = os.path.join(cache_dir(), "kernels", f"{name}-{key.hexdigest()[:16]}.so")
     if not os.path.exists(target):
@@ -113,7 +119,7 @@ def _build(source: str, isa_flags: list[str]) -> str:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
         os.close(fd)
         try:
-            subprocess.run([compiler, *flags, source, "-o", tmp, "-lm"], check=True, capture_output=True)
+            subprocess.run([cc, *flags, source, "-o", tmp, "-lm"], check=True, capture_output=True)
             os.replace(tmp, target)   # atomic: concurrent builders never load a half-written file
         finally:
             if os.path.exists(tmp):
