@@ -354,38 +354,80 @@ def add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, type_name: str) 
 
 
 def quantized(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """data [rows, cols] in qtype's blocks: the gguf package's quantizer, and ours for Q4_K and Q6_K (which it
+    """data [rows, cols] in qtype's blocks: the gguf package's quantizer, and ours for the K-quants (which it
     lacks; plain absmax scales, not llama.cpp's search, but blocks its dequantizer reads as llama.cpp's)."""
-    if qtype not in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K):
+    ours = {GGMLQuantizationType.Q2_K: quantize_q2_k, GGMLQuantizationType.Q3_K: quantize_q3_k,
+            GGMLQuantizationType.Q4_K: quantize_q4_k, GGMLQuantizationType.Q6_K: quantize_q6_k}
+    if qtype not in ours:
         return quantize(data, qtype)
     if data.shape[-1] % 256:
         raise QuantError(f"rows of {data.shape[-1]} values are not whole super-blocks")
-    x = data.reshape(-1, 256).astype(np.float32)
-    blocks = quantize_q4_k(x) if qtype == GGMLQuantizationType.Q4_K else quantize_q6_k(x)
-    return blocks.reshape(*data.shape[:-1], -1)
+    return ours[qtype](data.reshape(-1, 256).astype(np.float32)).reshape(*data.shape[:-1], -1)
 
 
 def f16(v: np.ndarray) -> np.ndarray:
     return v.astype(np.float16).astype(np.float32)
 
 
+def with_mins(sub: np.ndarray, levels: int, scale_levels: int):
+    """Sub-blocks sub [n, subs, values] as w = d sc q - dmin m (absmax): d, dmin (f16 values) [n], sc, m [n, subs] in
+    0..scale_levels, q in 0..levels."""
+    mins = np.maximum(-sub.min(axis=2), 0)
+    scales = (sub.max(axis=2) + mins) / levels
+    d, dmin = f16(scales.max(axis=1) / scale_levels), f16(mins.max(axis=1) / scale_levels)
+    sc = np.clip(np.round(scales / np.where(d > 0, d, 1)[:, None]), 0, scale_levels).astype(np.uint8)
+    m = np.clip(np.round(mins / np.where(dmin > 0, dmin, 1)[:, None]), 0, scale_levels).astype(np.uint8)
+    step = (d[:, None] * sc)[:, :, None]
+    q = np.clip(np.round((sub + (dmin[:, None] * m)[:, :, None]) / np.where(step > 0, step, 1)), 0, levels)
+    return d, dmin, sc, m, np.where(step > 0, q, 0).astype(np.uint8)
+
+
+def halves_f16(*values: np.ndarray) -> list[np.ndarray]:
+    return [v.astype(np.float16)[:, None].view(np.uint8) for v in values]
+
+
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     """Super-blocks x [n, 256] as Q4_K: d, dmin (f16), 12 bytes of 8 sub-blocks' 6-bit scales and mins, 128 bytes
     of 4-bit values (32-byte chunk c: sub-block 2c in the low nibbles, 2c + 1 in the high ones); w = d sc q - dmin m."""
-    sub = x.reshape(-1, 8, 32)
-    mins = np.maximum(-sub.min(axis=2), 0)
-    scales = (sub.max(axis=2) + mins) / 15
-    d, dmin = f16(scales.max(axis=1) / 63), f16(mins.max(axis=1) / 63)
-    sc = np.clip(np.round(scales / np.where(d > 0, d, 1)[:, None]), 0, 63).astype(np.uint8)
-    m = np.clip(np.round(mins / np.where(dmin > 0, dmin, 1)[:, None]), 0, 63).astype(np.uint8)
-    step = (d[:, None] * sc)[:, :, None]
-    q = np.clip(np.round((sub + (dmin[:, None] * m)[:, :, None]) / np.where(step > 0, step, 1)), 0, 15)
-    q = np.where(step > 0, q, 0).astype(np.uint8)
+    d, dmin, sc, m, q = with_mins(x.reshape(-1, 8, 32), 15, 63)
     packed_scales = np.concatenate([sc[:, :4] | (sc[:, 4:] >> 4) << 6, m[:, :4] | (m[:, 4:] >> 4) << 6,
                                     (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4], axis=1)
     values = (q[:, 0::2] | q[:, 1::2] << 4).reshape(-1, 128)
-    return np.concatenate([d.astype(np.float16)[:, None].view(np.uint8), dmin.astype(np.float16)[:, None].view(np.uint8),
-                           packed_scales, values], axis=1)
+    return np.concatenate([*halves_f16(d, dmin), packed_scales, values], axis=1)
+
+
+def two_bit_planes(q: np.ndarray) -> np.ndarray:
+    """Values q [n, 256] of 0..3 as Q2_K / Q3_K keep their low 2 bits: 64 bytes, half h's byte l holding values
+    128h + 32j + l at bits 2j."""
+    q = q.reshape(-1, 2, 4, 32)
+    return sum(q[:, :, j] << 2 * j for j in range(4)).astype(np.uint8).reshape(-1, 64)
+
+
+def quantize_q2_k(x: np.ndarray) -> np.ndarray:
+    """Super-blocks x [n, 256] as Q2_K: 16 bytes of sub-block (16 values) scales and mins (low and high nibble), 64
+    of 2-bit values (two_bit_planes), d and dmin (f16); w = d sc q - dmin m."""
+    d, dmin, sc, m, q = with_mins(x.reshape(-1, 16, 16), 3, 15)
+    return np.concatenate([sc | m << 4, two_bit_planes(q.reshape(-1, 256)), *halves_f16(d, dmin)], axis=1)
+
+
+def quantize_q3_k(x: np.ndarray) -> np.ndarray:
+    """Super-blocks x [n, 256] as Q3_K: 32 bytes of third bits (value 128h + 32j + l at bit 4h + j of byte l, set
+    for q >= 0), 64 of low 2 bits (two_bit_planes), 12 of sub-block 6-bit scales (stored + 32: low nibbles in
+    bytes 0-7, high bit pairs in bytes 8-11), d (f16); w = d sc q for q in -4..3."""
+    sub = x.reshape(-1, 16, 16)
+    scales = np.abs(sub).max(axis=2) / 4
+    d = f16(scales.max(axis=1) / 31)
+    sc = np.clip(np.round(scales / np.where(d > 0, d, 1)[:, None]), 0, 31).astype(np.int32)
+    step = (d[:, None] * sc)[:, :, None]
+    q = np.clip(np.round(sub / np.where(step > 0, step, 1)), -4, 3)
+    q = (np.where(step > 0, q, 0).astype(np.int32) + 4).reshape(-1, 256)   # 0..7
+    high = (q >> 2).reshape(-1, 8, 32)   # [n, 4h + j, l]
+    hmask = sum(high[:, k] << k for k in range(8)).astype(np.uint8)
+    s = (sc + 32).astype(np.uint8)
+    packed_scales = np.concatenate([(s[:, :8] & 15) | (s[:, 8:] & 15) << 4,
+                                    sum(((s[:, 4 * k:4 * k + 4] >> 4) & 3) << 2 * k for k in range(4)).astype(np.uint8)],
+                                   axis=1)
+    return np.concatenate([hmask, two_bit_planes(q & 3), packed_scales, *halves_f16(d)], axis=1)
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
@@ -401,5 +443,4 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     q = np.where(step > 0, q, 32).astype(np.uint8).reshape(-1, 2, 4, 32)   # [half, k, i]
     low = (q[:, :, :2] & 15) | (q[:, :, 2:] & 15) << 4                        # [half, 2, 32]: bytes i, 32 + i
     high = sum((q[:, :, k] >> 4) << 2 * k for k in range(4)).astype(np.uint8)  # [half, 32]
-    return np.concatenate([low.reshape(-1, 128), high.reshape(-1, 64), sc.view(np.uint8),
-                           d.astype(np.float16)[:, None].view(np.uint8)], axis=1)
+    return np.concatenate([low.reshape(-1, 128), high.reshape(-1, 64), sc.view(np.uint8), *halves_f16(d)], axis=1)

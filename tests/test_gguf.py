@@ -303,6 +303,31 @@ def test_k_quant_mixes_multiply_as_parts_and_generate_like_hf(k_quant_mix):
     assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
 
 
+def test_2_and_3_bit_k_quants_stay_blocks_and_generate_like_hf(tmp_path, default_model_path):
+    """Q3_K and Q2_K (llama.cpp's Q3_K_M / Q2_K files) stay GGML blocks in memory, big steps included (no dense
+    copy: they dequantize rows per call), and greedy tokens are HF's on the same weights."""
+    import transformers
+    cfg = transformers.LlamaConfig(**{**SHAPE, "hidden_size": 256, "intermediate_size": 512}, num_hidden_layers=2,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    mix = {"attn_v": "Q2_K", "ffn_down": "Q2_K", "token_embd": "Q3_K", "output": "Q8_0"}
+    path = tmp_path / "q3-mix.gguf"
+    write_gguf(model, path, default_model_path, dtype=lambda name: next((t for k, t in mix.items() if k in name), "Q3_K"))
+    types = {hf_name(t.name, "llama"): t.type_name for t in GGUFFile(str(path)).tensors}
+    stored = {key: as_stored(tensor, types[key]) for key, tensor in model.state_dict().items()}
+    config, _, _ = load_gguf(str(path))
+    ours = make_llm(str(path), kv_cache_memory=0.01)
+    layer = ours.engine.runner.model.layers[0]
+    assert [p.weight.type_name for p in layer.self_attn.qkv_proj.quantized.parts] == ["Q3_K", "Q2_K"]
+    down = layer.mlp.down_proj.quantized
+    assert down.weight.type_name == "Q2_K" and down.dense is None and down.dense_dtype is None
+    ids = [5, 300, 42, 9, 1000, 7, 77, 123, 4, 8, 15, 16, 23, 42, 99, 512, 3, 1]   # past the kernel's 16 rows
+    out = ours.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
+    assert down.dense is None   # the prompt's step dequantized per call
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_k_quant_mixes_in_the_decode_step_equal_the_pytorch_path(k_quant_mix, dtype, monkeypatch):
     """The one-call step's chained parts (fused.c's matmul_parts) give bitwise the PyTorch path's tokens and

@@ -48,13 +48,11 @@ HYBRID_ARCHITECTURES = {"granitehybrid": ("BambaForCausalLM", "bamba")}   # llam
 ARCHITECTURES.update(SSM_ARCHITECTURES)
 ARCHITECTURES.update(HYBRID_ARCHITECTURES)
 MISTRAL = ("MistralForCausalLM", "mistral")   # the converter writes Mistral as llama; its name tells them apart
-DEQUANTIZED_AT_LOAD = ("Q2_K", "Q3_K")   # formats read through the gguf package's dequantize
 FLOATS = {0: ("F32", np.float32), 1: ("F16", np.float16), 30: ("BF16", np.uint16)}
 # GGML type id -> (name, values a block, bytes a block) for the types read here: no import of the gguf package
 # (70 ms) on the way to a model of these
 GGML_TYPES = {type_id: (name, block, nbytes) for name, (type_id, block, nbytes) in BLOCKS.items()}
 GGML_TYPES.update({type_id: (name, 1, np.dtype(dtype).itemsize) for type_id, (name, dtype) in FLOATS.items()})
-GGML_TYPES.update({10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110)})
 LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
@@ -625,15 +623,14 @@ def row_order(t: TensorInfo, arch: str, config: dict) -> np.ndarray | None:
 def load_tensor(reader: GGUFFile, t: TensorInfo, arch: str, config: dict, dense: bool):
     """A GGMLTensor for a matrix ggml.c multiplies with (unless dense), else an fp32 torch tensor."""
     name = t.type_name
-    if name not in BLOCKS and name not in DEQUANTIZED_AT_LOAD:
-        raise ValueError(f"tensor {t.name!r} has unsupported GGUF type {name}; "
-                         f"supported: {sorted(set(BLOCKS) | set(DEQUANTIZED_AT_LOAD))}")
+    if name not in BLOCKS:
+        raise ValueError(f"tensor {t.name!r} has unsupported GGUF type {name}; supported: {sorted(BLOCKS)}")
     raw, order = reader.raw(t), row_order(t, arch, config)
     shape = tuple(int(d) for d in reversed(t.shape))      # GGUF lists the fastest dim first
     mamba = arch in SSM_ARCHITECTURES or ".ssm_" in t.name
     # Mamba's embedding is a plain nn.Embedding; a mixer's conv, A, D and norm are no matrices ggml.c multiplies
     dense = dense or (mamba and not t.name.endswith(SSM_BLOCK_TENSORS))
-    if len(shape) == 2 and name in BLOCKS and name != "F32" and shape[1] % 32 == 0 and not dense:
+    if len(shape) == 2 and name != "F32" and shape[1] % 32 == 0 and not dense:
         weight = GGMLTensor.from_numpy(name, shape, raw)
         return weight if order is None else weight.permute_rows(order)
     data = dequantized(raw, t.type_id).reshape(shape)

@@ -80,9 +80,10 @@ class Linear(nn.Linear):
 
     def pack_dense(self, q, dense_gemm: bool | None) -> None:
         """Set whether GGMLLinear q also keeps a dense copy for big steps (pack's dense_gemm)."""
+        from lanner.quant.ggml import COMPACT_FORMATS
         if dense_gemm is None:   # AMX's bf16 tiles beat the int8 GEMM past INT8_GEMM_ROWS (ggml.py)
-            dense_gemm = not q.int8_packed or (self.weight.dtype == torch.bfloat16 and not q.amx_bf16
-                                               and onednn_amx_bf16())
+            dense_gemm = q.weight.type_name not in COMPACT_FORMATS and (
+                not q.int8_packed or (self.weight.dtype == torch.bfloat16 and not q.amx_bf16 and onednn_amx_bf16()))
         elif dense_gemm:   # a copy asked for takes the big steps, not the tiles
             q.amx_rows = 0
         # no copy where oneDNN would not run it: the kernel then takes more rows from the start, so a

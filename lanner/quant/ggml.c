@@ -26,8 +26,8 @@
                                  * batch-1 step 1.07-1.1x slower on an AMX host; 2-12 KB were even on Zen 4) */
 
 /* GGML type ids (ggml.h) */
-enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14,
-       BF16 = 30 };
+enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
+       Q5_K = 13, Q6_K = 14, BF16 = 30 };
 
 static inline float h2f(const uint8_t *p) {
     _Float16 h;
@@ -200,6 +200,37 @@ INLINE void decode_q6_k(const uint8_t *b, float *restrict out) {
     }
 }
 
+/* Q2_K and Q3_K: 2 halves of 128 values, each 32 bytes of 2-bit values at 4 shifts; at shift 2j value l of the
+ * half is bits 2j of byte l, in sub-block 8 half + 2j + l / 16 (16 values each). Q2_K: 4-bit scale and min a
+ * sub-block (d sc q - dmin mn); Q3_K: a third bit from hmask (bit 4 half + j of byte l; clear: q - 4) and a
+ * 6-bit signed scale (less 32), its low 4 bits from the nibbles of bytes 0-7, its high 2 from bytes 8-11 */
+INLINE void decode_q2_k(const uint8_t *b, float *restrict out) {
+    const uint8_t *sc = b, *qs = b + 16;
+    const float d = h2f(b + 80), dmin = h2f(b + 82);
+    for (int half = 0; half < 2; half++, qs += 32)
+        for (int j = 0; j < 4; j++, out += 32)
+            for (int l = 0; l < 32; l += VW) {
+                const int s = sc[8 * half + 2 * j + l / 16];
+                storev(out + l, tofloat((ubytes(qs + l) >> 2 * j) & 3) * (d * (s & 15)) - dmin * (s >> 4));
+            }
+}
+
+INLINE int q3_k_scale(const uint8_t *s, int i) {
+    return ((i < 8 ? s[i] & 15 : s[i - 8] >> 4) | (((s[8 + i % 4] >> 2 * (i / 4)) & 3) << 4)) - 32;
+}
+
+INLINE void decode_q3_k(const uint8_t *b, float *restrict out) {
+    const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
+    const float d = h2f(b + 108);
+    for (int half = 0; half < 2; half++, qs += 32)
+        for (int j = 0; j < 4; j++, out += 32)
+            for (int l = 0; l < 32; l += VW) {
+                const vi high = (ubytes(hmask + l) >> (4 * half + j)) & 1;
+                const vi q = ((ubytes(qs + l) >> 2 * j) & 3) - 4 + (high << 2);
+                storev(out + l, tofloat(q) * (d * q3_k_scale(sc, 8 * half + 2 * j + l / 16)));
+            }
+}
+
 INLINE void decode_f16(const uint8_t *b, float *restrict out) {
     for (int j = 0; j < 32; j++)
         out[j] = h2f(b + 2 * j);
@@ -224,6 +255,8 @@ static int block_shape(int type, int *bytes) {
     case Q5_0: *bytes = 22; return 32;
     case Q5_1: *bytes = 24; return 32;
     case Q8_0: *bytes = 34; return 32;
+    case Q2_K: *bytes = 84; return 256;
+    case Q3_K: *bytes = 110; return 256;
     case Q4_K: *bytes = 144; return 256;
     case Q5_K: *bytes = 176; return 256;
     case Q6_K: *bytes = 210; return 256;
@@ -256,6 +289,8 @@ static void decode_row(int type, const uint8_t *src, int64_t K, float *restrict 
     case Q5_0: DECODE_ROW(decode_q5_0)
     case Q5_1: DECODE_ROW(decode_q5_1)
     case Q8_0: DECODE_ROW(decode_q8_0)
+    case Q2_K: DECODE_ROW(decode_q2_k)
+    case Q3_K: DECODE_ROW(decode_q3_k)
     case Q4_K: DECODE_ROW(decode_q4_k)
     case Q5_K: DECODE_ROW(decode_q5_k)
     case Q6_K: DECODE_ROW(decode_q6_k)
@@ -336,6 +371,8 @@ static void matmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n
     case Q5_0: ROWS_OF(decode_q5_0, 32, 22)
     case Q5_1: ROWS_OF(decode_q5_1, 32, 24)
     case Q8_0: ROWS_OF(decode_q8_0, 32, 34)
+    case Q2_K: ROWS_OF(decode_q2_k, 256, 84)
+    case Q3_K: ROWS_OF(decode_q3_k, 256, 110)
     case Q4_K: ROWS_OF(decode_q4_k, 256, 144)
     case Q5_K: ROWS_OF(decode_q5_k, 256, 176)
     case Q6_K: ROWS_OF(decode_q6_k, 256, 210)
@@ -936,10 +973,17 @@ INLINE void k4_scale_min(li s0, li s1, li s2, const int j, lf *sc, lf *mn) {
     *sc = __builtin_convertvector(a, lf), *mn = __builtin_convertvector(b, lf);
 }
 
+#define Q3_K_HMASK 14   /* where a packed Q3_K block's hmask and qs columns start, in bytes a lane */
+#define Q3_K_VALUES 46
 /* Column c (values 4c..4c + 3 of every row) of 32-value sub-block j of a packed K-quant super-block, as integers
  * q: Q6_K 0..63 (w = d scale (q - 32); ql and qh columns as k6_super reads them), Q4_K / Q5_K 0..15 / 0..31 (w = d sc
  * q - dmin mn; chunk j / 2's nibbles, Q5_K's fifth bits bit j of its qh columns) */
 INLINE li k_column(const int type, const uint8_t *blk, const int j, const int c) {
+    if (type == Q3_K) {   /* (q + 4: 0..7) the 2 bits of qs column 8 (j / 4) + c at 2 (j % 4), hmask column c's bit j */
+        const li qs = loadli(blk + (Q3_K_VALUES + 4 * (8 * (j / 4) + c)) * LANES);
+        const li high = loadli(blk + (Q3_K_HMASK + 4 * c) * LANES);
+        return ((qs >> 2 * (j % 4)) & 0x03030303) | (((high >> j) & 0x01010101) << 2);
+    }
     if (type == Q6_K) {
         const uint8_t *cols = blk + 18 * LANES;
         const int half = j / 4, s = j % 4;
@@ -953,8 +997,16 @@ INLINE li k_column(const int type, const uint8_t *blk, const int j, const int c)
     return five ? q | ((loadli(blk + (16 + 4 * c) * LANES) >> j) & 0x01010101) << 4 : q;
 }
 
-/* the int8 scale of 16-value group k of a packed Q6_K super-block's rows, as floats */
-INLINE lf k6_scale(const uint8_t *blk, const int k) {
+/* the scale of 16-value group k of a packed Q6_K super-block's rows (an int8 in byte k % 4 of scale column k / 4) or
+ * a Q3_K one's (6 bits less 32: the low 4 from byte k % 8's nibble k / 8 of columns 0-1, the high 2 from byte 8 +
+ * k % 4's bits 2 (k / 4) of column 2), as floats */
+INLINE lf k16_scale(const int type, const uint8_t *blk, const int k) {
+    if (type == Q3_K) {
+        const int at = 8 * (k % 4);
+        const li low = (loadli(blk + 2 * LANES + 4 * (k % 8 / 4) * LANES) >> (at + 4 * (k / 8))) & 15;
+        const li high = (loadli(blk + 10 * LANES) >> (at + 2 * (k / 4))) & 3;
+        return __builtin_convertvector((low | high << 4) - 32, lf);
+    }
     const li col = loadli(blk + 2 * LANES + 4 * (k / 4) * LANES);
     return __builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf);
 }
@@ -1032,23 +1084,35 @@ INLINE void k5_super(const uint8_t *blk, int64_t gstride, const int groups, qact
     k_super(1, blk, gstride, groups, a, rows, K, b, acc);
 }
 
-/* A Q6_K super-block (qdot_packed_super; ggml_pack, the same bytes): a group's is its rows' fp16 d, then 4 columns
- * of their 16 int8 scales, then 32 columns of their 128 ql bytes and 16 of their 64 qh bytes. ql column j of a half
- * (128 values) holds values 4j.. in its low nibbles, 64 + 4j.. in its high ones; column 8 + j values 32 + 4j.. and
- * 96 + 4j..; qh column j their 2 high bits each, in that order. A 16-value group k's integer sums of q x less 32
- * times the activations' sum (hs, or bs - hs for a block's second 16), times d * scale k. */
-INLINE void k6_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
-                     int64_t b, lf acc[SIDE][PTILE]) {
+/* A Q6_K or Q3_K super-block (qdot_packed_super; ggml_pack, the same bytes). A Q6_K group's is its rows' fp16 d,
+ * then 4 columns of their 16 int8 scales, then 32 columns of their 128 ql bytes and 16 of their 64 qh bytes. ql
+ * column j of a half (128 values) holds values 4j.. in its low nibbles, 64 + 4j.. in its high ones; column 8 + j
+ * values 32 + 4j.. and 96 + 4j..; qh column j their 2 high bits each, in that order. A Q3_K group's is its rows' d,
+ * 3 columns of their 12 scale bytes, 8 of their 32 hmask bytes and 16 of their 64 qs bytes (k_column). A 16-value
+ * group k's integer sums of q x less the zero point (32, 4) times the activations' sum (hs, or bs - hs for a
+ * block's second 16), times d * scale k. */
+INLINE void k16_super(const int type, const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows,
+                      int64_t K, int64_t b, lf acc[SIDE][PTILE]) {
+    const float zero = type == Q6_K ? 32.0f : 4.0f;
+    /* without VNNI a Q3_K group's 4 columns of pair sums add up in 16 bits (each at most 2 * 7 * 127) */
+    const int short_sums = !VNNI && type == Q3_K;
     for (int half = 0; half < 2; half++)
         for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of each 32: one scale each */
             li s[SIDE][PTILE][4];
+            lh s16[SIDE][PTILE][4];
             for (int g = 0; g < groups; g++)
                 for (int m = 0; m < rows; m++)
                     for (int q = 0; q < 4; q++)
-                        s[g][m][q] = (li){0};
+                        s[g][m][q] = (li){0}, s16[g][m][q] = (lh){0};
             for (int j = 4 * jh; j < 4 * jh + 4; j++) {
                 lb v[SIDE][4];
-                for (int g = 0; g < groups; g++) {
+                for (int g = 0; g < groups && type == Q3_K; g++) {   /* k_column's, each column loaded once */
+                    const li qs = loadli(blk + g * gstride + (Q3_K_VALUES + 4 * (8 * half + j)) * LANES);
+                    const li high = loadli(blk + g * gstride + (Q3_K_HMASK + 4 * j) * LANES) >> 4 * half;
+                    for (int q = 0; q < 4; q++)
+                        v[g][q] = (lb)(((qs >> 2 * q) & 0x03030303) | (((high >> q) & 0x01010101) << 2));
+                }
+                for (int g = 0; g < groups && type == Q6_K; g++) {
                     const uint8_t *cols = blk + g * gstride + 18 * LANES;
                     const li A = loadli(cols + 4 * (16 * half + j) * LANES);
                     const li B = loadli(cols + 4 * (16 * half + 8 + j) * LANES);
@@ -1061,28 +1125,48 @@ INLINE void k6_super(const uint8_t *blk, int64_t gstride, const int groups, qact
                 for (int m = 0; m < rows; m++)
                     for (int q = 0; q < 4; q++) {
                         lb x = bcast4(a.q + m * K + 256 * b + 128 * half + 32 * q + 4 * j);
-                        for (int g = 0; g < groups; g++)
-                            s[g][m][q] = dot(s[g][m][q], v[g][q], x);
+                        for (int g = 0; g < groups; g++) {
+                            if (!short_sums) {
+                                s[g][m][q] = dot(s[g][m][q], v[g][q], x);
+                                continue;
+                            }
+                            s16[g][m][q] += dot16(v[g][q], x);
+                            KEEP_IN_REGISTER(s16[g][m][q]);
+                        }
                     }
             }
+            for (int g = 0; g < groups && short_sums; g++)
+                for (int m = 0; m < rows; m++)
+                    for (int q = 0; q < 4; q++)
+                        s[g][m][q] = widen16(s16[g][m][q]);
             for (int g = 0; g < groups; g++) {
                 const uint8_t *head = blk + g * gstride;
                 const lf d = halves(head);
                 for (int q = 0; q < 4; q++) {
                     const int k = 8 * half + 2 * q + jh;
-                    const lf w = d * k6_scale(head, k);
+                    const lf w = d * k16_scale(type, head, k);
                     for (int m = 0; m < rows; m++) {
                         const int64_t o = m * (K / 32) + 8 * b + 4 * half + q;
                         const float sum = jh ? a.bs[o] - a.hs[o] : a.hs[o];
                         acc[g][m] = fmadd(__builtin_convertvector(s[g][m][q], lf), w * a.bd[o], acc[g][m]);
-                        acc[g][m] = fmadd(w, (lf){0} - 32.0f * sum, acc[g][m]);
+                        acc[g][m] = fmadd(w, (lf){0} - zero * sum, acc[g][m]);
                     }
                 }
             }
         }
 }
 
-/* a super-block's work of a K-quant (k4_super, k5_super, k6_super): its products added to acc */
+INLINE void k6_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                     int64_t b, lf acc[SIDE][PTILE]) {
+    k16_super(Q6_K, blk, gstride, groups, a, rows, K, b, acc);
+}
+
+INLINE void k3_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                     int64_t b, lf acc[SIDE][PTILE]) {
+    k16_super(Q3_K, blk, gstride, groups, a, rows, K, b, acc);
+}
+
+/* a super-block's work of a K-quant (k3_super .. k6_super): its products added to acc */
 typedef void (*super_block)(const uint8_t *, int64_t, int, qacts, int, int64_t, int64_t, lf[SIDE][PTILE]);
 
 /* qdot_packed for the K-quants: super-blocks of 256 values, bytes each a row */
@@ -1112,9 +1196,10 @@ INLINE void qdot_packed_super(super_block work, const int bytes, const uint8_t *
 INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, int64_t gstride,
                         const int groups, qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy,
                         const int stream) {
-    if (has_min == K_SCALES || bits == 6) {   /* Q4_K, Q5_K, Q6_K */
-        qdot_packed_super(bits == 6 ? k6_super : bits == 5 ? k5_super : k4_super,
-                          bits == 6 ? 210 : bits == 5 ? 176 : 144, grp, gstride, groups, a, rows, K, y, ldy, stream);
+    if (has_min == K_SCALES || bits == 6 || bits == 3) {   /* Q4_K, Q5_K, Q6_K, Q3_K */
+        qdot_packed_super(bits == 6 ? k6_super : bits == 5 ? k5_super : bits == 3 ? k3_super : k4_super,
+                          bits == 6 ? 210 : bits == 5 ? 176 : bits == 3 ? 110 : 144, grp, gstride, groups, a, rows, K,
+                          y, ldy, stream);
         return;
     }
     const int scales = has_min ? 2 : 1;
@@ -1178,6 +1263,7 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int gro
     case Q4_K: PACKED_OF(4, K_SCALES, 0)
     case Q5_K: PACKED_OF(5, K_SCALES, 0)
     case Q6_K: PACKED_OF(6, 0, 32)
+    case Q3_K: PACKED_OF(3, 0, 4)
     }
 }
 /* y[m * ldy + r] = W[r] . x[m * ldx] in fp32 for the group's rows r < LANES and m < rows: the exact path's
@@ -1235,13 +1321,14 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
         memcpy(y + m * ldy, &acc[m], sizeof acc[m]);
 }
 
-/* fdot_packed for the K-quants (super-blocks of 256 values, bytes each a row, the layouts k_super and k6_super
- * read): each 32-value sub-block's (Q6_K: 16-value group's) sums of q x in fp32, times its scale, plus (Q4_K,
+/* fdot_packed for the K-quants (super-blocks of 256 values, bytes each a row, the layouts k_super and k16_super
+ * read): each 32-value sub-block's (Q6_K, Q3_K: 16-value group's) sums of q x in fp32, times its scale, plus (Q4_K,
  * Q5_K) its min times the activations' block sum -- fdot_packed's arithmetic, the scales made per sub-block */
 INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, int64_t ldx, const float *xsum,
                           const int rows, int64_t K, float *restrict y, int64_t ldy) {
-    const int six = type == Q6_K;
-    const int64_t bytes = LANES * (six ? 210 : type == Q5_K ? 176 : 144);
+    const int six = type == Q6_K || type == Q3_K;   /* (scales of 16 values, a zero point) */
+    const int64_t bytes = LANES * (type == Q6_K ? 210 : type == Q5_K ? 176 : type == Q3_K ? 110 : 144);
+    const int zero = type == Q6_K ? 32 : type == Q3_K ? 4 : 0;
     lf acc[TILE];
     for (int m = 0; m < rows; m++)
         acc[m] = (lf){0};
@@ -1260,7 +1347,7 @@ INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, in
                 const li q = k_column(type, blk, j, c);
 #pragma GCC unroll 4
                 for (int e = 0; e < 4; e++) {
-                    const lf w = __builtin_convertvector(((q >> 8 * e) & 255) - (six ? 32 : 0), lf);
+                    const lf w = __builtin_convertvector(((q >> 8 * e) & 255) - zero, lf);
                     const int chain = six ? 2 * (c / 4) + (e & 1) : e;
                     for (int m = 0; m < rows; m++) {
                         sum[m][chain] += w * xb[m * ldx + 4 * c + e];
@@ -1270,7 +1357,7 @@ INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, in
             }
             if (six) {
                 for (int i = 0; i < 2; i++) {
-                    const lf scale = d * k6_scale(blk, 2 * j + i);
+                    const lf scale = d * k16_scale(type, blk, 2 * j + i);
                     for (int m = 0; m < rows; m++)
                         acc[m] += scale * (sum[m][2 * i] + sum[m][2 * i + 1]);
                 }
@@ -1305,7 +1392,7 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
     case Q5_0: FPACKED_OF(5, 0, 16)
     case Q5_1: FPACKED_OF(5, 1, 0)
     case Q8_0: FPACKED_OF(8, 0, 0)
-    case Q4_K: case Q5_K: case Q6_K:
+    case Q3_K: case Q4_K: case Q5_K: case Q6_K:
         switch (M) {
         case 4: fdot_packed_k(type, grp, x, ldx, xsum, 4, K, y, ldy); return;
         case 3: fdot_packed_k(type, grp, x, ldx, xsum, 3, K, y, ldy); return;
@@ -1328,8 +1415,8 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 
 /* the formats ggml_pack interleaves for the int8 kernel (a packed pointer with another format is ignored) */
 static int packable(int type) {
-    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q4_K
-                           || type == Q5_K || type == Q6_K);
+    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q3_K
+                           || type == Q4_K || type == Q5_K || type == Q6_K);
 }
 
 /* whether a format's blocks carry a min (fp16, after the scale) */
@@ -1352,6 +1439,7 @@ static int int8_zero(int type) {
     case Q8_0: return Q8_ZERO;
     case Q4_1: case Q5_1: case Q4_K: case Q5_K: return 0;
     case Q6_K: return 32;
+    case Q3_K: return 4;
     default: return -1;
     }
 }
@@ -1379,7 +1467,7 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int64_t lanes = tasks ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane values: the row-major kernel's */
-    const int halves16 = groups && type == Q6_K;   /* (M * K: whole blocks, so hs is aligned) */
+    const int halves16 = groups && (type == Q6_K || type == Q3_K);   /* (M * K: whole blocks, so hs is aligned) */
     char *buf = malloc(lanes * 12 + blocks * 8 + M * K + (halves16 ? blocks * 4 : 0));
     if (!buf)
         return 1;
@@ -1537,7 +1625,7 @@ INLINE void b_tile_k(const int type, const uint8_t *blk, const int j, uint16_t *
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
     if (type == Q6_K) {   /* values 16i.. of the sub-block: scale 2j + i, w = d scale (q - 32) */
         for (int i = 0; i < 2; i++) {
-            const __m512 scale = _mm512_mul_ps(d, (__m512)k6_scale(blk, 2 * j + i));
+            const __m512 scale = _mm512_mul_ps(d, (__m512)k16_scale(Q6_K, blk, 2 * j + i));
             b_lanes(scale, dh[i]);
             b_lanes(_mm512_mul_ps(scale, _mm512_set1_ps(-32.0f)), mh[i]);
         }
@@ -1790,7 +1878,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
  * tiles, or 0 where it never does (this build lacks the tile unit's bf16 path, or the process may not use it). */
 /* (int8: for calls with MATMUL_INT8, which the int8 kernel takes up to more rows than the exact one) */
 int ggml_amx_bf16(int type, int64_t N, int64_t K, int int8) {
-    const int tiles = AMX_BF16 && packable(type) && N % 32 == 0 && K % ggml_block_size(type) == 0 && N >= 32
+    const int tiles = AMX_BF16 && packable(type) && type != Q3_K && N % 32 == 0 && K % ggml_block_size(type) == 0 && N >= 32
                       && tiles_granted();
     return tiles ? (int8 ? AMX_BF16_ROWS : AMX_EXACT_ROWS) : 0;
 }
@@ -2105,7 +2193,8 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
         return 0;                                              /* and a kernel (the K-quants have none) */
     const int head = with_min(type) || type == Q4_K || type == Q5_K ? 4 : 2, R = PACK_ROWS;
     /* where a block's scale(s) and its columns start: Q6_K keeps d last, its 16 scales after its 192 value bytes */
-    const int six = type == Q6_K, head_at = six ? 208 : 0, values_at = six ? 0 : head, scale_columns = six ? 4 : 0;
+    const int six = type == Q6_K, three = type == Q3_K, head_at = six ? 208 : three ? 108 : 0;
+    const int values_at = six || three ? 0 : head, scale_columns = six ? 4 : three ? 3 : 0, scales_at = six ? 192 : 96;
     int64_t groups = N / R;
     /* threads: the pages both sides fault in at load (the file's and the fresh copy's) more than the copying */
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -2118,7 +2207,7 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
                     memcpy(out + h * R + 2 * r, blk + head_at + h, 2);
                 for (int c = 0; c < (bytes - head) / 4; c++)
                     memcpy(out + head * R + c * 4 * R + 4 * r,
-                           blk + (c < scale_columns ? 192 + 4 * c : values_at + 4 * (c - scale_columns)), 4);
+                           blk + (c < scale_columns ? scales_at + 4 * c : values_at + 4 * (c - scale_columns)), 4);
             }
         }
     memcpy(dst + groups * R * row_bytes, w + groups * R * row_bytes, (N - groups * R) * row_bytes);
