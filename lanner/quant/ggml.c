@@ -973,12 +973,15 @@ INLINE void k4_scale_min(li s0, li s1, li s2, const int j, lf *sc, lf *mn) {
     *sc = __builtin_convertvector(a, lf), *mn = __builtin_convertvector(b, lf);
 }
 
+#define Q2_K_VALUES 20   /* where a packed Q2_K block's qs columns start (after d, dmin, 4 scale columns) */
 #define Q3_K_HMASK 14   /* where a packed Q3_K block's hmask and qs columns start, in bytes a lane */
 #define Q3_K_VALUES 46
 /* Column c (values 4c..4c + 3 of every row) of 32-value sub-block j of a packed K-quant super-block, as integers
  * q: Q6_K 0..63 (w = d scale (q - 32); ql and qh columns as k6_super reads them), Q4_K / Q5_K 0..15 / 0..31 (w = d sc
  * q - dmin mn; chunk j / 2's nibbles, Q5_K's fifth bits bit j of its qh columns) */
 INLINE li k_column(const int type, const uint8_t *blk, const int j, const int c) {
+    if (type == Q2_K)   /* the 2 bits of qs column 8 (j / 4) + c at 2 (j % 4) */
+        return (loadli(blk + (Q2_K_VALUES + 4 * (8 * (j / 4) + c)) * LANES) >> 2 * (j % 4)) & 0x03030303;
     if (type == Q3_K) {   /* (q + 4: 0..7) the 2 bits of qs column 8 (j / 4) + c at 2 (j % 4), hmask column c's bit j */
         const li qs = loadli(blk + (Q3_K_VALUES + 4 * (8 * (j / 4) + c)) * LANES);
         const li high = loadli(blk + (Q3_K_HMASK + 4 * c) * LANES);
@@ -1001,6 +1004,8 @@ INLINE li k_column(const int type, const uint8_t *blk, const int j, const int c)
  * a Q3_K one's (6 bits less 32: the low 4 from byte k % 8's nibble k / 8 of columns 0-1, the high 2 from byte 8 +
  * k % 4's bits 2 (k / 4) of column 2), as floats */
 INLINE lf k16_scale(const int type, const uint8_t *blk, const int k) {
+    if (type == Q2_K)   /* byte k's low nibble */
+        return __builtin_convertvector((loadli(blk + 4 * LANES + 4 * (k / 4) * LANES) >> 8 * (k % 4)) & 15, lf);
     if (type == Q3_K) {
         const int at = 8 * (k % 4);
         const li low = (loadli(blk + 2 * LANES + 4 * (k % 8 / 4) * LANES) >> (at + 4 * (k / 8))) & 15;
@@ -1084,18 +1089,25 @@ INLINE void k5_super(const uint8_t *blk, int64_t gstride, const int groups, qact
     k_super(1, blk, gstride, groups, a, rows, K, b, acc);
 }
 
-/* A Q6_K or Q3_K super-block (qdot_packed_super; ggml_pack, the same bytes). A Q6_K group's is its rows' fp16 d,
+/* Q2_K's min of 16-value group k (byte k's high nibble) times the super-block's dmin, as floats */
+INLINE lf k2_min(const uint8_t *blk, const int k) {
+    const li mn = (loadli(blk + 4 * LANES + 4 * (k / 4) * LANES) >> (8 * (k % 4) + 4)) & 15;
+    return halves(blk + 2 * LANES) * __builtin_convertvector(mn, lf);
+}
+
+/* A Q6_K, Q3_K or Q2_K super-block (qdot_packed_super; ggml_pack, the same bytes). A Q6_K group's is its rows' fp16 d,
  * then 4 columns of their 16 int8 scales, then 32 columns of their 128 ql bytes and 16 of their 64 qh bytes. ql
  * column j of a half (128 values) holds values 4j.. in its low nibbles, 64 + 4j.. in its high ones; column 8 + j
  * values 32 + 4j.. and 96 + 4j..; qh column j their 2 high bits each, in that order. A Q3_K group's is its rows' d,
- * 3 columns of their 12 scale bytes, 8 of their 32 hmask bytes and 16 of their 64 qs bytes (k_column). A 16-value
- * group k's integer sums of q x less the zero point (32, 4) times the activations' sum (hs, or bs - hs for a
- * block's second 16), times d * scale k. */
+ * 3 columns of their 12 scale bytes, 8 of their 32 hmask bytes and 16 of their 64 qs bytes (k_column); a Q2_K
+ * group's their d, dmin, 4 columns of their 16 scale | min bytes and 16 of their qs bytes. A 16-value group k's
+ * integer sums of q x less the zero point (32, 4; Q2_K: dmin min / (d scale)) times the activations' sum (hs, or
+ * bs - hs for a block's second 16), times d * scale k. */
 INLINE void k16_super(const int type, const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows,
                       int64_t K, int64_t b, lf acc[SIDE][PTILE]) {
     const float zero = type == Q6_K ? 32.0f : 4.0f;
     /* without VNNI a Q3_K group's 4 columns of pair sums add up in 16 bits (each at most 2 * 7 * 127) */
-    const int short_sums = !VNNI && type == Q3_K;
+    const int short_sums = !VNNI && (type == Q3_K || type == Q2_K);   /* (Q2_K: at most 2 * 3 * 127) */
     for (int half = 0; half < 2; half++)
         for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of each 32: one scale each */
             li s[SIDE][PTILE][4];
@@ -1106,6 +1118,11 @@ INLINE void k16_super(const int type, const uint8_t *blk, int64_t gstride, const
                         s[g][m][q] = (li){0}, s16[g][m][q] = (lh){0};
             for (int j = 4 * jh; j < 4 * jh + 4; j++) {
                 lb v[SIDE][4];
+                for (int g = 0; g < groups && type == Q2_K; g++) {
+                    const li qs = loadli(blk + g * gstride + (Q2_K_VALUES + 4 * (8 * half + j)) * LANES);
+                    for (int q = 0; q < 4; q++)
+                        v[g][q] = (lb)((qs >> 2 * q) & 0x03030303);
+                }
                 for (int g = 0; g < groups && type == Q3_K; g++) {   /* k_column's, each column loaded once */
                     const li qs = loadli(blk + g * gstride + (Q3_K_VALUES + 4 * (8 * half + j)) * LANES);
                     const li high = loadli(blk + g * gstride + (Q3_K_HMASK + 4 * j) * LANES) >> 4 * half;
@@ -1145,11 +1162,12 @@ INLINE void k16_super(const int type, const uint8_t *blk, int64_t gstride, const
                 for (int q = 0; q < 4; q++) {
                     const int k = 8 * half + 2 * q + jh;
                     const lf w = d * k16_scale(type, head, k);
+                    const lf offset = type == Q2_K ? k2_min(head, k) : w * zero;
                     for (int m = 0; m < rows; m++) {
                         const int64_t o = m * (K / 32) + 8 * b + 4 * half + q;
                         const float sum = jh ? a.bs[o] - a.hs[o] : a.hs[o];
                         acc[g][m] = fmadd(__builtin_convertvector(s[g][m][q], lf), w * a.bd[o], acc[g][m]);
-                        acc[g][m] = fmadd(w, (lf){0} - zero * sum, acc[g][m]);
+                        acc[g][m] = fmadd(offset, (lf){0} - sum, acc[g][m]);
                     }
                 }
             }
@@ -1161,12 +1179,17 @@ INLINE void k6_super(const uint8_t *blk, int64_t gstride, const int groups, qact
     k16_super(Q6_K, blk, gstride, groups, a, rows, K, b, acc);
 }
 
+INLINE void k2_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                     int64_t b, lf acc[SIDE][PTILE]) {
+    k16_super(Q2_K, blk, gstride, groups, a, rows, K, b, acc);
+}
+
 INLINE void k3_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
                      int64_t b, lf acc[SIDE][PTILE]) {
     k16_super(Q3_K, blk, gstride, groups, a, rows, K, b, acc);
 }
 
-/* a super-block's work of a K-quant (k3_super .. k6_super): its products added to acc */
+/* a super-block's work of a K-quant (k2_super .. k6_super): its products added to acc */
 typedef void (*super_block)(const uint8_t *, int64_t, int, qacts, int, int64_t, int64_t, lf[SIDE][PTILE]);
 
 /* qdot_packed for the K-quants: super-blocks of 256 values, bytes each a row */
@@ -1196,10 +1219,10 @@ INLINE void qdot_packed_super(super_block work, const int bytes, const uint8_t *
 INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, int64_t gstride,
                         const int groups, qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy,
                         const int stream) {
-    if (has_min == K_SCALES || bits == 6 || bits == 3) {   /* Q4_K, Q5_K, Q6_K, Q3_K */
-        qdot_packed_super(bits == 6 ? k6_super : bits == 5 ? k5_super : bits == 3 ? k3_super : k4_super,
-                          bits == 6 ? 210 : bits == 5 ? 176 : bits == 3 ? 110 : 144, grp, gstride, groups, a, rows, K,
-                          y, ldy, stream);
+    if (has_min == K_SCALES || bits == 6 || bits <= 3) {   /* Q4_K, Q5_K, Q6_K, Q3_K, Q2_K */
+        qdot_packed_super(bits == 6 ? k6_super : bits == 5 ? k5_super : bits == 3 ? k3_super : bits == 2 ? k2_super
+                          : k4_super, bits == 6 ? 210 : bits == 5 ? 176 : bits == 3 ? 110 : bits == 2 ? 84 : 144, grp,
+                          gstride, groups, a, rows, K, y, ldy, stream);
         return;
     }
     const int scales = has_min ? 2 : 1;
@@ -1264,6 +1287,7 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int gro
     case Q5_K: PACKED_OF(5, K_SCALES, 0)
     case Q6_K: PACKED_OF(6, 0, 32)
     case Q3_K: PACKED_OF(3, 0, 4)
+    case Q2_K: PACKED_OF(2, 0, 0)
     }
 }
 /* y[m * ldy + r] = W[r] . x[m * ldx] in fp32 for the group's rows r < LANES and m < rows: the exact path's
@@ -1326,8 +1350,8 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
  * Q5_K) its min times the activations' block sum -- fdot_packed's arithmetic, the scales made per sub-block */
 INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, int64_t ldx, const float *xsum,
                           const int rows, int64_t K, float *restrict y, int64_t ldy) {
-    const int six = type == Q6_K || type == Q3_K;   /* (scales of 16 values, a zero point) */
-    const int64_t bytes = LANES * (type == Q6_K ? 210 : type == Q5_K ? 176 : type == Q3_K ? 110 : 144);
+    const int six = type == Q6_K || type == Q3_K || type == Q2_K;   /* (scales of 16 values) */
+    const int64_t bytes = LANES * (type == Q6_K ? 210 : type == Q5_K ? 176 : type == Q3_K ? 110 : type == Q2_K ? 84 : 144);
     const int zero = type == Q6_K ? 32 : type == Q3_K ? 4 : 0;
     lf acc[TILE];
     for (int m = 0; m < rows; m++)
@@ -1360,6 +1384,15 @@ INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, in
                     const lf scale = d * k16_scale(type, blk, 2 * j + i);
                     for (int m = 0; m < rows; m++)
                         acc[m] += scale * (sum[m][2 * i] + sum[m][2 * i + 1]);
+                    if (type != Q2_K)
+                        continue;
+                    const lf min = k2_min(blk, 2 * j + i);   /* less min * the 16 activations' sum */
+                    for (int m = 0; m < rows; m++) {
+                        float xs = 0;
+                        for (int t = 0; t < 16; t++)
+                            xs += xb[m * ldx + 16 * i + t];
+                        acc[m] -= min * xs;
+                    }
                 }
             } else {
                 lf sc, mn;
@@ -1392,7 +1425,7 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
     case Q5_0: FPACKED_OF(5, 0, 16)
     case Q5_1: FPACKED_OF(5, 1, 0)
     case Q8_0: FPACKED_OF(8, 0, 0)
-    case Q3_K: case Q4_K: case Q5_K: case Q6_K:
+    case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K:
         switch (M) {
         case 4: fdot_packed_k(type, grp, x, ldx, xsum, 4, K, y, ldy); return;
         case 3: fdot_packed_k(type, grp, x, ldx, xsum, 3, K, y, ldy); return;
@@ -1415,8 +1448,8 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 
 /* the formats ggml_pack interleaves for the int8 kernel (a packed pointer with another format is ignored) */
 static int packable(int type) {
-    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q3_K
-                           || type == Q4_K || type == Q5_K || type == Q6_K);
+    return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q2_K
+                           || type == Q3_K || type == Q4_K || type == Q5_K || type == Q6_K);
 }
 
 /* whether a format's blocks carry a min (fp16, after the scale) */
@@ -1440,6 +1473,7 @@ static int int8_zero(int type) {
     case Q4_1: case Q5_1: case Q4_K: case Q5_K: return 0;
     case Q6_K: return 32;
     case Q3_K: return 4;
+    case Q2_K: return 0;
     default: return -1;
     }
 }
@@ -1467,7 +1501,7 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int64_t lanes = tasks ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane values: the row-major kernel's */
-    const int halves16 = groups && (type == Q6_K || type == Q3_K);   /* (M * K: whole blocks, so hs is aligned) */
+    const int halves16 = groups && (type == Q6_K || type == Q3_K || type == Q2_K);   /* (M * K: whole blocks, so hs is aligned) */
     char *buf = malloc(lanes * 12 + blocks * 8 + M * K + (halves16 ? blocks * 4 : 0));
     if (!buf)
         return 1;
@@ -1878,7 +1912,7 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
  * tiles, or 0 where it never does (this build lacks the tile unit's bf16 path, or the process may not use it). */
 /* (int8: for calls with MATMUL_INT8, which the int8 kernel takes up to more rows than the exact one) */
 int ggml_amx_bf16(int type, int64_t N, int64_t K, int int8) {
-    const int tiles = AMX_BF16 && packable(type) && type != Q3_K && N % 32 == 0 && K % ggml_block_size(type) == 0 && N >= 32
+    const int tiles = AMX_BF16 && packable(type) && type != Q3_K && type != Q2_K && N % 32 == 0 && K % ggml_block_size(type) == 0 && N >= 32
                       && tiles_granted();
     return tiles ? (int8 ? AMX_BF16_ROWS : AMX_EXACT_ROWS) : 0;
 }
@@ -2191,10 +2225,11 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
     if (!packable(type) || !qk || K % qk || N < PACK_ROWS
         || (N % PACK_ROWS && (K % (32 * GB) || qk != 32)))   /* rows left over run row-major: whole groups of K, */
         return 0;                                              /* and a kernel (the K-quants have none) */
-    const int head = with_min(type) || type == Q4_K || type == Q5_K ? 4 : 2, R = PACK_ROWS;
+    const int head = with_min(type) || type == Q4_K || type == Q5_K || type == Q2_K ? 4 : 2, R = PACK_ROWS;
     /* where a block's scale(s) and its columns start: Q6_K keeps d last, its 16 scales after its 192 value bytes */
-    const int six = type == Q6_K, three = type == Q3_K, head_at = six ? 208 : three ? 108 : 0;
-    const int values_at = six || three ? 0 : head, scale_columns = six ? 4 : three ? 3 : 0, scales_at = six ? 192 : 96;
+    const int six = type == Q6_K, three = type == Q3_K, head_at = six ? 208 : three ? 108 : type == Q2_K ? 80 : 0;
+    const int values_at = six || three || type == Q2_K ? 0 : head, scale_columns = six ? 4 : three ? 3 : 0;
+    const int scales_at = six ? 192 : 96;
     int64_t groups = N / R;
     /* threads: the pages both sides fault in at load (the file's and the fresh copy's) more than the copying */
 #pragma omp parallel for num_threads(threads) schedule(static)
