@@ -1346,12 +1346,15 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
 }
 
 /* fdot_packed for the K-quants (super-blocks of 256 values, bytes each a row, the layouts k_super and k16_super
- * read): each 32-value sub-block's (Q6_K, Q3_K: 16-value group's) sums of q x in fp32, times its scale, plus (Q4_K,
- * Q5_K) its min times the activations' block sum -- fdot_packed's arithmetic, the scales made per sub-block */
+ * read): each 32-value sub-block's (Q6_K, Q3_K, Q2_K: 16-value group's) sums of q x in fp32, times its scale, less
+ * (Q4_K, Q5_K) its min times the activations' block sum (Q2_K: a group's min times its 16 activations' sum) --
+ * fdot_packed's arithmetic, the scales made per sub-block */
 INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, int64_t ldx, const float *xsum,
                           const int rows, int64_t K, float *restrict y, int64_t ldy) {
     const int six = type == Q6_K || type == Q3_K || type == Q2_K;   /* (scales of 16 values) */
-    const int64_t bytes = LANES * (type == Q6_K ? 210 : type == Q5_K ? 176 : type == Q3_K ? 110 : type == Q2_K ? 84 : 144);
+    int block_bytes;
+    block_shape(type, &block_bytes);
+    const int64_t bytes = LANES * block_bytes;
     const int zero = type == Q6_K ? 32 : type == Q3_K ? 4 : 0;
     lf acc[TILE];
     for (int m = 0; m < rows; m++)
@@ -1501,7 +1504,8 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
     int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     int64_t lanes = tasks ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane values: the row-major kernel's */
-    const int halves16 = groups && (type == Q6_K || type == Q3_K || type == Q2_K);   /* (M * K: whole blocks, so hs is aligned) */
+    /* 16-value groups' activation sums (M * K: whole blocks, so hs is aligned) */
+    const int halves16 = groups && (type == Q6_K || type == Q3_K || type == Q2_K);
     char *buf = malloc(lanes * 12 + blocks * 8 + M * K + (halves16 ? blocks * 4 : 0));
     if (!buf)
         return 1;
@@ -1912,8 +1916,8 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
  * tiles, or 0 where it never does (this build lacks the tile unit's bf16 path, or the process may not use it). */
 /* (int8: for calls with MATMUL_INT8, which the int8 kernel takes up to more rows than the exact one) */
 int ggml_amx_bf16(int type, int64_t N, int64_t K, int int8) {
-    const int tiles = AMX_BF16 && packable(type) && type != Q3_K && type != Q2_K && N % 32 == 0 && K % ggml_block_size(type) == 0 && N >= 32
-                      && tiles_granted();
+    const int tiles = AMX_BF16 && packable(type) && type != Q3_K && type != Q2_K   /* (no AMX host to test those) */
+                      && N % 32 == 0 && K % ggml_block_size(type) == 0 && N >= 32 && tiles_granted();
     return tiles ? (int8 ? AMX_BF16_ROWS : AMX_EXACT_ROWS) : 0;
 }
 
@@ -2226,7 +2230,8 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
         || (N % PACK_ROWS && (K % (32 * GB) || qk != 32)))   /* rows left over run row-major: whole groups of K, */
         return 0;                                              /* and a kernel (the K-quants have none) */
     const int head = with_min(type) || type == Q4_K || type == Q5_K || type == Q2_K ? 4 : 2, R = PACK_ROWS;
-    /* where a block's scale(s) and its columns start: Q6_K keeps d last, its 16 scales after its 192 value bytes */
+    /* where a block's scale(s) and its columns start: Q6_K keeps d last, its 16 scales after its 192 value bytes;
+     * Q3_K d last, its 12 scale bytes after its 96 value bytes; Q2_K d and dmin last */
     const int six = type == Q6_K, three = type == Q3_K, head_at = six ? 208 : three ? 108 : type == Q2_K ? 80 : 0;
     const int values_at = six || three || type == Q2_K ? 0 : head, scale_columns = six ? 4 : three ? 3 : 0;
     const int scales_at = six ? 192 : 96;
