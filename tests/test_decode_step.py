@@ -6,6 +6,7 @@ from conftest import assert_all_blocks_free, make_llm, save_tiny_model
 from test_lora import base_dir, make_adapter  # noqa: F401 (fixture)
 
 from lanner import LoRARequest, SamplingParams
+from lanner.model.decode_step import STEP_PARTS
 
 PROMPTS = ["The capital of France is", "Write a haiku about rain.", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"]
 
@@ -30,8 +31,13 @@ def both_paths(llm, prompts, lora_request=None, **params):
 def test_default_model_equals_the_pytorch_path(default_model_path, dtype, exact, monkeypatch):
     monkeypatch.setenv("LANNER_EXACT_LINEARS", exact)   # "0": int8 activations, the default
     llm = make_llm(default_model_path, dtype=dtype, kv_cache_memory=0.05, enable_prefix_caching=False)
+    step = llm.engine.runner.model.decode_step
+    step.timings = torch.zeros(len(STEP_PARTS), dtype=torch.float64)
     lean, torch_path = both_paths(llm, PROMPTS[:1])
     assert lean == torch_path
+    # int8 rows run every layer in one parallel region (fused.c's team_layers), which times silu * up apart
+    assert (step.timings[STEP_PARTS.index("mlp_act")] > 0) == (exact == "0")
+    step.timings = None
     lean, torch_path = both_paths(llm, PROMPTS)   # three rows a step
     assert lean == torch_path
     lean, torch_path = both_paths(llm, PROMPTS * 14)   # 42 rows: past AMX_BF16_ROWS (bf16 on AMX CPUs: the tiles)
@@ -53,7 +59,10 @@ def test_default_model_equals_the_pytorch_path(default_model_path, dtype, exact,
     ("MistralForCausalLM", "MistralConfig", dict(sliding_window=8, head_dim=16)),         # a window in the kernel
     ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=16)),                               # q/k head norms
 ])
-def test_biases_windows_and_head_norms_equal_the_pytorch_path(tmp_path, llm, arch, config_class, config):
+@pytest.mark.parametrize("exact", ["1", "0"])   # "0": int8 rows, every layer in one parallel region
+def test_biases_windows_and_head_norms_equal_the_pytorch_path(tmp_path, llm, arch, config_class, config, exact,
+                                                              monkeypatch):
+    monkeypatch.setenv("LANNER_EXACT_LINEARS", exact)
     save_tiny_model(tmp_path, arch, config_class, llm.tokenizer, weight_std=0.2, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **config)
     tiny = make_llm(str(tmp_path), quantization="q8_0", kv_cache_memory=0.02, block_size=4, enable_prefix_caching=False)

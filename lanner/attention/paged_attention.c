@@ -22,6 +22,7 @@
  * scaled scores are soft-capped, softcap * tanh(s / softcap), before masking (Gemma 2).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -893,6 +894,88 @@ int query_in_bf16(int kv_type, int head_dim) {
     return bf16_scores(kv_type, head_dim);
 }
 
+/* paged_attention's work list: the pieces attention_pieces cuts, and their partial results */
+typedef struct {
+    int n, runs;
+    int32_t *pieces;
+    /* piece j's partial rows start at row_at[j]; sequence i's pieces are first_piece[i] .. first_piece[i+1], their
+     * rows padded_rows apart; run r's pieces are run_start[r] .. run_start[r+1] */
+    int64_t *row_at;
+    int *first_piece, *run_start;
+    float *acc, *mx, *nz;
+} Plan;
+
+static void free_plan(Plan *w) {
+    if (w == NULL)
+        return;
+    free(w->acc); free(w->mx); free(w->nz); free(w->pieces); free(w->row_at); free(w->first_piece);
+    free(w->run_start); free(w);
+}
+
+/* the pieces of the sequences seqs[0..num_seqs) and room for their partial results, or NULL (out of memory) */
+static Plan *plan_pieces(const int32_t *seq_lens, const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
+                         int num_heads, int head_dim, int window, int split_keys, int num_threads) {
+    Plan *w = calloc(1, sizeof(Plan));
+    if (w == NULL)
+        return NULL;
+    const int n = w->n = attention_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, window, split_keys, num_threads,
+                                          NULL, 0);
+    w->pieces = malloc(sizeof(int32_t) * 4 * (n + 1));
+    w->row_at = malloc(sizeof(int64_t) * (n + 1));
+    w->first_piece = malloc(sizeof(int) * (num_seqs + 1)), w->run_start = malloc(sizeof(int) * (n + 1));
+    if (w->pieces == NULL || w->row_at == NULL || w->first_piece == NULL || w->run_start == NULL) {
+        free_plan(w);
+        return NULL;
+    }
+    attention_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, window, split_keys, num_threads, w->pieces, n);
+    int i = -1;
+    const int32_t *pieces = w->pieces;
+    w->row_at[0] = 0;
+    for (int j = 0; j < n; j++) {
+        const int seq = (int)seqs[pieces[4 * j]];
+        w->row_at[j + 1] = w->row_at[j] + padded_rows((cu_seqlens_q[seq + 1] - cu_seqlens_q[seq]) * num_heads);
+        while (i < pieces[4 * j]) w->first_piece[++i] = j;
+        if (j == 0 || pieces[4 * j + 3] != pieces[4 * j - 1]) w->run_start[w->runs++] = j;
+    }
+    while (i < num_seqs) w->first_piece[++i] = n;
+    w->run_start[w->runs] = n;
+    w->acc = aligned_alloc(64, sizeof(float) * (w->row_at[n] + 1) * head_dim);   /* sizes: whole lines */
+    w->mx = aligned_alloc(64, sizeof(float) * (w->row_at[n] + 16));
+    w->nz = aligned_alloc(64, sizeof(float) * (w->row_at[n] + 16));
+    if (w->acc == NULL || w->mx == NULL || w->nz == NULL) {
+        free_plan(w);
+        return NULL;
+    }
+    return w;
+}
+
+/* The plan's pieces, then each sequence's merged, shared out over the threads of the region it runs in; the
+ * caller's region waits at the end */
+static void attend_pieces(const Problem *p, const Plan *w, const int64_t *seqs, int num_seqs, void *out,
+                          int out_bf16, float *lse) {
+    const int D = p->head_dim;
+    #pragma omp for schedule(dynamic, 1)
+    for (int r = 0; r < w->runs; r++)
+        for (int j = w->run_start[r]; j < w->run_start[r + 1]; j++) {
+            const int32_t *piece = w->pieces + 4 * j, *next = piece + 4;
+            const Span after = j + 1 < w->run_start[r + 1] ? (Span){(int)seqs[next[0]], next[1], next[2]}
+                                                           : (Span){-1, 0, 0};
+            attend_split(p, (int)seqs[piece[0]], piece[1], piece[2], after, w->acc + w->row_at[j] * D,
+                         w->mx + w->row_at[j], w->nz + w->row_at[j]);
+        }
+    /* merge each sequence's pieces by their log-sum-exp */
+    #pragma omp for schedule(static) nowait
+    for (int i = 0; i < num_seqs; i++) {
+        int seq = (int)seqs[i], q0 = p->cu_seqlens_q[seq];
+        int R = (p->cu_seqlens_q[seq + 1] - q0) * p->num_heads, splits = w->first_piece[i + 1] - w->first_piece[i];
+        for (int r = 0; r < R; r++) {
+            int64_t k = w->row_at[w->first_piece[i]] + r, row = (int64_t)q0 * p->num_heads + r;
+            merge_row(w->acc + k * D, w->mx + k, w->nz + k, splits, padded_rows(R), D,
+                      (char *)out + row * D * (out_bf16 ? 2 : 4), out_bf16, lse ? lse + row : NULL);
+        }
+    }
+}
+
 /* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts: out [T, Hq, D] in bf16 where
  * out_bf16, else fp32; lse [T, Hq] fp32, or NULL where not asked.
  * Returns 0, 1 when the pieces' partial results could not be allocated, 2 when q is NULL and this build scores in
@@ -907,59 +990,39 @@ int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache,
         return 2;   /* this build scores in fp32 and has no fp32 query */
     Problem p = {q, q_bf16, k_cache, v_cache, kv_type, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
                  tree_width, num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap};
-    const int D = head_dim;
-    const int n = attention_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, window, split_keys, num_threads, NULL, 0);
-    /* piece j's partial rows start at row_at[j]; sequence i's pieces are first_piece[i] .. first_piece[i+1],
-     * their rows padded_rows apart; run r's pieces are run_start[r] .. run_start[r+1] */
-    int32_t *pieces = malloc(sizeof(int32_t) * 4 * (n + 1));
-    int64_t *row_at = malloc(sizeof(int64_t) * (n + 1));
-    int *first_piece = malloc(sizeof(int) * (num_seqs + 1)), *run_start = malloc(sizeof(int) * (n + 1));
-    int i = -1;
-    float *acc = NULL, *mx = NULL, *nz = NULL;
-    int runs = 0;
-    if (pieces != NULL && row_at != NULL && first_piece != NULL && run_start != NULL) {
-        attention_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, window, split_keys, num_threads, pieces, n);
-        row_at[0] = 0;
-        for (int j = 0; j < n; j++) {
-            const int seq = (int)seqs[pieces[4 * j]];
-            row_at[j + 1] = row_at[j] + padded_rows((cu_seqlens_q[seq + 1] - cu_seqlens_q[seq]) * num_heads);
-            while (i < pieces[4 * j]) first_piece[++i] = j;
-            if (j == 0 || pieces[4 * j + 3] != pieces[4 * j - 1]) run_start[runs++] = j;
-        }
-        while (i < num_seqs) first_piece[++i] = n;
-        run_start[runs] = n;
-        acc = aligned_alloc(64, sizeof(float) * (row_at[n] + 1) * D);   /* sizes: whole lines */
-        mx = aligned_alloc(64, sizeof(float) * (row_at[n] + 16));
-        nz = aligned_alloc(64, sizeof(float) * (row_at[n] + 16));
-    }
-    if (acc == NULL || mx == NULL || nz == NULL) {
-        free(acc); free(mx); free(nz); free(pieces); free(row_at); free(first_piece); free(run_start);
+    Plan *w = plan_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, num_heads, head_dim, window, split_keys,
+                          num_threads);
+    if (w == NULL)
         return 1;
-    }
-
     #pragma omp parallel num_threads(num_threads)
-    {
-        #pragma omp for schedule(dynamic, 1)
-        for (int r = 0; r < runs; r++)
-            for (int j = run_start[r]; j < run_start[r + 1]; j++) {
-                const int32_t *piece = pieces + 4 * j, *next = piece + 4;
-                const Span after = j + 1 < run_start[r + 1] ? (Span){(int)seqs[next[0]], next[1], next[2]}
-                                                            : (Span){-1, 0, 0};
-                attend_split(&p, (int)seqs[piece[0]], piece[1], piece[2], after, acc + row_at[j] * D, mx + row_at[j],
-                             nz + row_at[j]);
-            }
-        /* merge each sequence's pieces by their log-sum-exp (the region's end waits: no barrier of its own) */
-        #pragma omp for schedule(static) nowait
-        for (int i = 0; i < num_seqs; i++) {
-            int seq = (int)seqs[i], q0 = cu_seqlens_q[seq];
-            int R = (cu_seqlens_q[seq + 1] - q0) * num_heads, splits = first_piece[i + 1] - first_piece[i];
-            for (int r = 0; r < R; r++) {
-                int64_t k = row_at[first_piece[i]] + r, row = (int64_t)q0 * num_heads + r;
-                merge_row(acc + k * D, mx + k, nz + k, splits, padded_rows(R), D,
-                          (char *)out + row * D * (out_bf16 ? 2 : 4), out_bf16, lse ? lse + row : NULL);
-            }
-        }
-    }
-    free(acc); free(mx); free(nz); free(pieces); free(row_at); free(first_piece); free(run_start);
+    attend_pieces(&p, w, seqs, num_seqs, out, out_bf16, lse);   /* (the region's end waits: no barrier of its own) */
+    free_plan(w);
+    return 0;
+}
+
+/* paged_attention run by every thread of the caller's parallel region (decode_layers' one region a step), each
+ * with its own q and q_bf16 (the same values), out written when every thread returns. Returns as paged_attention,
+ * the same on every thread. */
+int paged_attention_team(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache,
+                         int kv_type, const int32_t *block_tables, int table_width, const int32_t *seq_lens,
+                         const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs, const uint8_t *tree_mask,
+                         int tree_width, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
+                         int window, float softcap, int split_keys, void *out, int out_bf16, float *lse,
+                         int num_threads) {
+    (void)num_threads;   /* the region's */
+    if (q == NULL && !(q_bf16 != NULL && bf16_scores(kv_type, head_dim)))
+        return 2;
+    Problem p = {q, q_bf16, k_cache, v_cache, kv_type, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
+                 tree_width, num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap};
+    Plan *w;
+    #pragma omp single copyprivate(w)
+    w = plan_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, num_heads, head_dim, window, split_keys,
+                    omp_get_num_threads());
+    if (w == NULL)
+        return 1;
+    attend_pieces(&p, w, seqs, num_seqs, out, out_bf16, lse);
+    #pragma omp barrier
+    #pragma omp master
+    free_plan(w);
     return 0;
 }

@@ -60,7 +60,8 @@ class StepArgs(ctypes.Structure):
                 ("cu", c_void_p), ("table_width", c_int), ("num_seqs", c_int), ("tree_width", c_int),
                 ("seqs", c_void_p), ("tree", c_void_p), ("final_norm", c_void_p), ("head", LinearArgs),
                 ("logits", c_void_p), ("argmax", c_void_p), ("head_norms", c_void_p), ("row_slots", c_void_p),
-                ("timings", c_void_p)]
+                ("timings", c_void_p), ("team_matmul", c_void_p), ("team_takes", c_void_p),
+                ("team_attention", c_void_p)]
 
 
 class BurstArgs(ctypes.Structure):
@@ -95,6 +96,10 @@ class DecodeStep:
         self.dequantize = ctypes.cast(linears[0][0].lib.ggml_dequantize, c_void_p).value
         self.argmax = ctypes.cast(linears[0][0].lib.ggml_argmax, c_void_p).value
         self.attention = ctypes.cast(attention_native.paged_attention(), c_void_p).value
+        # the same kernels run by every thread of one region for all the layers (fused.c's team_layers)
+        team = (linears[0][0].lib.ggml_team_matmul, linears[0][0].lib.ggml_team_takes,
+                attention_native.paged_attention().lib.paged_attention_team)
+        self.team = [ctypes.cast(fn, c_void_p).value for fn in team]
         self.window = self.attn.options.get("window")   # the key of the step's attention arrays (layers pass their own)
         self.scale = cfg.attention_scale or cfg.head_dim ** -0.5
         dtype = model.norm.weight.dtype
@@ -233,6 +238,7 @@ class DecodeStep:
                         self.model.norm.weight.data_ptr())
         step.row_slots = None if row_slots is None else row_slots.data_ptr()
         step.timings = None if self.timings is None else self.timings.data_ptr()
+        step.team_matmul, step.team_takes, step.team_attention = self.team
         return step, (launch, cos_sin, slots, row_slots)
 
     @staticmethod

@@ -87,34 +87,38 @@ static void convert(const void *src, void *dst, int64_t n, int from, int to) {
         store(dst, i, load(src, i, from), to);
 }
 
-/* Rotary on the q and k heads of qkv [T, (hq + 2 hkv) * D] in place (HF's half-split layout; cos_sin
- * [T, D] = cos | sin in the activations' dtype; every product and sum rounded as HF's bf16 ops round),
- * then k and v of token t written to row slots[t] of the caches [slots, hkv, D] (slot < 0: skipped), in
- * the caches' element type (kv_type: vec16.h's ELEM_F32, ELEM_BF16 or ELEM_F16). */
+/* Rotary on one head (D values at head, the activations' dtype) of row t in place: HF's half-split layout, cos_sin
+ * [T, D] = cos | sin in the activations' dtype, every product and sum rounded as HF's bf16 ops round */
+static void rotate_head(void *head, const void *cos_sin, int64_t t, int D, int bf16) {
+    const int half = D / 2;
+    int i = 0;
+    for (; i + NATIVE <= half; i += NATIVE) {   /* the loop below, a register at a time */
+        vn c = load_native(cos_sin, t * D + i, bf16), s = load_native(cos_sin, t * D + half + i, bf16);
+        vn x1 = load_native(head, i, bf16), x2 = load_native(head, half + i, bf16);
+        store_native(head, i, round_native(round_native(x1 * c, bf16) - round_native(x2 * s, bf16), bf16), bf16);
+        store_native(head, half + i, round_native(round_native(x2 * c, bf16) + round_native(x1 * s, bf16), bf16),
+                     bf16);
+    }
+    for (; i < half; i++) {
+        float c = load(cos_sin, t * D + i, bf16), s = load(cos_sin, t * D + half + i, bf16);
+        float x1 = load(head, i, bf16), x2 = load(head, half + i, bf16);
+        float r1 = round_to(round_to(x1 * c, bf16) - round_to(x2 * s, bf16), bf16);
+        float r2 = round_to(round_to(x2 * c, bf16) + round_to(x1 * s, bf16), bf16);
+        store(head, i, r1, bf16);
+        store(head, half + i, r2, bf16);
+    }
+}
+
+/* Rotary (rotate_head) on the q and k heads of qkv [T, (hq + 2 hkv) * D] in place, then k and v of token t written
+ * to row slots[t] of the caches [slots, hkv, D] (slot < 0: skipped), in the caches' element type (kv_type: vec16.h's
+ * ELEM_F32, ELEM_BF16 or ELEM_F16). */
 void rope_store(void *qkv, const void *cos_sin, int64_t T, int hq, int hkv, int D, const int64_t *slots,
                 void *k_cache, void *v_cache, int bf16, int kv_type) {
-    const int half = D / 2, width = (hq + 2 * hkv) * D, es = bf16 ? 2 : 4;
+    const int width = (hq + 2 * hkv) * D, es = bf16 ? 2 : 4;
     FOR_ROWS(T, omp_get_max_threads(), {
         const int64_t row = t * width;
-        for (int h = 0; h < hq + hkv; h++) {
-            const int64_t at = row + (int64_t)h * D;
-            int i = 0;
-            for (; i + NATIVE <= half; i += NATIVE) {   /* the loop below, a register at a time */
-                vn c = load_native(cos_sin, t * D + i, bf16), s = load_native(cos_sin, t * D + half + i, bf16);
-                vn x1 = load_native(qkv, at + i, bf16), x2 = load_native(qkv, at + half + i, bf16);
-                store_native(qkv, at + i, round_native(round_native(x1 * c, bf16) - round_native(x2 * s, bf16), bf16), bf16);
-                store_native(qkv, at + half + i, round_native(round_native(x2 * c, bf16) + round_native(x1 * s, bf16), bf16),
-                             bf16);
-            }
-            for (; i < half; i++) {
-                float c = load(cos_sin, t * D + i, bf16), s = load(cos_sin, t * D + half + i, bf16);
-                float x1 = load(qkv, at + i, bf16), x2 = load(qkv, at + half + i, bf16);
-                float r1 = round_to(round_to(x1 * c, bf16) - round_to(x2 * s, bf16), bf16);
-                float r2 = round_to(round_to(x2 * c, bf16) + round_to(x1 * s, bf16), bf16);
-                store(qkv, at + i, r1, bf16);
-                store(qkv, at + half + i, r2, bf16);
-            }
-        }
+        for (int h = 0; h < hq + hkv; h++)
+            rotate_head((char *)qkv + (row + (int64_t)h * D) * es, cos_sin, t, D, bf16);
         if (slots[t] < 0)
             continue;
         const int64_t kv = (int64_t)hkv * D, kv_es = kv_type ? 2 : 4;
@@ -220,6 +224,10 @@ typedef struct {
     const float *head_norms;  /* upper bounds of the head's row norms, or NULL */
     const int32_t *row_slots; /* [T]: each row's adapter slot (0: none), or NULL: no adapters in the step */
     double *timings;          /* [parts below]: each part's seconds added up (the profiler's), or NULL */
+    /* the same kernels run by every thread of one region for all the layers (team_layers), or NULL */
+    team_matmul_fn team_matmul;
+    team_takes_fn team_takes;
+    attention_fn team_attention;
 } DecodeStep;
 
 /* the parts of a step the profiler sees (decode_step.STEP_PARTS names them in this order) */
@@ -427,18 +435,142 @@ static void norm_heads(const DecodeStep *s, const DecoderLayer *l, void *qkv) {
     });
 }
 
-static int attend(const DecodeStep *s, const DecoderLayer *l, const void *qkv, void *out, float *qf, uint16_t *qb) {
-    const int64_t width = (int64_t)(s->hq + 2 * s->hkv) * s->D, qn = (int64_t)s->hq * s->D;
+/* attention of the q rows (width values apart, the activations' dtype) into out [T, hq D] by the kernel fn (the
+ * step's attention, or its team_attention inside team_layers' region); qf, qb: room for q in fp32 and bf16 */
+static int attend(const DecodeStep *s, const DecoderLayer *l, attention_fn fn, const void *q, int64_t width, void *out,
+                  float *qf, uint16_t *qb) {
+    const int64_t qn = (int64_t)s->hq * s->D;
     EACH_ROW({
-        convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qf + t * qn, qn, s->bf16, 0);
+        convert((const char *)q + t * width * (s->bf16 ? 2 : 4), qf + t * qn, qn, s->bf16, 0);
         if (s->kv_type == ELEM_BF16)
-            convert((const char *)qkv + t * width * (s->bf16 ? 2 : 4), qb + t * qn, qn, s->bf16, 1);
+            convert((const char *)q + t * width * (s->bf16 ? 2 : 4), qb + t * qn, qn, s->bf16, 1);
     });
     /* with a bf16 cache the query scores in bf16 (rounded where it is fp32), as attention.native passes it */
-    int failed = s->attention(qf, s->kv_type == ELEM_BF16 ? qb : NULL, l->k_cache, l->v_cache, s->kv_type, s->tables,
-                              s->table_width, s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq,
-                              s->hkv, s->D, s->block_size, s->scale, l->window, s->softcap, l->split, out, s->bf16,
-                              NULL, s->threads);
+    return fn(qf, s->kv_type == ELEM_BF16 ? qb : NULL, l->k_cache, l->v_cache, s->kv_type, s->tables, s->table_width,
+              s->seq_lens, s->cu, s->seqs, s->num_seqs, s->tree, s->tree_width, s->hq, s->hkv, s->D, s->block_size,
+              s->scale, l->window, s->softcap, l->split, out, s->bf16, NULL, s->threads);
+}
+
+/* ---- a step's layers in one parallel region ------------------------------------------------------------ *
+ * At a decode step's few rows every linear is a GEMV that streams its weights, and starting a parallel region
+ * for each call (with one thread alone between them: norms, rotary, quantizing the row) cost those GEMVs ~10 %:
+ * a fork and join, and each stream's restart. Here every thread runs every stage: the stages before a linear
+ * (the norm, rotary of the q heads, silu) each thread computes for itself into its own buffers, so it never
+ * waits for another; the linears and attention share their work out and end at a barrier, the one
+ * synchronization a stage. The residual stream alternates between two buffers (thread 0 writes the new one
+ * while every thread reads the old). The results are decode_layers' other path's, bitwise. */
+
+/* whether every call of the step's layers can run so: a few rows (the int8 GEMV), no adapters, single-part
+ * linears, and the team kernels at hand */
+static int team_step(const DecodeStep *s, const DecoderLayer *layers, int num_layers) {
+    if (!s->team_matmul || !s->team_takes || !s->team_attention)
+        return 0;
+    for (int i = 0; i < num_layers; i++) {
+        const GGMLLinear *linears[4] = {&layers[i].qkv, &layers[i].o, &layers[i].gate_up, &layers[i].down};
+        for (int j = 0; j < 4; j++) {
+            const GGMLLinear *l = linears[j];
+            int ranks = 0, inputs = 0, outputs = 0;
+            adapter_rows(s, l, &ranks, &inputs, &outputs);
+            if (ranks || inputs || outputs || l->next
+                || !s->team_takes(l->type, l->packed, l->n, l->k, s->T, matmul_flags(s, l, 0)))
+                return 0;
+        }
+    }
+    return 1;
+}
+
+/* rows [T, H] of x, plus the stream r_in where given (the sum rounded as stored), into sum (this thread's), and
+ * by thread 0 into r_out; then their RMSNorm into h (this thread's): rms_norm's results */
+static void team_norm(const DecodeStep *s, const void *x, const void *r_in, void *r_out, void *sum,
+                      const void *weight, void *h) {
+    const int64_t n = s->T * s->H;
+    int64_t i = 0;
+    for (; r_in && i + NATIVE <= n; i += NATIVE)
+        store_native(sum, i, round_native(load_native(x, i, s->bf16) + load_native(r_in, i, s->bf16), s->bf16),
+                     s->bf16);
+    for (; i < n; i++)
+        store(sum, i, r_in ? load(x, i, s->bf16) + load(r_in, i, s->bf16) : load(x, i, s->bf16), s->bf16);
+    if (omp_get_thread_num() == 0)
+        memcpy(r_out, sum, n * (s->bf16 ? 2 : 4));
+    for (int64_t t = 0; t < s->T; t++)
+        rms_norm_row(sum, NULL, weight, h, t, s->H, s->eps, s->bf16);
+}
+
+/* the q heads of qkv normed (Qwen3) and rotated into q [T, hq D] (this thread's), and this thread's share of the
+ * k heads the same into the caches with their v heads (head: room for one): rope_store's (and norm_heads')
+ * results, qkv only read */
+static void team_rope(const DecodeStep *s, const DecoderLayer *l, const void *qkv, void *q, void *head) {
+    const int64_t D = s->D, width = (s->hq + 2 * s->hkv) * D, qn = s->hq * D, es = s->bf16 ? 2 : 4;
+    const int64_t kv_es = s->kv_type ? 2 : 4, kv = s->hkv * D;
+    int64_t h0, h1;
+    share(s->hkv, &h0, &h1);
+    for (int64_t t = 0; t < s->T; t++) {
+        char *qt = (char *)q + t * qn * es;
+        memcpy(qt, (const char *)qkv + t * width * es, qn * es);
+        for (int h = 0; h < s->hq; h++) {
+            if (l->q_norm)
+                rms_norm_row(qt, NULL, l->q_norm, qt, h, D, s->eps, s->bf16);
+            rotate_head(qt + h * D * es, s->cos_sin, t, D, s->bf16);
+        }
+        for (int64_t h = h0; h < h1 && s->slots[t] >= 0; h++) {
+            const char *k = (const char *)qkv + (t * width + qn + h * D) * es, *v = k + kv * es;
+            memcpy(head, k, D * es);
+            if (l->k_norm)
+                rms_norm_row(head, NULL, l->k_norm, head, 0, D, s->eps, s->bf16);
+            rotate_head(head, s->cos_sin, t, D, s->bf16);
+            convert(head, (char *)l->k_cache + (s->slots[t] * kv + h * D) * kv_es, D, s->bf16, s->kv_type);
+            convert(v, (char *)l->v_cache + (s->slots[t] * kv + h * D) * kv_es, D, s->bf16, s->kv_type);
+        }
+    }
+}
+
+/* the bytes of each thread's own buffers in team_layers (whole: all of them; else where its fp32 q starts): the
+ * stream's sum, the normed rows, q, silu * up and one k head in the activations' dtype, then q in fp32 and bf16 */
+static int64_t team_bytes(const DecodeStep *s, int whole) {
+    const int64_t T = s->T, qn = (int64_t)s->hq * s->D;
+    const int64_t floats_at = ((T * (2 * s->H + qn + s->I) + s->D) * (s->bf16 ? 2 : 4) + 63) / 64 * 64;
+    return whole ? (floats_at + T * qn * 6 + 63) / 64 * 64 : floats_at;
+}
+
+/* linear l of x (this thread's or shared) into y (shared), by every thread (no bias of y_fp32 or adapters here) */
+static int team_linear(const DecodeStep *s, const GGMLLinear *l, const void *x, void *y) {
+    return s->team_matmul(l->type, l->w, l->packed, l->row_bytes, l->n, l->k, x, l->k, s->T, y, l->n, l->bias,
+                          matmul_flags(s, l, 0));
+}
+
+/* decode_layers' layers (the final norm and head aside) when team_step: x [T, H] in, the last layer's output in
+ * x and its residual stream in residual; stream: room for the other buffer of that stream, shared: the step's
+ * qkv | attention out | gate_up (the act buffer), mine: each thread's own buffers */
+static int team_layers(const DecodeStep *step, const DecoderLayer *layers, int num_layers, void *x, void *residual,
+                       void *stream, char *shared, char *mine) {
+    const int64_t T = step->T, es = step->bf16 ? 2 : 4, qn = (int64_t)step->hq * step->D;
+    const int64_t width = qn + 2 * (int64_t)step->hkv * step->D;
+    int failed = 0;
+#pragma omp parallel num_threads(step->threads) reduction(| : failed)
+    {
+        DecodeStep me = *step;   /* the timings are thread 0's */
+        me.timings = omp_get_thread_num() ? NULL : step->timings;
+        const DecodeStep *s = &me;
+        char *own = mine + omp_get_thread_num() * team_bytes(s, 1);
+        void *sum = own, *h = own + T * s->H * es, *q = (char *)h + T * s->H * es, *a = (char *)q + T * qn * es;
+        void *head = (char *)a + T * s->I * es;
+        float *qf = (float *)(own + team_bytes(s, 0));
+        uint16_t *qb = (uint16_t *)(qf + T * qn);
+        void *qkv = shared, *attn = shared + T * width * es, *gu = (char *)attn + T * qn * es;
+        /* (no early exit on a failure: every thread must reach every barrier) */
+        for (int i = 0; i < num_layers; i++) {
+            const DecoderLayer *l = &layers[i];
+            TIMED(PART_NORMS, team_norm(s, x, i ? residual : NULL, stream, sum, l->input_norm, h));
+            TIMED(PART_QKV, failed |= team_linear(s, &l->qkv, h, qkv));
+            TIMED(PART_ROTARY, team_rope(s, l, qkv, q, head));
+            TIMED(PART_ATTENTION, failed |= attend(s, l, s->team_attention, q, qn, attn, qf, qb));
+            TIMED(PART_O, failed |= team_linear(s, &l->o, attn, x));
+            TIMED(PART_NORMS, team_norm(s, x, stream, residual, sum, l->post_norm, h));
+            TIMED(PART_GATE_UP, failed |= team_linear(s, &l->gate_up, h, gu));
+            TIMED(PART_MLP_ACT, silu_mul(gu, a, T, s->I, s->bf16));
+            TIMED(PART_DOWN, failed |= team_linear(s, &l->down, a, x));
+        }
+    }
     return failed;
 }
 
@@ -462,7 +594,13 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
     void *gu = (char *)attn + T * qn * es, *a = (char *)gu + T * 2 * s->I * es;
     float *qf = f;
     int failed = 0;
-    memcpy(residual, x, T * H * es);
+    char *team = team_step(s, layers, num_layers) ? malloc(T * H * es + s->threads * team_bytes(s, 1) + 128) : NULL;
+    if (team) {   /* (the other buffer of the stream, then each thread's own, 64-byte aligned) */
+        char *mine = team + (T * H * es + 63) / 64 * 64 + (64 - (uintptr_t)team % 64) % 64;
+        failed = team_layers(s, layers, num_layers, x, residual, team, qkv, mine);
+        num_layers = 0;
+    } else
+        memcpy(residual, x, T * H * es);
     for (int i = 0; i < num_layers && !failed; i++) {
         const DecoderLayer *l = &layers[i];
         TIMED(PART_NORMS, rms_norm(x, i ? residual : NULL, l->input_norm, h, T, H, s->eps, s->bf16));
@@ -471,7 +609,7 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
             TIMED(PART_NORMS, norm_heads(s, l, qkv));
         TIMED(PART_ROTARY, rope_store(qkv, s->cos_sin, T, s->hq, s->hkv, s->D, s->slots, l->k_cache, l->v_cache,
                                       s->bf16, s->kv_type));
-        TIMED(PART_ATTENTION, failed |= attend(s, l, qkv, attn, qf, qb));
+        TIMED(PART_ATTENTION, failed |= attend(s, l, s->attention, qkv, width, attn, qf, qb));
         TIMED(PART_O, failed |= linear(s, &l->o, attn, x, 0));
         TIMED(PART_NORMS, rms_norm(x, residual, l->post_norm, h, T, H, s->eps, s->bf16));
         int fused = 0;   /* (the profiler then sees the activation inside gate_up's time) */
@@ -485,7 +623,7 @@ int decode_layers(const DecodeStep *s, const DecoderLayer *layers, int num_layer
     TIMED(PART_NORMS, rms_norm(x, residual, s->final_norm, out, T, H, s->eps, s->bf16));
     if (s->logits && !failed)
         TIMED(PART_HEAD, failed |= head_logits(s, out));
-    free(act), free(f), free(qb);
+    free(act), free(f), free(qb), free(team);
     return failed;
 }
 

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <omp.h>
 #include "../amx.h"
 #include "../vec16.h"
 #include "matmul.h"
@@ -1496,68 +1497,93 @@ static qacts rows_from(qacts a, int64_t m, int64_t K) {
  * stay in L2 (a core's 1-2 MiB) while the weights stream past */
 #define GEMM_ACT_BYTES (256 << 10)
 
+/* qmatmul's scratch for M activation rows: their int8 values and scales (qacts) in one buffer, NULL when out of
+ * memory (free it) */
+static char *qacts_buffer(int type, const uint8_t *packed, int64_t N, int64_t K, int64_t M, qacts *a) {
+    const int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0;
+    const int64_t lanes = N > groups * PACK_ROWS ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane: row-major */
+    /* 16-value groups' activation sums (M * K: whole blocks, so hs is aligned) */
+    const int halves16 = groups && (type == Q6_K || type == Q3_K || type == Q2_K);
+    char *buf = malloc(lanes * 12 + blocks * 8 + M * K + (halves16 ? blocks * 4 : 0));
+    float *f = (float *)buf;
+    *a = (qacts){(int8_t *)(buf + lanes * 12 + blocks * 8), lanes ? f : NULL, lanes ? f + lanes : NULL,
+                 lanes ? (int32_t *)f + 2 * lanes : NULL, f + 3 * lanes, f + 3 * lanes + blocks,
+                 halves16 ? (float *)(buf + lanes * 12 + blocks * 8 + M * K) : NULL};
+    return buf;
+}
+
+/* where this thread's share of [0, n) (in steps of step) starts (end 0) or ends (end 1), split as a static OpenMP
+ * loop splits it: no worksharing construct, so a thread may skip its share (out of memory) without the others
+ * waiting on it */
+static int64_t share_of(int64_t n, int step, int end) {
+    const int64_t steps = (n + step - 1) / step, threads = omp_get_num_threads(), id = omp_get_thread_num() + end;
+    const int64_t at = steps / threads * id + (id < steps % threads ? id : steps % threads);
+    return at * step < n ? at * step : n;
+}
+
+/* qmatmul's work on the quantized activations a, this thread's share of it in the region it runs in (the caller
+ * waits for the others) */
+static void qmatmul_share(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                          qacts a, int64_t M, out_rows o) {
+    const int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
+    const int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    const int plain = !o.bf16 && !o.bias;
+    /* groups a tile takes: two where enough rows make the GEMM compute-bound. Below, one group's 8-row tile reads
+     * the weights from memory at twice the work per byte: 30 layers' linears at 8 rows ran 1.37x slower in pairs */
+    const int step = M >= PAIR_ROWS ? SIDE : 1;
+    const int64_t chunk = (GEMM_ACT_BYTES / (K + K / 32 * 8) / PTILE + 1) * PTILE;
+    const int64_t g0 = share_of(groups, step, 0), g1 = share_of(groups, step, 1);
+    float tile[PTILE * PACK_ROWS > TILE * ROWS_PER_TASK ? PTILE * PACK_ROWS : TILE * ROWS_PER_TASK] __attribute__((aligned(64)));
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
+        for (int64_t g = g0; g < g1; g += step) {
+            const int side = groups - g < step ? groups - g : step;
+            const uint8_t *grp = packed + g * PACK_ROWS * row_bytes;
+            for (int64_t m = m0; m < m1; m += PTILE / step) {
+                const int64_t rows = m1 - m < PTILE / step ? m1 - m : PTILE / step;
+                if (plain) {   /* fp32 without a bias: straight into y */
+                    qmatmul_group(type, grp, PACK_ROWS * row_bytes, side, K, rows_from(a, m, K), rows,
+                                  (float *)o.y + m * o.ld + g * PACK_ROWS, o.ld, m == m0);
+                    continue;
+                }
+                qmatmul_group(type, grp, PACK_ROWS * row_bytes, side, K, rows_from(a, m, K), rows, tile,
+                              step * PACK_ROWS, m == m0);
+                store_tile(tile, step * PACK_ROWS, rows, side * PACK_ROWS, o, m, g * PACK_ROWS);
+            }
+        }
+    }
+    for (int64_t t = share_of(tasks, 1, 0), t1 = share_of(tasks, 1, 1); t < t1; t++) {
+        int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+        for (int64_t m = 0; m < M; m += TILE) {
+            const int64_t rows = M - m < TILE ? M - m : TILE;
+            qmatmul_rows(type, w + n0 * row_bytes, row_bytes, 0, n1 - n0, K, rows_from(a, m, K), rows, tile,
+                         ROWS_PER_TASK);
+            store_tile(tile, ROWS_PER_TASK, rows, n1 - n0, o, m, n0);
+        }
+    }
+}
+
 /* y = W x on int8 activations, W row-major or packed (its whole groups). More rows than a tile (prefill, big
  * batches: compute-bound) run tile by tile against each group while its weights are in L1, a chunk of rows
  * (GEMM_ACT_BYTES) against every group at a time. 1: out of memory */
 static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                    const void *x, int64_t ldx, int x_bf16, int64_t M, out_rows o, int threads) {
-    int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
-    int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    int64_t lanes = tasks ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane values: the row-major kernel's */
-    /* 16-value groups' activation sums (M * K: whole blocks, so hs is aligned) */
-    const int halves16 = groups && (type == Q6_K || type == Q3_K || type == Q2_K);
-    char *buf = malloc(lanes * 12 + blocks * 8 + M * K + (halves16 ? blocks * 4 : 0));
+    qacts a;
+    char *buf = qacts_buffer(type, packed, N, K, M, &a);
     if (!buf)
         return 1;
-    float *f = (float *)buf;
-    qacts a = {(int8_t *)(buf + lanes * 12 + blocks * 8), lanes ? f : NULL, lanes ? f + lanes : NULL,
-               lanes ? (int32_t *)f + 2 * lanes : NULL, f + 3 * lanes, f + 3 * lanes + blocks,
-               halves16 ? (float *)(buf + lanes * 12 + blocks * 8 + M * K) : NULL};
-    const int zero = int8_zero(type), plain = !o.bf16 && !o.bias;
-    /* groups a tile takes: two where enough rows make the GEMM compute-bound. Below, one group's 8-row tile reads
-     * the weights from memory at twice the work per byte: 30 layers' linears at 8 rows ran 1.37x slower in pairs */
-    const int step = M >= PAIR_ROWS ? SIDE : 1;
-    const int64_t chunk = (GEMM_ACT_BYTES / (K + K / 32 * 8) / PTILE + 1) * PTILE;
+    const int zero = int8_zero(type);
     if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
         quantize_rows(x, ldx, x_bf16, M, K, zero, a);
 #pragma omp parallel num_threads(threads)
     {
-        float tile[PTILE * PACK_ROWS > TILE * ROWS_PER_TASK ? PTILE * PACK_ROWS : TILE * ROWS_PER_TASK] __attribute__((aligned(64)));
         if (M > TILE) {
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++)
                 quantize_rows(row_of(x, m, ldx, x_bf16), ldx, x_bf16, 1, K, zero, rows_from(a, m, K));
         }
-        for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-            int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
-#pragma omp for schedule(static) nowait
-            for (int64_t g = 0; g < groups; g += step) {
-                const int side = groups - g < step ? groups - g : step;
-                const uint8_t *grp = packed + g * PACK_ROWS * row_bytes;
-                for (int64_t m = m0; m < m1; m += PTILE / step) {
-                    const int64_t rows = m1 - m < PTILE / step ? m1 - m : PTILE / step;
-                    if (plain) {   /* fp32 without a bias: straight into y */
-                        qmatmul_group(type, grp, PACK_ROWS * row_bytes, side, K, rows_from(a, m, K), rows,
-                                      (float *)o.y + m * o.ld + g * PACK_ROWS, o.ld, m == m0);
-                        continue;
-                    }
-                    qmatmul_group(type, grp, PACK_ROWS * row_bytes, side, K, rows_from(a, m, K), rows, tile,
-                                  step * PACK_ROWS, m == m0);
-                    store_tile(tile, step * PACK_ROWS, rows, side * PACK_ROWS, o, m, g * PACK_ROWS);
-                }
-            }
-        }
         /* the region's end waits: one barrier a call, not two (30 layers' 1-row GEMVs 1.04-1.10x, 16 sweeps) */
-#pragma omp for schedule(static) nowait
-        for (int64_t t = 0; t < tasks; t++) {
-            int64_t n0 = first + t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-            for (int64_t m = 0; m < M; m += TILE) {
-                const int64_t rows = M - m < TILE ? M - m : TILE;
-                qmatmul_rows(type, w + n0 * row_bytes, row_bytes, 0, n1 - n0, K, rows_from(a, m, K), rows, tile,
-                             ROWS_PER_TASK);
-                store_tile(tile, ROWS_PER_TASK, rows, n1 - n0, o, m, n0);
-            }
-        }
+        qmatmul_share(type, w, packed, row_bytes, N, K, a, M, o);
     }
     free(buf);
     return 0;
@@ -1574,7 +1600,6 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
  * dense bf16 copy (each value rounded to bf16 once), so the results are oneDNN's on that copy up to summation order,
  * with no copy kept: the packed blocks stream. */
 #if GB == 2 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-#include <omp.h>
 #define AMX_BF16 1
 #define AMX_ACT_BYTES (1 << 20)   /* activation rows a chunk takes against every group: they stay in L2 */
 
@@ -1981,6 +2006,38 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
                 const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
                 int flags);
 
+/* whether ggml_matmul's int8 path takes a call's weights (MATMUL_INT8 and rows given): a format with the path, on
+ * whole vectors of blocks or whole packed groups (the K-quants: packed only) */
+static int int8_path(int type, const uint8_t *packed, int64_t N, int64_t K) {
+    const int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
+    return int8_zero(type) >= 0 && whole_groups && (ggml_block_size(type) == 32 || (packed && packable(type)));
+}
+
+/* Whether ggml_team_matmul takes such a call: ggml_matmul's int8 path for a decode step's few rows (M <= TILE),
+ * without MATMUL_SILU_MUL or MATMUL_ARGMAX. (The tiles take more rows than that.) */
+int ggml_team_takes(int type, const uint8_t *packed, int64_t N, int64_t K, int64_t M, int flags) {
+    return flags & MATMUL_INT8 && !(flags & (MATMUL_SILU_MUL | MATMUL_ARGMAX)) && M > 0 && M <= TILE
+           && ggml_block_size(type) && K % ggml_block_size(type) == 0 && K % 32 == 0 && int8_path(type, packed, N, K);
+}
+
+/* ggml_matmul for a call ggml_team_takes, run by every thread of the caller's parallel region (a decode step's one
+ * region for all its layers: starting a region a call cost the batch-1 GEMVs ~10 % of their time): each thread
+ * quantizes x for itself, computes its share of y, and waits for the others. Returns 1 where this thread ran out of
+ * memory (its share then not computed; it still waits). */
+int ggml_team_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
+                     const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int flags) {
+    const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias, 0, 0, NULL, NULL};
+    qacts a;
+    char *buf = qacts_buffer(type, packed, N, K, M, &a);
+    if (buf) {
+        quantize_rows(x, ldx, !!(flags & MATMUL_X_BF16), M, K, int8_zero(type), a);
+        qmatmul_share(type, w, packed, row_bytes, N, K, a, M, o);
+    }
+#pragma omp barrier
+    free(buf);
+    return !buf;
+}
+
 /* MATMUL_SILU_MUL where the tiles do not take it: gate | up [M, N] in y's dtype (as the separate call writes it),
  * then silu_rows row by row. 1: out of memory */
 static int matmul_then_silu(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
@@ -2024,7 +2081,6 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
     if ((silu && (bias || N % 2)) || (silu && argmax))
         return 2;
     const out_rows o = {y, ldy, !!(flags & MATMUL_Y_BF16), bias, silu, argmax, NULL, NULL};
-    int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
     const int tile_rows = ggml_amx_bf16(type, N, K, !!(flags & MATMUL_INT8));
     if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && tile_rows && M > tile_rows)   /* (N / 2: whole groups) */
         return amx_bf16_matmul(type, packed, row_bytes, N, K, x, ldx, M, o, threads);
@@ -2032,9 +2088,7 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
         return matmul_then_argmax(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
     if (silu)   /* elsewhere gate | up first, as the separate call writes it */
         return matmul_then_silu(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
-    const int int8 = int8_zero(type) >= 0 && whole_groups
-                     && (ggml_block_size(type) == 32 || (packed && packable(type)));   /* K-quants: packed only */
-    if (flags & MATMUL_INT8 && M > 0 && int8)
+    if (flags & MATMUL_INT8 && M > 0 && int8_path(type, packed, N, K))
         return qmatmul(type, w, packed, row_bytes, N, K, x, ldx, x_bf16, M, o, threads);
     /* the exact path works in fp32: bf16 rows widened first, results through an fp32 copy where they round
      * (+ 1: no zero-byte requests for a step without rows) */

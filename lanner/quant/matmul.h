@@ -1,4 +1,4 @@
-/* ggml_matmul's (ggml_argmax's, ggml_dequantize's) signature and flags, for the kernels that call it through a pointer (fused.c's
+/* ggml_matmul's (ggml_argmax's, ggml_dequantize's, ggml_team_matmul's) signature and flags, for the kernels that call it through a pointer (fused.c's
  * one-call step):
  * each library keeps its own ISA build, so the step takes the matmul as a function pointer. */
 #ifndef LANNER_MATMUL_H
@@ -23,4 +23,9 @@ typedef int (*argmax_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t
                          int64_t, int, const float *, int, float *, int, int64_t *);
 /* ggml_dequantize: type, w, row_bytes, K, ids, rows, out, out_bf16, threads */
 typedef int (*dequantize_fn)(int, const uint8_t *, int64_t, int64_t, const int64_t *, int64_t, void *, int, int);
+/* ggml_team_takes: type, packed, N, K, M, flags */
+typedef int (*team_takes_fn)(int, const uint8_t *, int64_t, int64_t, int64_t, int);
+/* ggml_team_matmul: ggml_matmul's arguments less threads (the caller's region's) */
+typedef int (*team_matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
+                              int64_t, void *, int64_t, const float *, int);
 #endif
