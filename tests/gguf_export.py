@@ -357,12 +357,14 @@ def quantized(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """data [rows, cols] in qtype's blocks: the gguf package's quantizer, and ours for the K-quants (which it
     lacks; plain absmax scales, not llama.cpp's search, but blocks its dequantizer reads as llama.cpp's)."""
     ours = {GGMLQuantizationType.Q2_K: quantize_q2_k, GGMLQuantizationType.Q3_K: quantize_q3_k,
-            GGMLQuantizationType.Q4_K: quantize_q4_k, GGMLQuantizationType.Q6_K: quantize_q6_k}
+            GGMLQuantizationType.Q4_K: quantize_q4_k, GGMLQuantizationType.Q6_K: quantize_q6_k,
+            GGMLQuantizationType.IQ4_NL: quantize_iq4_nl, GGMLQuantizationType.IQ4_XS: quantize_iq4_xs}
     if qtype not in ours:
         return quantize(data, qtype)
-    if data.shape[-1] % 256:
-        raise QuantError(f"rows of {data.shape[-1]} values are not whole super-blocks")
-    return ours[qtype](data.reshape(-1, 256).astype(np.float32)).reshape(*data.shape[:-1], -1)
+    block = 32 if qtype == GGMLQuantizationType.IQ4_NL else 256
+    if data.shape[-1] % block:
+        raise QuantError(f"rows of {data.shape[-1]} values are not whole blocks of {block}")
+    return ours[qtype](data.reshape(-1, block).astype(np.float32)).reshape(*data.shape[:-1], -1)
 
 
 def f16(v: np.ndarray) -> np.ndarray:
@@ -444,3 +446,34 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     low = (q[:, :, :2] & 15) | (q[:, :, 2:] & 15) << 4                        # [half, 2, 32]: bytes i, 32 + i
     high = sum((q[:, :, k] >> 4) << 2 * k for k in range(4)).astype(np.uint8)  # [half, 32]
     return np.concatenate([low.reshape(-1, 128), high.reshape(-1, 64), sc.view(np.uint8), *halves_f16(d)], axis=1)
+
+
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def iq4_indices(v: np.ndarray) -> np.ndarray:
+    """Blocks v [..., 32] (in units of their step) as the 16 bytes of the nearest IQ4_VALUES' indices: value i in
+    byte i's low nibble, value 16 + i in its high one."""
+    i = np.abs(v[..., None] - IQ4_VALUES).argmin(axis=-1).astype(np.uint8)
+    return i[..., :16] | i[..., 16:] << 4
+
+
+def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """Blocks x [n, 32] as IQ4_NL: d (f16), 16 bytes of indices into IQ4_VALUES; w = d IQ4_VALUES[i]."""
+    d = f16(np.abs(x).max(axis=1) / 127)
+    return np.concatenate([*halves_f16(d), iq4_indices(x / np.where(d > 0, d, 1)[:, None])], axis=1)
+
+
+def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
+    """Super-blocks x [n, 256] as IQ4_XS: d (f16), 2 bytes of the sub-blocks' high scale bits (bits 2j), 4 of their
+    low nibbles (sub-block j's at nibble j), 8 sub-blocks of 16 index bytes; w = d (scale - 32) IQ4_VALUES[i]."""
+    sub = x.reshape(-1, 8, 32)
+    scales = np.abs(sub).max(axis=2) / 127
+    d = f16(scales.max(axis=1) / 31)
+    sc = np.clip(np.round(scales / np.where(d > 0, d, 1)[:, None]), 0, 31).astype(np.uint16)
+    step = (d[:, None] * sc)[:, :, None]
+    s = sc + 32
+    high = sum((s[:, j] >> 4) << 2 * j for j in range(8)).astype(np.uint16)
+    low = ((s[:, 0::2] & 15) | (s[:, 1::2] & 15) << 4).astype(np.uint8)
+    values = iq4_indices(sub / np.where(step > 0, step, 1)).reshape(-1, 128)
+    return np.concatenate([*halves_f16(d), high[:, None].view(np.uint8), low, values], axis=1)

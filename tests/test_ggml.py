@@ -14,12 +14,13 @@ from lanner import native
 from lanner.quant import ggml
 from lanner.quant.ggml import BLOCKS, GGMLLinear, GGMLTensor
 
-FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "F16", "BF16", "F32"]
-INT8_FORMATS = FORMATS[:5]   # K-quants and floats multiply fp32 activations on either path
+FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "F16",
+           "BF16", "F32"]
+INT8_FORMATS = FORMATS[:5]   # the row-major int8 kernel's; the others multiply fp32 activations unless packed
 PACKED_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]   # repacked for the int8 kernel, the tiles, exact rows
-K_PACKED = ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"]   # repacked for the int8 kernel and the tiles
+K_PACKED = ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"]   # int8 on whole packed groups only
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
-                 "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108]}   # where a block keeps its f16 scales
+                 "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108], "IQ4_NL": [0], "IQ4_XS": [0]}   # where a block keeps its f16 scales
 
 
 @pytest.fixture(params=native.supported_isas())
@@ -145,7 +146,8 @@ def near_copies(w: GGMLTensor, seed: int) -> GGMLTensor:
     flippable = {"Q4_0": range(3, 18), "Q4_1": range(5, 20), "Q5_0": range(7, 22), "Q5_1": range(9, 24),
                  "Q8_0": range(3, 34), "Q4_K": [b for b in range(16, 144) if (b - 16) % 32],
                  "Q5_K": [b for b in range(48, 176) if (b - 48) % 32], "Q6_K": [b for b in range(128) if b % 32],
-                 "Q3_K": [b for b in range(32, 96) if (b - 32) % 32], "Q2_K": [b for b in range(16, 80) if (b - 16) % 32]}
+                 "Q3_K": [b for b in range(32, 96) if (b - 32) % 32], "Q2_K": [b for b in range(16, 80) if (b - 16) % 32],
+                 "IQ4_NL": range(3, 18), "IQ4_XS": [b for b in range(8, 136) if (b - 8) % 16]}
     bytes_at = np.array(flippable[w.type_name])
     raw = w.data.clone()
     raw[:] = raw[0]

@@ -190,8 +190,8 @@ def test_tiny_gguf_generates_like_hf_on_the_same_weights(mixed_types):
 def test_unsupported_tensor_type_is_a_clear_error(tmp_path, mixed_types):
     path = tmp_path / "iq.gguf"
     path.write_bytes(mixed_types[0].read_bytes())
-    set_tensor_type(path, "blk.0.ffn_up.weight", Q.IQ4_NL)   # IQ4_NL blocks are smaller: the data stays in bounds
-    with pytest.raises(ValueError, match="unsupported GGUF type IQ4_NL"):
+    set_tensor_type(path, "blk.0.ffn_up.weight", Q.IQ2_XXS)   # IQ2_XXS blocks are smaller: the data stays in bounds
+    with pytest.raises(ValueError, match="unsupported GGUF type IQ2_XXS"):
         load_gguf(str(path))
 
 
@@ -326,6 +326,35 @@ def test_2_and_3_bit_k_quants_stay_blocks_and_generate_like_hf(tmp_path, default
     out = ours.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
     assert down.dense is None   # the prompt's step dequantized per call
+
+
+def test_iq4_formats_stay_blocks_and_generate_like_hf(tmp_path, default_model_path, monkeypatch):
+    """IQ4_XS and IQ4_NL (llama.cpp's 4-bit i-quants; its files keep IQ4_NL where rows are not whole super-blocks)
+    stay GGML blocks packed for the int8 kernel: greedy tokens are HF's on the same weights, and on int8 rows the
+    one-call step's are the PyTorch path's."""
+    import transformers
+    cfg = transformers.LlamaConfig(**{**SHAPE, "hidden_size": 256, "intermediate_size": 512}, num_hidden_layers=2,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    mix = {"attn_v": "IQ4_NL", "ffn_down": "IQ4_NL", "output": "Q8_0"}
+    path = tmp_path / "iq4-mix.gguf"
+    write_gguf(model, path, default_model_path, dtype=lambda name: next((t for k, t in mix.items() if k in name), "IQ4_XS"))
+    types = {hf_name(t.name, "llama"): t.type_name for t in GGUFFile(str(path)).tensors}
+    stored = {key: as_stored(tensor, types[key]) for key, tensor in model.state_dict().items()}
+    config, _, _ = load_gguf(str(path))
+    ours = make_llm(str(path), kv_cache_memory=0.01)
+    layer = ours.engine.runner.model.layers[0]
+    assert [p.weight.type_name for p in layer.self_attn.qkv_proj.quantized.parts] == ["IQ4_XS", "IQ4_NL"]
+    down, up = layer.mlp.down_proj.quantized, layer.mlp.gate_up_proj.quantized
+    assert (down.weight.type_name, up.weight.type_name) == ("IQ4_NL", "IQ4_XS")
+    assert down.packed is not None and up.packed is not None
+    ids = [5, 300, 42, 9, 1000, 7, 77, 123, 4, 8, 15, 16, 23, 42, 99, 512, 3, 1]   # past the kernel's 16 rows
+    out = ours.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
+    monkeypatch.setenv("LANNER_EXACT_LINEARS", "0")
+    lean, torch_path = both_paths(make_llm(str(path), kv_cache_memory=0.01, enable_prefix_caching=False), PROMPTS)
+    assert lean == torch_path
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

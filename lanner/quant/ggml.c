@@ -28,7 +28,7 @@
 
 /* GGML type ids (ggml.h) */
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
-       Q5_K = 13, Q6_K = 14, BF16 = 30 };
+       Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30 };
 
 static inline float h2f(const uint8_t *p) {
     _Float16 h;
@@ -104,6 +104,32 @@ INLINE void decode_q4_0(const uint8_t *b, float *restrict out) {
         vi q = ubytes(b + 2 + j);
         storev(out + j, tofloat((q & 15) - 8) * d);
         storev(out + j + 16, tofloat((q >> 4) - 8) * d);
+    }
+}
+
+/* the values IQ4_NL's and IQ4_XS's 4-bit indices stand for (a non-linear grid, denser near zero) */
+static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* 32 values of 16 index bytes laid out as Q4_0's nibbles, times d */
+INLINE void decode_iq4(const uint8_t *qs, float d, float *restrict out) {
+    for (int j = 0; j < 16; j++) {
+        out[j] = d * IQ4_VALUES[qs[j] & 15];
+        out[j + 16] = d * IQ4_VALUES[qs[j] >> 4];
+    }
+}
+
+INLINE void decode_iq4_nl(const uint8_t *b, float *restrict out) {
+    decode_iq4(b + 2, h2f(b), out);
+}
+
+/* IQ4_XS: d, then 8 sub-blocks of 32 IQ4_NL values, sub-block j's 6-bit scale (less 32) from nibble j of bytes 4..7
+ * (low bits) and bits 2j of the 16-bit word at byte 2 (high bits) */
+INLINE void decode_iq4_xs(const uint8_t *b, float *restrict out) {
+    const float d = h2f(b);
+    const int high = b[2] | b[3] << 8;
+    for (int j = 0; j < 8; j++) {
+        const int scale = (((b[4 + j / 2] >> 4 * (j % 2)) & 15) | (((high >> 2 * j) & 3) << 4)) - 32;
+        decode_iq4(b + 8 + 16 * j, d * (float)scale, out + 32 * j);
     }
 }
 
@@ -261,6 +287,8 @@ static int block_shape(int type, int *bytes) {
     case Q4_K: *bytes = 144; return 256;
     case Q5_K: *bytes = 176; return 256;
     case Q6_K: *bytes = 210; return 256;
+    case IQ4_NL: *bytes = 18; return 32;
+    case IQ4_XS: *bytes = 136; return 256;
     case F16: *bytes = 64; return 32;
     case BF16: *bytes = 64; return 32;
     case F32: *bytes = 128; return 32;
@@ -295,6 +323,8 @@ static void decode_row(int type, const uint8_t *src, int64_t K, float *restrict 
     case Q4_K: DECODE_ROW(decode_q4_k)
     case Q5_K: DECODE_ROW(decode_q5_k)
     case Q6_K: DECODE_ROW(decode_q6_k)
+    case IQ4_NL: DECODE_ROW(decode_iq4_nl)
+    case IQ4_XS: DECODE_ROW(decode_iq4_xs)
     case F16: DECODE_ROW(decode_f16)
     case BF16: DECODE_ROW(decode_bf16)
     case F32: DECODE_ROW(decode_f32)
@@ -377,6 +407,8 @@ static void matmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n
     case Q4_K: ROWS_OF(decode_q4_k, 256, 144)
     case Q5_K: ROWS_OF(decode_q5_k, 256, 176)
     case Q6_K: ROWS_OF(decode_q6_k, 256, 210)
+    case IQ4_NL: ROWS_OF(decode_iq4_nl, 32, 18)
+    case IQ4_XS: ROWS_OF(decode_iq4_xs, 256, 136)
     case F16: ROWS_OF(decode_f16, 32, 64)
     case BF16: ROWS_OF(decode_bf16, 32, 64)
     case F32: ROWS_OF(decode_f32, 32, 128)
@@ -955,6 +987,61 @@ INLINE void dot_q8_block(const uint8_t *vals, int64_t gstride, const int groups,
     }
 }
 
+/* IQ4_VALUES[i] for the index i (0..15) in each byte: one in-lane byte shuffle */
+INLINE lb nl_bytes(lb i) {
+    const __m128i values = _mm_loadu_si128((const __m128i *)IQ4_VALUES);
+#if GB == 2
+    return (lb)_mm512_shuffle_epi8(_mm512_broadcast_i32x4(values), (__m512i)i);
+#else
+    return (lb)_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(values), (__m256i)i);
+#endif
+}
+
+/* IQ4_NL packed (Q4_0's layout): each nibble an index into IQ4_VALUES, those int8 values then multiplied as Q8_0's
+ * are (under VNNI offset to unsigned by 128, the zero point; else magnitudes against x with their signs) */
+INLINE void dot_iq4_block(const uint8_t *vals, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                          int64_t b, li d[SIDE][PTILE]) {
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            d[g][m] = (li){0};
+    for (int c = 0; c < 4; c++) {
+        lb w[SIDE][2], magnitude[SIDE][2];
+        sb neg[SIDE][2];
+        for (int g = 0; g < groups; g++) {
+            const lb v = loadlb(vals + g * gstride + c * 4 * LANES);
+            w[g][0] = nl_bytes(v & 15), w[g][1] = nl_bytes((lb)((li)v >> 4) & 15);
+            for (int h = 0; h < 2; h++)
+                neg[g][h] = (sb)w[g][h] < 0, magnitude[g][h] = (lb)(((sb)w[g][h] ^ neg[g][h]) - neg[g][h]);
+        }
+        for (int m = 0; m < rows; m++) {
+            const int8_t *x = a.q + m * K + 32 * b + 4 * c;
+            const lb xs[2] = {bcast4(x), bcast4(x + 16)};   /* values 4c.. (low nibbles) and 16 + 4c.. */
+            for (int g = 0; g < groups; g++)
+                for (int h = 0; h < 2; h++) {
+                    if (VNNI)
+                        d[g][m] = dot(d[g][m], w[g][h] ^ 0x80, xs[h]);
+                    else {
+                        d[g][m] = dot(d[g][m], magnitude[g][h], signed_by(xs[h], neg[g][h]));
+                        KEEP_IN_REGISTER(d[g][m]);
+                    }
+                }
+        }
+    }
+}
+
+/* IQ4_VALUES[i] for the index i (0..15) in each lane, as floats */
+INLINE lf nl_floats(li i) {
+#if GB == 2
+    const __m512 values = _mm512_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+    return (lf)_mm512_permutexvar_ps((__m512i)i, values);
+#else
+    const __m256 low = _mm256_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10);
+    const __m256 high = _mm256_setr_ps(1, 13, 25, 38, 53, 69, 89, 113);
+    return (lf)_mm256_blendv_ps(_mm256_permutevar8x32_ps(low, (__m256i)i), _mm256_permutevar8x32_ps(high, (__m256i)i),
+                                (__m256)(i << 28));   /* index bit 3 as the sign: the high half */
+#endif
+}
+
 /* a * b + c, as one instruction: GCC's reassociation (-fassociative-math) turned the epilogue's two FMAs a row
  * into multiplies and adds */
 #if GB == 2
@@ -974,6 +1061,42 @@ INLINE void k4_scale_min(li s0, li s1, li s2, const int j, lf *sc, lf *mn) {
     *sc = __builtin_convertvector(a, lf), *mn = __builtin_convertvector(b, lf);
 }
 
+/* LANES 16-bit integers at p, widened */
+INLINE li lane_halves(const uint8_t *p) {
+#if GB == 2
+    return (li)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+#else
+    return (li)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+#endif
+}
+
+/* sub-block j's scale (6 bits less 32) of a packed IQ4_XS super-block, each lane's: the high bits from the rows'
+ * 16-bit words after their d, the low ones from the column of their 4 nibble bytes after those */
+INLINE lf iq4_scale(const uint8_t *blk, const int j) {
+    const li low = (loadli(blk + 4 * LANES) >> 4 * j) & 15, high = (lane_halves(blk + 2 * LANES) >> 2 * j) & 3;
+    return __builtin_convertvector((low | high << 4) - 32, lf);
+}
+
+/* An IQ4_XS super-block (ggml_pack, the same bytes: its rows' d, their 16-bit high scale bits, a column of their
+ * low scale nibbles, then 32 columns of their 128 index bytes, sub-block j's 4 columns as Q4_0's nibbles): each
+ * 32-value sub-block as dot_iq4_block multiplies IQ4_NL's, times d (scale - 32) */
+INLINE void kiq4_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
+                       int64_t b, lf acc[SIDE][PTILE]) {
+    for (int j = 0; j < 8; j++) {
+        li dots[SIDE][PTILE];
+        dot_iq4_block(blk + (8 + 16 * j) * LANES, gstride, groups, a, rows, K, 8 * b + j, dots);
+        for (int g = 0; g < groups; g++) {
+            const lf w = halves(blk + g * gstride) * iq4_scale(blk + g * gstride, j);
+            for (int m = 0; m < rows; m++) {
+                const int64_t o = m * (K / 32) + 8 * b + j;
+                acc[g][m] = fmadd(__builtin_convertvector(dots[g][m], lf), w * a.bd[o], acc[g][m]);
+                if (Q8_ZERO)   /* the values offset by 128 under VNNI */
+                    acc[g][m] = fmadd(w * (float)-Q8_ZERO, (lf){0} + a.bs[o], acc[g][m]);
+            }
+        }
+    }
+}
+
 #define Q2_K_VALUES 20   /* where a packed Q2_K block's qs columns start (after d, dmin, 4 scale columns) */
 #define Q3_K_HMASK 14   /* where a packed Q3_K block's hmask and qs columns start, in bytes a lane */
 #define Q3_K_VALUES 46
@@ -981,6 +1104,10 @@ INLINE void k4_scale_min(li s0, li s1, li s2, const int j, lf *sc, lf *mn) {
  * q: Q6_K 0..63 (w = d scale (q - 32); ql and qh columns as k6_super reads them), Q4_K / Q5_K 0..15 / 0..31 (w = d sc
  * q - dmin mn; chunk j / 2's nibbles, Q5_K's fifth bits bit j of its qh columns) */
 INLINE li k_column(const int type, const uint8_t *blk, const int j, const int c) {
+    if (type == IQ4_XS) {   /* (IQ4_VALUES + 128) the low nibbles of qs column 4j + c % 4 (c < 4), else the high */
+        const lb v = loadlb(blk + (8 + 4 * (4 * j + c % 4)) * LANES);
+        return (li)(nl_bytes(c < 4 ? v & 15 : (lb)((li)v >> 4) & 15) ^ 0x80);
+    }
     if (type == Q2_K)   /* the 2 bits of qs column 8 (j / 4) + c at 2 (j % 4) */
         return (loadli(blk + (Q2_K_VALUES + 4 * (8 * (j / 4) + c)) * LANES) >> 2 * (j % 4)) & 0x03030303;
     if (type == Q3_K) {   /* (q + 4: 0..7) the 2 bits of qs column 8 (j / 4) + c at 2 (j % 4), hmask column c's bit j */
@@ -1212,6 +1339,8 @@ INLINE void qdot_packed_super(super_block work, const int bytes, const uint8_t *
 }
 
 #define K_SCALES 2   /* qdot_packed's has_min for a super-block's scales and mins (Q4_K) */
+#define NL4 40   /* qdot_packed's and fdot_packed's bits for IQ4_NL: 4-bit indices into IQ4_VALUES */
+#define NL4_XS 41   /* qdot_packed's for IQ4_XS: the same in super-blocks */
 
 /* y[m * ldy + g * LANES + r] = W[r] . x[m] for the rows r < LANES of groups groups (gstride bytes apart) and
  * m < rows. stream: the first tile against the groups, which reads their weights from memory (or L3), asks for
@@ -1220,14 +1349,15 @@ INLINE void qdot_packed_super(super_block work, const int bytes, const uint8_t *
 INLINE void qdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, int64_t gstride,
                         const int groups, qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy,
                         const int stream) {
-    if (has_min == K_SCALES || bits == 6 || bits <= 3) {   /* Q4_K, Q5_K, Q6_K, Q3_K, Q2_K */
-        qdot_packed_super(bits == 6 ? k6_super : bits == 5 ? k5_super : bits == 3 ? k3_super : bits == 2 ? k2_super
-                          : k4_super, bits == 6 ? 210 : bits == 5 ? 176 : bits == 3 ? 110 : bits == 2 ? 84 : 144, grp,
-                          gstride, groups, a, rows, K, y, ldy, stream);
+    if (has_min == K_SCALES || bits == 6 || bits <= 3 || bits == NL4_XS) {   /* Q4_K .. Q2_K, IQ4_XS */
+        qdot_packed_super(bits == NL4_XS ? kiq4_super : bits == 6 ? k6_super : bits == 5 ? k5_super
+                          : bits == 3 ? k3_super : bits == 2 ? k2_super : k4_super,
+                          bits == NL4_XS ? 136 : bits == 6 ? 210 : bits == 5 ? 176 : bits == 3 ? 110 : bits == 2 ? 84
+                          : 144, grp, gstride, groups, a, rows, K, y, ldy, stream);
         return;
     }
     const int scales = has_min ? 2 : 1;
-    const int64_t bytes = LANES * (2 * scales + bits * 4);   /* one block of a group */
+    const int64_t bytes = LANES * (2 * scales + (bits == NL4 ? 4 : bits) * 4);   /* one block of a group */
     lf acc[SIDE][PTILE];
     for (int g = 0; g < groups; g++)
         for (int m = 0; m < rows; m++)
@@ -1237,7 +1367,9 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
         li d[SIDE][PTILE];
         for (int g = 0; g < groups && stream; g++)
             stream_ahead(blk + g * gstride, bytes);
-        if (bits != 8)
+        if (bits == NL4)
+            dot_iq4_block(blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
+        else if (bits != 8)
             dot_q4_block(bits, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
         else
             dot_q8_block(blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
@@ -1289,6 +1421,8 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int gro
     case Q6_K: PACKED_OF(6, 0, 32)
     case Q3_K: PACKED_OF(3, 0, 4)
     case Q2_K: PACKED_OF(2, 0, 0)
+    case IQ4_NL: PACKED_OF(NL4, 0, Q8_ZERO)
+    case IQ4_XS: PACKED_OF(NL4_XS, 0, Q8_ZERO)
     }
 }
 /* y[m * ldy + r] = W[r] . x[m * ldx] in fp32 for the group's rows r < LANES and m < rows: the exact path's
@@ -1300,7 +1434,7 @@ static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int gro
 INLINE void fdot_packed(const int bits, const int has_min, const int zero, const uint8_t *grp, const float *x,
                         int64_t ldx, const float *xsum, const int rows, int64_t K, float *restrict y, int64_t ldy) {
     const int scales = has_min ? 2 : 1;
-    const int64_t bytes = LANES * (2 * scales + bits * 4);
+    const int64_t bytes = LANES * (2 * scales + (bits == NL4 ? 4 : bits) * 4);
     lf acc[TILE];
     for (int m = 0; m < rows; m++)
         acc[m] = (lf){0};
@@ -1325,7 +1459,8 @@ INLINE void fdot_packed(const int bits, const int has_min, const int zero, const
                     li qlo = (v >> 8 * j) & 15, qhi = (v >> (8 * j + 4)) & 15;
                     if (bits == 5)
                         qlo |= ((h >> (4 * c + j)) & 1) << 4, qhi |= ((h >> (16 + 4 * c + j)) & 1) << 4;
-                    lf lo = __builtin_convertvector(qlo - zero, lf), hi = __builtin_convertvector(qhi - zero, lf);
+                    lf lo = bits == NL4 ? nl_floats(qlo) : __builtin_convertvector(qlo - zero, lf);
+                    lf hi = bits == NL4 ? nl_floats(qhi) : __builtin_convertvector(qhi - zero, lf);
                     for (int m = 0; m < rows; m++) {
                         sum[m][0] += lo * xb[m * ldx + 4 * c + j];
                         sum[m][1] += hi * xb[m * ldx + 16 + 4 * c + j];
@@ -1356,7 +1491,7 @@ INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, in
     int block_bytes;
     block_shape(type, &block_bytes);
     const int64_t bytes = LANES * block_bytes;
-    const int zero = type == Q6_K ? 32 : type == Q3_K ? 4 : 0;
+    const int zero = type == Q6_K ? 32 : type == Q3_K ? 4 : type == IQ4_XS ? 128 : 0;
     lf acc[TILE];
     for (int m = 0; m < rows; m++)
         acc[m] = (lf){0};
@@ -1398,6 +1533,10 @@ INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, in
                         acc[m] -= min * xs;
                     }
                 }
+            } else if (type == IQ4_XS) {
+                const lf scale = d * iq4_scale(blk, j);
+                for (int m = 0; m < rows; m++)
+                    acc[m] += scale * ((sum[m][0] + sum[m][1]) + (sum[m][2] + sum[m][3]));
             } else {
                 lf sc, mn;
                 k4_scale_min(loadli(blk + 4 * LANES), loadli(blk + 8 * LANES), loadli(blk + 12 * LANES), j, &sc, &mn);
@@ -1429,7 +1568,8 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
     case Q5_0: FPACKED_OF(5, 0, 16)
     case Q5_1: FPACKED_OF(5, 1, 0)
     case Q8_0: FPACKED_OF(8, 0, 0)
-    case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K:
+    case IQ4_NL: FPACKED_OF(NL4, 0, 0)
+    case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K: case IQ4_XS:
         switch (M) {
         case 4: fdot_packed_k(type, grp, x, ldx, xsum, 4, K, y, ldy); return;
         case 3: fdot_packed_k(type, grp, x, ldx, xsum, 3, K, y, ldy); return;
@@ -1453,7 +1593,13 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 /* the formats ggml_pack interleaves for the int8 kernel (a packed pointer with another format is ignored) */
 static int packable(int type) {
     return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q2_K
-                           || type == Q3_K || type == Q4_K || type == Q5_K || type == Q6_K);
+                           || type == Q3_K || type == Q4_K || type == Q5_K || type == Q6_K || type == IQ4_NL
+                           || type == IQ4_XS);
+}
+
+/* the formats the row-major int8 kernel takes (qmatmul_rows); the others' int8 path runs on whole packed groups */
+static int row_major_int8(int type) {
+    return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0;
 }
 
 /* whether a format's blocks carry a min (fp16, after the scale) */
@@ -1473,7 +1619,7 @@ static int int8_zero(int type) {
     switch (type) {
     case Q4_0: return 8;
     case Q5_0: return 16;
-    case Q8_0: return Q8_ZERO;
+    case Q8_0: case IQ4_NL: case IQ4_XS: return Q8_ZERO;
     case Q4_1: case Q5_1: case Q4_K: case Q5_K: return 0;
     case Q6_K: return 32;
     case Q3_K: return 4;
@@ -1941,7 +2087,8 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
  * tiles, or 0 where it never does (this build lacks the tile unit's bf16 path, or the process may not use it). */
 /* (int8: for calls with MATMUL_INT8, which the int8 kernel takes up to more rows than the exact one) */
 int ggml_amx_bf16(int type, int64_t N, int64_t K, int int8) {
-    const int tiles = AMX_BF16 && packable(type) && type != Q3_K && type != Q2_K   /* (no AMX host to test those) */
+    const int tiles = AMX_BF16 && packable(type) && type != Q3_K && type != Q2_K && type != IQ4_NL
+                      && type != IQ4_XS   /* (no AMX host to test those) */
                       && N % 32 == 0 && K % ggml_block_size(type) == 0 && N >= 32 && tiles_granted();
     return tiles ? (int8 ? AMX_BF16_ROWS : AMX_EXACT_ROWS) : 0;
 }
@@ -2010,7 +2157,7 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
  * whole vectors of blocks or whole packed groups (the K-quants: packed only) */
 static int int8_path(int type, const uint8_t *packed, int64_t N, int64_t K) {
     const int whole_groups = K % (32 * GB) == 0 || (packed && packable(type) && N % PACK_ROWS == 0);
-    return int8_zero(type) >= 0 && whole_groups && (ggml_block_size(type) == 32 || (packed && packable(type)));
+    return int8_zero(type) >= 0 && (row_major_int8(type) ? whole_groups : packed && packable(type));
 }
 
 /* Whether ggml_team_matmul takes such a call: ggml_matmul's int8 path for a decode step's few rows (M <= TILE),
@@ -2281,9 +2428,11 @@ int ggml_pack(int type, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t 
     int bytes;
     const int qk = block_shape(type, &bytes);
     if (!packable(type) || !qk || K % qk || N < PACK_ROWS
-        || (N % PACK_ROWS && (K % (32 * GB) || qk != 32)))   /* rows left over run row-major: whole groups of K, */
-        return 0;                                              /* and a kernel (the K-quants have none) */
-    const int head = with_min(type) || type == Q4_K || type == Q5_K || type == Q2_K ? 4 : 2, R = PACK_ROWS;
+        || (N % PACK_ROWS && (K % (32 * GB) || !row_major_int8(type))))   /* rows left over run row-major: */
+        return 0;                                   /* whole groups of K, and a kernel (the K-quants have none) */
+    /* (IQ4_XS: d and the 16-bit high scale bits; its scales' low nibbles the first column) */
+    const int head = with_min(type) || type == Q4_K || type == Q5_K || type == Q2_K || type == IQ4_XS ? 4 : 2;
+    const int R = PACK_ROWS;
     /* where a block's scale(s) and its columns start: Q6_K keeps d last, its 16 scales after its 192 value bytes;
      * Q3_K d last, its 12 scale bytes after its 96 value bytes; Q2_K d and dmin last */
     const int six = type == Q6_K, three = type == Q3_K, head_at = six ? 208 : three ? 108 : type == Q2_K ? 80 : 0;

@@ -33,7 +33,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml.c")
 BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
           "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q2_K": (10, 256, 84), "Q3_K": (11, 256, 110),
           "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
-          "Q6_K": (14, 256, 210), "BF16": (30, 32, 64)}
+          "Q6_K": (14, 256, 210), "IQ4_NL": (20, 32, 18), "IQ4_XS": (23, 256, 136), "BF16": (30, 32, 64)}
 # formats picked to fit memory: no dense copy for big steps, which dequantize rows per call instead (a 7B Q3_K_M's
 # fp32 copy would take 27 GB beside its 3.3 GB file)
 COMPACT_FORMATS = ("Q2_K", "Q3_K")
