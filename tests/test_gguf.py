@@ -303,20 +303,26 @@ def test_k_quant_mixes_multiply_as_parts_and_generate_like_hf(k_quant_mix):
     assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
 
 
-def test_2_and_3_bit_k_quants_stay_blocks_and_generate_like_hf(tmp_path, default_model_path):
-    """Q3_K and Q2_K (llama.cpp's Q3_K_M / Q2_K files) stay GGML blocks in memory, big steps included (no dense
-    copy: they dequantize rows per call), and greedy tokens are HF's on the same weights."""
+def mixed_llama(path, default_model_path, mix: dict, default_type: str):
+    """A random 2-layer Llama (hidden 256: whole super-blocks) written to path with each tensor in the type of the
+    first key of mix its name holds (else default_type): the path, its config and the weights as stored."""
     import transformers
     cfg = transformers.LlamaConfig(**{**SHAPE, "hidden_size": 256, "intermediate_size": 512}, num_hidden_layers=2,
                                    tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
-    mix = {"attn_v": "Q2_K", "ffn_down": "Q2_K", "token_embd": "Q3_K", "output": "Q8_0"}
-    path = tmp_path / "q3-mix.gguf"
-    write_gguf(model, path, default_model_path, dtype=lambda name: next((t for k, t in mix.items() if k in name), "Q3_K"))
+    write_gguf(model, path, default_model_path,
+               dtype=lambda name: next((t for k, t in mix.items() if k in name), default_type))
     types = {hf_name(t.name, "llama"): t.type_name for t in GGUFFile(str(path)).tensors}
     stored = {key: as_stored(tensor, types[key]) for key, tensor in model.state_dict().items()}
-    config, _, _ = load_gguf(str(path))
+    return path, load_gguf(str(path))[0], stored
+
+
+def test_2_and_3_bit_k_quants_stay_blocks_and_generate_like_hf(tmp_path, default_model_path):
+    """Q3_K and Q2_K (llama.cpp's Q3_K_M / Q2_K files) stay GGML blocks in memory, big steps included (no dense
+    copy: they dequantize rows per call), and greedy tokens are HF's on the same weights."""
+    mix = {"attn_v": "Q2_K", "ffn_down": "Q2_K", "token_embd": "Q3_K", "output": "Q8_0"}
+    path, config, stored = mixed_llama(tmp_path / "q3-mix.gguf", default_model_path, mix, "Q3_K")
     ours = make_llm(str(path), kv_cache_memory=0.01)
     layer = ours.engine.runner.model.layers[0]
     assert [p.weight.type_name for p in layer.self_attn.qkv_proj.quantized.parts] == ["Q3_K", "Q2_K"]
@@ -332,17 +338,8 @@ def test_iq4_formats_stay_blocks_and_generate_like_hf(tmp_path, default_model_pa
     """IQ4_XS and IQ4_NL (llama.cpp's 4-bit i-quants; its files keep IQ4_NL where rows are not whole super-blocks)
     stay GGML blocks packed for the int8 kernel: greedy tokens are HF's on the same weights, and on int8 rows the
     one-call step's are the PyTorch path's."""
-    import transformers
-    cfg = transformers.LlamaConfig(**{**SHAPE, "hidden_size": 256, "intermediate_size": 512}, num_hidden_layers=2,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
     mix = {"attn_v": "IQ4_NL", "ffn_down": "IQ4_NL", "output": "Q8_0"}
-    path = tmp_path / "iq4-mix.gguf"
-    write_gguf(model, path, default_model_path, dtype=lambda name: next((t for k, t in mix.items() if k in name), "IQ4_XS"))
-    types = {hf_name(t.name, "llama"): t.type_name for t in GGUFFile(str(path)).tensors}
-    stored = {key: as_stored(tensor, types[key]) for key, tensor in model.state_dict().items()}
-    config, _, _ = load_gguf(str(path))
+    path, config, stored = mixed_llama(tmp_path / "iq4-mix.gguf", default_model_path, mix, "IQ4_XS")
     ours = make_llm(str(path), kv_cache_memory=0.01)
     layer = ours.engine.runner.model.layers[0]
     assert [p.weight.type_name for p in layer.self_attn.qkv_proj.quantized.parts] == ["IQ4_XS", "IQ4_NL"]
