@@ -515,7 +515,7 @@ static void team_rope(const DecodeStep *s, const DecoderLayer *l, const void *qk
         for (int64_t h = h0; h < h1 && s->slots[t] >= 0; h++) {
             const char *k = (const char *)qkv + (t * width + qn + h * D) * es, *v = k + kv * es;
             memcpy(head, k, D * es);
-            if (l->k_norm)
+            if (l->q_norm)   /* (norm_heads' condition: both or neither) */
                 rms_norm_row(head, NULL, l->k_norm, head, 0, D, s->eps, s->bf16);
             rotate_head(head, s->cos_sin, t, D, s->bf16);
             convert(head, (char *)l->k_cache + (s->slots[t] * kv + h * D) * kv_es, D, s->bf16, s->kv_type);
