@@ -14,7 +14,7 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 from gguf_export import quantized, write_gguf
 
-from lanner import SamplingParams
+from lanner import SamplingParams, native
 from lanner.model.gguf import GGUFFile, hf_name, load_gguf
 from lanner.quant.ggml import GGMLTensor, kernels
 
@@ -345,7 +345,7 @@ def test_iq4_formats_stay_blocks_and_generate_like_hf(tmp_path, default_model_pa
     assert [p.weight.type_name for p in layer.self_attn.qkv_proj.quantized.parts] == ["IQ4_XS", "IQ4_NL"]
     down, up = layer.mlp.down_proj.quantized, layer.mlp.gate_up_proj.quantized
     assert (down.weight.type_name, up.weight.type_name) == ("IQ4_NL", "IQ4_XS")
-    assert down.packed is not None and up.packed is not None
+    assert (down.packed is not None, up.packed is not None) == (native.isa() != "scalar",) * 2   # (no packed path)
     ids = [5, 300, 42, 9, 1000, 7, 77, 123, 4, 8, 15, 16, 23, 42, 99, 512, 3, 1]   # past the kernel's 16 rows
     out = ours.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
