@@ -976,33 +976,9 @@ static void attend_pieces(const Problem *p, const Plan *w, const int64_t *seqs, 
     }
 }
 
-/* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts: out [T, Hq, D] in bf16 where
- * out_bf16, else fp32; lse [T, Hq] fp32, or NULL where not asked.
- * Returns 0, 1 when the pieces' partial results could not be allocated, 2 when q is NULL and this build scores in
- * fp32 (nothing written then). */
-int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_type,
-                    const int32_t *block_tables, int table_width, const int32_t *seq_lens,
-                    const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
-                    const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
-                    int block_size, float scale, int window, float softcap, int split_keys, void *out, int out_bf16,
-                    float *lse, int num_threads) {
-    if (q == NULL && !(q_bf16 != NULL && bf16_scores(kv_type, head_dim)))
-        return 2;   /* this build scores in fp32 and has no fp32 query */
-    Problem p = {q, q_bf16, k_cache, v_cache, kv_type, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
-                 tree_width, num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap};
-    Plan *w = plan_pieces(seq_lens, cu_seqlens_q, seqs, num_seqs, num_heads, head_dim, window, split_keys,
-                          num_threads);
-    if (w == NULL)
-        return 1;
-    #pragma omp parallel num_threads(num_threads)
-    attend_pieces(&p, w, seqs, num_seqs, out, out_bf16, lse);   /* (the region's end waits: no barrier of its own) */
-    free_plan(w);
-    return 0;
-}
-
 /* paged_attention run by every thread of the caller's parallel region (decode_layers' one region a step), each
- * with its own q and q_bf16 (the same values), out written when every thread returns. Returns as paged_attention,
- * the same on every thread. */
+ * with its own q and q_bf16 (the same values), out written when every thread returns; one thread plans the pieces.
+ * Returns as paged_attention, the same on every thread. */
 int paged_attention_team(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache,
                          int kv_type, const int32_t *block_tables, int table_width, const int32_t *seq_lens,
                          const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs, const uint8_t *tree_mask,
@@ -1011,7 +987,7 @@ int paged_attention_team(const float *q, const uint16_t *q_bf16, const void *k_c
                          int num_threads) {
     (void)num_threads;   /* the region's */
     if (q == NULL && !(q_bf16 != NULL && bf16_scores(kv_type, head_dim)))
-        return 2;
+        return 2;   /* this build scores in fp32 and has no fp32 query */
     Problem p = {q, q_bf16, k_cache, v_cache, kv_type, block_tables, seq_lens, cu_seqlens_q, table_width, tree_mask,
                  tree_width, num_heads, num_kv_heads, head_dim, block_size, scale, window, softcap};
     Plan *w;
@@ -1025,4 +1001,23 @@ int paged_attention_team(const float *q, const uint16_t *q_bf16, const void *k_c
     #pragma omp master
     free_plan(w);
     return 0;
+}
+
+/* Attention for the sequences seqs[0..num_seqs), in the pieces attention_pieces cuts: out [T, Hq, D] in bf16 where
+ * out_bf16, else fp32; lse [T, Hq] fp32, or NULL where not asked: paged_attention_team in a region of its own.
+ * Returns 0, 1 when the pieces' partial results could not be allocated, 2 when q is NULL and this build scores in
+ * fp32 (nothing written then). */
+int paged_attention(const float *q, const uint16_t *q_bf16, const void *k_cache, const void *v_cache, int kv_type,
+                    const int32_t *block_tables, int table_width, const int32_t *seq_lens,
+                    const int32_t *cu_seqlens_q, const int64_t *seqs, int num_seqs,
+                    const uint8_t *tree_mask, int tree_width, int num_heads, int num_kv_heads, int head_dim,
+                    int block_size, float scale, int window, float softcap, int split_keys, void *out, int out_bf16,
+                    float *lse, int num_threads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    failed |= paged_attention_team(q, q_bf16, k_cache, v_cache, kv_type, block_tables, table_width, seq_lens,
+                                   cu_seqlens_q, seqs, num_seqs, tree_mask, tree_width, num_heads, num_kv_heads,
+                                   head_dim, block_size, scale, window, softcap, split_keys, out, out_bf16, lse,
+                                   num_threads);
+    return failed;
 }
