@@ -5,9 +5,11 @@
  *     attention_ab B CONTEXT LAYERS THREADS ROUNDS HEADS KV_HEADS HEAD_DIM KV_TYPE
  *
  * B sequences of CONTEXT cached tokens decode one token each, through LAYERS layers' caches (KV_TYPE: vec16.h's
- * ELEM_*, 0 fp32, 1 bf16, 2 fp16; blocks of 16 in a shuffled table, as after churn) in turn, 3 MB of "weights" read between calls (a step's linears evict the
- * caches between layers). Prints the median and the minimum over ROUNDS of the mean microseconds a call, and a
- * checksum of the first layer's output (variants that should agree print the same one). */
+ * ELEM_*, 0 fp32, 1 bf16, 2 fp16; blocks of 16 in a shuffled table, as after churn) in turn, 3 MB of "weights" read
+ * between calls, each layer its own (as a step's linears stream ~100 MB, so that a small context's KV comes from
+ * memory, not from an L3 that one 3 MB reread left it in). Prints the median and the minimum over ROUNDS of the
+ * mean microseconds a call, and a checksum of the first layer's output (variants that should agree print the same
+ * one). */
 #include KERNEL
 #include <omp.h>
 #include <stdio.h>
@@ -71,8 +73,8 @@ int main(int argc, char **argv) {
     int64_t *seqs = malloc(8 * B);
     for (int b = 0; b < B; b++) seq_lens[b] = ctx, cu[b] = b, seqs[b] = b;
     cu[B] = B;
-    float *out = aligned_alloc(64, (size_t)B * H * D * 4), *weights = malloc(sizeof(float) * (3 << 18));
-    for (int i = 0; i < 3 << 18; i++) weights[i] = 1;
+    float *out = aligned_alloc(64, (size_t)B * H * D * 4), *weights = malloc(sizeof(float) * L * (3 << 18));
+    for (size_t i = 0; i < (size_t)L * (3 << 18); i++) weights[i] = 1;
     double *seconds = malloc(sizeof(double) * rounds), checksum = 0;
     volatile float sink;
     for (int r = 0; r < rounds; r++) {
@@ -80,7 +82,7 @@ int main(int argc, char **argv) {
         for (int l = 0; l < L; l++) {
             float s = 0;
 #pragma omp parallel for reduction(+ : s) num_threads(threads)
-            for (int i = 0; i < 3 << 18; i += 16) s += weights[i];
+            for (int i = 0; i < 3 << 18; i += 16) s += weights[(size_t)l * (3 << 18) + i];
             sink = s;
             const double start = omp_get_wtime();
             if (paged_attention(layers[l].q, NULL, layers[l].k, layers[l].v, kind, layers[l].table, width, seq_lens,

@@ -6,7 +6,8 @@ alternation so that a shared host's drift hits every variant alike. JSON lines, 
                                  [--kv-cache-dtype float32|bfloat16|float16]
 
 A case BxC is B sequences with C cached tokens decoding one token each, through --layers layers' caches in turn with
-3 MB of other memory read between calls (as a step's linears do), so the KV comes from memory as in a real step.
+3 MB of other memory read between calls, each layer its own (as a step's linears read theirs), so the KV comes from
+memory as in a real step.
 Each pair is one run of every variant (median of --rounds rounds of the layers); a variant's figure is the median
 of its --pairs runs, and `ratio` is the first variant's median time over this one's (above 1: faster).
 Python loops over the ctypes function add ~5 us a call (its 25 arguments converted each time), which swamps
