@@ -1,6 +1,7 @@
 /* Decode-step attention timed from C, for bench/attention_ab.py: the kernel source is included (-DKERNEL="path"),
  * so a call costs what it costs inside fused.c's step, without the ~5 us of ctypes argument conversion that a
- * Python loop adds to each call.
+ * Python loop adds to each call. With -DTEAM=1 (kernels that have paged_attention_team) every layer's call runs in
+ * one parallel region a round, as the step's one region runs it; else in a region of its own.
  *
  *     attention_ab B CONTEXT LAYERS THREADS ROUNDS HEADS KV_HEADS HEAD_DIM KV_TYPE
  *
@@ -77,22 +78,48 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < (size_t)L * (3 << 18); i++) weights[i] = 1;
     double *seconds = malloc(sizeof(double) * rounds), checksum = 0;
     volatile float sink;
+    const size_t slice = 3 << 18;   /* a layer's "weights", floats */
+    int failed = 0;
     for (int r = 0; r < rounds; r++) {
         double total = 0;
+#if TEAM
+        /* as fused.c's one region a step: each thread reads its share of a layer's weights (the GEMVs), then every
+         * thread runs the attention together; thread 0's clock */
+#pragma omp parallel num_threads(threads) reduction(+ : total) reduction(| : failed)
+        for (int l = 0; l < L; l++) {
+            float s = 0;
+            for (size_t i = slice * omp_get_thread_num() / threads / 16 * 16;
+                 i < slice * (omp_get_thread_num() + 1) / threads; i += 16)
+                s += weights[l * slice + i];
+            if (omp_get_thread_num() == 0)
+                sink = s;
+#pragma omp barrier
+            const double start = omp_get_wtime();
+            failed |= paged_attention_team(layers[l].q, NULL, layers[l].k, layers[l].v, kind, layers[l].table, width,
+                                           seq_lens, cu, seqs, B, NULL, 0, H, Hkv, D, block_size,
+                                           1.0f / sqrtf((float)D), 0, 0.0f, 1 << 30, out, 0, NULL, threads);
+            if (omp_get_thread_num() == 0)
+                total += omp_get_wtime() - start;
+#pragma omp master
+            for (int i = 0; r == 0 && l == 0 && i < B * H * D; i++) checksum += out[i];
+        }
+#else   /* kernels before paged_attention_team: a region a call */
         for (int l = 0; l < L; l++) {
             float s = 0;
 #pragma omp parallel for reduction(+ : s) num_threads(threads)
-            for (int i = 0; i < 3 << 18; i += 16) s += weights[(size_t)l * (3 << 18) + i];
+            for (size_t i = 0; i < slice; i += 16) s += weights[l * slice + i];
             sink = s;
             const double start = omp_get_wtime();
-            if (paged_attention(layers[l].q, NULL, layers[l].k, layers[l].v, kind, layers[l].table, width, seq_lens,
-                                cu, seqs, B, NULL, 0, H, Hkv, D, block_size, 1.0f / sqrtf((float)D), 0, 0.0f, 1 << 30,
-                                out, 0, NULL, threads)) {
-                fprintf(stderr, "paged_attention failed\n");
-                return 1;
-            }
+            failed |= paged_attention(layers[l].q, NULL, layers[l].k, layers[l].v, kind, layers[l].table, width,
+                                      seq_lens, cu, seqs, B, NULL, 0, H, Hkv, D, block_size, 1.0f / sqrtf((float)D),
+                                      0, 0.0f, 1 << 30, out, 0, NULL, threads);
             total += omp_get_wtime() - start;
             for (int i = 0; r == 0 && l == 0 && i < B * H * D; i++) checksum += out[i];
+        }
+#endif
+        if (failed) {
+            fprintf(stderr, "paged_attention failed\n");
+            return 1;
         }
         seconds[r] = total / L;
     }

@@ -12,7 +12,8 @@ Each pair is one run of every variant (median of --rounds rounds of the layers);
 of its --pairs runs, and `ratio` is the first variant's median time over this one's (above 1: faster).
 Python loops over the ctypes function add ~5 us a call (its 25 arguments converted each time), which swamps
 decode-sized calls (a 128-token context's layer is ~10 us on 2 Zen 3 cores); here a call costs what it costs
-inside fused.c's decode step.
+inside fused.c's decode step: kernels with paged_attention_team run every layer's call in one parallel region, as
+the step does (older ones a region a call).
 """
 import argparse
 import os
@@ -43,7 +44,9 @@ def checkout(rev: str, into: str) -> str:
 def build(kernel: str, binary: str) -> None:
     from lanner import native
     flags = [f for f in native.COMMON_FLAGS if f not in ("-shared", "-fPIC")] + native.isa_flags()
-    subprocess.run([native.compiler(), *flags, f'-DKERNEL="{os.path.abspath(kernel)}"',
+    with open(kernel) as f:   # the step's one region, where the kernel has its team function (session 42 on)
+        team = int("paged_attention_team" in f.read())
+    subprocess.run([native.compiler(), *flags, f"-DTEAM={team}", f'-DKERNEL="{os.path.abspath(kernel)}"',
                     os.path.join(REPO, "bench", "attention_ab.c"), "-o", binary, "-lm"], check=True)
 
 
