@@ -1010,12 +1010,13 @@ INLINE void dot_int8_block(const int nl, const uint8_t *vals, int64_t gstride, c
 
 /* IQ4_VALUES[i] for the index i (0..15) in each lane, as floats */
 INLINE lf nl_floats(li i) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)IQ4_VALUES);
 #if GB == 2
-    const __m512 values = _mm512_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+    const __m512 values = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
     return (lf)_mm512_permutexvar_ps((__m512i)i, values);
 #else
-    const __m256 low = _mm256_setr_ps(-127, -104, -83, -65, -49, -35, -22, -10);
-    const __m256 high = _mm256_setr_ps(1, 13, 25, 38, 53, 69, 89, 113);
+    const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    const __m256 high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
     return (lf)_mm256_blendv_ps(_mm256_permutevar8x32_ps(low, (__m256i)i), _mm256_permutevar8x32_ps(high, (__m256i)i),
                                 (__m256)(i << 28));   /* index bit 3 as the sign: the high half */
 #endif
