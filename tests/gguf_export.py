@@ -354,11 +354,13 @@ def add_tensor(writer: GGUFWriter, name: str, data: np.ndarray, type_name: str) 
 
 
 def quantized(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """data [rows, cols] in qtype's blocks: the gguf package's quantizer, and ours for the K-quants (which it
+    """data [rows, cols] in qtype's blocks: the gguf package's quantizer, and ours for the K-quants and i-quants (which it
     lacks; plain absmax scales, not llama.cpp's search, but blocks its dequantizer reads as llama.cpp's)."""
     ours = {GGMLQuantizationType.Q2_K: quantize_q2_k, GGMLQuantizationType.Q3_K: quantize_q3_k,
             GGMLQuantizationType.Q4_K: quantize_q4_k, GGMLQuantizationType.Q6_K: quantize_q6_k,
             GGMLQuantizationType.IQ4_NL: quantize_iq4_nl, GGMLQuantizationType.IQ4_XS: quantize_iq4_xs}
+    if qtype.name in IQ_SCALES:
+        ours[qtype] = lambda blocks: quantize_low_iq(blocks, qtype.name)
     if qtype not in ours:
         return quantize(data, qtype)
     block = 32 if qtype == GGMLQuantizationType.IQ4_NL else 256
@@ -477,3 +479,85 @@ def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
     low = ((s[:, 0::2] & 15) | (s[:, 1::2] & 15) << 4).astype(np.uint8)
     values = iq4_indices(sub / np.where(step > 0, step, 1)).reshape(-1, 128)
     return np.concatenate([*halves_f16(d), high[:, None].view(np.uint8), low, values], axis=1)
+
+
+def iq_grid(name: str) -> np.ndarray:
+    """A low i-quant's lattice grid [entries, 8 or 4] of value bytes (IQ1's -1, 0, 1), as the gguf package has it."""
+    from gguf import quants
+    cls = getattr(quants, name)
+    cls.init_grid()
+    return cls.grid.reshape(cls.grid_shape)
+
+
+def nearest(targets: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The grid entry nearest each row of targets [n, width] (squared distance)."""
+    out = np.empty(len(targets), dtype=np.int64)
+    for a in range(0, len(targets), 2048):
+        out[a:a + 2048] = ((targets[a:a + 2048, None, :] - grid[None]) ** 2).sum(-1).argmin(-1)
+    return out
+
+
+def bits_of(flags: np.ndarray) -> np.ndarray:
+    """Boolean rows [..., k] as integers, flag i at bit i."""
+    return (flags.astype(np.int64) << np.arange(flags.shape[-1])).sum(-1)
+
+
+def even_signs(x: np.ndarray) -> np.ndarray:
+    """The signs (True: negative) of groups x [..., 8] with the least magnitude's flipped where the count is odd:
+    the seven stored sign bits imply the eighth (ksigns)."""
+    neg = x < 0
+    odd = neg.sum(-1) % 2 == 1
+    least = np.abs(x).argmin(-1)
+    np.put_along_axis(neg, least[..., None], np.take_along_axis(neg, least[..., None], -1) ^ odd[..., None], -1)
+    return neg
+
+
+# per low i-quant: (the sub-block scale code written, the multiplier it stands for, the grid's largest value)
+IQ_SCALES = {"IQ2_XXS": (15, 3.875, 43), "IQ2_XS": (15, 3.875, 43), "IQ2_S": (15, 3.875, 43),
+             "IQ3_XXS": (15, 7.75, 62), "IQ3_S": (15, 31, 15), "IQ1_S": (7, 15, 1.125), "IQ1_M": (7, 15, 1.125)}
+
+
+def quantize_low_iq(x: np.ndarray, name: str) -> np.ndarray:
+    """Super-blocks x [n, 256] as a low i-quant: every sub-block at one scale code (IQ_SCALES), d from the block's
+    absmax, each group of 8 the nearest grid entries to its magnitudes with its signs (IQ1: its values less the
+    +1/8 delta, no signs). Not llama.cpp's search, but blocks its dequantizer reads as llama.cpp's."""
+    n = len(x)
+    sc, mult, top = IQ_SCALES[name]
+    d = f16(np.abs(x).max(axis=1) / (top * mult))
+    t = (x / np.where(d > 0, d * mult, 1)[:, None]).reshape(n, 32, 8)   # in grid units, groups of 8
+    grid = iq_grid(name)
+    u8 = lambda v: np.asarray(v).astype(np.uint8).reshape(n, -1)
+    u16 = lambda v: np.asarray(v).astype("<u2").reshape(n, -1).view(np.uint8)
+    u32 = lambda v: np.asarray(v).astype("<u4").reshape(n, -1).view(np.uint8)
+    head = halves_f16(d)
+    if name.startswith("IQ1"):
+        idx = nearest((t - 0.125).reshape(-1, 8), grid).reshape(n, 8, 4)   # delta +1/8: its sign bits clear
+        if name == "IQ1_S":
+            qh = bits_of(np.zeros((n, 8, 1), bool)) + sum((idx[:, :, l] >> 8) << 3 * l for l in range(4)) + (sc << 12)
+            return np.concatenate([*head, u8(idx & 255), u16(qh)], axis=1)
+        nibbles = (idx >> 8).reshape(n, 16, 2)   # bit 3 (the delta's sign) clear
+        bits = d.astype(np.float16).view(np.uint16).astype(np.int64)
+        scales = [sc * 0o1111 + ((bits >> 4 * k & 15) << 12) for k in range(4)]
+        return np.concatenate([u8(idx & 255), u8(nibbles[..., 0] | nibbles[..., 1] << 4), u16(np.stack(scales, 1))],
+                              axis=1)
+    neg = even_signs(t) if name in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS") else t < 0
+    mags = np.abs(t)
+    signs = bits_of(neg)                                                       # [n, 32]
+    if name.startswith("IQ3"):
+        idx = nearest(mags.reshape(-1, 4), grid).reshape(n, 8, 8)             # 8 entries a sub-block
+        if name == "IQ3_XXS":
+            aux = sum((signs.reshape(n, 8, 4)[:, :, l] & 127) << 7 * l for l in range(4)) + (sc << 28)
+            return np.concatenate([*head, u8(idx), u32(aux)], axis=1)
+        qh = bits_of((idx >> 8).astype(bool))
+        return np.concatenate([*head, u8(idx & 255), u8(qh), u8(signs), u8(np.full((n, 4), sc * 17))], axis=1)
+    idx = nearest(mags.reshape(-1, 8), grid).reshape(n, 32)
+    scales = u8(np.full((n, 8), sc * 17))
+    if name == "IQ2_XXS":
+        groups, s7 = idx.reshape(n, 8, 4), (signs & 127).reshape(n, 8, 4)
+        aux = sum(s7[:, :, l] << 7 * l for l in range(4)) + (sc << 28)
+        return np.concatenate([*head, np.concatenate([u8(groups).reshape(n, 8, 4), u32(aux).reshape(n, 8, 4)],
+                                                     axis=2).reshape(n, 64)], axis=1)
+    if name == "IQ2_XS":
+        return np.concatenate([*head, u16(idx | (signs & 127) << 9), scales], axis=1)
+    qh = sum((idx.reshape(n, 8, 4)[:, :, l] >> 8) << 2 * l for l in range(4))
+    return np.concatenate([*head, u8(idx & 255), u8(signs), u8(qh), scales], axis=1)

@@ -12,15 +12,16 @@ from gguf.quants import dequantize
 
 from lanner import native
 from lanner.quant import ggml
-from lanner.quant.ggml import BLOCKS, GGMLLinear, GGMLTensor
+from lanner.quant.ggml import BLOCKS, LOW_IQ_FORMATS, GGMLLinear, GGMLTensor
 
 FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "F16",
-           "BF16", "F32"]
-INT8_FORMATS = FORMATS[:5]   # the row-major int8 kernel's; the others multiply fp32 activations unless packed
+           "BF16", "F32", *LOW_IQ_FORMATS]
+INT8_FORMATS = FORMATS[:5]   # the row-major int8 kernel's (and LOW_IQ_FORMATS'); the others multiply fp32 activations unless packed
 PACKED_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]   # repacked for the int8 kernel, the tiles, exact rows
 K_PACKED = ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"]   # int8 on whole packed groups only
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
-                 "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108], "IQ4_NL": [0], "IQ4_XS": [0]}   # where a block keeps its f16 scales
+                 "Q5_K": [0, 2], "Q6_K": [208], "Q2_K": [80, 82], "Q3_K": [108], "IQ4_NL": [0], "IQ4_XS": [0],
+                 **{name: [0] for name in LOW_IQ_FORMATS if name != "IQ1_M"}}   # where a block keeps its f16 scales
 
 
 @pytest.fixture(params=native.supported_isas())
@@ -46,9 +47,13 @@ def random_weight(type_name: str, rows: int, cols: int, seed: int = 0) -> GGMLTe
         raw = {"F32": w, "F16": w.half(), "BF16": w.bfloat16()}[type_name].contiguous().view(torch.uint8)
         return GGMLTensor(type_name, (rows, cols), raw.reshape(rows, -1))
     raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
-    for off in SCALE_OFFSETS[type_name]:
+    for off in SCALE_OFFSETS.get(type_name, []):
         scales = (rng.standard_normal((rows, cols // block)) * 0.05).astype(np.float16)
         raw[:, :, off:off + 2] = scales.view(np.uint8).reshape(rows, cols // block, 2)
+    if type_name == "IQ1_M":   # its f16 scale's nibbles are the top ones of its 4 scale words (bytes 48-55)
+        bits = (rng.standard_normal((rows, cols // block)) * 0.05).astype(np.float16).view(np.uint16)
+        for k in range(4):
+            raw[:, :, 49 + 2 * k] = (raw[:, :, 49 + 2 * k] & 15) | ((bits >> 4 * k & 15) << 4).astype(np.uint8)
     return GGMLTensor.from_numpy(type_name, (rows, cols), raw)
 
 
@@ -114,7 +119,7 @@ def test_int8_activations_equal_their_reference_on_every_level(level, type_name,
     exact = x.double() @ reference(w).double().T
     # row-major int8 takes whole vectors of blocks (2 on AVX-512): a K of 3 blocks runs exact there unless packed
     whole = cols % 64 == 0 or native.isa() != "avx512" or lin.packed is not None
-    int8 = (type_name in INT8_FORMATS and whole) or (type_name in K_PACKED and lin.packed is not None)
+    int8 = (type_name in INT8_FORMATS + list(LOW_IQ_FORMATS) and whole) or (type_name in K_PACKED and lin.packed is not None)
     want = int8_blocks(x) @ reference(w).double().T if int8 else exact
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert (got - exact).norm() < 0.02 * exact.norm()   # int8 rounding: 0.4-0.8 % measured

@@ -318,6 +318,13 @@ def mixed_llama(path, default_model_path, mix: dict, default_type: str):
     return path, load_gguf(str(path))[0], stored
 
 
+def assert_greedy_like_hf(ours, config: dict, stored: dict) -> None:
+    """A prompt past the kernel's 16 rows (so its step takes the large-batch path) and 8 greedy tokens: HF's."""
+    ids = [5, 300, 42, 9, 1000, 7, 77, 123, 4, 8, 15, 16, 23, 42, 99, 512, 3, 1]
+    out = ours.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
+
+
 def test_2_and_3_bit_k_quants_stay_blocks_and_generate_like_hf(tmp_path, default_model_path):
     """Q3_K and Q2_K (llama.cpp's Q3_K_M / Q2_K files) stay GGML blocks in memory, big steps included (no dense
     copy: they dequantize rows per call), and greedy tokens are HF's on the same weights."""
@@ -328,9 +335,7 @@ def test_2_and_3_bit_k_quants_stay_blocks_and_generate_like_hf(tmp_path, default
     assert [p.weight.type_name for p in layer.self_attn.qkv_proj.quantized.parts] == ["Q3_K", "Q2_K"]
     down = layer.mlp.down_proj.quantized
     assert down.weight.type_name == "Q2_K" and down.dense is None and down.dense_dtype is None
-    ids = [5, 300, 42, 9, 1000, 7, 77, 123, 4, 8, 15, 16, 23, 42, 99, 512, 3, 1]   # past the kernel's 16 rows
-    out = ours.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
+    assert_greedy_like_hf(ours, config, stored)
     assert down.dense is None   # the prompt's step dequantized per call
 
 
@@ -346,9 +351,27 @@ def test_iq4_formats_stay_blocks_and_generate_like_hf(tmp_path, default_model_pa
     down, up = layer.mlp.down_proj.quantized, layer.mlp.gate_up_proj.quantized
     assert (down.weight.type_name, up.weight.type_name) == ("IQ4_NL", "IQ4_XS")
     assert (down.packed is not None, up.packed is not None) == (native.isa() != "scalar",) * 2   # (no packed path)
-    ids = [5, 300, 42, 9, 1000, 7, 77, 123, 4, 8, 15, 16, 23, 42, 99, 512, 3, 1]   # past the kernel's 16 rows
-    out = ours.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == hf_greedy(hf_model_from(config, stored), ids, 8)
+    assert_greedy_like_hf(ours, config, stored)
+    monkeypatch.setenv("LANNER_EXACT_LINEARS", "0")
+    lean, torch_path = both_paths(make_llm(str(path), kv_cache_memory=0.01, enable_prefix_caching=False), PROMPTS)
+    assert lean == torch_path
+
+
+def test_low_iq_formats_stay_blocks_and_generate_like_hf(tmp_path, default_model_path, monkeypatch):
+    """The i-quants below 4 bits (IQ1_S .. IQ3_S: lattice grids), all seven in one model as llama.cpp's IQ mixes
+    put them side by side, stay GGML blocks (no dense copy for big steps either): greedy tokens are HF's on the same
+    weights, and on int8 rows the one-call step's are the PyTorch path's."""
+    mix = {"attn_q": "IQ2_XS", "attn_k": "IQ2_S", "attn_v": "IQ3_S", "ffn_gate": "IQ1_S", "ffn_down": "IQ1_M",
+           "token_embd": "IQ3_XXS", "output": "Q8_0"}
+    path, config, stored = mixed_llama(tmp_path / "iq-low-mix.gguf", default_model_path, mix, "IQ2_XXS")
+    ours = make_llm(str(path), kv_cache_memory=0.01)
+    layer = ours.engine.runner.model.layers[0]
+    assert [p.weight.type_name for p in layer.self_attn.qkv_proj.quantized.parts] == ["IQ2_XS", "IQ2_S", "IQ3_S"]
+    assert [p.weight.type_name for p in layer.mlp.gate_up_proj.quantized.parts] == ["IQ1_S", "IQ2_XXS"]
+    down = layer.mlp.down_proj.quantized
+    assert down.weight.type_name == "IQ1_M" and down.packed is None and down.dense_dtype is None
+    assert_greedy_like_hf(ours, config, stored)
+    assert down.dense is None   # the prompt's step dequantized per call
     monkeypatch.setenv("LANNER_EXACT_LINEARS", "0")
     lean, torch_path = both_paths(make_llm(str(path), kv_cache_memory=0.01, enable_prefix_caching=False), PROMPTS)
     assert lean == torch_path

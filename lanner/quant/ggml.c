@@ -28,7 +28,8 @@
 
 /* GGML type ids (ggml.h) */
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
-       Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30 };
+       Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21,
+       IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, BF16 = 30 };
 
 static inline float h2f(const uint8_t *p) {
     _Float16 h;
@@ -132,6 +133,145 @@ INLINE void decode_iq4_xs(const uint8_t *b, float *restrict out) {
         decode_iq4(b + 8 + 16 * j, d * (float)scale, out + 32 * j);
     }
 }
+
+/* ---- i-quants below 4 bits: groups of 8 (or 4) values from a lattice grid ------------------------------- *
+ * Each 8 values are one entry of a format's grid (IQ3: two entries of 4) and a byte of signs; IQ1's grid values
+ * are -1, 0, 1 shifted by a delta of +-1/8. The grids are llama.cpp's tables, which the gguf package ships: the
+ * loader hands them over once (ggml_set_iq_grids), as value bytes. A sub-block of 32 values has one scale, or
+ * (IQ2_XS, IQ2_S, IQ1_M) one for each 16; its values come out as small integers (IQ1's in eighths, so they stay
+ * integers), which the int8 path multiplies as they are. */
+static uint64_t IQ2XXS_GRID[256], IQ2XS_GRID[512], IQ2S_GRID[1024], IQ1S_GRID[2048];
+static uint32_t IQ3XXS_GRID[256], IQ3S_GRID[512];
+static uint8_t KSIGNS[128];   /* 7 sign bits, the eighth making their count even */
+static int iq_grids_set;
+
+int ggml_set_iq_grids(const uint8_t *iq2xxs, const uint8_t *iq2xs, const uint8_t *iq2s, const uint8_t *iq3xxs,
+                      const uint8_t *iq3s, const uint8_t *iq1s) {
+    memcpy(IQ2XXS_GRID, iq2xxs, sizeof IQ2XXS_GRID), memcpy(IQ2XS_GRID, iq2xs, sizeof IQ2XS_GRID);
+    memcpy(IQ2S_GRID, iq2s, sizeof IQ2S_GRID), memcpy(IQ1S_GRID, iq1s, sizeof IQ1S_GRID);
+    memcpy(IQ3XXS_GRID, iq3xxs, sizeof IQ3XXS_GRID), memcpy(IQ3S_GRID, iq3s, sizeof IQ3S_GRID);
+    for (int i = 0; i < 128; i++)
+        KSIGNS[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
+    iq_grids_set = 1;
+    return 0;
+}
+
+static int is_low_iq(int type) {
+    return type == IQ2_XXS || type == IQ2_XS || type == IQ2_S || type == IQ3_XXS || type == IQ3_S || type == IQ1_S
+           || type == IQ1_M;
+}
+
+/* the 8 value bytes of a grid entry g, negated where bit i of signs is set */
+INLINE void signed8(int8_t *restrict v, uint64_t g, int signs) {
+    for (int i = 0; i < 8; i++) {
+        const int x = (int)(g >> 8 * i & 255);
+        v[i] = (int8_t)(signs >> i & 1 ? -x : x);
+    }
+}
+
+/* IQ1's 8 values of grid entry g (-1, 0, 1 bytes) in eighths, plus the delta (+-1) */
+INLINE void eighths8(int8_t *restrict v, uint64_t g, int delta) {
+    for (int i = 0; i < 8; i++)
+        v[i] = (int8_t)(8 * (int8_t)(g >> 8 * i & 255) + delta);
+}
+
+INLINE uint64_t iq3_pair(const uint32_t *grid, int a, int b) { return grid[a] | (uint64_t)grid[b] << 32; }
+
+INLINE uint32_t u32_at(const uint8_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
+INLINE int u16_at(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return u; }
+
+/* (0.5 + nibble) / 4 of d: IQ2's scales */
+INLINE float iq2_scale(float d, int nibble) { return d * (0.5f + (float)nibble) * 0.25f; }
+
+/* sub-block j (32 values) of a super-block b of an i-quant below 4 bits: its values v (IQ1: in eighths) and the
+ * scales s of its two halves (equal where the format has one a sub-block) */
+INLINE void iq_sub(const int type, const uint8_t *b, int j, int8_t *restrict v, float *s) {
+    const float d = type == IQ1_M ? 0 : h2f(b);
+    switch (type) {
+    case IQ2_XXS: {   /* d; per sub-block 4 grid index bytes, then 4 x 7 sign bits and a 4-bit scale */
+        const uint8_t *q = b + 2 + 8 * j;
+        const uint32_t aux = u32_at(q + 4);
+        s[0] = s[1] = iq2_scale(d, aux >> 28);
+        for (int l = 0; l < 4; l++)
+            signed8(v + 8 * l, IQ2XXS_GRID[q[l]], KSIGNS[aux >> 7 * l & 127]);
+        return;
+    }
+    case IQ2_XS: {   /* d; 32 words of a 9-bit grid index and 7 sign bits; a scale nibble a 16 values */
+        for (int l = 0; l < 4; l++) {
+            const int q = u16_at(b + 2 + 8 * j + 2 * l);
+            signed8(v + 8 * l, IQ2XS_GRID[q & 511], KSIGNS[q >> 9]);
+        }
+        s[0] = iq2_scale(d, b[66 + j] & 15), s[1] = iq2_scale(d, b[66 + j] >> 4);
+        return;
+    }
+    case IQ2_S: {   /* d; 32 low index bytes, 32 sign bytes, 8 bytes of 2-bit high index parts, scale nibbles */
+        for (int l = 0; l < 4; l++)
+            signed8(v + 8 * l, IQ2S_GRID[b[2 + 4 * j + l] | (b[66 + j] >> 2 * l & 3) << 8], b[34 + 4 * j + l]);
+        s[0] = iq2_scale(d, b[74 + j] & 15), s[1] = iq2_scale(d, b[74 + j] >> 4);
+        return;
+    }
+    case IQ3_XXS: {   /* d; 64 grid index bytes (4 values each); per sub-block 4 x 7 sign bits and a 4-bit scale */
+        const uint8_t *q = b + 2 + 8 * j;
+        const uint32_t aux = u32_at(b + 66 + 4 * j);
+        s[0] = s[1] = d * (0.5f + (float)(aux >> 28)) * 0.5f;
+        for (int l = 0; l < 4; l++)
+            signed8(v + 8 * l, iq3_pair(IQ3XXS_GRID, q[2 * l], q[2 * l + 1]), KSIGNS[aux >> 7 * l & 127]);
+        return;
+    }
+    case IQ3_S: {   /* d; 64 low index bytes, 8 bytes of ninth bits, 32 sign bytes, scale nibbles (d (1 + 2 s)) */
+        const uint8_t *q = b + 2 + 8 * j;
+        const int high = b[66 + j], sc = b[106 + j / 2] >> 4 * (j % 2) & 15;
+        s[0] = s[1] = d * (float)(1 + 2 * sc);
+        for (int l = 0; l < 4; l++)
+            signed8(v + 8 * l, iq3_pair(IQ3S_GRID, q[2 * l] | (high >> 2 * l & 1) << 8,
+                                        q[2 * l + 1] | (high >> (2 * l + 1) & 1) << 8), b[74 + 4 * j + l]);
+        return;
+    }
+    case IQ1_S: {   /* d; 32 low index bytes; per sub-block a word: 4 x 3 high index bits, a 3-bit scale, the
+                     * delta's sign */
+        const int qh = u16_at(b + 34 + 2 * j);
+        s[0] = s[1] = d * (float)(2 * (qh >> 12 & 7) + 1);
+        for (int l = 0; l < 4; l++)
+            eighths8(v + 8 * l, IQ1S_GRID[b[2 + 4 * j + l] | (qh >> 3 * l & 7) << 8], qh & 0x8000 ? -1 : 1);
+        return;
+    }
+    case IQ1_M: {   /* 32 low index bytes; a nibble a group (3 high index bits, the delta's sign); 4 words of
+                     * 3-bit scales (a 16 values) whose top nibbles make d */
+        const uint8_t *sc = b + 48;
+        const uint16_t bits = (uint16_t)(u16_at(sc) >> 12 | (u16_at(sc + 2) >> 8 & 0xF0)
+                                         | (u16_at(sc + 4) >> 4 & 0xF00) | (u16_at(sc + 6) & 0xF000));
+        const float dm = h2f((const uint8_t *)&bits);
+        for (int h = 0; h < 2; h++)
+            s[h] = dm * (float)(2 * (u16_at(sc + 2 * (j / 2)) >> 3 * (2 * (j % 2) + h) & 7) + 1);
+        for (int l = 0; l < 4; l++) {
+            const int nibble = b[32 + 2 * j + l / 2] >> 4 * (l % 2) & 15;
+            eighths8(v + 8 * l, IQ1S_GRID[b[4 * j + l] | (nibble & 7) << 8], nibble & 8 ? -1 : 1);
+        }
+        return;
+    }
+    }
+}
+
+/* what one unit of iq_sub's values is worth: IQ1's are eighths */
+#define IQ_UNIT(type) ((type) == IQ1_S || (type) == IQ1_M ? 0.125f : 1.0f)
+
+INLINE void decode_iq(const int type, const uint8_t *b, float *restrict out) {
+    for (int j = 0; j < 8; j++, out += 32) {
+        int8_t v[32];
+        float s[2];
+        iq_sub(type, b, j, v, s);
+        for (int i = 0; i < 32; i++)
+            out[i] = s[i / 16] * ((float)v[i] * IQ_UNIT(type));
+    }
+}
+
+INLINE void decode_iq2_xxs(const uint8_t *b, float *restrict out) { decode_iq(IQ2_XXS, b, out); }
+INLINE void decode_iq2_xs(const uint8_t *b, float *restrict out) { decode_iq(IQ2_XS, b, out); }
+INLINE void decode_iq2_s(const uint8_t *b, float *restrict out) { decode_iq(IQ2_S, b, out); }
+INLINE void decode_iq3_xxs(const uint8_t *b, float *restrict out) { decode_iq(IQ3_XXS, b, out); }
+INLINE void decode_iq3_s(const uint8_t *b, float *restrict out) { decode_iq(IQ3_S, b, out); }
+INLINE void decode_iq1_s(const uint8_t *b, float *restrict out) { decode_iq(IQ1_S, b, out); }
+INLINE void decode_iq1_m(const uint8_t *b, float *restrict out) { decode_iq(IQ1_M, b, out); }
 
 INLINE void decode_q4_1(const uint8_t *b, float *restrict out) {
     float d = h2f(b), m = h2f(b + 2);
@@ -289,6 +429,13 @@ static int block_shape(int type, int *bytes) {
     case Q6_K: *bytes = 210; return 256;
     case IQ4_NL: *bytes = 18; return 32;
     case IQ4_XS: *bytes = 136; return 256;
+    case IQ2_XXS: *bytes = 66; return iq_grids_set ? 256 : 0;   /* (no grids: no kernel takes the type) */
+    case IQ2_XS: *bytes = 74; return iq_grids_set ? 256 : 0;
+    case IQ2_S: *bytes = 82; return iq_grids_set ? 256 : 0;
+    case IQ3_XXS: *bytes = 98; return iq_grids_set ? 256 : 0;
+    case IQ3_S: *bytes = 110; return iq_grids_set ? 256 : 0;
+    case IQ1_S: *bytes = 50; return iq_grids_set ? 256 : 0;
+    case IQ1_M: *bytes = 56; return iq_grids_set ? 256 : 0;
     case F16: *bytes = 64; return 32;
     case BF16: *bytes = 64; return 32;
     case F32: *bytes = 128; return 32;
@@ -325,6 +472,13 @@ static void decode_row(int type, const uint8_t *src, int64_t K, float *restrict 
     case Q6_K: DECODE_ROW(decode_q6_k)
     case IQ4_NL: DECODE_ROW(decode_iq4_nl)
     case IQ4_XS: DECODE_ROW(decode_iq4_xs)
+    case IQ2_XXS: DECODE_ROW(decode_iq2_xxs)
+    case IQ2_XS: DECODE_ROW(decode_iq2_xs)
+    case IQ2_S: DECODE_ROW(decode_iq2_s)
+    case IQ3_XXS: DECODE_ROW(decode_iq3_xxs)
+    case IQ3_S: DECODE_ROW(decode_iq3_s)
+    case IQ1_S: DECODE_ROW(decode_iq1_s)
+    case IQ1_M: DECODE_ROW(decode_iq1_m)
     case F16: DECODE_ROW(decode_f16)
     case BF16: DECODE_ROW(decode_bf16)
     case F32: DECODE_ROW(decode_f32)
@@ -409,6 +563,13 @@ static void matmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n
     case Q6_K: ROWS_OF(decode_q6_k, 256, 210)
     case IQ4_NL: ROWS_OF(decode_iq4_nl, 32, 18)
     case IQ4_XS: ROWS_OF(decode_iq4_xs, 256, 136)
+    case IQ2_XXS: ROWS_OF(decode_iq2_xxs, 256, 66)
+    case IQ2_XS: ROWS_OF(decode_iq2_xs, 256, 74)
+    case IQ2_S: ROWS_OF(decode_iq2_s, 256, 82)
+    case IQ3_XXS: ROWS_OF(decode_iq3_xxs, 256, 98)
+    case IQ3_S: ROWS_OF(decode_iq3_s, 256, 110)
+    case IQ1_S: ROWS_OF(decode_iq1_s, 256, 50)
+    case IQ1_M: ROWS_OF(decode_iq1_m, 256, 56)
     case F16: ROWS_OF(decode_f16, 32, 64)
     case BF16: ROWS_OF(decode_bf16, 32, 64)
     case F32: ROWS_OF(decode_f32, 32, 128)
@@ -581,6 +742,31 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
     scale_lanes(b, 34, &w.d, &w.m);
     return w;
 }
+
+/* the i-quants below 4 bits: GB sub-blocks' values plus 64 (unsigned bytes: IQ_ZERO), each lane's scale that of
+ * its 16 values' half */
+#define IQ_ZERO 64
+INLINE wgroup group_iq(const int type, const int bytes, const uint8_t *row, int64_t g) {
+    int8_t v[32 * GB];
+    float s[2 * GB], lanes[LANES];
+    for (int t = 0; t < GB; t++) {
+        const int64_t sub = g * GB + t;
+        iq_sub(type, row + sub / 8 * bytes, (int)(sub % 8), v + 32 * t, s + 2 * t);
+    }
+    for (int l = 0; l < LANES; l++)
+        lanes[l] = s[l / 4] * IQ_UNIT(type);
+    wgroup w = {.q = (lb)(loadlb(v) + IQ_ZERO), .m = (lf){0}};
+    memcpy(&w.d, lanes, sizeof lanes);
+    return w;
+}
+
+INLINE wgroup group_iq2_xxs(const uint8_t *row, int64_t g) { return group_iq(IQ2_XXS, 66, row, g); }
+INLINE wgroup group_iq2_xs(const uint8_t *row, int64_t g) { return group_iq(IQ2_XS, 74, row, g); }
+INLINE wgroup group_iq2_s(const uint8_t *row, int64_t g) { return group_iq(IQ2_S, 82, row, g); }
+INLINE wgroup group_iq3_xxs(const uint8_t *row, int64_t g) { return group_iq(IQ3_XXS, 98, row, g); }
+INLINE wgroup group_iq3_s(const uint8_t *row, int64_t g) { return group_iq(IQ3_S, 110, row, g); }
+INLINE wgroup group_iq1_s(const uint8_t *row, int64_t g) { return group_iq(IQ1_S, 50, row, g); }
+INLINE wgroup group_iq1_m(const uint8_t *row, int64_t g) { return group_iq(IQ1_M, 56, row, g); }
 
 /* n bf16 values from x[at] as fp32 into dst */
 static inline const float *widen(const void *x, int64_t at, int64_t n, float *restrict dst) {
@@ -845,6 +1031,13 @@ static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t 
     case Q5_0: QROWS_OF(group_q5_0, 1, 0, 0)
     case Q5_1: QROWS_OF(group_q5_1, 0, 1, 0)
     case Q8_0: QROWS_OF(group_q8_0, VNNI, 0, !VNNI)
+    case IQ2_XXS: QROWS_OF(group_iq2_xxs, 1, 0, 0)
+    case IQ2_XS: QROWS_OF(group_iq2_xs, 1, 0, 0)
+    case IQ2_S: QROWS_OF(group_iq2_s, 1, 0, 0)
+    case IQ3_XXS: QROWS_OF(group_iq3_xxs, 1, 0, 0)
+    case IQ3_S: QROWS_OF(group_iq3_s, 1, 0, 0)
+    case IQ1_S: QROWS_OF(group_iq1_s, 1, 0, 0)
+    case IQ1_M: QROWS_OF(group_iq1_m, 1, 0, 0)
     }
 }
 
@@ -1588,7 +1781,7 @@ static int packable(int type) {
 
 /* the formats the row-major int8 kernel takes (qmatmul_rows); the others' int8 path runs on whole packed groups */
 static int row_major_int8(int type) {
-    return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0;
+    return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || is_low_iq(type);
 }
 
 /* whether a format's blocks carry a min (fp16, after the scale) */
@@ -1613,6 +1806,7 @@ static int int8_zero(int type) {
     case Q6_K: return 32;
     case Q3_K: return 4;
     case Q2_K: return 0;
+    case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S: case IQ1_S: case IQ1_M: return IQ_ZERO;
     default: return -1;
     }
 }

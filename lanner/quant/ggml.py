@@ -33,10 +33,14 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml.c")
 BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
           "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q2_K": (10, 256, 84), "Q3_K": (11, 256, 110),
           "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
-          "Q6_K": (14, 256, 210), "IQ4_NL": (20, 32, 18), "IQ4_XS": (23, 256, 136), "BF16": (30, 32, 64)}
+          "Q6_K": (14, 256, 210), "IQ4_NL": (20, 32, 18), "IQ4_XS": (23, 256, 136), "BF16": (30, 32, 64),
+          "IQ2_XXS": (16, 256, 66), "IQ2_XS": (17, 256, 74), "IQ2_S": (22, 256, 82), "IQ3_XXS": (18, 256, 98),
+          "IQ3_S": (21, 256, 110), "IQ1_S": (19, 256, 50), "IQ1_M": (29, 256, 56)}
+# the i-quants below 4 bits: values from lattice grids (ggml.c's iq_sub), multiplied row-major
+LOW_IQ_FORMATS = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
 # formats picked to fit memory: no dense copy for big steps, which dequantize rows per call instead (a 7B Q3_K_M's
 # fp32 copy would take 27 GB beside its 3.3 GB file)
-COMPACT_FORMATS = ("Q2_K", "Q3_K")
+COMPACT_FORMATS = ("Q2_K", "Q3_K") + LOW_IQ_FORMATS
 # formats whose values each next one holds exactly (same block scale, and min; a wider integer): what fused parts of
 # mixed formats are stored in
 FORMAT_CHAINS = (("Q4_0", "Q5_0", "Q8_0"), ("Q4_1", "Q5_1"))
@@ -87,7 +91,21 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ggml_argmax.restype = ctypes.c_int
     lib.ggml_amx_bf16.argtypes = [i, i64, i64, i]
     lib.ggml_amx_bf16.restype = ctypes.c_int
+    lib.ggml_set_iq_grids.argtypes = [p] * 6
+    grids = iq_grids()
+    lib.ggml_set_iq_grids(*[g.ctypes.data for g in grids])   # (which copies them)
     return lib
+
+
+def iq_grids() -> list[np.ndarray]:
+    """The lattice grids of the i-quants below 4 bits as value bytes [entries, 8 or 4] (IQ1's as int8 -1, 0, 1), in
+    ggml_set_iq_grids' order: llama.cpp's tables as the gguf package ships them."""
+    from gguf import quants
+    grids = []
+    for cls in (quants.IQ2_XXS, quants.IQ2_XS, quants.IQ2_S, quants.IQ3_XXS, quants.IQ3_S, quants.IQ1_S):
+        cls.init_grid()
+        grids.append(np.ascontiguousarray(cls.grid.reshape(cls.grid_shape).astype(np.int8)))
+    return grids
 
 
 def kernels():
