@@ -161,52 +161,49 @@ static int is_low_iq(int type) {
            || type == IQ1_M;
 }
 
-/* the 8 value bytes of a grid entry g, negated where bit i of signs is set */
-INLINE void signed8(int8_t *restrict v, uint64_t g, int signs) {
-    for (int i = 0; i < 8; i++) {
-        const int x = (int)(g >> 8 * i & 255);
-        v[i] = (int8_t)(signs >> i & 1 ? -x : x);
-    }
-}
-
-/* IQ1's 8 values of grid entry g (-1, 0, 1 bytes) in eighths, plus the delta (+-1) */
-INLINE void eighths8(int8_t *restrict v, uint64_t g, int delta) {
-    for (int i = 0; i < 8; i++)
-        v[i] = (int8_t)(8 * (int8_t)(g >> 8 * i & 255) + delta);
-}
+INLINE uint32_t u32_at(const uint8_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
+INLINE int u16_at(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return u; }
 
 INLINE uint64_t iq3_pair(const uint32_t *grid, int a, int b) { return grid[a] | (uint64_t)grid[b] << 32; }
 
-INLINE uint32_t u32_at(const uint8_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
-INLINE int u16_at(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return u; }
+/* the 4 sign bytes KSIGNS gives for 4 x 7 bits of aux */
+INLINE uint32_t ksigns4(uint32_t aux) {
+    return KSIGNS[aux & 127] | KSIGNS[aux >> 7 & 127] << 8 | KSIGNS[aux >> 14 & 127] << 16
+           | (uint32_t)KSIGNS[aux >> 21 & 127] << 24;
+}
 
 /* (0.5 + nibble) / 4 of d: IQ2's scales */
 INLINE float iq2_scale(float d, int nibble) { return d * (0.5f + (float)nibble) * 0.25f; }
 
-/* sub-block j (32 values) of a super-block b of an i-quant below 4 bits: its values v (IQ1: in eighths) and the
- * scales s of its two halves (equal where the format has one a sub-block) */
-INLINE void iq_sub(const int type, const uint8_t *b, int j, int8_t *restrict v, float *s) {
+/* Sub-block j (32 values) of a super-block b of an i-quant below 4 bits: its grid entries g (8 value bytes each;
+ * IQ3: two entries of 4), bits (bit i set: value i negative; IQ1: its delta), the scales s of its two halves (equal
+ * where the format has one a sub-block). (Indices in vector lanes, fetched lane by lane, took 1.2-1.5x as long.) */
+INLINE void iq_parts(const int type, const uint8_t *b, int j, uint64_t *g, uint32_t *bits, float *s) {
     const float d = type == IQ1_M ? 0 : h2f(b);
     switch (type) {
     case IQ2_XXS: {   /* d; per sub-block 4 grid index bytes, then 4 x 7 sign bits and a 4-bit scale */
         const uint8_t *q = b + 2 + 8 * j;
         const uint32_t aux = u32_at(q + 4);
         s[0] = s[1] = iq2_scale(d, aux >> 28);
+        *bits = ksigns4(aux);
         for (int l = 0; l < 4; l++)
-            signed8(v + 8 * l, IQ2XXS_GRID[q[l]], KSIGNS[aux >> 7 * l & 127]);
+            g[l] = IQ2XXS_GRID[q[l]];
         return;
     }
     case IQ2_XS: {   /* d; 32 words of a 9-bit grid index and 7 sign bits; a scale nibble a 16 values */
+        *bits = 0;
         for (int l = 0; l < 4; l++) {
             const int q = u16_at(b + 2 + 8 * j + 2 * l);
-            signed8(v + 8 * l, IQ2XS_GRID[q & 511], KSIGNS[q >> 9]);
+            g[l] = IQ2XS_GRID[q & 511];
+            *bits |= (uint32_t)KSIGNS[q >> 9] << 8 * l;
         }
         s[0] = iq2_scale(d, b[66 + j] & 15), s[1] = iq2_scale(d, b[66 + j] >> 4);
         return;
     }
     case IQ2_S: {   /* d; 32 low index bytes, 32 sign bytes, 8 bytes of 2-bit high index parts, scale nibbles */
         for (int l = 0; l < 4; l++)
-            signed8(v + 8 * l, IQ2S_GRID[b[2 + 4 * j + l] | (b[66 + j] >> 2 * l & 3) << 8], b[34 + 4 * j + l]);
+            g[l] = IQ2S_GRID[b[2 + 4 * j + l] | (b[66 + j] >> 2 * l & 3) << 8];
+        *bits = u32_at(b + 34 + 4 * j);
         s[0] = iq2_scale(d, b[74 + j] & 15), s[1] = iq2_scale(d, b[74 + j] >> 4);
         return;
     }
@@ -214,42 +211,82 @@ INLINE void iq_sub(const int type, const uint8_t *b, int j, int8_t *restrict v, 
         const uint8_t *q = b + 2 + 8 * j;
         const uint32_t aux = u32_at(b + 66 + 4 * j);
         s[0] = s[1] = d * (0.5f + (float)(aux >> 28)) * 0.5f;
+        *bits = ksigns4(aux);
         for (int l = 0; l < 4; l++)
-            signed8(v + 8 * l, iq3_pair(IQ3XXS_GRID, q[2 * l], q[2 * l + 1]), KSIGNS[aux >> 7 * l & 127]);
+            g[l] = iq3_pair(IQ3XXS_GRID, q[2 * l], q[2 * l + 1]);
         return;
     }
     case IQ3_S: {   /* d; 64 low index bytes, 8 bytes of ninth bits, 32 sign bytes, scale nibbles (d (1 + 2 s)) */
         const uint8_t *q = b + 2 + 8 * j;
         const int high = b[66 + j], sc = b[106 + j / 2] >> 4 * (j % 2) & 15;
         s[0] = s[1] = d * (float)(1 + 2 * sc);
+        *bits = u32_at(b + 74 + 4 * j);
         for (int l = 0; l < 4; l++)
-            signed8(v + 8 * l, iq3_pair(IQ3S_GRID, q[2 * l] | (high >> 2 * l & 1) << 8,
-                                        q[2 * l + 1] | (high >> (2 * l + 1) & 1) << 8), b[74 + 4 * j + l]);
+            g[l] = iq3_pair(IQ3S_GRID, q[2 * l] | (high >> 2 * l & 1) << 8, q[2 * l + 1] | (high >> (2 * l + 1) & 1) << 8);
         return;
     }
     case IQ1_S: {   /* d; 32 low index bytes; per sub-block a word: 4 x 3 high index bits, a 3-bit scale, the
                      * delta's sign */
         const int qh = u16_at(b + 34 + 2 * j);
         s[0] = s[1] = d * (float)(2 * (qh >> 12 & 7) + 1);
+        *bits = qh & 0x8000 ? ~0u : 0;
         for (int l = 0; l < 4; l++)
-            eighths8(v + 8 * l, IQ1S_GRID[b[2 + 4 * j + l] | (qh >> 3 * l & 7) << 8], qh & 0x8000 ? -1 : 1);
+            g[l] = IQ1S_GRID[b[2 + 4 * j + l] | (qh >> 3 * l & 7) << 8];
         return;
     }
     case IQ1_M: {   /* 32 low index bytes; a nibble a group (3 high index bits, the delta's sign); 4 words of
                      * 3-bit scales (a 16 values) whose top nibbles make d */
         const uint8_t *sc = b + 48;
-        const uint16_t bits = (uint16_t)(u16_at(sc) >> 12 | (u16_at(sc + 2) >> 8 & 0xF0)
-                                         | (u16_at(sc + 4) >> 4 & 0xF00) | (u16_at(sc + 6) & 0xF000));
-        const float dm = h2f((const uint8_t *)&bits);
+        const uint16_t dbits = (uint16_t)(u16_at(sc) >> 12 | (u16_at(sc + 2) >> 8 & 0xF0)
+                                          | (u16_at(sc + 4) >> 4 & 0xF00) | (u16_at(sc + 6) & 0xF000));
+        const float dm = h2f((const uint8_t *)&dbits);
         for (int h = 0; h < 2; h++)
             s[h] = dm * (float)(2 * (u16_at(sc + 2 * (j / 2)) >> 3 * (2 * (j % 2) + h) & 7) + 1);
+        *bits = 0;
         for (int l = 0; l < 4; l++) {
             const int nibble = b[32 + 2 * j + l / 2] >> 4 * (l % 2) & 15;
-            eighths8(v + 8 * l, IQ1S_GRID[b[4 * j + l] | (nibble & 7) << 8], nibble & 8 ? -1 : 1);
+            g[l] = IQ1S_GRID[b[4 * j + l] | (nibble & 7) << 8];
+            *bits |= (nibble & 8 ? 0xFFu : 0) << 8 * l;
         }
         return;
     }
     }
+}
+
+#if defined(__AVX2__)
+/* 0xFF in byte i where bit i of bits is set, else 0 */
+INLINE __m256i bit_bytes(uint32_t bits) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
+                                               _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                                 0x0101010101010101, 0));
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+#endif
+
+typedef int8_t i8x32 __attribute__((vector_size(32)));
+
+/* iq_parts' sub-block as its 32 values (IQ1: 8 grid + the delta, in eighths) and half scales s */
+INLINE i8x32 iq_sub(const int type, const uint8_t *b, int j, float *s) {
+    uint64_t g[4];
+    uint32_t bits;
+    iq_parts(type, b, j, g, &bits, s);
+    const int iq1 = type == IQ1_S || type == IQ1_M;
+#if defined(__AVX2__)
+    const __m256i grid = _mm256_setr_epi64x((int64_t)g[0], (int64_t)g[1], (int64_t)g[2], (int64_t)g[3]);
+    const __m256i sign = _mm256_or_si256(bit_bytes(bits), _mm256_set1_epi8(1));   /* -1 or 1 a byte */
+    return (i8x32)(iq1 ? _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), sign)
+                       : _mm256_sign_epi8(grid, sign));
+#else
+    int8_t v[32];
+    for (int i = 0; i < 32; i++) {
+        const int x = (int8_t)(g[i / 8] >> 8 * (i % 8) & 255), sign = bits >> i & 1 ? -1 : 1;
+        v[i] = (int8_t)(iq1 ? 8 * x + sign : sign * x);
+    }
+    i8x32 r;
+    memcpy(&r, v, sizeof r);
+    return r;
+#endif
 }
 
 /* what one unit of iq_sub's values is worth: IQ1's are eighths */
@@ -259,7 +296,8 @@ INLINE void decode_iq(const int type, const uint8_t *b, float *restrict out) {
     for (int j = 0; j < 8; j++, out += 32) {
         int8_t v[32];
         float s[2];
-        iq_sub(type, b, j, v, s);
+        const i8x32 values = iq_sub(type, b, j, s);
+        memcpy(v, &values, sizeof v);
         for (int i = 0; i < 32; i++)
             out[i] = s[i / 16] * ((float)v[i] * IQ_UNIT(type));
     }
@@ -671,14 +709,7 @@ INLINE void scale_lanes(const uint8_t *p, int stride, lf *d, lf *m) {
 #else
 #if defined(__AVX2__)
 INLINE b32 nibbles(b16 q) { return (b32)_mm256_set_m128i((__m128i)(q >> 4), (__m128i)(q & 15)); }
-INLINE b32 fifth_bits(uint32_t qh) {   /* byte j gets byte j / 8 of qh, then all ones where its bit j % 8 is */
-    __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
-                                         _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
-                                                           0x0101010101010101, 0));
-    __m256i ones = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
-                                     _mm256_set1_epi64x(-1));
-    return (b32)_mm256_and_si256(ones, _mm256_set1_epi8(16));
-}
+INLINE b32 fifth_bits(uint32_t qh) { return (b32)_mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(16)); }
 #else
 INLINE b32 nibbles(b16 q) {
     b32 v;
@@ -747,16 +778,23 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
  * its 16 values' half */
 #define IQ_ZERO 64
 INLINE wgroup group_iq(const int type, const int bytes, const uint8_t *row, int64_t g) {
-    int8_t v[32 * GB];
-    float s[2 * GB], lanes[LANES];
+    float s[2 * GB];
+    wgroup w = {.m = (lf){0}};
+#if GB == 1
+    w.q = (lb)(iq_sub(type, row + g / 8 * bytes, (int)(g % 8), s) + IQ_ZERO);
+    w.d = (lf){s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1]} * IQ_UNIT(type);
+#else
+    i8x32 v[GB];
+    float lanes[LANES];
     for (int t = 0; t < GB; t++) {
         const int64_t sub = g * GB + t;
-        iq_sub(type, row + sub / 8 * bytes, (int)(sub % 8), v + 32 * t, s + 2 * t);
+        v[t] = iq_sub(type, row + sub / 8 * bytes, (int)(sub % 8), s + 2 * t) + IQ_ZERO;
     }
     for (int l = 0; l < LANES; l++)
         lanes[l] = s[l / 4] * IQ_UNIT(type);
-    wgroup w = {.q = (lb)(loadlb(v) + IQ_ZERO), .m = (lf){0}};
+    memcpy(&w.q, v, sizeof w.q);
     memcpy(&w.d, lanes, sizeof lanes);
+#endif
     return w;
 }
 
