@@ -188,10 +188,10 @@ def test_tiny_gguf_generates_like_hf_on_the_same_weights(mixed_types):
 
 
 def test_unsupported_tensor_type_is_a_clear_error(tmp_path, mixed_types):
-    path = tmp_path / "iq.gguf"
+    path = tmp_path / "tq.gguf"
     path.write_bytes(mixed_types[0].read_bytes())
-    set_tensor_type(path, "blk.0.ffn_up.weight", Q.IQ2_XXS)   # IQ2_XXS blocks are smaller: the data stays in bounds
-    with pytest.raises(ValueError, match="unsupported GGUF type IQ2_XXS"):
+    set_tensor_type(path, "blk.0.ffn_up.weight", Q.TQ2_0)   # TQ2_0 blocks (ternary) are smaller: the data stays in bounds
+    with pytest.raises(ValueError, match="unsupported GGUF type TQ2_0"):
         load_gguf(str(path))
 
 
