@@ -164,8 +164,7 @@ static int is_low_iq(int type) {
 INLINE uint32_t u32_at(const uint8_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
 INLINE int u16_at(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return u; }
 
-/* a sub-block's grid values: 4 entries of 8 bytes, or (IQ3) 8 of 4 */
-typedef union { uint64_t q[4]; uint32_t d[8]; } iq_entries;
+INLINE uint64_t iq3_pair(const uint32_t *grid, int a, int b) { return grid[a] | (uint64_t)grid[b] << 32; }
 
 /* the 4 sign bytes KSIGNS gives for 4 x 7 bits of aux */
 INLINE uint32_t ksigns4(uint32_t aux) {
@@ -179,7 +178,7 @@ INLINE float iq2_scale(float d, int nibble) { return d * (0.5f + (float)nibble) 
 /* Sub-block j (32 values) of a super-block b of an i-quant below 4 bits: its grid entries g (8 value bytes each;
  * IQ3: two entries of 4), bits (bit i set: value i negative; IQ1: its delta), the scales s of its two halves (equal
  * where the format has one a sub-block). (Indices in vector lanes, fetched lane by lane, took 1.2-1.5x as long.) */
-INLINE void iq_parts(const int type, const uint8_t *b, int j, iq_entries *g, uint32_t *bits, float *s) {
+INLINE void iq_parts(const int type, const uint8_t *b, int j, uint64_t *g, uint32_t *bits, float *s) {
     const float d = type == IQ1_M ? 0 : h2f(b);
     switch (type) {
     case IQ2_XXS: {   /* d; per sub-block 4 grid index bytes, then 4 x 7 sign bits and a 4-bit scale */
@@ -188,14 +187,14 @@ INLINE void iq_parts(const int type, const uint8_t *b, int j, iq_entries *g, uin
         s[0] = s[1] = iq2_scale(d, aux >> 28);
         *bits = ksigns4(aux);
         for (int l = 0; l < 4; l++)
-            g->q[l] = IQ2XXS_GRID[q[l]];
+            g[l] = IQ2XXS_GRID[q[l]];
         return;
     }
     case IQ2_XS: {   /* d; 32 words of a 9-bit grid index and 7 sign bits; a scale nibble a 16 values */
         *bits = 0;
         for (int l = 0; l < 4; l++) {
             const int q = u16_at(b + 2 + 8 * j + 2 * l);
-            g->q[l] = IQ2XS_GRID[q & 511];
+            g[l] = IQ2XS_GRID[q & 511];
             *bits |= (uint32_t)KSIGNS[q >> 9] << 8 * l;
         }
         s[0] = iq2_scale(d, b[66 + j] & 15), s[1] = iq2_scale(d, b[66 + j] >> 4);
@@ -203,7 +202,7 @@ INLINE void iq_parts(const int type, const uint8_t *b, int j, iq_entries *g, uin
     }
     case IQ2_S: {   /* d; 32 low index bytes, 32 sign bytes, 8 bytes of 2-bit high index parts, scale nibbles */
         for (int l = 0; l < 4; l++)
-            g->q[l] = IQ2S_GRID[b[2 + 4 * j + l] | (b[66 + j] >> 2 * l & 3) << 8];
+            g[l] = IQ2S_GRID[b[2 + 4 * j + l] | (b[66 + j] >> 2 * l & 3) << 8];
         *bits = u32_at(b + 34 + 4 * j);
         s[0] = iq2_scale(d, b[74 + j] & 15), s[1] = iq2_scale(d, b[74 + j] >> 4);
         return;
@@ -213,8 +212,8 @@ INLINE void iq_parts(const int type, const uint8_t *b, int j, iq_entries *g, uin
         const uint32_t aux = u32_at(b + 66 + 4 * j);
         s[0] = s[1] = d * (0.5f + (float)(aux >> 28)) * 0.5f;
         *bits = ksigns4(aux);
-        for (int i = 0; i < 8; i++)
-            g->d[i] = IQ3XXS_GRID[q[i]];
+        for (int l = 0; l < 4; l++)
+            g[l] = iq3_pair(IQ3XXS_GRID, q[2 * l], q[2 * l + 1]);
         return;
     }
     case IQ3_S: {   /* d; 64 low index bytes, 8 bytes of ninth bits, 32 sign bytes, scale nibbles (d (1 + 2 s)) */
@@ -222,8 +221,8 @@ INLINE void iq_parts(const int type, const uint8_t *b, int j, iq_entries *g, uin
         const int high = b[66 + j], sc = b[106 + j / 2] >> 4 * (j % 2) & 15;
         s[0] = s[1] = d * (float)(1 + 2 * sc);
         *bits = u32_at(b + 74 + 4 * j);
-        for (int i = 0; i < 8; i++)
-            g->d[i] = IQ3S_GRID[q[i] | (high >> i & 1) << 8];
+        for (int l = 0; l < 4; l++)
+            g[l] = iq3_pair(IQ3S_GRID, q[2 * l] | (high >> 2 * l & 1) << 8, q[2 * l + 1] | (high >> (2 * l + 1) & 1) << 8);
         return;
     }
     case IQ1_S: {   /* d; 32 low index bytes; per sub-block a word: 4 x 3 high index bits, a 3-bit scale, the
@@ -232,7 +231,7 @@ INLINE void iq_parts(const int type, const uint8_t *b, int j, iq_entries *g, uin
         s[0] = s[1] = d * (float)(2 * (qh >> 12 & 7) + 1);
         *bits = qh & 0x8000 ? ~0u : 0;
         for (int l = 0; l < 4; l++)
-            g->q[l] = IQ1S_GRID[b[2 + 4 * j + l] | (qh >> 3 * l & 7) << 8];
+            g[l] = IQ1S_GRID[b[2 + 4 * j + l] | (qh >> 3 * l & 7) << 8];
         return;
     }
     case IQ1_M: {   /* 32 low index bytes; a nibble a group (3 high index bits, the delta's sign); 4 words of
@@ -246,7 +245,7 @@ INLINE void iq_parts(const int type, const uint8_t *b, int j, iq_entries *g, uin
         *bits = 0;
         for (int l = 0; l < 4; l++) {
             const int nibble = b[32 + 2 * j + l / 2] >> 4 * (l % 2) & 15;
-            g->q[l] = IQ1S_GRID[b[4 * j + l] | (nibble & 7) << 8];
+            g[l] = IQ1S_GRID[b[4 * j + l] | (nibble & 7) << 8];
             *bits |= (nibble & 8 ? 0xFFu : 0) << 8 * l;
         }
         return;
@@ -269,22 +268,19 @@ typedef int8_t i8x32 __attribute__((vector_size(32)));
 
 /* iq_parts' sub-block as its 32 values (IQ1: 8 grid + the delta, in eighths) and half scales s */
 INLINE i8x32 iq_sub(const int type, const uint8_t *b, int j, float *s) {
-    iq_entries g;
+    uint64_t g[4];
     uint32_t bits;
-    iq_parts(type, b, j, &g, &bits, s);
+    iq_parts(type, b, j, g, &bits, s);
     const int iq1 = type == IQ1_S || type == IQ1_M;
 #if defined(__AVX2__)
-    const __m256i grid = type == IQ3_XXS || type == IQ3_S
-        ? _mm256_setr_epi32((int)g.d[0], (int)g.d[1], (int)g.d[2], (int)g.d[3], (int)g.d[4], (int)g.d[5],
-                            (int)g.d[6], (int)g.d[7])
-        : _mm256_setr_epi64x((int64_t)g.q[0], (int64_t)g.q[1], (int64_t)g.q[2], (int64_t)g.q[3]);
+    const __m256i grid = _mm256_setr_epi64x((int64_t)g[0], (int64_t)g[1], (int64_t)g[2], (int64_t)g[3]);
     const __m256i sign = _mm256_or_si256(bit_bytes(bits), _mm256_set1_epi8(1));   /* -1 or 1 a byte */
     return (i8x32)(iq1 ? _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), sign)
                        : _mm256_sign_epi8(grid, sign));
 #else
     int8_t v[32];
     for (int i = 0; i < 32; i++) {
-        const int x = (int8_t)(g.q[i / 8] >> 8 * (i % 8) & 255), sign = bits >> i & 1 ? -1 : 1;
+        const int x = (int8_t)(g[i / 8] >> 8 * (i % 8) & 255), sign = bits >> i & 1 ? -1 : 1;
         v[i] = (int8_t)(iq1 ? 8 * x + sign : sign * x);
     }
     i8x32 r;
