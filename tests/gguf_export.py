@@ -30,6 +30,7 @@ from gguf.quants import QuantError, quantize
 
 from lanner.model.gguf import GEMMA3_SWA_PERIOD, GGUFFile, llama_cpp_query_pre_attn_scalar
 from lanner.model.layers import longrope_attention_factor
+from lanner.quant.ggml import iq_grid
 
 GGUF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
               "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
@@ -481,14 +482,6 @@ def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
     return np.concatenate([*halves_f16(d), high[:, None].view(np.uint8), low, values], axis=1)
 
 
-def iq_grid(name: str) -> np.ndarray:
-    """A low i-quant's lattice grid [entries, 8 or 4] of value bytes (IQ1's -1, 0, 1), as the gguf package has it."""
-    from gguf import quants
-    cls = getattr(quants, name)
-    cls.init_grid()
-    return cls.grid.reshape(cls.grid_shape)
-
-
 def nearest(targets: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """The grid entry nearest each row of targets [n, width] (squared distance)."""
     out = np.empty(len(targets), dtype=np.int64)
@@ -525,7 +518,7 @@ def quantize_low_iq(x: np.ndarray, name: str) -> np.ndarray:
     sc, mult, top = IQ_SCALES[name]
     d = f16(np.abs(x).max(axis=1) / (top * mult))
     t = (x / np.where(d > 0, d * mult, 1)[:, None]).reshape(n, 32, 8)   # in grid units, groups of 8
-    grid = iq_grid(name)
+    grid = iq_grid(name).astype(np.float32)
     u8 = lambda v: np.asarray(v).astype(np.uint8).reshape(n, -1)
     u16 = lambda v: np.asarray(v).astype("<u2").reshape(n, -1).view(np.uint8)
     u32 = lambda v: np.asarray(v).astype("<u4").reshape(n, -1).view(np.uint8)
@@ -533,7 +526,7 @@ def quantize_low_iq(x: np.ndarray, name: str) -> np.ndarray:
     if name.startswith("IQ1"):
         idx = nearest((t - 0.125).reshape(-1, 8), grid).reshape(n, 8, 4)   # delta +1/8: its sign bits clear
         if name == "IQ1_S":
-            qh = bits_of(np.zeros((n, 8, 1), bool)) + sum((idx[:, :, l] >> 8) << 3 * l for l in range(4)) + (sc << 12)
+            qh = sum((idx[:, :, l] >> 8) << 3 * l for l in range(4)) + (sc << 12)   # the delta's sign clear
             return np.concatenate([*head, u8(idx & 255), u16(qh)], axis=1)
         nibbles = (idx >> 8).reshape(n, 16, 2)   # bit 3 (the delta's sign) clear
         bits = d.astype(np.float16).view(np.uint16).astype(np.int64)

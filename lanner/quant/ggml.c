@@ -454,6 +454,8 @@ INLINE void decode_f32(const uint8_t *b, float *restrict out) {
 
 /* elements and bytes of one block; plain floats go 32 at a time */
 static int block_shape(int type, int *bytes) {
+    if (is_low_iq(type) && !iq_grids_set)   /* no grids yet: no kernel takes the type */
+        return 0;
     switch (type) {
     case Q4_0: *bytes = 18; return 32;
     case Q4_1: *bytes = 20; return 32;
@@ -467,13 +469,13 @@ static int block_shape(int type, int *bytes) {
     case Q6_K: *bytes = 210; return 256;
     case IQ4_NL: *bytes = 18; return 32;
     case IQ4_XS: *bytes = 136; return 256;
-    case IQ2_XXS: *bytes = 66; return iq_grids_set ? 256 : 0;   /* (no grids: no kernel takes the type) */
-    case IQ2_XS: *bytes = 74; return iq_grids_set ? 256 : 0;
-    case IQ2_S: *bytes = 82; return iq_grids_set ? 256 : 0;
-    case IQ3_XXS: *bytes = 98; return iq_grids_set ? 256 : 0;
-    case IQ3_S: *bytes = 110; return iq_grids_set ? 256 : 0;
-    case IQ1_S: *bytes = 50; return iq_grids_set ? 256 : 0;
-    case IQ1_M: *bytes = 56; return iq_grids_set ? 256 : 0;
+    case IQ2_XXS: *bytes = 66; return 256;
+    case IQ2_XS: *bytes = 74; return 256;
+    case IQ2_S: *bytes = 82; return 256;
+    case IQ3_XXS: *bytes = 98; return 256;
+    case IQ3_S: *bytes = 110; return 256;
+    case IQ1_S: *bytes = 50; return 256;
+    case IQ1_M: *bytes = 56; return 256;
     case F16: *bytes = 64; return 32;
     case BF16: *bytes = 64; return 32;
     case F32: *bytes = 128; return 32;
@@ -1844,8 +1846,7 @@ static int int8_zero(int type) {
     case Q6_K: return 32;
     case Q3_K: return 4;
     case Q2_K: return 0;
-    case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S: case IQ1_S: case IQ1_M: return IQ_ZERO;
-    default: return -1;
+    default: return is_low_iq(type) ? IQ_ZERO : -1;
     }
 }
 

@@ -97,15 +97,18 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def iq_grids() -> list[np.ndarray]:
-    """The lattice grids of the i-quants below 4 bits as value bytes [entries, 8 or 4] (IQ1's as int8 -1, 0, 1), in
-    ggml_set_iq_grids' order: llama.cpp's tables as the gguf package ships them."""
+def iq_grid(name: str) -> np.ndarray:
+    """A low i-quant's lattice grid as value bytes [entries, 8 or 4] (IQ1's as int8 -1, 0, 1): llama.cpp's table as
+    the gguf package ships it."""
     from gguf import quants
-    grids = []
-    for cls in (quants.IQ2_XXS, quants.IQ2_XS, quants.IQ2_S, quants.IQ3_XXS, quants.IQ3_S, quants.IQ1_S):
-        cls.init_grid()
-        grids.append(np.ascontiguousarray(cls.grid.reshape(cls.grid_shape).astype(np.int8)))
-    return grids
+    cls = getattr(quants, name)
+    cls.init_grid()
+    return np.ascontiguousarray(cls.grid.reshape(cls.grid_shape).astype(np.int8))
+
+
+def iq_grids() -> list[np.ndarray]:
+    """The grids in ggml_set_iq_grids' order (IQ1_M shares IQ1_S's)."""
+    return [iq_grid(name) for name in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S")]
 
 
 def kernels():
