@@ -164,7 +164,32 @@ static int is_low_iq(int type) {
 INLINE uint32_t u32_at(const uint8_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
 INLINE int u16_at(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return u; }
 
-INLINE uint64_t iq3_pair(const uint32_t *grid, int a, int b) { return grid[a] | (uint64_t)grid[b] << 32; }
+typedef int8_t i8x32 __attribute__((vector_size(32)));
+
+/* the grid entries of 8 values at 4 indices, as 32 value bytes */
+INLINE i8x32 entries8(const uint64_t *grid, int a, int b, int c, int d) {
+#if defined(__AVX2__)
+    return (i8x32)_mm256_setr_epi64x((int64_t)grid[a], (int64_t)grid[b], (int64_t)grid[c], (int64_t)grid[d]);
+#else
+    const uint64_t e[4] = {grid[a], grid[b], grid[c], grid[d]};
+    i8x32 r;
+    memcpy(&r, e, sizeof r);
+    return r;
+#endif
+}
+
+/* IQ3: the grid entries of 4 values at 8 indices, as 32 value bytes */
+INLINE i8x32 entries4(const uint32_t *grid, int i0, int i1, int i2, int i3, int i4, int i5, int i6, int i7) {
+#if defined(__AVX2__)
+    return (i8x32)_mm256_setr_epi32((int)grid[i0], (int)grid[i1], (int)grid[i2], (int)grid[i3], (int)grid[i4],
+                                    (int)grid[i5], (int)grid[i6], (int)grid[i7]);
+#else
+    const uint32_t e[8] = {grid[i0], grid[i1], grid[i2], grid[i3], grid[i4], grid[i5], grid[i6], grid[i7]};
+    i8x32 r;
+    memcpy(&r, e, sizeof r);
+    return r;
+#endif
+}
 
 /* the 4 sign bytes KSIGNS gives for 4 x 7 bits of aux */
 INLINE uint32_t ksigns4(uint32_t aux) {
@@ -175,10 +200,10 @@ INLINE uint32_t ksigns4(uint32_t aux) {
 /* (0.5 + nibble) / 4 of d: IQ2's scales */
 INLINE float iq2_scale(float d, int nibble) { return d * (0.5f + (float)nibble) * 0.25f; }
 
-/* Sub-block j (32 values) of a super-block b of an i-quant below 4 bits: its grid entries g (8 value bytes each;
- * IQ3: two entries of 4), bits (bit i set: value i negative; IQ1: its delta), the scales s of its two halves (equal
- * where the format has one a sub-block). (Indices in vector lanes, fetched lane by lane, took 1.2-1.5x as long.) */
-INLINE void iq_parts(const int type, const uint8_t *b, int j, uint64_t *g, uint32_t *bits, float *s) {
+/* Sub-block j (32 values) of a super-block b of an i-quant below 4 bits: its grid entries' 32 value bytes, bits (bit
+ * i set: value i negative; IQ1: its delta), the scales s of its two halves (equal where the format has one a
+ * sub-block) */
+INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, float *s) {
     const float d = type == IQ1_M ? 0 : h2f(b);
     switch (type) {
     case IQ2_XXS: {   /* d; per sub-block 4 grid index bytes, then 4 x 7 sign bits and a 4-bit scale */
@@ -186,53 +211,51 @@ INLINE void iq_parts(const int type, const uint8_t *b, int j, uint64_t *g, uint3
         const uint32_t aux = u32_at(q + 4);
         s[0] = s[1] = iq2_scale(d, aux >> 28);
         *bits = ksigns4(aux);
-        for (int l = 0; l < 4; l++)
-            g[l] = IQ2XXS_GRID[q[l]];
-        return;
+        return entries8(IQ2XXS_GRID, q[0], q[1], q[2], q[3]);
     }
     case IQ2_XS: {   /* d; 32 words of a 9-bit grid index and 7 sign bits; a scale nibble a 16 values */
+        int q[4];
         *bits = 0;
         for (int l = 0; l < 4; l++) {
-            const int q = u16_at(b + 2 + 8 * j + 2 * l);
-            g[l] = IQ2XS_GRID[q & 511];
-            *bits |= (uint32_t)KSIGNS[q >> 9] << 8 * l;
+            q[l] = u16_at(b + 2 + 8 * j + 2 * l);
+            *bits |= (uint32_t)KSIGNS[q[l] >> 9] << 8 * l;
         }
         s[0] = iq2_scale(d, b[66 + j] & 15), s[1] = iq2_scale(d, b[66 + j] >> 4);
-        return;
+        return entries8(IQ2XS_GRID, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
     }
     case IQ2_S: {   /* d; 32 low index bytes, 32 sign bytes, 8 bytes of 2-bit high index parts, scale nibbles */
-        for (int l = 0; l < 4; l++)
-            g[l] = IQ2S_GRID[b[2 + 4 * j + l] | (b[66 + j] >> 2 * l & 3) << 8];
+        const uint8_t *q = b + 2 + 4 * j;
+        const int high = b[66 + j];
         *bits = u32_at(b + 34 + 4 * j);
         s[0] = iq2_scale(d, b[74 + j] & 15), s[1] = iq2_scale(d, b[74 + j] >> 4);
-        return;
+        return entries8(IQ2S_GRID, q[0] | (high & 3) << 8, q[1] | (high >> 2 & 3) << 8, q[2] | (high >> 4 & 3) << 8,
+                        q[3] | (high >> 6) << 8);
     }
     case IQ3_XXS: {   /* d; 64 grid index bytes (4 values each); per sub-block 4 x 7 sign bits and a 4-bit scale */
         const uint8_t *q = b + 2 + 8 * j;
         const uint32_t aux = u32_at(b + 66 + 4 * j);
         s[0] = s[1] = d * (0.5f + (float)(aux >> 28)) * 0.5f;
         *bits = ksigns4(aux);
-        for (int l = 0; l < 4; l++)
-            g[l] = iq3_pair(IQ3XXS_GRID, q[2 * l], q[2 * l + 1]);
-        return;
+        return entries4(IQ3XXS_GRID, q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]);
     }
     case IQ3_S: {   /* d; 64 low index bytes, 8 bytes of ninth bits, 32 sign bytes, scale nibbles (d (1 + 2 s)) */
         const uint8_t *q = b + 2 + 8 * j;
         const int high = b[66 + j], sc = b[106 + j / 2] >> 4 * (j % 2) & 15;
         s[0] = s[1] = d * (float)(1 + 2 * sc);
         *bits = u32_at(b + 74 + 4 * j);
-        for (int l = 0; l < 4; l++)
-            g[l] = iq3_pair(IQ3S_GRID, q[2 * l] | (high >> 2 * l & 1) << 8, q[2 * l + 1] | (high >> (2 * l + 1) & 1) << 8);
-        return;
+#define IQ3S_AT(l) (q[l] | (high << (8 - l) & 256))   /* bit l of high is index l's ninth bit */
+        return entries4(IQ3S_GRID, IQ3S_AT(0), IQ3S_AT(1), IQ3S_AT(2), IQ3S_AT(3), IQ3S_AT(4), IQ3S_AT(5), IQ3S_AT(6),
+                        IQ3S_AT(7));
+#undef IQ3S_AT
     }
     case IQ1_S: {   /* d; 32 low index bytes; per sub-block a word: 4 x 3 high index bits, a 3-bit scale, the
                      * delta's sign */
         const int qh = u16_at(b + 34 + 2 * j);
         s[0] = s[1] = d * (float)(2 * (qh >> 12 & 7) + 1);
+        const uint8_t *q = b + 2 + 4 * j;
         *bits = qh & 0x8000 ? ~0u : 0;
-        for (int l = 0; l < 4; l++)
-            g[l] = IQ1S_GRID[b[2 + 4 * j + l] | (qh >> 3 * l & 7) << 8];
-        return;
+        return entries8(IQ1S_GRID, q[0] | (qh & 7) << 8, q[1] | (qh >> 3 & 7) << 8, q[2] | (qh >> 6 & 7) << 8,
+                        q[3] | (qh >> 9 & 7) << 8);
     }
     case IQ1_M: {   /* 32 low index bytes; a nibble a group (3 high index bits, the delta's sign); 4 words of
                      * 3-bit scales (a 16 values) whose top nibbles make d */
@@ -242,13 +265,14 @@ INLINE void iq_parts(const int type, const uint8_t *b, int j, uint64_t *g, uint3
         const float dm = h2f((const uint8_t *)&dbits);
         for (int h = 0; h < 2; h++)
             s[h] = dm * (float)(2 * (u16_at(sc + 2 * (j / 2)) >> 3 * (2 * (j % 2) + h) & 7) + 1);
+        int q[4];
         *bits = 0;
         for (int l = 0; l < 4; l++) {
             const int nibble = b[32 + 2 * j + l / 2] >> 4 * (l % 2) & 15;
-            g[l] = IQ1S_GRID[b[4 * j + l] | (nibble & 7) << 8];
+            q[l] = b[4 * j + l] | (nibble & 7) << 8;
             *bits |= (nibble & 8 ? 0xFFu : 0) << 8 * l;
         }
-        return;
+        return entries8(IQ1S_GRID, q[0], q[1], q[2], q[3]);
     }
     }
 }
@@ -264,23 +288,20 @@ INLINE __m256i bit_bytes(uint32_t bits) {
 }
 #endif
 
-typedef int8_t i8x32 __attribute__((vector_size(32)));
-
 /* iq_parts' sub-block as its 32 values (IQ1: 8 grid + the delta, in eighths) and half scales s */
 INLINE i8x32 iq_sub(const int type, const uint8_t *b, int j, float *s) {
-    uint64_t g[4];
     uint32_t bits;
-    iq_parts(type, b, j, g, &bits, s);
+    const i8x32 entries = iq_parts(type, b, j, &bits, s);
     const int iq1 = type == IQ1_S || type == IQ1_M;
 #if defined(__AVX2__)
-    const __m256i grid = _mm256_setr_epi64x((int64_t)g[0], (int64_t)g[1], (int64_t)g[2], (int64_t)g[3]);
+    const __m256i grid = (__m256i)entries;
     const __m256i sign = _mm256_or_si256(bit_bytes(bits), _mm256_set1_epi8(1));   /* -1 or 1 a byte */
     return (i8x32)(iq1 ? _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), sign)
                        : _mm256_sign_epi8(grid, sign));
 #else
     int8_t v[32];
     for (int i = 0; i < 32; i++) {
-        const int x = (int8_t)(g[i / 8] >> 8 * (i % 8) & 255), sign = bits >> i & 1 ? -1 : 1;
+        const int x = entries[i], sign = bits >> i & 1 ? -1 : 1;
         v[i] = (int8_t)(iq1 ? 8 * x + sign : sign * x);
     }
     i8x32 r;
@@ -779,19 +800,17 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
 /* the i-quants below 4 bits: GB sub-blocks' values plus 64 (unsigned bytes: IQ_ZERO), each lane's scale that of
  * its 16 values' half */
 #define IQ_ZERO 64
-INLINE wgroup group_iq(const int type, const int bytes, const uint8_t *row, int64_t g) {
+INLINE wgroup group_iq(const int type, const uint8_t *b, int j) {
     float s[2 * GB];
     wgroup w = {.m = (lf){0}};
 #if GB == 1
-    w.q = (lb)(iq_sub(type, row + g / 8 * bytes, (int)(g % 8), s) + IQ_ZERO);
+    w.q = (lb)(iq_sub(type, b, j, s) + IQ_ZERO);
     w.d = (lf){s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1]} * IQ_UNIT(type);
 #else
     i8x32 v[GB];
     float lanes[LANES];
-    for (int t = 0; t < GB; t++) {
-        const int64_t sub = g * GB + t;
-        v[t] = iq_sub(type, row + sub / 8 * bytes, (int)(sub % 8), s + 2 * t) + IQ_ZERO;
-    }
+    for (int t = 0; t < GB; t++)
+        v[t] = iq_sub(type, b, j + t, s + 2 * t) + IQ_ZERO;
     for (int l = 0; l < LANES; l++)
         lanes[l] = s[l / 4] * IQ_UNIT(type);
     memcpy(&w.q, v, sizeof w.q);
@@ -800,13 +819,6 @@ INLINE wgroup group_iq(const int type, const int bytes, const uint8_t *row, int6
     return w;
 }
 
-INLINE wgroup group_iq2_xxs(const uint8_t *row, int64_t g) { return group_iq(IQ2_XXS, 66, row, g); }
-INLINE wgroup group_iq2_xs(const uint8_t *row, int64_t g) { return group_iq(IQ2_XS, 74, row, g); }
-INLINE wgroup group_iq2_s(const uint8_t *row, int64_t g) { return group_iq(IQ2_S, 82, row, g); }
-INLINE wgroup group_iq3_xxs(const uint8_t *row, int64_t g) { return group_iq(IQ3_XXS, 98, row, g); }
-INLINE wgroup group_iq3_s(const uint8_t *row, int64_t g) { return group_iq(IQ3_S, 110, row, g); }
-INLINE wgroup group_iq1_s(const uint8_t *row, int64_t g) { return group_iq(IQ1_S, 50, row, g); }
-INLINE wgroup group_iq1_m(const uint8_t *row, int64_t g) { return group_iq(IQ1_M, 56, row, g); }
 
 /* n bf16 values from x[at] as fp32 into dst */
 static inline const float *widen(const void *x, int64_t at, int64_t n, float *restrict dst) {
@@ -1021,27 +1033,25 @@ static void quantize_rows(const void *x, int64_t ldx, int bf16, int64_t M, int64
     }
 }
 
-/* y[m * ldy] = W[n] . x[m] for m < rows (a compile-time constant once inlined) on the int8 activations */
-INLINE void qdot_rows(grouper group, const int has_zero, const int has_min, const int sign, const uint8_t *row,
-                      qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy) {
-    lf acc[TILE], accm[TILE];   /* the min terms apart: two FMAs a row, no adds */
-    for (int m = 0; m < rows; m++)
-        acc[m] = accm[m] = (lf){0};
-    for (int64_t g = 0; g < K / (32 * GB); g++) {
-        wgroup w = group(row, g);
-        for (int m = 0; m < rows; m++) {
-            int64_t o = m * (K / 4) + g * LANES;
-            lb x = loadlb(a.q + m * K + g * 32 * GB);
-            if (sign) {
-                sb neg = (sb)w.sign < 0;
-                x = (lb)(((sb)x ^ neg) - neg);
-            }
-            li d = dot(has_zero ? loadli(a.z + o) : (li){0}, w.q, x);
-            acc[m] += __builtin_convertvector(d, lf) * (loadlf(a.d + o) * w.d);
-            if (has_min)
-                accm[m] += w.m * loadlf(a.s + o);
+/* a group g of weights w dotted with rows activation rows into their accumulators */
+INLINE void qdot_group(wgroup w, int64_t g, const int has_zero, const int has_min, const int sign, qacts a,
+                       const int rows, int64_t K, lf *acc, lf *accm) {
+    for (int m = 0; m < rows; m++) {
+        int64_t o = m * (K / 4) + g * LANES;
+        lb x = loadlb(a.q + m * K + g * 32 * GB);
+        if (sign) {
+            sb neg = (sb)w.sign < 0;
+            x = (lb)(((sb)x ^ neg) - neg);
         }
+        li d = dot(has_zero ? loadli(a.z + o) : (li){0}, w.q, x);
+        acc[m] += __builtin_convertvector(d, lf) * (loadlf(a.d + o) * w.d);
+        if (has_min)
+            accm[m] += w.m * loadlf(a.s + o);
     }
+}
+
+/* each row's accumulators summed into y[m * ldy] */
+INLINE void qdot_sums(const lf *acc, const lf *accm, const int rows, float *restrict y, int64_t ldy) {
     for (int m = 0; m < rows; m++) {
         lf t = acc[m] + accm[m];
         float sum = 0;
@@ -1050,6 +1060,44 @@ INLINE void qdot_rows(grouper group, const int has_zero, const int has_min, cons
         y[m * ldy] = sum;
     }
 }
+
+/* y[m * ldy] = W[n] . x[m] for m < rows (a compile-time constant once inlined) on the int8 activations */
+INLINE void qdot_rows(grouper group, const int has_zero, const int has_min, const int sign, const uint8_t *row,
+                      qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy) {
+    lf acc[TILE], accm[TILE];   /* the min terms apart: two FMAs a row, no adds */
+    for (int m = 0; m < rows; m++)
+        acc[m] = accm[m] = (lf){0};
+    for (int64_t g = 0; g < K / (32 * GB); g++)
+        qdot_group(group(row, g), g, has_zero, has_min, sign, a, rows, K, acc, accm);
+    qdot_sums(acc, accm, rows, y, ldy);
+}
+
+/* qdot_rows for the i-quants below 4 bits, a super-block (256 values) at a time: what a sub-block's decoding shares
+ * with its super-block's others (the address, d, the scale bytes) is worked out once */
+INLINE void qdot_iq_rows(const int type, const int bytes, const uint8_t *row, qacts a, const int rows, int64_t K,
+                         float *restrict y, int64_t ldy) {
+    lf acc[TILE], accm[TILE];
+    for (int m = 0; m < rows; m++)
+        acc[m] = accm[m] = (lf){0};
+    for (int64_t sup = 0; sup < K / 256; sup++) {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j += GB)
+            qdot_group(group_iq(type, row + sup * bytes, j), sup * (8 / GB) + j / GB, 1, 0, 0, a, rows, K, acc, accm);
+    }
+    qdot_sums(acc, accm, rows, y, ldy);
+}
+
+#define QIQ_ROWS_OF(type, bytes)                                                                              \
+    for (int64_t n = n0; n < n1; n++) {                                                                    \
+        const uint8_t *row = w + n * row_bytes;                                                             \
+        switch (M) {                                                                                        \
+        case 4: qdot_iq_rows(type, bytes, row, a, 4, K, y + n, ldy); break;                                \
+        case 3: qdot_iq_rows(type, bytes, row, a, 3, K, y + n, ldy); break;                                \
+        case 2: qdot_iq_rows(type, bytes, row, a, 2, K, y + n, ldy); break;                                \
+        default: qdot_iq_rows(type, bytes, row, a, 1, K, y + n, ldy);                                       \
+        }                                                                                                   \
+    }                                                                                                       \
+    return;
 
 #define QROWS_OF(fn, has_zero, has_min, sign)                                                                 \
     for (int64_t n = n0; n < n1; n++) {                                                                    \
@@ -1071,13 +1119,13 @@ static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t 
     case Q5_0: QROWS_OF(group_q5_0, 1, 0, 0)
     case Q5_1: QROWS_OF(group_q5_1, 0, 1, 0)
     case Q8_0: QROWS_OF(group_q8_0, VNNI, 0, !VNNI)
-    case IQ2_XXS: QROWS_OF(group_iq2_xxs, 1, 0, 0)
-    case IQ2_XS: QROWS_OF(group_iq2_xs, 1, 0, 0)
-    case IQ2_S: QROWS_OF(group_iq2_s, 1, 0, 0)
-    case IQ3_XXS: QROWS_OF(group_iq3_xxs, 1, 0, 0)
-    case IQ3_S: QROWS_OF(group_iq3_s, 1, 0, 0)
-    case IQ1_S: QROWS_OF(group_iq1_s, 1, 0, 0)
-    case IQ1_M: QROWS_OF(group_iq1_m, 1, 0, 0)
+    case IQ2_XXS: QIQ_ROWS_OF(IQ2_XXS, 66)
+    case IQ2_XS: QIQ_ROWS_OF(IQ2_XS, 74)
+    case IQ2_S: QIQ_ROWS_OF(IQ2_S, 82)
+    case IQ3_XXS: QIQ_ROWS_OF(IQ3_XXS, 98)
+    case IQ3_S: QIQ_ROWS_OF(IQ3_S, 110)
+    case IQ1_S: QIQ_ROWS_OF(IQ1_S, 50)
+    case IQ1_M: QIQ_ROWS_OF(IQ1_M, 56)
     }
 }
 
