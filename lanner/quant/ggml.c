@@ -161,6 +161,9 @@ static int is_low_iq(int type) {
            || type == IQ1_M;
 }
 
+/* the scales a low i-quant's sub-block has: one, or one for each 16 values */
+static int iq_parts_of(int type) { return type == IQ2_XS || type == IQ2_S || type == IQ1_M ? 2 : 1; }
+
 INLINE uint32_t u32_at(const uint8_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
 INLINE int u16_at(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return u; }
 
@@ -275,6 +278,7 @@ INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, f
         return entries8(IQ1S_GRID, q[0], q[1], q[2], q[3]);
     }
     }
+    return (i8x32){0};   /* not a low i-quant: no caller asks */
 }
 
 #if defined(__AVX2__)
@@ -1261,14 +1265,16 @@ INLINE lb int8_column(const int nl, const uint8_t *vals, const int c) {
     return nl_bytes(c < 4 ? v & 15 : (lb)((li)v >> 4) & 15);
 }
 
-/* a block of int8 weights (Q8_0; nl: IQ4_NL's values) against rows activation rows: under VNNI offset to unsigned
- * by 128 (the zero point), else their magnitudes against x carrying their signs */
+/* columns c0..c1-1 of a block of int8 weights (Q8_0; nl: IQ4_NL's values) against rows activation rows: under VNNI
+ * offset to unsigned by 128 (the zero point), else (or where magnitudes is set) their magnitudes against x carrying
+ * their signs */
 INLINE void dot_int8_block(const int nl, const uint8_t *vals, int64_t gstride, const int groups, qacts a,
-                           const int rows, int64_t K, int64_t b, li d[SIDE][PTILE]) {
+                           const int rows, int64_t K, int64_t b, li d[SIDE][PTILE], const int c0, const int c1,
+                           const int magnitudes) {
     for (int g = 0; g < groups; g++)
         for (int m = 0; m < rows; m++)
             d[g][m] = (li){0};
-    for (int c = 0; c < 8; c++) {
+    for (int c = c0; c < c1; c++) {
         lb w[SIDE], magnitude[SIDE];
         sb neg[SIDE];
         for (int g = 0; g < groups; g++) {
@@ -1278,7 +1284,7 @@ INLINE void dot_int8_block(const int nl, const uint8_t *vals, int64_t gstride, c
         for (int m = 0; m < rows; m++) {
             lb x = bcast4(a.q + m * K + 32 * b + 4 * c);
             for (int g = 0; g < groups; g++) {
-                if (VNNI)
+                if (VNNI && !magnitudes)
                     d[g][m] = dot(d[g][m], w[g] ^ 0x80, x);
                 else {
                     d[g][m] = dot(d[g][m], magnitude[g], signed_by(x, neg[g]));
@@ -1345,7 +1351,7 @@ INLINE void kiq4_super(const uint8_t *blk, int64_t gstride, const int groups, qa
                        int64_t b, lf acc[SIDE][PTILE]) {
     for (int j = 0; j < 8; j++) {
         li dots[SIDE][PTILE];
-        dot_int8_block(1, blk + (8 + 16 * j) * LANES, gstride, groups, a, rows, K, 8 * b + j, dots);
+        dot_int8_block(1, blk + (8 + 16 * j) * LANES, gstride, groups, a, rows, K, 8 * b + j, dots, 0, 8, 0);
         for (int g = 0; g < groups; g++) {
             const lf w = halves(blk + g * gstride) * iq4_scale(blk + g * gstride, j);
             for (int m = 0; m < rows; m++) {
@@ -1627,7 +1633,7 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
         for (int g = 0; g < groups && stream; g++)
             stream_ahead(blk + g * gstride, bytes);
         if (bits == 8 || bits == NL4)
-            dot_int8_block(bits == NL4, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
+            dot_int8_block(bits == NL4, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d, 0, 8, 0);
         else
             dot_q4_block(bits, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
         for (int g = 0; g < groups; g++) {
@@ -1664,6 +1670,60 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
         PACKED_ROWS(bits, has_min, zero, 2, )                                                              \
     PACKED_ROWS(bits, has_min, zero, 1, PACKED_WIDE(bits, has_min, zero, 1))
 
+/* The i-quants below 4 bits in a GEMM: each group of LANES rows is decoded once a call (iq8_group) into int8 values
+ * laid out as Q8_0's packed blocks, each block led by its rows' fp32 scales (parts of them: one, or one a 16
+ * values), and multiplied as those (their values' magnitudes against x carrying their signs). Decoding a sub-block
+ * costs ~10 times its int8 dot with one activation row, so a GEMM decodes each once, not once a tile of rows. */
+
+INLINE void qdot_iq8(const int parts, const uint8_t *grp, int64_t gstride, const int groups, qacts a, const int rows,
+                     int64_t K, float *restrict y, int64_t ldy) {
+    const int64_t bytes = LANES * (4 * parts + 32);
+    lf acc[SIDE][PTILE];
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            acc[g][m] = (lf){0};
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t *blk = grp + b * bytes;
+        for (int p = 0; p < parts; p++) {
+            li d[SIDE][PTILE];
+            dot_int8_block(0, blk + 4 * parts * LANES, gstride, groups, a, rows, K, b, d, 8 * p / parts,
+                           8 * (p + 1) / parts, 1);
+            for (int g = 0; g < groups; g++) {
+                const lf wd = loadlf(blk + g * gstride + 4 * p * LANES);
+                for (int m = 0; m < rows; m++)
+                    acc[g][m] = fmadd(__builtin_convertvector(d[g][m], lf), wd * a.bd[m * (K / 32) + b], acc[g][m]);
+            }
+        }
+    }
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
+}
+
+#define IQ8_ROWS(parts, groups)                                                                              \
+    switch (M) {                                                                                           \
+    case 8: qdot_iq8(parts, grp, gstride, groups, a, 8, K, y, ldy); return;                                 \
+    case 7: qdot_iq8(parts, grp, gstride, groups, a, 7, K, y, ldy); return;                                 \
+    case 6: qdot_iq8(parts, grp, gstride, groups, a, 6, K, y, ldy); return;                                 \
+    case 5: qdot_iq8(parts, grp, gstride, groups, a, 5, K, y, ldy); return;                                 \
+    case 4: qdot_iq8(parts, grp, gstride, groups, a, 4, K, y, ldy); return;                                 \
+    case 3: qdot_iq8(parts, grp, gstride, groups, a, 3, K, y, ldy); return;                                 \
+    case 2: qdot_iq8(parts, grp, gstride, groups, a, 2, K, y, ldy); return;                                 \
+    default: qdot_iq8(parts, grp, gstride, groups, a, 1, K, y, ldy); return;                                \
+    }
+
+static void __attribute__((noinline)) qmatmul_group_iq8(int parts, const uint8_t *grp, int64_t gstride, int groups,
+                                                        int64_t K, qacts a, int64_t M, float *y, int64_t ldy) {
+    if (parts == 2) {
+        if (groups == 2)
+            IQ8_ROWS(2, 2)
+        IQ8_ROWS(2, 1)
+    }
+    if (groups == 2)
+        IQ8_ROWS(1, 2)
+    IQ8_ROWS(1, 1)
+}
+
 /* qmatmul_group for the i-quants, a function of its own: in qmatmul_group's switch their kernels made the Q4_0 and
  * Q8_0 GEMMs at 64 rows 0.92-0.93x as fast (code layout) */
 static void __attribute__((noinline)) qmatmul_group_iq4(int type, const uint8_t *grp, int64_t gstride, int groups,
@@ -1678,6 +1738,10 @@ static void __attribute__((noinline)) qmatmul_group_iq4(int type, const uint8_t 
 /* groups (<= SIDE) packed groups gstride bytes apart, M <= PTILE / groups rows (their outputs at y, side by side) */
 static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, qacts a, int64_t M,
                           float *y, int64_t ldy, int stream) {
+    if (is_low_iq(type)) {   /* grp: iq8_group's decoding */
+        qmatmul_group_iq8(iq_parts_of(type), grp, gstride, groups, K, a, M, y, ldy);
+        return;
+    }
     if (type == IQ4_NL || type == IQ4_XS) {
         qmatmul_group_iq4(type, grp, gstride, groups, K, a, M, y, ldy, stream);
         return;
@@ -1860,6 +1924,40 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 }
 #endif
 
+/* rows r < LANES (row_bytes apart) of a low i-quant decoded into qdot_iq8's layout at out */
+INLINE void iq8_rows(const int type, const int bytes, const uint8_t *w, int64_t row_bytes, int64_t K,
+                     uint8_t *restrict out) {
+    const int parts = iq_parts_of(type);
+    const int64_t blk = LANES * (4 * parts + 32);
+    for (int r = 0; r < LANES; r++)
+        for (int64_t sup = 0; sup < K / 256; sup++)
+            for (int j = 0; j < 8; j++) {
+                float s[2];
+                int8_t v[32];
+                const i8x32 values = iq_sub(type, w + r * row_bytes + sup * bytes, j, s);
+                uint8_t *o = out + (sup * 8 + j) * blk;
+                memcpy(v, &values, sizeof v);
+                for (int p = 0; p < parts; p++) {
+                    const float scale = s[p] * IQ_UNIT(type);
+                    memcpy(o + 4 * (p * LANES + r), &scale, 4);
+                }
+                for (int c = 0; c < 8; c++)
+                    memcpy(o + 4 * parts * LANES + 4 * (c * LANES + r), v + 4 * c, 4);
+            }
+}
+
+static void iq8_group(int type, const uint8_t *w, int64_t row_bytes, int64_t K, uint8_t *out) {
+    switch (type) {
+    case IQ2_XXS: iq8_rows(IQ2_XXS, 66, w, row_bytes, K, out); return;
+    case IQ2_XS: iq8_rows(IQ2_XS, 74, w, row_bytes, K, out); return;
+    case IQ2_S: iq8_rows(IQ2_S, 82, w, row_bytes, K, out); return;
+    case IQ3_XXS: iq8_rows(IQ3_XXS, 98, w, row_bytes, K, out); return;
+    case IQ3_S: iq8_rows(IQ3_S, 110, w, row_bytes, K, out); return;
+    case IQ1_S: iq8_rows(IQ1_S, 50, w, row_bytes, K, out); return;
+    case IQ1_M: iq8_rows(IQ1_M, 56, w, row_bytes, K, out); return;
+    }
+}
+
 /* the formats ggml_pack interleaves for the int8 kernel (a packed pointer with another format is ignored) */
 static int packable(int type) {
     return PACKED_PATH && (type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q2_K
@@ -1909,6 +2007,21 @@ static qacts rows_from(qacts a, int64_t m, int64_t K) {
     return r;
 }
 
+/* whether a call of M rows decodes a low i-quant's groups once (iq8_group) rather than a row at a time per tile */
+static int decodes_groups(int type, int64_t M) {
+    return PACKED_PATH && is_low_iq(type) && M > TILE;
+}
+
+/* the bytes of SIDE groups iq8_group decodes */
+static int64_t decoded_bytes(int type, int64_t K) {
+    return SIDE * K / 32 * PACK_ROWS * (4 * iq_parts_of(type) + 32);
+}
+
+/* the whole groups of PACK_ROWS rows a call of M rows multiplies as packed blocks */
+static int64_t whole_groups(int type, const uint8_t *packed, int64_t N, int64_t M) {
+    return (packed && packable(type)) || decodes_groups(type, M) ? N / PACK_ROWS : 0;
+}
+
 /* activation rows a GEMM takes against every group before the next ones: their int8 values and block scales
  * stay in L2 (a core's 1-2 MiB) while the weights stream past */
 #define GEMM_ACT_BYTES (256 << 10)
@@ -1916,7 +2029,7 @@ static qacts rows_from(qacts a, int64_t m, int64_t K) {
 /* qmatmul's scratch for M activation rows: their int8 values and scales (qacts) in one buffer, NULL when out of
  * memory (free it) */
 static char *qacts_buffer(int type, const uint8_t *packed, int64_t N, int64_t K, int64_t M, qacts *a) {
-    const int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0;
+    const int64_t groups = whole_groups(type, packed, N, M);
     const int64_t lanes = N > groups * PACK_ROWS ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane: row-major */
     /* 16-value groups' activation sums (M * K: whole blocks, so hs is aligned) */
     const int halves16 = groups && (type == Q6_K || type == Q3_K || type == Q2_K);
@@ -1938,32 +2051,36 @@ static int64_t share_of(int64_t n, int step, int end) {
 }
 
 /* qmatmul's work on the quantized activations a, this thread's share of it in the region it runs in (the caller
- * waits for the others) */
+ * waits for the others). decoded: where decodes_groups, this thread's decoded_bytes, into which its groups are
+ * decoded SIDE at a time, once a call: all M rows then run against them (in L2 while they do). */
 static void qmatmul_share(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
-                          qacts a, int64_t M, out_rows o) {
-    const int64_t groups = packed && packable(type) ? N / PACK_ROWS : 0, first = groups * PACK_ROWS;
+                          qacts a, int64_t M, out_rows o, uint8_t *decoded) {
+    const int64_t groups = whole_groups(type, packed, N, M), first = groups * PACK_ROWS;
+    const int64_t group_bytes = decoded_bytes(type, K) / SIDE;
     const int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     const int plain = !o.bf16 && !o.bias;
     /* groups a tile takes: two where enough rows make the GEMM compute-bound. Below, one group's 8-row tile reads
      * the weights from memory at twice the work per byte: 30 layers' linears at 8 rows ran 1.37x slower in pairs */
     const int step = M >= PAIR_ROWS ? SIDE : 1;
-    const int64_t chunk = (GEMM_ACT_BYTES / (K + K / 32 * 8) / PTILE + 1) * PTILE;
+    const int64_t chunk = decoded ? M : (GEMM_ACT_BYTES / (K + K / 32 * 8) / PTILE + 1) * PTILE;
     const int64_t g0 = share_of(groups, step, 0), g1 = share_of(groups, step, 1);
     float tile[PTILE * PACK_ROWS > TILE * ROWS_PER_TASK ? PTILE * PACK_ROWS : TILE * ROWS_PER_TASK] __attribute__((aligned(64)));
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
         for (int64_t g = g0; g < g1; g += step) {
             const int side = groups - g < step ? groups - g : step;
-            const uint8_t *grp = packed + g * PACK_ROWS * row_bytes;
+            const uint8_t *grp = decoded ? decoded : packed + g * PACK_ROWS * row_bytes;
+            const int64_t gstride = decoded ? group_bytes : PACK_ROWS * row_bytes;
+            for (int t = 0; decoded && t < side; t++)
+                iq8_group(type, w + (g + t) * PACK_ROWS * row_bytes, row_bytes, K, decoded + t * group_bytes);
             for (int64_t m = m0; m < m1; m += PTILE / step) {
                 const int64_t rows = m1 - m < PTILE / step ? m1 - m : PTILE / step;
                 if (plain) {   /* fp32 without a bias: straight into y */
-                    qmatmul_group(type, grp, PACK_ROWS * row_bytes, side, K, rows_from(a, m, K), rows,
+                    qmatmul_group(type, grp, gstride, side, K, rows_from(a, m, K), rows,
                                   (float *)o.y + m * o.ld + g * PACK_ROWS, o.ld, m == m0);
                     continue;
                 }
-                qmatmul_group(type, grp, PACK_ROWS * row_bytes, side, K, rows_from(a, m, K), rows, tile,
-                              step * PACK_ROWS, m == m0);
+                qmatmul_group(type, grp, gstride, side, K, rows_from(a, m, K), rows, tile, step * PACK_ROWS, m == m0);
                 store_tile(tile, step * PACK_ROWS, rows, side * PACK_ROWS, o, m, g * PACK_ROWS);
             }
         }
@@ -1986,8 +2103,11 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
                    const void *x, int64_t ldx, int x_bf16, int64_t M, out_rows o, int threads) {
     qacts a;
     char *buf = qacts_buffer(type, packed, N, K, M, &a);
-    if (!buf)
+    uint8_t *decoded = decodes_groups(type, M) ? malloc(threads * decoded_bytes(type, K)) : NULL;
+    if (!buf || (decodes_groups(type, M) && !decoded)) {
+        free(buf), free(decoded);
         return 1;
+    }
     const int zero = int8_zero(type);
     if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
         quantize_rows(x, ldx, x_bf16, M, K, zero, a);
@@ -1999,9 +2119,10 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
                 quantize_rows(row_of(x, m, ldx, x_bf16), ldx, x_bf16, 1, K, zero, rows_from(a, m, K));
         }
         /* the region's end waits: one barrier a call, not two (30 layers' 1-row GEMVs 1.04-1.10x, 16 sweeps) */
-        qmatmul_share(type, w, packed, row_bytes, N, K, a, M, o);
+        qmatmul_share(type, w, packed, row_bytes, N, K, a, M, o,
+                      decoded ? decoded + omp_get_thread_num() * decoded_bytes(type, K) : NULL);
     }
-    free(buf);
+    free(buf), free(decoded);
     return 0;
 }
 
@@ -2448,7 +2569,7 @@ int ggml_team_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t 
     char *buf = qacts_buffer(type, packed, N, K, M, &a);
     if (buf) {
         quantize_rows(x, ldx, !!(flags & MATMUL_X_BF16), M, K, int8_zero(type), a);
-        qmatmul_share(type, w, packed, row_bytes, N, K, a, M, o);
+        qmatmul_share(type, w, packed, row_bytes, N, K, a, M, o, NULL);   /* M <= TILE: no decoding */
     }
 #pragma omp barrier
     free(buf);

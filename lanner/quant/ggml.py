@@ -330,7 +330,9 @@ class GGMLLinear:
             if self.packed is None:
                 return SMALL_M
             return EXACT_PACKED_ROWS.get((dtype, self.weight.type_name), SMALL_M)
-        return ALL_ROWS if self.int8_packed else SMALL_M_WITHOUT_DENSE
+        # the i-quants below 4 bits: past a decode's rows each group of rows is decoded into int8 once a call
+        decoded = self.int8 and self.weight.type_name in LOW_IQ_FORMATS
+        return ALL_ROWS if self.int8_packed or decoded else SMALL_M_WITHOUT_DENSE
 
     def on_tiles(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether a call of this many rows of dtype multiplies on the AMX tiles."""
