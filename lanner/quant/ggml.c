@@ -1585,22 +1585,31 @@ INLINE void k3_super(const uint8_t *blk, int64_t gstride, const int groups, qact
 /* a super-block's work of a K-quant (k2_super .. k6_super): its products added to acc */
 typedef void (*super_block)(const uint8_t *, int64_t, int, qacts, int, int64_t, int64_t, lf[SIDE][PTILE]);
 
+/* a tile's sums (groups x rows vectors of LANES outputs): set to 0; stored to y (row m at y + m * ldy) */
+INLINE void tile_zero(lf acc[SIDE][PTILE], const int groups, const int rows) {
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            acc[g][m] = (lf){0};
+}
+
+INLINE void tile_store(lf acc[SIDE][PTILE], const int groups, const int rows, float *restrict y, int64_t ldy) {
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
+}
+
 /* qdot_packed for the K-quants: super-blocks of 256 values, bytes each a row */
 INLINE void qdot_packed_super(super_block work, const int bytes, const uint8_t *grp, int64_t gstride, const int groups,
                               qacts a, const int rows, int64_t K, float *restrict y, int64_t ldy, const int stream) {
     lf acc[SIDE][PTILE];
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            acc[g][m] = (lf){0};
+    tile_zero(acc, groups, rows);
     for (int64_t b = 0; b < K / 256; b++) {
         const uint8_t *blk = grp + b * LANES * bytes;
         for (int g = 0; g < groups && stream; g++)
             stream_ahead(blk + g * gstride, LANES * bytes);
         work(blk, gstride, groups, a, rows, K, b, acc);
     }
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
+    tile_store(acc, groups, rows, y, ldy);
 }
 
 #define K_SCALES 2   /* qdot_packed's has_min for a super-block's scales and mins (Q4_K) */
@@ -1624,9 +1633,7 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
     const int scales = has_min ? 2 : 1;
     const int64_t bytes = LANES * (2 * scales + (bits == NL4 ? 4 : bits) * 4);   /* one block of a group */
     lf acc[SIDE][PTILE];
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            acc[g][m] = (lf){0};
+    tile_zero(acc, groups, rows);
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = grp + b * bytes;
         li d[SIDE][PTILE];
@@ -1647,9 +1654,7 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
             }
         }
     }
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
+    tile_store(acc, groups, rows, y, ldy);
 }
 
 #define PACKED_WIDE(bits, has_min, zero, groups)                                                            \
@@ -1679,9 +1684,7 @@ INLINE void qdot_iq8(const int parts, const uint8_t *grp, int64_t gstride, const
                      int64_t K, float *restrict y, int64_t ldy) {
     const int64_t bytes = LANES * (4 * parts + 32);
     lf acc[SIDE][PTILE];
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            acc[g][m] = (lf){0};
+    tile_zero(acc, groups, rows);
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = grp + b * bytes;
         for (int p = 0; p < parts; p++) {
@@ -1695,9 +1698,7 @@ INLINE void qdot_iq8(const int parts, const uint8_t *grp, int64_t gstride, const
             }
         }
     }
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < rows; m++)
-            memcpy(y + m * ldy + g * LANES, &acc[g][m], sizeof acc[g][m]);
+    tile_store(acc, groups, rows, y, ldy);
 }
 
 #define IQ8_ROWS(parts, groups)                                                                              \
