@@ -125,6 +125,18 @@ def test_int8_activations_equal_their_reference_on_every_level(level, type_name,
     assert (got - exact).norm() < 0.02 * exact.norm()   # int8 rounding: 0.4-0.8 % measured
 
 
+@pytest.mark.parametrize("type_name", LOW_IQ_FORMATS)
+def test_low_iq_prefill_steps_run_on_the_kernel(level, type_name):
+    """A prefill-sized step of a low i-quant takes the kernel (each group of rows decoded into int8 once a call), not
+    a per-call dequantize: its results are the int8 path's, rows past the last whole group included."""
+    w = random_weight(type_name, 45, 512, seed=5)
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(5))
+    lin = GGMLLinear(w)
+    assert lin.takes(40, torch.float32) == lin.int8   # the portable build: exact, rows dequantized per call
+    want = (int8_blocks(x) if lin.int8 else x.double()) @ reference(w).double().T
+    torch.testing.assert_close(lin(x).double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("type_name", INT8_FORMATS)
 @pytest.mark.parametrize("m", [3, 19])   # quantized before the threads start; by them
 def test_int8_rows_of_many_blocks_and_non_finite_rows(level, type_name, m):
