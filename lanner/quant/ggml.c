@@ -170,7 +170,7 @@ INLINE int u16_at(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return u; }
 typedef int8_t i8x32 __attribute__((vector_size(32)));
 
 /* the grid entries of 8 values at 4 indices, as 32 value bytes */
-INLINE i8x32 entries8(const uint64_t *grid, int a, int b, int c, int d) {
+INLINE i8x32 entries8(const uint64_t *grid, size_t a, size_t b, size_t c, size_t d) {
 #if defined(__AVX2__)
     return (i8x32)_mm256_setr_epi64x((int64_t)grid[a], (int64_t)grid[b], (int64_t)grid[c], (int64_t)grid[d]);
 #else
@@ -182,7 +182,8 @@ INLINE i8x32 entries8(const uint64_t *grid, int a, int b, int c, int d) {
 }
 
 /* IQ3: the grid entries of 4 values at 8 indices, as 32 value bytes */
-INLINE i8x32 entries4(const uint32_t *grid, int i0, int i1, int i2, int i3, int i4, int i5, int i6, int i7) {
+INLINE i8x32 entries4(const uint32_t *grid, size_t i0, size_t i1, size_t i2, size_t i3, size_t i4, size_t i5,
+                      size_t i6, size_t i7) {
 #if defined(__AVX2__)
     return (i8x32)_mm256_setr_epi32((int)grid[i0], (int)grid[i1], (int)grid[i2], (int)grid[i3], (int)grid[i4],
                                     (int)grid[i5], (int)grid[i6], (int)grid[i7]);
@@ -217,10 +218,10 @@ INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, f
         return entries8(IQ2XXS_GRID, q[0], q[1], q[2], q[3]);
     }
     case IQ2_XS: {   /* d; 32 words of a 9-bit grid index and 7 sign bits; a scale nibble a 16 values */
-        int q[4];
+        size_t q[4];   /* (indices as wide as addresses: no sign extension before the loads) */
         *bits = 0;
         for (int l = 0; l < 4; l++) {
-            q[l] = u16_at(b + 2 + 8 * j + 2 * l);
+            q[l] = (size_t)u16_at(b + 2 + 8 * j + 2 * l);
             *bits |= (uint32_t)KSIGNS[q[l] >> 9] << 8 * l;
         }
         s[0] = iq2_scale(d, b[66 + j] & 15), s[1] = iq2_scale(d, b[66 + j] >> 4);
@@ -228,7 +229,7 @@ INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, f
     }
     case IQ2_S: {   /* d; 32 low index bytes, 32 sign bytes, 8 bytes of 2-bit high index parts, scale nibbles */
         const uint8_t *q = b + 2 + 4 * j;
-        const int high = b[66 + j];
+        const size_t high = b[66 + j];
         *bits = u32_at(b + 34 + 4 * j);
         s[0] = iq2_scale(d, b[74 + j] & 15), s[1] = iq2_scale(d, b[74 + j] >> 4);
         return entries8(IQ2S_GRID, q[0] | (high & 3) << 8, q[1] | (high >> 2 & 3) << 8, q[2] | (high >> 4 & 3) << 8,
@@ -243,17 +244,18 @@ INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, f
     }
     case IQ3_S: {   /* d; 64 low index bytes, 8 bytes of ninth bits, 32 sign bytes, scale nibbles (d (1 + 2 s)) */
         const uint8_t *q = b + 2 + 8 * j;
-        const int high = b[66 + j], sc = b[106 + j / 2] >> 4 * (j % 2) & 15;
+        const size_t high = b[66 + j];   /* its bit l: index l's ninth bit */
+        const int sc = b[106 + j / 2] >> 4 * (j % 2) & 15;
         s[0] = s[1] = d * (float)(1 + 2 * sc);
         *bits = u32_at(b + 74 + 4 * j);
-#define IQ3S_AT(l) (q[l] | (high << (8 - l) & 256))   /* bit l of high is index l's ninth bit */
+#define IQ3S_AT(l) (q[l] | (high << (8 - l) & 256))
         return entries4(IQ3S_GRID, IQ3S_AT(0), IQ3S_AT(1), IQ3S_AT(2), IQ3S_AT(3), IQ3S_AT(4), IQ3S_AT(5), IQ3S_AT(6),
                         IQ3S_AT(7));
 #undef IQ3S_AT
     }
     case IQ1_S: {   /* d; 32 low index bytes; per sub-block a word: 4 x 3 high index bits, a 3-bit scale, the
                      * delta's sign */
-        const int qh = u16_at(b + 34 + 2 * j);
+        const size_t qh = (size_t)u16_at(b + 34 + 2 * j);
         s[0] = s[1] = d * (float)(2 * (qh >> 12 & 7) + 1);
         const uint8_t *q = b + 2 + 4 * j;
         *bits = qh & 0x8000 ? ~0u : 0;
@@ -268,10 +270,10 @@ INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, f
         const float dm = h2f((const uint8_t *)&dbits);
         for (int h = 0; h < 2; h++)
             s[h] = dm * (float)(2 * (u16_at(sc + 2 * (j / 2)) >> 3 * (2 * (j % 2) + h) & 7) + 1);
-        int q[4];
+        size_t q[4];
         *bits = 0;
         for (int l = 0; l < 4; l++) {
-            const int nibble = b[32 + 2 * j + l / 2] >> 4 * (l % 2) & 15;
+            const size_t nibble = b[32 + 2 * j + l / 2] >> 4 * (l % 2) & 15;
             q[l] = b[4 * j + l] | (nibble & 7) << 8;
             *bits |= (nibble & 8 ? 0xFFu : 0) << 8 * l;
         }
