@@ -201,19 +201,28 @@ INLINE uint32_t ksigns4(uint32_t aux) {
            | (uint32_t)KSIGNS[aux >> 21 & 127] << 24;
 }
 
-/* (0.5 + nibble) / 4 of d: IQ2's scales */
-INLINE float iq2_scale(float d, int nibble) { return d * (0.5f + (float)nibble) * 0.25f; }
+/* what a low i-quant super-block b's sub-block scales (odd integers, iq_parts' sc) are worth: d over a power of two
+ * (IQ2: (0.5 + nibble) / 4 of d; IQ3_XXS: (0.5 + nibble) / 2), or IQ1_M's d spread over its scale words' top
+ * nibbles */
+INLINE float iq_factor(const int type, const uint8_t *b) {
+    if (type == IQ1_M) {
+        const uint8_t *sc = b + 48;
+        const uint16_t dbits = (uint16_t)(u16_at(sc) >> 12 | (u16_at(sc + 2) >> 8 & 0xF0)
+                                          | (u16_at(sc + 4) >> 4 & 0xF00) | (u16_at(sc + 6) & 0xF000));
+        return h2f((const uint8_t *)&dbits);
+    }
+    return h2f(b) * (type == IQ3_XXS ? 0.25f : type == IQ3_S || type == IQ1_S ? 1.0f : 0.125f);
+}
 
 /* Sub-block j (32 values) of a super-block b of an i-quant below 4 bits: its grid entries' 32 value bytes, bits (bit
- * i set: value i negative; IQ1: its delta), the scales s of its two halves (equal where the format has one a
- * sub-block) */
-INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, float *s) {
-    const float d = type == IQ1_M ? 0 : h2f(b);
+ * i set: value i negative; IQ1: its delta), the odd integer scales sc of its two halves (equal where the format has
+ * one a sub-block; iq_factor's units) */
+INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, int *sc) {
     switch (type) {
     case IQ2_XXS: {   /* d; per sub-block 4 grid index bytes, then 4 x 7 sign bits and a 4-bit scale */
         const uint8_t *q = b + 2 + 8 * j;
         const uint32_t aux = u32_at(q + 4);
-        s[0] = s[1] = iq2_scale(d, aux >> 28);
+        sc[0] = sc[1] = 2 * (int)(aux >> 28) + 1;
         *bits = ksigns4(aux);
         return entries8(IQ2XXS_GRID, q[0], q[1], q[2], q[3]);
     }
@@ -224,29 +233,28 @@ INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, f
             q[l] = (size_t)u16_at(b + 2 + 8 * j + 2 * l);
             *bits |= (uint32_t)KSIGNS[q[l] >> 9] << 8 * l;
         }
-        s[0] = iq2_scale(d, b[66 + j] & 15), s[1] = iq2_scale(d, b[66 + j] >> 4);
+        sc[0] = 2 * (b[66 + j] & 15) + 1, sc[1] = 2 * (b[66 + j] >> 4) + 1;
         return entries8(IQ2XS_GRID, q[0] & 511, q[1] & 511, q[2] & 511, q[3] & 511);
     }
     case IQ2_S: {   /* d; 32 low index bytes, 32 sign bytes, 8 bytes of 2-bit high index parts, scale nibbles */
         const uint8_t *q = b + 2 + 4 * j;
         const size_t high = b[66 + j];
         *bits = u32_at(b + 34 + 4 * j);
-        s[0] = iq2_scale(d, b[74 + j] & 15), s[1] = iq2_scale(d, b[74 + j] >> 4);
+        sc[0] = 2 * (b[74 + j] & 15) + 1, sc[1] = 2 * (b[74 + j] >> 4) + 1;
         return entries8(IQ2S_GRID, q[0] | (high & 3) << 8, q[1] | (high >> 2 & 3) << 8, q[2] | (high >> 4 & 3) << 8,
                         q[3] | (high >> 6) << 8);
     }
     case IQ3_XXS: {   /* d; 64 grid index bytes (4 values each); per sub-block 4 x 7 sign bits and a 4-bit scale */
         const uint8_t *q = b + 2 + 8 * j;
         const uint32_t aux = u32_at(b + 66 + 4 * j);
-        s[0] = s[1] = d * (0.5f + (float)(aux >> 28)) * 0.5f;
+        sc[0] = sc[1] = 2 * (int)(aux >> 28) + 1;
         *bits = ksigns4(aux);
         return entries4(IQ3XXS_GRID, q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]);
     }
     case IQ3_S: {   /* d; 64 low index bytes, 8 bytes of ninth bits, 32 sign bytes, scale nibbles (d (1 + 2 s)) */
         const uint8_t *q = b + 2 + 8 * j;
         const size_t high = b[66 + j];   /* its bit l: index l's ninth bit */
-        const int sc = b[106 + j / 2] >> 4 * (j % 2) & 15;
-        s[0] = s[1] = d * (float)(1 + 2 * sc);
+        sc[0] = sc[1] = 2 * (b[106 + j / 2] >> 4 * (j % 2) & 15) + 1;
         *bits = u32_at(b + 74 + 4 * j);
 #define IQ3S_AT(l) (q[l] | (high << (8 - l) & 256))
         return entries4(IQ3S_GRID, IQ3S_AT(0), IQ3S_AT(1), IQ3S_AT(2), IQ3S_AT(3), IQ3S_AT(4), IQ3S_AT(5), IQ3S_AT(6),
@@ -256,20 +264,16 @@ INLINE i8x32 iq_parts(const int type, const uint8_t *b, int j, uint32_t *bits, f
     case IQ1_S: {   /* d; 32 low index bytes; per sub-block a word: 4 x 3 high index bits, a 3-bit scale, the
                      * delta's sign */
         const size_t qh = (size_t)u16_at(b + 34 + 2 * j);
-        s[0] = s[1] = d * (float)(2 * (qh >> 12 & 7) + 1);
+        sc[0] = sc[1] = 2 * (int)(qh >> 12 & 7) + 1;
         const uint8_t *q = b + 2 + 4 * j;
         *bits = qh & 0x8000 ? ~0u : 0;
         return entries8(IQ1S_GRID, q[0] | (qh & 7) << 8, q[1] | (qh >> 3 & 7) << 8, q[2] | (qh >> 6 & 7) << 8,
                         q[3] | (qh >> 9 & 7) << 8);
     }
     case IQ1_M: {   /* 32 low index bytes; a nibble a group (3 high index bits, the delta's sign); 4 words of
-                     * 3-bit scales (a 16 values) whose top nibbles make d */
-        const uint8_t *sc = b + 48;
-        const uint16_t dbits = (uint16_t)(u16_at(sc) >> 12 | (u16_at(sc + 2) >> 8 & 0xF0)
-                                          | (u16_at(sc + 4) >> 4 & 0xF00) | (u16_at(sc + 6) & 0xF000));
-        const float dm = h2f((const uint8_t *)&dbits);
+                     * 3-bit scales (a 16 values) whose top nibbles make d (iq_factor) */
         for (int h = 0; h < 2; h++)
-            s[h] = dm * (float)(2 * (u16_at(sc + 2 * (j / 2)) >> 3 * (2 * (j % 2) + h) & 7) + 1);
+            sc[h] = 2 * (u16_at(b + 48 + 2 * (j / 2)) >> 3 * (2 * (j % 2) + h) & 7) + 1;
         size_t q[4];
         *bits = 0;
         for (int l = 0; l < 4; l++) {
@@ -294,26 +298,53 @@ INLINE __m256i bit_bytes(uint32_t bits) {
 }
 #endif
 
-/* iq_parts' sub-block as its 32 values (IQ1: 8 grid + the delta, in eighths) and half scales s */
-INLINE i8x32 iq_sub(const int type, const uint8_t *b, int j, float *s) {
+/* iq_parts' sub-block as magnitudes, its 32 values (IQ1: 8 grid + the delta, in eighths) mag[i] with the sign of
+ * sgn[i] (never 0) */
+INLINE i8x32 iq_magnitudes(const int type, const uint8_t *b, int j, i8x32 *sgn, int *sc) {
     uint32_t bits;
-    const i8x32 entries = iq_parts(type, b, j, &bits, s);
+    const i8x32 entries = iq_parts(type, b, j, &bits, sc);
     const int iq1 = type == IQ1_S || type == IQ1_M;
 #if defined(__AVX2__)
-    const __m256i grid = (__m256i)entries;
     const __m256i sign = _mm256_or_si256(bit_bytes(bits), _mm256_set1_epi8(1));   /* -1 or 1 a byte */
-    return (i8x32)(iq1 ? _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), sign)
-                       : _mm256_sign_epi8(grid, sign));
+    if (!iq1) {
+        *sgn = (i8x32)sign;
+        return entries;
+    }
+    const __m256i values = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), (__m256i)entries), sign);
+    *sgn = (i8x32)values;
+    return (i8x32)_mm256_abs_epi8(values);
 #else
-    int8_t v[32];
+    int8_t m[32], v[32];
     for (int i = 0; i < 32; i++) {
         const int x = entries[i], sign = bits >> i & 1 ? -1 : 1;
         v[i] = (int8_t)(iq1 ? 8 * x + sign : sign * x);
+        m[i] = (int8_t)(v[i] < 0 ? -v[i] : v[i]);
     }
     i8x32 r;
-    memcpy(&r, v, sizeof r);
+    memcpy(sgn, v, sizeof v);
+    memcpy(&r, m, sizeof r);
     return r;
 #endif
+}
+
+/* x with the signs of sgn's bytes (none 0) */
+INLINE i8x32 with_signs(i8x32 x, i8x32 sgn) {
+#if defined(__AVX2__)
+    return (i8x32)_mm256_sign_epi8((__m256i)x, (__m256i)sgn);
+#else
+    const i8x32 neg = sgn < 0;
+    return (x ^ neg) - neg;
+#endif
+}
+
+/* the sub-block's 32 values and the scales s of its halves */
+INLINE i8x32 iq_sub(const int type, const uint8_t *b, int j, float *s) {
+    i8x32 sgn;
+    int sc[2];
+    const i8x32 magnitudes = iq_magnitudes(type, b, j, &sgn, sc);
+    const float factor = iq_factor(type, b);
+    s[0] = factor * (float)sc[0], s[1] = factor * (float)sc[1];   /* exact: d has 11 bits, sc 5 */
+    return with_signs(magnitudes, sgn);
 }
 
 /* what one unit of iq_sub's values is worth: IQ1's are eighths */
@@ -803,28 +834,60 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
     return w;
 }
 
-/* the i-quants below 4 bits: GB sub-blocks' values plus 64 (unsigned bytes: IQ_ZERO), each lane's scale that of
- * its 16 values' half */
-#define IQ_ZERO 64
-INLINE wgroup group_iq(const int type, const uint8_t *b, int j) {
-    float s[2 * GB];
-    wgroup w = {.m = (lf){0}};
-#if GB == 1
-    w.q = (lb)(iq_sub(type, b, j, s) + IQ_ZERO);
-    w.d = (lf){s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1]} * IQ_UNIT(type);
-#else
-    i8x32 v[GB];
-    float lanes[LANES];
+/* the i-quants below 4 bits: GB sub-blocks' magnitudes (unsigned bytes), their signs, and their halves' odd integer
+ * scales in the 16-bit lanes of their pair sums (vpmaddubsw's lane p: values 2p and 2p + 1) */
+typedef int16_t ls __attribute__((vector_size(LANES * 4)));
+typedef struct { lb q; sb sign; ls sc; } iq_group;
+INLINE iq_group group_iq(const int type, const uint8_t *b, int j) {
+    iq_group w;
+    i8x32 q[GB], sign[GB];
+    int sc[2 * GB];
     for (int t = 0; t < GB; t++)
-        v[t] = iq_sub(type, b, j + t, s + 2 * t) + IQ_ZERO;
-    for (int l = 0; l < LANES; l++)
-        lanes[l] = s[l / 4] * IQ_UNIT(type);
-    memcpy(&w.q, v, sizeof w.q);
-    memcpy(&w.d, lanes, sizeof lanes);
-#endif
+        q[t] = iq_magnitudes(type, b, j + t, &sign[t], sc + 2 * t);
+    memcpy(&w.q, q, sizeof w.q);
+    memcpy(&w.sign, sign, sizeof w.sign);
+    if (GB == 1 && iq_parts_of(type) == 1)
+        w.sc = (ls){0} + (int16_t)sc[0];
+    else {
+        int16_t lanes[2 * LANES];
+        for (int p = 0; p < 2 * LANES; p++)
+            lanes[p] = (int16_t)sc[p / 8];
+        memcpy(&w.sc, lanes, sizeof lanes);
+    }
     return w;
 }
 
+/* x (signed bytes) carrying the signs of sign's bytes (none 0) */
+INLINE lb signed_as(lb x, sb sign) {
+#if GB == 1
+    return (lb)with_signs((i8x32)x, (i8x32)sign);
+#else
+    const sb neg = sign < 0;
+    return (lb)(((sb)x ^ neg) - neg);
+#endif
+}
+
+/* each int32 lane's 4 byte pairs w (unsigned) times x (signed), a pair's two products summed then times its 16-bit
+ * lane's scale (vpmaddubsw, then vpmaddwd by the scales; neither saturates at the i-quants' magnitudes) */
+INLINE li dot_scaled(lb w, lb x, ls sc) {
+#if GB == 2
+    return (li)_mm512_madd_epi16(_mm512_maddubs_epi16((__m512i)w, (__m512i)x), (__m512i)sc);
+#elif defined(__AVX2__)
+    return (li)_mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)w, (__m256i)x), (__m256i)sc);
+#else
+    uint8_t wv[4 * LANES];
+    int8_t xv[4 * LANES];
+    int16_t s[2 * LANES];
+    int32_t r[LANES];
+    memcpy(wv, &w, sizeof wv), memcpy(xv, &x, sizeof xv), memcpy(s, &sc, sizeof s);
+    for (int l = 0; l < LANES; l++)
+        r[l] = (wv[4 * l] * xv[4 * l] + wv[4 * l + 1] * xv[4 * l + 1]) * s[2 * l]
+               + (wv[4 * l + 2] * xv[4 * l + 2] + wv[4 * l + 3] * xv[4 * l + 3]) * s[2 * l + 1];
+    li out;
+    memcpy(&out, r, sizeof out);
+    return out;
+#endif
+}
 
 /* n bf16 values from x[at] as fp32 into dst */
 static inline const float *widen(const void *x, int64_t at, int64_t n, float *restrict dst) {
@@ -1079,18 +1142,32 @@ INLINE void qdot_rows(grouper group, const int has_zero, const int has_min, cons
 }
 
 /* qdot_rows for the i-quants below 4 bits, a super-block (256 values) at a time: what a sub-block's decoding shares
- * with its super-block's others (the address, d, the scale bytes) is worked out once */
+ * with its super-block's others (the address, d, the scale bytes) is worked out once, and its sub-blocks' integer
+ * scales multiply in vpmaddwd (the activations' block scale, per 32 values, then the super-block's factor) */
 INLINE void qdot_iq_rows(const int type, const int bytes, const uint8_t *row, qacts a, const int rows, int64_t K,
                          float *restrict y, int64_t ldy) {
-    lf acc[TILE], accm[TILE];
+    lf acc[TILE], zero[TILE];
     for (int m = 0; m < rows; m++)
-        acc[m] = accm[m] = (lf){0};
+        acc[m] = zero[m] = (lf){0};
     for (int64_t sup = 0; sup < K / 256; sup++) {
+        const uint8_t *b = row + sup * bytes;
+        lf part[TILE];   /* the super-block's sums in units of its iq_factor */
+        for (int m = 0; m < rows; m++)
+            part[m] = (lf){0};
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; j += GB)
-            qdot_group(group_iq(type, row + sup * bytes, j), sup * (8 / GB) + j / GB, 1, 0, 0, a, rows, K, acc, accm);
+        for (int j = 0; j < 8; j += GB) {
+            const iq_group w = group_iq(type, b, j);
+            const int64_t g = sup * (8 / GB) + j / GB;
+            for (int m = 0; m < rows; m++) {
+                const li d = dot_scaled(w.q, signed_as(loadlb(a.q + m * K + g * 32 * GB), w.sign), w.sc);
+                part[m] += __builtin_convertvector(d, lf) * loadlf(a.d + m * (K / 4) + g * LANES);
+            }
+        }
+        const float unit = iq_factor(type, b) * IQ_UNIT(type);
+        for (int m = 0; m < rows; m++)
+            acc[m] += part[m] * unit;
     }
-    qdot_sums(acc, accm, rows, y, ldy);
+    qdot_sums(acc, zero, rows, y, ldy);
 }
 
 #define QIQ_ROWS_OF(type, bytes)                                                                              \
@@ -1995,7 +2072,7 @@ static int int8_zero(int type) {
     case Q6_K: return 32;
     case Q3_K: return 4;
     case Q2_K: return 0;
-    default: return is_low_iq(type) ? IQ_ZERO : -1;
+    default: return is_low_iq(type) ? 0 : -1;
     }
 }
 
