@@ -298,53 +298,52 @@ INLINE __m256i bit_bytes(uint32_t bits) {
 }
 #endif
 
-/* iq_parts' sub-block as magnitudes, its 32 values (IQ1: 8 grid + the delta, in eighths) mag[i] with the sign of
- * sgn[i] (never 0) */
-INLINE i8x32 iq_magnitudes(const int type, const uint8_t *b, int j, i8x32 *sgn, int *sc) {
+/* iq_parts' sub-block as magnitudes: its 32 values (IQ1: 8 grid + the delta, in eighths) are mag[i], negated where
+ * neg[i] is -1 (else 0) */
+INLINE i8x32 iq_magnitudes(const int type, const uint8_t *b, int j, i8x32 *neg, int *sc) {
     uint32_t bits;
     const i8x32 entries = iq_parts(type, b, j, &bits, sc);
     const int iq1 = type == IQ1_S || type == IQ1_M;
 #if defined(__AVX2__)
-    const __m256i sign = _mm256_or_si256(bit_bytes(bits), _mm256_set1_epi8(1));   /* -1 or 1 a byte */
+    const __m256i negative = bit_bytes(bits);
     if (!iq1) {
-        *sgn = (i8x32)sign;
+        *neg = (i8x32)negative;
         return entries;
     }
-    const __m256i values = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), (__m256i)entries), sign);
-    *sgn = (i8x32)values;
+    const __m256i values = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), (__m256i)entries),
+                                           _mm256_or_si256(negative, _mm256_set1_epi8(1)));   /* the delta: -1 or 1 */
+    *neg = (i8x32)_mm256_cmpgt_epi8(_mm256_setzero_si256(), values);
     return (i8x32)_mm256_abs_epi8(values);
 #else
-    int8_t m[32], v[32];
+    int8_t m[32], n[32];
     for (int i = 0; i < 32; i++) {
-        const int x = entries[i], sign = bits >> i & 1 ? -1 : 1;
-        v[i] = (int8_t)(iq1 ? 8 * x + sign : sign * x);
-        m[i] = (int8_t)(v[i] < 0 ? -v[i] : v[i]);
+        const int x = entries[i], sign = bits >> i & 1 ? -1 : 1, v = iq1 ? 8 * x + sign : sign * x;
+        m[i] = (int8_t)(v < 0 ? -v : v), n[i] = (int8_t)(v < 0 ? -1 : 0);
     }
     i8x32 r;
-    memcpy(sgn, v, sizeof v);
+    memcpy(neg, n, sizeof n);
     memcpy(&r, m, sizeof r);
     return r;
 #endif
 }
 
-/* x with the signs of sgn's bytes (none 0) */
-INLINE i8x32 with_signs(i8x32 x, i8x32 sgn) {
+/* 32 bytes x negated where neg is -1 (else 0) */
+INLINE i8x32 negated_where(i8x32 x, i8x32 neg) {
 #if defined(__AVX2__)
-    return (i8x32)_mm256_sign_epi8((__m256i)x, (__m256i)sgn);
+    return (i8x32)_mm256_sign_epi8((__m256i)x, _mm256_or_si256((__m256i)neg, _mm256_set1_epi8(1)));
 #else
-    const i8x32 neg = sgn < 0;
     return (x ^ neg) - neg;
 #endif
 }
 
 /* the sub-block's 32 values and the scales s of its halves */
 INLINE i8x32 iq_sub(const int type, const uint8_t *b, int j, float *s) {
-    i8x32 sgn;
+    i8x32 neg;
     int sc[2];
-    const i8x32 magnitudes = iq_magnitudes(type, b, j, &sgn, sc);
+    const i8x32 magnitudes = iq_magnitudes(type, b, j, &neg, sc);
     const float factor = iq_factor(type, b);
     s[0] = factor * (float)sc[0], s[1] = factor * (float)sc[1];   /* exact: d has 11 bits, sc 5 */
-    return with_signs(magnitudes, sgn);
+    return negated_where(magnitudes, neg);
 }
 
 /* what one unit of iq_sub's values is worth: IQ1's are eighths */
@@ -834,18 +833,28 @@ INLINE wgroup group_q8_0(const uint8_t *row, int64_t g) {
     return w;
 }
 
-/* the i-quants below 4 bits: GB sub-blocks' magnitudes (unsigned bytes), their signs, and their halves' odd integer
- * scales in the 16-bit lanes of their pair sums (vpmaddubsw's lane p: values 2p and 2p + 1) */
+/* x (signed bytes) negated where neg is -1 (else 0): Q8_0's magnitudes and the i-quants' multiply x carrying their
+ * signs */
+INLINE lb signed_by(lb x, sb neg) {
+#if GB == 1
+    return (lb)negated_where((i8x32)x, (i8x32)neg);
+#else
+    return (lb)(((sb)x ^ neg) - neg);
+#endif
+}
+
+/* the i-quants below 4 bits: GB sub-blocks' magnitudes (unsigned bytes), where they are negative, and their halves'
+ * odd integer scales in the 16-bit lanes of their pair sums (vpmaddubsw's lane p: values 2p and 2p + 1) */
 typedef int16_t ls __attribute__((vector_size(LANES * 4)));
-typedef struct { lb q; sb sign; ls sc; } iq_group;
+typedef struct { lb q; sb neg; ls sc; } iq_group;
 INLINE iq_group group_iq(const int type, const uint8_t *b, int j) {
     iq_group w;
-    i8x32 q[GB], sign[GB];
+    i8x32 q[GB], neg[GB];
     int sc[2 * GB];
     for (int t = 0; t < GB; t++)
-        q[t] = iq_magnitudes(type, b, j + t, &sign[t], sc + 2 * t);
+        q[t] = iq_magnitudes(type, b, j + t, &neg[t], sc + 2 * t);
     memcpy(&w.q, q, sizeof w.q);
-    memcpy(&w.sign, sign, sizeof w.sign);
+    memcpy(&w.neg, neg, sizeof w.neg);
     if (GB == 1 && iq_parts_of(type) == 1)
         w.sc = (ls){0} + (int16_t)sc[0];
     else {
@@ -855,16 +864,6 @@ INLINE iq_group group_iq(const int type, const uint8_t *b, int j) {
         memcpy(&w.sc, lanes, sizeof lanes);
     }
     return w;
-}
-
-/* x (signed bytes) carrying the signs of sign's bytes (none 0) */
-INLINE lb signed_as(lb x, sb sign) {
-#if GB == 1
-    return (lb)with_signs((i8x32)x, (i8x32)sign);
-#else
-    const sb neg = sign < 0;
-    return (lb)(((sb)x ^ neg) - neg);
-#endif
 }
 
 /* each int32 lane's 4 byte pairs w (unsigned) times x (signed), a pair's two products summed then times its 16-bit
@@ -1102,30 +1101,12 @@ static void quantize_rows(const void *x, int64_t ldx, int bf16, int64_t M, int64
     }
 }
 
-/* a group g of weights w dotted with rows activation rows into their accumulators */
-INLINE void qdot_group(wgroup w, int64_t g, const int has_zero, const int has_min, const int sign, qacts a,
-                       const int rows, int64_t K, lf *acc, lf *accm) {
+/* each row's accumulator's lanes summed into y[m * ldy] */
+INLINE void qdot_sums(const lf *acc, const int rows, float *restrict y, int64_t ldy) {
     for (int m = 0; m < rows; m++) {
-        int64_t o = m * (K / 4) + g * LANES;
-        lb x = loadlb(a.q + m * K + g * 32 * GB);
-        if (sign) {
-            sb neg = (sb)w.sign < 0;
-            x = (lb)(((sb)x ^ neg) - neg);
-        }
-        li d = dot(has_zero ? loadli(a.z + o) : (li){0}, w.q, x);
-        acc[m] += __builtin_convertvector(d, lf) * (loadlf(a.d + o) * w.d);
-        if (has_min)
-            accm[m] += w.m * loadlf(a.s + o);
-    }
-}
-
-/* each row's accumulators summed into y[m * ldy] */
-INLINE void qdot_sums(const lf *acc, const lf *accm, const int rows, float *restrict y, int64_t ldy) {
-    for (int m = 0; m < rows; m++) {
-        lf t = acc[m] + accm[m];
         float sum = 0;
         for (int l = 0; l < LANES; l++)
-            sum += t[l];
+            sum += acc[m][l];
         y[m * ldy] = sum;
     }
 }
@@ -1136,9 +1117,22 @@ INLINE void qdot_rows(grouper group, const int has_zero, const int has_min, cons
     lf acc[TILE], accm[TILE];   /* the min terms apart: two FMAs a row, no adds */
     for (int m = 0; m < rows; m++)
         acc[m] = accm[m] = (lf){0};
-    for (int64_t g = 0; g < K / (32 * GB); g++)
-        qdot_group(group(row, g), g, has_zero, has_min, sign, a, rows, K, acc, accm);
-    qdot_sums(acc, accm, rows, y, ldy);
+    for (int64_t g = 0; g < K / (32 * GB); g++) {
+        wgroup w = group(row, g);
+        for (int m = 0; m < rows; m++) {
+            int64_t o = m * (K / 4) + g * LANES;
+            lb x = loadlb(a.q + m * K + g * 32 * GB);
+            if (sign)
+                x = signed_by(x, (sb)w.sign < 0);
+            li d = dot(has_zero ? loadli(a.z + o) : (li){0}, w.q, x);
+            acc[m] += __builtin_convertvector(d, lf) * (loadlf(a.d + o) * w.d);
+            if (has_min)
+                accm[m] += w.m * loadlf(a.s + o);
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        acc[m] += accm[m];
+    qdot_sums(acc, rows, y, ldy);
 }
 
 /* qdot_rows for the i-quants below 4 bits, a super-block (256 values) at a time: what a sub-block's decoding shares
@@ -1146,9 +1140,9 @@ INLINE void qdot_rows(grouper group, const int has_zero, const int has_min, cons
  * scales multiply in vpmaddwd (the activations' block scale, per 32 values, then the super-block's factor) */
 INLINE void qdot_iq_rows(const int type, const int bytes, const uint8_t *row, qacts a, const int rows, int64_t K,
                          float *restrict y, int64_t ldy) {
-    lf acc[TILE], zero[TILE];
+    lf acc[TILE];
     for (int m = 0; m < rows; m++)
-        acc[m] = zero[m] = (lf){0};
+        acc[m] = (lf){0};
     for (int64_t sup = 0; sup < K / 256; sup++) {
         const uint8_t *b = row + sup * bytes;
         lf part[TILE];   /* the super-block's sums in units of its iq_factor */
@@ -1159,7 +1153,7 @@ INLINE void qdot_iq_rows(const int type, const int bytes, const uint8_t *row, qa
             const iq_group w = group_iq(type, b, j);
             const int64_t g = sup * (8 / GB) + j / GB;
             for (int m = 0; m < rows; m++) {
-                const li d = dot_scaled(w.q, signed_as(loadlb(a.q + m * K + g * 32 * GB), w.sign), w.sc);
+                const li d = dot_scaled(w.q, signed_by(loadlb(a.q + m * K + g * 32 * GB), w.neg), w.sc);
                 part[m] += __builtin_convertvector(d, lf) * loadlf(a.d + m * (K / 4) + g * LANES);
             }
         }
@@ -1167,7 +1161,7 @@ INLINE void qdot_iq_rows(const int type, const int bytes, const uint8_t *row, qa
         for (int m = 0; m < rows; m++)
             acc[m] += part[m] * unit;
     }
-    qdot_sums(acc, zero, rows, y, ldy);
+    qdot_sums(acc, rows, y, ldy);
 }
 
 #define QIQ_ROWS_OF(type, bytes)                                                                              \
@@ -1315,15 +1309,6 @@ INLINE void dot_q4_block(const int bits, const uint8_t *vals, int64_t gstride, c
     }
 }
 
-/* x with the sign of the weights whose sign mask (all ones where negative) is neg: vpsignb on AVX2 (a zero
- * weight zeroes x too, which its zero magnitude does anyway) */
-INLINE lb signed_by(lb x, sb neg) {
-#if GB == 1 && defined(__AVX2__)
-    return (lb)_mm256_sign_epi8((__m256i)x, (__m256i)(neg | 1));
-#else
-    return (lb)(((sb)x ^ neg) - neg);
-#endif
-}
 
 /* IQ4_VALUES[i] for the index i (0..15) in each byte: one in-lane byte shuffle */
 INLINE lb nl_bytes(lb i) {
