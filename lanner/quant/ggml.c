@@ -164,6 +164,16 @@ static int is_low_iq(int type) {
 /* the scales a low i-quant's sub-block has: one, or one for each 16 values */
 static int iq_parts_of(int type) { return type == IQ2_XS || type == IQ2_S || type == IQ1_M ? 2 : 1; }
 
+/* the 4-byte words a row of a block decoded for a GEMM (decode_group) has before its values: its factor; for a
+ * scale a 16 values, two columns of those; for Q2_K's mins, dmin and a column of its two mins */
+#define DECODED_PLAIN 1
+#define DECODED_SCALED 3
+#define DECODED_MINS 5
+static int decoded_words(int type) {
+    return type == Q2_K ? DECODED_MINS : iq_parts_of(type) == 2 || type == Q6_K || type == Q3_K ? DECODED_SCALED
+                                                                                             : DECODED_PLAIN;
+}
+
 INLINE uint32_t u32_at(const uint8_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
 INLINE int u16_at(const uint8_t *p) { uint16_t u; memcpy(&u, p, 2); return u; }
 
@@ -984,10 +994,10 @@ static void silu_rows(const void *t, int t_bf16, int64_t ldt, int64_t up, int64_
 }
 
 /* the activations quantized: q [rows, K] int8; per block ([rows, K / 32]) its scale bd and bs = bd * the sum of
- * its values (the packed kernel's), and for Q6_K's scales of 16 values hs = bd * the sum of its first 16 (else
- * NULL); for the row-major kernel (NULL where it does not run) per lane (4 values, [rows, K / 4]) the block's
+ * its values (the packed kernel's), and for the scales of 16 values (Q6_K, Q3_K, Q2_K) hs, each 16 values' sum
+ ([rows, K / 16]; else NULL); for the row-major kernel (NULL where it does not run) per lane (4 values, [rows, K / 4]) the block's
  * scale d, its share s = d * block sum / 8 of the min term, and -zero * the lane's sum */
-typedef struct { int8_t *q; float *d, *s; int32_t *z; float *bd, *bs, *hs; } qacts;
+typedef struct { int8_t *q; float *d, *s; int32_t *z; float *bd, *bs; int16_t *hs; } qacts;
 
 typedef int8_t qv __attribute__((vector_size(VW)));
 
@@ -1082,11 +1092,11 @@ static void quantize_rows(const void *x, int64_t ldx, int bf16, int64_t M, int64
             const float *xb = bf16 ? widen(x, m * ldx + 32 * b, 32 * n, wide) : (const float *)x + m * ldx + 32 * b;
             quantize_blocks(xb, n, a.q + m * K + 32 * b, a.bd + m * blocks + b, a.bs + m * blocks + b);
         }
-        for (int64_t b = 0; b < blocks && a.hs; b++) {
-            int32_t sum = 0;
+        for (int64_t h = 0; h < K / 16 && a.hs; h++) {
+            int16_t sum = 0;
             for (int i = 0; i < 16; i++)
-                sum += a.q[m * K + 32 * b + i];
-            a.hs[m * blocks + b] = a.bd[m * blocks + b] * (float)sum;
+                sum += a.q[m * K + 16 * h + i];
+            a.hs[m * (K / 16) + h] = sum;
         }
         for (int64_t b = 0; b < blocks && a.d; b++) {
             const float d = a.bd[m * blocks + b], sum = a.bs[m * blocks + b];
@@ -1237,10 +1247,13 @@ INLINE lb bcast4(const int8_t *p) {
 INLINE lf halves(const uint8_t *p) { return (lf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 INLINE lh dot16(lb w, lb x) { return (lh)_mm512_maddubs_epi16((__m512i)w, (__m512i)x); }
 INLINE li widen16(lh s) { return (li)_mm512_madd_epi16((__m512i)s, _mm512_set1_epi16(1)); }
+INLINE li scaled16(lh s, li scale) { return (li)_mm512_madd_epi16((__m512i)s, (__m512i)scale); }
 #else
 INLINE lf halves(const uint8_t *p) { return (lf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 INLINE lh dot16(lb w, lb x) { return (lh)_mm256_maddubs_epi16((__m256i)w, (__m256i)x); }
 INLINE li widen16(lh s) { return (li)_mm256_madd_epi16((__m256i)s, _mm256_set1_epi16(1)); }
+/* 16-bit sums s times scale: each 32-bit lane s's pair dotted with scale's (the two halves of an int32) */
+INLINE li scaled16(lh s, li scale) { return (li)_mm256_madd_epi16((__m256i)s, (__m256i)scale); }
 #endif
 
 /* v stays in a vector register here, in program order: GCC otherwise reassociates a block's 32 integer pair
@@ -1329,16 +1342,16 @@ INLINE lb int8_column(const int nl, const uint8_t *vals, const int c) {
     return nl_bytes(c < 4 ? v & 15 : (lb)((li)v >> 4) & 15);
 }
 
-/* columns c0..c1-1 of a block of int8 weights (Q8_0; nl: IQ4_NL's values) against rows activation rows: under VNNI
- * offset to unsigned by 128 (the zero point), else (or where magnitudes is set) their magnitudes against x carrying
- * their signs */
+/* a block of int8 weights (Q8_0; nl: IQ4_NL's values) against rows activation rows: under VNNI offset to unsigned
+ * by 128 (the zero point), else (or where magnitudes is set) their magnitudes against x carrying their signs. scale
+ * (or NULL): group g's values 16h.. times the 16-bit integers scale[g][h] (their pair sums' vpmaddwd) */
 INLINE void dot_int8_block(const int nl, const uint8_t *vals, int64_t gstride, const int groups, qacts a,
-                           const int rows, int64_t K, int64_t b, li d[SIDE][PTILE], const int c0, const int c1,
-                           const int magnitudes) {
+                           const int rows, int64_t K, int64_t b, li d[SIDE][PTILE], const int magnitudes,
+                           const ls scale[SIDE][2]) {
     for (int g = 0; g < groups; g++)
         for (int m = 0; m < rows; m++)
             d[g][m] = (li){0};
-    for (int c = c0; c < c1; c++) {
+    for (int c = 0; c < 8; c++) {
         lb w[SIDE], magnitude[SIDE];
         sb neg[SIDE];
         for (int g = 0; g < groups; g++) {
@@ -1348,7 +1361,10 @@ INLINE void dot_int8_block(const int nl, const uint8_t *vals, int64_t gstride, c
         for (int m = 0; m < rows; m++) {
             lb x = bcast4(a.q + m * K + 32 * b + 4 * c);
             for (int g = 0; g < groups; g++) {
-                if (VNNI && !magnitudes)
+                if (scale) {
+                    d[g][m] += dot_scaled(magnitude[g], signed_by(x, neg[g]), scale[g][c / 4]);
+                    KEEP_IN_REGISTER(d[g][m]);
+                } else if (VNNI && !magnitudes)
                     d[g][m] = dot(d[g][m], w[g] ^ 0x80, x);
                 else {
                     d[g][m] = dot(d[g][m], magnitude[g], signed_by(x, neg[g]));
@@ -1415,7 +1431,7 @@ INLINE void kiq4_super(const uint8_t *blk, int64_t gstride, const int groups, qa
                        int64_t b, lf acc[SIDE][PTILE]) {
     for (int j = 0; j < 8; j++) {
         li dots[SIDE][PTILE];
-        dot_int8_block(1, blk + (8 + 16 * j) * LANES, gstride, groups, a, rows, K, 8 * b + j, dots, 0, 8, 0);
+        dot_int8_block(1, blk + (8 + 16 * j) * LANES, gstride, groups, a, rows, K, 8 * b + j, dots, 0, NULL);
         for (int g = 0; g < groups; g++) {
             const lf w = halves(blk + g * gstride) * iq4_scale(blk + g * gstride, j);
             for (int m = 0; m < rows; m++) {
@@ -1457,20 +1473,20 @@ INLINE li k_column(const int type, const uint8_t *blk, const int j, const int c)
     return five ? q | ((loadli(blk + (16 + 4 * c) * LANES) >> j) & 0x01010101) << 4 : q;
 }
 
-/* the scale of 16-value group k of a packed Q6_K super-block's rows (an int8 in byte k % 4 of scale column k / 4) or
- * a Q3_K one's (6 bits less 32: the low 4 from byte k % 8's nibble k / 8 of columns 0-1, the high 2 from byte 8 +
- * k % 4's bits 2 (k / 4) of column 2), as floats */
-INLINE lf k16_scale(const int type, const uint8_t *blk, const int k) {
-    if (type == Q2_K)   /* byte k's low nibble */
-        return __builtin_convertvector((loadli(blk + 4 * LANES + 4 * (k / 4) * LANES) >> 8 * (k % 4)) & 15, lf);
+/* the scale of 16-value group k of a packed Q6_K super-block's rows (an int8 in byte k % 4 of scale column k / 4), a
+ * Q3_K one's (6 bits less 32: the low 4 from byte k % 8's nibble k / 8 of columns 0-1, the high 2 from byte 8 +
+ * k % 4's bits 2 (k / 4) of column 2) or a Q2_K one's (byte k's low nibble), as integers */
+INLINE li k16_scale(const int type, const uint8_t *blk, const int k) {
+    if (type == Q2_K)
+        return (loadli(blk + 4 * LANES + 4 * (k / 4) * LANES) >> 8 * (k % 4)) & 15;
     if (type == Q3_K) {
         const int at = 8 * (k % 4);
         const li low = (loadli(blk + 2 * LANES + 4 * (k % 8 / 4) * LANES) >> (at + 4 * (k / 8))) & 15;
         const li high = (loadli(blk + 10 * LANES) >> (at + 2 * (k / 4))) & 3;
-        return __builtin_convertvector((low | high << 4) - 32, lf);
+        return (low | high << 4) - 32;
     }
     const li col = loadli(blk + 2 * LANES + 4 * (k / 4) * LANES);
-    return __builtin_convertvector((col << (24 - 8 * (k % 4))) >> 24, lf);
+    return (col << (24 - 8 * (k % 4))) >> 24;
 }
 
 /* A Q4_K or (five) Q5_K super-block (qdot_packed_super): each 32-value sub-block's integer sums times its scale
@@ -1546,10 +1562,36 @@ INLINE void k5_super(const uint8_t *blk, int64_t gstride, const int groups, qact
     k_super(1, blk, gstride, groups, a, rows, K, b, acc);
 }
 
-/* Q2_K's min of 16-value group k (byte k's high nibble) times the super-block's dmin, as floats */
-INLINE lf k2_min(const uint8_t *blk, const int k) {
-    const li mn = (loadli(blk + 4 * LANES + 4 * (k / 4) * LANES) >> (8 * (k % 4) + 4)) & 15;
-    return halves(blk + 2 * LANES) * __builtin_convertvector(mn, lf);
+/* Q2_K's min of 16-value group k (byte k's high nibble), as integers (w = d scale q - dmin min) */
+INLINE li k2_min(const uint8_t *blk, const int k) {
+    return (loadli(blk + 4 * LANES + 4 * (k / 4) * LANES) >> (8 * (k % 4) + 4)) & 15;
+}
+
+/* integers a and b of each lane as the lane's two 16-bit halves (vpmaddwd's pairs) */
+INLINE li pair16(li a, li b) { return (a & 0xFFFF) | b << 16; }
+
+/* column j of each 32 values 128 half.. of a packed Q6_K, Q3_K or Q2_K super-block (k16_super's bytes): values
+ * 128 half + 32 q + 4 j.. of every row in v[q] (unsigned: Q6_K 0..63, Q3_K 0..7, Q2_K 0..3) */
+INLINE void k16_values(const int type, const uint8_t *blk, const int half, const int j, lb v[4]) {
+    if (type == Q2_K) {
+        const li qs = loadli(blk + (Q2_K_VALUES + 4 * (8 * half + j)) * LANES);
+        for (int q = 0; q < 4; q++)
+            v[q] = (lb)((qs >> 2 * q) & 0x03030303);
+    } else if (type == Q3_K) {   /* k_column's, each column loaded once */
+        const li qs = loadli(blk + (Q3_K_VALUES + 4 * (8 * half + j)) * LANES);
+        const li high = loadli(blk + (Q3_K_HMASK + 4 * j) * LANES) >> 4 * half;
+        for (int q = 0; q < 4; q++)
+            v[q] = (lb)(((qs >> 2 * q) & 0x03030303) | (((high >> q) & 0x01010101) << 2));
+    } else {
+        const uint8_t *cols = blk + 18 * LANES;
+        const li A = loadli(cols + 4 * (16 * half + j) * LANES);
+        const li B = loadli(cols + 4 * (16 * half + 8 + j) * LANES);
+        const li H = loadli(cols + 4 * (32 + 8 * half + j) * LANES);
+        v[0] = (lb)((A & 0x0F0F0F0F) | ((H << 4) & 0x30303030));
+        v[1] = (lb)((B & 0x0F0F0F0F) | ((H << 2) & 0x30303030));
+        v[2] = (lb)(((A >> 4) & 0x0F0F0F0F) | (H & 0x30303030));
+        v[3] = (lb)(((B >> 4) & 0x0F0F0F0F) | ((H >> 2) & 0x30303030));
+    }
 }
 
 /* A Q6_K, Q3_K or Q2_K super-block (qdot_packed_super; ggml_pack, the same bytes). A Q6_K group's is its rows' fp16 d,
@@ -1557,16 +1599,29 @@ INLINE lf k2_min(const uint8_t *blk, const int k) {
  * column j of a half (128 values) holds values 4j.. in its low nibbles, 64 + 4j.. in its high ones; column 8 + j
  * values 32 + 4j.. and 96 + 4j..; qh column j their 2 high bits each, in that order. A Q3_K group's is its rows' d,
  * 3 columns of their 12 scale bytes, 8 of their 32 hmask bytes and 16 of their 64 qs bytes (k_column); a Q2_K
- * group's their d, dmin, 4 columns of their 16 scale | min bytes and 16 of their qs bytes. A 16-value group k's
- * integer sums of q x less the zero point (32, 4; Q2_K: dmin min / (d scale)) times the activations' sum (hs, or
- * bs - hs for a block's second 16), times d * scale k. */
+ * group's their d, dmin, 4 columns of their 16 scale | min bytes and 16 of their qs bytes.
+ * A 32-value block's sum stays an integer until its activation scale: each 16-value group's sums of q x times its
+ * integer scale (without VNNI in vpmaddwd, which widens the 16-bit sums anyway), less the zero point (32, 4) times
+ * the scales against the groups' activation sums (a.hs); Q2_K's mins against those sums take dmin apart. */
 INLINE void k16_super(const int type, const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows,
                       int64_t K, int64_t b, lf acc[SIDE][PTILE]) {
-    const float zero = type == Q6_K ? 32.0f : 4.0f;
-    /* without VNNI a Q3_K group's 4 columns of pair sums add up in 16 bits (each at most 2 * 7 * 127) */
-    const int short_sums = !VNNI && (type == Q3_K || type == Q2_K);   /* (Q2_K: at most 2 * 3 * 127) */
-    for (int half = 0; half < 2; half++)
-        for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of each 32: one scale each */
+    const int zero_shift = type == Q6_K ? 5 : 2;   /* Q6_K's zero point 32, Q3_K's 4 */
+    /* without VNNI this many columns' pair sums add up in 16 bits: Q6_K's at most 2 * 63 * 127 each, Q3_K's 2 * 7 *
+     * 127, Q2_K's 2 * 3 * 127 */
+    const int run = VNNI ? 4 : type == Q6_K ? 2 : 4;
+    for (int half = 0; half < 2; half++) {
+        li t[SIDE][PTILE][4];   /* block q's sum of scale * q x */
+        for (int g = 0; g < groups; g++)
+            for (int m = 0; m < rows; m++)
+                for (int q = 0; q < 4; q++)
+                    t[g][m][q] = (li){0};
+        for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of each 32: group 8 half + 2 q + jh */
+            li scale[SIDE][4];
+            for (int g = 0; g < groups; g++)
+                for (int q = 0; q < 4; q++) {
+                    const li sc = k16_scale(type, blk + g * gstride, 8 * half + 2 * q + jh);
+                    scale[g][q] = VNNI ? sc : pair16(sc, sc);
+                }
             li s[SIDE][PTILE][4];
             lh s16[SIDE][PTILE][4];
             for (int g = 0; g < groups; g++)
@@ -1575,60 +1630,50 @@ INLINE void k16_super(const int type, const uint8_t *blk, int64_t gstride, const
                         s[g][m][q] = (li){0}, s16[g][m][q] = (lh){0};
             for (int j = 4 * jh; j < 4 * jh + 4; j++) {
                 lb v[SIDE][4];
-                for (int g = 0; g < groups && type == Q2_K; g++) {
-                    const li qs = loadli(blk + g * gstride + (Q2_K_VALUES + 4 * (8 * half + j)) * LANES);
-                    for (int q = 0; q < 4; q++)
-                        v[g][q] = (lb)((qs >> 2 * q) & 0x03030303);
-                }
-                for (int g = 0; g < groups && type == Q3_K; g++) {   /* k_column's, each column loaded once */
-                    const li qs = loadli(blk + g * gstride + (Q3_K_VALUES + 4 * (8 * half + j)) * LANES);
-                    const li high = loadli(blk + g * gstride + (Q3_K_HMASK + 4 * j) * LANES) >> 4 * half;
-                    for (int q = 0; q < 4; q++)
-                        v[g][q] = (lb)(((qs >> 2 * q) & 0x03030303) | (((high >> q) & 0x01010101) << 2));
-                }
-                for (int g = 0; g < groups && type == Q6_K; g++) {
-                    const uint8_t *cols = blk + g * gstride + 18 * LANES;
-                    const li A = loadli(cols + 4 * (16 * half + j) * LANES);
-                    const li B = loadli(cols + 4 * (16 * half + 8 + j) * LANES);
-                    const li H = loadli(cols + 4 * (32 + 8 * half + j) * LANES);
-                    v[g][0] = (lb)((A & 0x0F0F0F0F) | ((H << 4) & 0x30303030));
-                    v[g][1] = (lb)((B & 0x0F0F0F0F) | ((H << 2) & 0x30303030));
-                    v[g][2] = (lb)(((A >> 4) & 0x0F0F0F0F) | (H & 0x30303030));
-                    v[g][3] = (lb)(((B >> 4) & 0x0F0F0F0F) | ((H >> 2) & 0x30303030));
-                }
+                for (int g = 0; g < groups; g++)
+                    k16_values(type, blk + g * gstride, half, j, v[g]);
+                const int last = j % run == run - 1;
                 for (int m = 0; m < rows; m++)
                     for (int q = 0; q < 4; q++) {
                         lb x = bcast4(a.q + m * K + 256 * b + 128 * half + 32 * q + 4 * j);
                         for (int g = 0; g < groups; g++) {
-                            if (!short_sums) {
+                            if (VNNI) {
                                 s[g][m][q] = dot(s[g][m][q], v[g][q], x);
+                                if (last)
+                                    t[g][m][q] += s[g][m][q] * scale[g][q], s[g][m][q] = (li){0};
                                 continue;
                             }
                             s16[g][m][q] += dot16(v[g][q], x);
                             KEEP_IN_REGISTER(s16[g][m][q]);
+                            if (last)
+                                t[g][m][q] += scaled16(s16[g][m][q], scale[g][q]), s16[g][m][q] = (lh){0};
                         }
                     }
             }
-            for (int g = 0; g < groups && short_sums; g++)
-                for (int m = 0; m < rows; m++)
-                    for (int q = 0; q < 4; q++)
-                        s[g][m][q] = widen16(s16[g][m][q]);
-            for (int g = 0; g < groups; g++) {
-                const uint8_t *head = blk + g * gstride;
-                const lf d = halves(head);
-                for (int q = 0; q < 4; q++) {
-                    const int k = 8 * half + 2 * q + jh;
-                    const lf w = d * k16_scale(type, head, k);
-                    const lf offset = type == Q2_K ? k2_min(head, k) : w * zero;
-                    for (int m = 0; m < rows; m++) {
-                        const int64_t o = m * (K / 32) + 8 * b + 4 * half + q;
-                        const float sum = jh ? a.bs[o] - a.hs[o] : a.hs[o];
-                        acc[g][m] = fmadd(__builtin_convertvector(s[g][m][q], lf), w * a.bd[o], acc[g][m]);
-                        acc[g][m] = fmadd(offset, (lf){0} - sum, acc[g][m]);
+        }
+        for (int g = 0; g < groups; g++) {
+            const uint8_t *head = blk + g * gstride;
+            const lf d = halves(head), dmin = halves(head + 2 * LANES);
+            for (int q = 0; q < 4; q++) {
+                const int k = 8 * half + 2 * q;   /* the block's groups k, k + 1 */
+                const li pair = type == Q2_K ? pair16(k2_min(head, k), k2_min(head, k + 1))
+                                             : pair16(k16_scale(type, head, k), k16_scale(type, head, k + 1));
+                for (int m = 0; m < rows; m++) {
+                    const int64_t o = m * (K / 32) + 8 * b + 4 * half + q;
+                    int32_t sums;   /* the block's two 16-value activation sums */
+                    memcpy(&sums, a.hs + 2 * o, sizeof sums);
+                    const li against = scaled16((lh)((li){0} + sums), pair);
+                    if (type == Q2_K) {
+                        acc[g][m] = fmadd(__builtin_convertvector(t[g][m][q], lf), d * a.bd[o], acc[g][m]);
+                        acc[g][m] = fmadd(__builtin_convertvector(against, lf), dmin * -a.bd[o], acc[g][m]);
+                    } else {
+                        const li sum = t[g][m][q] - (against << zero_shift);
+                        acc[g][m] = fmadd(__builtin_convertvector(sum, lf), d * a.bd[o], acc[g][m]);
                     }
                 }
             }
         }
+    }
 }
 
 INLINE void k6_super(const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows, int64_t K,
@@ -1704,7 +1749,7 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
         for (int g = 0; g < groups && stream; g++)
             stream_ahead(blk + g * gstride, bytes);
         if (bits == 8 || bits == NL4)
-            dot_int8_block(bits == NL4, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d, 0, 8, 0);
+            dot_int8_block(bits == NL4, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d, 0, NULL);
         else
             dot_q4_block(bits, blk + 2 * scales * LANES, gstride, groups, a, rows, K, b, d);
         for (int g = 0; g < groups; g++) {
@@ -1739,54 +1784,68 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
         PACKED_ROWS(bits, has_min, zero, 2, )                                                              \
     PACKED_ROWS(bits, has_min, zero, 1, PACKED_WIDE(bits, has_min, zero, 1))
 
-/* The i-quants below 4 bits in a GEMM: each group of LANES rows is decoded once a call (iq8_group) into int8 values
- * laid out as Q8_0's packed blocks, each block led by its rows' fp32 scales (parts of them: one, or one a 16
- * values), and multiplied as those (their values' magnitudes against x carrying their signs). Decoding a sub-block
- * costs ~10 times its int8 dot with one activation row, so a GEMM decodes each once, not once a tile of rows. */
-
-INLINE void qdot_iq8(const int parts, const uint8_t *grp, int64_t gstride, const int groups, qacts a, const int rows,
-                     int64_t K, float *restrict y, int64_t ldy) {
-    const int64_t bytes = LANES * (4 * parts + 32);
+/* The formats whose values take the most work to decode in a GEMM (the i-quants below 4 bits, Q6_K, Q3_K and Q2_K):
+ * each group of LANES rows is decoded once a call (decode_group) into int8 values laid out as Q8_0's packed blocks,
+ * each block led by words (decoded_words) of its rows: their fp32 factors; for a scale a 16 values, two columns of
+ * their integer scales (each in both 16-bit halves of its row's lane); for Q2_K, dmin and the two 16 values' mins
+ * (a row's lane's halves), against the activations' 16-value sums (a.hs). They are multiplied as Q8_0's (their
+ * values' magnitudes against x carrying their signs), the scales in vpmaddwd. Decoding a sub-block costs ~10 times
+ * its int8 dot with one activation row, so a GEMM decodes each once, not once a tile of rows. */
+INLINE void qdot_decoded(const int words, const uint8_t *grp, int64_t gstride, const int groups, qacts a,
+                         const int rows, int64_t K, float *restrict y, int64_t ldy) {
+    const int64_t bytes = LANES * (4 * words + 32);
     lf acc[SIDE][PTILE];
     tile_zero(acc, groups, rows);
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = grp + b * bytes;
-        for (int p = 0; p < parts; p++) {
-            li d[SIDE][PTILE];
-            dot_int8_block(0, blk + 4 * parts * LANES, gstride, groups, a, rows, K, b, d, 8 * p / parts,
-                           8 * (p + 1) / parts, 1);
-            for (int g = 0; g < groups; g++) {
-                const lf wd = loadlf(blk + g * gstride + 4 * p * LANES);
-                for (int m = 0; m < rows; m++)
-                    acc[g][m] = fmadd(__builtin_convertvector(d[g][m], lf), wd * a.bd[m * (K / 32) + b], acc[g][m]);
+        li d[SIDE][PTILE];
+        ls scale[SIDE][2];
+        for (int g = 0; g < groups && words > DECODED_PLAIN; g++)
+            scale[g][0] = (ls)loadli(blk + g * gstride + 4 * LANES), scale[g][1] = (ls)loadli(blk + g * gstride + 8 * LANES);
+        dot_int8_block(0, blk + 4 * words * LANES, gstride, groups, a, rows, K, b, d, 1,
+                       words > DECODED_PLAIN ? scale : NULL);
+        for (int g = 0; g < groups; g++) {
+            const lf wd = loadlf(blk + g * gstride);
+            for (int m = 0; m < rows; m++) {
+                const int64_t o = m * (K / 32) + b;
+                acc[g][m] = fmadd(__builtin_convertvector(d[g][m], lf), wd * a.bd[o], acc[g][m]);
+                if (words == DECODED_MINS) {   /* less dmin (min0 x0 + min1 x1), x the 16 values' sums */
+                    int32_t sums;
+                    memcpy(&sums, a.hs + 2 * o, sizeof sums);
+                    const li mins = scaled16((lh)((li){0} + sums), loadli(blk + g * gstride + 16 * LANES));
+                    acc[g][m] = fmadd(__builtin_convertvector(mins, lf), loadlf(blk + g * gstride + 12 * LANES) * -a.bd[o],
+                                      acc[g][m]);
+                }
             }
         }
     }
     tile_store(acc, groups, rows, y, ldy);
 }
 
-#define IQ8_ROWS(parts, groups)                                                                              \
+#define DECODED_ROWS(words, groups)                                                                           \
     switch (M) {                                                                                           \
-    case 8: qdot_iq8(parts, grp, gstride, groups, a, 8, K, y, ldy); return;                                 \
-    case 7: qdot_iq8(parts, grp, gstride, groups, a, 7, K, y, ldy); return;                                 \
-    case 6: qdot_iq8(parts, grp, gstride, groups, a, 6, K, y, ldy); return;                                 \
-    case 5: qdot_iq8(parts, grp, gstride, groups, a, 5, K, y, ldy); return;                                 \
-    case 4: qdot_iq8(parts, grp, gstride, groups, a, 4, K, y, ldy); return;                                 \
-    case 3: qdot_iq8(parts, grp, gstride, groups, a, 3, K, y, ldy); return;                                 \
-    case 2: qdot_iq8(parts, grp, gstride, groups, a, 2, K, y, ldy); return;                                 \
-    default: qdot_iq8(parts, grp, gstride, groups, a, 1, K, y, ldy); return;                                \
+    case 8: qdot_decoded(words, grp, gstride, groups, a, 8, K, y, ldy); return;                             \
+    case 7: qdot_decoded(words, grp, gstride, groups, a, 7, K, y, ldy); return;                             \
+    case 6: qdot_decoded(words, grp, gstride, groups, a, 6, K, y, ldy); return;                             \
+    case 5: qdot_decoded(words, grp, gstride, groups, a, 5, K, y, ldy); return;                             \
+    case 4: qdot_decoded(words, grp, gstride, groups, a, 4, K, y, ldy); return;                             \
+    case 3: qdot_decoded(words, grp, gstride, groups, a, 3, K, y, ldy); return;                             \
+    case 2: qdot_decoded(words, grp, gstride, groups, a, 2, K, y, ldy); return;                             \
+    default: qdot_decoded(words, grp, gstride, groups, a, 1, K, y, ldy); return;                            \
     }
+#define DECODED_OF(words)                                                                                   \
+    if (groups == 2)                                                                                       \
+        DECODED_ROWS(words, 2)                                                                             \
+    DECODED_ROWS(words, 1)
 
-static void __attribute__((noinline)) qmatmul_group_iq8(int parts, const uint8_t *grp, int64_t gstride, int groups,
-                                                        int64_t K, qacts a, int64_t M, float *y, int64_t ldy) {
-    if (parts == 2) {
-        if (groups == 2)
-            IQ8_ROWS(2, 2)
-        IQ8_ROWS(2, 1)
+static void __attribute__((noinline)) qmatmul_group_decoded(int words, const uint8_t *grp, int64_t gstride,
+                                                            int groups, int64_t K, qacts a, int64_t M, float *y,
+                                                            int64_t ldy) {
+    switch (words) {
+    case DECODED_MINS: DECODED_OF(DECODED_MINS)
+    case DECODED_SCALED: DECODED_OF(DECODED_SCALED)
+    default: DECODED_OF(DECODED_PLAIN)
     }
-    if (groups == 2)
-        IQ8_ROWS(1, 2)
-    IQ8_ROWS(1, 1)
 }
 
 /* qmatmul_group for the i-quants, a function of its own: in qmatmul_group's switch their kernels made the Q4_0 and
@@ -1802,9 +1861,9 @@ static void __attribute__((noinline)) qmatmul_group_iq4(int type, const uint8_t 
 
 /* groups (<= SIDE) packed groups gstride bytes apart, M <= PTILE / groups rows (their outputs at y, side by side) */
 static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, qacts a, int64_t M,
-                          float *y, int64_t ldy, int stream) {
-    if (is_low_iq(type)) {   /* grp: iq8_group's decoding */
-        qmatmul_group_iq8(iq_parts_of(type), grp, gstride, groups, K, a, M, y, ldy);
+                          float *y, int64_t ldy, int stream, int decoded) {
+    if (decoded) {   /* grp: decode_group's */
+        qmatmul_group_decoded(decoded_words(type), grp, gstride, groups, K, a, M, y, ldy);
         return;
     }
     if (type == IQ4_NL || type == IQ4_XS) {
@@ -1919,12 +1978,13 @@ INLINE void fdot_packed_k(const int type, const uint8_t *grp, const float *x, in
             }
             if (six) {
                 for (int i = 0; i < 2; i++) {
-                    const lf scale = d * k16_scale(type, blk, 2 * j + i);
+                    const lf scale = d * __builtin_convertvector(k16_scale(type, blk, 2 * j + i), lf);
                     for (int m = 0; m < rows; m++)
                         acc[m] += scale * (sum[m][2 * i] + sum[m][2 * i + 1]);
                     if (type != Q2_K)
                         continue;
-                    const lf min = k2_min(blk, 2 * j + i);   /* less min * the 16 activations' sum */
+                    /* less dmin * min * the 16 activations' sum */
+                    const lf min = halves(blk + 2 * LANES) * __builtin_convertvector(k2_min(blk, 2 * j + i), lf);
                     for (int m = 0; m < rows; m++) {
                         float xs = 0;
                         for (int t = 0; t < 16; t++)
@@ -1980,8 +2040,9 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 #else
 #define PACKED_PATH 0
 static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, qacts a, int64_t M,
-                          float *y, int64_t ldy, int stream) {
+                          float *y, int64_t ldy, int stream, int decoded) {
     (void)type, (void)grp, (void)gstride, (void)groups, (void)K, (void)a, (void)M, (void)y, (void)ldy, (void)stream;
+    (void)decoded;
 }
 static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *x, int64_t ldx, const float *xsum,
                           int64_t M, float *y, int64_t ldy) {
@@ -1989,39 +2050,92 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 }
 #endif
 
-/* rows r < LANES (row_bytes apart) of a low i-quant decoded into qdot_iq8's layout at out */
-INLINE void iq8_rows(const int type, const int bytes, const uint8_t *w, int64_t row_bytes, int64_t K,
-                     uint8_t *restrict out) {
-    const int parts = iq_parts_of(type);
-    const int64_t blk = LANES * (4 * parts + 32);
+/* the bytes of one 32-value block of a group decoded for qdot_decoded */
+static int64_t decoded_block_bytes(int type) { return PACK_ROWS * (4 * decoded_words(type) + 32); }
+
+#if PACKED_PATH
+/* rows r < LANES (row_bytes apart) of a low i-quant decoded into qdot_decoded's layout at out */
+INLINE void decode_iq_rows(const int type, const int bytes, const uint8_t *w, int64_t row_bytes, int64_t K,
+                           uint8_t *restrict out) {
+    const int scaled = decoded_words(type) == DECODED_SCALED;
     for (int r = 0; r < LANES; r++)
         for (int64_t sup = 0; sup < K / 256; sup++)
             for (int j = 0; j < 8; j++) {
-                float s[2];
-                int8_t v[32];
-                const i8x32 values = iq_sub(type, w + r * row_bytes + sup * bytes, j, s);
-                uint8_t *o = out + (sup * 8 + j) * blk;
-                memcpy(v, &values, sizeof v);
-                for (int p = 0; p < parts; p++) {
-                    const float scale = s[p] * IQ_UNIT(type);
-                    memcpy(o + 4 * (p * LANES + r), &scale, 4);
+                const uint8_t *b = w + r * row_bytes + sup * bytes;
+                i8x32 neg = {0};
+                int sc[2];
+                const i8x32 magnitudes = iq_magnitudes(type, b, j, &neg, sc), values = negated_where(magnitudes, neg);
+                const float factor = iq_factor(type, b) * IQ_UNIT(type), d = scaled ? factor : factor * (float)sc[0];
+                uint8_t *o = out + (sup * 8 + j) * decoded_block_bytes(type);
+                memcpy(o + 4 * r, &d, 4);
+                for (int h = 0; h < 2 && scaled; h++) {
+                    const int32_t both = sc[h] | sc[h] << 16;   /* (odd, 1..31) */
+                    memcpy(o + 4 * ((1 + h) * LANES + r), &both, 4);
                 }
+                int8_t v[32];
+                memcpy(v, &values, sizeof v);
                 for (int c = 0; c < 8; c++)
-                    memcpy(o + 4 * parts * LANES + 4 * (c * LANES + r), v + 4 * c, 4);
+                    memcpy(o + 4 * decoded_words(type) * LANES + 4 * (c * LANES + r), v + 4 * c, 4);
             }
 }
 
-static void iq8_group(int type, const uint8_t *w, int64_t row_bytes, int64_t K, uint8_t *out) {
-    switch (type) {
-    case IQ2_XXS: iq8_rows(IQ2_XXS, 66, w, row_bytes, K, out); return;
-    case IQ2_XS: iq8_rows(IQ2_XS, 74, w, row_bytes, K, out); return;
-    case IQ2_S: iq8_rows(IQ2_S, 82, w, row_bytes, K, out); return;
-    case IQ3_XXS: iq8_rows(IQ3_XXS, 98, w, row_bytes, K, out); return;
-    case IQ3_S: iq8_rows(IQ3_S, 110, w, row_bytes, K, out); return;
-    case IQ1_S: iq8_rows(IQ1_S, 50, w, row_bytes, K, out); return;
-    case IQ1_M: iq8_rows(IQ1_M, 56, w, row_bytes, K, out); return;
+/* a packed Q6_K, Q3_K or Q2_K group (k16_super's bytes) decoded into qdot_decoded's layout at out: each block's
+ * rows' d, its two 16 values' scales (Q2_K: then dmin and their mins), its values less the zero point (32, 4) */
+INLINE void decode_k16_group(const int type, const int bytes, const uint8_t *grp, int64_t K, uint8_t *restrict out) {
+    const int zero = type == Q6_K ? 32 : type == Q3_K ? 4 : 0, words = decoded_words(type);
+    const int64_t block = decoded_block_bytes(type);
+    for (int64_t sup = 0; sup < K / 256; sup++) {
+        const uint8_t *head = grp + sup * LANES * bytes;
+        uint8_t *o = out + sup * 8 * block;
+        const lf d = halves(head), dmin = halves(head + 2 * LANES);
+        for (int jb = 0; jb < 8; jb++) {   /* block jb: groups 2 jb, 2 jb + 1 */
+            memcpy(o + jb * block, &d, sizeof d);
+            for (int h = 0; h < 2; h++) {
+                const li sc = k16_scale(type, head, 2 * jb + h), both = pair16(sc, sc);
+                memcpy(o + jb * block + 4 * (1 + h) * LANES, &both, sizeof both);
+            }
+            if (type == Q2_K) {
+                const li mins = pair16(k2_min(head, 2 * jb), k2_min(head, 2 * jb + 1));
+                memcpy(o + jb * block + 12 * LANES, &dmin, sizeof dmin);
+                memcpy(o + jb * block + 16 * LANES, &mins, sizeof mins);
+            }
+        }
+        for (int half = 0; half < 2; half++)
+            for (int j = 0; j < 8; j++) {
+                lb v[4];
+                k16_values(type, head, half, j, v);
+                for (int q = 0; q < 4; q++) {
+                    const sb value = (sb)v[q] - (int8_t)zero;
+                    memcpy(o + (4 * half + q) * block + 4 * (words + j) * LANES, &value, sizeof value);
+                }
+            }
     }
 }
+
+/* group g (PACK_ROWS rows from row g * PACK_ROWS) of W decoded for qdot_decoded at out: the low i-quants from their
+ * rows, Q6_K and Q3_K from their packed copy */
+static void decode_group(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t K, int64_t g,
+                         uint8_t *out) {
+    const uint8_t *rows = w + g * PACK_ROWS * row_bytes, *grp = packed + g * PACK_ROWS * row_bytes;
+    switch (type) {
+    case Q6_K: decode_k16_group(Q6_K, 210, grp, K, out); return;
+    case Q3_K: decode_k16_group(Q3_K, 110, grp, K, out); return;
+    case Q2_K: decode_k16_group(Q2_K, 84, grp, K, out); return;
+    case IQ2_XXS: decode_iq_rows(IQ2_XXS, 66, rows, row_bytes, K, out); return;
+    case IQ2_XS: decode_iq_rows(IQ2_XS, 74, rows, row_bytes, K, out); return;
+    case IQ2_S: decode_iq_rows(IQ2_S, 82, rows, row_bytes, K, out); return;
+    case IQ3_XXS: decode_iq_rows(IQ3_XXS, 98, rows, row_bytes, K, out); return;
+    case IQ3_S: decode_iq_rows(IQ3_S, 110, rows, row_bytes, K, out); return;
+    case IQ1_S: decode_iq_rows(IQ1_S, 50, rows, row_bytes, K, out); return;
+    case IQ1_M: decode_iq_rows(IQ1_M, 56, rows, row_bytes, K, out); return;
+    }
+}
+#else
+static void decode_group(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t K, int64_t g,
+                         uint8_t *out) {
+    (void)type, (void)w, (void)packed, (void)row_bytes, (void)K, (void)g, (void)out;
+}
+#endif
 
 /* the formats ggml_pack interleaves for the int8 kernel (a packed pointer with another format is ignored) */
 static int packable(int type) {
@@ -2066,25 +2180,24 @@ static qacts rows_from(qacts a, int64_t m, int64_t K) {
     qacts r = a;
     r.q += m * K, r.bd += m * (K / 32), r.bs += m * (K / 32);
     if (a.hs)
-        r.hs += m * (K / 32);
+        r.hs += m * (K / 16);
     if (a.d)
         r.d += m * (K / 4), r.s += m * (K / 4), r.z += m * (K / 4);
     return r;
 }
 
-/* whether a call of M rows decodes a low i-quant's groups once (iq8_group) rather than a row at a time per tile */
-static int decodes_groups(int type, int64_t M) {
-    return PACKED_PATH && is_low_iq(type) && M > TILE;
+/* whether a call of M rows decodes each group once (decode_group) rather than a row at a time per tile: the low
+ * i-quants, and Q6_K, Q3_K and Q2_K packed */
+static int decodes_groups(int type, const uint8_t *packed, int64_t M) {
+    return PACKED_PATH && M > TILE && (is_low_iq(type) || (packed && (type == Q6_K || type == Q3_K || type == Q2_K)));
 }
 
-/* the bytes of SIDE groups iq8_group decodes */
-static int64_t decoded_bytes(int type, int64_t K) {
-    return SIDE * K / 32 * PACK_ROWS * (4 * iq_parts_of(type) + 32);
-}
+/* the bytes of SIDE groups decode_group decodes */
+static int64_t decoded_bytes(int type, int64_t K) { return SIDE * K / 32 * decoded_block_bytes(type); }
 
 /* the whole groups of PACK_ROWS rows a call of M rows multiplies as packed blocks */
 static int64_t whole_groups(int type, const uint8_t *packed, int64_t N, int64_t M) {
-    return (packed && packable(type)) || decodes_groups(type, M) ? N / PACK_ROWS : 0;
+    return (packed && packable(type)) || decodes_groups(type, packed, M) ? N / PACK_ROWS : 0;
 }
 
 /* activation rows a GEMM takes against every group before the next ones: their int8 values and block scales
@@ -2097,12 +2210,12 @@ static char *qacts_buffer(int type, const uint8_t *packed, int64_t N, int64_t K,
     const int64_t groups = whole_groups(type, packed, N, M);
     const int64_t lanes = N > groups * PACK_ROWS ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane: row-major */
     /* 16-value groups' activation sums (M * K: whole blocks, so hs is aligned) */
-    const int halves16 = groups && (type == Q6_K || type == Q3_K || type == Q2_K);
+    const int halves16 = groups && (type == Q2_K || ((type == Q6_K || type == Q3_K) && !decodes_groups(type, packed, M)));
     char *buf = malloc(lanes * 12 + blocks * 8 + M * K + (halves16 ? blocks * 4 : 0));
     float *f = (float *)buf;
     *a = (qacts){(int8_t *)(buf + lanes * 12 + blocks * 8), lanes ? f : NULL, lanes ? f + lanes : NULL,
                  lanes ? (int32_t *)f + 2 * lanes : NULL, f + 3 * lanes, f + 3 * lanes + blocks,
-                 halves16 ? (float *)(buf + lanes * 12 + blocks * 8 + M * K) : NULL};
+                 halves16 ? (int16_t *)(buf + lanes * 12 + blocks * 8 + M * K) : NULL};
     return buf;
 }
 
@@ -2137,15 +2250,16 @@ static void qmatmul_share(int type, const uint8_t *w, const uint8_t *packed, int
             const uint8_t *grp = decoded ? decoded : packed + g * PACK_ROWS * row_bytes;
             const int64_t gstride = decoded ? group_bytes : PACK_ROWS * row_bytes;
             for (int t = 0; decoded && t < side; t++)
-                iq8_group(type, w + (g + t) * PACK_ROWS * row_bytes, row_bytes, K, decoded + t * group_bytes);
+                decode_group(type, w, packed, row_bytes, K, g + t, decoded + t * group_bytes);
             for (int64_t m = m0; m < m1; m += PTILE / step) {
                 const int64_t rows = m1 - m < PTILE / step ? m1 - m : PTILE / step;
                 if (plain) {   /* fp32 without a bias: straight into y */
                     qmatmul_group(type, grp, gstride, side, K, rows_from(a, m, K), rows,
-                                  (float *)o.y + m * o.ld + g * PACK_ROWS, o.ld, m == m0);
+                                  (float *)o.y + m * o.ld + g * PACK_ROWS, o.ld, m == m0, decoded != NULL);
                     continue;
                 }
-                qmatmul_group(type, grp, gstride, side, K, rows_from(a, m, K), rows, tile, step * PACK_ROWS, m == m0);
+                qmatmul_group(type, grp, gstride, side, K, rows_from(a, m, K), rows, tile, step * PACK_ROWS, m == m0,
+                              decoded != NULL);
                 store_tile(tile, step * PACK_ROWS, rows, side * PACK_ROWS, o, m, g * PACK_ROWS);
             }
         }
@@ -2168,8 +2282,8 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
                    const void *x, int64_t ldx, int x_bf16, int64_t M, out_rows o, int threads) {
     qacts a;
     char *buf = qacts_buffer(type, packed, N, K, M, &a);
-    uint8_t *decoded = decodes_groups(type, M) ? malloc(threads * decoded_bytes(type, K)) : NULL;
-    if (!buf || (decodes_groups(type, M) && !decoded)) {
+    uint8_t *decoded = decodes_groups(type, packed, M) ? malloc(threads * decoded_bytes(type, K)) : NULL;
+    if (!buf || (decodes_groups(type, packed, M) && !decoded)) {
         free(buf), free(decoded);
         return 1;
     }
@@ -2290,7 +2404,7 @@ INLINE void b_tile_k(const int type, const uint8_t *blk, const int j, uint16_t *
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
     if (type == Q6_K) {   /* values 16i.. of the sub-block: scale 2j + i, w = d scale (q - 32) */
         for (int i = 0; i < 2; i++) {
-            const __m512 scale = _mm512_mul_ps(d, (__m512)k16_scale(Q6_K, blk, 2 * j + i));
+            const __m512 scale = _mm512_mul_ps(d, (__m512)__builtin_convertvector(k16_scale(Q6_K, blk, 2 * j + i), lf));
             b_lanes(scale, dh[i]);
             b_lanes(_mm512_mul_ps(scale, _mm512_set1_ps(-32.0f)), mh[i]);
         }

@@ -37,7 +37,7 @@ BLOCKS = {"F32": (0, 32, 128), "F16": (1, 32, 64), "Q4_0": (2, 32, 18), "Q4_1": 
           "IQ2_XXS": (16, 256, 66), "IQ2_XS": (17, 256, 74), "IQ2_S": (22, 256, 82), "IQ3_XXS": (18, 256, 98),
           "IQ3_S": (21, 256, 110), "IQ1_S": (19, 256, 50), "IQ1_M": (29, 256, 56)}
 # the i-quants below 4 bits: values from lattice grids (ggml.c's iq_sub), decode rows multiplied row-major, bigger
-# steps on groups of rows decoded into int8 once a call (iq8_group) on int8 activations
+# steps on groups of rows decoded into int8 once a call (decode_group) on int8 activations
 LOW_IQ_FORMATS = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
 # formats picked to fit memory: no dense copy for big steps, which dequantize rows per call instead where no kernel
 # takes them (a 7B Q3_K_M's fp32 copy would take 27 GB beside its 3.3 GB file)
