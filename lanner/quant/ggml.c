@@ -1261,11 +1261,12 @@ INLINE li scaled16(lh s, li scale) { return (li)_mm256_madd_epi16((__m256i)s, (_
  * sums into one tree, keeps them all live and spilled a third of the AVX2 loop's instructions to the stack */
 #define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
 
-/* the weights AHEAD_BYTES past p, asked for now: a decode step's GEMV streams each weight once, and the hardware
- * prefetcher alone let it fall behind memory */
+/* the weights AHEAD_BYTES past p, asked for now, into L2: a decode step's GEMV streams each weight once, and the
+ * hardware prefetcher alone let it fall behind memory. Into L1 (hint 3) the K-quants' GEMVs streamed 1.2-2x slower
+ * on Zen 4, the 32-value formats' no faster (docs/quantization.md, session 47). */
 INLINE void stream_ahead(const uint8_t *p, int64_t bytes) {
     for (int64_t l = 0; l < bytes; l += 64)
-        __builtin_prefetch(p + AHEAD_BYTES + l, 0, 3);
+        __builtin_prefetch(p + AHEAD_BYTES + l, 0, 2);
 }
 
 /* Q5_0 / Q5_1 packed: a row's qh (bit j: value j's fifth bit) is its lane of the block's first column. The 0x10
@@ -1612,17 +1613,19 @@ INLINE void k16_super(const int type, const uint8_t *blk, int64_t gstride, const
     const int run = VNNI ? 4 : type == Q6_K ? 2 : 4;
     for (int half = 0; half < 2; half++) {
         li t[SIDE][PTILE][4];   /* block q's sum of scale * q x */
+        li sc[SIDE][4][2];      /* block q's groups' integer scales: group 8 half + 2 q + jh */
         for (int g = 0; g < groups; g++)
-            for (int m = 0; m < rows; m++)
-                for (int q = 0; q < 4; q++)
+            for (int q = 0; q < 4; q++) {
+                for (int m = 0; m < rows; m++)
                     t[g][m][q] = (li){0};
-        for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of each 32: group 8 half + 2 q + jh */
+                for (int jh = 0; jh < 2; jh++)
+                    sc[g][q][jh] = k16_scale(type, blk + g * gstride, 8 * half + 2 * q + jh);
+            }
+        for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of each 32 */
             li scale[SIDE][4];
             for (int g = 0; g < groups; g++)
-                for (int q = 0; q < 4; q++) {
-                    const li sc = k16_scale(type, blk + g * gstride, 8 * half + 2 * q + jh);
-                    scale[g][q] = VNNI ? sc : pair16(sc, sc);
-                }
+                for (int q = 0; q < 4; q++)
+                    scale[g][q] = VNNI ? sc[g][q][jh] : pair16(sc[g][q][jh], sc[g][q][jh]);
             li s[SIDE][PTILE][4];
             lh s16[SIDE][PTILE][4];
             for (int g = 0; g < groups; g++)
@@ -1658,7 +1661,7 @@ INLINE void k16_super(const int type, const uint8_t *blk, int64_t gstride, const
             for (int q = 0; q < 4; q++) {
                 const int k = 8 * half + 2 * q;   /* the block's groups k, k + 1 */
                 const li pair = type == Q2_K ? pair16(k2_min(head, k), k2_min(head, k + 1))
-                                             : pair16(k16_scale(type, head, k), k16_scale(type, head, k + 1));
+                                             : pair16(sc[g][q][0], sc[g][q][1]);
                 for (int m = 0; m < rows; m++) {
                     const int64_t o = m * (K / 32) + 8 * b + 4 * half + q;
                     int32_t sums;   /* the block's two 16-value activation sums */
@@ -2088,7 +2091,7 @@ INLINE void decode_k16_group(const int type, const int bytes, const uint8_t *grp
     for (int64_t sup = 0; sup < K / 256; sup++) {
         const uint8_t *head = grp + sup * LANES * bytes;
         uint8_t *o = out + sup * 8 * block;
-        const lf d = halves(head), dmin = halves(head + 2 * LANES);
+        const lf d = halves(head);
         for (int jb = 0; jb < 8; jb++) {   /* block jb: groups 2 jb, 2 jb + 1 */
             memcpy(o + jb * block, &d, sizeof d);
             for (int h = 0; h < 2; h++) {
@@ -2096,6 +2099,7 @@ INLINE void decode_k16_group(const int type, const int bytes, const uint8_t *grp
                 memcpy(o + jb * block + 4 * (1 + h) * LANES, &both, sizeof both);
             }
             if (type == Q2_K) {
+                const lf dmin = halves(head + 2 * LANES);
                 const li mins = pair16(k2_min(head, 2 * jb), k2_min(head, 2 * jb + 1));
                 memcpy(o + jb * block + 12 * LANES, &dmin, sizeof dmin);
                 memcpy(o + jb * block + 16 * LANES, &mins, sizeof mins);
