@@ -994,8 +994,8 @@ static void silu_rows(const void *t, int t_bf16, int64_t ldt, int64_t up, int64_
 }
 
 /* the activations quantized: q [rows, K] int8; per block ([rows, K / 32]) its scale bd and bs = bd * the sum of
- * its values (the packed kernel's), and for the scales of 16 values (Q6_K, Q3_K, Q2_K) hs, each 16 values' sum
- * ([rows, K / 16]; else NULL); for the row-major kernel (NULL where it does not run) per lane (4 values, [rows,
+ * its values (the packed kernel's), and for the scales of 16 values (Q6_K, Q3_K, Q2_K) and the groups decoded under
+ * VNNI hs, each 16 values' sum ([rows, K / 16]; else NULL); for the row-major kernel (NULL where it does not run) per lane (4 values, [rows,
  * K / 4]) the block's
  * scale d, its share s = d * block sum / 8 of the min term, and -zero * the lane's sum */
 typedef struct { int8_t *q; float *d, *s; int32_t *z; float *bd, *bs; int16_t *hs; } qacts;
@@ -1377,6 +1377,47 @@ INLINE void dot_int8_block(const int nl, const uint8_t *vals, int64_t gstride, c
     }
 }
 
+/* integers a and b of each lane as the lane's two 16-bit halves (vpmaddwd's pairs) */
+INLINE li pair16(li a, li b) { return (a & 0xFFFF) | b << 16; }
+
+/* a decoded block (qdot_decoded's) under VNNI: each 16 values' vpdpbusd sums of (v + 128) x times their integer
+ * scale (sc: group g's for values 16h.., sign-extended; NULL: 1), less 128 times the scales against the 16 values'
+ * activation sums (a.hs): one instruction a column where dot_int8_block takes three or four (magnitudes' signs onto
+ * x, vpmaddubsw, vpmaddwd); the same integers */
+INLINE void dot_decoded_vnni(const uint8_t *vals, int64_t gstride, const int groups, qacts a, const int rows,
+                             int64_t K, int64_t b, li d[SIDE][PTILE], const li sc[SIDE][2]) {
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            d[g][m] = (li){0};
+    for (int h = 0; h < 2; h++) {
+        li s[SIDE][PTILE];
+        for (int g = 0; g < groups; g++)
+            for (int m = 0; m < rows; m++)
+                s[g][m] = (li){0};
+        for (int c = 4 * h; c < 4 * h + 4; c++) {
+            lb w[SIDE];
+            for (int g = 0; g < groups; g++)
+                w[g] = loadlb(vals + g * gstride + c * 4 * LANES) ^ 0x80;
+            for (int m = 0; m < rows; m++) {
+                const lb x = bcast4(a.q + m * K + 32 * b + 4 * c);
+                for (int g = 0; g < groups; g++)
+                    s[g][m] = dot(s[g][m], w[g], x);
+            }
+        }
+        for (int g = 0; g < groups; g++)
+            for (int m = 0; m < rows; m++)
+                d[g][m] += sc ? s[g][m] * sc[g][h] : s[g][m];
+    }
+    for (int g = 0; g < groups; g++) {
+        const li pair = sc ? pair16(sc[g][0], sc[g][1]) : (li){0} + 0x10001;
+        for (int m = 0; m < rows; m++) {
+            int32_t sums;   /* the block's two 16-value activation sums */
+            memcpy(&sums, a.hs + 2 * (m * (K / 32) + b), sizeof sums);
+            d[g][m] -= scaled16((lh)((li){0} + sums), pair) << 7;
+        }
+    }
+}
+
 /* IQ4_VALUES[i] for the index i (0..15) in each lane, as floats */
 INLINE lf nl_floats(li i) {
     const __m128i bytes = _mm_loadu_si128((const __m128i *)IQ4_VALUES);
@@ -1568,9 +1609,6 @@ INLINE void k5_super(const uint8_t *blk, int64_t gstride, const int groups, qact
 INLINE li k2_min(const uint8_t *blk, const int k) {
     return (loadli(blk + 4 * LANES + 4 * (k / 4) * LANES) >> (8 * (k % 4) + 4)) & 15;
 }
-
-/* integers a and b of each lane as the lane's two 16-bit halves (vpmaddwd's pairs) */
-INLINE li pair16(li a, li b) { return (a & 0xFFFF) | b << 16; }
 
 /* column j of each 32 values 128 half.. of a packed Q6_K, Q3_K or Q2_K super-block (k16_super's bytes): values
  * 128 half + 32 q + 4 j.. of every row in v[q] (unsigned: Q6_K 0..63, Q3_K 0..7, Q2_K 0..3) */
@@ -1804,10 +1842,18 @@ INLINE void qdot_decoded(const int words, const uint8_t *grp, int64_t gstride, c
         const uint8_t *blk = grp + b * bytes;
         li d[SIDE][PTILE];
         ls scale[SIDE][2];
+        li sc[SIDE][2];   /* (VNNI) the scales sign-extended from one half */
         for (int g = 0; g < groups && words > DECODED_PLAIN; g++)
-            scale[g][0] = (ls)loadli(blk + g * gstride + 4 * LANES), scale[g][1] = (ls)loadli(blk + g * gstride + 8 * LANES);
-        dot_int8_block(0, blk + 4 * words * LANES, gstride, groups, a, rows, K, b, d, 1,
-                       words > DECODED_PLAIN ? scale : NULL);
+            for (int h = 0; h < 2; h++) {
+                const li both = loadli(blk + g * gstride + 4 * (1 + h) * LANES);
+                scale[g][h] = (ls)both, sc[g][h] = (both << 16) >> 16;
+            }
+        if (VNNI)
+            dot_decoded_vnni(blk + 4 * words * LANES, gstride, groups, a, rows, K, b, d,
+                             words > DECODED_PLAIN ? sc : NULL);
+        else
+            dot_int8_block(0, blk + 4 * words * LANES, gstride, groups, a, rows, K, b, d, 1,
+                           words > DECODED_PLAIN ? scale : NULL);
         for (int g = 0; g < groups; g++) {
             const lf wd = loadlf(blk + g * gstride);
             for (int m = 0; m < rows; m++) {
@@ -2215,7 +2261,9 @@ static char *qacts_buffer(int type, const uint8_t *packed, int64_t N, int64_t K,
     const int64_t groups = whole_groups(type, packed, N, M);
     const int64_t lanes = N > groups * PACK_ROWS ? M * K / 4 : 0, blocks = M * K / 32;   /* per-lane: row-major */
     /* 16-value groups' activation sums (M * K: whole blocks, so hs is aligned) */
-    const int halves16 = groups && (type == Q2_K || ((type == Q6_K || type == Q3_K) && !decodes_groups(type, packed, M)));
+    const int halves16 = groups && (type == Q2_K || (decodes_groups(type, packed, M)
+                                                     ? VNNI   /* dot_decoded_vnni */
+                                                     : type == Q6_K || type == Q3_K));
     char *buf = malloc(lanes * 12 + blocks * 8 + M * K + (halves16 ? blocks * 4 : 0));
     float *f = (float *)buf;
     *a = (qacts){(int8_t *)(buf + lanes * 12 + blocks * 8), lanes ? f : NULL, lanes ? f + lanes : NULL,
