@@ -995,9 +995,9 @@ static void silu_rows(const void *t, int t_bf16, int64_t ldt, int64_t up, int64_
 
 /* the activations quantized: q [rows, K] int8; per block ([rows, K / 32]) its scale bd and bs = bd * the sum of
  * its values (the packed kernel's), and for the scales of 16 values (Q6_K, Q3_K, Q2_K) and the groups decoded under
- * VNNI hs, each 16 values' sum ([rows, K / 16]; else NULL); for the row-major kernel (NULL where it does not run) per lane (4 values, [rows,
- * K / 4]) the block's
- * scale d, its share s = d * block sum / 8 of the min term, and -zero * the lane's sum */
+ * VNNI hs, each 16 values' sum ([rows, K / 16]; else NULL); for the row-major kernel (NULL where it does not run)
+ * per lane (4 values, [rows, K / 4]) the block's scale d, its share s = d * block sum / 8 of the min term, and
+ * -zero * the lane's sum */
 typedef struct { int8_t *q; float *d, *s; int32_t *z; float *bd, *bs; int16_t *hs; } qacts;
 
 typedef int8_t qv __attribute__((vector_size(VW)));
