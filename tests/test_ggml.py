@@ -104,8 +104,8 @@ def int8_blocks(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("type_name", FORMATS)
-# decode rows (under VNNI Q2_K's from 4 and Q6_K's and Q3_K's from 5 a block at a time, not decoded up to 8 and 6; Q2_K's
-# up to 32); a GEMM's tiles of rows, the last one partial (130: two groups a tile)
+# decode rows (Q2_K's from 4 and Q6_K's and Q3_K's from 5 a block at a time, on their packed blocks up to 6-8 rows, Q2_K's
+# up to 16-32); a GEMM's tiles of rows, the last one partial (130: two groups a tile)
 @pytest.mark.parametrize("m", [1, 3, 4, 6, 8, 19, 130])
 @pytest.mark.parametrize("rows, cols", [(45, 192), (48, 96)])   # rows past the packed groups; a K of 3 blocks
 def test_int8_activations_equal_their_reference_on_every_level(level, type_name, m, rows, cols):

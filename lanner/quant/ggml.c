@@ -1660,9 +1660,62 @@ INLINE void k16_block_out(const int type, const uint8_t *head, const int half, c
     }
 }
 
-/* k16_super under VNNI from 5 rows (Q2_K's from 4): one 32-value block at a time, so that only its sums live (all 4
- * blocks' sums of 4 rows and their scales took half again the registers there are: Q2_K at 4 rows read 19 GB/s where
- * 1 row read 43, on Zen 5). Its columns are decoded once a block rather than once for all 4: at 1-3 rows 0.9-0.98x,
+/* 16-value group jh of 32-value block j of a super-block's rows (k16_super_blockwise's), each row's sums times the
+ * group's integer scales sc[.][jh] added to t: under VNNI in 32 bits, multiplied once at the end (the scale made
+ * before the columns and live through them, Q2_K's 5-8 rows ran 0.85x) */
+INLINE void k16_group_vnni(const int type, const uint8_t *blk, int64_t gstride, const int groups, qacts a,
+                           const int rows, int64_t K, int64_t b, const int j, const int jh, li sc[SIDE][2],
+                           li t[SIDE][PTILE]) {
+    li s[SIDE][PTILE];
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            s[g][m] = (li){0};
+    for (int c = 4 * jh; c < 4 * jh + 4; c++) {
+        lb v[SIDE];
+        for (int g = 0; g < groups; g++)
+            v[g] = (lb)k_column(type, blk + g * gstride, j, c);
+        for (int m = 0; m < rows; m++) {
+            const lb x = bcast4(a.q + m * K + 256 * b + 32 * j + 4 * c);
+            for (int g = 0; g < groups; g++)
+                s[g][m] = dot(s[g][m], v[g], x);
+        }
+    }
+    for (int g = 0; g < groups; g++)
+        for (int m = 0; m < rows; m++)
+            t[g][m] += s[g][m] * sc[g][jh];
+}
+
+/* the same without VNNI: pair sums in 16 bits (k16_super's run of columns at a time), times the scale in vpmaddwd */
+INLINE void k16_group_pairs(const int type, const uint8_t *blk, int64_t gstride, const int groups, qacts a,
+                            const int rows, int64_t K, int64_t b, const int j, const int jh, li sc[SIDE][2],
+                            li t[SIDE][PTILE]) {
+    const int run = type == Q6_K ? 2 : 4;
+    lh s[SIDE][PTILE];
+    li scale[SIDE];
+    for (int g = 0; g < groups; g++) {
+        scale[g] = pair16(sc[g][jh], sc[g][jh]);
+        for (int m = 0; m < rows; m++)
+            s[g][m] = (lh){0};
+    }
+    for (int c = 4 * jh; c < 4 * jh + 4; c++) {
+        lb v[SIDE];
+        for (int g = 0; g < groups; g++)
+            v[g] = (lb)k_column(type, blk + g * gstride, j, c);
+        for (int m = 0; m < rows; m++) {
+            const lb x = bcast4(a.q + m * K + 256 * b + 32 * j + 4 * c);
+            for (int g = 0; g < groups; g++) {
+                s[g][m] += dot16(v[g], x);
+                KEEP_IN_REGISTER(s[g][m]);
+                if (c % run == run - 1)
+                    t[g][m] += scaled16(s[g][m], scale[g]), s[g][m] = (lh){0};
+            }
+        }
+    }
+}
+
+/* k16_super from 5 rows (Q2_K's from 4): one 32-value block at a time, so that only its sums live (all 4 blocks' sums
+ * of 4 rows and their scales took half again the registers there are: Q2_K at 4 rows read 19 GB/s where 1 row read
+ * 43, on Zen 5). Its columns are decoded once a block rather than once for all 4: with VNNI at 1-3 rows 0.9-0.98x,
  * and Q3_K's (two bit planes) and Q6_K's at 4 rows 0.83x and 0.96x */
 INLINE void k16_super_blockwise(const int type, const uint8_t *blk, int64_t gstride, const int groups, qacts a,
                                 const int rows, int64_t K, int64_t b, lf acc[SIDE][PTILE]) {
@@ -1673,25 +1726,12 @@ INLINE void k16_super_blockwise(const int type, const uint8_t *blk, int64_t gstr
                 for (int m = 0; m < rows; m++)
                     t[g][m] = (li){0};
             for (int jh = 0; jh < 2; jh++) {   /* values 16 jh.. of the block */
-                li s[SIDE][PTILE];
                 for (int g = 0; g < groups; g++)
-                    for (int m = 0; m < rows; m++)
-                        s[g][m] = (li){0};
-                for (int j = 4 * jh; j < 4 * jh + 4; j++) {
-                    lb v[SIDE];
-                    for (int g = 0; g < groups; g++)
-                        v[g] = (lb)k_column(type, blk + g * gstride, 4 * half + q, j);
-                    for (int m = 0; m < rows; m++) {
-                        const lb x = bcast4(a.q + m * K + 256 * b + 128 * half + 32 * q + 4 * j);
-                        for (int g = 0; g < groups; g++)
-                            s[g][m] = dot(s[g][m], v[g], x);
-                    }
-                }
-                for (int g = 0; g < groups; g++) {
                     sc[g][jh] = k16_scale(type, blk + g * gstride, 8 * half + 2 * q + jh);
-                    for (int m = 0; m < rows; m++)
-                        t[g][m] += s[g][m] * sc[g][jh];
-                }
+                if (VNNI)
+                    k16_group_vnni(type, blk, gstride, groups, a, rows, K, b, 4 * half + q, jh, sc, t);
+                else
+                    k16_group_pairs(type, blk, gstride, groups, a, rows, K, b, 4 * half + q, jh, sc, t);
             }
             for (int g = 0; g < groups; g++)
                 k16_block_out(type, blk + g * gstride, half, q, sc[g][0], sc[g][1], t[g], a, rows, K, b, acc[g]);
@@ -1709,7 +1749,7 @@ INLINE void k16_super_blockwise(const int type, const uint8_t *blk, int64_t gstr
  * the scales against the groups' activation sums (a.hs); Q2_K's mins against those sums take dmin apart. */
 INLINE void k16_super(const int type, const uint8_t *blk, int64_t gstride, const int groups, qacts a, const int rows,
                       int64_t K, int64_t b, lf acc[SIDE][PTILE]) {
-    if (VNNI && rows >= (type == Q2_K ? 4 : 5)) {
+    if (rows >= (type == Q2_K ? 4 : 5)) {
         k16_super_blockwise(type, blk, gstride, groups, a, rows, K, b, acc);
         return;
     }
@@ -2290,10 +2330,11 @@ static qacts rows_from(qacts a, int64_t m, int64_t K) {
 }
 
 /* the most rows of such a K-quant a call multiplies on its packed blocks (k16_super) rather than on groups decoded
- * once a call. Without VNNI a tile's (TILE, session 46); with it, k16_super a block at a time beat the decoded groups
- * on Zen 5, in one process (GB/s, 12 x 16,384 x 2,048 from memory): 5 rows Q2_K 19.7 vs 9.6, Q3_K 18.8 vs 11.5,
- * Q6_K 27.5 vs 16.1; 8 rows Q2_K 13.2 vs 7.8, Q3_K 7.7 vs 10.5, Q6_K 16.6 vs 15.8; Q2_K at 32 rows 3.4 vs 3.1 */
-static int packed_rows_k16(int type) { return !VNNI ? TILE : type == Q2_K ? 32 : type == Q6_K ? 8 : 6; }
+ * once a call: k16_super a block at a time beat the decoded groups on Zen 5, in one process (GB/s, 12 x 16,384 x
+ * 2,048 from memory). With VNNI: 5 rows Q2_K 19.7 vs 9.6, Q3_K 18.8 vs 11.5, Q6_K 27.5 vs 16.1; 8 rows Q2_K 13.2 vs
+ * 7.8, Q3_K 7.7 vs 10.5, Q6_K 16.6 vs 15.8; Q2_K at 32 rows 3.4 vs 3.1. Without (LANNER_ISA=avx2): 8 rows 1.34-1.46x
+ * faster, 16 rows Q2_K 1.20x, Q3_K 1.08x, Q6_K 1.07x; 32 rows Q3_K 0.89x, Q6_K 0.92x */
+static int packed_rows_k16(int type) { return type == Q2_K ? (VNNI ? 32 : 16) : type == Q3_K && VNNI ? 6 : 8; }
 
 /* whether a call of M rows decodes each group once (decode_group) rather than a row at a time per tile: the low
  * i-quants, and Q6_K, Q3_K and Q2_K packed */
