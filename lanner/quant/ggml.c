@@ -1661,8 +1661,8 @@ INLINE void k16_block_out(const int type, const uint8_t *head, const int half, c
 }
 
 /* 16-value group jh of 32-value block j of a super-block's rows (k16_super_blockwise's), each row's sums times the
- * group's integer scales sc[.][jh] added to t: under VNNI in 32 bits, multiplied once at the end (the scale made
- * before the columns and live through them, Q2_K's 5-8 rows ran 0.85x) */
+ * group's integer scales sc[.][jh] added to t: under VNNI in 32 bits, multiplied once at the end. (One loop for this
+ * and k16_group_pairs, the 16-bit sums dead under VNNI, ran Q2_K's 5-8 VNNI rows 0.85x.) */
 INLINE void k16_group_vnni(const int type, const uint8_t *blk, int64_t gstride, const int groups, qacts a,
                            const int rows, int64_t K, int64_t b, const int j, const int jh, li sc[SIDE][2],
                            li t[SIDE][PTILE]) {
