@@ -856,6 +856,13 @@ INLINE lb signed_by(lb x, sb neg) {
 #endif
 }
 
+#if defined(__AVX2__)
+/* a sub-block's two scales sc[0], sc[1] in the 16-bit lanes of its values' first and second halves */
+INLINE __m256i scale_halves(const int *sc) {
+    return _mm256_set_m128i(_mm_set1_epi16((int16_t)sc[1]), _mm_set1_epi16((int16_t)sc[0]));
+}
+#endif
+
 /* the i-quants below 4 bits: GB sub-blocks' magnitudes (unsigned bytes), where they are negative, and their halves'
  * odd integer scales in the 16-bit lanes of their pair sums (vpmaddubsw's lane p: values 2p and 2p + 1) */
 typedef int16_t ls __attribute__((vector_size(LANES * 4)));
@@ -871,14 +878,12 @@ INLINE iq_group group_iq(const int type, const uint8_t *b, int j) {
 #if GB == 2
     w.q = (lb)_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)q[0]), (__m256i)q[1], 1);
     w.neg = (sb)_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)neg[0]), (__m256i)neg[1], 1);
-    w.sc = (ls)_mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16((int16_t)sc[1]), _mm_set1_epi16((int16_t)sc[0]))),
-        _mm256_set_m128i(_mm_set1_epi16((int16_t)sc[3]), _mm_set1_epi16((int16_t)sc[2])), 1);
+    w.sc = (ls)_mm512_inserti64x4(_mm512_castsi256_si512(scale_halves(sc)), scale_halves(sc + 2), 1);
 #else
     memcpy(&w.q, q, sizeof w.q);
     memcpy(&w.neg, neg, sizeof w.neg);
 #if defined(__AVX2__)
-    w.sc = (ls)_mm256_set_m128i(_mm_set1_epi16((int16_t)sc[1]), _mm_set1_epi16((int16_t)sc[0]));
+    w.sc = (ls)scale_halves(sc);
 #else
     int16_t lanes[2 * LANES];
     for (int p = 0; p < 2 * LANES; p++)
