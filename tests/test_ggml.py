@@ -328,7 +328,8 @@ def test_argmax_in_the_matmul_is_the_argmax_of_its_results_on_every_level(level,
     w.data[copies[1:]] = w.data[top].clone()
     bias = torch.randn(rows, generator=seeded)
     bias[copies] = bias[top].item()
-    lin = GGMLLinear(w, bias if biased else None, None, int8)
+    # (a bf16 model's exact rows past 4 take bf16 pairs where the build has them)
+    lin = GGMLLinear(w, bias if biased else None, None, int8, bf16=dtype == torch.bfloat16)
     x = (torch.randn(m, cols, generator=seeded) * 3)
     x[0] = 0   # every result the bias (or 0)
     x[1, 7] = float("nan")   # every result NaN
@@ -338,6 +339,38 @@ def test_argmax_in_the_matmul_is_the_argmax_of_its_results_on_every_level(level,
     assert want[0] == (lin.bias.float().numpy().argmax() if biased else 0) and want[1] == 0
     assert want[2] == min(copies)
     assert lin.small(x, lin.lib, int8=int8, tiles=True, argmax=True).tolist() == want.tolist()
+
+
+def fp32_results(lin: GGMLLinear, x: torch.Tensor, flags: int) -> torch.Tensor:
+    """ggml_matmul's fp32 results for rows x (fp32, or bf16 with MATMUL_X_BF16 = 2 in flags)."""
+    w, (n, k), m = lin.weight, lin.weight.shape, x.shape[0]
+    y = torch.empty(m, n)
+    ggml.check(lin.lib.ggml_matmul(w.type_id, w.data_ptr, lin.packed_ptr(), w.row_bytes, n, k, x.data_ptr(), k, m,
+                                   y.data_ptr(), n, None, torch.get_num_threads(), flags), "matmul")
+    return y
+
+
+def test_exact_bf16_rows_past_4_take_bf16_pairs_of_the_integers():
+    """A bf16 model's exact Q8_0 linear (the LM head) where the build has AVX512-BF16 and no AMX: more than 4 rows
+    multiply bf16 pairs of the blocks' integers, scaled per block -- dequantize-then-matmul up to summation order,
+    every row's results the same whatever rows share its call (a burst's argmax is a single step's) -- and no dense
+    copy is ever made; up to 4 rows take the exact kernel."""
+    with mock.patch.dict(os.environ, {"LANNER_ISA": "", "LANNER_EXACT_LINEARS": "0"}):   # the native build
+        lin = GGMLLinear(random_weight("Q8_0", 96, 1056, seed=5), None, None, int8=False, bf16=True)
+    if not lin.pairs:
+        pytest.skip("this build or CPU has no AVX512-BF16 (or takes the AMX tiles)")
+    lin.dense_dtype = None   # (Linear.pack drops it for pairs)
+    assert lin.kernel_rows(torch.bfloat16) == ggml.ALL_ROWS and lin.flags & ggml.MATMUL_BF16_PAIRS
+    x = (torch.randn(70, 1056, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
+    exact = x.double() @ reference(lin.weight).double().T
+    pairs = 2 | ggml.MATMUL_BF16_PAIRS
+    for rows in (5, 8, 9, 17, 47, 70):   # one tile of 8 rows, partial, several with a partial last one
+        got = fp32_results(lin, x[:rows], pairs)
+        torch.testing.assert_close(got.double(), exact[:rows], rtol=0, atol=2e-6 * exact.abs().max().item())
+        assert torch.equal(got, fp32_results(lin, x[:rows].flip(0), pairs).flip(0))   # rows beside it: no matter
+        assert torch.equal(lin(x[:rows]), got.bfloat16())
+    assert lin.dense is None
+    assert torch.equal(fp32_results(lin, x[:4], pairs), fp32_results(lin, x[:4], 2))   # 4 rows: the exact kernel
 
 
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])

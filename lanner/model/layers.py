@@ -68,7 +68,7 @@ class Linear(nn.Linear):
         on int8 activations (unless LANNER_EXACT_LINEARS=1)."""
         if self.ggml is not None:
             from lanner.quant.ggml import ggml_linear
-            self.quantized = ggml_linear(self.ggml, self.bias, int8)
+            self.quantized = ggml_linear(self.ggml, self.bias, int8, bf16=self.weight.dtype == torch.bfloat16)
             for part in self.quantized.parts:
                 self.pack_dense(part, dense_gemm)
         elif quantization != "none":
@@ -89,6 +89,8 @@ class Linear(nn.Linear):
         # no copy where oneDNN would not run it: the kernel then takes more rows from the start, so a
         # decode step's row limit (fixed when it is built) is the same before and after the first big step
         q.dense_dtype = self.weight.dtype if dense_gemm and onednn_runs(self.weight.dtype) else None
+        if q.pairs and q.dense_dtype == torch.bfloat16:   # its bf16 rows take the pairs, at any count
+            q.dense_dtype = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora is None or not self.lora.manager.batch:

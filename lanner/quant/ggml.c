@@ -2475,6 +2475,51 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
 #define AMX_BF16_ROWS 16   /* rows past which MATMUL_AMX_BF16 takes the tiles (up to them: the int8 kernel) */
 #define AMX_EXACT_ROWS 4   /* the same for calls without MATMUL_INT8: past 4 rows the exact kernel loses to the tiles
                             * (the LM head at 5-16 rows 1.6-4.5 ms, on the tiles 1.27-1.31) */
+
+/* MATMUL_ARGMAX on kernels whose threads keep a running argmax of every row (the tiles', the bf16 pairs'): each
+ * thread's best value and index of each row [threads, M] (index < 0: none yet), or 1 (out of memory) */
+static int argmax_begin(int threads, int64_t M, float **best, int64_t **at) {
+    *best = malloc(sizeof(float) * threads * M);
+    *at = malloc(sizeof(int64_t) * threads * M);
+    for (int64_t i = 0; *best && *at && i < threads * M; i++)
+        (*at)[i] = -1, (*best)[i] = 0;
+    return !*best || !*at;
+}
+
+/* the threads' running argmaxes merged into each row's token (the first largest over all of them) */
+static void argmax_end(const float *best, const int64_t *at, int threads, int64_t M, int64_t *tokens) {
+    for (int64_t m = 0; m < M; m++) {
+        float top = 0;
+        tokens[m] = -1;
+        for (int th = 0; th < threads; th++)
+            if (at[th * M + m] >= 0)
+                take(best[th * M + m], at[th * M + m], 0, &top, tokens + m);
+    }
+}
+
+#if GB == 2
+/* A pair's results (t [rows, 32]: rows m.., outputs n..) into each row's running argmax (o.best, o.at), as y would
+ * hold them (plus the bias, rounded to bf16 where o.bf16): for a greedy step's LM head no logit is written. Rounding
+ * keeps order and a best is a rounded value, so a row none of whose sums is NaN or above its best (later outputs win
+ * no ties) is passed over unrounded: two compares. */
+__attribute__((noinline)) static void argmax_rows(const float *t, int64_t rows, out_rows o, int64_t m, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        __m512 v[2];
+        __mmask16 wins = 0;
+        const __m512 best = _mm512_set1_ps(o.best[m + r]);
+        for (int h = 0; h < 2; h++) {
+            v[h] = _mm512_load_ps(t + r * 32 + 16 * h);
+            if (o.bias)
+                v[h] = _mm512_add_ps(v[h], _mm512_loadu_ps(o.bias + n + 16 * h));
+            wins |= _mm512_cmp_ps_mask(v[h], best, _CMP_NLE_UQ);   /* above, or NaN */
+        }
+        if (wins || o.at[m + r] < 0)
+            for (int i = 0; i < 32; i++)
+                take(v[i / 16][i % 16], n + i, o.bf16, o.best + m + r, o.at + m + r);
+    }
+}
+#endif
+
 /* ---- bf16 activations on AMX tiles ------------------------------------------------------------------------- *
  * A bf16 model's big steps (MATMUL_AMX_BF16): each packed block of 16 weight rows is dequantized into bf16 as a B
  * tile (tile row r: every weight row's values 2r and 2r + 1, side by side), once per chunk of activation rows, and
@@ -2615,26 +2660,6 @@ INLINE void b_make(b_source src, int g, int64_t b, int64_t blocks, uint16_t *bt)
             _tile_loadd(t, x, (ld) * 2);           \
     } while (0)
 
-/* A pair's results (t [rows, 32]: rows m.., outputs n..) into each row's running argmax (o.best, o.at), as y would
- * hold them (plus the bias, rounded to bf16 where o.bf16): for a greedy step's LM head no logit is written. Rounding
- * keeps order and a best is a rounded value, so a row none of whose sums is NaN or above its best (later outputs win
- * no ties) is passed over unrounded: two compares. */
-__attribute__((noinline)) static void argmax_rows(const float *t, int64_t rows, out_rows o, int64_t m, int64_t n) {
-    for (int64_t r = 0; r < rows; r++) {
-        __m512 v[2];
-        __mmask16 wins = 0;
-        const __m512 best = _mm512_set1_ps(o.best[m + r]);
-        for (int h = 0; h < 2; h++) {
-            v[h] = _mm512_load_ps(t + r * 32 + 16 * h);
-            if (o.bias)
-                v[h] = _mm512_add_ps(v[h], _mm512_loadu_ps(o.bias + n + 16 * h));
-            wins |= _mm512_cmp_ps_mask(v[h], best, _CMP_NLE_UQ);   /* above, or NaN */
-        }
-        if (wins || o.at[m + r] < 0)
-            for (int i = 0; i < 32; i++)
-                take(v[i / 16][i % 16], n + i, o.bf16, o.best + m + r, o.at + m + r);
-    }
-}
 
 /* A pair's results (t [rows, 32]: rows m.., columns n.. of y; with silu the pair's gates and ups, for 16 outputs)
  * waiting to be stored. They go out a few rows at a time while the next pair's products run, spread over all its
@@ -2759,14 +2784,12 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
         return 1;
     }
     /* MATMUL_ARGMAX: each thread's running argmax of each row, merged after */
-    float *best = o.argmax ? malloc(sizeof(float) * threads * M) : NULL;
-    int64_t *at = o.argmax ? malloc(sizeof(int64_t) * threads * M) : NULL;
-    if (o.argmax && (!best || !at)) {
+    float *best = NULL;
+    int64_t *at = NULL;
+    if (o.argmax && argmax_begin(threads, M, &best, &at)) {
         free(tiles), free(tail), free(best), free(at);
         return 1;
     }
-    for (int64_t i = 0; at && i < threads * M; i++)
-        at[i] = -1, best[i] = 0;
 #pragma omp parallel num_threads(threads) firstprivate(o)
     {
         uint16_t *bt = tiles + omp_get_thread_num() * 2 * blocks * 512;
@@ -2800,14 +2823,8 @@ static int amx_bf16_matmul(int type, const uint8_t *packed, int64_t row_bytes, i
         store_some(&before, o, before.rows);
         _tile_release();
     }
-    for (int64_t m = 0; at && m < M; m++) {
-        int64_t *token = (int64_t *)o.y + m;
-        float top = 0;
-        *token = -1;
-        for (int th = 0; th < threads; th++)
-            if (at[th * M + m] >= 0)
-                take(best[th * M + m], at[th * M + m], 0, &top, token);
-    }
+    if (at)
+        argmax_end(best, at, threads, M, o.y);
     free(tiles), free(tail), free(best), free(at);
     return 0;
 }
@@ -2885,6 +2902,145 @@ static int exact_matmul(int type, const uint8_t *w, const uint8_t *packed, int64
     free(xsum);
     return failed;
 }
+
+/* ---- bf16 rows on bf16 pairs: the exact path past TILE rows, where the CPU has AVX512-BF16 ------------------- *
+ * A Q8_0 value is d q with q an 8-bit integer, which bf16 holds exactly, and its product with a bf16 activation is
+ * exact in fp32. Each pair of packed groups is made once a call into bf16 pairs of those integers (pair vector p of
+ * a block, lane l: row l's values 2p, 2p + 1) beside the rows' fp32 scales, in a buffer of the thread's (L1/L2), and
+ * every activation row is dotted with it there: vdpbf16ps multiplies 2 values a lane an instruction, twice an fp32
+ * FMA's, at the int8 dot product's rate on Zen 5, and the weights stream as the packed copy's bytes. Each block's
+ * sums are scaled once, as the fp32 path scales them: the results equal dequantize-then-matmul up to summation order
+ * (vdpbf16ps reads bf16 denormals as zero), each one's order fixed by K alone, whatever rows are beside it. An LM
+ * head's greedy batches need that: a bf16 batch's head past TILE rows was oneDNN's on a copy of the weights rounded
+ * to bf16, whose argmax the exact kernels could not give a burst. */
+#define PAIR_BLOCK_BYTES (64 * 17)   /* a block of a group's pairs: 16 pair vectors, then the rows' scales */
+#define DP_ROWS 8   /* activation rows a tile dots with two groups: 16 sums in flight (vdpbf16ps's latency) */
+
+/* Whether ggml_matmul multiplies bf16 rows past TILE of this format and shape on pairs (MATMUL_BF16_PAIRS): a
+ * build with AVX512-BF16, Q8_0 in whole packed pairs of groups. */
+int ggml_bf16_pairs(int type, int64_t N, int64_t K) {
+#if defined(__AVX512BF16__) && GB == 2
+    return type == Q8_0 && N % (2 * PACK_ROWS) == 0 && K % 32 == 0 && N > 0;
+#else
+    (void)type, (void)N, (void)K;
+    return 0;
+#endif
+}
+
+#if defined(__AVX512BF16__) && GB == 2
+/* the packed Q8_0 group at grp (K / 32 blocks of its rows' fp16 scales, then 8 columns of 4 values a row) as pairs
+ * into out: a column's bytes 0, 1 of each lane are pair 2c, bytes 2, 3 pair 2c + 1; an integer's bf16 is the top half
+ * of its fp32 */
+static void make_pairs(const uint8_t *grp, int64_t blocks, uint8_t *out) {
+    const __m512i top = _mm512_set1_epi32((int)0xFFFF0000);
+    for (int64_t b = 0; b < blocks; b++, grp += PACK_ROWS * 34, out += PAIR_BLOCK_BYTES) {
+        _mm512_store_ps(out + 1024, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)grp)));
+        for (int c = 0; c < 8; c++) {
+            const __m512i v = _mm512_loadu_si512(grp + 32 + 64 * c);
+            __m512i f[4];
+            for (int j = 0; j < 4; j++)   /* byte j of each lane, sign-extended, as fp32 */
+                f[j] = (__m512i)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24));
+            for (int h = 0; h < 2; h++)   /* (ternary 0xF8: a | (b & c)) */
+                _mm512_store_si512(out + 64 * (2 * c + h),
+                                   _mm512_ternarylogic_epi32(_mm512_srli_epi32(f[2 * h], 16), f[2 * h + 1], top, 0xF8));
+        }
+    }
+}
+
+/* rows (<= DP_ROWS) bf16 activation rows x against two groups' pairs (the second `group` bytes after the first) into
+ * t [rows, 32]. The running totals live in t (L1): in registers beside 16 sums they spilled. */
+INLINE void pairs_tile(const uint8_t *grp, int64_t group, int64_t blocks, const uint16_t *x, int64_t ldx,
+                       const int rows, float *t) {
+    for (int i = 0; i < rows * 32; i += 16)
+        _mm512_store_ps(t + i, _mm512_setzero_ps());
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *blk[2] = {grp + b * PAIR_BLOCK_BYTES, grp + group + b * PAIR_BLOCK_BYTES};
+        __m512 sum[DP_ROWS][2];
+        for (int r = 0; r < rows; r++)
+            sum[r][0] = sum[r][1] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+        for (int p = 0; p < 16; p++) {
+            const __m512bh w0 = (__m512bh)_mm512_load_si512(blk[0] + 64 * p);
+            const __m512bh w1 = (__m512bh)_mm512_load_si512(blk[1] + 64 * p);
+            for (int r = 0; r < rows; r++) {
+                int32_t pair;
+                memcpy(&pair, x + r * ldx + 32 * b + 2 * p, 4);
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+                sum[r][0] = _mm512_dpbf16_ps(sum[r][0], w0, xv);
+                sum[r][1] = _mm512_dpbf16_ps(sum[r][1], w1, xv);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m512 d = _mm512_load_ps(blk[h] + 1024);
+            for (int r = 0; r < rows; r++)
+                _mm512_store_ps(t + 32 * r + 16 * h,
+                                _mm512_fmadd_ps(d, sum[r][h], _mm512_load_ps(t + 32 * r + 16 * h)));
+        }
+    }
+}
+
+#define PAIRS_TILE(n) pairs_tile(pairs, group, blocks, x + m * ldx, ldx, n, t)
+
+/* y = W x for bf16 rows x [M, ldx] and Q8_0 W packed: each pair of groups made into pairs once, then dotted with
+ * every row, DP_ROWS at a time. 1: out of memory */
+static int pairs_matmul(const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K, const uint16_t *x,
+                        int64_t ldx, int64_t M, out_rows o, int threads) {
+    const int64_t blocks = K / 32, group = blocks * PAIR_BLOCK_BYTES;
+    uint8_t *buffers = aligned_alloc(64, threads * 2 * group);
+    float *best = NULL;
+    int64_t *at = NULL;
+    if (!buffers || (o.argmax && argmax_begin(threads, M, &best, &at))) {
+        free(buffers), free(best), free(at);
+        return 1;
+    }
+    /* the next pair's packed bytes asked for into L2 a share a tile: the hardware prefetcher alone left the
+     * products waiting on each pair's first tile */
+    const int64_t packed_pair = 2 * PACK_ROWS * row_bytes, tiles = (M + DP_ROWS - 1) / DP_ROWS;
+    const int64_t share = (packed_pair / tiles + 63) / 64 * 64;
+#pragma omp parallel num_threads(threads) firstprivate(o)
+    {
+        uint8_t *pairs = buffers + omp_get_thread_num() * 2 * group;
+        float t[DP_ROWS * 32] __attribute__((aligned(64)));
+        if (o.argmax)
+            o.best = best + omp_get_thread_num() * M, o.at = at + omp_get_thread_num() * M;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n += 2 * PACK_ROWS) {
+            const uint8_t *grp = packed + n * row_bytes;
+            make_pairs(grp, blocks, pairs);
+            make_pairs(grp + PACK_ROWS * row_bytes, blocks, pairs + group);
+            for (int64_t m = 0; m < M; m += DP_ROWS) {
+                for (int64_t l = m / DP_ROWS * share; l < (m / DP_ROWS + 1) * share && l < packed_pair; l += 64)
+                    __builtin_prefetch(grp + packed_pair + l, 0, 2);
+                switch (M - m < DP_ROWS ? M - m : DP_ROWS) {
+                case 8: PAIRS_TILE(8); break;
+                case 7: PAIRS_TILE(7); break;
+                case 6: PAIRS_TILE(6); break;
+                case 5: PAIRS_TILE(5); break;
+                case 4: PAIRS_TILE(4); break;
+                case 3: PAIRS_TILE(3); break;
+                case 2: PAIRS_TILE(2); break;
+                default: PAIRS_TILE(1); break;
+                }
+                const int64_t rows = M - m < DP_ROWS ? M - m : DP_ROWS;
+                if (o.argmax)   /* (a greedy step's head: no logit written) */
+                    argmax_rows(t, rows, o, m, n);
+                else
+                    store_tile(t, 32, rows, 32, o, m, n);
+            }
+        }
+    }
+    if (at)
+        argmax_end(best, at, threads, M, o.y);
+    free(buffers), free(best), free(at);
+    return 0;
+}
+#else
+static int pairs_matmul(const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K, const uint16_t *x,
+                        int64_t ldx, int64_t M, out_rows o, int threads) {
+    (void)packed, (void)row_bytes, (void)N, (void)K, (void)x, (void)ldx, (void)M, (void)o, (void)threads;
+    return 2;
+}
+#endif
 
 int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
                 const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
@@ -2968,6 +3124,10 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
     const int tile_rows = ggml_amx_bf16(type, N, K, !!(flags & MATMUL_INT8));
     if (flags & MATMUL_AMX_BF16 && x_bf16 && packed && tile_rows && M > tile_rows)   /* (N / 2: whole groups) */
         return amx_bf16_matmul(type, packed, row_bytes, N, K, x, ldx, M, o, threads);
+    /* exact bf16 rows past TILE on W's pairs (the int8 path's rows never: they take it below) */
+    if (flags & MATMUL_BF16_PAIRS && x_bf16 && packed && M > TILE && !silu && ggml_bf16_pairs(type, N, K)
+        && !(flags & MATMUL_INT8 && int8_path(type, packed, N, K)))
+        return pairs_matmul(packed, row_bytes, N, K, x, ldx, M, o, threads);
     if (argmax)
         return matmul_then_argmax(type, w, packed, row_bytes, N, K, x, ldx, M, o, threads, flags);
     if (silu)   /* elsewhere gate | up first, as the separate call writes it */

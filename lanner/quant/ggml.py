@@ -66,8 +66,10 @@ SMALL_M, SMALL_M_WITHOUT_DENSE, INT8_GEMM_ROWS, ALL_ROWS = 4, 16, 64, 1 << 62
 EXACT_PACKED_ROWS = {(torch.float32, "Q8_0"): 64, (torch.float32, "Q4_0"): 32, (torch.float32, "Q4_1"): 32}
 # ggml_matmul's flags (matmul.h): int8 activations; bf16 rows in and out (results in fp32 plus the bias, then
 # rounded once, as y.to(bfloat16) rounds); bf16 steps on AMX tiles; silu(gate) * up of a gate | up linear; each
-# row's argmax of the results (a greedy step's tokens: on the tiles no logit is written)
+# row's argmax of the results (a greedy step's tokens: on the tiles no logit is written); exact bf16 rows past
+# SMALL_M on bf16 pairs of the weights' integers (ggml_bf16_pairs)
 MATMUL_INT8, MATMUL_BF16_IO, MATMUL_AMX_BF16, MATMUL_SILU_MUL, MATMUL_ARGMAX = 1, 2 | 4, 8, 16, 32
+MATMUL_BF16_PAIRS = 64
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 # rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
 FEW_ROWS = 16
@@ -92,6 +94,8 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ggml_argmax.restype = ctypes.c_int
     lib.ggml_amx_bf16.argtypes = [i, i64, i64, i]
     lib.ggml_amx_bf16.restype = ctypes.c_int
+    lib.ggml_bf16_pairs.argtypes = [i, i64, i64]
+    lib.ggml_bf16_pairs.restype = ctypes.c_int
     lib.ggml_set_iq_grids.argtypes = [p] * 6
     grids = iq_grids()
     lib.ggml_set_iq_grids(*[g.ctypes.data for g in grids])   # (which copies them)
@@ -268,9 +272,10 @@ class GGMLRows:
         return torch.cat([p.dequantize(dtype) for p in self.parts])
 
 
-def ggml_linear(weight: GGMLTensor | GGMLRows, bias: torch.Tensor | None = None, int8: bool = True):
+def ggml_linear(weight: GGMLTensor | GGMLRows, bias: torch.Tensor | None = None, int8: bool = True,
+                bf16: bool = False):
     """The linear that multiplies with weight: a GGMLLinear, or for parts (GGMLRows) a GGMLParts."""
-    return (GGMLParts if isinstance(weight, GGMLRows) else GGMLLinear)(weight, bias, int8=int8)
+    return (GGMLParts if isinstance(weight, GGMLRows) else GGMLLinear)(weight, bias, int8=int8, bf16=bf16)
 
 
 class GGMLLinear:
@@ -278,11 +283,12 @@ class GGMLLinear:
     mode = "ggml"
 
     def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None,
-                 int8: bool = True, dense_dtype: torch.dtype | None = None):
+                 int8: bool = True, dense_dtype: torch.dtype | None = None, bf16: bool = False):
         """dense: the same weight in oneDNN's packed layout, for the large-batch path (else dequantized per call,
         or the int8 GEMM); dense_dtype: make that copy, in this dtype, at the first step that takes it (start-up
         and memory pay only where big steps run); int8: whether it may run on int8 activations (never with
-        LANNER_EXACT_LINEARS=1)."""
+        LANNER_EXACT_LINEARS=1); bf16: its rows will be bf16 (a bf16 model's), so that an exact linear's rows past
+        SMALL_M multiply bf16 pairs of its integers where this build makes them (ggml_bf16_pairs)."""
         self.weight, self.bias, self.dense = weight, None if bias is None else bias.detach(), dense
         self.bias_fp32 = None if bias is None else self.bias.float().contiguous()   # what the kernel adds
         self.dense_dtype = dense_dtype
@@ -290,12 +296,15 @@ class GGMLLinear:
         self.chunk_rows = max(64, DEQUANT_CHUNK_ELEMENTS // self.in_features)
         self.lib = kernels()   # resolved once: the ISA level in force when the model was loaded
         self.int8 = int8 and int8_activations()
-        self.packed = self._pack() if self.lib is not None else None
         # bf16 steps of more than amx_rows rows on AMX tiles (where this build and the CPU have them): the weights
         # rounded to bf16, fp32 sums -- a dense bf16 copy's numerics, so the exact path's steps past 4 rows take them
         # too (and no copy is made for them). (The rows of calls as this linear makes them: int8 or exact.)
-        tiles = self.packed is not None
-        self.amx_rows = self.lib.ggml_amx_bf16(weight.type_id, *weight.shape, self.int8) if tiles else 0
+        tiles = self.lib is not None and self.lib.ggml_amx_bf16(weight.type_id, *weight.shape, self.int8)
+        self.packed = self._pack() if self.lib is not None else None
+        self.amx_rows = tiles if self.packed is not None else 0
+        # elsewhere an exact linear's bf16 rows past SMALL_M on bf16 pairs: exact at the int8 path's speed
+        pairs = bf16 and not self.int8 and not tiles and self.packed is not None
+        self.pairs = bool(pairs and self.lib.ggml_bf16_pairs(weight.type_id, *weight.shape))
         self._row_norms = None
 
     @property
@@ -311,7 +320,8 @@ class GGMLLinear:
     @property
     def flags(self) -> int:
         """The ggml_matmul flags its calls may take (the dtypes' aside)."""
-        return (MATMUL_INT8 if self.int8 else 0) | (MATMUL_AMX_BF16 if self.amx_bf16 else 0)
+        return ((MATMUL_INT8 if self.int8 else 0) | (MATMUL_AMX_BF16 if self.amx_bf16 else 0)
+                | (MATMUL_BF16_PAIRS if self.pairs else 0))
 
     @property
     def int8_packed(self) -> bool:
@@ -325,6 +335,8 @@ class GGMLLinear:
     def kernel_rows(self, dtype: torch.dtype) -> int:
         """The most activation rows of dtype a call multiplies on the kernel rather than on the dense copy (or,
         without either, on rows dequantized per call)."""
+        if dtype == torch.bfloat16 and self.pairs:
+            return ALL_ROWS
         if self.dense is not None or self.dense_dtype is not None:
             if self.int8_packed:
                 return INT8_GEMM_ROWS
@@ -338,6 +350,10 @@ class GGMLLinear:
     def on_tiles(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether a call of this many rows of dtype multiplies on the AMX tiles."""
         return self.amx_bf16 and dtype == torch.bfloat16 and rows > self.amx_rows
+
+    def on_pairs(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether an exact call of this many rows of dtype multiplies the bf16 pairs (ggml.c: past TILE rows)."""
+        return self.pairs and dtype == torch.bfloat16 and rows > SMALL_M
 
     def takes(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether a call of this many rows of dtype runs on the kernel (small) rather than a dense copy (large)."""
@@ -375,7 +391,7 @@ class GGMLLinear:
         y = torch.empty(m, dtype=torch.int64) if argmax else torch.empty(m, width, dtype=xk.dtype)
         packed = self.packed_ptr() if lib is self.lib else None
         own = self.flags if lib is self.lib else 0
-        flags = ((MATMUL_INT8 | own) if int8 else (own & MATMUL_AMX_BF16 if tiles else 0))
+        flags = ((MATMUL_INT8 | own) if int8 else (own & MATMUL_AMX_BF16 if tiles else 0) | (own & MATMUL_BF16_PAIRS))
         flags |= (MATMUL_BF16_IO if xk.dtype == torch.bfloat16 else 0) | (MATMUL_SILU_MUL if silu else 0)
         flags |= MATMUL_ARGMAX if argmax else 0
         bias = None if self.bias_fp32 is None else self.bias_fp32.data_ptr()
@@ -466,12 +482,12 @@ class GGMLParts:
     matmul_parts). A gate | up of parts runs its silu apart (no silu_mul: Linear.silu_mul gives None)."""
     mode = "ggml"
 
-    def __init__(self, weight: GGMLRows, bias: torch.Tensor | None = None, int8: bool = True):
+    def __init__(self, weight: GGMLRows, bias: torch.Tensor | None = None, int8: bool = True, bf16: bool = False):
         self.weight, self.bias = weight, None if bias is None else bias.detach()
         self.out_features, self.in_features = weight.shape
         ends = np.cumsum([p.shape[0] for p in weight.parts]).tolist()
-        self.parts = [GGMLLinear(p, None if bias is None else self.bias[end - p.shape[0]:end], int8=int8)
-                      for p, end in zip(weight.parts, ends)]
+        self.parts = [GGMLLinear(p, None if bias is None else self.bias[end - p.shape[0]:end], int8=int8,
+                                  bf16=bf16) for p, end in zip(weight.parts, ends)]
         self.lib = self.parts[0].lib
 
     def kernel_rows(self, dtype: torch.dtype) -> int:

@@ -14,6 +14,8 @@
                              * ops round (gate and up to y's dtype, then silu to it); no bias */
 #define MATMUL_ARGMAX 32    /* y is int64 [M]: each row's argmax (numpy's: the first largest, a NaN counting as
                              * largest) of the results as y would hold them (MATMUL_Y_BF16: rounded to bf16) */
+#define MATMUL_BF16_PAIRS 64   /* bf16 x past 4 rows on the exact path: as bf16 pairs of the weights' integers, where
+                               * ggml_bf16_pairs takes them */
 
 /* type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, bias, threads, flags */
 typedef int (*matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
