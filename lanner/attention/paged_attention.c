@@ -475,15 +475,21 @@ INLINE int row_of(int i, int head, int group, int Hq) {
     return i / group * Hq + head * group + i % group;
 }
 
-#if HAVE_DPBF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-/* ---- a prompt on AMX tiles ------------------------------------------------------------------------------------- *
- * A bf16 prompt's piece, KV head by KV head, 16 rows at a time through every wide chunk they see: the scores as
- * TDPBF16PS of the rows' bf16 queries (A tiles: 32 dims of 16 rows) with the turned keys (B tiles: kt's dim pairs of 16
- * keys, as the unit wants them), the 16 rows' online-softmax steps together (group_softmax), then P V as TDPBF16PS of
- * the weights in bf16 (A tiles: 32 keys of 16 rows) with the chunk's V rows interleaved by key pairs (B tiles:
- * accumulate_bf16's pair order, which pair_order_to_dims undoes at the end). The same products, exact, in fp32 sums
- * of another order. */
+#if HAVE_DPBF16 && defined(__AVX512F__)
+/* ---- a bf16 prompt in groups of 16 rows -------------------------------------------------------------------------- *
+ * A bf16 prompt's piece, KV head by KV head, 16 rows at a time through every wide chunk they see: the scores of the
+ * rows' bf16 queries with the turned keys, the 16 rows' online-softmax steps together (group_softmax), then P V of
+ * the weights in bf16 with the chunk's V rows interleaved by key pairs (accumulate_bf16's pair order, which
+ * pair_order_to_dims undoes at the end). On AMX the products are TDPBF16PS (A tiles: 32 dims, or 32 keys, of 16 rows;
+ * B tiles: kt's dim pairs of 16 keys, the V pairs), elsewhere VDPBF16PS, 4 rows at a time. The same products, exact,
+ * in fp32 sums of another order. (Without AMX the order of attend_split_d -- chunks outermost, a row's softmax step at
+ * a time, the V pairs interleaved again for every 4 rows -- took 1.4x as long on 8 prompts of 256 tokens, Zen 5.) */
+#define GROUP_ATTENTION 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define AMX_ATTENTION 1
+#else
+#define AMX_ATTENTION 0
+#endif
 
 /* The chunk's V rows of one head as B tiles: for 32 keys (a K step) and 16 of accumulate_bf16's pair-ordered dims,
  * tile row r holds keys 2r and 2r + 1 of each dim; tile (step, group) at vt + (step * D / 16 + group) * 512. */
@@ -513,6 +519,7 @@ INLINE int group_rows(const Problem *p, int i0, int per_head, int head, int grou
     return rows;
 }
 
+#if AMX_ATTENTION
 /* A group's scores against the chunk's turned keys: 16 rows x 64 keys (C 0-3) into sc */
 INLINE void tile_group_scores(const uint16_t *qa, const uint32_t *kt, float *sc, const int D) {
     _tile_zero(0);
@@ -561,6 +568,41 @@ INLINE void tile_group_pv(const uint16_t *pa, const uint16_t *vt, float *ob, con
         _tile_stored(3, ob + 16 * (g0 + 3), 4 * D);
     }
 }
+#endif
+
+/* tile_group_scores on VDPBF16PS: 4 rows at a time (tile_scores). Not inlined: inside attend_groups GCC reloaded
+ * the keys for every row (a load a product: 1.4x slower) */
+__attribute__((noinline)) static void dp_group_scores(const uint16_t *qa, const uint32_t *kt, float *sc, const int D) {
+    for (int i0 = 0; i0 < 16; i0 += ROWS) {
+        const uint16_t *q[ROWS];
+        for (int i = 0; i < ROWS; i++) q[i] = qa + (i0 + i) * D;
+        tile_scores(kt, q, (v16 (*)[WIDE_CHUNK / 16])(sc + i0 * WIDE_CHUNK), ROWS, D);
+    }
+}
+
+/* tile_group_pv on VDPBF16PS: 4 rows x 64 dims of accumulators in registers at a time, a key pair's weights
+ * broadcast to the V tiles' rows */
+__attribute__((noinline)) static void dp_group_pv(const uint16_t *pa, const uint16_t *vt, float *ob, const int D) {
+    for (int g0 = 0; g0 < D / 16; g0 += 4)
+        for (int i0 = 0; i0 < 16; i0 += ROWS) {
+            __m512 a[ROWS][4];
+            for (int i = 0; i < ROWS; i++)
+                for (int g = 0; g < 4; g++) a[i][g] = _mm512_load_ps(ob + (i0 + i) * D + 16 * (g0 + g));
+            for (int k = 0; k < WIDE_CHUNK / 2; k++) {   /* keys 2k, 2k + 1 */
+                const uint16_t *b = vt + ((int64_t)(k / 16) * (D / 16) + g0) * 512 + (k % 16) * 32;
+                __m512bh v[4];
+                for (int g = 0; g < 4; g++) v[g] = (__m512bh)_mm512_load_si512(b + 512 * g);
+                for (int i = 0; i < ROWS; i++) {
+                    int32_t pair;
+                    memcpy(&pair, pa + (i0 + i) * WIDE_CHUNK + 2 * k, 4);
+                    const __m512bh weight = (__m512bh)_mm512_set1_epi32(pair);
+                    for (int g = 0; g < 4; g++) a[i][g] = _mm512_dpbf16_ps(a[i][g], v[g], weight);
+                }
+            }
+            for (int i = 0; i < ROWS; i++)
+                for (int g = 0; g < 4; g++) _mm512_store_ps(ob + (i0 + i) * D + 16 * (g0 + g), a[i][g]);
+        }
+}
 
 /* The online-softmax steps of a group's rows at once (scores sc [16, WIDE_CHUNK], rows of them real; their token
  * t = (i0 + i) / group): each row's scores masked as row_step masks them, then the rows' maxima, old and new maxima,
@@ -601,12 +643,14 @@ INLINE void group_softmax(const Problem *p, float *sc, int rows, const int *rs, 
     for (int i = 0; i < rows; i++) m[rs[i]] = new_m[i], l[rs[i]] = new_l[i];
 }
 
-/* Keys [k0, k1) of sequence seq for all its rows on the tiles, in FlashAttention's order: a KV head's keys are turned
+/* Keys [k0, k1) of sequence seq for all its rows in groups (on the tiles where `tiles`), in FlashAttention's order:
+ * a KV head's keys are turned
  * and its V rows made B tiles once (kt, vt: a chunk's after another), then each group of 16 rows goes through the
  * chunks it sees with its accumulators in L1 (ob), written to acc once at the end. Chunks outermost instead (every
  * row's accumulator read and written once a chunk, a 2,048-token prompt's 4.7 MB of them from L3) took 1.75x as long.
  * acc, m, l: as attend_split_d's, set up by it. Returns 1 (nothing done) where kt and vt could not be allocated. */
-static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, float *m, float *l, const int D) {
+static int attend_groups(const Problem *p, int seq, int k0, int k1, float *acc, float *m, float *l, const int D,
+                         const int tiles) {
     const int Hq = p->num_heads, group = Hq / p->num_kv_heads;
     const int q0 = p->cu_seqlens_q[seq], q_len = p->cu_seqlens_q[seq + 1] - q0;
     const int ctx_len = p->seq_lens[seq] - q_len, per_head = q_len * group;
@@ -623,7 +667,13 @@ static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, f
     float sc[16 * WIDE_CHUNK] __attribute__((aligned(64))), ob[16 * D] __attribute__((aligned(64)));
     /* rows are token-major: those of tokens before k0 - ctx_len see none of these keys */
     const int first_row = k0 - ctx_len > 0 ? (k0 - ctx_len) * group : 0;
-    amx_configure();
+    /* the products on AMX tiles where granted, else VDPBF16PS */
+    void (*scores)(const uint16_t *, const uint32_t *, float *, int) = dp_group_scores;
+    void (*pv)(const uint16_t *, const uint16_t *, float *, int) = dp_group_pv;
+#if AMX_ATTENTION
+    if (tiles)
+        scores = tile_group_scores, pv = tile_group_pv, amx_configure();
+#endif
     for (int head = 0; head < p->num_kv_heads; head++) {
         for (int c = 0; c < chunks; c++) {   /* block by block: the hardware's prefetchers see these reads */
             const int c0 = k0 + c * WIDE_CHUNK, n = k1 - c0 < WIDE_CHUNK ? k1 - c0 : WIDE_CHUNK;
@@ -642,23 +692,28 @@ static int attend_tiles(const Problem *p, int seq, int k0, int k1, float *acc, f
             memset(ob, 0, sizeof ob);
             for (int c = start > 0 ? start / WIDE_CHUNK : 0; c * WIDE_CHUNK < visible; c++) {
                 float alpha[16];
-                tile_group_scores(qa, kt + c * kt_chunk, sc, D);
+                scores(qa, kt + c * kt_chunk, sc, D);
                 group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, k0 + c * WIDE_CHUNK, k1, m, l, pa, alpha);
                 for (int i = 0; i < rows; i++)   /* the accumulators scaled */
                     for (int d = 0; d < D; d += 16)
                         _mm512_store_ps(ob + i * D + d, _mm512_mul_ps(_mm512_load_ps(ob + i * D + d),
                                                                       _mm512_set1_ps(alpha[i])));
-                tile_group_pv(pa, vt + c * vt_chunk, ob, D);
+                pv(pa, vt + c * vt_chunk, ob, D);
             }
             for (int i = 0; i < rows; i++)
                 memcpy(acc + (int64_t)rs[i] * D, ob + i * D, 4 * D);
         }
     }
-    _tile_release();   /* the tiles' state back to init: a context switch need not save it */
+#if AMX_ATTENTION
+    if (tiles)
+        _tile_release();   /* the tiles' state back to init: a context switch need not save it */
+#endif
     free(kt), free(vt);
+    (void)tiles;
     return 0;
 }
 #else
+#define GROUP_ATTENTION 0
 #define AMX_ATTENTION 0
 #endif
 
@@ -680,10 +735,11 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(acc, 0, sizeof(float) * R * D);
-#if AMX_ATTENTION
-    /* a bf16 prompt on AMX tiles (D a whole number of 64-dim C passes); where its buffers cannot be had, the vector
-     * path below */
-    if (turned && direct && D % 64 == 0 && tiles_granted() && attend_tiles(p, seq, k0, k1, acc, m, l, D) == 0) {
+#if GROUP_ATTENTION
+    /* a bf16 prompt in groups of 16 rows (D a whole number of 64-dim passes), on AMX tiles where granted; where its
+     * buffers cannot be had, the path below */
+    if (turned && direct && D % 64 == 0
+        && attend_groups(p, seq, k0, k1, acc, m, l, D, AMX_ATTENTION && tiles_granted()) == 0) {
         for (int r = 0; r < R; r++) pair_order_to_dims(acc + (int64_t)r * D, D);
         return;
     }
