@@ -2993,8 +2993,8 @@ static int pairs_matmul(const uint8_t *packed, int64_t row_bytes, int64_t N, int
         free(buffers), free(best), free(at);
         return 1;
     }
-    /* the next pair's packed bytes asked for into L2 a share a tile: the hardware prefetcher alone left the
-     * products waiting on each pair's first tile */
+    /* the next pair's packed bytes asked for a share a tile: the hardware prefetcher alone left the products waiting
+     * on each pair's first tile (the default model's head 1.2x at 8-64 rows; into L1, not L2: 1.18x more at 8) */
     const int64_t packed_pair = 2 * PACK_ROWS * row_bytes, tiles = (M + DP_ROWS - 1) / DP_ROWS;
     const int64_t share = (packed_pair / tiles + 63) / 64 * 64;
 #pragma omp parallel num_threads(threads) firstprivate(o)
@@ -3010,7 +3010,7 @@ static int pairs_matmul(const uint8_t *packed, int64_t row_bytes, int64_t N, int
             make_pairs(grp + PACK_ROWS * row_bytes, blocks, pairs + group);
             for (int64_t m = 0; m < M; m += DP_ROWS) {
                 for (int64_t l = m / DP_ROWS * share; l < (m / DP_ROWS + 1) * share && l < packed_pair; l += 64)
-                    __builtin_prefetch(grp + packed_pair + l, 0, 2);
+                    __builtin_prefetch(grp + packed_pair + l, 0, 3);
                 switch (M - m < DP_ROWS ? M - m : DP_ROWS) {
                 case 8: PAIRS_TILE(8); break;
                 case 7: PAIRS_TILE(7); break;
