@@ -7,9 +7,9 @@
  * first read through in address order; then, KV head by KV head, the rows that read that head (GQA group times
  * new tokens) go ROWS at a time, each row also prefetching a few lines of the next chunk: 16 scores per
  * shuffle-tree reduction, one online-softmax step per row, and P @ V with the rows' accumulators in registers,
- * so each K and V row is fetched once for all of them (a bf16 prompt on a CPU with AMX: on the tiles, 16 rows at a
- * time through all the chunks they see, attend_tiles). Pieces run in parallel and are merged by their log-sum-exp,
- * so one long sequence still keeps every core busy (Flash-Decoding).
+ * so each K and V row is fetched once for all of them (a bf16 prompt on a CPU with AVX512-BF16: 16 rows at a time
+ * through all the chunks they see, attend_groups, on AMX tiles where it has them). Pieces run in parallel and are
+ * merged by their log-sum-exp, so one long sequence still keeps every core busy (Flash-Decoding).
  *
  * Layouts: q [T, Hq, D] fp32, or NULL where the scores take the bf16 query alone (query_in_bf16), and q_bf16 the
  * same in bf16 with a bf16 cache (else NULL); caches [num_blocks, block_size, Hkv, D] of element type kv_type (fp32,
@@ -718,7 +718,7 @@ static int attend_groups(const Problem *p, int seq, int k0, int k1, float *acc, 
 #endif
 
 /* One work item: keys [k0, k1) of sequence seq for all its rows; acc [R, D] unnormalized, m/l the
- * running max and normalizer per row. A bf16 prompt on AMX goes to attend_tiles; otherwise a chunk is done KV head by
+ * running max and normalizer per row. A bf16 prompt with AVX512-BF16 goes to attend_groups; otherwise a chunk is done KV head by
  * KV head, the rows reading that head (its query heads times the new tokens) ROWS at a time, and while the last chunk
  * is read, the first of the run's next item (after) is prefetched: a batch's decode sequences are a few chunks each,
  * and with no prefetch across them every sequence's first chunk came from memory cold. */
