@@ -373,6 +373,24 @@ def test_exact_bf16_rows_past_4_take_bf16_pairs_of_the_integers():
     assert torch.equal(fp32_results(lin, x[:4], pairs), fp32_results(lin, x[:4], 2))   # 4 rows: the exact kernel
 
 
+def test_a_bf16_heads_pairs_replace_its_dense_copy_unless_one_is_asked_for():
+    """Linear.pack of a bf16 model's exact Q8_0 linear: the pairs take its big steps and no dense copy is kept;
+    dense_gemm=True keeps the copy, which then takes them (as it leaves the AMX tiles out)."""
+    from lanner.model.layers import Linear
+    packed = {}
+    with mock.patch.dict(os.environ, {"LANNER_ISA": "", "LANNER_EXACT_LINEARS": "0"}):   # the native build
+        for dense_gemm in (None, True):
+            lin = Linear(1056, 96, bias=False, device="meta", dtype=torch.bfloat16)
+            lin.ggml = random_weight("Q8_0", 96, 1056, seed=5)
+            lin.pack(dense_gemm=dense_gemm, int8=False)
+            packed[dense_gemm] = lin.quantized
+    if not packed[None].pairs:
+        pytest.skip("this build or CPU has no AVX512-BF16 (or takes the AMX tiles)")
+    assert packed[None].dense_dtype is None and packed[None].takes(64, torch.bfloat16)
+    assert not packed[True].pairs and packed[True].dense_dtype == torch.bfloat16
+    assert not packed[True].takes(64, torch.bfloat16)   # the copy's
+
+
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("nan_rows", [(), (80,), (40, 80)])
 def test_argmax_on_the_tiles_over_chunks_and_threads_with_nan_weights(type_name, nan_rows):

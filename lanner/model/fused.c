@@ -197,7 +197,7 @@ typedef struct {
 } LoRAStack;
 
 typedef struct GGMLLinear {
-    int type, flags;   /* the matmul flags it may take: MATMUL_INT8, MATMUL_AMX_BF16 */
+    int type, flags;   /* the matmul flags it may take: MATMUL_INT8, MATMUL_AMX_BF16, MATMUL_BF16_PAIRS */
     const uint8_t *w, *packed;   /* packed: the int8 kernel's layout of w, or NULL */
     int64_t row_bytes, n, k;     /* n: the linear's outputs, all its parts' */
     const float *bias;   /* fp32 or NULL */

@@ -84,8 +84,8 @@ class Linear(nn.Linear):
         if dense_gemm is None:   # AMX's bf16 tiles beat the int8 GEMM past INT8_GEMM_ROWS (ggml.py)
             dense_gemm = q.weight.type_name not in COMPACT_FORMATS and (
                 not q.int8_packed or (self.weight.dtype == torch.bfloat16 and not q.amx_bf16 and onednn_amx_bf16()))
-        elif dense_gemm:   # a copy asked for takes the big steps, not the tiles
-            q.amx_rows = 0
+        elif dense_gemm:   # a copy asked for takes the big steps, not the tiles or bf16 pairs
+            q.amx_rows, q.pairs = 0, False
         # no copy where oneDNN would not run it: the kernel then takes more rows from the start, so a
         # decode step's row limit (fixed when it is built) is the same before and after the first big step
         q.dense_dtype = self.weight.dtype if dense_gemm and onednn_runs(self.weight.dtype) else None

@@ -9,9 +9,10 @@ steps of more than 16 rows of the packed formats (Q4_0 .. Q8_0, Q4_K / Q5_K / Q6
 (the packed blocks dequantized into bf16 tiles: the numerics of a dense bf16 copy, docs/quantization.md "AMX"). With
 LANNER_EXACT_LINEARS=1 activations stay fp32 (exact: dequantize-then-matmul up to summation order) up to
 SMALL_M rows, and larger steps run oneDNN's GEMM on a dense copy made at the first such step (bf16 steps on a CPU
-with AMX: the tiles instead, the same numerics, and no copy), as do formats without an int8 path (and any weight given
-dense_gemm_weights=True, the tiles then left out); without one, chunks of rows are dequantized into a scratch
-buffer per call. The LM head (exact) takes the same routes.
+with AMX: the tiles instead, the same numerics, and no copy; without AMX, with AVX512-BF16, a Q8_0 weight's: bf16
+pairs of its integers, exact, and no copy), as do formats without an int8 path (and any weight given
+dense_gemm_weights=True, the tiles and pairs then left out); without one, chunks of rows are dequantized into a
+scratch buffer per call. The LM head (exact) takes the same routes.
 HF models are quantized into the same formats at load with `quantization=` (q8_0, q4_0, q4_1, q5_0, q5_1), or kept
 as BF16 rows (bf16).
 """
