@@ -3016,7 +3016,8 @@ static int pairs_matmul(const uint8_t *packed, int64_t row_bytes, int64_t N, int
             for (int64_t m = 0; m < M; m += DP_ROWS) {
                 for (int64_t l = m / DP_ROWS * share; l < (m / DP_ROWS + 1) * share && l < packed_pair; l += 64)
                     __builtin_prefetch(grp + packed_pair + l, 0, 3);
-                switch (M - m < DP_ROWS ? M - m : DP_ROWS) {
+                const int64_t rows = M - m < DP_ROWS ? M - m : DP_ROWS;
+                switch (rows) {
                 case 8: PAIRS_TILE(8); break;
                 case 7: PAIRS_TILE(7); break;
                 case 6: PAIRS_TILE(6); break;
@@ -3026,7 +3027,6 @@ static int pairs_matmul(const uint8_t *packed, int64_t row_bytes, int64_t N, int
                 case 2: PAIRS_TILE(2); break;
                 default: PAIRS_TILE(1); break;
                 }
-                const int64_t rows = M - m < DP_ROWS ? M - m : DP_ROWS;
                 if (o.argmax)   /* (a greedy step's head: no logit written) */
                     argmax_rows(t, rows, o, m, n);
                 else
