@@ -1255,7 +1255,8 @@ static void qmatmul_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t 
 #define SIDE 2
 /* GEMMs of this many rows or more take SIDE groups a tile (qmatmul). 128 until session 49, when on Zen 5 the 120 layer
  * linears of the default model in a row (weights from memory) ran 1.08-1.21x faster on pairs of groups from 20-64 rows
- * (avx512 without VNNI 1.06-1.16x, avx2-vnni 1.05-1.09x, avx2 1.07-1.10x from 24), even at 12, 0.97x at 16 */
+ * (avx512 without VNNI 1.06-1.16x, avx2-vnni 1.05-1.09x, avx2 1.07-1.10x from 24), even at 12, 0.97x at 16; on Zen 4
+ * (session 50) 1.0-1.05x at 24-64 rows, even at 12-20 */
 #define PAIR_ROWS 24
 #if defined(__AVX2__)
 #define PACKED_PATH 1
