@@ -280,7 +280,7 @@ def test_bf16_rows_past_16_on_amx_tiles_equal_bf16_weights_times_them(type_name,
     assert torch.equal(lin.small(x[:16], lin.lib, int8=True), plain.small(x[:16], plain.lib, int8=True))
 
 
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q6_K", "Q4_K"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("int8", [True, False])
 # 1-16 rows on the int8 kernel (without it, past 4 bf16 rows the tiles: 5 rows one A tile alone), the exact one up to
@@ -289,8 +289,9 @@ def test_bf16_rows_past_16_on_amx_tiles_equal_bf16_weights_times_them(type_name,
 @pytest.mark.parametrize("m", [1, 5, 17, 47, 300])
 @pytest.mark.parametrize("rows", [96, 72])   # gate and up of 48 rows (the tiles' pairs), of 36 (rows past the groups)
 def test_silu_mul_in_the_matmul_equals_the_two_calls_on_every_level(level, type_name, dtype, int8, m, rows):
-    """MATMUL_SILU_MUL (a gate | up linear's silu(gate) * up from one call; on the tiles gate | up is never written)
-    is bitwise the matmul then fused.silu_mul, on every path and level; with a bias it is refused."""
+    """MATMUL_SILU_MUL (a gate | up linear's silu(gate) * up from one call; on the AMX tiles and, in whole groups, the
+    int8 GEMM's tiles (a gate group beside its up group: one tile from PAIR_ROWS rows, two below) gate | up is never
+    written) is bitwise the matmul then fused.silu_mul, on every path and level; with a bias it is refused."""
     from lanner.model import fused
     cols = 512 if BLOCKS[type_name][1] == 256 else 192
     lin = GGMLLinear(random_weight(type_name, rows, cols, seed=m), None, None, int8)
