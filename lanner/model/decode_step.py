@@ -174,8 +174,9 @@ class DecodeStep:
         """Up to `steps` decode steps of rows x [T, H] (embeddings of each sequence's last token, at positions),
         each row's token fed back as its next one, in one C call: the tokens of each step run, [T] per step, those
         the steps one by one would sample (a greedy batch's from ggml_argmax, which finds the exact head's argmax
-        without computing all of it; where the head runs on the AMX tiles or bf16 pairs or has a bias, the argmax of
-        the logits a step takes: MATMUL_ARGMAX, on the tiles and pairs none written). Stops
+        without computing all of it, recomputing its few candidates as a step computes them, on bf16 pairs where a
+        step takes those; where the head runs on the AMX tiles or has a bias, the argmax of the logits a step takes:
+        MATMUL_ARGMAX, on the tiles none written). Stops
         after a step where a row gave one of stops. The KV slots of every step must be allocated (meta's block tables
         hold them). sampling: where a row samples or has penalties, the rows'
         fused.sampling_arrays, uniform numbers [steps, T] and (with penalties) their fused.penalty_arrays and each
@@ -189,10 +190,9 @@ class DecodeStep:
         tokens = torch.empty(steps, x.shape[0], dtype=torch.int64)
         step.head, step.logits = self.head_args, logits.data_ptr()
         rows, dtype = x.shape[0], x.dtype
-        if sampling is None and self.head.bias is None and not (self.head.on_tiles(rows, dtype)
-                                                                 or self.head.on_pairs(rows, dtype)):
-            # the int8 head's tokens, the exact one recomputing the groups that could win (on the tiles or pairs,
-            # the argmax of the logits a step there takes)
+        if sampling is None and self.head.bias is None and not self.head.on_tiles(rows, dtype):
+            # the int8 head's tokens, the exact one (its pairs' where a step takes them) recomputing the groups that
+            # could win (on the tiles, the argmax of the logits a step there takes)
             step.argmax, step.head_norms = self.argmax, self.head.row_norms().data_ptr()
         embed = self.model.embed_tokens.ggml
         positions, stops = positions.to(torch.int64).contiguous(), torch.tensor(stops, dtype=torch.int64)

@@ -884,7 +884,8 @@ int decode_burst(const DecodeStep *s, const DecoderLayer *layers, int num_layers
             const GGMLLinear *h = &s->head;
             if (!failed)
                 TIMED(PART_HEAD, failed = s->argmax(h->type, h->w, h->packed, h->row_bytes, h->n, h->k, out, h->k, T,
-                                                    s->bf16, s->head_norms, s->bf16, s->logits, s->threads, tokens));
+                                                    matmul_flags(s, h, 1), s->head_norms, s->bf16, s->logits,
+                                                    s->threads, tokens));
         } else if (b->temps) {   /* rows that sample or have penalties: every row's logits */
             const int64_t V = s->head.n;
             failed |= decode_layers(&step, layers, num_layers, x, residual, out);

@@ -3064,6 +3064,28 @@ int ggml_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
                 const void *x, int64_t ldx, int64_t M, void *y, int64_t ldy, const float *bias, int threads,
                 int flags);
 
+/* t [rows, PACK_ROWS] = packed Q8_0 group g's rows against bf16 rows x [rows, ldx] (rows <= TILE) as pairs_matmul
+ * computes them (bitwise: each lane's sums its own), for ggml_argmax's candidates: the pair of groups holding g made
+ * into pairs (2 * K / 32 * PAIR_BLOCK_BYTES) unless it is the one made last (*made_at) */
+static void pairs_group(const uint8_t *packed, int64_t row_bytes, int64_t K, int64_t g, const uint16_t *x, int64_t ldx,
+                        int rows, uint8_t *pairs, int64_t *made_at, float *t) {
+#if defined(__AVX512BF16__) && GB == 2
+    const int64_t blocks = K / 32, group = blocks * PAIR_BLOCK_BYTES, first = g / 2 * 2;
+    float both[DP_ROWS * 32] __attribute__((aligned(64)));
+    if (*made_at != first) {
+        make_pairs(packed + first * PACK_ROWS * row_bytes, blocks, pairs);
+        make_pairs(packed + (first + 1) * PACK_ROWS * row_bytes, blocks, pairs + group);
+        *made_at = first;
+    }
+    pairs_tile(pairs, group, blocks, x, ldx, rows, both);
+    for (int r = 0; r < rows; r++)
+        memcpy(t + r * PACK_ROWS, both + 32 * r + 16 * (g - first), 16 * sizeof(float));
+#else
+    (void)packed, (void)row_bytes, (void)K, (void)g, (void)x, (void)ldx, (void)rows, (void)pairs, (void)made_at,
+        (void)t;
+#endif
+}
+
 /* whether ggml_matmul's int8 path takes a call's weights (MATMUL_INT8 and rows given): a format with the path, on
  * whole vectors of blocks or whole packed groups (the K-quants: packed only) */
 static int int8_path(int type, const uint8_t *packed, int64_t N, int64_t K) {
@@ -3237,9 +3259,11 @@ static float candidate_threshold(const float *y, const float *norms, int64_t N, 
 /* the tokens of the tile of activation rows m0.. (rows of them) from their int8 results approx: the exact values of
  * every group holding a candidate of any of them, computed once for the tile as the exact path computes it */
 static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
-                              const float *x, int64_t ldx, const float *xsum, int64_t m0, int rows,
-                              const float *approx, const float *norms, int round_bf16, int64_t *tokens) {
+                              const float *x, int64_t ldx, const float *xsum, const uint16_t *xb, int64_t ldxb,
+                              uint8_t *pairs, int64_t m0, int rows, const float *approx, const float *norms,
+                              int round_bf16, int64_t *tokens) {
     float E[TILE], threshold[TILE], best[TILE], tile[TILE * PACK_ROWS];
+    int64_t made_at = -1;   /* (xb: the first group of the pair last made into pairs) */
     for (int r = 0; r < rows; r++) {
         E[r] = error_scale(x + (m0 + r) * ldx, K, int8_zero(type));
         threshold[r] = candidate_threshold(approx + (m0 + r) * N, norms, N, E[r], round_bf16);
@@ -3262,8 +3286,11 @@ static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes
             if (!wanted)
                 continue;
             /* every value of the group: the values that are not candidates cannot win, exact or not */
-            fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m0 * ldx, ldx,
-                          xsum ? xsum + m0 * (K / 32) : NULL, rows, tile, PACK_ROWS);
+            if (xb)
+                pairs_group(packed, row_bytes, K, g, xb + m0 * ldxb, ldxb, rows, pairs, &made_at, tile);
+            else
+                fmatmul_group(type, packed + g * PACK_ROWS * row_bytes, K, x + m0 * ldx, ldx,
+                              xsum ? xsum + m0 * (K / 32) : NULL, rows, tile, PACK_ROWS);
             for (int r = 0; r < rows; r++)
                 for (int64_t j = g * PACK_ROWS; j < (g + 1) * PACK_ROWS; j++)
                     take(tile[r * PACK_ROWS + j % PACK_ROWS], j, round_bf16, &best[r], &tokens[m0 + r]);
@@ -3276,11 +3303,14 @@ static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes
  * [M, N] fp32. Where the int8 path does not run (no packed weights, a format or shape without it), the exact
  * path's results themselves. Returns as ggml_matmul. */
 int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
-                const void *x, int64_t ldx, int64_t M, int x_bf16, const float *norms, int round_bf16, float *scratch,
+                const void *x, int64_t ldx, int64_t M, int x_flags, const float *norms, int round_bf16, float *scratch,
                 int threads, int64_t *tokens) {
     const int bounded = packed && packable(type) && int8_zero(type) >= 0 && N % PACK_ROWS == 0
                         && K % ggml_block_size(type) == 0;
-    const int flags = (bounded ? MATMUL_INT8 : 0) | (x_bf16 ? MATMUL_X_BF16 : 0);
+    const int x_bf16 = !!(x_flags & MATMUL_X_BF16);
+    /* the exact path's values for bf16 rows past TILE where it takes W's pairs (as ggml_matmul decides) */
+    const int on_pairs = bounded && x_flags & MATMUL_BF16_PAIRS && x_bf16 && M > TILE && ggml_bf16_pairs(type, N, K);
+    const int flags = (bounded ? MATMUL_INT8 : x_flags & MATMUL_BF16_PAIRS) | (x_bf16 ? MATMUL_X_BF16 : 0);
     int failed = ggml_matmul(type, w, packed, row_bytes, N, K, x, ldx, M, scratch, N, NULL, threads, flags);
     if (failed)
         return failed;
@@ -3289,6 +3319,10 @@ int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
             tokens[m] = row_argmax(scratch + m * N, N, round_bf16);
         return 0;
     }
+    const int64_t pair_bytes = 2 * K / 32 * PAIR_BLOCK_BYTES;
+    uint8_t *pairs = on_pairs ? aligned_alloc(64, threads * pair_bytes) : NULL;
+    if (on_pairs && !pairs)
+        return 1;
     /* the exact path's fp32 rows and (Q4_1) block sums */
     float *xf = x_bf16 ? malloc(sizeof(float) * M * K) : NULL;
     for (int64_t m = 0; m < M && xf; m++)
@@ -3297,18 +3331,21 @@ int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_b
     const int64_t lds = x_bf16 ? K : ldx;
     float *xsum = takes_sums(type) && (xf || !x_bf16) ? block_sums(xs, lds, M, K) : NULL;
     if ((x_bf16 && !xf) || (takes_sums(type) && !xsum)) {
-        free(xf), free(xsum);
+        free(xf), free(xsum), free(pairs);
         return 1;
     }
+    const uint16_t *xb = on_pairs ? x : NULL;
     if (M <= TILE)   /* one tile (a batch-1 step): no fork for a second thread that would wait */
-        exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, 0, (int)M, scratch, norms, round_bf16, tokens);
+        exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, xb, ldx, pairs, 0, (int)M, scratch, norms,
+                          round_bf16, tokens);
     else {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
         for (int64_t m0 = 0; m0 < M; m0 += TILE)
-            exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, m0, M - m0 < TILE ? M - m0 : TILE,
-                              scratch, norms, round_bf16, tokens);
+            exact_argmax_tile(type, packed, row_bytes, N, K, xs, lds, xsum, xb, ldx,
+                              pairs ? pairs + omp_get_thread_num() * pair_bytes : NULL, m0,
+                              M - m0 < TILE ? M - m0 : TILE, scratch, norms, round_bf16, tokens);
     }
-    free(xf), free(xsum);
+    free(xf), free(xsum), free(pairs);
     return 0;
 }
 

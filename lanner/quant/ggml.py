@@ -71,6 +71,7 @@ EXACT_PACKED_ROWS = {(torch.float32, "Q8_0"): 64, (torch.float32, "Q4_0"): 32, (
 # SMALL_M on bf16 pairs of the weights' integers (ggml_bf16_pairs)
 MATMUL_INT8, MATMUL_BF16_IO, MATMUL_AMX_BF16, MATMUL_SILU_MUL, MATMUL_ARGMAX = 1, 2 | 4, 8, 16, 32
 MATMUL_BF16_PAIRS = 64
+MATMUL_X_BF16 = 2   # bf16 rows in (ggml_argmax's x_flags take it with MATMUL_BF16_PAIRS)
 DEQUANT_CHUNK_ELEMENTS = 4 << 20   # weights dequantized at a time by the large-batch path
 # rows dequantized on the calling thread alone (a decode step's embeddings): a parallel region costs more
 FEW_ROWS = 16
@@ -419,8 +420,9 @@ class GGMLLinear:
         m, (n, k) = xk.shape[0], w.shape
         scratch = torch.empty(m, n) if scratch is None else scratch
         tokens = torch.empty(m, dtype=torch.int64)
+        x_flags = (MATMUL_X_BF16 | (self.flags & MATMUL_BF16_PAIRS)) if xk.dtype == torch.bfloat16 else 0
         check(self.lib.ggml_argmax(w.type_id, w.data_ptr, self.packed_ptr(), w.row_bytes, n, k, xk.data_ptr(), k, m,
-                                   int(xk.dtype == torch.bfloat16), self.row_norms().data_ptr(),
+                                   x_flags, self.row_norms().data_ptr(),
                                    int(xk.dtype == torch.bfloat16), scratch.data_ptr(), torch.get_num_threads(),
                                    tokens.data_ptr()), "argmax")
         return tokens

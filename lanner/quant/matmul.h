@@ -20,7 +20,8 @@
 /* type, w, packed, row_bytes, N, K, x, ldx, M, y, ldy, bias, threads, flags */
 typedef int (*matmul_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
                          int64_t, void *, int64_t, const float *, int, int);
-/* ggml_argmax: type, w, packed, row_bytes, N, K, x, ldx, M, x_bf16, norms, round_bf16, scratch, threads, tokens */
+/* ggml_argmax: type, w, packed, row_bytes, N, K, x, ldx, M, x_flags (MATMUL_X_BF16, MATMUL_BF16_PAIRS: as the
+ * exact path's call), norms, round_bf16, scratch, threads, tokens */
 typedef int (*argmax_fn)(int, const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, const void *, int64_t,
                          int64_t, int, const float *, int, float *, int, int64_t *);
 /* ggml_dequantize: type, w, row_bytes, K, ids, rows, out, out_bf16, threads */
