@@ -3299,7 +3299,8 @@ static void exact_argmax_tile(int type, const uint8_t *packed, int64_t row_bytes
 }
 
 /* tokens[m] = the first largest of y[m] = W x[m] as ggml_matmul's exact path computes it (rounded to bf16 first
- * where round_bf16), a NaN counting as largest, for m < M; norms [N]: upper bounds of W's row norms; scratch
+ * where round_bf16), a NaN counting as largest, for m < M; x_flags: MATMUL_X_BF16 for bf16 rows, with
+ * MATMUL_BF16_PAIRS where that path's call takes W's pairs; norms [N]: upper bounds of W's row norms; scratch
  * [M, N] fp32. Where the int8 path does not run (no packed weights, a format or shape without it), the exact
  * path's results themselves. Returns as ggml_matmul. */
 int ggml_argmax(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
