@@ -2965,6 +2965,12 @@ static void make_pairs(const uint8_t *grp, int64_t blocks, uint8_t *out) {
     }
 }
 
+/* the two packed groups from grp on as pairs into out: the second K / 32 * PAIR_BLOCK_BYTES after the first */
+static void make_group_pairs(const uint8_t *grp, int64_t row_bytes, int64_t blocks, uint8_t *out) {
+    make_pairs(grp, blocks, out);
+    make_pairs(grp + PACK_ROWS * row_bytes, blocks, out + blocks * PAIR_BLOCK_BYTES);
+}
+
 /* rows (<= DP_ROWS) bf16 activation rows x against two groups' pairs (the second `group` bytes after the first) into
  * t [rows, 32]. The running totals live in t (L1): in registers beside 16 sums they spilled. */
 INLINE void pairs_tile(const uint8_t *grp, int64_t group, int64_t blocks, const uint16_t *x, int64_t ldx,
@@ -3024,8 +3030,7 @@ static int pairs_matmul(const uint8_t *packed, int64_t row_bytes, int64_t N, int
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n += 2 * PACK_ROWS) {
             const uint8_t *grp = packed + n * row_bytes;
-            make_pairs(grp, blocks, pairs);
-            make_pairs(grp + PACK_ROWS * row_bytes, blocks, pairs + group);
+            make_group_pairs(grp, row_bytes, blocks, pairs);
             for (int64_t m = 0; m < M; m += DP_ROWS) {
                 for (int64_t l = m / DP_ROWS * share; l < (m / DP_ROWS + 1) * share && l < packed_pair; l += 64)
                     __builtin_prefetch(grp + packed_pair + l, 0, 3);
@@ -3072,11 +3077,8 @@ static void pairs_group(const uint8_t *packed, int64_t row_bytes, int64_t K, int
 #if defined(__AVX512BF16__) && GB == 2
     const int64_t blocks = K / 32, group = blocks * PAIR_BLOCK_BYTES, first = g / 2 * 2;
     float both[DP_ROWS * 32] __attribute__((aligned(64)));
-    if (*made_at != first) {
-        make_pairs(packed + first * PACK_ROWS * row_bytes, blocks, pairs);
-        make_pairs(packed + (first + 1) * PACK_ROWS * row_bytes, blocks, pairs + group);
-        *made_at = first;
-    }
+    if (*made_at != first)
+        make_group_pairs(packed + first * PACK_ROWS * row_bytes, row_bytes, blocks, pairs), *made_at = first;
     pairs_tile(pairs, group, blocks, x, ldx, rows, both);
     for (int r = 0; r < rows; r++)
         memcpy(t + r * PACK_ROWS, both + 32 * r + 16 * (g - first), 16 * sizeof(float));

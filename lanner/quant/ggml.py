@@ -353,10 +353,6 @@ class GGMLLinear:
         """Whether a call of this many rows of dtype multiplies on the AMX tiles."""
         return self.amx_bf16 and dtype == torch.bfloat16 and rows > self.amx_rows
 
-    def on_pairs(self, rows: int, dtype: torch.dtype) -> bool:
-        """Whether an exact call of this many rows of dtype multiplies the bf16 pairs (ggml.c: past TILE rows)."""
-        return self.pairs and dtype == torch.bfloat16 and rows > SMALL_M
-
     def takes(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether a call of this many rows of dtype runs on the kernel (small) rather than a dense copy (large)."""
         return rows <= self.kernel_rows(dtype) or self.on_tiles(rows, dtype)
