@@ -2399,6 +2399,23 @@ static int64_t share_of(int64_t n, int step, int end) {
     return at * step < n ? at * step : n;
 }
 
+/* tiles a GEMM asks ahead for the output lines it will write (claim_rows) */
+#define CLAIM_TILES 2
+
+/* the lines of o's rows [m, m + rows) (below M), columns [n, n + width), asked for with intent to write. A GEMM's
+ * tiles write results into lines no cache holds yet (the output of a 2,048-row prefill is megabytes); waiting on
+ * those store misses cost Zen 4 a third of the tiles' time (4 x 2 tiles of 960 x 576, 2,048 rows: 16.3 cycles a
+ * unit against 12.5 with the lines claimed two tiles ahead, 12.3 with streaming stores) */
+static void claim_rows(out_rows o, int64_t m, int64_t rows, int64_t M, int64_t n, int64_t width) {
+    const int64_t size = o.bf16 ? 2 : 4;
+    for (int64_t r = m; r < m + rows && r < M; r++) {
+        const char *at = (const char *)o.y + (r * o.ld + n) * size;
+        for (int64_t b = 0; b < width * size; b += 64)
+            __builtin_prefetch(at + b, 1, 3);
+        __builtin_prefetch(at + width * size - 1, 1, 3);
+    }
+}
+
 /* qmatmul's work on the quantized activations a, this thread's share of it in the region it runs in (the caller
  * waits for the others). decoded: where decodes_groups, this thread's decoded_bytes, into which its groups are
  * decoded SIDE at a time, once a call: all M rows then run against them (in L2 while they do). o.silu (whole
@@ -2429,8 +2446,11 @@ static void qmatmul_share(int type, const uint8_t *w, const uint8_t *packed, int
             const int64_t gstride = decoded ? group_bytes : apart * PACK_ROWS * row_bytes;
             for (int t = 0; decoded && t < side; t++)
                 decode_group(type, w, packed, row_bytes, K, g + t * apart, decoded + t * group_bytes);
-            for (int64_t m = m0; m < m1; m += PTILE / step) {
-                const int64_t rows = m1 - m < PTILE / step ? m1 - m : PTILE / step;
+            const int64_t tile_rows = PTILE / step, width = o.silu ? PACK_ROWS : side * PACK_ROWS;
+            claim_rows(o, m0, CLAIM_TILES * tile_rows, m1, g * PACK_ROWS, width);
+            for (int64_t m = m0; m < m1; m += tile_rows) {
+                const int64_t rows = m1 - m < tile_rows ? m1 - m : tile_rows;
+                claim_rows(o, m + CLAIM_TILES * tile_rows, tile_rows, m1, g * PACK_ROWS, width);
                 if (plain) {   /* fp32 without a bias: straight into y */
                     qmatmul_group(type, grp, gstride, side, K, rows_from(a, m, K), rows,
                                   (float *)o.y + m * o.ld + g * PACK_ROWS, o.ld, m == m0, decoded != NULL);
