@@ -1018,6 +1018,17 @@ static void silu_rows(const void *t, int t_bf16, int64_t ldt, int64_t up, int64_
  * -zero * the lane's sum */
 typedef struct { int8_t *q; float *d, *s; int32_t *z; float *bd, *bs; int16_t *hs; int32_t *bz; } qacts;
 
+/* the activation rows from m on */
+static qacts rows_from(qacts a, int64_t m, int64_t K) {
+    qacts r = a;
+    r.q += m * K, r.bd += m * (K / 32), r.bs += m * (K / 32), r.bz += m * (K / 32);
+    if (a.hs)
+        r.hs += m * (K / 16);
+    if (a.d)
+        r.d += m * (K / 4), r.s += m * (K / 4), r.z += m * (K / 4);
+    return r;
+}
+
 typedef int8_t qv __attribute__((vector_size(VW)));
 
 /* int32 lanes (within int8's range) stored as VW bytes at q: on AVX2 by two packs, where GCC's conversion took
@@ -1912,7 +1923,7 @@ INLINE void qdot_packed(const int bits, const int has_min, const int zero, const
             for (int m = 0; m < rows; m++) {
                 int64_t o = m * (K / 32) + b;
                 /* a zero point (w = d (q - zero)) comes off the integer sums: a shift and a subtraction beside the
-                 * dot products, where the min term's FMA would share their pipe (Zen 4: ~9 % of the tiles) */
+                 * dot products, where an FMA would share their pipe (Zen 4: the Q8_0 head 1.05-1.08x at 64 rows) */
                 const li sum = zero ? d[g][m] - ((li){0} + a.bz[o]) * zero : d[g][m];
                 acc[g][m] = fmadd(__builtin_convertvector(sum, lf), wd * a.bd[o], acc[g][m]);
                 if (has_min)
@@ -2024,9 +2035,12 @@ static void __attribute__((noinline)) qmatmul_group_iq4(int type, const uint8_t 
     }
 }
 
-/* groups (<= SIDE) packed groups gstride bytes apart, M <= PTILE / groups rows (their outputs at y, side by side) */
-static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, qacts a, int64_t M,
-                          float *y, int64_t ldy, int stream, int decoded) {
+/* groups (<= SIDE) packed groups gstride bytes apart against M <= PTILE / groups rows of all from row m on (their
+ * outputs at y, side by side); all by address: copied by value for each tile's call, the struct cost Zen 4 ~2 % of a
+ * GEMM (the 120 layer linears at 64 and 2,048 rows) */
+static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, const qacts *all,
+                          int64_t m, int64_t M, float *y, int64_t ldy, int stream, int decoded) {
+    const qacts a = rows_from(*all, m, K);
     if (decoded) {   /* grp: decode_group's */
         qmatmul_group_decoded(decoded_words(type), grp, gstride, groups, K, a, M, y, ldy);
         return;
@@ -2204,9 +2218,10 @@ static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *
 }
 #else
 #define PACKED_PATH 0
-static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, qacts a, int64_t M,
-                          float *y, int64_t ldy, int stream, int decoded) {
-    (void)type, (void)grp, (void)gstride, (void)groups, (void)K, (void)a, (void)M, (void)y, (void)ldy, (void)stream;
+static void qmatmul_group(int type, const uint8_t *grp, int64_t gstride, int groups, int64_t K, const qacts *all,
+                          int64_t m, int64_t M, float *y, int64_t ldy, int stream, int decoded) {
+    (void)type, (void)grp, (void)gstride, (void)groups, (void)K, (void)all, (void)m, (void)M, (void)y, (void)ldy;
+    (void)stream;
     (void)decoded;
 }
 static void fmatmul_group(int type, const uint8_t *grp, int64_t K, const float *x, int64_t ldx, const float *xsum,
@@ -2341,17 +2356,6 @@ static int int8_zero(int type) {
     }
 }
 
-/* the activation rows from m on */
-static qacts rows_from(qacts a, int64_t m, int64_t K) {
-    qacts r = a;
-    r.q += m * K, r.bd += m * (K / 32), r.bs += m * (K / 32), r.bz += m * (K / 32);
-    if (a.hs)
-        r.hs += m * (K / 16);
-    if (a.d)
-        r.d += m * (K / 4), r.s += m * (K / 4), r.z += m * (K / 4);
-    return r;
-}
-
 /* the most rows of such a K-quant a call multiplies on its packed blocks (k16_super) rather than on groups decoded
  * once a call: k16_super a block at a time beat the decoded groups on Zen 5, in one process (GB/s, 12 x 16,384 x
  * 2,048 from memory). With VNNI: 5 rows Q2_K 19.7 vs 9.6, Q3_K 18.8 vs 11.5, Q6_K 27.5 vs 16.1; 8 rows Q2_K 13.2 vs
@@ -2457,14 +2461,14 @@ static void qmatmul_share(int type, const uint8_t *w, const uint8_t *packed, int
                 const int64_t rows = m1 - m < tile_rows ? m1 - m : tile_rows;
                 claim_rows(o, m + CLAIM_TILES * tile_rows, tile_rows, m1, g * PACK_ROWS, width);
                 if (plain) {   /* fp32 without a bias: straight into y */
-                    qmatmul_group(type, grp, gstride, side, K, rows_from(a, m, K), rows,
+                    qmatmul_group(type, grp, gstride, side, K, &a, m, rows,
                                   (float *)o.y + m * o.ld + g * PACK_ROWS, o.ld, m == m0, decoded != NULL);
                     continue;
                 }
                 /* (a silu unit's two groups in one tile of PTILE / 2 rows, or in two of PTILE rows side by side) */
                 for (int t = 0; t < side; t += step)
                     qmatmul_group(type, grp + t * gstride, gstride, side - t < step ? side - t : step, K,
-                                  rows_from(a, m, K), rows, tile + t * PACK_ROWS, ldt, m == m0, decoded != NULL);
+                                  &a, m, rows, tile + t * PACK_ROWS, ldt, m == m0, decoded != NULL);
                 if (o.silu)
                     silu_rows(tile, 0, ldt, PACK_ROWS, rows, PACK_ROWS, o, m, g * PACK_ROWS);
                 else
