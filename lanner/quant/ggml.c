@@ -2411,13 +2411,13 @@ static int64_t share_of(int64_t n, int step, int end) {
 /* tiles a GEMM asks ahead for the output lines it will write (claim_rows) */
 #define CLAIM_TILES 2
 
-/* the lines of o's rows [m, m + rows) (below M), columns [n, n + width), asked for with intent to write. A GEMM's
+/* the lines of o's rows [m, m + rows) (below end), columns [n, n + width), asked for with intent to write. A GEMM's
  * tiles write results into lines no cache holds yet (the output of a 2,048-row prefill is megabytes); waiting on
  * those store misses cost Zen 4 a third of the tiles' time (4 x 2 tiles of 960 x 576, 2,048 rows: 16.3 cycles a
  * unit against 12.5 with the lines claimed two tiles ahead, 12.3 with streaming stores) */
-static void claim_rows(out_rows o, int64_t m, int64_t rows, int64_t M, int64_t n, int64_t width) {
+static void claim_rows(out_rows o, int64_t m, int64_t rows, int64_t end, int64_t n, int64_t width) {
     const int64_t size = o.bf16 ? 2 : 4;
-    for (int64_t r = m; r < m + rows && r < M; r++) {
+    for (int64_t r = m; r < m + rows && r < end; r++) {
         const char *at = (const char *)o.y + (r * o.ld + n) * size;
         for (int64_t b = 0; b < width * size; b += 64)
             __builtin_prefetch(at + b, 1, 3);
