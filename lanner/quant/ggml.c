@@ -2399,14 +2399,22 @@ static char *qacts_buffer(int type, const uint8_t *packed, int64_t N, int64_t K,
     return buf;
 }
 
-/* where this thread's share of [0, n) (in steps of step) starts (end 0) or ends (end 1), split as a static OpenMP
- * loop splits it: no worksharing construct, so a thread may skip its share (out of memory) without the others
- * waiting on it */
-static int64_t share_of(int64_t n, int step, int end) {
-    const int64_t steps = (n + step - 1) / step, threads = omp_get_num_threads(), id = omp_get_thread_num() + end;
+/* where thread id's share of [0, n) (in steps of step) starts, split as a static OpenMP loop splits it (its end:
+ * thread id + 1's start) */
+static int64_t share_start(int64_t n, int step, int64_t id) {
+    const int64_t steps = (n + step - 1) / step, threads = omp_get_num_threads();
     const int64_t at = steps / threads * id + (id < steps % threads ? id : steps % threads);
     return at * step < n ? at * step : n;
 }
+
+/* where this thread's share starts (end 0) or ends (end 1): no worksharing construct, so a thread may skip its share
+ * (out of memory) without the others waiting on it */
+static int64_t share_of(int64_t n, int step, int end) {
+    return share_start(n, step, omp_get_thread_num() + end);
+}
+
+/* spacing of a GEMM's claim counters (int64_t), one cache line each: a thread's own claims stay in its cache */
+#define CLAIM_STRIDE 8
 
 /* tiles a GEMM asks ahead for the output lines it will write (claim_rows) */
 #define CLAIM_TILES 2
@@ -2432,7 +2440,7 @@ static void claim_rows(out_rows o, int64_t m, int64_t rows, int64_t end, int64_t
  * writes silu(gate) * up, so the gate | up results are never stored (Zen 4, 2,048 rows: 1.1x the gate_up call
  * writing them, then silu_rows over them) */
 static void qmatmul_share(int type, const uint8_t *w, const uint8_t *packed, int64_t row_bytes, int64_t N, int64_t K,
-                          qacts a, int64_t M, out_rows o, uint8_t *decoded) {
+                          qacts a, int64_t M, out_rows o, uint8_t *decoded, int64_t *claims) {
     const int64_t groups = whole_groups(type, packed, N, M), first = groups * PACK_ROWS;
     const int64_t group_bytes = decoded_bytes(type, K) / SIDE;
     const int64_t tasks = (N - first + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
@@ -2443,13 +2451,24 @@ static void qmatmul_share(int type, const uint8_t *w, const uint8_t *packed, int
     const int64_t chunk = decoded ? M : (GEMM_ACT_BYTES / (K + K / 32 * 8) / PTILE + 1) * PTILE;
     /* a unit of columns: step groups side by side, or (silu) a gate group and its up group, apart groups later */
     const int64_t units = o.silu ? groups / 2 : groups, per_unit = o.silu ? 1 : step, apart = o.silu ? groups / 2 : 1;
-    const int64_t g0 = share_of(units, per_unit, 0), g1 = share_of(units, per_unit, 1);
     const int64_t ldt = o.silu ? SIDE * PACK_ROWS : step * PACK_ROWS;
     float tile[2 * PTILE * PACK_ROWS > TILE * ROWS_PER_TASK ? 2 * PTILE * PACK_ROWS : TILE * ROWS_PER_TASK]
         __attribute__((aligned(64)));
-    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-        int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
-        for (int64_t g = g0; g < g1; g += per_unit) {
+    const int64_t chunks = (M + chunk - 1) / chunk;
+    const int threads = omp_get_num_threads(), me = omp_get_thread_num();
+    /* items: (chunk of rows, unit) pairs of a thread's share, chunk by chunk. With claims, each is claimed from its
+     * owner's counter, and a thread done with its own share takes what is left of the others': a thread the host
+     * slowed down leaves no core waiting at the region's end */
+    for (int v = 0; v < (claims ? threads : 1); v++) {
+        const int owner = (me + v) % threads;
+        const int64_t g0 = share_start(units, per_unit, owner), g1 = share_start(units, per_unit, owner + 1);
+        const int64_t per_chunk = (g1 - g0 + per_unit - 1) / per_unit, items = chunks * per_chunk;
+        for (int64_t mine = 0;;) {
+            const int64_t i = claims ? __atomic_fetch_add(claims + owner * CLAIM_STRIDE, 1, __ATOMIC_RELAXED) : mine++;
+            if (i >= items)
+                break;
+            const int64_t m0 = i / per_chunk * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
+            const int64_t g = g0 + i % per_chunk * per_unit;
             const int side = o.silu ? SIDE : groups - g < step ? groups - g : step;
             const uint8_t *grp = decoded ? decoded : packed + g * PACK_ROWS * row_bytes;
             const int64_t gstride = decoded ? group_bytes : apart * PACK_ROWS * row_bytes;
@@ -2495,10 +2514,12 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
     qacts a;
     char *buf = qacts_buffer(type, packed, N, K, M, &a);
     uint8_t *decoded = decodes_groups(type, packed, M) ? malloc(threads * decoded_bytes(type, K)) : NULL;
-    if (!buf || (decodes_groups(type, packed, M) && !decoded)) {
-        free(buf), free(decoded);
+    int64_t *claims = aligned_alloc(64, threads * CLAIM_STRIDE * sizeof(int64_t));
+    if (!buf || (decodes_groups(type, packed, M) && !decoded) || !claims) {
+        free(buf), free(decoded), free(claims);
         return 1;
     }
+    memset(claims, 0, threads * CLAIM_STRIDE * sizeof(int64_t));
     const int zero = int8_zero(type);
     if (M <= TILE)   /* a decode step's few rows: not worth a barrier */
         quantize_rows(x, ldx, x_bf16, M, K, zero, a);
@@ -2511,9 +2532,9 @@ static int qmatmul(int type, const uint8_t *w, const uint8_t *packed, int64_t ro
         }
         /* the region's end waits: one barrier a call, not two (30 layers' 1-row GEMVs 1.04-1.10x, 16 sweeps) */
         qmatmul_share(type, w, packed, row_bytes, N, K, a, M, o,
-                      decoded ? decoded + omp_get_thread_num() * decoded_bytes(type, K) : NULL);
+                      decoded ? decoded + omp_get_thread_num() * decoded_bytes(type, K) : NULL, claims);
     }
-    free(buf), free(decoded);
+    free(buf), free(decoded), free(claims);
     return 0;
 }
 
@@ -3148,7 +3169,7 @@ int ggml_team_matmul(int type, const uint8_t *w, const uint8_t *packed, int64_t 
     char *buf = qacts_buffer(type, packed, N, K, M, &a);
     if (buf) {
         quantize_rows(x, ldx, !!(flags & MATMUL_X_BF16), M, K, int8_zero(type), a);
-        qmatmul_share(type, w, packed, row_bytes, N, K, a, M, o, NULL);   /* M <= TILE: no decoding */
+        qmatmul_share(type, w, packed, row_bytes, N, K, a, M, o, NULL, NULL);   /* M <= TILE: no decoding */
     }
 #pragma omp barrier
     free(buf);
