@@ -258,22 +258,22 @@ INLINE void tile_scores_f32(const float *kt, const float *const *q, v16 (*s)[WID
  * for key 16v + c. One VDPBF16PS adds a dim pair's products to 16 keys' scores, so no sum crosses lanes; each
  * register of keys serves every row (prompts: a head's keys turned once serve all its rows). */
 INLINE void tile_scores(const uint32_t *kt, const uint16_t *const *q, v16 (*s)[WIDE_CHUNK / 16], const int rows,
-                        const int D) {
+                        const int D, const int width) {
     __m512 acc[ROWS][WIDE_CHUNK / 16];
     for (int i = 0; i < rows; i++)
-        for (int v = 0; v < WIDE_CHUNK / 16; v++) acc[i][v] = _mm512_setzero_ps();
+        for (int v = 0; v < width / 16; v++) acc[i][v] = _mm512_setzero_ps();
     for (int j = 0; j < D / 2; j++) {
         __m512bh k[WIDE_CHUNK / 16];
-        for (int v = 0; v < WIDE_CHUNK / 16; v++) k[v] = (__m512bh)_mm512_load_si512(kt + j * WIDE_CHUNK + 16 * v);
+        for (int v = 0; v < width / 16; v++) k[v] = (__m512bh)_mm512_load_si512(kt + j * WIDE_CHUNK + 16 * v);
         for (int i = 0; i < rows; i++) {
             int32_t pair;
             memcpy(&pair, q[i] + 2 * j, sizeof pair);
             const __m512bh qj = (__m512bh)_mm512_set1_epi32(pair);
-            for (int v = 0; v < WIDE_CHUNK / 16; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], qj, k[v]);
+            for (int v = 0; v < width / 16; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], qj, k[v]);
         }
     }
     for (int i = 0; i < rows; i++)
-        for (int v = 0; v < WIDE_CHUNK / 16; v++) s[i][v] = (v16)acc[i][v];
+        for (int v = 0; v < width / 16; v++) s[i][v] = (v16)acc[i][v];
 }
 #endif
 
@@ -452,7 +452,7 @@ INLINE void turned_scores(const Problem *p, const float *kt, const int64_t *q_ro
     if (direct) {
         const uint16_t *q[ROWS];
         for (int i = 0; i < rows; i++) q[i] = p->q_bf16 + q_rows[i];
-        tile_scores((const uint32_t *)kt, q, tile, rows, D);
+        tile_scores((const uint32_t *)kt, q, tile, rows, D, WIDE_CHUNK);
         return;
     }
 #endif
@@ -521,7 +521,8 @@ INLINE int group_rows(const Problem *p, int i0, int per_head, int head, int grou
 
 #if AMX_ATTENTION
 /* A group's scores against the chunk's turned keys: 16 rows x 64 keys (C 0-3) into sc */
-INLINE void tile_group_scores(const uint16_t *qa, const uint32_t *kt, float *sc, const int D) {
+INLINE void tile_group_scores(const uint16_t *qa, const uint32_t *kt, float *sc, const int D, const int width) {
+    (void)width;   /* (always WIDE_CHUNK here) */
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -544,7 +545,8 @@ INLINE void tile_group_scores(const uint16_t *qa, const uint32_t *kt, float *sc,
 }
 
 /* ob (16 rows x D, the accumulators scaled) += pa (the weights in bf16) times the chunk's V tiles */
-INLINE void tile_group_pv(const uint16_t *pa, const uint16_t *vt, float *ob, const int D) {
+INLINE void tile_group_pv(const uint16_t *pa, const uint16_t *vt, float *ob, const int D, const int width) {
+    (void)width;   /* (always WIDE_CHUNK here) */
     for (int g0 = 0; g0 < D / 16; g0 += 4) {   /* 16 rows x 64 pair-ordered dims at a time in C 0-3 */
         _tile_loadd(0, ob + 16 * g0, 4 * D);
         _tile_loadd(1, ob + 16 * (g0 + 1), 4 * D);
@@ -570,25 +572,31 @@ INLINE void tile_group_pv(const uint16_t *pa, const uint16_t *vt, float *ob, con
 }
 #endif
 
-/* tile_group_scores on VDPBF16PS: 4 rows at a time (tile_scores). Not inlined: inside attend_groups GCC reloaded
- * the keys for every row (a load a product: 1.4x slower) */
-__attribute__((noinline)) static void dp_group_scores(const uint16_t *qa, const uint32_t *kt, float *sc, const int D) {
+INLINE void dp_group_scores_of(const uint16_t *qa, const uint32_t *kt, float *sc, const int D, const int width) {
     for (int i0 = 0; i0 < 16; i0 += ROWS) {
         const uint16_t *q[ROWS];
         for (int i = 0; i < ROWS; i++) q[i] = qa + (i0 + i) * D;
-        tile_scores(kt, q, (v16 (*)[WIDE_CHUNK / 16])(sc + i0 * WIDE_CHUNK), ROWS, D);
+        tile_scores(kt, q, (v16 (*)[WIDE_CHUNK / 16])(sc + i0 * WIDE_CHUNK), ROWS, D, width);
     }
 }
 
-/* tile_group_pv on VDPBF16PS: 4 rows x 64 dims of accumulators in registers at a time, a key pair's weights
- * broadcast to the V tiles' rows */
-__attribute__((noinline)) static void dp_group_pv(const uint16_t *pa, const uint16_t *vt, float *ob, const int D) {
+/* tile_group_scores on VDPBF16PS: 4 rows at a time (tile_scores), of the chunk's first width keys (WIDE_CHUNK or
+ * half). Not inlined: inside attend_groups GCC reloaded the keys for every row (a load a product: 1.4x slower) */
+__attribute__((noinline)) static void dp_group_scores(const uint16_t *qa, const uint32_t *kt, float *sc, const int D,
+                                                      const int width) {
+    if (width == WIDE_CHUNK)
+        dp_group_scores_of(qa, kt, sc, D, WIDE_CHUNK);
+    else
+        dp_group_scores_of(qa, kt, sc, D, WIDE_CHUNK / 2);
+}
+
+INLINE void dp_group_pv_of(const uint16_t *pa, const uint16_t *vt, float *ob, const int D, const int width) {
     for (int g0 = 0; g0 < D / 16; g0 += 4)
         for (int i0 = 0; i0 < 16; i0 += ROWS) {
             __m512 a[ROWS][4];
             for (int i = 0; i < ROWS; i++)
                 for (int g = 0; g < 4; g++) a[i][g] = _mm512_load_ps(ob + (i0 + i) * D + 16 * (g0 + g));
-            for (int k = 0; k < WIDE_CHUNK / 2; k++) {   /* keys 2k, 2k + 1 */
+            for (int k = 0; k < width / 2; k++) {   /* keys 2k, 2k + 1 */
                 const uint16_t *b = vt + ((int64_t)(k / 16) * (D / 16) + g0) * 512 + (k % 16) * 32;
                 __m512bh v[4];
                 for (int g = 0; g < 4; g++) v[g] = (__m512bh)_mm512_load_si512(b + 512 * g);
@@ -604,12 +612,22 @@ __attribute__((noinline)) static void dp_group_pv(const uint16_t *pa, const uint
         }
 }
 
+/* tile_group_pv on VDPBF16PS: 4 rows x 64 dims of accumulators in registers at a time, a key pair's weights
+ * broadcast to the V tiles' rows, for the chunk's first width keys (WIDE_CHUNK or half) */
+__attribute__((noinline)) static void dp_group_pv(const uint16_t *pa, const uint16_t *vt, float *ob, const int D,
+                                                  const int width) {
+    if (width == WIDE_CHUNK)
+        dp_group_pv_of(pa, vt, ob, D, WIDE_CHUNK);
+    else
+        dp_group_pv_of(pa, vt, ob, D, WIDE_CHUNK / 2);
+}
+
 /* The online-softmax steps of a group's rows at once (scores sc [16, WIDE_CHUNK], rows of them real; their token
  * t = (i0 + i) / group): each row's scores masked as row_step masks them, then the rows' maxima, old and new maxima,
  * normalizers and scale factors (alpha) as vectors of 16 rows -- one tree each instead of a reduction and a branch
  * per row, which took half of a long prompt's attention -- and the weights in bf16 into pa (zeros past the rows). */
 INLINE void group_softmax(const Problem *p, float *sc, int rows, const int *rs, int i0, int group, int q0, int ctx_len,
-                          int c0, int k1, float *m, float *l, uint16_t *pa, float *alpha) {
+                          int c0, int k1, float *m, float *l, uint16_t *pa, float *alpha, const int width) {
     __m512 best[16], sums[16];
     float old_m[16], old_l[16], new_m[16], new_l[16];
     for (int i = 0; i < 16; i++) {
@@ -618,14 +636,14 @@ INLINE void group_softmax(const Problem *p, float *sc, int rows, const int *rs, 
         old_l[i] = i < rows ? l[rs[i]] : 0.0f;
         if (i < rows)
             best[i] = (__m512)row_scores(p, (vn *)(sc + i * WIDE_CHUNK), (i0 + i) / group, q0, ctx_len, c0, k1,
-                                         WIDE_CHUNK);
+                                         width);
     }
     const __m512 prev = _mm512_loadu_ps(old_m), top = _mm512_max_ps((__m512)fold_each16(best, 1), prev);
     _mm512_storeu_ps(new_m, top);
     for (int i = 0; i < 16; i++) {
         const vn *s = (const vn *)(sc + i * WIDE_CHUNK);
         __m512 total = _mm512_setzero_ps();
-        for (int v = 0; v < WIDE_CHUNK / 16; v += 2) {
+        for (int v = 0; v < width / 16; v += 2) {
             __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
             if (new_m[i] != -INFINITY) {   /* not a row past the group's, nor one that sees nothing yet */
                 e0 = (__m512)exp_native(s[v] - new_m[i]), e1 = (__m512)exp_native(s[v + 1] - new_m[i]);
@@ -668,8 +686,8 @@ static int attend_groups(const Problem *p, int seq, int k0, int k1, float *acc, 
     /* rows are token-major: those of tokens before k0 - ctx_len see none of these keys */
     const int first_row = k0 - ctx_len > 0 ? (k0 - ctx_len) * group : 0;
     /* the products on AMX tiles where granted, else VDPBF16PS */
-    void (*scores)(const uint16_t *, const uint32_t *, float *, int) = dp_group_scores;
-    void (*pv)(const uint16_t *, const uint16_t *, float *, int) = dp_group_pv;
+    void (*scores)(const uint16_t *, const uint32_t *, float *, int, int) = dp_group_scores;
+    void (*pv)(const uint16_t *, const uint16_t *, float *, int, int) = dp_group_pv;
 #if AMX_ATTENTION
     if (tiles)
         scores = tile_group_scores, pv = tile_group_pv, amx_configure();
@@ -692,13 +710,21 @@ static int attend_groups(const Problem *p, int seq, int k0, int k1, float *acc, 
             memset(ob, 0, sizeof ob);
             for (int c = start > 0 ? start / WIDE_CHUNK : 0; c * WIDE_CHUNK < visible; c++) {
                 float alpha[16];
-                scores(qa, kt + c * kt_chunk, sc, D);
-                group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, k0 + c * WIDE_CHUNK, k1, m, l, pa, alpha);
+                /* a chunk of which the group sees no more than the first half (its last, on the causal diagonal)
+                 * takes that half alone, where the products go by VDPBF16PS (AMX's tiles take whole chunks) */
+                const int width = !tiles && visible - c * WIDE_CHUNK <= WIDE_CHUNK / 2 ? WIDE_CHUNK / 2 : WIDE_CHUNK;
+                scores(qa, kt + c * kt_chunk, sc, D, width);
+                if (width == WIDE_CHUNK)
+                    group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, k0 + c * WIDE_CHUNK, k1, m, l, pa, alpha,
+                                  WIDE_CHUNK);
+                else
+                    group_softmax(p, sc, rows, rs, i0, group, q0, ctx_len, k0 + c * WIDE_CHUNK, k1, m, l, pa, alpha,
+                                  WIDE_CHUNK / 2);
                 for (int i = 0; i < rows; i++)   /* the accumulators scaled */
                     for (int d = 0; d < D; d += 16)
                         _mm512_store_ps(ob + i * D + d, _mm512_mul_ps(_mm512_load_ps(ob + i * D + d),
                                                                       _mm512_set1_ps(alpha[i])));
-                pv(pa, vt + c * vt_chunk, ob, D);
+                pv(pa, vt + c * vt_chunk, ob, D, width);
             }
             for (int i = 0; i < rows; i++)
                 memcpy(acc + (int64_t)rs[i] * D, ob + i * D, 4 * D);
