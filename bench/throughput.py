@@ -13,6 +13,7 @@ an HF directory (common.hf_dir_for), with the same max_num_seqs, max_num_batched
 
     python bench/throughput.py [--quick] [--dtypes float32,bfloat16] [--systems lanner,hf,llamacpp,vllm]
     python bench/throughput.py --systems lanner,vllm --sampling temperature=0.8,top_p=0.95,top_k=40
+    python bench/throughput.py --systems lanner,vllm --dtypes bfloat16 --rounds 3   # the median of 3 rounds' ratios
 """
 import argparse
 import json
@@ -171,6 +172,10 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", type=float, default=2.0)
     ap.add_argument("--vllm-enforce-eager", action="store_true", help="vLLM without torch.compile (starts faster)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the systems of each dtype this many times in turn (the host's speed drifts within "
+                         "minutes: each round's lanner is compared with that round's peers, and the median "
+                         "speedup over the rounds is reported)")
     ap.add_argument("--sampling", default="", help="every request's sampling, e.g. temperature=0.8,top_p=0.95,top_k=40 "
                     "(default: greedy); lanner and vllm only")
     args = ap.parse_args()
@@ -210,7 +215,7 @@ def main():
                 out({"system": "llamacpp", "note": f"crashed: {e}; {common.LLAMA_CPP_BUILD}"})
         else:
             out({"system": "llamacpp", "note": "skipped: llama_cpp (llama-cpp-python) is not installed"})
-    for dtype in dtypes:
+    for dtype, rnd in ((d, r) for d in dtypes for r in range(args.rounds)):
         hf_rates, vllm_rate = [], None
         if "vllm" in systems:
             if args.device != "cpu":
@@ -218,12 +223,12 @@ def main():
             else:
                 rec = run_vllm(path, dtype, work, options, args.threads, args.vllm_enforce_eager, all_note, sampling)
             vllm_rate = rec.get("output_tok_per_s")
-            out(rec)
+            out({**rec, "round": rnd})
         if "hf" in systems:
             for bs in (1, args.hf_batch_size):
                 rec = common.run_isolated(run_hf, path, dtype, args.device, work[:n_hf], bs, hf_note)
                 hf_rates.append(rec["output_tok_per_s"])
-                out(rec)
+                out({**rec, "round": rnd})
         if "lanner" in systems:
             subsets = [(work[:n_hf], hf_note)] if hf_rates and n_hf < num_requests else []
             for sub, note in subsets + [(work, all_note)]:
@@ -234,10 +239,16 @@ def main():
                     rec["speedup_vs_llamacpp"] = round(rec["output_tok_per_s"] / llama_rate, 2)
                 if vllm_rate and sub is work:
                     rec["speedup_vs_vllm"] = round(rec["output_tok_per_s"] / vllm_rate, 2)
-                out(rec)
-    common.summary_table(records, ["system", "dtype", "config", "requests", "output_tokens", "seconds",
+                out({**rec, "round": rnd})
+    for dtype in dtypes if args.rounds > 1 else []:
+        ratios = sorted(r["speedup_vs_vllm"] for r in records
+                        if r.get("system") == "lanner" and r.get("dtype") == dtype and "speedup_vs_vllm" in r)
+        if ratios:
+            out({"system": "lanner", "dtype": dtype, "rounds": args.rounds, "speedups_vs_vllm": ratios,
+                 "median_speedup_vs_vllm": ratios[len(ratios) // 2]})
+    common.summary_table(records, ["system", "dtype", "config", "round", "requests", "output_tokens", "seconds",
                                    "output_tok_per_s", "peak_rss_mb", "speedup_vs_best_hf", "speedup_vs_llamacpp",
-                                   "speedup_vs_vllm"])
+                                   "speedup_vs_vllm", "median_speedup_vs_vllm"])
 
 
 if __name__ == "__main__":
