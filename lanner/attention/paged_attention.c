@@ -123,11 +123,17 @@ typedef struct { const int64_t *offs; int keys, row_lines, key, line; } Ahead;
 
 INLINE void prefetch_some(const Problem *p, Ahead *a, int lines, const int kv) {
     const int elem = kv ? 2 : 4;
-    for (; lines > 0 && a->key < a->keys; lines--) {
-        const int64_t at = a->offs[a->key] * elem + 64 * a->line;
-        __builtin_prefetch((const char *)p->k_cache + at, 0, 1);
-        __builtin_prefetch((const char *)p->v_cache + at, 0, 1);
-        if (++a->line == a->row_lines) { a->line = 0; a->key++; }
+    while (lines > 0 && a->key < a->keys) {   /* a key's lines at a time: the cursor moves once a key */
+        const char *k = (const char *)p->k_cache + a->offs[a->key] * elem;
+        const char *v = (const char *)p->v_cache + a->offs[a->key] * elem;
+        const int end = a->row_lines - a->line < lines ? a->row_lines : a->line + lines;
+        for (int line = a->line; line < end; line++) {
+            __builtin_prefetch(k + 64 * line, 0, 1);
+            __builtin_prefetch(v + 64 * line, 0, 1);
+        }
+        lines -= end - a->line;
+        if (end == a->row_lines) a->line = 0, a->key++;
+        else a->line = end;
     }
 }
 
