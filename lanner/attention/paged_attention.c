@@ -760,7 +760,7 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     const int q0 = p->cu_seqlens_q[seq], q_len = p->cu_seqlens_q[seq + 1] - q0;
     const int ctx_len = p->seq_lens[seq] - q_len, R = q_len * Hq, per_head = q_len * group;
     const int32_t *table = p->block_tables + (int64_t)seq * p->table_width;
-    int64_t offs[WIDE_CHUNK], next[WIDE_CHUNK];
+    int64_t rows_a[WIDE_CHUNK], rows_b[WIDE_CHUNK], *offs = rows_a, *next = rows_b;
     float w[ROWS][WIDE_CHUNK], alpha[ROWS];
     /* a prompt's scores come from its keys turned into kt (tile_scores): a turn serves all its rows */
     const int turned = chunk == WIDE_CHUNK && turns(kv, direct);
@@ -781,7 +781,12 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     const Span here = {seq, k0, k1};
     for (int c0 = k0; c0 < k1; c0 += chunk) {
         const int n = k1 - c0 < chunk ? k1 - c0 : chunk, ahead = c0 + AHEAD * chunk;
-        row_offsets(p, table, c0, n, offs);
+        if (c0 == k0 || AHEAD != 1)
+            row_offsets(p, table, c0, n, offs);
+        else {   /* the chunk the last one asked ahead for: its rows' offsets are next's */
+            int64_t *done = offs;
+            offs = next, next = done;
+        }
         for (int c = n; c < chunk; c++) offs[c] = offs[0];   /* past the split: real rows, weight 0 */
         const int n_ahead = ahead < k1 ? chunk_offsets(p, here, ahead, next, chunk)
                                        : chunk_offsets(p, after, after.k0, next, chunk);
