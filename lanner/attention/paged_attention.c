@@ -289,7 +289,12 @@ INLINE vn mask_scores(vn *s, int start, int limit, const uint8_t *tree, int firs
     vni lane;
     for (int c = 0; c < NATIVE; c++) lane[c] = c;
     vn best = (vn){0} - INFINITY;
+    const int all_seen = start <= 0 && limit >= chunk - 1 && tree == NULL;   /* (a decode row's chunks but its last) */
     for (int v = 0; v < chunk / NATIVE; v++) {
+        if (all_seen) {
+            best = max_native(s[v], best);
+            continue;
+        }
         vni key = lane + NATIVE * v;   /* start <= key <= limit, by signs (see negative16) */
         s[v] = select_native(~(((key - start) | (limit - key)) >> 31), s[v], (vn){0} - INFINITY);
         if (tree != NULL)   /* draft keys the row's tree branch does not include */
