@@ -289,7 +289,8 @@ INLINE vn mask_scores(vn *s, int start, int limit, const uint8_t *tree, int firs
     vni lane;
     for (int c = 0; c < NATIVE; c++) lane[c] = c;
     vn best = (vn){0} - INFINITY;
-    const int all_seen = start <= 0 && limit >= chunk - 1 && tree == NULL;   /* (a decode row's chunks but its last) */
+    /* a chunk the row sees whole (every one before its last, without a window or a tree): its max alone */
+    const int all_seen = start <= 0 && limit >= chunk - 1 && tree == NULL;
     for (int v = 0; v < chunk / NATIVE; v++) {
         if (all_seen) {
             best = max_native(s[v], best);
