@@ -206,3 +206,32 @@ def test_start_up_leaves_the_collector_on_and_an_engine_collectable(default_mode
     with pytest.raises(ValueError):
         make_llm(default_model_path + ".missing", kv_cache_memory=0.01)
     assert gc.isenabled()
+
+
+def test_the_last_layer_runs_on_the_logit_rows_alone(llm, prompts):
+    """A prefill step (one whole prompt, one chunk of another) computes past the last layer's K/V only the rows it
+    samples: the same logits as every row's pass, and the K/V every row needs stored all the same."""
+    from lanner.engine.sequence import Sequence
+    engine, runner = llm.engine, llm.engine.runner
+    seen = []
+    hook = runner.model.layers[-1].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    try:
+        logits, kv = {}, {}
+        for every in (False, True):
+            seqs = [Sequence(f"trim{i}", p * 8, SamplingParams(max_tokens=1)) for i, p in enumerate(prompts[:2])]
+            scheduled = [(seqs[0], seqs[0].num_tokens), (seqs[1], seqs[1].num_tokens - 3)]   # the second: a chunk
+            for seq, num in scheduled:
+                engine.blocks.allocate(seq, num)
+            logits[every], _, tokens = runner.run(scheduled, every_hidden=every)
+            last = runner.model.layers[-1].self_attn
+            blocks = torch.tensor(seqs[0].block_table)
+            kv[every] = (last.k_cache[blocks].clone(), last.v_cache[blocks].clone())
+            assert tokens == [seqs[0].num_tokens - 1]   # the chunk's rows are not sampled
+            for seq, _ in scheduled:
+                engine.blocks.release(seq)
+    finally:
+        hook.remove()
+    rows = sum(num for _, num in scheduled)
+    assert seen == [1, rows]
+    torch.testing.assert_close(logits[False], logits[True], rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(kv[False], kv[True]))

@@ -105,8 +105,8 @@ class TensorParallelRunner(RankRunner):
         """Stop the workers (done too when the runner is garbage-collected or the process exits)."""
         self.finalizer()
 
-    def prepare(self, scheduled):
-        inputs = super().prepare(scheduled)
+    def prepare(self, scheduled, every_hidden: bool = False):
+        inputs = super().prepare(scheduled, every_hidden)
         input_ids, positions, meta, embeds, rows = inputs[:5]
         slots = self.lora.step_slots() if self.lora is not None else None
         self.workers.send((input_ids, positions, meta, embeds, rows, slots, self.pending_copies))
@@ -260,7 +260,7 @@ class WorkerRunner(RankRunner):
         if self.lora is not None:
             self.mirror = SlotMirror(self.lora)
 
-    def prepare(self, message):
+    def prepare(self, message, every_hidden: bool = False):   # (rank 0's meta says which rows the last layer takes)
         input_ids, positions, meta, embeds, rows, slots, copies = message
         self.copy_blocks(copies)
         if self.mirror is not None:

@@ -243,7 +243,8 @@ class LLMEngine:
         self.runner.copy_blocks(self.blocks.pop_copies())
         starts = [seq.num_computed_tokens for seq, _ in scheduled]
         began = time.perf_counter()
-        logits, row_seqs, row_tokens = self.runner.run(scheduled)
+        logits, row_seqs, row_tokens = self.runner.run(scheduled, self.proposer is not None
+                                                       and self.proposer.reads_hidden_states)
         self.step_costs.record(sum(num for _, num in scheduled), time.perf_counter() - began)
         for seq, num in scheduled:
             seq.num_computed_tokens += num

@@ -117,15 +117,17 @@ class ModelRunner:
         per_block = 2 * self.cache_layers() * self.cfg.block_size * m.num_kv_heads * m.head_dim * self.kv_dtype.itemsize
         return max(1, int(gib * 2**30 // per_block))
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]):
+    def prepare(self, scheduled: list[tuple[Sequence, int]], every_hidden: bool = False):
         """Packed inputs, attention metadata, and which rows get logits (with their sequences and the index in
         token_ids of the token each reads). Positions are KV positions: after an adapter's virtual tokens. Rows at a
         prompt adapter's virtual positions get its embeddings, and rows at image tokens their image's features,
-        instead of token embeddings: embeds is (rows, values) or None."""
+        instead of token embeddings: embeds is (rows, values) or None. Unless every_hidden, the model's last layer
+        may run on the logit rows alone (meta.output_rows)."""
         bs = self.cfg.block_size
         input_ids, positions, slots, query_lens, seq_lens, tables, loras = [], [], [], [], [], [], []
         embed_rows, embed_values, image_chunks = [], [], []
         logit_rows, logit_seqs, logit_tokens = [], [], []
+        outputs = ([], [], [], [])   # the logit rows' own query lengths, sequence lengths, block tables and slots
         for seq, num in scheduled:
             start = seq.num_computed_tokens
             row0 = len(input_ids)
@@ -144,16 +146,27 @@ class ModelRunner:
             loras += [seq.slot_lora_id] * num
             seq_lens.append(start + num)
             tables.append(table)
-            for r in self.rows_to_sample(seq, start, num):
+            sampled = self.rows_to_sample(seq, start, num)
+            for r in sampled:
                 logit_rows.append(row0 + r)
                 logit_seqs.append(seq)
                 logit_tokens.append(start + r - seq.num_virtual_tokens)
+            if sampled:
+                for part, value in zip(outputs, (len(sampled), start + num, table, slots[len(slots) - len(sampled):])):
+                    part.append(value)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
         meta.every_row_sampled = len(logit_rows) == len(input_ids)
         if self.states is not None:
             meta.ssm = self.ssm_batch(scheduled)
         if self.lora is not None:
             self.lora.set_batch(loras)
+        # the last layer on the logit rows alone: not where a step's adapters pick rows by index (LoRA, adaption
+        # prompts), nor for draft trees (their mask is by row)
+        if (not meta.every_row_sampled and not every_hidden and getattr(self.model, "trims_rows", False)
+                and (self.lora is None or self.lora.batch is None) and meta.tree_mask is None):
+            meta.output_rows = torch.tensor(logit_rows, dtype=torch.long)
+            meta.output_meta = AttentionMetadata.build(outputs[0], outputs[1], outputs[2],
+                                                       [s for part in outputs[3] for s in part])
         if image_chunks:
             rows, values = self.vision.embeds(image_chunks)
             embed_rows += rows
@@ -186,16 +199,19 @@ class ModelRunner:
         return range(max(0, first - start), num)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence], list[int]]:
+    def run(self, scheduled: list[tuple[Sequence, int]], every_hidden: bool = False
+            ) -> tuple[torch.Tensor, list[Sequence], list[int]]:
         """fp32 logits [R, V] for the sampled rows, the sequence of each row, and the index in its token_ids of
-        the token the row reads."""
-        input_ids, positions, meta, embeds, rows, seqs, token_indices = self.prepare(scheduled)
+        the token the row reads. every_hidden: every row's final hidden state in last_hidden (what an EAGLE head
+        reads), else the logit rows' alone may be computed."""
+        input_ids, positions, meta, embeds, rows, seqs, token_indices = self.prepare(scheduled, every_hidden)
         dev = self.cfg.device
         if embeds is not None:
             embeds = tuple(t.to(dev) for t in embeds)
         hidden = self.model(input_ids.to(dev), positions.to(dev), meta.to(dev), embeds)
-        self.last_hidden = hidden   # every row's final hidden state: what an EAGLE head reads
-        logits = self.model.compute_logits(rows_of(hidden, rows.to(dev))).cpu()
+        trimmed = meta.output_rows is not None   # (hidden: the logit rows' alone)
+        self.last_hidden = None if trimmed else hidden
+        logits = self.model.compute_logits(hidden if trimmed else rows_of(hidden, rows.to(dev))).cpu()
         return logits, seqs, token_indices
 
     def bursts(self, rows: int) -> bool:

@@ -33,7 +33,8 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = None   # [num_blocks, block_size, Hkv, D], set by the runner
         self.adaption = None                 # lanner.lora.adaption.AdaptionSlots when adapters are enabled
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata, last: bool = False) -> torch.Tensor:
+        """last: the model's last layer, which returns meta.output_rows' rows alone"""
         qkv = self.qkv_proj(x)
         if self.qk_norm:
             self.norm_heads(qkv)
@@ -45,6 +46,8 @@ class Attention(nn.Module):
             qk, = self.rotary(rope, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))  # q, k at once
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             self.backend.store_kv(k, v.view_as(k), self.k_cache, self.v_cache, meta.slot_mapping)
+        if last:   # every row's K/V stored: past here only the rows read afterwards (meta.output_rows)
+            q, meta = q[meta.output_rows], meta.output_meta
         out = self.backend.attention(q, self.k_cache, self.v_cache, meta, **self.options).flatten(1)
         if self.adaption is not None and self.adaption.by_slot:
             out = self.adaption.with_adaption(q, out)
@@ -102,12 +105,15 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, rope, meta):
+    def forward(self, x, residual, rope, meta, last: bool = False):
+        """last: the model's last layer, an attention one: past its K/V, meta.output_rows' rows alone"""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, rope, meta) if self.mamba is None else self.mamba(x, meta.ssm)
+        x = self.self_attn(x, rope, meta, last) if self.mamba is None else self.mamba(x, meta.ssm)
+        if last:
+            residual = residual[meta.output_rows]
         sandwich = self.sandwich
         if sandwich:
             x = self.post_attention_layernorm(x)
@@ -140,8 +146,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """embeds: (rows, values) that replace those rows' token embeddings (a prompt adapter's virtual tokens; the
-        embedding scale applies to them too, as HF applies it to inputs_embeds)."""
+        """Final hidden states of every row, or of meta.output_rows' rows alone where set. embeds: (rows, values) that
+        replace those rows' token embeddings (a prompt adapter's virtual tokens; the embedding scale applies to them
+        too, as HF applies it to inputs_embeds)."""
         x, residual = self.embed_tokens(input_ids), None
         if embeds is not None:
             x = x.index_copy(0, embeds[0], embeds[1].to(x.dtype))
@@ -150,13 +157,21 @@ class LlamaForCausalLM(nn.Module):
         tables = {rotary: rotary.table(positions, x.dtype) for rotary in {self.rotary, self.local_rotary}}
         # a plain attribute set past nn.Module.__setattr__'s checks: they cost ~15 us a decode step, twice
         object.__setattr__(self, "step_logits", None)
+        rows = meta.output_rows
         if self.decode_step is not None and self.decode_step.fits(x, meta):
             hidden, logits = self.decode_step(x, tables[self.rotary], meta)
             object.__setattr__(self, "step_logits", None if logits is None else (hidden, logits))
-            return hidden
-        for layer in self.layers:
-            x, residual = layer(x, residual, tables[layer.rotary], meta)
+            return hidden if rows is None else hidden[rows]
+        last = len(self.layers) - 1 if rows is not None else -1
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, tables[layer.rotary], meta, i == last)
         return self.norm(x, residual)[0]
+
+    @property
+    def trims_rows(self) -> bool:
+        """Whether forward takes meta.output_rows: its last layer is an attention one (an SSM layer's state
+        update reads every row)."""
+        return self.layers[-1].mamba is None
 
     def bursts(self, rows: int) -> bool:
         """Whether decode_burst takes a batch of this many rows."""

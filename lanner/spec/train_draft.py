@@ -123,7 +123,7 @@ def target_features(engine, token_lists: list[list[int]], lora_id: int = 0, budg
         seqs = [Sequence("features", token_lists[i], SamplingParams(max_tokens=1), lora_id) for i in group]
         for seq in seqs:
             engine.blocks.allocate(seq, seq.num_tokens)
-        engine.runner.run([(seq, seq.num_tokens) for seq in seqs])
+        engine.runner.run([(seq, seq.num_tokens) for seq in seqs], every_hidden=True)
         for i, rows in zip(group, engine.runner.last_hidden.split([s.num_tokens for s in seqs])):
             features[i] = rows.float().clone()
         for seq in seqs:
