@@ -695,8 +695,10 @@ static int attend_groups(const Problem *p, int seq, int k0, int k1, float *acc, 
     }
     uint16_t qa[16 * D] __attribute__((aligned(64))), pa[16 * WIDE_CHUNK] __attribute__((aligned(64)));
     float sc[16 * WIDE_CHUNK] __attribute__((aligned(64))), ob[16 * D] __attribute__((aligned(64)));
-    /* rows are token-major: those of tokens before k0 - ctx_len see none of these keys */
+    /* rows are token-major: those of tokens before k0 - ctx_len see none of these keys (their accumulators 0, the
+     * only ones not written below) */
     const int first_row = k0 - ctx_len > 0 ? (k0 - ctx_len) * group : 0;
+    memset(acc, 0, sizeof(float) * first_row / group * Hq * D);
     /* the products on AMX tiles where granted, else VDPBF16PS */
     void (*scores)(const uint16_t *, const uint32_t *, float *, int, int) = dp_group_scores;
     void (*pv)(const uint16_t *, const uint16_t *, float *, int, int) = dp_group_pv;
@@ -738,8 +740,10 @@ static int attend_groups(const Problem *p, int seq, int k0, int k1, float *acc, 
                                                                       _mm512_set1_ps(alpha[i])));
                 pv(pa, vt + c * vt_chunk, ob, D, width);
             }
-            for (int i = 0; i < rows; i++)
+            for (int i = 0; i < rows; i++) {
+                pair_order_to_dims(ob + i * D, D);
                 memcpy(acc + (int64_t)rs[i] * D, ob + i * D, 4 * D);
+            }
         }
     }
 #if AMX_ATTENTION
@@ -772,18 +776,16 @@ INLINE void attend_split_d(const Problem *p, int seq, int k0, int k1, Span after
     const int turned = chunk == WIDE_CHUNK && turns(kv, direct);
     float *acc_rows[ROWS];
     for (int r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
-    memset(acc, 0, sizeof(float) * R * D);
 #if GROUP_ATTENTION
     /* a bf16 prompt in groups of 16 rows (D a whole number of 64-dim passes), on AMX tiles where granted; where its
      * buffers cannot be had, the path below. Without tiles, only rows that fill a group: a decode step's 8 rows a KV
      * head (a GQA group of 8) in half-empty groups ran up to 1.3x slower than below (16 x 512 keys, D = 128) */
     const int tiles = AMX_ATTENTION && tiles_granted();
     if (turned && direct && D % 64 == 0 && (tiles || per_head >= 16)
-        && attend_groups(p, seq, k0, k1, acc, m, l, D, tiles) == 0) {
-        for (int r = 0; r < R; r++) pair_order_to_dims(acc + (int64_t)r * D, D);
+        && attend_groups(p, seq, k0, k1, acc, m, l, D, tiles) == 0)
         return;
-    }
 #endif
+    memset(acc, 0, sizeof(float) * R * D);
     const Span here = {seq, k0, k1};
     for (int c0 = k0; c0 < k1; c0 += chunk) {
         const int n = k1 - c0 < chunk ? k1 - c0 : chunk, ahead = c0 + AHEAD * chunk;
