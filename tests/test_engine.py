@@ -209,8 +209,9 @@ def test_start_up_leaves_the_collector_on_and_an_engine_collectable(default_mode
 
 
 def test_the_last_layer_runs_on_the_logit_rows_alone(llm, prompts):
-    """A prefill step (one whole prompt, one chunk of another) computes past the last layer's K/V only the rows it
-    samples: the same logits as every row's pass, and the K/V every row needs stored all the same."""
+    """A prefill step (one whole prompt, one chunk of another) computes past the last layer's attention only the rows
+    it samples: the same logits as every row's pass (up to the linears' order of sums at another row count), and
+    every row's K/V stored all the same."""
     from lanner.engine.sequence import Sequence
     engine, runner = llm.engine, llm.engine.runner
     seen = []
@@ -233,5 +234,5 @@ def test_the_last_layer_runs_on_the_logit_rows_alone(llm, prompts):
         hook.remove()
     rows = sum(num for _, num in scheduled)
     assert seen == [1, rows]
-    torch.testing.assert_close(logits[False], logits[True], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[False], logits[True], rtol=1e-4, atol=1e-4)
     assert all(torch.equal(a, b) for a, b in zip(kv[False], kv[True]))

@@ -23,10 +23,9 @@ class AttentionMetadata:
     tree_mask: torch.Tensor | None = None  # optional [T, max_seqlen_q] bool: draft row -> visible draft rows
     ssm: object = None                     # lanner.model.ssm.SSMBatch: state slots of a state-space model's rows
     every_row_sampled: bool = False        # the caller samples every row (decode, verify): the LM head may run on all
-    # the rows whose final hidden states the caller reads (the logit rows: a suffix of each sequence's rows) and the
-    # attention metadata of those rows alone: the last layer runs on them only once its K/V are stored (None: every row)
+    # the rows whose final hidden states the caller reads (the logit rows): the last layer runs on them alone once its
+    # attention is done (None: every row)
     output_rows: torch.Tensor | None = None
-    output_meta: "AttentionMetadata | None" = None
     # what a backend derives from the above once per step and reuses in every layer
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -42,8 +41,7 @@ class AttentionMetadata:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return AttentionMetadata(move(self.cu_seqlens_q), move(self.seq_lens), move(self.block_tables),
                                  move(self.slot_mapping), self.max_seqlen_q, self.max_seqlen_k,
-                                 move(self.tree_mask), self.ssm, self.every_row_sampled, move(self.output_rows),
-                                 None if self.output_meta is None else self.output_meta.to(device))
+                                 move(self.tree_mask), self.ssm, self.every_row_sampled, move(self.output_rows))
 
     @staticmethod
     def build(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],

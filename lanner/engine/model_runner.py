@@ -127,7 +127,6 @@ class ModelRunner:
         input_ids, positions, slots, query_lens, seq_lens, tables, loras = [], [], [], [], [], [], []
         embed_rows, embed_values, image_chunks = [], [], []
         logit_rows, logit_seqs, logit_tokens = [], [], []
-        outputs = ([], [], [], [])   # the logit rows' own query lengths, sequence lengths, block tables and slots
         for seq, num in scheduled:
             start = seq.num_computed_tokens
             row0 = len(input_ids)
@@ -146,27 +145,21 @@ class ModelRunner:
             loras += [seq.slot_lora_id] * num
             seq_lens.append(start + num)
             tables.append(table)
-            sampled = self.rows_to_sample(seq, start, num)
-            for r in sampled:
+            for r in self.rows_to_sample(seq, start, num):
                 logit_rows.append(row0 + r)
                 logit_seqs.append(seq)
                 logit_tokens.append(start + r - seq.num_virtual_tokens)
-            if sampled:
-                for part, value in zip(outputs, (len(sampled), start + num, table, slots[len(slots) - len(sampled):])):
-                    part.append(value)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
         meta.every_row_sampled = len(logit_rows) == len(input_ids)
         if self.states is not None:
             meta.ssm = self.ssm_batch(scheduled)
         if self.lora is not None:
             self.lora.set_batch(loras)
-        # the last layer on the logit rows alone: not where a step's adapters pick rows by index (LoRA, adaption
-        # prompts), nor for draft trees (their mask is by row)
+        # the last layer past its attention on the logit rows alone: not where a step's adapters pick rows by index
+        # (LoRA, IA3)
         if (not meta.every_row_sampled and not every_hidden and getattr(self.model, "trims_rows", False)
-                and (self.lora is None or self.lora.batch is None) and meta.tree_mask is None):
+                and (self.lora is None or self.lora.batch is None)):
             meta.output_rows = torch.tensor(logit_rows, dtype=torch.long)
-            meta.output_meta = AttentionMetadata.build(outputs[0], outputs[1], outputs[2],
-                                                       [s for part in outputs[3] for s in part])
         if image_chunks:
             rows, values = self.vision.embeds(image_chunks)
             embed_rows += rows

@@ -34,7 +34,7 @@ class Attention(nn.Module):
         self.adaption = None                 # lanner.lora.adaption.AdaptionSlots when adapters are enabled
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata, last: bool = False) -> torch.Tensor:
-        """last: the model's last layer, which returns meta.output_rows' rows alone"""
+        """last: the model's last layer, which returns meta.output_rows' rows alone (o_proj on them only)"""
         qkv = self.qkv_proj(x)
         if self.qk_norm:
             self.norm_heads(qkv)
@@ -46,12 +46,12 @@ class Attention(nn.Module):
             qk, = self.rotary(rope, qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim))  # q, k at once
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             self.backend.store_kv(k, v.view_as(k), self.k_cache, self.v_cache, meta.slot_mapping)
-        if last:   # every row's K/V stored: past here only the rows read afterwards (meta.output_rows)
-            q, meta = q[meta.output_rows], meta.output_meta
         out = self.backend.attention(q, self.k_cache, self.v_cache, meta, **self.options).flatten(1)
         if self.adaption is not None and self.adaption.by_slot:
             out = self.adaption.with_adaption(q, out)
-        return self.o_proj(out)
+        # (every row's attention as the full step computes it: the kernel's path, and so its sums' order, depends on
+        # a sequence's rows; the rows past it are each computed alone)
+        return self.o_proj(out[meta.output_rows] if last else out)
 
     def norm_heads(self, qkv: torch.Tensor) -> None:
         """RMSNorm of every q and k head, in place in qkv (Qwen3, Gemma 3: before rotary)."""
@@ -106,7 +106,7 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, residual, rope, meta, last: bool = False):
-        """last: the model's last layer, an attention one: past its K/V, meta.output_rows' rows alone"""
+        """last: the model's last layer, an attention one: past its attention, meta.output_rows' rows alone"""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
