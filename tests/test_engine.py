@@ -219,7 +219,8 @@ def test_the_last_layer_runs_on_the_logit_rows_alone(llm, prompts):
     try:
         logits, kv = {}, {}
         for every in (False, True):
-            seqs = [Sequence(f"trim{i}", p * 8, SamplingParams(max_tokens=1)) for i, p in enumerate(prompts[:2])]
+            # past MAX_ROWS rows (a one-call step computes every row of the steps it takes)
+            seqs = [Sequence(f"trim{i}", (p * 64)[:200], SamplingParams(max_tokens=1)) for i, p in enumerate(prompts[:2])]
             scheduled = [(seqs[0], seqs[0].num_tokens), (seqs[1], seqs[1].num_tokens - 3)]   # the second: a chunk
             for seq, num in scheduled:
                 engine.blocks.allocate(seq, num)

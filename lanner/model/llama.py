@@ -8,7 +8,7 @@ from torch import nn
 from lanner.attention import AttentionMetadata
 from lanner.config import ModelConfig
 from lanner.model import fused
-from lanner.model.decode_step import DecodeStep
+from lanner.model.decode_step import MAX_ROWS, DecodeStep
 from lanner.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding
 from lanner.quant import head_format
 from lanner.quant.ggml import GGMLRows, GGMLTensor
@@ -162,15 +162,18 @@ class LlamaForCausalLM(nn.Module):
             hidden, logits = self.decode_step(x, tables[self.rotary], meta)
             object.__setattr__(self, "step_logits", None if logits is None else (hidden, logits))
             return hidden if rows is None else hidden[rows]
-        last = len(self.layers) - 1 if rows is not None else -1
+        # the last layer on those rows alone in steps no one-call step takes: that call computes every row, and a
+        # kernel's sums may run in another order at another row count, where both paths must give the same bits
+        trim = rows is not None and x.shape[0] > MAX_ROWS
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, tables[layer.rotary], meta, i == last)
-        return self.norm(x, residual)[0]
+            x, residual = layer(x, residual, tables[layer.rotary], meta, trim and i == len(self.layers) - 1)
+        hidden = self.norm(x, residual)[0]
+        return hidden if rows is None or trim else hidden[rows]
 
     @property
     def trims_rows(self) -> bool:
-        """Whether forward takes meta.output_rows: its last layer is an attention one (an SSM layer's state
-        update reads every row)."""
+        """Whether forward takes meta.output_rows (its last layer an attention one: an SSM layer's state update reads
+        every row)."""
         return self.layers[-1].mamba is None
 
     def bursts(self, rows: int) -> bool:
