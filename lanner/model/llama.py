@@ -49,8 +49,8 @@ class Attention(nn.Module):
         out = self.backend.attention(q, self.k_cache, self.v_cache, meta, **self.options).flatten(1)
         if self.adaption is not None and self.adaption.by_slot:
             out = self.adaption.with_adaption(q, out)
-        # (every row's attention as the full step computes it: the kernel's path, and so its sums' order, depends on
-        # a sequence's rows; the rows past it are each computed alone)
+        # (the attention of every row, as a whole step runs it: the kernel picks its path, and so the order of its
+        # sums, by a sequence's number of rows)
         return self.o_proj(out[meta.output_rows] if last else out)
 
     def norm_heads(self, qkv: torch.Tensor) -> None:
