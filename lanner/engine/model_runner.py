@@ -151,22 +151,22 @@ class ModelRunner:
                 logit_tokens.append(start + r - seq.num_virtual_tokens)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, slots)
         meta.every_row_sampled = len(logit_rows) == len(input_ids)
+        logit_rows = torch.tensor(logit_rows, dtype=torch.long)
         if self.states is not None:
             meta.ssm = self.ssm_batch(scheduled)
         if self.lora is not None:
             self.lora.set_batch(loras)
-        # the last layer past its attention on the logit rows alone: not where a step's adapters pick rows by index
-        # (LoRA, IA3)
+        # the model's hidden states of the logit rows alone (its last layer may run on them alone): not where a step's
+        # adapters pick rows by index (LoRA, IA3)
         if (not meta.every_row_sampled and not every_hidden and getattr(self.model, "trims_rows", False)
                 and (self.lora is None or self.lora.batch is None)):
-            meta.output_rows = torch.tensor(logit_rows, dtype=torch.long)
+            meta.output_rows = logit_rows
         if image_chunks:
             rows, values = self.vision.embeds(image_chunks)
             embed_rows += rows
             embed_values += values
         embeds = (torch.tensor(embed_rows), torch.cat([v.to(self.dtype) for v in embed_values])) if embed_rows else None
-        return (torch.tensor(input_ids), torch.tensor(positions), meta, embeds,
-                torch.tensor(logit_rows, dtype=torch.long), logit_seqs, logit_tokens)
+        return torch.tensor(input_ids), torch.tensor(positions), meta, embeds, logit_rows, logit_seqs, logit_tokens
 
     def ssm_batch(self, scheduled: list[tuple[Sequence, int]]):
         """Each sequence's state slot, whether it starts fresh, and the rows whose state is kept as well: prefix
